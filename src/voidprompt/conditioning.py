@@ -1,0 +1,46 @@
+"""Conditioning as it travels from the prompt encoder to the CFG denoiser.
+
+Mirrors A1111's ScheduledPromptConditioning / MulticondLearnedConditioning: a prompt becomes a
+schedule of encoded tensors (prompt editing, alternation), and a positive prompt may be several
+AND-ed sub-prompts with weights. Every image of a batch carries its own schedules, so one UNet batch
+can hold images with different prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ScheduledCond:
+    """One entry of a prompt schedule: ``cond`` is used while the denoiser's call index <= end_at_step.
+
+    ``cond`` has shape (tokens, width), tokens a multiple of 77.
+    """
+
+    end_at_step: int
+    cond: torch.Tensor
+
+
+CondSchedule = tuple[ScheduledCond, ...]
+
+
+@dataclass(frozen=True)
+class MultiCond:
+    """The AND-ed sub-prompts of one positive prompt, each with its composable-diffusion weight."""
+
+    parts: tuple[tuple[CondSchedule, float], ...]
+
+
+def cond_at_step(schedule: CondSchedule, step: int) -> torch.Tensor:
+    """The tensor A1111 uses at denoiser call ``step`` (0-based).
+
+    A1111 picks the first entry with ``step <= end_at_step``: an entry ending at step 3 serves calls
+    0..3, four calls. This off-by-one is A1111's and is reproduced on purpose.
+    """
+    for entry in schedule:
+        if step <= entry.end_at_step:
+            return entry.cond
+    return schedule[-1].cond

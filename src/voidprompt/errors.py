@@ -1,0 +1,33 @@
+"""One exception hierarchy. Every message says what was wrong, with what value, and what to do."""
+
+
+class VoidpromptError(Exception):
+    """Base of every error voidprompt raises on purpose."""
+
+
+class ModelLoadError(VoidpromptError):
+    """A checkpoint, VAE or network file could not be read or does not fit."""
+
+
+class UnsafePickleError(ModelLoadError):
+    """A pickled checkpoint asked for a class that is not on the allow-list; nothing was executed."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The checkpoint is a model family voidprompt recognises but cannot run yet."""
+
+
+class InvalidRequestError(VoidpromptError):
+    """A generation request has a bad value (size, sampler name, steps, ...)."""
+
+
+class PromptError(VoidpromptError):
+    """A prompt cannot be encoded (for example an embedding of the wrong width is used)."""
+
+
+class InfotextError(VoidpromptError):
+    """Generation parameters text cannot be read or written."""
+
+
+class StudyError(VoidpromptError):
+    """A study file is invalid; the message names the file, the field and the fix."""

@@ -1,0 +1,157 @@
+"""The one request type every front end translates into.
+
+Field names follow A1111's HTTP API (``StableDiffusionProcessingTxt2Img`` / ``Img2Img``) and the
+settings A1111 writes into infotexts, so the API layer is thin and an infotext maps onto a request
+one to one. A request is frozen: derive variants with :func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from voidprompt.errors import InvalidRequestError
+
+# A1111's emphasis modes (modules/sd_emphasis.py).
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
+# A1111's RNG sources (setting randn_source, infotext "RNG").
+RNG_SOURCES = ("GPU", "CPU", "NV")
+# img2img resize modes (A1111 API resize_mode 0..3).
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+# Inpainting masked content (A1111 API inpainting_fill 0..3).
+INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that determines an image. Defaults are A1111's, except where noted."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: tuple[str, ...] = ()
+
+    # Seeds (A1111 modules/processing.py, modules/rng.py).
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+
+    # Sampling.
+    sampler_name: str = "Euler"
+    scheduler: str = "Automatic"
+    steps: int = 20  # A1111's API default is 50; its UI (and ours) uses 20.
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    n_iter: int = 1
+
+    # Sampler parameters (A1111 "sampler-params" settings; None = the sampler's own default).
+    eta: float | None = None
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float | None = None  # None = infinity
+    s_noise: float = 1.0
+    s_min_uncond: float = 0.0  # NGMS
+    sigma_min: float | None = None  # schedule overrides; None = the model's own
+    sigma_max: float | None = None
+    rho: float | None = None
+    always_discard_next_to_last_sigma: bool = False
+    sgm_noise_multiplier: bool = False
+
+    # Settings A1111 keeps globally but writes into infotexts; per request here.
+    clip_skip: int = 1  # CLIP_stop_at_last_layers
+    eta_noise_seed_delta: int = 0  # ENSD
+    randn_source: str = "CPU"  # A1111 defaults to GPU; we write "RNG: CPU" so A1111 reproduces us
+    emphasis: str = "Original"
+    comma_padding_backtrack: int = 20
+    pad_cond_uncond: bool = False
+    pad_cond_uncond_v0: bool = False
+    use_old_scheduling: bool = False  # "Old prompt editing timelines"
+    use_downcasted_alpha_bar: bool = False  # "Downcast alphas_cumprod"
+    use_old_karras_scheduler_sigmas: bool = False
+    batch_cond_uncond: bool = True
+
+    # img2img / inpainting (A1111 Img2Img API fields). Images are PIL images or None.
+    init_images: tuple[Any, ...] = ()
+    mask: Any = None
+    resize_mode: int = 0
+    denoising_strength: float | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_round: bool = True
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
+    initial_noise_multiplier: float = 1.0
+    inpainting_mask_weight: float = 1.0
+
+    # Hires fix (txt2img second pass).
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+    # Free-form extras a front end wants recorded (kept in insertion order).
+    extra_generation_params: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_img2img(self) -> bool:
+        return bool(self.init_images)
+
+    @property
+    def total_images(self) -> int:
+        return self.batch_size * self.n_iter
+
+    def replace(self, **changes: Any) -> GenerationRequest:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the bad field, its value and the fix."""
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise InvalidRequestError(f"{name}={value!r}: must be a positive whole number of pixels")
+            if value % 8:
+                lower, upper = value - value % 8, value - value % 8 + 8
+                raise InvalidRequestError(
+                    f"{name}={value} is not a multiple of 8 (the VAE downsamples by 8); "
+                    f"use {lower or 8} or {upper}"
+                )
+        if self.steps < 1:
+            raise InvalidRequestError(f"steps={self.steps}: need at least 1 sampling step")
+        if self.batch_size < 1 or self.n_iter < 1:
+            raise InvalidRequestError(
+                f"batch_size={self.batch_size}, n_iter={self.n_iter}: both must be at least 1"
+            )
+        if not 1 <= self.clip_skip <= 12:
+            raise InvalidRequestError(f"clip_skip={self.clip_skip}: must be between 1 and 12")
+        if self.emphasis not in EMPHASIS_MODES:
+            raise InvalidRequestError(f"emphasis={self.emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}")
+        if self.randn_source not in RNG_SOURCES:
+            raise InvalidRequestError(
+                f"randn_source={self.randn_source!r}: choose one of {', '.join(RNG_SOURCES)}"
+            )
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            raise InvalidRequestError(f"subseed_strength={self.subseed_strength}: must be within 0..1")
+        if self.denoising_strength is not None and not 0.0 <= self.denoising_strength <= 1.0:
+            raise InvalidRequestError(f"denoising_strength={self.denoising_strength}: must be within 0..1")
+        if self.resize_mode not in range(len(RESIZE_MODES)):
+            raise InvalidRequestError(f"resize_mode={self.resize_mode}: must be 0..{len(RESIZE_MODES) - 1}")
+        if self.inpainting_fill not in range(len(INPAINTING_FILLS)):
+            raise InvalidRequestError(
+                f"inpainting_fill={self.inpainting_fill}: must be 0..{len(INPAINTING_FILLS) - 1}"
+            )
+        if not 0 <= self.comma_padding_backtrack <= 74:
+            raise InvalidRequestError(
+                f"comma_padding_backtrack={self.comma_padding_backtrack}: must be within 0..74"
+            )

@@ -1,0 +1,6 @@
+"""Shared fixtures. Tiny models are built in memory; nothing is downloaded."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
