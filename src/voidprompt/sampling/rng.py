@@ -74,7 +74,7 @@ def fixed_seed(seed: int | str | float | None, *, rand: random.Random | None = N
     if value == -1:
         randrange = rand.randrange if rand is not None else random.randrange
         return randrange(RANDOM_SEED_RANGE)
-    _check_seed(value, "seed")
+    check_seed(value, "seed")
     return value
 
 
@@ -158,8 +158,8 @@ def generator_device(source: RandnSource, device: torch.device) -> torch.device:
 
 def create_stream(seed: int, source: RandnSource = "CPU", device: torch.device = _CPU) -> NoiseStream:
     """A fresh stream seeded with ``seed`` (A1111's ``create_generator``)."""
-    _check_seed(seed, "seed")
-    source = _check_source(source)
+    check_seed(seed, "seed")
+    source = check_randn_source(source)
     if source == "NV":
         return PhiloxNoiseStream(seed, device)
     return TorchNoiseStream(seed, generator_device(source, device), device)
@@ -205,16 +205,16 @@ class ImageRNG:
         if not seeds:
             raise InvalidRequestError("seeds=[]: need one seed per image in the batch")
         for seed in seeds:
-            _check_seed(seed, "seed")
+            check_seed(seed, "seed")
         for subseed in subseeds or ():
-            _check_seed(subseed, "subseed")
+            check_seed(subseed, "subseed")
         self.shape: tuple[int, int, int] = (dims[0], dims[1], dims[2])
         self.seeds = [int(s) for s in seeds]
         self.subseeds = None if subseeds is None else [int(s) for s in subseeds]
         self.subseed_strength = float(subseed_strength)
         self.seed_resize_from_h = int(seed_resize_from_h)
         self.seed_resize_from_w = int(seed_resize_from_w)
-        self.source = _check_source(source)
+        self.source = check_randn_source(source)
         self.device = torch.device(device)
         self.eta_noise_seed_delta = int(eta_noise_seed_delta or 0)
         self.streams: list[NoiseStream] = [self._stream(seed) for seed in self.seeds]
@@ -342,7 +342,8 @@ def img2img_noise(rng: ImageRNG, initial_noise_multiplier: float = 1.0) -> torch
     return noise
 
 
-def _check_seed(seed: object, name: str) -> None:
+def check_seed(seed: object, name: str = "seed") -> None:
+    """Raise InvalidRequestError unless ``seed`` is a whole number torch's generators accept."""
     # numbers.Integral admits NumPy integers too; bool is an int but never a seed.
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise InvalidRequestError(f"{name}={seed!r}: must be a whole number")
@@ -352,7 +353,8 @@ def _check_seed(seed: object, name: str) -> None:
         )
 
 
-def _check_source(source: str) -> RandnSource:
+def check_randn_source(source: str) -> RandnSource:
+    """``source`` as a :data:`RandnSource`, or InvalidRequestError naming the choices."""
     for known in RANDN_SOURCES:
         if source == known:
             return known
