@@ -1,0 +1,315 @@
+"""A1111's CLIP conditioning: chunks -> text encoder -> weighted, mean-restored, hstacked tensors.
+
+Follows ``FrozenCLIPEmbedderWithCustomWords.forward`` (spec §3): every chunk index of a batch of texts
+is one text-encoder call; textual-inversion vectors overwrite token-embedding rows before the
+transformer; clip skip takes ``hidden_states[-N]`` through ``final_layer_norm``; emphasis "Original"
+restores the mean of the whole chunk batch. A prompt's schedule is encoded as one batch (A1111 does
+this, and the mean restoration depends on it); different prompts never share a batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from voidprompt.conditioning import CondSchedule, MultiCond, ScheduledCond
+from voidprompt.errors import InvalidRequestError, PromptError
+from voidprompt.prompts.chunks import (
+    CHUNK_LENGTH,
+    PromptChunk,
+    TokenizedLine,
+    check_backtrack,
+    check_emphasis,
+    empty_chunk,
+    token_report,
+    tokenize_line,
+)
+from voidprompt.prompts.embeddings import EmbeddingDatabase
+from voidprompt.prompts.tokenizer import ClipTokenizer
+
+CHUNK_TOKENS = CHUNK_LENGTH + 2
+
+
+def _text_model(text_encoder: nn.Module) -> nn.Module:
+    # transformers 5.6 flattened CLIPTextModel (embeddings / encoder / final_layer_norm on the model);
+    # older versions keep them under ``.text_model``.
+    inner = getattr(text_encoder, "text_model", None)
+    return inner if isinstance(inner, nn.Module) else text_encoder
+
+
+class PromptEncoder:
+    """Encodes prompts for one SD1 text encoder, with an exact LRU conditioning cache.
+
+    Returned tensors are shared with the cache: treat them as read-only.
+    """
+
+    def __init__(
+        self,
+        text_encoder: nn.Module,
+        tokenizer: ClipTokenizer,
+        embeddings: EmbeddingDatabase | None = None,
+        *,
+        cache_size: int = 64,
+    ) -> None:
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.embeddings = embeddings
+        self.cache_size = cache_size
+        inner = _text_model(text_encoder)
+        token_embedding = getattr(getattr(inner, "embeddings", None), "token_embedding", None)
+        final_layer_norm = getattr(inner, "final_layer_norm", None)
+        if not isinstance(token_embedding, nn.Embedding) or not isinstance(final_layer_norm, nn.Module):
+            raise PromptError(
+                f"{type(text_encoder).__name__} is not a CLIP text model (no embeddings.token_embedding "
+                "or final_layer_norm); pass a transformers CLIPTextModel"
+            )
+        self._token_embedding: nn.Embedding = token_embedding
+        self._final_layer_norm: nn.Module = final_layer_norm
+        config = getattr(text_encoder, "config", None)
+        self.num_layers = int(getattr(config, "num_hidden_layers", 12))
+        self.width = int(self._token_embedding.weight.shape[1])
+        if embeddings is not None and embeddings.width != self.width:
+            raise PromptError(
+                f"the embedding database was built for width {embeddings.width} but the text encoder "
+                f"has width {self.width}; build EmbeddingDatabase(tokenizer, width={self.width})"
+            )
+        self._cache: OrderedDict[Hashable, CondSchedule] = OrderedDict()
+        self._lock = threading.Lock()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    # ------------------------------------------------------------------ chunking
+    def tokenize(
+        self, text: str, *, emphasis: str = "Original", comma_padding_backtrack: int = 20
+    ) -> TokenizedLine:
+        return tokenize_line(
+            text,
+            self.tokenizer,
+            self.embeddings,
+            emphasis=emphasis,
+            comma_padding_backtrack=comma_padding_backtrack,
+        )
+
+    def token_report(
+        self, text: str, *, emphasis: str = "Original", comma_padding_backtrack: int = 20
+    ) -> str:
+        """Printable chunk / weight / token-count report (for ``voidprompt tokens``)."""
+        return token_report(
+            text,
+            self.tokenizer,
+            self.embeddings,
+            emphasis=emphasis,
+            comma_padding_backtrack=comma_padding_backtrack,
+        )
+
+    def embeddings_used(
+        self, texts: Sequence[str], *, emphasis: str = "Original", comma_padding_backtrack: int = 20
+    ) -> dict[str, str]:
+        """``{name: shorthash}`` of embeddings the texts use, for infotext ``TI hashes``."""
+        used: dict[str, str] = {}
+        for text in texts:
+            line = self.tokenize(text, emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack)
+            used.update({n: e.shorthash for n, e in line.embeddings_used.items()})
+        return used
+
+    # ------------------------------------------------------------------ encoding
+    def _check_clip_skip(self, clip_skip: int) -> None:
+        if not 1 <= clip_skip <= self.num_layers:
+            raise InvalidRequestError(
+                f"clip_skip must be 1..{self.num_layers} for this text encoder "
+                f"({self.num_layers} layers), got {clip_skip}"
+            )
+
+    @contextmanager
+    def _fixes_hook(self, chunks: Sequence[PromptChunk]) -> Iterator[None]:
+        """Overwrite token-embedding rows with textual-inversion vectors during one forward."""
+        fixes = [(row, fix) for row, chunk in enumerate(chunks) for fix in chunk.fixes]
+        if not fixes:
+            yield
+            return
+
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            out = output.clone()
+            for row, fix in fixes:
+                start = fix.offset + 1  # +1: row 0 is BOS
+                # A1111 clips an embedding that runs past the chunk end instead of failing.
+                n = min(out.shape[1] - start, fix.embedding.n_vectors)
+                out[row, start : start + n] = fix.embedding.vectors[:n].to(out.device, out.dtype)
+            return out
+
+        handle = self._token_embedding.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _encode_chunk_batch(
+        self, chunks: Sequence[PromptChunk], clip_skip: int, emphasis: str
+    ) -> torch.Tensor:
+        device = self._token_embedding.weight.device
+        ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
+        # Positions are always 0..76 as int64: merged checkpoints often carry a damaged buffer.
+        positions = torch.arange(CHUNK_TOKENS, dtype=torch.long, device=device).expand(len(chunks), -1)
+        with torch.no_grad(), self._fixes_hook(chunks):
+            out = self.text_encoder(input_ids=ids, position_ids=positions, output_hidden_states=clip_skip > 1)
+            if clip_skip > 1:
+                z = self._final_layer_norm(out.hidden_states[-clip_skip])
+            else:
+                z = out.last_hidden_state
+            if emphasis in ("Original", "No norm"):
+                multipliers = torch.tensor(
+                    [c.multipliers for c in chunks], dtype=torch.float32, device=device
+                )
+                original_mean = z.mean()
+                z = z * multipliers[..., None]
+                if emphasis == "Original":
+                    # The mean spans every text of this chunk index (the whole encoded batch).
+                    z = z * (original_mean / z.mean())
+        return z
+
+    def encode_texts(
+        self,
+        texts: Sequence[str],
+        *,
+        clip_skip: int,
+        emphasis: str = "Original",
+        comma_padding_backtrack: int = 20,
+    ) -> torch.Tensor:
+        """Encode texts together, A1111-style: (B, 77*k, C) with k the largest chunk count."""
+        if not texts:
+            raise PromptError("encode_texts needs at least one text")
+        check_emphasis(emphasis)
+        check_backtrack(comma_padding_backtrack)
+        self._check_clip_skip(clip_skip)
+        lines = [
+            self.tokenize(t, emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack)
+            for t in texts
+        ]
+        chunk_count = max(len(line.chunks) for line in lines)
+        pad = empty_chunk(self.tokenizer)
+        zs = []
+        for i in range(chunk_count):
+            batch = [line.chunks[i] if i < len(line.chunks) else pad for line in lines]
+            zs.append(self._encode_chunk_batch(batch, clip_skip, emphasis))
+        return torch.hstack(zs)
+
+    # ------------------------------------------------------------------ cache
+    def _cache_key(
+        self,
+        kind: str,
+        payload: Hashable,
+        clip_skip: int,
+        emphasis: str,
+        comma_padding_backtrack: int,
+        model_key: Hashable,
+        context: Hashable,
+    ) -> Hashable:
+        emb_sig = self.embeddings.signature() if self.embeddings is not None else ()
+        # Device and dtype change the numbers too, whatever the caller's model_key says.
+        weight = self._token_embedding.weight
+        runtime = (str(weight.device), str(weight.dtype))
+        return (
+            kind,
+            payload,
+            clip_skip,
+            emphasis,
+            comma_padding_backtrack,
+            model_key,
+            context,
+            emb_sig,
+            runtime,
+        )
+
+    def _cache_get(self, key: Hashable) -> CondSchedule | None:
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+            else:
+                self.cache_misses += 1
+            return hit
+
+    def _cache_put(self, key: Hashable, value: CondSchedule) -> None:
+        if self.cache_size <= 0:
+            return
+        with self._lock:
+            self._cache[key] = value
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def encode_schedule(
+        self,
+        schedule: Sequence[tuple[int, str]],
+        *,
+        clip_skip: int,
+        emphasis: str = "Original",
+        comma_padding_backtrack: int = 20,
+        model_key: Hashable = None,
+        context: Hashable = None,
+    ) -> CondSchedule:
+        """Encode one prompt's schedule ``[(end_at_step, text), ...]`` as a single batch.
+
+        ``model_key`` must identify the text encoder's current weights (checkpoint hash plus any
+        LoRA applied to it); ``context`` may carry steps / hires steps / timeline mode. Both are part
+        of the cache key, with every encoding option and the embedding database's signature.
+        """
+        if not schedule:
+            raise PromptError("a prompt schedule needs at least one (end_at_step, text) entry")
+        sched = tuple((int(step), str(text)) for step, text in schedule)
+        key = self._cache_key(
+            "schedule", sched, clip_skip, emphasis, comma_padding_backtrack, model_key, context
+        )
+        hit = self._cache_get(key)
+        if hit is not None:
+            return hit
+        z = self.encode_texts(
+            [text for _, text in sched],
+            clip_skip=clip_skip,
+            emphasis=emphasis,
+            comma_padding_backtrack=comma_padding_backtrack,
+        )
+        result: CondSchedule = tuple(ScheduledCond(step, z[i]) for i, (step, _) in enumerate(sched))
+        self._cache_put(key, result)
+        return result
+
+    def encode_multicond(
+        self,
+        parts: Sequence[tuple[Sequence[tuple[int, str]], float]],
+        *,
+        clip_skip: int,
+        emphasis: str = "Original",
+        comma_padding_backtrack: int = 20,
+        model_key: Hashable = None,
+        context: Hashable = None,
+    ) -> MultiCond:
+        """AND-ed sub-prompts: each schedule encoded (and cached) on its own, weights kept."""
+        if not parts:
+            raise PromptError("a positive prompt needs at least one sub-prompt")
+        return MultiCond(
+            tuple(
+                (
+                    self.encode_schedule(
+                        sched,
+                        clip_skip=clip_skip,
+                        emphasis=emphasis,
+                        comma_padding_backtrack=comma_padding_backtrack,
+                        model_key=model_key,
+                        context=context,
+                    ),
+                    float(weight),
+                )
+                for sched, weight in parts
+            )
+        )
