@@ -1,0 +1,373 @@
+"""Denoisers: an eps-predicting UNet turned into D(x, sigma), and A1111's CFG denoiser around it.
+
+``DiscreteEpsDenoiser`` is k-diffusion's DiscreteSchedule + DiscreteEpsDDPMDenoiser (CompVisDenoiser):
+sigma_i = sqrt((1 - abar_i) / abar_i) over the 1000 training steps, sigma <-> t by linear
+interpolation in log sigma, and D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma)).
+``EpsTimestepModel`` is the same UNet seen by the timestep samplers (eps at a training timestep).
+``CFGDenoiser`` reproduces A1111's ``CFGDenoiser.forward`` (``sd_samplers_cfg_denoiser.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from voidprompt.conditioning import CondSchedule, MultiCond, cond_at_step
+from voidprompt.errors import InvalidRequestError
+
+UNetFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``unet_fn(x_in, t, context) -> eps``; x_in already scaled and, for inpainting models, 9-channel."""
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    return v[(...,) + (None,) * (x.ndim - v.ndim)]
+
+
+def downcast_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """A1111's "Downcast alphas_cumprod": the table as an fp16 model held it before v1.7.0-225."""
+    return alphas_cumprod.to(torch.float16).to(alphas_cumprod.dtype)
+
+
+class DiscreteEpsDenoiser:
+    """D(x, sigma) for an eps-prediction UNet trained on discrete timesteps (SD1)."""
+
+    def __init__(
+        self,
+        unet_fn: UNetFn,
+        alphas_cumprod: Tensor,
+        *,
+        quantize: bool = False,
+        downcast_alphas: bool = False,
+    ) -> None:
+        if alphas_cumprod.ndim != 1 or len(alphas_cumprod) < 2:
+            raise InvalidRequestError(
+                f"alphas_cumprod has shape {tuple(alphas_cumprod.shape)}: need a 1-D table of >= 2 entries"
+            )
+        if downcast_alphas:
+            alphas_cumprod = downcast_alphas_cumprod(alphas_cumprod)
+        self.unet_fn = unet_fn
+        self.alphas_cumprod = alphas_cumprod
+        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+        self.quantize = quantize
+        self.sigma_data = 1.0
+
+    @property
+    def sigma_min(self) -> Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> Tensor:
+        return self.sigmas[-1]
+
+    def get_sigmas(self, n: int) -> Tensor:
+        """A1111 "Uniform": t = linspace(999, 0, n) mapped to sigma, then 0 appended."""
+        t = torch.linspace(len(self.sigmas) - 1, 0, n, device=self.sigmas.device)
+        sig = self.t_to_sigma(t)
+        return torch.cat([sig, sig.new_zeros([1])])
+
+    def sigma_to_t(self, sigma: Tensor, quantize: bool | None = None) -> Tensor:
+        """Fractional timestep by linear interpolation of log sigma between the bracketing indices."""
+        quantize = self.quantize if quantize is None else quantize
+        log_sigma = sigma.log()
+        dists = log_sigma - self.log_sigmas[:, None]
+        if quantize:
+            return dists.abs().argmin(dim=0).view(sigma.shape)
+        # Index of the last table entry <= log_sigma, kept one below the end so high_idx exists.
+        low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=self.log_sigmas.shape[0] - 2)
+        high_idx = low_idx + 1
+        low, high = self.log_sigmas[low_idx], self.log_sigmas[high_idx]
+        w = ((low - log_sigma) / (low - high)).clamp(0, 1)
+        return ((1 - w) * low_idx + w * high_idx).view(sigma.shape)
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        t = t.float()
+        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]).exp()
+
+    def get_scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        return -sigma, 1 / (sigma**2 + self.sigma_data**2) ** 0.5
+
+    def __call__(
+        self, x: Tensor, sigma: Tensor, *, context: Tensor, image_cond: Tensor | None = None
+    ) -> Tensor:
+        c_out, c_in = (_bcast(v, x) for v in self.get_scalings(sigma))
+        x_in = x * c_in
+        if image_cond is not None:
+            # Inpainting UNets take the masked image latents as extra (unscaled) input channels.
+            x_in = torch.cat([x_in, image_cond], dim=1)
+        eps = self.unet_fn(x_in, self.sigma_to_t(sigma), context)
+        return x + eps * c_out
+
+
+class LCMDenoiser(DiscreteEpsDenoiser):
+    """A1111's LCMCompVisDenoiser: 50 "original" timesteps 19, 39, ..., 999 and the consistency-model
+    boundary scalings (sigma_data 0.5, timestep scaled by 10). Luo et al. (2023), Latent Consistency Models.
+    """
+
+    def __init__(self, unet_fn: UNetFn, alphas_cumprod: Tensor, *, original_steps: int = 50) -> None:
+        total = len(alphas_cumprod)
+        self.skip_steps = total // original_steps
+        valid = torch.stack([alphas_cumprod[total - 1 - k * self.skip_steps] for k in range(original_steps)])
+        super().__init__(unet_fn, valid.flip(0))
+
+    def get_sigmas(self, n: int) -> Tensor:
+        start = self.sigma_to_t(self.sigma_max)
+        end = self.sigma_to_t(self.sigma_min)
+        sig = self.t_to_sigma(torch.linspace(float(start), float(end), n))
+        return torch.cat([sig, sig.new_zeros([1])])
+
+    def sigma_to_t(self, sigma: Tensor, quantize: bool | None = None) -> Tensor:
+        dists = sigma.log() - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape) * self.skip_steps + (self.skip_steps - 1)
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        t = torch.clamp(((t - (self.skip_steps - 1)) / self.skip_steps).float(), 0, len(self.sigmas) - 1)
+        return super().t_to_sigma(t)
+
+    def __call__(
+        self, x: Tensor, sigma: Tensor, *, context: Tensor, image_cond: Tensor | None = None
+    ) -> Tensor:
+        c_out, c_in = (_bcast(v, x) for v in self.get_scalings(sigma))
+        x_in = x * c_in
+        if image_cond is not None:
+            x_in = torch.cat([x_in, image_cond], dim=1)
+        eps = self.unet_fn(x_in, self.sigma_to_t(sigma), context)
+        sigma_data = 0.5
+        scaled_t = _bcast(self.sigma_to_t(sigma), x) * 10.0
+        c_skip = sigma_data**2 / (scaled_t**2 + sigma_data**2)
+        c_out_lcm = scaled_t / (scaled_t**2 + sigma_data**2) ** 0.5
+        return c_out_lcm * (x + eps * c_out) + c_skip * x
+
+
+class EpsTimestepModel:
+    """The UNet as the timestep samplers see it: eps at training timestep t (A1111's
+    CompVisTimestepsDenoiser). Carries ``alphas_cumprod`` for ``get_pred_x0``."""
+
+    def __init__(self, unet_fn: UNetFn, alphas_cumprod: Tensor, *, downcast_alphas: bool = False) -> None:
+        self.unet_fn = unet_fn
+        self.alphas_cumprod = downcast_alphas_cumprod(alphas_cumprod) if downcast_alphas else alphas_cumprod
+
+    def __call__(self, x: Tensor, t: Tensor, *, context: Tensor, image_cond: Tensor | None = None) -> Tensor:
+        x_in = x if image_cond is None else torch.cat([x, image_cond], dim=1)
+        return self.unet_fn(x_in, t, context)
+
+
+InnerModel = Callable[..., Tensor]
+
+
+def stack_conds(tensors: Sequence[Tensor]) -> Tensor:
+    """Stack (tokens, width) tensors, padding shorter ones by repeating their last token vector.
+
+    A1111's ``prompt_parser.stack_conds``: AND sub-prompts of different lengths end up in one batch.
+    """
+    count = max(t.shape[0] for t in tensors)
+    padded = [
+        t if t.shape[0] == count else torch.vstack([t, t[-1:].repeat(count - t.shape[0], 1)]) for t in tensors
+    ]
+    return torch.stack(padded)
+
+
+class CFGDenoiser:
+    """A1111's classifier-free guidance denoiser (``CFGDenoiser.forward``), as a plain class.
+
+    ``conds[i]`` / ``unconds[i]`` belong to image i of the batch. Each call picks the conditioning of
+    call index ``self.step`` (incremented once per call, so second-order samplers advance it twice a
+    step), runs the UNet on every AND sub-prompt of every image followed by the uncond batch, and
+    combines ``uncond + sum_i w_i * cfg_scale * (cond_i - uncond)``.
+
+    ``mask`` is A1111's ``p.mask`` in latent space: 1 keeps ``init_latent``, 0 takes the sample
+    (``nmask`` defaults to ``1 - mask``). Blending happens after denoising (k-diffusion samplers)
+    or, with ``mask_before_denoising``, on x before the UNet (timestep samplers).
+    """
+
+    def __init__(
+        self,
+        inner: InnerModel,
+        *,
+        conds: Sequence[MultiCond],
+        unconds: Sequence[CondSchedule],
+        cfg_scale: float,
+        s_min_uncond: float = 0.0,
+        s_min_uncond_all: bool = False,
+        batch_cond_uncond: bool = True,
+        pad_cond_uncond: bool = False,
+        pad_cond_uncond_v0: bool = False,
+        empty_cond: Tensor | None = None,
+        image_cond: Tensor | None = None,
+        mask: Tensor | None = None,
+        nmask: Tensor | None = None,
+        init_latent: Tensor | None = None,
+        mask_before_denoising: bool = False,
+        skip_early_cond: float = 0.0,
+        total_steps: int | None = None,
+    ) -> None:
+        if len(conds) != len(unconds):
+            raise InvalidRequestError(
+                f"{len(conds)} positive and {len(unconds)} negative conditionings: need one of each per image"
+            )
+        if not conds or any(not c.parts for c in conds):
+            raise InvalidRequestError("conds: every image needs at least one (sub-)prompt")
+        if pad_cond_uncond and empty_cond is None and not pad_cond_uncond_v0:
+            raise InvalidRequestError("pad_cond_uncond=True needs empty_cond (the encoded empty prompt)")
+        if mask is not None and init_latent is None:
+            raise InvalidRequestError("mask given without init_latent: inpainting needs both")
+        if skip_early_cond and not total_steps:
+            raise InvalidRequestError("skip_early_cond needs total_steps (the expected number of calls)")
+        self.inner = inner
+        self.conds = list(conds)
+        self.unconds = list(unconds)
+        self.cfg_scale = cfg_scale
+        self.s_min_uncond = s_min_uncond
+        self.s_min_uncond_all = s_min_uncond_all
+        self.batch_cond_uncond = batch_cond_uncond
+        self.pad_cond_uncond = pad_cond_uncond
+        self.pad_cond_uncond_v0 = pad_cond_uncond_v0
+        self.empty_cond = empty_cond
+        self.image_cond = image_cond
+        self.mask = mask
+        self.nmask = None if mask is None else (1 - mask if nmask is None else nmask)
+        self.init_latent = init_latent
+        self.mask_before_denoising = mask_before_denoising
+        self.skip_early_cond = skip_early_cond
+        self.total_steps = total_steps
+        self.step = 0
+        # DDIM CFG++ hooks (A1111's cond_scale_miltiplier / need_last_noise_uncond).
+        self.cond_scale_multiplier = 1.0
+        self.need_last_noise_uncond = False
+        self.last_noise_uncond: Tensor | None = None
+        # What the last call did, for the infotext ("Pad conds", "NGMS", "Skip Early CFG").
+        self.padded_cond_uncond = False
+        self.padded_cond_uncond_v0 = False
+        self.used_ngms = False
+        self.used_skip_early_cond = False
+
+    # -- conditioning for one call --------------------------------------------------------------
+
+    def multicond_batch(self, step: int) -> tuple[list[list[tuple[int, float]]], Tensor]:
+        """A1111's reconstruct_multicond_batch: per image, (row index, weight) of each sub-prompt."""
+        tensors: list[Tensor] = []
+        conds_list: list[list[tuple[int, float]]] = []
+        for multi in self.conds:
+            entry = []
+            for schedule, weight in multi.parts:
+                entry.append((len(tensors), weight))
+                tensors.append(cond_at_step(schedule, step))
+            conds_list.append(entry)
+        return conds_list, stack_conds(tensors)
+
+    def uncond_batch(self, step: int) -> Tensor:
+        # A1111 requires equal shapes here (its encoder pads a batch to one chunk count); repeating
+        # the last vector, as for AND sub-prompts, keeps a mixed batch usable.
+        return stack_conds([cond_at_step(schedule, step) for schedule in self.unconds])
+
+    def _pad(self, cond: Tensor, uncond: Tensor) -> tuple[Tensor, Tensor]:
+        if self.pad_cond_uncond_v0:
+            # A1111 quirk ("Pad conds v0", DDIM/PLMS before 1.6): repeat uncond's last vector, or cut it.
+            if uncond.shape[1] < cond.shape[1]:
+                last = uncond[:, -1:].repeat(1, cond.shape[1] - uncond.shape[1], 1)
+                uncond = torch.hstack([uncond, last])
+            else:
+                uncond = uncond[:, : cond.shape[1]]
+            self.padded_cond_uncond_v0 = True
+            return cond, uncond
+        assert self.empty_cond is not None
+        empty = self.empty_cond if self.empty_cond.ndim == 3 else self.empty_cond[None]
+        repeats = (cond.shape[1] - uncond.shape[1]) // empty.shape[1]
+        if repeats < 0:
+            cond = torch.cat([cond, empty.repeat(cond.shape[0], -repeats, 1)], dim=1)
+            self.padded_cond_uncond = True
+        elif repeats > 0:
+            uncond = torch.cat([uncond, empty.repeat(uncond.shape[0], repeats, 1)], dim=1)
+            self.padded_cond_uncond = True
+        return cond, uncond
+
+    def _blend(self, latent: Tensor) -> Tensor:
+        assert self.nmask is not None and self.mask is not None and self.init_latent is not None
+        return latent * self.nmask + self.init_latent * self.mask
+
+    # -- the call ---------------------------------------------------------------------------------
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        step = self.step
+        conds_list, tensor = self.multicond_batch(step)
+        uncond = self.uncond_batch(step)
+        if self.mask_before_denoising and self.mask is not None:
+            x = self._blend(x)
+
+        batch_size = len(conds_list)
+        if x.shape[0] != batch_size:
+            raise InvalidRequestError(f"x has batch {x.shape[0]} but {batch_size} conditionings were given")
+        repeats = [len(c) for c in conds_list]
+        rows = torch.tensor([i for i, n in enumerate(repeats) for _ in range(n)], device=x.device)
+        x_in = torch.cat([x[rows], x])
+        sigma_in = torch.cat([sigma[rows], sigma])
+        image_cond_in = (
+            None if self.image_cond is None else torch.cat([self.image_cond[rows], self.image_cond])
+        )
+
+        skip_uncond = False
+        self.used_ngms = self.used_skip_early_cond = False
+        if self.skip_early_cond and self.total_steps and step / self.total_steps <= self.skip_early_cond:
+            skip_uncond = self.used_skip_early_cond = True
+        elif (step % 2 or self.s_min_uncond_all) and self.s_min_uncond > 0 and sigma[0] < self.s_min_uncond:
+            # NGMS (A1111's s_min_uncond): on odd calls below the threshold, skip the uncond pass.
+            skip_uncond = self.used_ngms = True
+        if skip_uncond:
+            x_in, sigma_in = x_in[:-batch_size], sigma_in[:-batch_size]
+            if image_cond_in is not None:
+                image_cond_in = image_cond_in[:-batch_size]
+
+        self.padded_cond_uncond = self.padded_cond_uncond_v0 = False
+        if tensor.shape[1] != uncond.shape[1] and (self.pad_cond_uncond_v0 or self.pad_cond_uncond):
+            tensor, uncond = self._pad(tensor, uncond)
+
+        def run(a: int, b: int, context: Tensor) -> Tensor:
+            ic = None if image_cond_in is None else image_cond_in[a:b]
+            return self.inner(x_in[a:b], sigma_in[a:b], context=context, image_cond=ic)
+
+        n_in = x_in.shape[0]
+        if tensor.shape[1] == uncond.shape[1] or skip_uncond:
+            cond_in = tensor if skip_uncond else torch.cat([tensor, uncond])
+            if self.batch_cond_uncond:
+                x_out = run(0, n_in, cond_in)
+            else:
+                x_out = torch.zeros_like(x_in)
+                for a in range(0, n_in, batch_size):
+                    x_out[a : a + batch_size] = run(a, a + batch_size, cond_in[a : a + batch_size])
+        else:
+            # Token lengths differ and no padding: conds and uncond go through separate UNet calls.
+            x_out = torch.zeros_like(x_in)
+            chunk = batch_size * 2 if self.batch_cond_uncond else batch_size
+            for a in range(0, tensor.shape[0], chunk):
+                b = min(a + chunk, tensor.shape[0])
+                x_out[a:b] = run(a, b, tensor[a:b])
+            x_out[-uncond.shape[0] :] = run(n_in - uncond.shape[0], n_in, uncond)
+
+        if skip_uncond:
+            # The first sub-prompt's result stands in for the uncond, and the scale becomes 1.
+            first = [c[0][0] for c in conds_list]
+            x_out = torch.cat([x_out, x_out[first]])
+        if self.need_last_noise_uncond:
+            self.last_noise_uncond = x_out[-batch_size:].clone()
+
+        scale = 1.0 if skip_uncond else self.cfg_scale * self.cond_scale_multiplier
+        denoised = combine_denoised(x_out, conds_list, batch_size, scale)
+        if not self.mask_before_denoising and self.mask is not None:
+            denoised = self._blend(denoised)
+        self.step += 1
+        return denoised
+
+
+def combine_denoised(
+    x_out: Tensor, conds_list: list[list[tuple[int, float]]], batch_size: int, cond_scale: float
+) -> Tensor:
+    """uncond + sum_i (cond_i - uncond) * w_i * cond_scale, per image (A1111's combine_denoised)."""
+    denoised_uncond = x_out[-batch_size:]
+    denoised = denoised_uncond.clone()
+    for i, conds in enumerate(conds_list):
+        for cond_index, weight in conds:
+            denoised[i] += (x_out[cond_index] - denoised_uncond[i]) * (weight * cond_scale)
+    return denoised
