@@ -42,7 +42,11 @@ _NAI_BUCKETS = re.compile(r"\s*nai\s+buckets\s*(?:@\s*(\d+)\s*[xX×]\s*(\d+)\s*)
 
 
 def split_csv(text: str) -> list[str]:
-    """A1111's value list: csv module rules (quotes protect commas), every item stripped."""
+    """A1111's value list: csv module rules (quotes protect commas), every item stripped.
+
+    A1111 quirk: csv's defaults only honour a quote at the very start of a field, so write
+    ``a,"b, c"`` - in ``a, "b, c"`` the quote follows a space and the comma splits.
+    """
     return [item.strip() for row in csv.reader(io.StringIO(text)) for item in row]
 
 
