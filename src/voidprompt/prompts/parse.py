@@ -1,4 +1,4 @@
-"""A1111's emphasis language: ``(x)``, ``[x]``, ``(x:w)``, escapes and ``BREAK``.
+"""A1111's emphasis language (``(x)``, ``[x]``, ``(x:w)``, escapes, ``BREAK``), ``#`` comments and ``AND``.
 
 This is the parser the CLIP encoder runs on every scheduled text (spec §2.5). It is a hand-written
 scanner that accepts the same token language as A1111's ``parse_prompt_attention`` and applies the
@@ -9,6 +9,7 @@ same arithmetic, in the same order, so weights are bit-identical - including flo
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Final
 
 from voidprompt.errors import PromptError
@@ -17,8 +18,12 @@ __all__ = [
     "BREAK_WEIGHT",
     "ROUND_MULTIPLIER",
     "SQUARE_MULTIPLIER",
+    "MultiCondPrompt",
     "is_break",
+    "multicond_prompt",
     "parse_prompt_attention",
+    "split_and",
+    "strip_comments",
 ]
 
 ROUND_MULTIPLIER: Final[float] = 1.1
@@ -172,3 +177,115 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         else:
             merged.append((seg_text, w))
     return merged
+
+
+# --- comments --------------------------------------------------------------------------------------
+
+
+def _strip_whole_line_comments(text: str) -> str:
+    """First pass of A1111's comment stripping: lines that start with ``#``.
+
+    Scanning left to right, a ``#`` at the very start of the text, or right after a newline, starts a
+    match that runs to the end of its line and takes that line's newline (if any) and the newline
+    before it (if any); each match becomes a single newline, so the commented line disappears.
+
+    # A1111 quirk: the trailing newline a match consumes cannot start the next match, so of two
+    # consecutive comment lines only the first is removed here; the second pass then leaves an empty
+    # line in its place.
+    """
+    out: list[str] = []
+    n = len(text)
+    i = 0
+    while i < n:
+        if i == 0 and text[0] == "#":
+            hash_at = 0
+        elif text[i] == "\n" and i + 1 < n and text[i + 1] == "#":
+            hash_at = i + 1
+        else:
+            out.append(text[i])
+            i += 1
+            continue
+        eol = text.find("\n", hash_at)
+        i = n if eol < 0 else eol + 1
+        out.append("\n")
+    return "".join(out)
+
+
+def _strip_inline_comments(text: str) -> str:
+    """Second pass: every remaining ``#`` up to and including its end of line becomes a newline."""
+    out: list[str] = []
+    n = len(text)
+    i = 0
+    while i < n:
+        if text[i] == "#":
+            eol = text.find("\n", i)
+            i = n if eol < 0 else eol + 1
+            out.append("\n")
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def strip_comments(text: str) -> str:
+    """A1111's prompt comments (option "Enable comments", on by default): drop ``#`` to end of line.
+
+    A line that is only a comment disappears with its newline; a comment after text leaves the text
+    and a newline (which CLIP later reads as whitespace).
+    """
+    return _strip_inline_comments(_strip_whole_line_comments(text))
+
+
+# --- AND (composable diffusion) ----------------------------------------------------------------------
+
+_AND_SPLIT = re.compile(r"\bAND\b")
+# A weight suffix: ":" then [+-] then "5", "5.", "5.25" or ".25", at the very end (after rstrip).
+_AND_WEIGHT_TAIL = re.compile(r":\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\Z")
+
+
+def _split_weight(subprompt: str) -> tuple[str, float]:
+    """Text and composable-diffusion weight of one AND part.
+
+    The text keeps its leading whitespace and loses its trailing whitespace; with a ``:number`` suffix
+    the text is what precedes it (whitespace before the colon dropped). Default weight 1.0.
+    """
+    body = subprompt.rstrip()
+    m = _AND_WEIGHT_TAIL.search(body)
+    if m is None:
+        return body, 1.0
+    return body[: m.start()].rstrip(), float(m.group(1))
+
+
+def split_and(prompt: str) -> list[tuple[str, float]]:
+    """Split a positive prompt on the word ``AND`` into (sub-prompt, weight) pairs, in order.
+
+    ``"a cat :1.2 AND a dog"`` -> ``[("a cat", 1.2), (" a dog", 1.0)]``. Duplicates are kept: every
+    part adds its own term to CFG, even when its text repeats another part's.
+    """
+    return [_split_weight(part) for part in _AND_SPLIT.split(prompt)]
+
+
+@dataclass(frozen=True)
+class MultiCondPrompt:
+    """A positive prompt as A1111's ``get_multicond_prompt_list`` sees it.
+
+    ``texts`` holds each distinct sub-prompt text once (first-seen order): A1111 encodes a repeated
+    text only once. ``parts`` lists every AND part in order as (index into ``texts``, weight); weights
+    are never merged, so ``"a AND a"`` gives two parts sharing index 0.
+    """
+
+    texts: tuple[str, ...]
+    parts: tuple[tuple[int, float], ...]
+
+
+def multicond_prompt(prompt: str) -> MultiCondPrompt:
+    texts: list[str] = []
+    index_of: dict[str, int] = {}
+    parts: list[tuple[int, float]] = []
+    for text, weight in split_and(prompt):
+        index = index_of.get(text)
+        if index is None:
+            index = index_of[text] = len(texts)
+            texts.append(text)
+        parts.append((index, weight))
+    return MultiCondPrompt(tuple(texts), tuple(parts))
