@@ -486,7 +486,8 @@ def prompt_uses_emphasis(prompt: str) -> bool:
     """True when A1111's emphasis parser gives some text a weight other than exactly 1.0.
 
     This is the 1.10 rule for filling ``Emphasis: Original`` on reading. Weights are multiplied in
-    A1111's order, so ``[(x)]`` (1.1 / 1.1 = 1.0000000000000002) counts as emphasis.
+    A1111's order and compared exactly, so ``[(x)]`` (1.1 * (1/1.1) == 1.0) is plain while
+    ``[[[(((x)))]]]`` (1.0000000000000002) counts as emphasis.
     """
     weights: list[float] = []
     names: list[str] = []
