@@ -1,0 +1,485 @@
+"""The study catalog: one SQLite file per study (WAL, foreign keys on) plus its image folder.
+
+The resumable protocol, which keeps files and rows consistent whatever moment a run dies at:
+
+1. write the image to a temporary name in the image folder (``atomic_write``),
+2. rename it into place,
+3. commit its row (``Catalog.record_image``, one transaction that also marks the job done).
+
+A crash leaves at most a temporary file (before 2) or an image without a row (before 3). The
+writer's ``Catalog.open`` sweeps both away, so the job is pending again and is generated once
+more: no loss, no duplicate. Only one writer may hold a catalog (an exclusive lock file), so the
+sweep can never remove the file of a run that is still going; readers open with ``readonly=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from voidprompt import __version__
+from voidprompt.errors import StudyError
+from voidprompt.lab.study import Job, request_to_dict
+
+TEMP_PREFIX = ".partial-"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Each table with the order its exports use, so a CSV diff between two runs means a data change.
+TABLES = {
+    "study": "id",
+    "jobs": "position",
+    "images": "id",
+    "measures": "image_id, name",
+    "labels": "image_id, source",
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS study (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    toml TEXT NOT NULL,
+    created TEXT NOT NULL,
+    voidprompt_version TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    position INTEGER NOT NULL,
+    axis_values TEXT NOT NULL,
+    request TEXT NOT NULL,
+    model TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done', 'failed'))
+);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL UNIQUE REFERENCES jobs(job_id),
+    path TEXT NOT NULL UNIQUE,
+    sha256 TEXT NOT NULL,
+    infotext TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    model_hash TEXT,
+    timings TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS measures (
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    value REAL,
+    PRIMARY KEY (image_id, name)
+);
+CREATE TABLE IF NOT EXISTS labels (
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    label_class TEXT,
+    tags TEXT NOT NULL DEFAULT '[]',
+    source TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    PRIMARY KEY (image_id, source)
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, position);
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def temp_path_for(final: Path) -> Path:
+    """A temporary name next to ``final`` that the sweep recognises."""
+    return final.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}-{final.name}")
+
+
+def atomic_write(final: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(temp)`` then rename temp onto ``final``: readers never see half a file."""
+    temp = temp_path_for(final)
+    try:
+        write(temp)
+        with temp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    temp_files: int
+    orphan_images: int
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    position: int
+    axis_values: dict[str, Any]
+    request: dict[str, Any]
+    model: dict[str, Any]
+    status: str
+
+
+@dataclass(frozen=True)
+class CatalogSummary:
+    name: str | None
+    created: str | None
+    version: str | None
+    jobs: int
+    done: int
+    pending: int
+    failed: int
+    images: int
+    measured: int
+    labelled: int
+
+    def format(self) -> str:
+        return (
+            f"study {self.name or '?'} (created {self.created or '?'}, voidprompt {self.version or '?'})\n"
+            f"jobs: {self.jobs} ({self.done} done, {self.pending} pending, {self.failed} failed)\n"
+            f"images: {self.images}, measured: {self.measured}, labelled: {self.labelled}"
+        )
+
+
+class Catalog:
+    """One study's catalog. Use ``Catalog.open``; close it (or use ``with``) when done."""
+
+    def __init__(self, path: Path, images_dir: Path, connection: sqlite3.Connection, lock: IO[str] | None):
+        self.path = path
+        self.images_dir = images_dir
+        self._db = connection
+        self._lock = lock
+        self.last_sweep = SweepReport(0, 0)
+
+    # -------------------------------------------------------------------------------- lifecycle
+
+    @classmethod
+    def open(cls, path: str | Path, images_dir: str | Path | None = None, readonly: bool = False) -> Catalog:
+        """Open (creating if needed) the catalog at ``path``; the writer sweeps crash leftovers.
+
+        ``images_dir`` defaults to ``<stem>-images`` next to the catalog file.
+        """
+        path = Path(path)
+        folder = Path(images_dir) if images_dir is not None else path.with_name(f"{path.stem}-images")
+        if readonly:
+            if not path.exists():
+                raise StudyError(f"{path}: no catalog here; run the study first (voidprompt study run)")
+            connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            connection.execute("PRAGMA foreign_keys = ON")
+            return cls(path, folder, connection, None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = _take_lock(path)
+        try:
+            connection = sqlite3.connect(path, isolation_level=None)
+            connection.execute("PRAGMA journal_mode = WAL")
+            # NORMAL is crash-safe in WAL mode; a power cut may lose the last commits, which then
+            # look like renamed-but-uncommitted images and are swept and regenerated.
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute("PRAGMA foreign_keys = ON")
+            connection.executescript(_SCHEMA)
+        except BaseException:
+            lock.close()
+            raise
+        catalog = cls(path, folder, connection, lock)
+        catalog.last_sweep = catalog.sweep()
+        return catalog
+
+    def close(self) -> None:
+        self._db.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def sweep(self) -> SweepReport:
+        """Remove temporary files and image files that have no committed row."""
+        self._require_writer()
+        known = {row[0] for row in self._db.execute("SELECT path FROM images")}
+        temp_files = orphans = 0
+        for file in sorted(self.images_dir.rglob("*")):
+            if not file.is_file():
+                continue
+            if file.name.startswith(TEMP_PREFIX):
+                file.unlink()
+                temp_files += 1
+            elif file.suffix.lower() in IMAGE_SUFFIXES and self._relative(file) not in known:
+                file.unlink()
+                orphans += 1
+        return SweepReport(temp_files, orphans)
+
+    def _require_writer(self) -> None:
+        if self._lock is None:
+            raise StudyError(f"{self.path}: opened read-only; open it without readonly=True to change it")
+
+    def _relative(self, file: Path) -> str:
+        return os.path.relpath(file, self.path.parent).replace(os.sep, "/")
+
+    # ---------------------------------------------------------------------------------- writing
+
+    def register_study(self, name: str, toml_text: str, version: str = __version__) -> int:
+        """Record the study file; a changed file adds a row, so the history stays readable."""
+        self._require_writer()
+        last = self._db.execute("SELECT id, name, toml FROM study ORDER BY id DESC LIMIT 1").fetchone()
+        if last is not None and (last[1], last[2]) == (name, toml_text):
+            return int(last[0])
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO study (name, toml, created, voidprompt_version) VALUES (?, ?, ?, ?)",
+                (name, toml_text, _now(), version),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def register_jobs(self, jobs: Iterable[Job]) -> int:
+        """Add jobs not yet known (by ``job_id``); returns how many were new."""
+        self._require_writer()
+        with self._transaction() as db:
+            start = db.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM jobs").fetchone()[0]
+            before = db.total_changes
+            for offset, job in enumerate(jobs):
+                db.execute(
+                    "INSERT OR IGNORE INTO jobs (job_id, position, axis_values, request, model) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (
+                        job.job_id,
+                        start + offset,
+                        _json(job.axis_values),
+                        _json(request_to_dict(job.request)),
+                        _json({"checkpoint": job.model.checkpoint, "vae": job.model.vae}),
+                    ),
+                )
+            return db.total_changes - before
+
+    def record_image(
+        self,
+        job_id: str,
+        path: str | Path,
+        sha256: str,
+        infotext: str,
+        *,
+        settings: Mapping[str, Any] | None = None,
+        seed: int,
+        width: int,
+        height: int,
+        model_hash: str | None = None,
+        timings: Mapping[str, float] | None = None,
+    ) -> int:
+        """Commit the row of an image already renamed into place; marks its job done. Returns its id."""
+        self._require_writer()
+        file = Path(path)
+        if not file.is_absolute():
+            file = self.path.parent / file
+        if not file.is_file():
+            raise StudyError(
+                f"{self.path}: image {str(file)!r} for job {job_id} does not exist; write and rename it "
+                "into place before recording it"
+            )
+        if file.name.startswith(TEMP_PREFIX):
+            raise StudyError(f"{self.path}: {str(file)!r} is a temporary name; rename it into place first")
+        try:
+            file.resolve().relative_to(self.images_dir.resolve())
+        except ValueError:
+            raise StudyError(
+                f"{self.path}: image {str(file)!r} is outside the catalog's image folder "
+                f"{str(self.images_dir)!r}; write images there so the sweep and exports find them"
+            ) from None
+        actual = sha256_file(file)
+        if actual != sha256:
+            raise StudyError(
+                f"{self.path}: {str(file)!r} has sha256 {actual}, not {sha256}: the file changed"
+            )
+        with self._transaction() as db:
+            job = db.execute("SELECT request FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if job is None:
+                raise StudyError(f"{self.path}: unknown job {job_id}; register the study's jobs first")
+            try:
+                cursor = db.execute(
+                    "INSERT INTO images (job_id, path, sha256, infotext, settings, seed, width, height, "
+                    "model_hash, timings, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        self._relative(file),
+                        sha256,
+                        infotext,
+                        _json(settings) if settings is not None else job[0],
+                        seed,
+                        width,
+                        height,
+                        model_hash,
+                        _json(dict(timings or {})),
+                        _now(),
+                    ),
+                )
+            except sqlite3.IntegrityError as error:
+                raise StudyError(
+                    f"{self.path}: job {job_id} already has an image (or the path is taken): {error}"
+                ) from None
+            db.execute("UPDATE jobs SET status = 'done' WHERE job_id = ?", (job_id,))
+        return int(cursor.lastrowid or 0)
+
+    def mark_failed(self, job_id: str) -> None:
+        self._require_writer()
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET status = 'failed' WHERE job_id = ? AND status = 'pending'", (job_id,))
+
+    def add_measures(self, image_id: int, values: Mapping[str, float]) -> None:
+        self._require_writer()
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO measures (image_id, name, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (image_id, name) DO UPDATE SET value = excluded.value",
+                [(image_id, name, float(value)) for name, value in values.items()],
+            )
+
+    def set_label(
+        self, image_id: int, label_class: str | None, tags: Sequence[str] = (), source: str = "human"
+    ) -> None:
+        """Set one source's label of an image (a person's and each plugin's are kept apart)."""
+        self._require_writer()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO labels (image_id, label_class, tags, source, updated) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (image_id, label_class, json.dumps(list(tags)), source, _now()),
+            )
+
+    # ---------------------------------------------------------------------------------- reading
+
+    def _jobs(self, where: str, args: Sequence[Any] = ()) -> list[JobRecord]:
+        rows = self._db.execute(
+            "SELECT job_id, position, axis_values, request, model, status FROM jobs "
+            f"{where} ORDER BY position",
+            args,
+        )
+        return [
+            JobRecord(r[0], r[1], json.loads(r[2]), json.loads(r[3]), json.loads(r[4]), r[5]) for r in rows
+        ]
+
+    def pending_jobs(self) -> list[JobRecord]:
+        """Jobs without an image, in study order (failed ones are retried)."""
+        return self._jobs("WHERE job_id NOT IN (SELECT job_id FROM images)")
+
+    def jobs(self) -> list[JobRecord]:
+        return self._jobs("")
+
+    def images(self) -> list[dict[str, Any]]:
+        """Every image row joined with its job's axis values, in study order."""
+        cursor = self._db.execute(
+            "SELECT images.*, jobs.axis_values FROM images JOIN jobs USING (job_id) ORDER BY jobs.position"
+        )
+        names = [d[0] for d in cursor.description]
+        out = []
+        for row in cursor:
+            record = dict(zip(names, row, strict=True))
+            for key in ("settings", "timings", "axis_values"):
+                record[key] = json.loads(record[key])
+            out.append(record)
+        return out
+
+    def measures(self, image_id: int) -> dict[str, float]:
+        rows = self._db.execute(
+            "SELECT name, value FROM measures WHERE image_id = ? ORDER BY name", (image_id,)
+        )
+        return {name: value for name, value in rows}
+
+    def labels(self, image_id: int) -> dict[str, tuple[str | None, list[str]]]:
+        rows = self._db.execute(
+            "SELECT source, label_class, tags FROM labels WHERE image_id = ?", (image_id,)
+        )
+        return {source: (label, json.loads(tags)) for source, label, tags in rows}
+
+    def summary(self) -> CatalogSummary:
+        study = self._db.execute(
+            "SELECT name, created, voidprompt_version FROM study ORDER BY id DESC LIMIT 1"
+        ).fetchone() or (None, None, None)
+        status = dict(self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+
+        def count(sql: str) -> int:
+            return int(self._db.execute(sql).fetchone()[0])
+
+        images = count("SELECT COUNT(*) FROM images")
+        total = sum(status.values())
+        return CatalogSummary(
+            name=study[0],
+            created=study[1],
+            version=study[2],
+            jobs=total,
+            done=status.get("done", 0),
+            pending=total - images - status.get("failed", 0),
+            failed=status.get("failed", 0),
+            images=images,
+            measured=count("SELECT COUNT(DISTINCT image_id) FROM measures"),
+            labelled=count("SELECT COUNT(DISTINCT image_id) FROM labels"),
+        )
+
+    def journal_mode(self) -> str:
+        return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
+
+    def export_csv(self, table: str, path: str | Path) -> int:
+        """Write one table as CSV (JSON columns stay JSON text); returns the row count."""
+        if table not in TABLES:
+            raise StudyError(f"table {table!r}: choose one of {', '.join(TABLES)}")
+        cursor = self._db.execute(f"SELECT * FROM {table} ORDER BY {TABLES[table]}")
+        names = [d[0] for d in cursor.description]
+        rows = cursor.fetchall()
+        target = Path(path)
+
+        def write(temp: Path) -> None:
+            with temp.open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(names)
+                writer.writerows(rows)
+
+        atomic_write(target, write)
+        return len(rows)
+
+
+def _take_lock(path: Path) -> IO[str]:
+    lock = path.with_name(f"{path.name}.lock").open("a+", encoding="utf-8")
+    try:
+        import fcntl
+
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass  # no flock (Windows): one writer per catalog is then the user's responsibility
+    except OSError:
+        lock.close()
+        raise StudyError(
+            f"{path}: another process is writing this catalog; wait for it to finish, or open it "
+            "read-only (readonly=True) to query it"
+        ) from None
+    return lock
