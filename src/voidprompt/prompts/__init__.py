@@ -4,13 +4,9 @@ from voidprompt.prompts.chunks import PromptChunk, TokenizedLine, token_report, 
 from voidprompt.prompts.embeddings import Embedding, EmbeddingDatabase
 from voidprompt.prompts.encode import PromptEncoder
 from voidprompt.prompts.parse import parse_prompt_attention
+from voidprompt.prompts.prepare import prepare_prompts
 from voidprompt.prompts.schedule import prompt_schedules
 from voidprompt.prompts.tokenizer import ClipTokenizer, load_clip_tokenizer
-
-try:  # noqa: SIM105 - prepare.py is being written alongside; this becomes a plain import once it lands.
-    from voidprompt.prompts.prepare import prepare_prompts
-except ImportError:  # pragma: no cover
-    pass
 
 __all__ = [
     "ClipTokenizer",
