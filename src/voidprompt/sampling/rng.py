@@ -182,6 +182,11 @@ class ImageRNG:
     ``seed_resize_from_h/w`` are in pixels (A1111's fields); 0 or less turns seed resize off.
     ``eta_noise_seed_delta`` (ENSD) re-seeds the streams after the initial noise, so it changes
     the sampler's draws but never the starting latent.
+
+    One ImageRNG serves one batch of one pass. A1111's hires pass builds a new one at the hires
+    latent shape with the same seeds, subseeds, strength and seed-resize values.
+    Unlike A1111, calling :meth:`first` directly also counts as the first draw (A1111 would give
+    the initial noise again on the following :meth:`next`; it never calls ``first`` directly).
     """
 
     def __init__(
@@ -330,7 +335,7 @@ def create_random_tensors(
         source=source,
         device=device,
     )
-    return rng.first()
+    return rng.next()
 
 
 def img2img_noise(rng: ImageRNG, initial_noise_multiplier: float = 1.0) -> torch.Tensor:
