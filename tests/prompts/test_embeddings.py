@@ -171,3 +171,16 @@ def test_signature_changes(tok: ClipTokenizer) -> None:
     assert db.signature() != sig
     db2 = make_db(tok, bad=torch.full((1, WIDTH), 2.0))
     assert db2.signature() != sig
+
+
+def test_backtrack_leaves_fix_behind(tok: ClipTokenizer) -> None:
+    # A1111 quirk: the comma backtrack moves tokens but not fixes. 60 a, "," at 60, the embedding's
+    # 3 placeholders at 61..63 (fix offset 61), 11 b fill the chunk; the 12th b backtracks to the
+    # comma: placeholders and b move to chunk 2 as plain id-0 tokens, the fix stays in chunk 1.
+    db = make_db(tok, bad_hands=torch.ones(3, WIDTH))
+    line = tokenize_line("a " * 60 + ", bad hands " + "b " * 15, tok, db)
+    first, second = line.chunks
+    assert first.tokens == [BOS] + [A] * 60 + [267] + [EOS] * 15
+    assert first.fixes == [ChunkFix(61, db.embeddings["bad hands"])]
+    assert second.tokens == [BOS, 0, 0, 0] + [B] * 15 + [EOS] * 58
+    assert second.fixes == []
