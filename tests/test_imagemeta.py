@@ -371,3 +371,9 @@ def test_garbage_and_truncated_data_are_clear_errors() -> None:
     Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="PNG")
     with pytest.raises(ImageFileError):
         open_image_safely(buffer.getvalue()[:60])
+
+
+def test_modes_without_room_for_stealth_read_as_nothing() -> None:
+    assert read_infotext(_image("L")) == (None, {})
+    assert read_stealth_metadata(Image.new("1", (8, 8))) is None
+    assert read_stealth_metadata(Image.new("RGBA", (1, 1))) is None  # too small for the magic word

@@ -520,3 +520,9 @@ def test_infotext_version_orders_like_packaging() -> None:
 
 def test_nan_never_sneaks_in() -> None:
     assert not math.isnan(request_fields_from_params({"CFG scale": "7"})["cfg_scale"])
+
+
+def test_empty_text() -> None:
+    assert create_infotext("", "", {}) == ""
+    res = parse_generation_parameters("")
+    assert (res["Prompt"], res["Negative prompt"]) == ("", "")

@@ -214,18 +214,31 @@ def _bits_to_bytes(bits: np.ndarray) -> bytes:
     return np.packbits(bits.astype(np.uint8)).tobytes()
 
 
-def _decode_stealth(bits: np.ndarray, compressed: bool, max_bytes: int) -> str:
-    start = _STEALTH_MAGIC_BITS
-    if bits.size < start + 32:
+_STEALTH_HEADER_BITS = _STEALTH_MAGIC_BITS + 32
+
+
+def _lsb_bits(image: Image.Image, bits_needed: int, bands: slice) -> np.ndarray:
+    """The first ``bits_needed`` LSBs in stealth order, decoding only the columns that hold them."""
+    per_column = image.height * (bands.stop - bands.start)
+    columns = min(image.width, -(-bits_needed // per_column))
+    strip = np.asarray(image.crop((0, 0, columns, image.height)))
+    # (H, W, C) -> column-major order: x outer, y inner, then the bands of one pixel.
+    return strip.transpose(1, 0, 2)[:, :, bands].reshape(-1)[:bits_needed] & 1
+
+
+def _decode_stealth(image: Image.Image, bands: slice, compressed: bool, max_bytes: int) -> str:
+    header = _lsb_bits(image, _STEALTH_HEADER_BITS, bands)
+    if header.size < _STEALTH_HEADER_BITS:
         raise ImageFileError("stealth metadata: header is cut off")
-    declared = int.from_bytes(_bits_to_bytes(bits[start:start + 32]), "big")
-    available = bits.size - start - 32
+    declared = int.from_bytes(_bits_to_bytes(header[_STEALTH_MAGIC_BITS:]), "big")
+    available = image.width * image.height * (bands.stop - bands.start) - _STEALTH_HEADER_BITS
     if declared > available or declared // 8 > max_bytes:
         raise ImageFileError(
             f"stealth metadata: declares {declared} bits but the image holds {available} "
             f"(limit {max_bytes * 8}); refusing it"
         )
-    payload = _bits_to_bytes(bits[start + 32:start + 32 + declared - declared % 8])
+    bits = _lsb_bits(image, _STEALTH_HEADER_BITS + declared, bands)
+    payload = _bits_to_bytes(bits[_STEALTH_HEADER_BITS:_STEALTH_HEADER_BITS + declared - declared % 8])
     if compressed:
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip container
         try:
@@ -245,26 +258,27 @@ def read_stealth_metadata(image: Image.Image, *, max_bytes: int = MAX_STEALTH_BY
 
     The alpha channel is tried first (``stealth_pnginfo`` plain, ``stealth_pngcomp`` gzip), then the
     R, G, B channels (``stealth_rgbinfo`` / ``stealth_rgbcomp``, three bits per pixel). Bits run down
-    each column, columns left to right, most significant bit first.
+    each column, columns left to right, most significant bit first. Only the columns holding the
+    header and the declared payload are decoded.
     """
-    if image.mode not in ("RGBA", "RGB", "LA", "RGBa", "PA", "P"):
-        return None
     has_alpha = image.mode in ("RGBA", "LA", "RGBa", "PA") or (
         image.mode == "P" and "transparency" in image.info
     )
-    pixels = np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
-    # (H, W, C) -> column-major order: x outer, y inner.
-    columns = pixels.transpose(1, 0, 2)
-    candidates: list[tuple[np.ndarray, dict[bytes, bool]]] = []
+    if image.mode not in ("RGBA", "RGB"):
+        if image.mode not in ("LA", "RGBa", "PA", "P", "L"):
+            return None
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    candidates: list[tuple[slice, dict[bytes, bool]]] = []
     if has_alpha:
-        candidates.append((columns[:, :, 3].reshape(-1) & 1, _STEALTH_ALPHA))
-    candidates.append((columns[:, :, :3].reshape(-1) & 1, _STEALTH_RGB))
-    for bits, magics in candidates:
-        if bits.size < _STEALTH_MAGIC_BITS:
+        candidates.append((slice(3, 4), _STEALTH_ALPHA))
+    candidates.append((slice(0, 3), _STEALTH_RGB))
+    for bands, magics in candidates:
+        magic_bits = _lsb_bits(image, _STEALTH_MAGIC_BITS, bands)
+        if magic_bits.size < _STEALTH_MAGIC_BITS:
             continue
-        magic = _bits_to_bytes(bits[:_STEALTH_MAGIC_BITS])
+        magic = _bits_to_bytes(magic_bits)
         if magic in magics:
-            return _decode_stealth(bits, magics[magic], max_bytes)
+            return _decode_stealth(image, bands, magics[magic], max_bytes)
     return None
 
 
@@ -284,8 +298,16 @@ def read_infotext(
     of that finds nothing and ``stealth`` is on, hidden LSB metadata is read (NovelAI JSON is
     converted like the PNG chunks). Accepts a PIL image or anything :func:`open_image_safely` opens.
     """
-    if not isinstance(image, Image.Image):
-        image = open_image_safely(image, max_pixels)
+    if isinstance(image, Image.Image):
+        return _read_infotext(image, stealth)
+    opened = open_image_safely(image, max_pixels)
+    try:
+        return _read_infotext(opened, stealth)
+    finally:
+        opened.close()
+
+
+def _read_infotext(image: Image.Image, stealth: bool) -> tuple[str | None, dict[str, Any]]:
     items: dict[str, Any] = {str(key): value for key, value in (image.info or {}).items()}
     geninfo: str | None = items.pop("parameters", None)
     if "exif" in items:

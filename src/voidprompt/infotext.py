@@ -275,9 +275,7 @@ def generation_params(
         if r.inpainting_mask_invert:
             params["Mask mode"] = "Inpaint not masked"
         if r.inpainting_fill != 1:
-            from voidprompt.pipeline.request import INPAINTING_FILLS
-
-            params["Masked content"] = INPAINTING_FILLS[r.inpainting_fill]
+            params["Masked content"] = _MASKED_CONTENT[r.inpainting_fill]
         if r.inpaint_full_res:
             params["Inpaint area"] = "Only masked"
             params["Masked area padding"] = r.inpaint_full_res_padding
