@@ -173,3 +173,8 @@ def test_summary() -> None:
     assert summary.estimated_seconds == pytest.approx(pixels * 1e-5)
     text = summary.format()
     assert "18 jobs" in text and "704x512: 6 jobs" in text and "estimated time: 0h 01m 01s" in text
+
+
+def test_jobs_are_hashable_by_id() -> None:
+    jobs = parse_study(BASE, "s.toml").expand()
+    assert len(set(jobs)) == 18

@@ -110,6 +110,10 @@ class Job:
     request: GenerationRequest
     model: ModelRef = ModelRef()
 
+    def __hash__(self) -> int:
+        # The id already covers every field; hashing the axis-values dict would fail.
+        return hash(self.job_id)
+
 
 @dataclass(frozen=True)
 class Axis:
