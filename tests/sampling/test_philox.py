@@ -134,4 +134,4 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(InvalidRequestError, match="shape"):
         PhiloxGenerator(0).randn((2, -1))
     with pytest.raises(InvalidRequestError, match="uint32"):
-        philox4x32(np.zeros((4, 1), dtype=np.int64), np.zeros(2, dtype=np.uint32))  # type: ignore[arg-type]
+        philox4x32(np.zeros((4, 1), dtype=np.int64), np.zeros(2, dtype=np.uint32))
