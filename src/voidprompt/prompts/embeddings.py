@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from voidprompt.errors import PromptError
-from voidprompt.models.safe_pickle import LazyTensor, PickleCheckpoint, load_pickle_checkpoint
 from voidprompt.prompts.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -76,13 +75,19 @@ def _load_raw(path: Path) -> Any:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
+    # Imported here: voidprompt.models imports the tokenizer from this package at load time, so a
+    # top-level import would make a cycle.
+    from voidprompt.models.safe_pickle import load_pickle_checkpoint
+
     # Never plain pickle: the project's restricted unpickler executes nothing the file asks for.
     with load_pickle_checkpoint(path) as ckpt:
         return _materialize(ckpt, ckpt.obj)
 
 
-def _materialize(ckpt: PickleCheckpoint, obj: Any) -> Any:
+def _materialize(ckpt: Any, obj: Any) -> Any:
     """Read every lazy tensor in a nested dict/list (embedding files are tiny)."""
+    from voidprompt.models.safe_pickle import LazyTensor
+
     if isinstance(obj, LazyTensor):
         return ckpt.materialize(obj)
     if isinstance(obj, Mapping):
