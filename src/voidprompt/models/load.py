@@ -1,0 +1,427 @@
+"""Read checkpoint files and load them into modules, one tensor at a time.
+
+Memory: the modules are built on the meta device (no storage), then every tensor is read from the
+file, cast to the target dtype, moved to the target device and put in place of its meta parameter.
+At no point do the file's state dict and the model both exist in full: the peak is the model plus one
+tensor (plus, for safetensors, the file pages the OS keeps mapped).
+
+The container format is read from the file's first bytes, not its extension: ``PK`` is a torch zip,
+``0x80`` a legacy torch pickle, and anything else must parse as a safetensors header.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from voidprompt.errors import ModelLoadError
+from voidprompt.models.arch import (
+    ARCH_METADATA_KEY,
+    CLIP_PREFIX_OLD,
+    VAE_PREFIX,
+    ArchConstants,
+    build_modules,
+    infer_arch,
+)
+from voidprompt.models.components import CheckpointInfo, Components, LoadReport, VaeInfo
+from voidprompt.models.convert import POSITION_IDS_KEY, CheckpointKeyMap, fit_shape
+from voidprompt.models.detect import detect_family, require_supported
+from voidprompt.models.safe_pickle import LazyTensor, PickleCheckpoint, load_pickle_checkpoint
+
+__all__ = [
+    "CheckpointReader",
+    "find_paired_vae",
+    "load_model",
+    "open_checkpoint",
+    "read_state_dict",
+    "sd1_alphas_cumprod",
+]
+
+log = logging.getLogger(__name__)
+
+# ldm's DDPM registers these training buffers in every checkpoint; inference uses only alphas_cumprod.
+_SCHEDULE_KEYS = frozenset(
+    {
+        "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+        "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights",
+    }
+)
+
+
+def _is_ignored(key: str) -> bool:
+    return (
+        key in _SCHEDULE_KEYS
+        or key.startswith("model_ema.")
+        or key.startswith(VAE_PREFIX + "loss.")
+        or key.startswith("loss.")
+    )
+
+
+def sd1_alphas_cumprod() -> torch.Tensor:
+    """SD1's training schedule exactly as ldm registers it: scaled-linear betas (0.00085 .. 0.012,
+    1000 steps) computed in float64, cumulative product in float64, then stored as float32."""
+    betas = (torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2).numpy()
+    return torch.tensor(np.cumprod(1.0 - betas, axis=0), dtype=torch.float32)
+
+
+class CheckpointReader:
+    """Keys, shapes and dtypes of a checkpoint without reading its tensors; :meth:`get` reads one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.metadata: dict[str, str] = {}
+        self.shapes: dict[str, torch.Size] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.format = ""
+        self._st: Any = None
+        self._pickle: PickleCheckpoint | None = None
+        self._lazy: dict[str, LazyTensor] = {}
+        self.non_tensor_keys: list[str] = []
+
+    @property
+    def owns_memory(self) -> bool:
+        """True when :meth:`get` returns tensors in fresh memory (pickles), False for file views."""
+        return self._pickle is not None
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            if self._st is not None:
+                return self._st.get_tensor(key)  # type: ignore[no-any-return]
+            assert self._pickle is not None
+            return self._pickle.materialize(self._lazy[key])
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"{self.path}: cannot read tensor '{key}' ({exc}); the file is damaged.") from exc
+
+    def close(self) -> None:
+        self._st = None
+        if self._pickle is not None:
+            self._pickle.close()
+            self._pickle = None
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
+    # ldm/Lightning saves {"state_dict": {...}, "global_step": ..., ...}; some tools nest it twice.
+    for _ in range(3):
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path}: the pickle holds a {type(obj).__name__}, not a state dict.")
+    return obj
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open a ``.safetensors`` / ``.ckpt`` / ``.pt`` file for tensor-by-tensor reading."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"{p}: no such file; check the path.")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(9)
+    reader = CheckpointReader(p)
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        ck = load_pickle_checkpoint(p)
+        if isinstance(ck.obj, dict) and isinstance(ck.obj.get(ARCH_METADATA_KEY), str):
+            # Pickles have no metadata block; voidprompt writes the arch entry next to "state_dict".
+            reader.metadata[ARCH_METADATA_KEY] = ck.obj[ARCH_METADATA_KEY]
+        state = _unwrap(ck.obj, p)
+        reader.format = "ckpt"
+        reader._pickle = ck
+        for key, value in state.items():
+            if isinstance(value, LazyTensor):
+                reader._lazy[str(key)] = value
+                reader.shapes[str(key)] = value.shape
+                reader.dtypes[str(key)] = value.dtype
+            else:
+                reader.non_tensor_keys.append(str(key))
+        return reader
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if len(head) < 9 or head[8:9] != b"{" or header_len <= 0 or 8 + header_len > size:
+        raise ModelLoadError(
+            f"{p}: not a checkpoint - neither a .safetensors file nor a torch .ckpt/.pt (starts with "
+            f"{head[:8]!r}). If it is a truncated download, download it again."
+        )
+    from safetensors import safe_open
+
+    try:
+        st = safe_open(str(p), framework="pt", device="cpu")
+        reader.metadata = dict(st.metadata() or {})
+        for key in st.keys():
+            sl = st.get_slice(key)
+            reader.shapes[key] = torch.Size(sl.get_shape())
+            dt = sl.get_dtype()
+            if dt not in _ST_DTYPES:
+                raise ModelLoadError(f"{p}: tensor '{key}' has dtype {dt}, which voidprompt cannot load.")
+            reader.dtypes[key] = _ST_DTYPES[dt]
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{p}: damaged .safetensors file ({exc}); it is probably truncated - download or copy it again."
+        ) from exc
+    reader.format = "safetensors"
+    reader._st = st
+    return reader
+
+
+def read_state_dict(path: str | Path, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The whole state dict of a file (``state_dict`` wrapper removed, ``model_ema.*`` dropped).
+
+    For merging and tools; :func:`load_model` does not use it, to avoid holding two copies.
+    """
+    with open_checkpoint(path) as reader:
+        return {k: reader.get(k).to(device) for k in reader.keys() if not k.startswith("model_ema.")}
+
+
+def find_paired_vae(checkpoint: str | Path) -> Path | None:
+    """A1111's automatic pairing: ``model.vae.pt`` / ``.vae.safetensors`` / ``.vae.ckpt`` next to
+    ``model.ckpt`` or ``model.safetensors`` (first found in that order)."""
+    p = Path(checkpoint)
+    for suffix in (".vae.pt", ".vae.safetensors", ".vae.ckpt"):
+        candidate = p.with_name(p.stem + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner_path, _, leaf = key.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=bool(old is not None and old.requires_grad))
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = tensor
+    else:
+        raise ModelLoadError(f"internal: module has no tensor '{key}'")
+
+
+def _meta_tensors(module: nn.Module) -> Iterator[str]:
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_meta:
+            yield name
+
+
+def _prepare(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, *, copy: bool) -> torch.Tensor:
+    """The tensor in its final dtype and device. ``copy`` forces fresh memory: safetensors hands out
+    views into the mapped file, which are not 64-byte aligned; CPU kernels then take other SIMD paths
+    and results differ in the last bits from the same weights in ordinary memory."""
+    if tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype, copy=copy)
+    return tensor.to(device=device, copy=copy)
+
+
+def _check_position_ids(value: torch.Tensor, positions: int) -> str | None:
+    """Describe damage to a stored position_ids buffer, or None when it is exactly 0..positions-1."""
+    expected = torch.arange(positions, dtype=torch.int64)
+    flat = value.reshape(-1)
+    if flat.numel() != positions:
+        return f"has {flat.numel()} entries instead of {positions}"
+    if value.is_floating_point():
+        # What a float buffer does in a model that uses it as an index: it is truncated to int64.
+        truncated = flat.to(torch.float64).trunc().to(torch.int64)
+        bad = (truncated != expected).nonzero().flatten().tolist()
+        if bad:
+            shown = ", ".join(f"{i}: {flat[i].item():.4f}" for i in bad[:5])
+            return f"stored as {value.dtype} with {len(bad)} wrong positions after truncation ({shown})"
+        return f"stored as {value.dtype} instead of int64 (values intact)"
+    bad = (flat.to(torch.int64) != expected).nonzero().flatten().tolist()
+    if bad:
+        return f"{len(bad)} wrong positions (first at index {bad[0]}: {flat[bad[0]].item()})"
+    return None
+
+
+def _valid_schedule(value: torch.Tensor) -> bool:
+    if value.shape != (1000,) or not value.is_floating_point():
+        return False
+    v = value.to(torch.float64)
+    return bool(torch.isfinite(v).all() and (v > 0).all() and (v <= 1).all() and (v[1:] <= v[:-1]).all())
+
+
+def _load_external_vae(
+    vae: nn.Module, vae_path: Path, device: torch.device, dtype: torch.dtype, report: LoadReport
+) -> None:
+    keymap = CheckpointKeyMap(vae=vae, vae_prefix="")
+    mismatched: list[str] = []
+    unknown: list[str] = []
+    loaded = 0
+    with open_checkpoint(vae_path) as reader:
+        for raw_key in reader.keys():
+            # A VAE extracted without removing the prefix still is a VAE.
+            key = raw_key[len(VAE_PREFIX) :] if raw_key.startswith(VAE_PREFIX) else raw_key
+            if _is_ignored(key):
+                continue
+            target = keymap.target(key)
+            if target is None:
+                unknown.append(raw_key)
+                continue
+            shape = reader.shapes[raw_key]
+            if shape != target.shape and (shape.numel() != target.shape.numel()):
+                mismatched.append(f"{raw_key} {tuple(shape)} (model wants {tuple(target.shape)})")
+                continue
+            tensor = fit_shape(reader.get(raw_key), target.shape, what=f"{vae_path}: {raw_key}")
+            _assign(vae, target.module_key, _prepare(tensor, device, dtype, copy=not reader.owns_memory))
+            loaded += 1
+    missing = list(_meta_tensors(vae))
+    if mismatched or missing or loaded == 0:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} tensors of the wrong shape, e.g. {'; '.join(mismatched[:3])}")
+        if missing:
+            parts.append(f"{len(missing)} VAE tensors missing, e.g. {', '.join(missing[:3])}")
+        if unknown:
+            parts.append(f"{len(unknown)} keys that are not VAE keys, e.g. {', '.join(unknown[:3])}")
+        raise ModelLoadError(
+            f"{vae_path}: does not fit this model's VAE: {'; '.join(parts) or 'no VAE tensors'}. "
+            "Use an SD1 VAE file (such as vae-ft-mse-840000-ema-pruned or NovelAI's animevae.pt) "
+            "or load without a VAE."
+        )
+    report.consumed += loaded
+    if unknown:
+        report.notes.append(f"VAE file {vae_path.name}: {len(unknown)} unknown keys ignored")
+
+
+def load_model(
+    path: str | Path,
+    *,
+    vae_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    tokenizer: Any = None,
+) -> Components:
+    """Load an SD1.x / SD1.x-inpainting checkpoint into diffusers/transformers modules.
+
+    ``vae_path`` replaces the checkpoint's VAE; without it, a ``<stem>.vae.pt`` /
+    ``.vae.safetensors`` / ``.vae.ckpt`` next to the checkpoint is used as A1111 does.
+    ``tokenizer`` defaults to :func:`voidprompt.prompts.tokenizer.load_clip_tokenizer`.
+    Raises :class:`ModelLoadError` (missing, damaged or foreign file; missing tensors),
+    :class:`UnsafePickleError` and :class:`UnsupportedModelError` (SD2, SDXL).
+    """
+    p = Path(path)
+    dev = torch.device(device)
+    report = LoadReport(source=str(p))
+    with open_checkpoint(p) as reader:
+        shapes = reader.shapes
+        family = detect_family(shapes)
+        require_supported(family, source=str(p))
+        constants = ArchConstants.from_metadata(reader.metadata, source=str(p))
+        if ARCH_METADATA_KEY in reader.metadata:
+            report.notes.append(f"architecture constants from '{ARCH_METADATA_KEY}' metadata")
+        arch = infer_arch(shapes, constants)
+        unet, vae, text_encoder = build_modules(arch, device="meta")
+        keymap = CheckpointKeyMap(unet, vae, text_encoder)
+        modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+        external_vae = Path(vae_path) if vae_path is not None else find_paired_vae(p)
+        if external_vae is not None and not external_vae.is_file():
+            raise ModelLoadError(f"{external_vae}: VAE file not found; check the path.")
+
+        stored_alphas: torch.Tensor | None = None
+        for key in reader.keys():
+            report.file_dtypes[str(reader.dtypes[key]).removeprefix("torch.")] = (
+                report.file_dtypes.get(str(reader.dtypes[key]).removeprefix("torch."), 0) + 1
+            )
+            if key == POSITION_IDS_KEY or key == CLIP_PREFIX_OLD + "embeddings.position_ids":
+                damage = _check_position_ids(reader.get(key), arch.clip.max_positions)
+                report.position_ids_damage = damage
+                if damage:
+                    log.warning("%s: position_ids %s; using 0..%d", p, damage, arch.clip.max_positions - 1)
+                report.consumed += 1
+                continue
+            if key == "alphas_cumprod":
+                stored_alphas = reader.get(key)
+                report.consumed += 1
+                continue
+            target = keymap.target(key)
+            if target is None:
+                (report.ignored if _is_ignored(key) else report.unused).append(key)
+                continue
+            if target.component == "vae" and external_vae is not None:
+                report.ignored.append(key)  # replaced by the external VAE; never read
+                continue
+            if reader.shapes[key] != target.shape and reader.shapes[key].numel() != target.shape.numel():
+                raise ModelLoadError(
+                    f"{p}: '{key}' has shape {tuple(reader.shapes[key])} but the architecture read from "
+                    f"the file wants {tuple(target.shape)}; the checkpoint is inconsistent (a bad merge?)."
+                )
+            tensor = fit_shape(reader.get(key), target.shape, what=f"{p}: {key}")
+            _assign(modules[target.component], target.module_key, _prepare(tensor, dev, dtype, copy=not reader.owns_memory))
+            report.consumed += 1
+        if reader.non_tensor_keys:
+            report.ignored.extend(reader.non_tensor_keys)
+
+    # The CLIP position ids are a non-persistent buffer: always the clean 0..N-1, whatever the file had.
+    for name, buf in list(text_encoder.named_buffers()):
+        if name.endswith("position_ids"):
+            _assign(text_encoder, name, torch.arange(buf.shape[-1], dtype=torch.int64, device=dev).expand(1, -1))
+
+    missing = [f"{c}.{k}" for c, m in modules.items() if not (c == "vae" and external_vae) for k in _meta_tensors(m)]
+    if missing:
+        report.missing = missing
+        raise ModelLoadError(
+            f"{p}: the checkpoint lacks {len(missing)} model tensors (e.g. {', '.join(missing[:4])}); "
+            "it is incomplete - a pruned or partial file, or a LoRA rather than a model."
+        )
+
+    vae_info = None
+    if external_vae is not None:
+        _load_external_vae(vae, external_vae, dev, dtype, report)
+        vae_info = VaeInfo(path=external_vae, name=external_vae.name, paired=vae_path is None)
+
+    if stored_alphas is not None and _valid_schedule(stored_alphas):
+        alphas = stored_alphas.to(torch.float32)
+    else:
+        alphas = sd1_alphas_cumprod()
+        if stored_alphas is not None:
+            report.notes.append("stored alphas_cumprod is not a valid 1000-step schedule; using SD1's")
+
+    if tokenizer is None:
+        from voidprompt.prompts.tokenizer import load_clip_tokenizer
+
+        tokenizer = load_clip_tokenizer()
+
+    for module in modules.values():
+        module.eval()
+    if not math.isclose(constants.scaling_factor, float(vae.config.scaling_factor)):
+        raise ModelLoadError("internal: VAE scaling factor differs from the architecture's")
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        family=family,
+        alphas_cumprod=alphas,
+        scaling_factor=constants.scaling_factor,
+        checkpoint=CheckpointInfo.of(p),
+        vae_info=vae_info,
+        report=report,
+        device=dev,
+        dtype=dtype,
+        arch=arch,
+    )

@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: tiny models and fake checkpoints. Not used at run time."""

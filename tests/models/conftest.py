@@ -1,0 +1,34 @@
+"""Fixtures for the loader tests: tiny checkpoint files written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from voidprompt.testing.fake_checkpoints import tiny_sd1_modules, tiny_sd1_state_dict
+
+
+class StubTokenizer:
+    """Stands in for the CLIP tokenizer: loading must not depend on the prompts package in these tests."""
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOIDPROMPT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_modules() -> tuple[object, object, object]:
+    return tiny_sd1_modules(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd() -> dict[str, torch.Tensor]:
+    return tiny_sd1_state_dict(0)
+
+
+@pytest.fixture
+def stub_tokenizer() -> StubTokenizer:
+    return StubTokenizer()
