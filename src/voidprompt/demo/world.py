@@ -415,18 +415,18 @@ def _overlay_mask(defect: str, rng: np.random.Generator, n: int) -> tuple[Image.
         )
     # signature: a thick cursive-like scribble in a bottom (mostly) or top corner.
     mask = Image.new("L", (n, n), 0)
-    w, h = 0.38 * n, 0.17 * n
+    w, h = 0.40 * n, 0.16 * n
     right, bottom = rng.random() < 0.65, rng.random() < 0.8
     x0 = n - w - 0.05 * n if right else 0.05 * n
     y0 = n - h - 0.05 * n if bottom else 0.05 * n
-    k = int(rng.integers(6, 10))
+    k = int(rng.integers(4, 7))  # few strokes: a dense zigzag would fill in like a shape
     xs = x0 + np.sort(rng.uniform(0, w, size=k))
     ys = y0 + h * (
         0.5 + 0.5 * np.sin(np.arange(k) * 2.2 + rng.uniform(0, 6.28)) * rng.uniform(0.6, 1.0, size=k)
     )
     points = [(float(a), float(b)) for a, b in zip(xs, ys, strict=True)]
     points.append((x0 + w * float(rng.uniform(0.0, 0.3)), y0 + h * 1.05))  # the flourish back
-    ImageDraw.Draw(mask).line(points, fill=255, width=max(2, round(n / 18)), joint="curve")
+    ImageDraw.Draw(mask).line(points, fill=255, width=max(2, round(n / 24)), joint="curve")
     return mask, 1.0
 
 
