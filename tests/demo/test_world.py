@@ -1,0 +1,129 @@
+"""The procedural world: determinism, captions that match the scene, vocabulary, rendering."""
+
+import numpy as np
+import pytest
+
+from voidprompt.demo.world import (
+    DEFECTS,
+    PALETTE,
+    TAG_VOCABULARY,
+    Background,
+    Scene,
+    ShapeObject,
+    WorldError,
+    caption,
+    make_dataset,
+    quality_tag,
+    render,
+    sample_scene,
+    scene_tags,
+)
+
+
+def test_same_seed_same_pixels_and_captions() -> None:
+    first = list(make_dataset(6, seed=11))
+    second = list(make_dataset(6, seed=11))
+    for (im1, cap1, sc1), (im2, cap2, sc2) in zip(first, second, strict=True):
+        assert np.array_equal(np.asarray(im1), np.asarray(im2))
+        assert cap1 == cap2
+        assert sc1 == sc2
+    other = list(make_dataset(6, seed=12))
+    assert [c for _, c, _ in other] != [c for _, c, _ in first]
+
+
+def test_picture_i_depends_only_on_seed_and_index() -> None:
+    short = list(make_dataset(3, seed=5))
+    long = list(make_dataset(5, seed=5))
+    assert [c for _, c, _ in short] == [c for _, c, _ in long[:3]]
+
+
+def test_captions_match_their_scenes() -> None:
+    shuffled = 0
+    for i in range(120):
+        scene = sample_scene(np.random.default_rng([99, i]))
+        text = caption(scene, np.random.default_rng([99, i, 1]))
+        tags = text.split(", ")
+        assert len(tags) == len(set(tags))
+        assert set(tags) <= TAG_VOCABULARY
+        canonical = scene_tags(scene)
+        extra = set(tags) - set(canonical)
+        assert set(canonical) <= set(tags)
+        assert extra <= {"username", "artist name"}
+        assert ("username" in extra) <= ("watermark" in scene.defects)
+        assert ("artist name" in extra) <= ("signature" in scene.defects)
+        assert ["solo", "2shapes", "3shapes"][len(scene.objects) - 1] in tags
+        for obj in scene.objects:
+            assert f"{obj.colour} {obj.kind}" in tags
+            assert obj.colour not in scene.background.colours
+        assert scene.background.tag in tags
+        assert quality_tag(scene.defects) in tags
+        shuffled += [t for t in tags if t in canonical] != canonical
+    assert shuffled > 100  # order carries no information
+
+
+def test_quality_tags_follow_the_defects() -> None:
+    assert quality_tag(()) == "best quality"
+    assert quality_tag(("signature",)) == "normal quality"
+    assert quality_tag(("blurry",)) == "low quality"
+    assert quality_tag(("text", "watermark")) == "low quality"
+    assert quality_tag(("text", "jpeg artifacts")) == "worst quality"
+
+
+def test_defect_share_and_every_defect_occurs() -> None:
+    scenes = [sample_scene(np.random.default_rng([7, i])) for i in range(600)]
+    share = sum(bool(s.defects) for s in scenes) / len(scenes)
+    assert 0.30 <= share <= 0.46
+    seen = {d for s in scenes for d in s.defects}
+    assert seen == set(DEFECTS)
+    assert all(not {"lowres", "blurry"} <= set(s.defects) for s in scenes)
+    counts = [len(s.objects) for s in scenes]
+    assert {1, 2, 3} <= set(counts)
+
+
+def test_render_scales_and_paints_palette_colours() -> None:
+    scene = Scene(
+        (ShapeObject("circle", "red", (0.3, 0.3), 0.15), ShapeObject("square", "blue", (0.7, 0.7), 0.15)),
+        Background("solid", ("white",)),
+    )
+    for size in (64, 128):
+        image = np.asarray(render(scene, size))
+        assert image.shape == (size, size, 3)
+        assert tuple(image[int(0.3 * size), int(0.3 * size)]) == PALETTE["red"]
+        assert tuple(image[int(0.7 * size), int(0.7 * size)]) == PALETTE["blue"]
+        assert tuple(image[2, size - 3]) == PALETTE["white"]
+
+
+def test_gradient_and_stripes_reach_their_colours() -> None:
+    gradient = np.asarray(
+        render(
+            Scene(
+                (ShapeObject("circle", "red", (0.5, 0.5), 0.1),),
+                Background("gradient", ("blue", "white"), angle=0.0),
+            ),
+            64,
+        )
+    )
+    assert np.abs(gradient[5, 0].astype(int) - PALETTE["blue"]).max() <= 6
+    assert np.abs(gradient[5, -1].astype(int) - PALETTE["white"]).max() <= 6
+    stripes = np.asarray(
+        render(
+            Scene(
+                (ShapeObject("circle", "red", (0.5, 0.5), 0.1),),
+                Background("stripes", ("green", "black"), angle=90.0, period=0.25),
+            ),
+            64,
+        )
+    )
+    column = {tuple(p) for p in stripes[:, 3]}
+    assert PALETTE["green"] in column and PALETTE["black"] in column
+
+
+def test_bad_values_raise_world_errors() -> None:
+    with pytest.raises(WorldError, match="hexagon"):
+        ShapeObject("hexagon", "red", (0.5, 0.5), 0.1)
+    with pytest.raises(WorldError, match="teal"):
+        ShapeObject("circle", "teal", (0.5, 0.5), 0.1)
+    with pytest.raises(WorldError, match="1-3 objects"):
+        Scene((), Background("solid", ("white",)))
+    with pytest.raises(WorldError, match="too small"):
+        render(Scene((ShapeObject("circle", "red", (0.5, 0.5), 0.1),), Background("solid", ("white",))), 16)
