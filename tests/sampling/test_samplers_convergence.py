@@ -136,7 +136,6 @@ VAR_CASES = [
     ("dpmpp_2m_sde", S.sample_dpmpp_2m_sde, {}),
     ("dpmpp_2m_sde_heun", S.sample_dpmpp_2m_sde, {"solver_type": "heun"}),
     ("dpmpp_3m_sde", S.sample_dpmpp_3m_sde, {}),
-    ("euler_churn", S.sample_euler, {"s_churn": 10.0}),
 ]
 
 
