@@ -1,0 +1,353 @@
+"""The one Engine: a GenerationRequest in, images with their A1111 infotext out.
+
+The order of operations is A1111's ``process_images_inner``: fixed seeds, prompt pipeline,
+conditioning (once per distinct prompt, cached), then per iteration of ``n_iter``: an ImageRNG over
+that iteration's seeds, the sampler over a CFG denoiser, the VAE decode, 8-bit conversion and the
+infotext of each image.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from voidprompt import __version__
+from voidprompt.conditioning import CondSchedule, MultiCond
+from voidprompt.errors import InvalidRequestError, VoidpromptError
+from voidprompt.infotext import create_infotext, generation_params
+from voidprompt.models.components import Components
+from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.pipeline.result import Result
+from voidprompt.pipeline.run_sampler import Img2ImgStart, run_sampler, uses_ensd
+from voidprompt.prompts.embeddings import EmbeddingDatabase
+from voidprompt.prompts.encode import PromptEncoder
+from voidprompt.prompts.prepare import PreparedPrompts, prepare_prompts
+from voidprompt.prompts.styles import StyleDatabase
+from voidprompt.sampling.denoiser import CFGDenoiser, DiscreteEpsDenoiser, EpsTimestepModel, LCMDenoiser
+from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, infotext_names, resolve
+from voidprompt.sampling.rng import ImageRNG, batch_seeds, fixed_seed
+
+LATENT_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One sampler step done: ``iteration`` of ``n_iter``, ``step`` of ``steps`` in it."""
+
+    iteration: int
+    n_iter: int
+    step: int
+    steps: int
+    latent: Tensor
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class Interrupted(VoidpromptError):
+    """Raised inside sampling when the caller's ``should_stop`` says so; the batch is abandoned."""
+
+
+@dataclass
+class _Conditioning:
+    prepared: PreparedPrompts
+    cond: MultiCond
+    uncond: CondSchedule
+    ti_hashes: dict[str, str]
+
+
+class Engine:
+    """Generates images for requests on one loaded model."""
+
+    def __init__(
+        self,
+        components: Components,
+        *,
+        embeddings: EmbeddingDatabase | None = None,
+        style_db: StyleDatabase | None = None,
+    ) -> None:
+        self.components = components
+        self.style_db = style_db
+        self.encoder = PromptEncoder(components.text_encoder, components.tokenizer, embeddings)
+        self._empty_cond: Tensor | None = None
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def device(self) -> torch.device:
+        return self.components.device
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        progress: ProgressCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Result:
+        """Run ``request`` (txt2img; img2img when it carries init images)."""
+        request.validate()
+        if request.is_img2img:
+            raise InvalidRequestError(
+                "img2img requests are not supported by this engine yet; send a txt2img request "
+                "(no init_images)"
+            )
+        started = time.perf_counter()
+        spec, scheduler = resolve(request.sampler_name, request.scheduler)
+        # Record the canonical names, as A1111 does after resolving legacy ones.
+        request = request.replace(sampler_name=spec.label, scheduler=scheduler.label)
+
+        seed = fixed_seed(request.seed)
+        subseed = fixed_seed(request.subseed)
+        all_seeds, all_subseeds = batch_seeds(seed, subseed, request.subseed_strength, request.total_images)
+
+        conditioning = self._conditioning(request, spec)
+        timings = {"encode": time.perf_counter() - started}
+
+        images: list[Image.Image] = []
+        infotexts: list[str] = []
+        params_list: list[dict[str, Any]] = []
+        sample_time = decode_time = 0.0
+        for n in range(request.n_iter):
+            batch = slice(n * request.batch_size, (n + 1) * request.batch_size)
+            seeds, subseeds = all_seeds[batch], all_subseeds[batch]
+            t0 = time.perf_counter()
+            latents = self._sample_txt2img(
+                request, spec, scheduler, conditioning, seeds, subseeds, n, progress, should_stop
+            )
+            t1 = time.perf_counter()
+            pixels = decode_latents(self.components, latents)
+            decode_time += time.perf_counter() - t1
+            sample_time += t1 - t0
+            for index, image in enumerate(to_pil_images(pixels)):
+                params = self._params(request, spec, conditioning, seeds[index], subseeds[index])
+                images.append(image)
+                params_list.append(params)
+                infotexts.append(
+                    create_infotext(
+                        conditioning.prepared.prompt_for_infotext,
+                        conditioning.prepared.negative_for_infotext,
+                        params,
+                    )
+                )
+        timings.update(sample=sample_time, decode=decode_time, total=time.perf_counter() - started)
+        count = len(images)
+        return Result(
+            images=images,
+            infotexts=infotexts,
+            seeds=all_seeds[:count],
+            subseeds=all_subseeds[:count],
+            prompts=[conditioning.prepared.prompt_for_infotext] * count,
+            negative_prompts=[conditioning.prepared.negative_for_infotext] * count,
+            params=params_list,
+            timings=timings,
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def _conditioning(self, request: GenerationRequest, spec: SamplerSpec) -> _Conditioning:
+        prepared = prepare_prompts(
+            request.prompt,
+            request.negative_prompt,
+            steps=request.steps,
+            styles=request.styles,
+            style_db=self.style_db,
+            use_old_scheduling=request.use_old_scheduling,
+            second_order=spec.second_order,
+        )
+        options: dict[str, Any] = {
+            "clip_skip": request.clip_skip,
+            "emphasis": request.emphasis,
+            "comma_padding_backtrack": request.comma_padding_backtrack,
+            "model_key": self.components.checkpoint.short_hash,
+            "context": (prepared.schedule_steps, request.use_old_scheduling),
+        }
+        cond = self.encoder.encode_multicond(prepared.positive, **options)
+        uncond = self.encoder.encode_schedule(prepared.negative, **options)
+        texts = [text for schedule, _ in prepared.positive for _, text in schedule]
+        texts += [text for _, text in prepared.negative]
+        ti_hashes = self.encoder.embeddings_used(
+            texts, emphasis=request.emphasis, comma_padding_backtrack=request.comma_padding_backtrack
+        )
+        return _Conditioning(prepared, cond, uncond, ti_hashes)
+
+    def _empty_prompt_cond(self, request: GenerationRequest) -> Tensor:
+        # "Pad conds" pads with the encoded empty prompt (A1111's cond_stage_model_empty_prompt).
+        return self.encoder.encode_texts([""], clip_skip=request.clip_skip)[0]
+
+    def _unet_eps(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        unet = self.components.unet
+        dtype = self.components.dtype
+        out = unet(x.to(dtype), t.to(x.device), encoder_hidden_states=context.to(dtype)).sample
+        return out.to(x.dtype)  # type: ignore[no-any-return]
+
+    def _sample_txt2img(
+        self,
+        request: GenerationRequest,
+        spec: SamplerSpec,
+        scheduler: SchedulerSpec,
+        conditioning: _Conditioning,
+        seeds: Sequence[int],
+        subseeds: Sequence[int],
+        iteration: int,
+        progress: ProgressCallback | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> Tensor:
+        factor = latent_factor(self.components)
+        shape = (LATENT_CHANNELS, request.height // factor, request.width // factor)
+        rng = ImageRNG(
+            shape,
+            seeds,
+            subseeds=subseeds,
+            subseed_strength=request.subseed_strength,
+            seed_resize_from_h=request.seed_resize_from_h,
+            seed_resize_from_w=request.seed_resize_from_w,
+            source=request.randn_source,  # type: ignore[arg-type]
+            device=self.device,
+            eta_noise_seed_delta=request.eta_noise_seed_delta,
+        )
+        noise = rng.next()
+        return self._run(
+            request, spec, scheduler, conditioning, noise, rng, seeds, iteration, progress, should_stop
+        )
+
+    def _run(
+        self,
+        request: GenerationRequest,
+        spec: SamplerSpec,
+        scheduler: SchedulerSpec,
+        conditioning: _Conditioning,
+        noise: Tensor,
+        rng: ImageRNG,
+        seeds: Sequence[int],
+        iteration: int,
+        progress: ProgressCallback | None,
+        should_stop: Callable[[], bool] | None,
+        *,
+        steps: int | None = None,
+        init_latent: Tensor | None = None,
+        img2img: Img2ImgStart | None = None,
+        image_cond: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        components = self.components
+        batch = noise.shape[0]
+        alphas_cumprod = components.alphas_cumprod.to(self.device)
+        schedule_model: DiscreteEpsDenoiser
+        if spec.label == "LCM":
+            # LCM samples over its own 50 "original" timesteps (A1111's LCMCompVisDenoiser).
+            schedule_model = LCMDenoiser(self._unet_eps, alphas_cumprod)
+        else:
+            schedule_model = DiscreteEpsDenoiser(
+                self._unet_eps, alphas_cumprod, downcast_alphas=request.use_downcasted_alpha_bar
+            )
+        inner: Any = (
+            EpsTimestepModel(
+                self._unet_eps, components.alphas_cumprod, downcast_alphas=request.use_downcasted_alpha_bar
+            )
+            if spec.is_timestep_sampler
+            else schedule_model
+        )
+        cfg = CFGDenoiser(
+            _Interruptible(inner, should_stop),
+            conds=[conditioning.cond] * batch,
+            unconds=[conditioning.uncond] * batch,
+            cfg_scale=request.cfg_scale,
+            s_min_uncond=request.s_min_uncond,
+            batch_cond_uncond=request.batch_cond_uncond,
+            pad_cond_uncond=request.pad_cond_uncond,
+            pad_cond_uncond_v0=request.pad_cond_uncond_v0,
+            empty_cond=self._empty_prompt_cond(request) if request.pad_cond_uncond else None,
+            image_cond=image_cond,
+            mask=mask,
+            init_latent=init_latent if mask is not None else None,
+            mask_before_denoising=spec.is_timestep_sampler,
+        )
+        total = steps or request.steps
+
+        def on_step(info: dict[str, Any]) -> None:
+            if progress is not None:
+                progress(Progress(iteration, request.n_iter, int(info["i"]) + 1, total, info["x"]))
+
+        return run_sampler(
+            spec,
+            scheduler,
+            cfg,
+            schedule_model,
+            components.alphas_cumprod,
+            request,
+            steps=total,
+            noise=noise,
+            rng=rng,
+            seeds=seeds,
+            init_latent=init_latent,
+            img2img=img2img,
+            callback=on_step,
+        )
+
+    def _params(
+        self,
+        request: GenerationRequest,
+        spec: SamplerSpec,
+        conditioning: _Conditioning,
+        seed: int,
+        subseed: int,
+    ) -> dict[str, Any]:
+        components = self.components
+        names = infotext_names(request.sampler_name, request.scheduler)
+        extra: dict[str, Any] = {}
+        if conditioning.ti_hashes:
+            extra["TI hashes"] = ", ".join(f"{name}: {h}" for name, h in conditioning.ti_hashes.items())
+        vae = components.vae_info
+        return generation_params(
+            request,
+            seed=seed,
+            subseed=subseed,
+            model_hash=components.checkpoint.short_hash,
+            model_name=components.checkpoint.name,
+            vae_name=vae.name if vae is not None else None,
+            vae_hash=vae.short_hash if vae is not None else None,
+            schedule_type=names["Schedule type"],
+            uses_ensd=uses_ensd(spec, request),
+            version=f"voidprompt-{__version__}",
+            extra=extra,
+        )
+
+
+class _Interruptible:
+    """Wraps the inner model so a long sampling run stops between UNet calls when asked."""
+
+    def __init__(self, inner: Any, should_stop: Callable[[], bool] | None) -> None:
+        self.inner = inner
+        self.should_stop = should_stop
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        if self.should_stop is not None and self.should_stop():
+            raise Interrupted("generation interrupted")
+        return self.inner(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+def latent_factor(components: Components) -> int:
+    """Pixels per latent cell: 8 for every SD1 VAE (A1111's opt_f); narrower test VAEs may differ."""
+    return int(2 ** (len(components.vae.config.block_out_channels) - 1))
+
+
+@torch.no_grad()
+def decode_latents(components: Components, latents: Tensor) -> Tensor:
+    """VAE decode to pixels in [0, 1], (B, 3, H, W) float32 on the CPU (A1111's decode + clamp)."""
+    vae = components.vae
+    z = (latents / components.scaling_factor).to(components.dtype)
+    pixels = vae.decode(z).sample.float()
+    return torch.clamp((pixels + 1.0) / 2.0, min=0.0, max=1.0).cpu()
+
+
+def to_pil_images(pixels: Tensor) -> list[Image.Image]:
+    """8-bit images exactly as A1111 makes them: x255 then truncation (not rounding)."""
+    arrays = (255.0 * pixels.permute(0, 2, 3, 1).numpy()).astype(np.uint8)
+    return [Image.fromarray(a, mode="RGB") for a in arrays]

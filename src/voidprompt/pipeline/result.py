@@ -1,0 +1,26 @@
+"""What a generation returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass
+class Result:
+    """Images with everything needed to regenerate each one from its infotext alone."""
+
+    images: list[Image.Image]
+    infotexts: list[str]
+    seeds: list[int]
+    subseeds: list[int]
+    prompts: list[str]
+    negative_prompts: list[str]
+    params: list[dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+
+    def __len__(self) -> int:
+        return len(self.images)

@@ -1,0 +1,186 @@
+"""Run one A1111 sampler over a CFG denoiser: the glue A1111 keeps in KDiffusionSampler / CompVisSampler.
+
+Two families:
+- sigma samplers (k-diffusion style) start from ``noise * sigmas[0]`` and call ``D(x, sigma)``;
+- timestep samplers (DDIM, PLMS, UniPC, DDIM CFG++) start from the noise itself and call
+  ``eps(x, t)``.
+
+Both support img2img (a start part-way down the schedule) with A1111's step arithmetic.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from voidprompt.errors import InvalidRequestError
+from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.sampling.brownian import brownian_noise_sampler_for_sigmas
+from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, compute_sigmas
+from voidprompt.sampling.rng import ImageRNG
+from voidprompt.sampling.samplers import timesteps_for
+from voidprompt.sampling.schedules import DiscreteSigmas
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Img2ImgStart:
+    """Where an img2img pass starts: A1111's ``setup_img2img_steps``.
+
+    ``fixed_steps`` (A1111's ``img2img_fix_steps``, and always for the hires pass, which passes its
+    steps explicitly): run exactly ``steps`` steps by stretching the schedule to
+    ``int(steps / min(strength, 0.999))``. Otherwise the schedule has ``steps`` entries and
+    ``t_enc = int(min(strength, 0.999) * steps)`` of them are run.
+    """
+
+    schedule_steps: int
+    t_enc: int
+
+    @classmethod
+    def for_strength(cls, steps: int, strength: float, *, fixed_steps: bool) -> Img2ImgStart:
+        if fixed_steps:
+            schedule = int(steps / min(strength, 0.999)) if strength > 0 else 0
+            return cls(schedule, steps - 1)
+        return cls(steps, int(min(strength, 0.999) * steps))
+
+
+def sampler_knobs(spec: SamplerSpec, request: GenerationRequest) -> dict[str, Any]:
+    """The keyword arguments A1111's ``Sampler.initialize`` passes: eta and the churn settings,
+    each only when the sampler function takes it."""
+    params = inspect.signature(spec.function).parameters
+    knobs: dict[str, Any] = {}
+    if "eta" in params:
+        eta = request.eta if request.eta is not None else spec.default_eta
+        if eta is not None:
+            knobs["eta"] = eta
+    churn = {
+        "s_churn": request.s_churn,
+        "s_tmin": request.s_tmin,
+        "s_tmax": math.inf if request.s_tmax is None else request.s_tmax,
+        "s_noise": request.s_noise,
+    }
+    knobs.update({name: value for name, value in churn.items() if name in params})
+    return knobs
+
+
+def effective_eta(spec: SamplerSpec, request: GenerationRequest) -> float:
+    """The eta the sampler runs with (0 for samplers without eta)."""
+    if "eta" not in inspect.signature(spec.function).parameters:
+        return 0.0
+    eta = request.eta if request.eta is not None else spec.default_eta
+    return float(eta or 0.0)
+
+
+def uses_ensd(spec: SamplerSpec, request: GenerationRequest) -> bool:
+    """A1111's ``is_sampler_using_eta_noise_seed_delta``: ENSD is written to the infotext only then."""
+    return spec.uses_ensd and effective_eta(spec, request) != 0
+
+
+def run_sampler(
+    spec: SamplerSpec,
+    scheduler: SchedulerSpec,
+    denoiser: Any,
+    schedule_model: DiscreteSigmas,
+    alphas_cumprod: Tensor,
+    request: GenerationRequest,
+    *,
+    steps: int,
+    noise: Tensor,
+    rng: ImageRNG,
+    seeds: Sequence[int],
+    init_latent: Tensor | None = None,
+    img2img: Img2ImgStart | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Sample one batch. ``noise`` is the batch's first draw from ``rng`` (already multiplied by the
+    initial noise multiplier for img2img); ``denoiser`` is a CFGDenoiser over the right inner model
+    (``DiscreteEpsDenoiser`` for sigma samplers, ``EpsTimestepModel`` for timestep samplers)."""
+    # Variant options (e.g. DPM++ 2M SDE Heun's solver_type) are bound into spec.function already.
+    knobs = sampler_knobs(spec, request)
+    if spec.is_timestep_sampler:
+        return _run_timestep_sampler(
+            spec, denoiser, alphas_cumprod, request, steps, noise, rng, init_latent, img2img, knobs, callback
+        )
+
+    schedule_steps = img2img.schedule_steps if img2img is not None else steps
+    sigmas = compute_sigmas(
+        spec,
+        scheduler,
+        schedule_steps,
+        schedule_model,
+        sigma_min=request.sigma_min,
+        sigma_max=request.sigma_max,
+        rho=request.rho,
+        use_old_karras_scheduler_sigmas=request.use_old_karras_scheduler_sigmas,
+        always_discard_next_to_last_sigma=request.always_discard_next_to_last_sigma,
+    ).to(noise.device)
+
+    if img2img is not None and init_latent is not None:
+        sigmas = sigmas[schedule_steps - img2img.t_enc - 1 :]
+        x = init_latent + noise * sigmas[0]
+    elif request.sgm_noise_multiplier:
+        x = noise * torch.sqrt(1.0 + sigmas[0] ** 2)
+    else:
+        x = noise * sigmas[0]
+
+    if spec.brownian_noise:
+        noise_sampler = brownian_noise_sampler_for_sigmas(x, sigmas, seeds, request.randn_source)  # type: ignore[arg-type]
+    else:
+        noise_sampler = rng.noise_sampler()
+
+    common: dict[str, Any] = {"callback": callback, "noise_sampler": noise_sampler}
+    if spec.uses_sigma_range:
+        positive = sigmas[sigmas > 0]
+        range_args: dict[str, Any] = {"sigma_min": float(positive.min()), "sigma_max": float(sigmas.max())}
+        if "n" in inspect.signature(spec.function).parameters:
+            range_args["n"] = len(sigmas) - 1
+        return spec.function(denoiser, x, **range_args, **common, **knobs)  # type: ignore[no-any-return]
+    return spec.function(denoiser, x, sigmas, **common, **knobs)  # type: ignore[no-any-return]
+
+
+def _run_timestep_sampler(
+    spec: SamplerSpec,
+    denoiser: Any,
+    alphas_cumprod: Tensor,
+    request: GenerationRequest,
+    steps: int,
+    noise: Tensor,
+    rng: ImageRNG,
+    init_latent: Tensor | None,
+    img2img: Img2ImgStart | None,
+    knobs: dict[str, Any],
+    callback: Callback | None,
+) -> Tensor:
+    discard = spec.discard_next_to_last_sigma or request.always_discard_next_to_last_sigma
+    params = inspect.signature(spec.function).parameters
+    abar = alphas_cumprod.to(noise.device)
+    if img2img is not None and init_latent is not None:
+        timesteps = timesteps_for(img2img.schedule_steps, discard_penultimate=discard, device=noise.device)
+        if img2img.t_enc >= len(timesteps):
+            raise InvalidRequestError(
+                f"denoising strength gives {img2img.t_enc} encode steps for a {len(timesteps)}-step schedule"
+            )
+        t = timesteps[img2img.t_enc]
+        x = init_latent * abar[t].sqrt() + noise * (1 - abar[t]).sqrt()
+        timesteps = timesteps[: img2img.t_enc]
+        if "is_img2img" in params:
+            knobs["is_img2img"] = True
+    else:
+        timesteps = timesteps_for(steps, discard_penultimate=discard, device=noise.device)
+        x = noise
+    return spec.function(  # type: ignore[no-any-return]
+        denoiser,
+        x,
+        timesteps,
+        alphas_cumprod=abar,
+        callback=callback,
+        noise_sampler=rng.noise_sampler(),
+        **knobs,
+    )
