@@ -124,6 +124,8 @@ def test_lightning_callback_state_and_numpy_scalars_load() -> None:
 def test_checkpoint_with_fake_lightning_global_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A stand-in module registered under Lightning's name, so torch.save writes exactly the GLOBAL
     # that sd-v1-4.ckpt carries; the loader must map it without importing anything.
+    for parent in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
     mod = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
 
     class ModelCheckpoint:
@@ -137,7 +139,8 @@ def test_checkpoint_with_fake_lightning_global_loads(tmp_path: Path, monkeypatch
     path = tmp_path / "lightning.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "callbacks": {ModelCheckpoint: {"best": 0.5}},
                 "trainer": ModelCheckpoint()}, path)
-    monkeypatch.delitem(sys.modules, mod.__name__)
+    for name in (mod.__name__, "pytorch_lightning.callbacks", "pytorch_lightning"):
+        monkeypatch.delitem(sys.modules, name)
     with load_pickle_checkpoint(path) as ck:
         assert isinstance(ck.obj["trainer"], InertObject)
         assert ck.obj["trainer"].state == {"best_model_score": 0.25}

@@ -106,10 +106,15 @@ class LazyTensor:
 
 class InertObject:
     """What a harmless foreign class (a Lightning callback state, ...) becomes: it swallows its
-    arguments and state and does nothing."""
+    arguments and state and does nothing. Each allowed name gets its own subclass (a real type, so
+    ``NEWOBJ`` accepts it) whose ``qualname`` says what the file asked for."""
 
-    def __init__(self, qualname: str, *args: Any, **kwargs: Any) -> None:
-        self.qualname = qualname
+    qualname = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> InertObject:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
         self.state: Any = None
 
@@ -120,27 +125,13 @@ class InertObject:
         return f"<inert {self.qualname}>"
 
 
-class _InertClass:
-    """Stand-in for a harmless class: it can be called (REDUCE/NEWOBJ), used as a dict key, or carry
-    ``__new__`` (``copyreg.__newobj__`` style pickles)."""
+class _InertMeta(type):
+    def __repr__(cls) -> str:
+        return f"<inert class {cls.qualname}>"  # type: ignore[attr-defined]
 
-    def __init__(self, qualname: str) -> None:
-        self.qualname = qualname
 
-    def __call__(self, *args: Any, **kwargs: Any) -> InertObject:
-        return InertObject(self.qualname, *args, **kwargs)
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _InertClass:  # noqa: D102 - plain object creation
-        return super().__new__(cls)
-
-    def __hash__(self) -> int:
-        return hash(self.qualname)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _InertClass) and other.qualname == self.qualname
-
-    def __repr__(self) -> str:
-        return f"<inert class {self.qualname}>"
+def _inert_class(qualname: str) -> type[InertObject]:
+    return _InertMeta(qualname.rsplit(".", 1)[-1], (InertObject,), {"qualname": qualname})
 
 
 # Classes real checkpoints pickle that we never need the behaviour of. Add a name here only after
@@ -242,7 +233,7 @@ def _allowed(module: str, name: str) -> Any:
     if module == "numpy" and name == "dtype":
         return _numpy_dtype
     if qual in _INERT_CLASSES:
-        return _InertClass(qual)
+        return _inert_class(qual)
     return None
 
 
@@ -253,9 +244,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="utf-8")
         self._source = source
         self._persistent = persistent
+        self._inert: dict[str, Any] = {}  # one stand-in class per name, so equal names stay equal
 
     def find_class(self, module: str, name: str) -> Any:
+        qual = f"{module}.{name}"
+        if qual in self._inert:
+            return self._inert[qual]
         found = _allowed(module, name)
+        if isinstance(found, _InertMeta):
+            self._inert[qual] = found
         if found is None:
             raise UnsafePickleError(
                 f"{self._source}: the pickle asks for '{module}.{name}', which is not on voidprompt's "

@@ -194,7 +194,7 @@ def fake_full_state_dict(family: ModelFamily) -> dict[str, torch.Tensor]:
         unet, vae, te = build_modules(arch, device="meta")
         sd = modules_to_compvis(unet, vae, te)
         sd["alphas_cumprod"] = _meta(1000)
-        return sd
+        return {k: v if v.is_meta else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}
     _, vae, _ = build_modules(SD15_ARCH, device="meta")
     sd = {"first_stage_model." + k: v for k, v in vae_module_to_compvis(vae).items()}
     if family in (ModelFamily.SD2_EPS, ModelFamily.SD2_V):
