@@ -4,6 +4,12 @@ The order of operations is A1111's ``process_images_inner``: fixed seeds, prompt
 conditioning (once per distinct prompt, cached), then per iteration of ``n_iter``: an ImageRNG over
 that iteration's seeds, the sampler over a CFG denoiser, the VAE decode, 8-bit conversion and the
 infotext of each image.
+
+img2img / inpainting (``request.init_images``): the image-space preparation runs once
+(:mod:`voidprompt.pipeline.img2img`), then per batch the VAE encode, the latent mask, the img2img
+start part-way down the schedule, and the final composite over the original. Hires fix
+(``request.enable_hr``, txt2img only) adds a second img2img pass at the upscaled size
+(:mod:`voidprompt.pipeline.hires`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,19 @@ from voidprompt.conditioning import CondSchedule, MultiCond
 from voidprompt.errors import InvalidRequestError, VoidpromptError
 from voidprompt.infotext import create_infotext, generation_params
 from voidprompt.models.components import Components
+from voidprompt.pipeline import hires as hires_fix
+from voidprompt.pipeline.images import pil_to_tensor, resize_image
+from voidprompt.pipeline.img2img import (
+    DEFAULT_DENOISING,
+    LATENT_RESIZE_MODE,
+    Img2ImgInputs,
+    encode_images,
+    inpainting_conditioning,
+    latent_masks,
+    prepare_img2img,
+    txt2img_conditioning,
+)
+from voidprompt.pipeline.masking import apply_overlay
 from voidprompt.pipeline.request import GenerationRequest
 from voidprompt.pipeline.result import Result
 from voidprompt.pipeline.run_sampler import Img2ImgStart, run_sampler, uses_ensd
@@ -32,7 +51,7 @@ from voidprompt.prompts.prepare import PreparedPrompts, prepare_prompts
 from voidprompt.prompts.styles import StyleDatabase
 from voidprompt.sampling.denoiser import CFGDenoiser, DiscreteEpsDenoiser, EpsTimestepModel, LCMDenoiser
 from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, infotext_names, resolve
-from voidprompt.sampling.rng import ImageRNG, batch_seeds, fixed_seed
+from voidprompt.sampling.rng import ImageRNG, batch_seeds, create_random_tensors, fixed_seed, img2img_noise
 
 LATENT_CHANNELS = 4
 
@@ -91,17 +110,25 @@ class Engine:
         progress: ProgressCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Result:
-        """Run ``request`` (txt2img; img2img when it carries init images)."""
+        """Run ``request`` (txt2img, with hires fix when ``enable_hr``; img2img / inpainting when it
+        carries init images)."""
         request.validate()
-        if request.is_img2img:
-            raise InvalidRequestError(
-                "img2img requests are not supported by this engine yet; send a txt2img request "
-                "(no init_images)"
-            )
         started = time.perf_counter()
         spec, scheduler = resolve(request.sampler_name, request.scheduler)
         # Record the canonical names, as A1111 does after resolving legacy ones.
         request = request.replace(sampler_name=spec.label, scheduler=scheduler.label)
+        inputs: Img2ImgInputs | None = None
+        hires: _Hires | None = None
+        if request.is_img2img:
+            if request.denoising_strength is None:
+                request = request.replace(denoising_strength=DEFAULT_DENOISING)
+            inputs = prepare_img2img(request)
+            if inputs.batch_size != request.batch_size:
+                request = request.replace(batch_size=inputs.batch_size)
+        elif request.enable_hr:
+            if request.denoising_strength is None:
+                request = request.replace(denoising_strength=hires_fix.DEFAULT_HIRES_DENOISING)
+            hires = self._hires_setup(request, spec)
 
         seed = fixed_seed(request.seed)
         subseed = fixed_seed(request.subseed)
@@ -118,15 +145,41 @@ class Engine:
             batch = slice(n * request.batch_size, (n + 1) * request.batch_size)
             seeds, subseeds = all_seeds[batch], all_subseeds[batch]
             t0 = time.perf_counter()
-            latents = self._sample_txt2img(
-                request, spec, scheduler, conditioning, seeds, subseeds, n, progress, should_stop
-            )
+            if inputs is not None:
+                latents = self._sample_img2img(
+                    request,
+                    spec,
+                    scheduler,
+                    conditioning,
+                    inputs,
+                    seeds,
+                    subseeds,
+                    all_seeds[: len(seeds)],
+                    n,
+                    progress,
+                    should_stop,
+                )
+            else:
+                latents = self._sample_txt2img(
+                    request, spec, scheduler, conditioning, seeds, subseeds, n, progress, should_stop
+                )
+                if hires is not None:
+                    latents = self._sample_hires(
+                        request, hires, latents, seeds, subseeds, n, progress, should_stop
+                    )
             t1 = time.perf_counter()
             pixels = decode_latents(self.components, latents)
             decode_time += time.perf_counter() - t1
             sample_time += t1 - t0
-            for index, image in enumerate(to_pil_images(pixels)):
-                params = self._params(request, spec, conditioning, seeds[index], subseeds[index])
+            batch_images = to_pil_images(pixels)
+            if inputs is not None and inputs.overlays is not None:
+                # The final composite: outside the (blurred) mask the original pixels come back exactly.
+                batch_images = [
+                    apply_overlay(image, inputs.paste_to, inputs.overlays[i])
+                    for i, image in enumerate(batch_images)
+                ]
+            for index, image in enumerate(batch_images):
+                params = self._params(request, spec, conditioning, seeds[index], subseeds[index], hires)
                 images.append(image)
                 params_list.append(params)
                 infotexts.append(
@@ -151,22 +204,53 @@ class Engine:
 
     # ------------------------------------------------------------------ steps
 
-    def _conditioning(self, request: GenerationRequest, spec: SamplerSpec) -> _Conditioning:
-        prepared = prepare_prompts(
-            request.prompt,
-            request.negative_prompt,
-            steps=request.steps,
-            styles=request.styles,
-            style_db=self.style_db,
-            use_old_scheduling=request.use_old_scheduling,
-            second_order=spec.second_order,
-        )
+    def _conditioning(
+        self,
+        request: GenerationRequest,
+        spec: SamplerSpec,
+        *,
+        hires_spec: SamplerSpec | None = None,
+        hires_steps: int | None = None,
+    ) -> _Conditioning:
+        """The first pass's conditioning, or with ``hires_spec`` the hires pass's: hr prompts (empty =
+        the first pass's), scheduled over A1111's first-pass and hires sampler totals."""
+        if hires_spec is None:
+            prepared = prepare_prompts(
+                request.prompt,
+                request.negative_prompt,
+                steps=request.steps,
+                styles=request.styles,
+                style_db=self.style_db,
+                use_old_scheduling=request.use_old_scheduling,
+                second_order=spec.second_order,
+            )
+            context: tuple[Any, ...] = (prepared.schedule_steps, request.use_old_scheduling)
+        else:
+            assert hires_steps is not None
+            # Each pass doubles its own count for second-order samplers (A1111's firstpass_steps and
+            # the hires sampler's total_steps), so the totals are passed in already doubled.
+            prepared = prepare_prompts(
+                request.hr_prompt or request.prompt,
+                request.hr_negative_prompt or request.negative_prompt,
+                steps=spec.total_steps(request.steps),
+                hires_steps=hires_spec.total_steps(hires_steps),
+                styles=request.styles,
+                style_db=self.style_db,
+                use_old_scheduling=request.use_old_scheduling,
+                second_order=False,
+            )
+            context = (
+                "hires",
+                spec.total_steps(request.steps),
+                prepared.schedule_steps,
+                request.use_old_scheduling,
+            )
         options: dict[str, Any] = {
             "clip_skip": request.clip_skip,
             "emphasis": request.emphasis,
             "comma_padding_backtrack": request.comma_padding_backtrack,
             "model_key": self.components.checkpoint.short_hash,
-            "context": (prepared.schedule_steps, request.use_old_scheduling),
+            "context": context,
         }
         cond = self.encoder.encode_multicond(prepared.positive, **options)
         uncond = self.encoder.encode_schedule(prepared.negative, **options)
@@ -213,8 +297,200 @@ class Engine:
             eta_noise_seed_delta=request.eta_noise_seed_delta,
         )
         noise = rng.next()
+        image_cond = None
+        if self.components.is_inpainting:
+            image_cond = txt2img_conditioning(self.components, seeds, request.height, request.width)
         return self._run(
-            request, spec, scheduler, conditioning, noise, rng, seeds, iteration, progress, should_stop
+            request,
+            spec,
+            scheduler,
+            conditioning,
+            noise,
+            rng,
+            seeds,
+            iteration,
+            progress,
+            should_stop,
+            image_cond=image_cond,
+        )
+
+    def _image_rng(
+        self, request: GenerationRequest, shape: Sequence[int], seeds: Sequence[int], subseeds: Sequence[int]
+    ) -> ImageRNG:
+        return ImageRNG(
+            shape,
+            seeds,
+            subseeds=subseeds,
+            subseed_strength=request.subseed_strength,
+            seed_resize_from_h=request.seed_resize_from_h,
+            seed_resize_from_w=request.seed_resize_from_w,
+            source=request.randn_source,  # type: ignore[arg-type]
+            device=self.device,
+            eta_noise_seed_delta=request.eta_noise_seed_delta,
+        )
+
+    def _sample_img2img(
+        self,
+        request: GenerationRequest,
+        spec: SamplerSpec,
+        scheduler: SchedulerSpec,
+        conditioning: _Conditioning,
+        inputs: Img2ImgInputs,
+        seeds: Sequence[int],
+        subseeds: Sequence[int],
+        first_seeds: Sequence[int],
+        iteration: int,
+        progress: ProgressCallback | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> Tensor:
+        """A1111's img2img ``init`` (latent part) and ``sample`` for one batch."""
+        components = self.components
+        source = (inputs.images * 2.0 - 1.0).to(self.device)
+        init_latent = encode_images(components, source, seeds)
+        if request.resize_mode == LATENT_RESIZE_MODE:
+            factor = latent_factor(components)
+            size = (request.height // factor, request.width // factor)
+            init_latent = torch.nn.functional.interpolate(init_latent, size=size, mode="bilinear")
+        mask = nmask = None
+        if inputs.image_mask is not None:
+            mask, nmask = latent_masks(inputs.image_mask, init_latent, request.mask_round)
+            if request.inpainting_fill == 2:
+                # A1111 quirk: the latent noise is drawn in init() with the FIRST batch's seeds
+                # (all_seeds[0:batch]) and reused by every n_iter iteration.
+                fill_noise = create_random_tensors(
+                    init_latent.shape[1:],
+                    first_seeds,
+                    source=request.randn_source,  # type: ignore[arg-type]
+                    device=self.device,
+                )
+                init_latent = init_latent * mask + fill_noise * nmask
+            elif request.inpainting_fill == 3:
+                init_latent = init_latent * mask
+        image_cond = None
+        if components.is_inpainting:
+            image_cond = inpainting_conditioning(
+                components,
+                source,
+                init_latent,
+                seeds,
+                image_mask=inputs.image_mask,
+                round_mask=request.mask_round,
+                mask_weight=request.inpainting_mask_weight,
+            )
+        rng = self._image_rng(request, init_latent.shape[1:], seeds, subseeds)
+        noise = img2img_noise(rng, request.initial_noise_multiplier)
+        assert request.denoising_strength is not None
+        start = Img2ImgStart.for_strength(request.steps, request.denoising_strength, fixed_steps=False)
+        samples = self._run(
+            request,
+            spec,
+            scheduler,
+            conditioning,
+            noise,
+            rng,
+            seeds,
+            iteration,
+            progress,
+            should_stop,
+            init_latent=init_latent,
+            img2img=start,
+            image_cond=image_cond,
+            mask=mask,
+        )
+        if mask is not None and nmask is not None:
+            samples = samples * nmask + init_latent * mask
+        return samples
+
+    def _hires_setup(self, request: GenerationRequest, spec: SamplerSpec) -> _Hires:
+        hires_fix.check_hr_upscaler(request.hr_upscaler)
+        assert request.denoising_strength is not None
+        if request.denoising_strength <= 0:
+            raise InvalidRequestError(
+                "denoising_strength=0 with enable_hr: the hires pass would have no schedule; "
+                "use a strength above 0 or turn hires fix off"
+            )
+        hr_spec, hr_scheduler = resolve(
+            request.hr_sampler_name or request.sampler_name, request.hr_scheduler or request.scheduler
+        )
+        steps = request.hr_second_pass_steps or request.steps
+        return _Hires(
+            target=hires_fix.hires_target(request, latent_factor(self.components)),
+            spec=hr_spec,
+            scheduler=hr_scheduler,
+            steps=steps,
+            conditioning=self._conditioning(request, spec, hires_spec=hr_spec, hires_steps=steps),
+        )
+
+    def _sample_hires(
+        self,
+        request: GenerationRequest,
+        hires: _Hires,
+        latents: Tensor,
+        seeds: Sequence[int],
+        subseeds: Sequence[int],
+        iteration: int,
+        progress: ProgressCallback | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> Tensor:
+        """A1111's ``sample_hr_pass``: upscale, new noise at the hires shape, img2img over exactly
+        the hires steps."""
+        components = self.components
+        factor = latent_factor(components)
+        target = hires.target
+        pixels: Tensor | None = None
+        if request.hr_upscaler in hires_fix.LATENT_UPSCALE_MODES:
+            samples = hires_fix.upscale_latent(
+                latents, request.hr_upscaler, target.upscale_height // factor, target.upscale_width // factor
+            )
+        else:
+            lowres = to_pil_images(decode_latents(components, latents))
+            upscaled = [
+                resize_image(0, im, target.upscale_width, target.upscale_height, upscaler=request.hr_upscaler)
+                for im in lowres
+            ]
+            pixels = pil_to_tensor(upscaled).to(self.device)
+            samples = encode_images(components, pixels * 2.0 - 1.0, seeds)
+        samples = hires_fix.truncate_latent(samples, target.truncate_x, target.truncate_y)
+
+        image_cond = None
+        if components.is_inpainting:
+            # A1111 builds this before truncating (its shapes then disagree when truncating); we build
+            # it for the truncated latent.
+            h, w = samples.shape[2] * factor, samples.shape[3] * factor
+            if pixels is not None:
+                top, left = target.truncate_y // 2 * factor, target.truncate_x // 2 * factor
+                # A1111 quirk: the pixel path passes the [0, 1] upscaled image where [-1, 1] is expected.
+                source = pixels[:, :, top : top + h, left : left + w]
+                image_cond = inpainting_conditioning(
+                    components, source, samples, seeds, mask_weight=request.inpainting_mask_weight
+                )
+            elif request.inpainting_mask_weight < 1.0:
+                source = decode_latents(components, samples).to(self.device) * 2.0 - 1.0
+                image_cond = inpainting_conditioning(
+                    components, source, samples, seeds, mask_weight=request.inpainting_mask_weight
+                )
+            else:
+                image_cond = txt2img_conditioning(components, seeds, h, w)
+
+        rng = self._image_rng(request, samples.shape[1:], seeds, subseeds)
+        noise = rng.next()
+        assert request.denoising_strength is not None
+        start = Img2ImgStart.for_strength(hires.steps, request.denoising_strength, fixed_steps=True)
+        return self._run(
+            request,
+            hires.spec,
+            hires.scheduler,
+            hires.conditioning,
+            noise,
+            rng,
+            seeds,
+            iteration,
+            progress,
+            should_stop,
+            steps=hires.steps,
+            init_latent=samples,
+            img2img=start,
+            image_cond=image_cond,
         )
 
     def _run(
@@ -298,9 +574,13 @@ class Engine:
         conditioning: _Conditioning,
         seed: int,
         subseed: int,
+        hires: _Hires | None = None,
     ) -> dict[str, Any]:
         components = self.components
         names = infotext_names(request.sampler_name, request.scheduler)
+        hires_schedule = None
+        if hires is not None:
+            hires_schedule = infotext_names(hires.spec.label, hires.scheduler.label)["Schedule type"]
         extra: dict[str, Any] = {}
         if conditioning.ti_hashes:
             extra["TI hashes"] = ", ".join(f"{name}: {h}" for name, h in conditioning.ti_hashes.items())
@@ -314,10 +594,23 @@ class Engine:
             vae_name=vae.name if vae is not None else None,
             vae_hash=vae.short_hash if vae is not None else None,
             schedule_type=names["Schedule type"],
+            hires_schedule_type=hires_schedule,
             uses_ensd=uses_ensd(spec, request),
+            uses_inpainting_conditioning=components.is_inpainting,
             version=f"voidprompt-{__version__}",
             extra=extra,
         )
+
+
+@dataclass
+class _Hires:
+    """The hires pass of a request: its target, sampler, step count and conditioning."""
+
+    target: hires_fix.HiresTarget
+    spec: SamplerSpec
+    scheduler: SchedulerSpec
+    steps: int
+    conditioning: _Conditioning
 
 
 class _Interruptible:
