@@ -82,8 +82,12 @@ def test_arch_metadata_overrides() -> None:
 
 @pytest.mark.parametrize(
     "raw,match",
-    [('{"unet_head": 4}', "unknown key 'unet_head'"), ('{"unet_heads": "4"}', "expected a int"), ("[1]", "JSON object"),
-     ("{", "not valid JSON")],
+    [
+        ('{"unet_head": 4}', "unknown key 'unet_head'"),
+        ('{"unet_heads": "4"}', "expected a int"),
+        ("[1]", "JSON object"),
+        ("{", "not valid JSON"),
+    ],
 )
 def test_bad_arch_metadata(raw: str, match: str) -> None:
     from voidprompt.errors import ModelLoadError

@@ -50,7 +50,9 @@ def test_fake_sd15_has_the_real_sd15_size() -> None:
 def test_key_facts_of_the_fake_layouts() -> None:
     sd2 = fake_full_state_dict(ModelFamily.SD2_EPS)
     assert sd2["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape == (320, 320)  # linear
-    assert sd2["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1] == 1024
+    assert (
+        sd2["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1] == 1024
+    )
     xl = fake_full_state_dict(ModelFamily.SDXL)
     assert xl["model.diffusion_model.label_emb.0.0.weight"].shape == (1280, 2816)
     inp = fake_full_state_dict(ModelFamily.SD1_INPAINT)
@@ -59,7 +61,7 @@ def test_key_facts_of_the_fake_layouts() -> None:
 
 @pytest.mark.parametrize("family", [ModelFamily.SD2_EPS, ModelFamily.SD2_V, ModelFamily.SDXL])
 def test_unsupported_families_raise(family: ModelFamily) -> None:
-    with pytest.raises(UnsupportedModelError, match="detected .*not supported yet"):
+    with pytest.raises(UnsupportedModelError, match=r"detected .*not supported yet"):
         require_supported(family, source="x.safetensors")
 
 

@@ -34,7 +34,9 @@ def _outputs(unet, vae, te) -> tuple[torch.Tensor, ...]:  # type: ignore[no-unty
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
-def test_tiny_checkpoint_loads_exactly(tmp_path: Path, fmt: str, tiny_modules: tuple, stub_tokenizer: object) -> None:
+def test_tiny_checkpoint_loads_exactly(
+    tmp_path: Path, fmt: str, tiny_modules: tuple, stub_tokenizer: object
+) -> None:
     path = write_tiny_checkpoint(tmp_path / f"tiny.{fmt}", fmt=fmt)  # type: ignore[arg-type]
     c = load_model(path, tokenizer=stub_tokenizer)
     sd = tiny_sd1_state_dict(0)
@@ -55,7 +57,9 @@ def test_tiny_checkpoint_loads_exactly(tmp_path: Path, fmt: str, tiny_modules: t
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_files_load_into_fp32(tmp_path: Path, dtype: torch.dtype, stub_tokenizer: object) -> None:
+def test_half_precision_files_load_into_fp32(
+    tmp_path: Path, dtype: torch.dtype, stub_tokenizer: object
+) -> None:
     path = write_tiny_checkpoint(tmp_path / "half.safetensors", dtype=dtype)
     c = load_model(path, tokenizer=stub_tokenizer)
     sd = tiny_sd1_state_dict(0, dtype=dtype)
@@ -108,7 +112,7 @@ def test_truncated_safetensors(tmp_path: Path) -> None:
     path = write_tiny_checkpoint(tmp_path / "cut.safetensors")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(ModelLoadError, match="cut.safetensors.*(damaged|truncated)"):
+    with pytest.raises(ModelLoadError, match=r"cut\.safetensors.*(damaged|truncated)"):
         load_model(path)
 
 

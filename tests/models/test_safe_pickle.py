@@ -137,8 +137,14 @@ def test_checkpoint_with_fake_lightning_global_loads(tmp_path: Path, monkeypatch
     mod.ModelCheckpoint = ModelCheckpoint  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     path = tmp_path / "lightning.ckpt"
-    torch.save({"state_dict": {"w": torch.ones(2)}, "callbacks": {ModelCheckpoint: {"best": 0.5}},
-                "trainer": ModelCheckpoint()}, path)
+    torch.save(
+        {
+            "state_dict": {"w": torch.ones(2)},
+            "callbacks": {ModelCheckpoint: {"best": 0.5}},
+            "trainer": ModelCheckpoint(),
+        },
+        path,
+    )
     for name in (mod.__name__, "pytorch_lightning.callbacks", "pytorch_lightning"):
         monkeypatch.delitem(sys.modules, name)
     with load_pickle_checkpoint(path) as ck:
@@ -169,7 +175,6 @@ def test_truncated_zip_checkpoint(tmp_path: Path) -> None:
     torch.save({"state_dict": {"w": torch.ones(1000)}}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelLoadError, match=str(path)):
-        with load_pickle_checkpoint(path) as ck:
-            for _, t in iter_lazy_tensors(ck.obj):
-                ck.materialize(t)
+    with pytest.raises(ModelLoadError, match=str(path)), load_pickle_checkpoint(path) as ck:
+        for _, t in iter_lazy_tensors(ck.obj):
+            ck.materialize(t)

@@ -89,7 +89,9 @@ class ArchConstants:
     scaling_factor: float = 0.18215
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, str] | None, *, source: str = "checkpoint") -> ArchConstants:
+    def from_metadata(
+        cls, metadata: Mapping[str, str] | None, *, source: str = "checkpoint"
+    ) -> ArchConstants:
         """Read the ``voidprompt.arch`` override from safetensors metadata (absent -> SD1 defaults)."""
         if not metadata or ARCH_METADATA_KEY not in metadata:
             return cls()
@@ -217,7 +219,9 @@ def infer_unet_arch(shapes: Shapes, prefix: str = UNET_PREFIX) -> UNetArch:
         first = 1 + level * per_level
         out_w = _need(shapes, f"{p}input_blocks.{first}.0.out_layers.3.weight", "UNet res block")
         if int(out_w[0]) % model_channels:
-            raise ModelLoadError(f"UNet level {level} width {int(out_w[0])} is not a multiple of {model_channels}.")
+            raise ModelLoadError(
+                f"UNet level {level} width {int(out_w[0])} is not a multiple of {model_channels}."
+            )
         mult.append(int(out_w[0]) // model_channels)
         attn = f"{p}input_blocks.{first}.1."
         has_attn = f"{attn}proj_in.weight" in shapes
@@ -234,7 +238,9 @@ def infer_unet_arch(shapes: Shapes, prefix: str = UNET_PREFIX) -> UNetArch:
         context_dim = int(_need(shapes, mid, "UNet cross attention")[1])
     time_dim = int(_need(shapes, f"{p}time_embed.0.weight", "UNet time embedding")[0])
     if time_dim != 4 * model_channels:
-        raise ModelLoadError(f"UNet time embedding width {time_dim} is not 4 x {model_channels}; unknown layout.")
+        raise ModelLoadError(
+            f"UNet time embedding width {time_dim} is not 4 x {model_channels}; unknown layout."
+        )
     return UNetArch(
         in_channels=in_channels,
         out_channels=out_channels,

@@ -77,14 +77,20 @@ class LoadReport:
     notes: list[str] = field(default_factory=list)
 
     def format(self) -> str:
-        lines = [f"{self.source}: {self.consumed} tensors loaded, {len(self.ignored)} ignored, "
-                 f"{len(self.unused)} unused, {len(self.missing)} missing"]
+        lines = [
+            f"{self.source}: {self.consumed} tensors loaded, {len(self.ignored)} ignored, "
+            f"{len(self.unused)} unused, {len(self.missing)} missing"
+        ]
         if self.file_dtypes:
-            lines.append("  file dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.file_dtypes.items())))
+            lines.append(
+                "  file dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.file_dtypes.items()))
+            )
         if self.position_ids_damage:
             lines.append(f"  position_ids: {self.position_ids_damage} (replaced by 0..76)")
         if self.unused:
-            lines.append(f"  unused keys: {', '.join(self.unused[:8])}{' ...' if len(self.unused) > 8 else ''}")
+            lines.append(
+                f"  unused keys: {', '.join(self.unused[:8])}{' ...' if len(self.unused) > 8 else ''}"
+            )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -74,7 +74,9 @@ def unet_rules(levels: int, res_blocks: int, attention_levels: tuple[bool, ...])
             if attention_levels[level]:
                 rules.append((f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}", _NONE))
         if level < levels - 1:
-            rules.append((f"input_blocks.{level * per + per}.0.op", f"down_blocks.{level}.downsamplers.0.conv", _NONE))
+            rules.append(
+                (f"input_blocks.{level * per + per}.0.op", f"down_blocks.{level}.downsamplers.0.conv", _NONE)
+            )
     # Output blocks run from the deepest level up; each level has one more res block (the skip).
     for up in range(levels):
         attn = attention_levels[levels - 1 - up]
@@ -84,7 +86,9 @@ def unet_rules(levels: int, res_blocks: int, attention_levels: tuple[bool, ...])
             if attn:
                 rules.append((f"output_blocks.{o}.1", f"up_blocks.{up}.attentions.{j}", _NONE))
             if j == res_blocks and up < levels - 1:
-                rules.append((f"output_blocks.{o}.{2 if attn else 1}.conv", f"up_blocks.{up}.upsamplers.0.conv", _NONE))
+                rules.append(
+                    (f"output_blocks.{o}.{2 if attn else 1}.conv", f"up_blocks.{up}.upsamplers.0.conv", _NONE)
+                )
     return rules
 
 
@@ -105,16 +109,26 @@ def vae_rules(levels: int, res_blocks: int) -> list[Rule]:
         ]
     for level in range(levels):
         for j in range(res_blocks):
-            rules.append((f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", _VAE_RES))
+            rules.append(
+                (f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}", _VAE_RES)
+            )
         if level < levels - 1:
-            rules.append((f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv", _NONE))
+            rules.append(
+                (
+                    f"encoder.down.{level}.downsample.conv",
+                    f"encoder.down_blocks.{level}.downsamplers.0.conv",
+                    _NONE,
+                )
+            )
     # CompVis numbers decoder levels from the lowest resolution *last*; diffusers from the first.
     for up in range(levels):
         c = levels - 1 - up
         for j in range(res_blocks + 1):
             rules.append((f"decoder.up.{c}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", _VAE_RES))
         if c > 0:
-            rules.append((f"decoder.up.{c}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv", _NONE))
+            rules.append(
+                (f"decoder.up.{c}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv", _NONE)
+            )
     return rules
 
 
@@ -144,9 +158,8 @@ def fit_shape(tensor: torch.Tensor, shape: torch.Size, *, what: str) -> torch.Te
     (CompVis VAE attention) convert either way; anything else is a mismatch."""
     if tensor.shape == shape:
         return tensor
-    if tensor.shape.numel() == shape.numel():
-        if tuple(tensor.shape) == (*shape, 1, 1) or tuple(shape) == (*tensor.shape, 1, 1):
-            return tensor.reshape(shape)
+    if tuple(tensor.shape) == (*shape, 1, 1) or tuple(shape) == (*tensor.shape, 1, 1):
+        return tensor.reshape(shape)
     raise ModelLoadError(f"{what}: shape {tuple(tensor.shape)} does not fit the model's {tuple(shape)}.")
 
 
@@ -171,7 +184,9 @@ class CheckpointKeyMap:
     Any of the modules may be None (VAE files only need the VAE).
     """
 
-    def __init__(self, unet: Any = None, vae: Any = None, text_encoder: Any = None, *, vae_prefix: str = VAE_PREFIX):
+    def __init__(
+        self, unet: Any = None, vae: Any = None, text_encoder: Any = None, *, vae_prefix: str = VAE_PREFIX
+    ):
         self.forward: dict[str, KeyTarget] = {}
         self.reverse: dict[tuple[Component, str], str] = {}
         if unet is not None:
@@ -275,7 +290,7 @@ def vae_module_to_compvis(vae: Any, *, prefix: str = "") -> dict[str, torch.Tens
 def _compvis_layout(name: str, tensor: torch.Tensor) -> torch.Tensor:
     # CompVis VAE attention projections are 1x1 convolutions; diffusers made them linear layers.
     leaf = name.rsplit(".", 2)
-    if ".mid.attn_1." in name and leaf[-2] in ("q", "k", "v", "proj_out") and leaf[-1] == "weight":
-        if tensor.ndim == 2:
-            return tensor.reshape(*tensor.shape, 1, 1)
+    is_proj = ".mid.attn_1." in name and leaf[-2] in ("q", "k", "v", "proj_out") and leaf[-1] == "weight"
+    if is_proj and tensor.ndim == 2:
+        return tensor.reshape(*tensor.shape, 1, 1)
     return tensor

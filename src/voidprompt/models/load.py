@@ -11,6 +11,7 @@ The container format is read from the file's first bytes, not its extension: ``P
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -49,10 +50,20 @@ log = logging.getLogger(__name__)
 # ldm's DDPM registers these training buffers in every checkpoint; inference uses only alphas_cumprod.
 _SCHEDULE_KEYS = frozenset(
     {
-        "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-        "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-        "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights",
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+        "lvlb_weights",
     }
 )
 
@@ -82,32 +93,44 @@ class CheckpointReader:
         self.shapes: dict[str, torch.Size] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self.format = ""
-        self._st: Any = None
+        self._spans: dict[str, tuple[int, int]] = {}  # safetensors: key -> (file offset, bytes)
         self._pickle: PickleCheckpoint | None = None
         self._lazy: dict[str, LazyTensor] = {}
         self.non_tensor_keys: list[str] = []
 
-    @property
-    def owns_memory(self) -> bool:
-        """True when :meth:`get` returns tensors in fresh memory (pickles), False for file views."""
-        return self._pickle is not None
+    def _read_span(self, key: str) -> torch.Tensor:
+        # Plain reads into fresh tensors instead of mmap: mapped file pages would count against the
+        # process until unmapped (a fp16 2 GB file + the fp32 model = 1.5x the model), and views into
+        # the map are not 64-byte aligned, which changes CPU kernel results in the last bits.
+        offset, nbytes = self._spans[key]
+        out = torch.empty(self.shapes[key], dtype=self.dtypes[key])
+        if nbytes:
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                if f.readinto(view) != nbytes:
+                    raise ModelLoadError(
+                        f"{self.path}: the file ends inside tensor '{key}'; it is truncated."
+                    )
+        return out
 
-    def keys(self) -> list[str]:
+    def tensor_names(self) -> list[str]:
         return list(self.shapes)
 
     def get(self, key: str) -> torch.Tensor:
         try:
-            if self._st is not None:
-                return self._st.get_tensor(key)  # type: ignore[no-any-return]
+            if key in self._spans:
+                return self._read_span(key)
             assert self._pickle is not None
             return self._pickle.materialize(self._lazy[key])
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"{self.path}: cannot read tensor '{key}' ({exc}); the file is damaged.") from exc
+            raise ModelLoadError(
+                f"{self.path}: cannot read tensor '{key}' ({exc}); the file is damaged."
+            ) from exc
 
     def close(self) -> None:
-        self._st = None
         if self._pickle is not None:
             self._pickle.close()
             self._pickle = None
@@ -120,8 +143,15 @@ class CheckpointReader:
 
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -167,18 +197,31 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
             f"{p}: not a checkpoint - neither a .safetensors file nor a torch .ckpt/.pt (starts with "
             f"{head[:8]!r}). If it is a truncated download, download it again."
         )
-    from safetensors import safe_open
-
     try:
-        st = safe_open(str(p), framework="pt", device="cpu")
-        reader.metadata = dict(st.metadata() or {})
-        for key in st.keys():
-            sl = st.get_slice(key)
-            reader.shapes[key] = torch.Size(sl.get_shape())
-            dt = sl.get_dtype()
+        with open(p, "rb") as f:
+            f.seek(8)
+            header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        raw_meta = header.pop("__metadata__", None) or {}
+        reader.metadata = {str(k): str(v) for k, v in raw_meta.items()}
+        data_start = 8 + header_len
+        for key, info in header.items():
+            dt = info["dtype"]
             if dt not in _ST_DTYPES:
                 raise ModelLoadError(f"{p}: tensor '{key}' has dtype {dt}, which voidprompt cannot load.")
-            reader.dtypes[key] = _ST_DTYPES[dt]
+            dtype = _ST_DTYPES[dt]
+            shape = torch.Size(int(n) for n in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            if end - begin != shape.numel() * torch.empty((), dtype=dtype).element_size():
+                raise ValueError(f"tensor '{key}' has {end - begin} bytes for shape {tuple(shape)} {dt}")
+            if data_start + end > size:
+                raise ValueError(
+                    f"tensor '{key}' ends at byte {data_start + end}, past the end of the file ({size})"
+                )
+            reader.shapes[key] = shape
+            reader.dtypes[key] = dtype
+            reader._spans[key] = (data_start + begin, end - begin)
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -186,7 +229,6 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
             f"{p}: damaged .safetensors file ({exc}); it is probably truncated - download or copy it again."
         ) from exc
     reader.format = "safetensors"
-    reader._st = st
     return reader
 
 
@@ -196,7 +238,7 @@ def read_state_dict(path: str | Path, *, device: str | torch.device = "cpu") -> 
     For merging and tools; :func:`load_model` does not use it, to avoid holding two copies.
     """
     with open_checkpoint(path) as reader:
-        return {k: reader.get(k).to(device) for k in reader.keys() if not k.startswith("model_ema.")}
+        return {k: reader.get(k).to(device) for k in reader.tensor_names() if not k.startswith("model_ema.")}
 
 
 def find_paired_vae(checkpoint: str | Path) -> Path | None:
@@ -215,7 +257,9 @@ def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
     owner = module.get_submodule(owner_path) if owner_path else module
     if leaf in owner._parameters:
         old = owner._parameters[leaf]
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=bool(old is not None and old.requires_grad))
+        owner._parameters[leaf] = nn.Parameter(
+            tensor, requires_grad=bool(old is not None and old.requires_grad)
+        )
     elif leaf in owner._buffers:
         owner._buffers[leaf] = tensor
     else:
@@ -228,13 +272,11 @@ def _meta_tensors(module: nn.Module) -> Iterator[str]:
             yield name
 
 
-def _prepare(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, *, copy: bool) -> torch.Tensor:
-    """The tensor in its final dtype and device. ``copy`` forces fresh memory: safetensors hands out
-    views into the mapped file, which are not 64-byte aligned; CPU kernels then take other SIMD paths
-    and results differ in the last bits from the same weights in ordinary memory."""
+def _prepare(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Readers hand out fresh tensors, so a no-op .to() shares memory safely.
     if tensor.is_floating_point():
-        return tensor.to(device=device, dtype=dtype, copy=copy)
-    return tensor.to(device=device, copy=copy)
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device=device)
 
 
 def _check_position_ids(value: torch.Tensor, positions: int) -> str | None:
@@ -272,7 +314,7 @@ def _load_external_vae(
     unknown: list[str] = []
     loaded = 0
     with open_checkpoint(vae_path) as reader:
-        for raw_key in reader.keys():
+        for raw_key in reader.tensor_names():
             # A VAE extracted without removing the prefix still is a VAE.
             key = raw_key[len(VAE_PREFIX) :] if raw_key.startswith(VAE_PREFIX) else raw_key
             if _is_ignored(key):
@@ -286,7 +328,7 @@ def _load_external_vae(
                 mismatched.append(f"{raw_key} {tuple(shape)} (model wants {tuple(target.shape)})")
                 continue
             tensor = fit_shape(reader.get(raw_key), target.shape, what=f"{vae_path}: {raw_key}")
-            _assign(vae, target.module_key, _prepare(tensor, device, dtype, copy=not reader.owns_memory))
+            _assign(vae, target.module_key, _prepare(tensor, device, dtype))
             loaded += 1
     missing = list(_meta_tensors(vae))
     if mismatched or missing or loaded == 0:
@@ -343,7 +385,7 @@ def load_model(
             raise ModelLoadError(f"{external_vae}: VAE file not found; check the path.")
 
         stored_alphas: torch.Tensor | None = None
-        for key in reader.keys():
+        for key in reader.tensor_names():
             report.file_dtypes[str(reader.dtypes[key]).removeprefix("torch.")] = (
                 report.file_dtypes.get(str(reader.dtypes[key]).removeprefix("torch."), 0) + 1
             )
@@ -371,7 +413,7 @@ def load_model(
                     f"the file wants {tuple(target.shape)}; the checkpoint is inconsistent (a bad merge?)."
                 )
             tensor = fit_shape(reader.get(key), target.shape, what=f"{p}: {key}")
-            _assign(modules[target.component], target.module_key, _prepare(tensor, dev, dtype, copy=not reader.owns_memory))
+            _assign(modules[target.component], target.module_key, _prepare(tensor, dev, dtype))
             report.consumed += 1
         if reader.non_tensor_keys:
             report.ignored.extend(reader.non_tensor_keys)
@@ -379,9 +421,13 @@ def load_model(
     # The CLIP position ids are a non-persistent buffer: always the clean 0..N-1, whatever the file had.
     for name, buf in list(text_encoder.named_buffers()):
         if name.endswith("position_ids"):
-            _assign(text_encoder, name, torch.arange(buf.shape[-1], dtype=torch.int64, device=dev).expand(1, -1))
+            _assign(
+                text_encoder, name, torch.arange(buf.shape[-1], dtype=torch.int64, device=dev).expand(1, -1)
+            )
 
-    missing = [f"{c}.{k}" for c, m in modules.items() if not (c == "vae" and external_vae) for k in _meta_tensors(m)]
+    missing = [
+        f"{c}.{k}" for c, m in modules.items() if not (c == "vae" and external_vae) for k in _meta_tensors(m)
+    ]
     if missing:
         report.missing = missing
         raise ModelLoadError(

@@ -68,8 +68,23 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
     for name in (
-        "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-        "complex64", "complex128", "half", "float", "double", "long", "int",
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+        "complex64",
+        "complex128",
+        "half",
+        "float",
+        "double",
+        "long",
+        "int",
     )
 }
 
@@ -130,7 +145,7 @@ class _InertMeta(type):
         return f"<inert class {cls.qualname}>"  # type: ignore[attr-defined]
 
 
-def _inert_class(qualname: str) -> type[InertObject]:
+def _inert_class(qualname: str) -> _InertMeta:
     return _InertMeta(qualname.rsplit(".", 1)[-1], (InertObject,), {"qualname": qualname})
 
 
@@ -156,8 +171,14 @@ def _rebuild_tensor(storage: LazyStorage, offset: int, size: Any, stride: Any, *
 
 
 def _rebuild_tensor_v3(
-    storage: LazyStorage, offset: int, size: Any, stride: Any, requires_grad: Any, hooks: Any,
-    dtype: torch.dtype, *_rest: Any,
+    storage: LazyStorage,
+    offset: int,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    hooks: Any,
+    dtype: torch.dtype,
+    *_rest: Any,
 ) -> LazyTensor:
     tensor = _rebuild_tensor(storage, offset, size, stride)
     if dtype != storage.dtype:
@@ -238,9 +259,7 @@ def _allowed(module: str, name: str) -> Any:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(
-        self, file: BinaryIO, source: str, persistent: Callable[[Any], Any] | None = None
-    ) -> None:
+    def __init__(self, file: BinaryIO, source: str, persistent: Callable[[Any], Any] | None = None) -> None:
         super().__init__(file, encoding="utf-8")
         self._source = source
         self._persistent = persistent
@@ -299,7 +318,7 @@ class PickleCheckpoint:
     def _read_storage_bytes(self, storage: LazyStorage, start: int, nbytes: int) -> torch.Tensor:
         """Read ``nbytes`` starting ``start`` bytes into the storage, into a fresh uint8 tensor."""
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # ndarray is a buffer
         if storage.zip_member is not None:
             assert self._zip is not None
             info = self._zip.getinfo(storage.zip_member)
@@ -367,7 +386,9 @@ def _load_zip(path: Path) -> PickleCheckpoint:
         zf = zipfile.ZipFile(path)
         names = zf.namelist()
     except zipfile.BadZipFile as exc:
-        raise ModelLoadError(f"{path}: damaged zip container ({exc}); the file is truncated or corrupt.") from exc
+        raise ModelLoadError(
+            f"{path}: damaged zip container ({exc}); the file is truncated or corrupt."
+        ) from exc
     pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
     if len(pkl) != 1:
         zf.close()
@@ -404,7 +425,9 @@ def _load_zip(path: Path) -> PickleCheckpoint:
         raise
     except Exception as exc:
         zf.close()
-        raise ModelLoadError(f"{path}: cannot read the checkpoint's pickle ({exc}); the file is damaged.") from exc
+        raise ModelLoadError(
+            f"{path}: cannot read the checkpoint's pickle ({exc}); the file is damaged."
+        ) from exc
     return PickleCheckpoint(path, obj, zip_file=zf)
 
 
@@ -475,15 +498,19 @@ def _load_legacy(path: Path, f: BinaryIO) -> PickleCheckpoint:
 def _replace_storages(obj: Any, fixed: Mapping[int, LazyStorage]) -> Any:
     """Swap the placeholder storages (made before the file offsets were known) for the final ones."""
     if isinstance(obj, LazyTensor):
-        return LazyTensor(fixed.get(id(obj.storage), obj.storage), obj.offset, obj.shape, obj.stride, obj.dtype)
+        return LazyTensor(
+            fixed.get(id(obj.storage), obj.storage), obj.offset, obj.shape, obj.stride, obj.dtype
+        )
     if isinstance(obj, dict):
         out = type(obj)() if isinstance(obj, collections.OrderedDict) else {}
         for k, v in obj.items():
             out[k] = _replace_storages(v, fixed)
         return out
     if isinstance(obj, list | tuple) and not isinstance(obj, torch.Size):
-        return type(obj)(_replace_storages(v, fixed) for v in obj) if isinstance(obj, list) else tuple(
-            _replace_storages(v, fixed) for v in obj
+        return (
+            type(obj)(_replace_storages(v, fixed) for v in obj)
+            if isinstance(obj, list)
+            else tuple(_replace_storages(v, fixed) for v in obj)
         )
     return obj
 

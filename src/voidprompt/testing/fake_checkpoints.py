@@ -61,7 +61,14 @@ def _tiny_arch(in_channels: int) -> SD1Arch:
             context_dim=32,
             linear_projection=False,
         ),
-        vae=VaeArch(in_channels=3, out_channels=3, channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4),
+        vae=VaeArch(
+            in_channels=3,
+            out_channels=3,
+            channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            latent_channels=4,
+        ),
         clip=ClipArch(hidden_size=32, intermediate_size=64, num_layers=2, vocab_size=49408, max_positions=77),
         constants=TINY_CONSTANTS,
     )
@@ -81,7 +88,14 @@ SD15_ARCH = SD1Arch(
         context_dim=768,
         linear_projection=False,
     ),
-    vae=VaeArch(in_channels=3, out_channels=3, channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4),
+    vae=VaeArch(
+        in_channels=3,
+        out_channels=3,
+        channels=128,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        latent_channels=4,
+    ),
     clip=ClipArch(hidden_size=768, intermediate_size=3072, num_layers=12, vocab_size=49408, max_positions=77),
     constants=ArchConstants(),
 )
@@ -135,7 +149,11 @@ def write_tiny_checkpoint(
     """Write a tiny checkpoint. ``.ckpt`` files get ldm's ``{"state_dict": ...}`` wrapper and a
     ``global_step`` like real ones (unless ``wrap_state_dict=False``)."""
     p = Path(path)
-    sd = state_dict if state_dict is not None else tiny_sd1_state_dict(seed, inpainting=inpainting, dtype=dtype)
+    sd = (
+        state_dict
+        if state_dict is not None
+        else tiny_sd1_state_dict(seed, inpainting=inpainting, dtype=dtype)
+    )
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
@@ -153,7 +171,7 @@ def _meta_compvis_unet(config: dict[str, Any], attention: tuple[bool, ...]) -> d
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
+        unet: Any = UNet2DConditionModel(**config)
     rules = unet_rules(len(config["block_out_channels"]), config["layers_per_block"], attention)
     from voidprompt.models.convert import _module_to_compvis_name
 
@@ -188,13 +206,17 @@ def fake_full_state_dict(family: ModelFamily) -> dict[str, torch.Tensor]:
         arch = SD15_ARCH
         if family is ModelFamily.SD1_INPAINT:
             arch = SD1Arch(
-                unet=UNetArch(**{**arch.unet.__dict__, "in_channels": 9}), vae=arch.vae, clip=arch.clip,
+                unet=UNetArch(**{**arch.unet.__dict__, "in_channels": 9}),
+                vae=arch.vae,
+                clip=arch.clip,
                 constants=arch.constants,
             )
         unet, vae, te = build_modules(arch, device="meta")
         sd = modules_to_compvis(unet, vae, te)
         sd["alphas_cumprod"] = _meta(1000)
-        return {k: v if v.is_meta else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}
+        return {
+            k: v if v.is_meta else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()
+        }
     _, vae, _ = build_modules(SD15_ARCH, device="meta")
     sd = {"first_stage_model." + k: v for k, v in vae_module_to_compvis(vae).items()}
     if family in (ModelFamily.SD2_EPS, ModelFamily.SD2_V):
@@ -227,7 +249,9 @@ def fake_full_state_dict(family: ModelFamily) -> dict[str, torch.Tensor]:
         sd["model.diffusion_model.label_emb.0.0.bias"] = _meta(1280)
         sd["model.diffusion_model.label_emb.0.2.weight"] = _meta(1280, 1280)
         sd["model.diffusion_model.label_emb.0.2.bias"] = _meta(1280)
-        sd["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = _meta(49408, 768)
+        sd["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = _meta(
+            49408, 768
+        )
         sd.update(_open_clip_keys("conditioner.embedders.1.model.", 1280, 32))
         return sd
     raise ValueError(f"no fake layout for {family}")

@@ -1,0 +1,142 @@
+"""``voidprompt info FILE``: what a checkpoint is, without building a model.
+
+The VAE weights hash identifies a VAE by its *weights*, whatever file carries it (a full checkpoint
+with a baked-in VAE, a ``.vae.pt``, a ``.safetensors``) and whether it was saved in fp32 or fp16:
+sha256 over the VAE tensors in sorted key order (CompVis names without ``first_stage_model.``; loss
+and EMA keys excluded), each contributing ``key + "\\0" + shape as text + "\\0"`` followed by its values
+rounded to float16, little-endian. fp16 rounding makes an fp32 file and its fp16 copy hash alike;
+bf16 copies differ (they round differently). First 10 hex digits.
+
+Known VAEs (:data:`KNOWN_VAES`) map this hash to a name. The table holds only entries computed by
+running :func:`vae_weights_hash` on the named file; none have been verified yet, so it ships empty
+rather than with guessed values. To add one: run ``voidprompt info <the VAE file>`` on an authentic
+copy (check its sha256 against the publisher's), and add ``"<vae weights hash>": "<name>"`` with a
+comment giving the file's published sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from voidprompt.models.arch import CLIP_PREFIX_OLD, UNET_PREFIX, VAE_PREFIX
+from voidprompt.models.convert import POSITION_IDS_KEY
+from voidprompt.models.detect import ModelFamily, detect_family
+from voidprompt.models.hashes import old_model_hash, sha256_file
+from voidprompt.models.load import CheckpointReader, _check_position_ids, _is_ignored, open_checkpoint
+
+__all__ = ["KNOWN_VAES", "CheckpointSummary", "describe_checkpoint", "vae_weights_hash"]
+
+KNOWN_VAES: dict[str, str] = {}
+
+_COMPONENTS = (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", "cond_stage_model."))
+
+
+@dataclass
+class CheckpointSummary:
+    path: Path
+    container: str  # "safetensors" or "ckpt"
+    family: ModelFamily | None
+    family_error: str | None
+    file_size: int
+    dtypes: dict[str, int]
+    parameters: dict[str, int]
+    old_hash: str
+    sha256: str
+    vae_hash: str | None
+    vae_name: str | None
+    position_ids_damage: str | None
+    metadata_keys: list[str] = field(default_factory=list)
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:10]
+
+    def format(self) -> str:
+        """The text ``voidprompt info FILE`` prints."""
+        fam = self.family.label if self.family else f"unknown ({self.family_error})"
+        lines = [
+            f"file:          {self.path}",
+            f"size:          {self.file_size / 2**20:.1f} MiB ({self.container})",
+            f"family:        {fam}",
+            f"model hash:    {self.short_hash} (old hash {self.old_hash})",
+            f"sha256:        {self.sha256}",
+            "dtypes:        " + ", ".join(f"{k} x{v}" for k, v in sorted(self.dtypes.items())),
+            "parameters:    " + ", ".join(f"{k} {v:,}" for k, v in self.parameters.items()),
+        ]
+        if self.vae_hash:
+            lines.append(f"VAE weights:   {self.vae_hash}" + (f" ({self.vae_name})" if self.vae_name else ""))
+        pos = self.position_ids_damage
+        lines.append("position_ids:  " + (f"DAMAGED: {pos}" if pos else "ok"))
+        if self.metadata_keys:
+            lines.append("metadata:      " + ", ".join(self.metadata_keys))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def vae_weights_hash(reader: CheckpointReader, prefix: str) -> str | None:
+    """The VAE weights hash (see the module docstring) of the keys under ``prefix``; None if none."""
+    keys = sorted(
+        k for k in reader.tensor_names() if k.startswith(prefix) and not _is_ignored(k[len(prefix) :])
+    )
+    if not keys:
+        return None
+    h = hashlib.sha256()
+    for key in keys:
+        t = reader.get(key)
+        name = key[len(prefix) :]
+        h.update(f"{name}\0{tuple(t.shape)}\0".encode())
+        h.update(t.to(torch.float16).contiguous().numpy().astype("<f2").tobytes())
+    return h.hexdigest()[:10]
+
+
+def describe_checkpoint(path: str | Path) -> CheckpointSummary:
+    """Family, dtypes, parameter counts, hashes, VAE identity and position_ids health of a file."""
+    p = Path(path)
+    with open_checkpoint(p) as reader:
+        shapes = reader.shapes
+        family: ModelFamily | None = None
+        error = None
+        try:
+            family = detect_family(shapes)
+        except Exception as exc:  # a VAE or LoRA file still gets described
+            error = str(exc)
+        params: Counter[str] = Counter()
+        for key, shape in shapes.items():
+            if _is_ignored(key) or key.endswith("position_ids"):
+                continue
+            part = next((name for name, pre in _COMPONENTS if key.startswith(pre)), "other")
+            params[part] += shape.numel()
+        is_bare_vae = family is None and any(k.startswith("encoder.down.") for k in shapes)
+        vae_hash = vae_weights_hash(reader, "" if is_bare_vae else VAE_PREFIX)
+        damage = None
+        for key in (POSITION_IDS_KEY, CLIP_PREFIX_OLD + "embeddings.position_ids"):
+            if key in shapes:
+                positions = int(shapes[key][-1]) if len(shapes[key]) else 77
+                damage = _check_position_ids(reader.get(key), max(positions, 1))
+                if damage is None and positions != 77:
+                    damage = f"has {positions} positions"
+        dtypes = Counter(str(d).removeprefix("torch.") for d in reader.dtypes.values())
+        metadata_keys = sorted(reader.metadata)
+        fmt = reader.format
+    return CheckpointSummary(
+        path=p,
+        container=fmt,
+        family=family,
+        family_error=error,
+        file_size=p.stat().st_size,
+        dtypes=dict(dtypes),
+        parameters=dict(params),
+        old_hash=old_model_hash(p),
+        sha256=sha256_file(p),
+        vae_hash=vae_hash,
+        vae_name=KNOWN_VAES.get(vae_hash) if vae_hash else None,
+        position_ids_damage=damage,
+        metadata_keys=metadata_keys,
+    )
