@@ -1,0 +1,534 @@
+"""Checkpoint merger: A1111's "Checkpoint Merger" tab plus the block-weighted merge extension.
+
+Methods (A = primary, B = secondary, C = tertiary, M = multiplier):
+
+* ``weighted_sum``: ``(1 - M) A + M B`` (A1111 ``run_modelmerger``).
+* ``add_difference``: ``A + M (B - C)``.
+* ``no_interpolation``: A alone (for fp16 conversion, baking a VAE or discarding keys).
+* ``block_weighted``: bbc-mc/sdweb-merge-block-weighted-gui (after kohya_ss' note): a weighted sum whose
+  alpha is one of 25 block weights for UNet keys (IN00-IN11, M00, OUT00-OUT11; ``time_embed`` counts
+  as IN00, the final ``out.`` as OUT11) and ``base_alpha`` for every other merged key - the text
+  encoder *and* the VAE.
+
+Exactness: A1111 evaluates ``(1-M)*A + M*B`` in the tensors' own dtype, which does not return A when
+A == B (``(1-M)*a + M*a != a`` in floating point for many M). Here every merged key is computed in
+float32 (or wider) as ``A + M (B - A)``, which is exactly A when B == A, and exactly A / B at M = 0 / 1;
+the result is then rounded once to the output dtype. Everywhere else the values agree with A1111's
+formula to rounding.
+
+Key rules (A1111's unless marked): only keys containing ``model`` are merged; the CLIP ``position_ids``
+buffer is never merged (A's copy is kept); inpainting A (9 input channels) with a 4-channel B merges
+channels 0:4 only; keys without ``model`` (the schedule buffers) are copied from A; ``model_ema.*``
+keys are dropped (voidprompt: EMA copies of A would not match the merged weights).
+A model key of A missing from B (or C) is an error unless ``allow_missing`` - A1111 silently keeps A's
+value there (and zeroes B - C for keys missing from C), which hides a wrong input file.
+
+Output: ``.safetensors`` written key by key through :class:`SafetensorsStreamWriter`: every output
+name, dtype and shape is derived from the inputs' headers first, the header is written, then each
+tensor is computed from one tensor of each input and written at once. Peak memory is a few tensors,
+not a state dict (see ``benchmarks/merge_memory.py``). The file appears under its name only when
+complete.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from voidprompt.errors import ModelLoadError, VoidpromptError
+from voidprompt.models.arch import ARCH_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
+from voidprompt.models.convert import POSITION_IDS_KEY
+from voidprompt.models.detect import ModelFamily, detect_family
+from voidprompt.models.safetensors_stream import SafetensorsStreamReader, SafetensorsStreamWriter, TensorSpec
+
+__all__ = [
+    "BLOCK_NAMES",
+    "BLOCK_PRESETS",
+    "MergeError",
+    "MergeMethod",
+    "MergeOptions",
+    "MergeResult",
+    "block_index",
+    "merge_checkpoints",
+    "merge_state_dicts",
+    "parse_block_weights",
+]
+
+log = logging.getLogger(__name__)
+
+
+class MergeError(VoidpromptError):
+    """A merge cannot be done with these inputs or options; nothing was written."""
+
+
+class MergeMethod(enum.Enum):
+    WEIGHTED_SUM = "weighted_sum"
+    ADD_DIFFERENCE = "add_difference"
+    NO_INTERPOLATION = "no_interpolation"
+    BLOCK_WEIGHTED = "block_weighted"
+
+    @property
+    def a1111_label(self) -> str:
+        return {
+            MergeMethod.WEIGHTED_SUM: "Weighted sum",
+            MergeMethod.ADD_DIFFERENCE: "Add difference",
+            MergeMethod.NO_INTERPOLATION: "No interpolation",
+            MergeMethod.BLOCK_WEIGHTED: "Block weighted",
+        }[self]
+
+
+NUM_INPUT_BLOCKS = 12
+NUM_TOTAL_BLOCKS = 25
+BLOCK_NAMES: tuple[str, ...] = (
+    *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12))
+)
+
+# The extension's csv/preset.tsv (bbc-mc/sdweb-merge-block-weighted-gui), as shipped; values copied
+# digit for digit. Its duplicate RING10_3 row is identical, so one entry suffices.
+_PRESET_TSV = """\
+GRAD_V	1,0.9166666667,0.8333333333,0.75,0.6666666667,0.5833333333,0.5,0.4166666667,0.3333333333,0.25,0.1666666667,0.0833333333,0,0.0833333333,0.1666666667,0.25,0.3333333333,0.4166666667,0.5,0.5833333333,0.6666666667,0.75,0.8333333333,0.9166666667,1.0
+GRAD_A	0,0.0833333333,0.1666666667,0.25,0.3333333333,0.4166666667,0.5,0.5833333333,0.6666666667,0.75,0.8333333333,0.9166666667,1.0,0.9166666667,0.8333333333,0.75,0.6666666667,0.5833333333,0.5,0.4166666667,0.3333333333,0.25,0.1666666667,0.0833333333,0
+FLAT_25	0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25
+FLAT_75	0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75,0.75
+WRAP08	1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1
+WRAP12	1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1
+WRAP14	1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1
+WRAP16	1,1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1
+MID12_50	0,0,0,0,0,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0,0,0,0,0,0
+OUT07	0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1
+OUT12	0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1,1,1,1
+OUT12_5	0,0,0,0,0,0,0,0,0,0,0,0,0.5,1,1,1,1,1,1,1,1,1,1,1,1
+RING08_SOFT	0,0,0,0,0,0.5,1,1,1,0.5,0,0,0,0,0,0.5,1,1,1,0.5,0,0,0,0,0
+RING08_5	0,0,0,0,0,0,1,1,1,1,0,0,0,0,0,1,1,1,1,0,0,0,0,0,0
+RING10_5	0,0,0,0,0,1,1,1,1,1,0,0,0,0,0,1,1,1,1,1,0,0,0,0,0
+RING10_3	0,0,0,0,0,0,1,1,1,1,1,0,0,0,1,1,1,1,1,0,0,0,0,0,0
+NORMAL-SIGMOID	0,0.00506365740740741,0.0196759259259259,0.04296875,0.0740740740740741,0.112123842592593,0.15625,0.205584490740741,0.259259259259259,0.31640625,0.376157407407407,0.437644675925926,0.5,0.562355324074074,0.623842592592592,0.68359375,0.740740740740741,0.794415509259259,0.84375,0.887876157407408,0.925925925925926,0.95703125,0.980324074074074,0.994936342592593,1
+REVERSE-SIGMOID	1,0.994936342592593,0.980324074074074,0.95703125,0.925925925925926,0.887876157407407,0.84375,0.794415509259259,0.740740740740741,0.68359375,0.623842592592593,0.562355324074074,0.5,0.437644675925926,0.376157407407408,0.31640625,0.259259259259259,0.205584490740741,0.15625,0.112123842592592,0.0740740740740742,0.0429687499999996,0.0196759259259258,0.00506365740740744,0
+"""
+
+BLOCK_PRESETS: dict[str, tuple[float, ...]] = {
+    line.split("\t")[0]: tuple(float(v) for v in line.split("\t")[1].split(","))
+    for line in _PRESET_TSV.strip().splitlines()
+}
+
+_RE_IN = re.compile(r"\.input_blocks\.(\d+)\.")
+_RE_MID = re.compile(r"\.middle_block\.(\d+)\.")
+_RE_OUT = re.compile(r"\.output_blocks\.(\d+)\.")
+
+
+def block_index(key: str) -> int | None:
+    """The block-weight index (0..24) of a CompVis key, or None when base_alpha applies.
+
+    The extension's rule, in its order: only ``model.diffusion_model.`` keys; ``time_embed`` -> 0;
+    any ``.out.`` -> 24; ``.input_blocks.N.`` -> N; ``.middle_block.`` -> 12; ``.output_blocks.N.`` -> 13 + N.
+    """
+    if UNET_PREFIX not in key:
+        return None
+    if "time_embed" in key:
+        return 0
+    if ".out." in key:
+        return NUM_TOTAL_BLOCKS - 1
+    if m := _RE_IN.search(key):
+        index = int(m.group(1))
+    elif _RE_MID.search(key):
+        index = NUM_INPUT_BLOCKS
+    elif m := _RE_OUT.search(key):
+        index = NUM_INPUT_BLOCKS + 1 + int(m.group(1))
+    else:
+        return None  # A1111 quirk (extension): unmatched UNet keys get base_alpha
+    if index >= NUM_TOTAL_BLOCKS:
+        raise MergeError(f"'{key}' has block index {index}; an SD1 UNet has 25 blocks - is this an SDXL model?")
+    return index
+
+
+def parse_block_weights(text: str) -> tuple[float, ...]:
+    """25 comma-separated weights, or a preset name from :data:`BLOCK_PRESETS`."""
+    name = text.strip()
+    if name.upper() in BLOCK_PRESETS:
+        return BLOCK_PRESETS[name.upper()]
+    try:
+        weights = tuple(float(v) for v in name.split(","))
+    except ValueError as exc:
+        raise MergeError(
+            f"block weights '{text}': not 25 comma-separated numbers nor a preset "
+            f"({', '.join(BLOCK_PRESETS)})."
+        ) from exc
+    if len(weights) != NUM_TOTAL_BLOCKS:
+        raise MergeError(f"block weights '{text}': {len(weights)} values; the block-weighted merge needs 25 "
+                         "(IN00-IN11, M00, OUT00-OUT11).")
+    return weights
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """What to merge and how; see the module docstring."""
+
+    method: MergeMethod = MergeMethod.WEIGHTED_SUM
+    multiplier: float = 0.5
+    block_weights: tuple[float, ...] | None = None
+    base_alpha: float = 0.0
+    fp16: bool = False
+    discard: str | None = None
+    allow_missing: bool = False
+
+    def validate(self, has_b: bool, has_c: bool) -> None:
+        if self.method is not MergeMethod.NO_INTERPOLATION and not has_b:
+            raise MergeError(f"{self.method.value} needs a secondary model B.")
+        if self.method is MergeMethod.ADD_DIFFERENCE and not has_c:
+            raise MergeError("add_difference needs a tertiary model C (A + M (B - C)).")
+        for name, v in (("multiplier", self.multiplier), ("base_alpha", self.base_alpha)):
+            if not math.isfinite(v):
+                raise MergeError(f"{name} {v} is not a finite number.")
+        if self.method is MergeMethod.BLOCK_WEIGHTED:
+            if self.block_weights is None or len(self.block_weights) != NUM_TOTAL_BLOCKS:
+                raise MergeError("block_weighted needs 25 block weights (--weights or --preset).")
+        if self.discard:
+            try:
+                re.compile(self.discard)
+            except re.error as exc:
+                raise MergeError(f"discard regex '{self.discard}' is invalid: {exc}.") from exc
+
+
+@dataclass
+class MergeResult:
+    path: Path | None
+    recipe: dict[str, Any]
+    keys_written: int
+    merged_keys: int
+    notes: list[str] = field(default_factory=list)
+
+
+class _Source(Protocol):
+    name: str
+    shapes: Mapping[str, tuple[int, ...]]
+    dtypes: Mapping[str, torch.dtype]
+    metadata: Mapping[str, str]
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class _DictSource:
+    def __init__(self, sd: Mapping[str, torch.Tensor], name: str) -> None:
+        self.name = name
+        self._sd = sd
+        self.shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        self.dtypes = {k: v.dtype for k, v in sd.items()}
+        self.metadata: dict[str, str] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._sd[key]
+
+
+class _FileSource:
+    """A checkpoint read tensor by tensor: safetensors through plain reads (no mapping), pickles
+    through :func:`open_checkpoint` (restricted unpickler)."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.path = path
+        self._reader: Any
+        if not path.is_file():
+            raise MergeError(f"{path}: no such file; check the path.")
+        with open(path, "rb") as f:
+            head = f.read(1)
+        try:
+            if head in (b"P", b"\x80"):
+                from voidprompt.models.load import open_checkpoint
+
+                self._reader = open_checkpoint(path)
+                self.shapes = {k: tuple(v) for k, v in self._reader.shapes.items()}
+            else:
+                self._reader = SafetensorsStreamReader(path)
+                self.shapes = dict(self._reader.shapes)
+        except ModelLoadError as exc:
+            raise MergeError(f"cannot read merge input: {exc}") from exc
+        self.dtypes = dict(self._reader.dtypes)
+        self.metadata = dict(self._reader.metadata)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._reader.get(key)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def _strip_vae_key(key: str) -> str | None:
+    k = key[len(VAE_PREFIX) :] if key.startswith(VAE_PREFIX) else key
+    if k.startswith(("loss.", "model_ema.")) or k in ("global_step", "epoch"):
+        return None
+    return k
+
+
+@dataclass(frozen=True)
+class _Step:
+    """How one output tensor is made."""
+
+    spec: TensorSpec
+    kind: str  # "copy_a", "copy_b", "merge", "vae"
+    key: str
+    alpha: float = 0.0
+    narrow: bool = False  # merge channels 0:4 only (inpainting A, 4-channel B)
+
+
+def _family(src: _Source) -> ModelFamily:
+    try:
+        return detect_family({k: torch.Size(v) for k, v in src.shapes.items()})
+    except ModelLoadError as exc:
+        raise MergeError(f"{src.name}: {exc}") from exc
+
+
+def _plan(
+    a: _Source, b: _Source | None, c: _Source | None, vae: _Source | None, options: MergeOptions
+) -> tuple[list[_Step], dict[str, Any]]:
+    method = options.method
+    facts: dict[str, Any] = {"is_inpainting": False}
+    fa = _family(a)
+    for other in (b, c):
+        if other is None:
+            continue
+        fo = _family(other)
+        if fo is fa:
+            continue
+        if fa is ModelFamily.SD1_INPAINT and fo is ModelFamily.SD1:
+            facts["is_inpainting"] = True
+            continue
+        if fa is ModelFamily.SD1 and fo is ModelFamily.SD1_INPAINT:
+            raise MergeError(
+                f"A ({a.name}) is a normal model and {other.name} an inpainting one: when merging an "
+                "inpainting model with a normal one, A must be the inpainting model (swap A and B)."
+            )
+        raise MergeError(f"cannot merge {fa.label} ({a.name}) with {fo.label} ({other.name}): the "
+                         "architectures differ; use models of the same family.")
+
+    merging = method is not MergeMethod.NO_INTERPOLATION
+    others = [s for s in (b, c) if s is not None] if merging else []
+    missing: list[str] = []
+    for src in others:
+        gone = [k for k in a.shapes if "model" in k and not k.startswith("model_ema.") and k not in src.shapes
+                and k != POSITION_IDS_KEY]
+        missing += [f"{k} (not in {src.name})" for k in gone]
+    if missing and not options.allow_missing:
+        raise MergeError(
+            f"{len(missing)} model keys of A are missing from the other input(s), e.g. "
+            f"{'; '.join(missing[:3])}. The inputs are not complete checkpoints of the same model type "
+            "(a pruned file, a LoRA, a VAE?). Pass --allow-missing to keep A's values there (A1111's behaviour)."
+        )
+
+    discard = re.compile(options.discard) if options.discard else None
+    steps: list[_Step] = []
+
+    def out_dtype(dtype: torch.dtype, key: str) -> torch.dtype:
+        if options.fp16 and dtype == torch.float32 and "model" in key:
+            return torch.float16
+        return dtype
+
+    vae_map: dict[str, str] = {}
+    if vae is not None:
+        for k in vae.shapes:
+            inner = _strip_vae_key(k)
+            if inner is not None:
+                vae_map[VAE_PREFIX + inner] = k
+        if not any(k in a.shapes for k in vae_map):
+            raise MergeError(f"{vae.name}: none of its keys is a VAE key of A; it is not an SD1 VAE file.")
+
+    merged = 0
+    for key, shape in a.shapes.items():
+        if key.startswith("model_ema."):
+            continue
+        dtype = a.dtypes[key]
+        if key in vae_map:
+            vkey = vae_map[key]
+            vshape = vae.shapes[vkey] if vae is not None else shape
+            if math.prod(vshape) != math.prod(shape):
+                raise MergeError(f"{key}: the VAE to bake has shape {vshape}, the model {shape}; not an SD1 VAE.")
+            vdt = vae.dtypes[vkey] if vae is not None else dtype
+            steps.append(_Step(TensorSpec(key, out_dtype(vdt, key), shape), "vae", vkey))
+            continue
+        mergeable = (
+            merging and "model" in key and key != POSITION_IDS_KEY and dtype.is_floating_point
+            and all(key in s.shapes for s in others)
+        )
+        if not mergeable:
+            steps.append(_Step(TensorSpec(key, out_dtype(dtype, key), shape), "copy_a", key))
+            continue
+        narrow = False
+        for s in others:
+            sshape = s.shapes[key]
+            if sshape == shape:
+                continue
+            if (len(shape) == 4 and len(sshape) == 4 and shape[1] == 9 and sshape[1] == 4
+                    and shape[:1] + shape[2:] == sshape[:1] + sshape[2:]):
+                narrow = True
+                continue
+            raise MergeError(f"'{key}' has shape {shape} in A but {sshape} in {s.name}; the models differ "
+                             "in architecture and cannot be merged key by key.")
+        rdtype = dtype
+        for s in others:
+            rdtype = torch.promote_types(rdtype, s.dtypes[key])  # what A1111's tensor arithmetic gives
+        alpha = options.multiplier
+        if method is MergeMethod.BLOCK_WEIGHTED:
+            assert options.block_weights is not None
+            idx = block_index(key)
+            alpha = options.block_weights[idx] if idx is not None else options.base_alpha
+        steps.append(_Step(TensorSpec(key, out_dtype(rdtype, key), shape), "merge", key, alpha, narrow))
+        merged += 1
+
+    if method is MergeMethod.BLOCK_WEIGHTED and b is not None:
+        # The extension copies keys only B has (its "Stage 2/2").
+        for key, shape in b.shapes.items():
+            if "model" in key and key not in a.shapes and not key.startswith("model_ema."):
+                steps.append(_Step(TensorSpec(key, out_dtype(b.dtypes[key], key), shape), "copy_b", key))
+
+    if discard is not None:
+        steps = [s for s in steps if not discard.search(s.spec.name)]
+    facts["merged_keys"] = merged
+    facts["missing"] = missing
+    return steps, facts
+
+
+def _combine(step: _Step, method: MergeMethod, a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor | None) -> torch.Tensor:
+    """One merged key, computed in float32 (or wider) and rounded once; see the module docstring."""
+    work = torch.promote_types(torch.promote_types(a.dtype, torch.float32), b.dtype if b is not None else a.dtype)
+    full = a.to(work)
+    x = full[:, 0:4] if step.narrow else full
+    bb = b.to(work) if b is not None else None
+    if method is MergeMethod.ADD_DIFFERENCE:
+        assert bb is not None and c is not None
+        cc = c.to(work)
+        if step.narrow and cc.shape[1] == 9:
+            cc = cc[:, 0:4]
+        merged = x + step.alpha * (bb - cc)
+    else:
+        assert bb is not None
+        if step.alpha == 0.0:
+            merged = x
+        elif step.alpha == 1.0:
+            merged = bb
+        else:
+            merged = x + step.alpha * (bb - x)
+    if step.narrow:
+        full = full.clone()
+        full[:, 0:4] = merged
+        merged = full
+    return merged.to(step.spec.dtype)
+
+
+def _run(
+    steps: Sequence[_Step], method: MergeMethod, a: _Source, b: _Source | None, c: _Source | None,
+    vae: _Source | None, sink: Callable[[str, torch.Tensor], None],
+) -> None:
+    for step in steps:
+        if step.kind == "copy_a":
+            t = a.get(step.key)
+        elif step.kind == "copy_b":
+            assert b is not None
+            t = b.get(step.key)
+        elif step.kind == "vae":
+            assert vae is not None
+            t = vae.get(step.key).reshape(step.spec.shape)
+        else:
+            t = _combine(
+                step, method, a.get(step.key), b.get(step.key) if b is not None else None,
+                c.get(step.key) if c is not None else None,
+            )
+        sink(step.spec.name, t.to(step.spec.dtype))
+
+
+def merge_state_dicts(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor] | None = None,
+    c: Mapping[str, torch.Tensor] | None = None,
+    *,
+    options: MergeOptions,
+    vae: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The merge of in-memory CompVis state dicts (same rules as :func:`merge_checkpoints`)."""
+    options.validate(b is not None, c is not None)
+    sa = _DictSource(a, "A")
+    sb = _DictSource(b, "B") if b is not None else None
+    sc = _DictSource(c, "C") if c is not None else None
+    sv = _DictSource(vae, "VAE") if vae is not None else None
+    steps, _ = _plan(sa, sb, sc, sv, options)
+    out: dict[str, torch.Tensor] = {}
+    _run(steps, options.method, sa, sb, sc, sv, lambda k, t: out.__setitem__(k, t))
+    return out
+
+
+def merge_checkpoints(
+    a: str | Path,
+    b: str | Path | None = None,
+    c: str | Path | None = None,
+    *,
+    out: str | Path,
+    options: MergeOptions,
+    bake_vae: str | Path | None = None,
+) -> MergeResult:
+    """Merge checkpoint files into a new ``.safetensors`` file, streamed key by key.
+
+    Raises :class:`MergeError` (bad options, mismatched families, missing keys, unreadable inputs)
+    before anything is written; an error while writing removes the partial file.
+    """
+    from voidprompt.models.hashes import old_model_hash, sha256_file
+
+    out_path = Path(out)
+    if out_path.suffix.lower() != ".safetensors":
+        raise MergeError(f"{out_path}: the merger writes .safetensors only; name the output '*.safetensors'.")
+    options.validate(b is not None, c is not None)
+    paths = {"A": Path(a), "B": Path(b) if b is not None else None, "C": Path(c) if c is not None else None,
+             "VAE": Path(bake_vae) if bake_vae is not None else None}
+    for label, p in paths.items():
+        if p is not None and out_path.exists() and p.resolve() == out_path.resolve():
+            raise MergeError(f"the output {out_path} is input {label}; write to a new file.")
+    sources: dict[str, _FileSource] = {}
+    try:
+        for label, p in paths.items():
+            if p is not None:
+                sources[label] = _FileSource(p)
+        sa, sb, sc, sv = (sources.get(x) for x in ("A", "B", "C", "VAE"))
+        assert sa is not None
+        steps, facts = _plan(sa, sb, sc, sv, options)
+        hashes = {label: sha256_file(p) for label, p in paths.items() if p is not None}
+        recipe: dict[str, Any] = {
+            "type": "voidprompt",
+            "primary_model_hash": hashes["A"],
+            "secondary_model_hash": hashes.get("B"),
+            "tertiary_model_hash": hashes.get("C"),
+            "interp_method": options.method.a1111_label,
+            "multiplier": options.multiplier,
+            "save_as_half": options.fp16,
+            "custom_name": out_path.stem,
+            "config_source": 0,
+            "bake_in_vae": paths["VAE"].name if paths["VAE"] is not None else "None",
+            "discard_weights": options.discard or "",
+            "is_inpainting": facts["is_inpainting"],
+            "is_instruct_pix2pix": False,
+        }
+        if options.method is MergeMethod.BLOCK_WEIGHTED:
+            recipe["block_weights"] = list(options.block_weights or ())
+            recipe["base_alpha"] = options.base_alpha
+        models = {
+            hashes[label]: {"name": p.stem, "legacy_hash": old_model_hash(p)}
+            for label, p in paths.items() if p is not None and label != "VAE"
+        }
+        metadata = {"format": "pt", "sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(models)}
+        if ARCH_METADATA_KEY in sa.metadata:
+            metadata[ARCH_METADATA_KEY] = sa.metadata[ARCH_METADATA_KEY]  # needed to load A's architecture
+        with SafetensorsStreamWriter(out_path, [s.spec for s in steps], metadata) as writer:
+            _run(steps, options.method, sa, sb, sc, sv, writer.write)
+            writer.commit()
+        notes = []
+        if facts["missing"]:
+            notes.append(f"{len(facts['missing'])} keys missing from B/C kept from A")
+        return MergeResult(out_path, recipe, len(steps), facts["merged_keys"], notes)
+    finally:
+        for s in sources.values():
+            s.close()

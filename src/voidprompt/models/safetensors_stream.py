@@ -1,0 +1,209 @@
+"""Streaming ``.safetensors`` reading and writing, one tensor at a time.
+
+``safetensors.torch.save_file`` needs the whole state dict in memory, and ``safe_open`` maps the file:
+every page read stays resident in the process (file-backed RSS) until the mapping goes away, so
+reading two 2 GB files through it costs 4 GB of RSS by the end. The merger wants neither:
+
+* :class:`SafetensorsStreamReader` parses the header and reads each tensor with ordinary ``readinto``
+  calls into fresh memory, which is freed when the caller drops the tensor.
+* :class:`SafetensorsStreamWriter` takes every output name, dtype and shape up front, writes the
+  header, then accepts the tensors one by one in that order, checking each against its declaration.
+  It writes to a temporary file next to the target and renames it on :meth:`commit`; :meth:`abort`
+  (or leaving the ``with`` block by an exception) removes the temporary file, so no partial output is
+  ever left under the target name.
+
+File format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N, N bytes
+of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`` padded
+with spaces to a multiple of 8, then the raw little-endian tensor bytes; offsets are relative to the end
+of the header and must tile the data region without gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from voidprompt.errors import ModelLoadError
+
+__all__ = [
+    "DTYPE_TO_ST",
+    "ST_TO_DTYPE",
+    "SafetensorsStreamReader",
+    "SafetensorsStreamWriter",
+    "TensorSpec",
+]
+
+ST_TO_DTYPE: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_DTYPE.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor's declaration: written into the header before any data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class SafetensorsStreamReader:
+    """Header of a ``.safetensors`` file, and its tensors read one at a time into fresh memory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._f = open(self.path, "rb")  # noqa: SIM115 - closed by close()/__exit__
+        except OSError as exc:
+            raise ModelLoadError(f"{self.path}: cannot open ({exc}); check the path.") from exc
+        size = os.fstat(self._f.fileno()).st_size
+        head = self._f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            self._f.close()
+            raise ModelLoadError(f"{self.path}: not a .safetensors file (bad header length); download it again.")
+        try:
+            header = json.loads(self._f.read(n))
+        except ValueError as exc:
+            self._f.close()
+            raise ModelLoadError(f"{self.path}: damaged .safetensors header ({exc}); download it again.") from exc
+        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        self._data_start = 8 + n
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        for key, info in header.items():
+            dt = ST_TO_DTYPE.get(info.get("dtype"))
+            if dt is None:
+                self._f.close()
+                raise ModelLoadError(f"{self.path}: tensor '{key}' has unsupported dtype {info.get('dtype')}.")
+            begin, end = (int(x) for x in info["data_offsets"])
+            if self._data_start + end > size:
+                self._f.close()
+                raise ModelLoadError(
+                    f"{self.path}: tensor '{key}' lies past the end of the file; the file is truncated - "
+                    "download or copy it again."
+                )
+            self.shapes[key] = tuple(int(d) for d in info["shape"])
+            self.dtypes[key] = dt
+            self._offsets[key] = (begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def get(self, key: str) -> torch.Tensor:
+        begin, end = self._offsets[key]
+        shape, dtype = self.shapes[key], self.dtypes[key]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(end - begin)
+        self._f.seek(self._data_start + begin)
+        if self._f.readinto(buf) != len(buf):
+            raise ModelLoadError(f"{self.path}: the file ends inside tensor '{key}'; it is truncated.")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> SafetensorsStreamReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsStreamWriter:
+    """Write a ``.safetensors`` file tensor by tensor; see the module docstring.
+
+    Usage::
+
+        with SafetensorsStreamWriter(out, specs, metadata) as w:
+            for spec in specs:
+                w.write(spec.name, tensor_for(spec))
+            w.commit()
+    """
+
+    def __init__(self, path: str | Path, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self._specs = list(specs)
+        names = [s.name for s in self._specs]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in the output declaration")
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        for s in self._specs:
+            header[s.name] = {"dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # align the data region to 8 bytes, as safetensors does
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        self._tmp = Path(tmp)
+        self._f = os.fdopen(fd, "wb")
+        self._f.write(len(raw).to_bytes(8, "little"))
+        self._f.write(raw)
+        self._next = 0
+        self._done = False
+
+    def pending(self) -> Iterator[TensorSpec]:
+        return iter(self._specs[self._next :])
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._specs):
+            raise ValueError(f"tensor '{name}' was not declared")
+        spec = self._specs[self._next]
+        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(
+                f"tensor {name} {tensor.dtype} {tuple(tensor.shape)} does not match the declared "
+                f"{spec.name} {spec.dtype} {spec.shape} (tensors must come in declaration order)"
+            )
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            # A byte view avoids numpy's missing bfloat16 and the copy tobytes() would make.
+            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def commit(self) -> Path:
+        if self._next != len(self._specs):
+            missing = [s.name for s in self._specs[self._next :]]
+            raise ValueError(f"{len(missing)} declared tensors were not written, e.g. {missing[:3]}")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.path)
+        self._done = True
+        return self.path
+
+    def abort(self) -> None:
+        if not self._done:
+            self._f.close()
+            self._tmp.unlink(missing_ok=True)
+            self._done = True
+
+    def __enter__(self) -> SafetensorsStreamWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # Leaving the block without commit() (an exception, or a forgotten call) leaves nothing behind.
+        self.abort()
