@@ -297,8 +297,14 @@ class Catalog:
         height: int,
         model_hash: str | None = None,
         timings: Mapping[str, float] | None = None,
+        measures: Mapping[str, float] | None = None,
+        labels: Mapping[str, tuple[str | None, Sequence[str]]] | None = None,
     ) -> int:
-        """Commit the row of an image already renamed into place; marks its job done. Returns its id."""
+        """Commit the row of an image already renamed into place; marks its job done. Returns its id.
+
+        ``measures`` and ``labels`` (source -> (class, tags)) go into the same transaction, so a
+        done job never lacks the measurements and pre-labels taken with it.
+        """
         self._require_writer()
         file = Path(path)
         if not file.is_absolute():
@@ -348,8 +354,20 @@ class Catalog:
                 raise StudyError(
                     f"{self.path}: job {job_id} already has an image (or the path is taken): {error}"
                 ) from None
+            image_id = int(cursor.lastrowid or 0)
+            if measures:
+                db.executemany(
+                    "INSERT INTO measures (image_id, name, value) VALUES (?, ?, ?)",
+                    [(image_id, name, float(value)) for name, value in measures.items()],
+                )
+            for source, (label_class, tags) in (labels or {}).items():
+                db.execute(
+                    "INSERT INTO labels (image_id, label_class, tags, source, updated) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (image_id, label_class, json.dumps(list(tags)), source, _now()),
+                )
             db.execute("UPDATE jobs SET status = 'done' WHERE job_id = ?", (job_id,))
-        return int(cursor.lastrowid or 0)
+        return image_id
 
     def mark_failed(self, job_id: str) -> None:
         self._require_writer()
@@ -408,6 +426,29 @@ class Catalog:
             for key in ("settings", "timings", "axis_values"):
                 record[key] = json.loads(record[key])
             out.append(record)
+        return out
+
+    def image_id_for(self, *, job_id: str | None = None, path: str | None = None) -> int | None:
+        """The image id of a job, or of an image path relative to the catalog's folder."""
+        if job_id is not None:
+            row = self._db.execute("SELECT id FROM images WHERE job_id = ?", (job_id,)).fetchone()
+        else:
+            row = self._db.execute("SELECT id FROM images WHERE path = ?", (path,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def all_measures(self) -> dict[int, dict[str, float]]:
+        """image id -> {measure: value} for every image (one query, for reports)."""
+        out: dict[int, dict[str, float]] = {}
+        for image_id, name, value in self._db.execute("SELECT image_id, name, value FROM measures"):
+            out.setdefault(image_id, {})[name] = value
+        return out
+
+    def all_labels(self) -> dict[int, dict[str, tuple[str | None, list[str]]]]:
+        """image id -> {source: (class, tags)} for every labelled image."""
+        out: dict[int, dict[str, tuple[str | None, list[str]]]] = {}
+        rows = self._db.execute("SELECT image_id, source, label_class, tags FROM labels")
+        for image_id, source, label, tags in rows:
+            out.setdefault(image_id, {})[source] = (label, json.loads(tags))
         return out
 
     def measures(self, image_id: int) -> dict[str, float]:

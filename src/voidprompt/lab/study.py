@@ -53,7 +53,10 @@ from voidprompt.pipeline.request import GenerationRequest
 
 MINIATURE = "miniature"
 
-_SECTIONS = ("study", "model", "settings", "prompt", "variables", "axes", "points", "cfg_by_area", "run")
+_SECTIONS = (
+    "study", "model", "settings", "prompt", "variables", "axes", "points", "cfg_by_area", "run", "labels",
+    "report",
+)  # fmt: skip
 _STUDY_KEYS = ("name", "description", "master_seed")
 _MODEL_KEYS = ("checkpoint", "vae")
 _PROMPT_KEYS = ("positive", "negative", "positive_step", "negative_step")
@@ -169,6 +172,9 @@ class Study:
     points: tuple[tuple[Axis, ...], ...]
     cfg_by_area: CfgByArea | None
     run_options: Mapping[str, Any] = field(default_factory=dict)
+    # [labels] and [report] are validated by voidprompt.lab.labels / voidprompt.lab.report.
+    label_options: Mapping[str, Any] = field(default_factory=dict)
+    report_options: Mapping[str, Any] = field(default_factory=dict)
 
     def expand(self) -> list[Job]:
         """Every job of the study: each [[point]] (or none) crossed with the full grid of [axes]."""
@@ -664,6 +670,8 @@ def parse_study(text: str, path: str | Path = "<study>") -> Study:
         points=points,
         cfg_by_area=cfg_by_area,
         run_options=loader.table(data, "run"),
+        label_options=loader.table(data, "labels"),
+        report_options=loader.table(data, "report"),
     )
 
 

@@ -1,0 +1,26 @@
+"""Study texts for the lab tests."""
+
+from pathlib import Path
+
+
+def study_text(checkpoint: Path, *, sizes: str = "16x16, 32x16", seeds: str = "2 random", steps: int = 3,
+               labels: str = 'labeler = "none"') -> str:  # fmt: skip
+    return f"""
+[study]
+name = "t"
+master_seed = 11
+[model]
+checkpoint = "{checkpoint}"
+[settings]
+sampler_name = "Euler a"
+steps = {steps}
+cfg_scale = 7.0
+[prompt]
+negative_step = {{ tags = "lowres, text", weight = "{{W}}" }}
+[axes]
+size = "{sizes}"
+W = "1.0, 1.5"
+seed = "{seeds}"
+[labels]
+{labels}
+"""

@@ -1,0 +1,161 @@
+"""run_study: batching, per-image seeds, catalog rows, measures, labels, resume after crashes."""
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lab_helpers import study_text
+from PIL import Image
+
+from voidprompt.errors import StudyError
+from voidprompt.lab.catalog import TEMP_PREFIX, Catalog, sha256_file
+from voidprompt.lab.labels import WORLD_CLASSES
+from voidprompt.lab.measures import MEASURES, measure_image
+from voidprompt.lab.run import generate_batch, plan_batches, resolve_model, run_study
+from voidprompt.lab.study import ModelRef, load_study, parse_study
+from voidprompt.models.load import load_model
+from voidprompt.pipeline.engine import Engine
+from voidprompt.pipeline.request import GenerationRequest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Crash(Exception):
+    """Stands in for a kill: not a VoidpromptError, so nothing catches it."""
+
+
+def test_plan_batches_groups_by_shape_and_settings(tmp_path: Path) -> None:
+    study = parse_study(study_text(tmp_path / "x.safetensors", seeds="3 random"), tmp_path / "t.toml")
+    jobs = study.expand()
+    assert len(jobs) == 12
+    batches = plan_batches(jobs, batch_size=8)
+    # 2 sizes x 2 W: four groups of three seeds each, every batch one shape and one prompt.
+    assert len(batches) == 4
+    for batch in batches:
+        assert len({(j.request.width, j.request.height, j.request.negative_prompt) for j in batch.jobs}) == 1
+        assert len(set(batch.seeds)) == 3
+    assert sorted(j.job_id for b in batches for j in b.jobs) == sorted(j.job_id for j in jobs)
+    assert [len(b.jobs) for b in plan_batches(jobs, batch_size=2)] == [2, 1] * 4
+    with pytest.raises(StudyError, match="batch_size=0"):
+        plan_batches(jobs, 0)
+
+
+def test_generate_batch_matches_engine(tiny_checkpoint: Path) -> None:
+    engine = Engine(load_model(tiny_checkpoint))
+    request = GenerationRequest(negative_prompt="(text:1.2)", steps=3, width=16, height=16,
+                                sampler_name="Euler a", seed=100)  # fmt: skip
+    # Consecutive seeds: exactly what Engine.generate does for a batch (A1111's seed + i).
+    expected = engine.generate(request.replace(batch_size=2))
+    images, infotexts, _ = generate_batch(engine, request, [100, 101], [request.subseed] * 2)
+    assert [np.asarray(i).tobytes() for i in images] == [np.asarray(i).tobytes() for i in expected.images]
+    assert infotexts == expected.infotexts
+    # Arbitrary seeds: each image equals its own single-image generation (up to batch float order).
+    images, infotexts, _ = generate_batch(engine, request, [7, 100], [request.subseed] * 2)
+    alone = engine.generate(request.replace(seed=7)).images[0]
+    diff = np.abs(np.asarray(images[0], dtype=int) - np.asarray(alone, dtype=int))
+    assert diff.max() <= 2
+    assert np.array_equal(np.asarray(images[1]), np.asarray(expected.images[0]))
+    assert "Seed: 7," in infotexts[0] and "Seed: 100," in infotexts[1]
+
+
+def test_end_to_end_smoke_study(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    text = (REPO / "studies" / "smoke.toml").read_text() + f'\n[model]\ncheckpoint = "{tiny_checkpoint}"\n'
+    (tmp_path / "smoke.toml").write_text(text)
+    study = load_study(tmp_path / "smoke.toml")
+    report = run_study(study, batch_size=4, progress=False, labeler="auto")
+    assert (report.total, report.generated, report.skipped, report.batches) == (8, 8, 0, 4)
+    catalog_path = tmp_path / "runs" / "smoke" / "catalog.sqlite"
+    assert report.catalog_path == catalog_path
+    with Catalog.open(catalog_path, readonly=True) as catalog:
+        images = catalog.images()
+        assert len(images) == 8
+        by_job = {j.job_id: j for j in study.expand()}
+        for row in images:
+            file = catalog_path.parent / row["path"]
+            assert sha256_file(file) == row["sha256"]
+            job = by_job[row["job_id"]]
+            assert (row["width"], row["height"]) == (job.request.width, job.request.height)
+            assert row["seed"] == job.request.seed
+            assert f"Seed: {job.request.seed}," in row["infotext"]
+            with Image.open(file) as png:
+                assert png.info["parameters"] == row["infotext"]
+                assert catalog.measures(row["id"]) == pytest.approx(measure_image(png))
+            assert set(catalog.measures(row["id"])) == set(MEASURES)
+            assert row["timings"]["batch_size"] == 2.0
+        assert catalog.summary().labelled == 0  # smoke.toml says labeler = "none"
+    again = run_study(study, batch_size=4, progress=False)
+    assert (again.generated, again.skipped) == (0, 8)
+
+
+def test_detector_prelabels(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    text = study_text(tiny_checkpoint, sizes="16x16", seeds="1", labels='labeler = "detector"')
+    study = parse_study(text, tmp_path / "t.toml")
+    run_study(study, progress=False)
+    with Catalog.open(tmp_path / "runs" / "t" / "catalog.sqlite", readonly=True) as catalog:
+        labels = catalog.all_labels()
+    assert len(labels) == 2
+    for sources in labels.values():
+        label_class, tags = sources["detector"]
+        assert label_class in WORLD_CLASSES
+        assert any(t.endswith("background") for t in tags)
+
+
+def _state(catalog_path: Path) -> tuple[list[str], list[str], int]:
+    db = sqlite3.connect(catalog_path)
+    rows = [r[0] for r in db.execute("SELECT job_id FROM images ORDER BY job_id")]
+    measured = db.execute("SELECT COUNT(DISTINCT image_id) FROM measures").fetchone()[0]
+    db.close()
+    files = sorted(p.name for p in (catalog_path.parent / "catalog-images").iterdir())
+    return rows, files, measured
+
+
+@pytest.mark.parametrize("stage", ["before_write", "temp_written", "renamed", "recorded"])
+def test_resume_after_crash(tiny_checkpoint: Path, tmp_path: Path, stage: str) -> None:
+    study = parse_study(study_text(tiny_checkpoint, sizes="16x16", seeds="2 random"), tmp_path / "t.toml")
+    seen: list[str] = []
+
+    def fault(at: str, job_id: str) -> None:
+        if at == stage:
+            seen.append(job_id)
+            if len(seen) == 3:  # the first image of the second batch: mid-run, mid-batch
+                raise Crash(job_id)
+
+    with pytest.raises(Crash):
+        run_study(study, batch_size=2, progress=False, fault=fault)
+    path = tmp_path / "runs" / "t" / "catalog.sqlite"
+    rows, files, _ = _state(path)
+    committed = 3 if stage == "recorded" else 2
+    assert len(rows) == committed
+    leftovers = [f for f in files if f.startswith(TEMP_PREFIX) or f[:-4] not in rows]
+    assert len(leftovers) == (1 if stage in ("renamed",) else 0)  # a renamed file awaiting its row
+    report = run_study(study, batch_size=2, progress=False)
+    assert (report.skipped, report.generated) == (committed, 4 - committed)
+    rows, files, measured = _state(path)
+    jobs = sorted(j.job_id for j in study.expand())
+    assert rows == jobs  # no loss, no duplicate (job_id is UNIQUE in images)
+    assert files == [f"{j}.png" for j in jobs]  # no temp file, no orphan
+    assert measured == 4
+
+
+def test_crash_in_a_batch_loses_only_that_batch(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    study = parse_study(study_text(tiny_checkpoint, sizes="16x16", seeds="2 random"), tmp_path / "t.toml")
+
+    def fault(at: str, job_id: str) -> None:
+        if at == "before_write" and job_id == study.expand()[2].job_id:
+            raise Crash(job_id)
+
+    with pytest.raises(Crash):
+        run_study(study, batch_size=2, progress=False, fault=fault)
+    rows, _, _ = _state(tmp_path / "runs" / "t" / "catalog.sqlite")
+    assert rows == sorted(j.job_id for j in study.expand()[:2])
+
+
+def test_model_resolution_errors(tmp_path: Path) -> None:
+    with pytest.raises(StudyError, match=r"no file at .*missing\.safetensors"):
+        resolve_model(ModelRef("missing.safetensors"), tmp_path)
+    try:
+        import voidprompt.demo.miniature  # noqa: F401
+    except ImportError:
+        with pytest.raises(StudyError, match="miniature model"):
+            resolve_model(ModelRef(), tmp_path)
