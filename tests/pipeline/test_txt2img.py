@@ -1,0 +1,150 @@
+"""txt2img through the Engine on a tiny random SD1-layout checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from voidprompt.errors import InvalidRequestError
+from voidprompt.infotext import parse_generation_parameters, request_fields_from_params
+from voidprompt.pipeline.engine import Engine, Interrupted, to_pil_images
+from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.prompts.nai import NOVELAI_NEGATIVE, weight_tags
+
+BASE = GenerationRequest(
+    prompt="",
+    negative_prompt="lowres, bad anatomy, (blurry:1.2)",
+    seed=1234,
+    steps=4,
+    width=64,
+    height=64,
+    cfg_scale=7.0,
+    sampler_name="Euler a",
+    clip_skip=2,
+)
+
+
+def pixels(image: object) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_same_request_gives_same_image(tiny_engine: Engine) -> None:
+    a = tiny_engine.generate(BASE)
+    b = tiny_engine.generate(BASE)
+    assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
+    assert a.infotexts == b.infotexts
+
+
+def test_batch_images_equal_single_images(tiny_engine: Engine) -> None:
+    batch = tiny_engine.generate(BASE.replace(batch_size=3, seed=50))
+    assert batch.seeds == [50, 51, 52]
+    for index, seed in enumerate(batch.seeds):
+        single = tiny_engine.generate(BASE.replace(seed=seed))
+        # Batched convolutions may sum in another order: allow one 8-bit level.
+        assert np.abs(pixels(batch.images[index]) - pixels(single.images[0])).max() <= 1
+        assert f"Seed: {seed}," in batch.infotexts[index]
+
+
+def test_n_iter_continues_seeds(tiny_engine: Engine) -> None:
+    result = tiny_engine.generate(BASE.replace(batch_size=2, n_iter=2, seed=7))
+    assert result.seeds == [7, 8, 9, 10]
+    assert len(result.images) == 4
+
+
+def test_random_seed_is_recorded_and_reproducible(tiny_engine: Engine) -> None:
+    first = tiny_engine.generate(BASE.replace(seed=-1))
+    seed = first.seeds[0]
+    assert 0 <= seed < 4294967294
+    again = tiny_engine.generate(BASE.replace(seed=seed))
+    assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
+
+
+def test_infotext_alone_regenerates_the_image(tiny_engine: Engine) -> None:
+    request = BASE.replace(
+        sampler_name="DPM++ 2M Karras", seed=99, cfg_scale=5.5, eta_noise_seed_delta=31337, subseed=3,
+        subseed_strength=0.25,
+    )
+    result = tiny_engine.generate(request)
+    params = parse_generation_parameters(result.infotexts[0])
+    assert params["Sampler"] == "DPM++ 2M"
+    assert params["Schedule type"] == "Karras"
+    assert params["Clip skip"] == "2"
+    assert params["RNG"] == "CPU"
+    assert "ENSD" not in params  # DPM++ 2M draws no eta noise, so A1111 does not write it
+    fields = request_fields_from_params(params)
+    rebuilt = GenerationRequest(**{k: v for k, v in fields.items() if k in GenerationRequest.__dataclass_fields__})
+    again = tiny_engine.generate(rebuilt)
+    assert np.array_equal(pixels(result.images[0]), pixels(again.images[0]))
+
+
+def test_ensd_written_only_for_samplers_that_use_it(tiny_engine: Engine) -> None:
+    ancestral = tiny_engine.generate(BASE.replace(eta_noise_seed_delta=31337))
+    assert "ENSD: 31337" in ancestral.infotexts[0]
+    plain = tiny_engine.generate(BASE.replace(eta_noise_seed_delta=31337, sampler_name="Euler"))
+    assert "ENSD" not in plain.infotexts[0]
+    # ENSD changes ancestral noise, not the deterministic Euler trajectory.
+    euler = tiny_engine.generate(BASE.replace(sampler_name="Euler"))
+    assert np.array_equal(pixels(euler.images[0]), pixels(plain.images[0]))
+    ancestral_no_ensd = tiny_engine.generate(BASE)
+    assert not np.array_equal(pixels(ancestral_no_ensd.images[0]), pixels(ancestral.images[0]))
+
+
+def test_pure_negative_prompt_weight_changes_the_image(tiny_engine: Engine) -> None:
+    images = {}
+    for w in (0.9, 1.0, 1.1):
+        request = BASE.replace(negative_prompt=weight_tags(NOVELAI_NEGATIVE, w), sampler_name="Euler")
+        images[w] = pixels(tiny_engine.generate(request).images[0])
+    assert not np.array_equal(images[0.9], images[1.0])
+    assert not np.array_equal(images[1.1], images[1.0])
+    plain = pixels(tiny_engine.generate(BASE.replace(negative_prompt=NOVELAI_NEGATIVE, sampler_name="Euler")).images[0])
+    assert np.array_equal(images[1.0], plain)
+
+
+def test_clip_skip_is_used_and_written(tiny_engine: Engine) -> None:
+    one = tiny_engine.generate(BASE.replace(clip_skip=1))
+    two = tiny_engine.generate(BASE)
+    assert "Clip skip" not in one.infotexts[0]
+    assert "Clip skip: 2" in two.infotexts[0]
+    assert not np.array_equal(pixels(one.images[0]), pixels(two.images[0]))
+
+
+def test_bad_size_is_refused_before_sampling(tiny_engine: Engine) -> None:
+    with pytest.raises(InvalidRequestError, match="multiple of 8"):
+        tiny_engine.generate(BASE.replace(width=60))
+    with pytest.raises(InvalidRequestError, match="sampler"):
+        tiny_engine.generate(BASE.replace(sampler_name="Euler z"))
+
+
+def test_progress_and_interrupt(tiny_engine: Engine) -> None:
+    steps: list[int] = []
+    tiny_engine.generate(BASE.replace(n_iter=2), progress=lambda p: steps.append(p.step))
+    assert steps == [1, 2, 3, 4, 1, 2, 3, 4]
+    calls = {"n": 0}
+
+    def stop_after_two() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    with pytest.raises(Interrupted):
+        tiny_engine.generate(BASE, should_stop=stop_after_two)
+
+
+def test_eight_bit_conversion_truncates_like_a1111() -> None:
+    # A1111: 255 * x then astype(uint8): truncation, so 0.999 -> 254 and 0.5 -> 127 (rounding gives 128).
+    values = torch.tensor([0.0, 0.5, 0.999, 1.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4).contiguous()
+    image = to_pil_images(values)[0]
+    assert np.asarray(image)[0, :, 0].tolist() == [0, 127, 254, 255]
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    ["Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2S a", "DPM++ 2M", "DPM++ SDE",
+     "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM fast", "Restart", "DDIM", "DDIM CFG++",
+     "PLMS", "UniPC", "LCM"],
+)
+def test_every_sampler_runs_and_names_itself(tiny_engine: Engine, sampler: str) -> None:
+    result = tiny_engine.generate(BASE.replace(sampler_name=sampler, steps=3))
+    array = pixels(result.images[0])
+    assert array.shape[2] == 3
+    assert f"Sampler: {sampler}," in result.infotexts[0]
