@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the preset table below is data, kept as the extension ships it)
 """Checkpoint merger: A1111's "Checkpoint Merger" tab plus the block-weighted merge extension.
 
 Methods (A = primary, B = secondary, C = tertiary, M = multiplier):
@@ -40,7 +41,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -89,7 +90,9 @@ class MergeMethod(enum.Enum):
 NUM_INPUT_BLOCKS = 12
 NUM_TOTAL_BLOCKS = 25
 BLOCK_NAMES: tuple[str, ...] = (
-    *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12))
+    *(f"IN{i:02d}" for i in range(12)),
+    "M00",
+    *(f"OUT{i:02d}" for i in range(12)),
 )
 
 # The extension's csv/preset.tsv (bbc-mc/sdweb-merge-block-weighted-gui), as shipped; values copied
@@ -146,7 +149,9 @@ def block_index(key: str) -> int | None:
     else:
         return None  # A1111 quirk (extension): unmatched UNet keys get base_alpha
     if index >= NUM_TOTAL_BLOCKS:
-        raise MergeError(f"'{key}' has block index {index}; an SD1 UNet has 25 blocks - is this an SDXL model?")
+        raise MergeError(
+            f"'{key}' has block index {index}; an SD1 UNet has 25 blocks - is this an SDXL model?"
+        )
     return index
 
 
@@ -163,8 +168,10 @@ def parse_block_weights(text: str) -> tuple[float, ...]:
             f"({', '.join(BLOCK_PRESETS)})."
         ) from exc
     if len(weights) != NUM_TOTAL_BLOCKS:
-        raise MergeError(f"block weights '{text}': {len(weights)} values; the block-weighted merge needs 25 "
-                         "(IN00-IN11, M00, OUT00-OUT11).")
+        raise MergeError(
+            f"block weights '{text}': {len(weights)} values; the block-weighted merge needs 25 "
+            "(IN00-IN11, M00, OUT00-OUT11)."
+        )
     return weights
 
 
@@ -207,16 +214,19 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
 
 
-class _Source(Protocol):
+class _Source:
+    """A merge input: names, shapes and dtypes up front, tensors on demand."""
+
     name: str
-    shapes: Mapping[str, tuple[int, ...]]
-    dtypes: Mapping[str, torch.dtype]
-    metadata: Mapping[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    metadata: dict[str, str]
 
-    def get(self, key: str) -> torch.Tensor: ...
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class _DictSource:
+class _DictSource(_Source):
     def __init__(self, sd: Mapping[str, torch.Tensor], name: str) -> None:
         self.name = name
         self._sd = sd
@@ -228,7 +238,7 @@ class _DictSource:
         return self._sd[key]
 
 
-class _FileSource:
+class _FileSource(_Source):
     """A checkpoint read tensor by tensor: safetensors through plain reads (no mapping), pickles
     through :func:`open_checkpoint` (restricted unpickler)."""
 
@@ -255,7 +265,7 @@ class _FileSource:
         self.metadata = dict(self._reader.metadata)
 
     def get(self, key: str) -> torch.Tensor:
-        return self._reader.get(key)  # type: ignore[no-any-return]
+        return self._reader.get(key)
 
     def close(self) -> None:
         self._reader.close()
@@ -306,15 +316,23 @@ def _plan(
                 f"A ({a.name}) is a normal model and {other.name} an inpainting one: when merging an "
                 "inpainting model with a normal one, A must be the inpainting model (swap A and B)."
             )
-        raise MergeError(f"cannot merge {fa.label} ({a.name}) with {fo.label} ({other.name}): the "
-                         "architectures differ; use models of the same family.")
+        raise MergeError(
+            f"cannot merge {fa.label} ({a.name}) with {fo.label} ({other.name}): the "
+            "architectures differ; use models of the same family."
+        )
 
     merging = method is not MergeMethod.NO_INTERPOLATION
     others = [s for s in (b, c) if s is not None] if merging else []
     missing: list[str] = []
     for src in others:
-        gone = [k for k in a.shapes if "model" in k and not k.startswith("model_ema.") and k not in src.shapes
-                and k != POSITION_IDS_KEY]
+        gone = [
+            k
+            for k in a.shapes
+            if "model" in k
+            and not k.startswith("model_ema.")
+            and k not in src.shapes
+            and k != POSITION_IDS_KEY
+        ]
         missing += [f"{k} (not in {src.name})" for k in gone]
     if missing and not options.allow_missing:
         raise MergeError(
@@ -349,12 +367,17 @@ def _plan(
             vkey = vae_map[key]
             vshape = vae.shapes[vkey] if vae is not None else shape
             if math.prod(vshape) != math.prod(shape):
-                raise MergeError(f"{key}: the VAE to bake has shape {vshape}, the model {shape}; not an SD1 VAE.")
+                raise MergeError(
+                    f"{key}: the VAE to bake has shape {vshape}, the model {shape}; not an SD1 VAE."
+                )
             vdt = vae.dtypes[vkey] if vae is not None else dtype
             steps.append(_Step(TensorSpec(key, out_dtype(vdt, key), shape), "vae", vkey))
             continue
         mergeable = (
-            merging and "model" in key and key != POSITION_IDS_KEY and dtype.is_floating_point
+            merging
+            and "model" in key
+            and key != POSITION_IDS_KEY
+            and dtype.is_floating_point
             and all(key in s.shapes for s in others)
         )
         if not mergeable:
@@ -365,12 +388,19 @@ def _plan(
             sshape = s.shapes[key]
             if sshape == shape:
                 continue
-            if (len(shape) == 4 and len(sshape) == 4 and shape[1] == 9 and sshape[1] == 4
-                    and shape[:1] + shape[2:] == sshape[:1] + sshape[2:]):
+            if (
+                len(shape) == 4
+                and len(sshape) == 4
+                and shape[1] == 9
+                and sshape[1] == 4
+                and shape[:1] + shape[2:] == sshape[:1] + sshape[2:]
+            ):
                 narrow = True
                 continue
-            raise MergeError(f"'{key}' has shape {shape} in A but {sshape} in {s.name}; the models differ "
-                             "in architecture and cannot be merged key by key.")
+            raise MergeError(
+                f"'{key}' has shape {shape} in A but {sshape} in {s.name}; the models differ "
+                "in architecture and cannot be merged key by key."
+            )
         rdtype = dtype
         for s in others:
             rdtype = torch.promote_types(rdtype, s.dtypes[key])  # what A1111's tensor arithmetic gives
@@ -395,9 +425,13 @@ def _plan(
     return steps, facts
 
 
-def _combine(step: _Step, method: MergeMethod, a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor | None) -> torch.Tensor:
+def _combine(
+    step: _Step, method: MergeMethod, a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor | None
+) -> torch.Tensor:
     """One merged key, computed in float32 (or wider) and rounded once; see the module docstring."""
-    work = torch.promote_types(torch.promote_types(a.dtype, torch.float32), b.dtype if b is not None else a.dtype)
+    work = torch.promote_types(
+        torch.promote_types(a.dtype, torch.float32), b.dtype if b is not None else a.dtype
+    )
     full = a.to(work)
     x = full[:, 0:4] if step.narrow else full
     bb = b.to(work) if b is not None else None
@@ -423,8 +457,13 @@ def _combine(step: _Step, method: MergeMethod, a: torch.Tensor, b: torch.Tensor 
 
 
 def _run(
-    steps: Sequence[_Step], method: MergeMethod, a: _Source, b: _Source | None, c: _Source | None,
-    vae: _Source | None, sink: Callable[[str, torch.Tensor], None],
+    steps: Sequence[_Step],
+    method: MergeMethod,
+    a: _Source,
+    b: _Source | None,
+    c: _Source | None,
+    vae: _Source | None,
+    sink: Callable[[str, torch.Tensor], None],
 ) -> None:
     for step in steps:
         if step.kind == "copy_a":
@@ -437,7 +476,10 @@ def _run(
             t = vae.get(step.key).reshape(step.spec.shape)
         else:
             t = _combine(
-                step, method, a.get(step.key), b.get(step.key) if b is not None else None,
+                step,
+                method,
+                a.get(step.key),
+                b.get(step.key) if b is not None else None,
                 c.get(step.key) if c is not None else None,
             )
         sink(step.spec.name, t.to(step.spec.dtype))
@@ -483,8 +525,12 @@ def merge_checkpoints(
     if out_path.suffix.lower() != ".safetensors":
         raise MergeError(f"{out_path}: the merger writes .safetensors only; name the output '*.safetensors'.")
     options.validate(b is not None, c is not None)
-    paths = {"A": Path(a), "B": Path(b) if b is not None else None, "C": Path(c) if c is not None else None,
-             "VAE": Path(bake_vae) if bake_vae is not None else None}
+    paths = {
+        "A": Path(a),
+        "B": Path(b) if b is not None else None,
+        "C": Path(c) if c is not None else None,
+        "VAE": Path(bake_vae) if bake_vae is not None else None,
+    }
     for label, p in paths.items():
         if p is not None and out_path.exists() and p.resolve() == out_path.resolve():
             raise MergeError(f"the output {out_path} is input {label}; write to a new file.")
@@ -517,9 +563,14 @@ def merge_checkpoints(
             recipe["base_alpha"] = options.base_alpha
         models = {
             hashes[label]: {"name": p.stem, "legacy_hash": old_model_hash(p)}
-            for label, p in paths.items() if p is not None and label != "VAE"
+            for label, p in paths.items()
+            if p is not None and label != "VAE"
         }
-        metadata = {"format": "pt", "sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(models)}
+        metadata = {
+            "format": "pt",
+            "sd_merge_recipe": json.dumps(recipe),
+            "sd_merge_models": json.dumps(models),
+        }
         if ARCH_METADATA_KEY in sa.metadata:
             metadata[ARCH_METADATA_KEY] = sa.metadata[ARCH_METADATA_KEY]  # needed to load A's architecture
         with SafetensorsStreamWriter(out_path, [s.spec for s in steps], metadata) as writer:

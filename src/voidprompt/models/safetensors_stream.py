@@ -41,8 +41,15 @@ __all__ = [
 ]
 
 ST_TO_DTYPE: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 DTYPE_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_DTYPE.items()}
@@ -78,12 +85,16 @@ class SafetensorsStreamReader:
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if n <= 0 or 8 + n > size:
             self._f.close()
-            raise ModelLoadError(f"{self.path}: not a .safetensors file (bad header length); download it again.")
+            raise ModelLoadError(
+                f"{self.path}: not a .safetensors file (bad header length); download it again."
+            )
         try:
             header = json.loads(self._f.read(n))
         except ValueError as exc:
             self._f.close()
-            raise ModelLoadError(f"{self.path}: damaged .safetensors header ({exc}); download it again.") from exc
+            raise ModelLoadError(
+                f"{self.path}: damaged .safetensors header ({exc}); download it again."
+            ) from exc
         self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
         self._data_start = 8 + n
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -93,7 +104,9 @@ class SafetensorsStreamReader:
             dt = ST_TO_DTYPE.get(info.get("dtype"))
             if dt is None:
                 self._f.close()
-                raise ModelLoadError(f"{self.path}: tensor '{key}' has unsupported dtype {info.get('dtype')}.")
+                raise ModelLoadError(
+                    f"{self.path}: tensor '{key}' has unsupported dtype {info.get('dtype')}."
+                )
             begin, end = (int(x) for x in info["data_offsets"])
             if self._data_start + end > size:
                 self._f.close()
@@ -140,7 +153,9 @@ class SafetensorsStreamWriter:
             w.commit()
     """
 
-    def __init__(self, path: str | Path, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self, path: str | Path, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None
+    ):
         self.path = Path(path)
         self._specs = list(specs)
         names = [s.name for s in self._specs]
@@ -151,7 +166,11 @@ class SafetensorsStreamWriter:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         offset = 0
         for s in self._specs:
-            header[s.name] = {"dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+            header[s.name] = {
+                "dtype": DTYPE_TO_ST[s.dtype],
+                "shape": list(s.shape),
+                "data_offsets": [offset, offset + s.nbytes],
+            }
             offset += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # align the data region to 8 bytes, as safetensors does
@@ -179,7 +198,7 @@ class SafetensorsStreamWriter:
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
             # A byte view avoids numpy's missing bfloat16 and the copy tobytes() would make.
-            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._f.write(t.reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
 
     def commit(self) -> Path:

@@ -63,12 +63,14 @@ def _activations() -> dict[str, type[nn.Module]]:
     }
     # A1111 also accepts every class of torch.nn.modules.activation by its lower-cased name.
     for cls_name, cls in inspect.getmembers(torch.nn.modules.activation, inspect.isclass):
-        if cls.__module__ == "torch.nn.modules.activation":
+        if cls.__module__ == "torch.nn.modules.activation" and issubclass(cls, nn.Module):
             acts[cls_name.lower()] = cls
     return acts
 
 
-def parse_dropout_structure(layer_structure: Sequence[float], use_dropout: bool, last_layer_dropout: bool) -> list[float]:
+def parse_dropout_structure(
+    layer_structure: Sequence[float], use_dropout: bool, last_layer_dropout: bool
+) -> list[float]:
     """A1111's reconstruction of the dropout positions of files that do not store them."""
     if not use_dropout:
         return [0.0] * len(layer_structure)
@@ -92,7 +94,9 @@ class HypernetworkMLP(nn.Module):
     ) -> None:
         super().__init__()
         if layer_structure[0] != 1 or layer_structure[-1] != 1:
-            raise ModelLoadError(f"hypernetwork layer_structure {list(layer_structure)} must start and end with 1.")
+            raise ModelLoadError(
+                f"hypernetwork layer_structure {list(layer_structure)} must start and end with 1."
+            )
         acts = _activations()
         layers: list[nn.Module] = []
         n = len(layer_structure)
@@ -105,7 +109,9 @@ class HypernetworkMLP(nn.Module):
                 try:
                     layers.append(acts[activation_func]())
                 except TypeError as exc:
-                    raise ModelLoadError(f"hypernetwork activation '{activation_func}' cannot be used ({exc}).") from exc
+                    raise ModelLoadError(
+                        f"hypernetwork activation '{activation_func}' cannot be used ({exc})."
+                    ) from exc
             else:
                 raise ModelLoadError(
                     f"hypernetwork uses an unknown activation function '{activation_func}'; known: "
@@ -176,7 +182,7 @@ def load_hypernetwork(path: str | Path, *, device: torch.device | str = "cpu") -
         mlps = []
         for which, state in zip("kv", pair, strict=True):
             mlp = HypernetworkMLP(size, layer_structure, activation, add_ln, activate_output, dropout)
-            fixed = {_OLD_KEYS.get(k, k): v for k, v in dict(state).items()}
+            fixed = {_OLD_KEYS.get(str(k), str(k)): v for k, v in dict(state).items()}
             try:
                 mlp.load_state_dict(fixed, strict=True)
             except RuntimeError as exc:
@@ -209,7 +215,9 @@ def apply_hypernetworks(
     return out
 
 
-def install_hypernetworks(unet: nn.Module, hypernets: Sequence[tuple[Hypernetwork, float]]) -> list[RemovableHandle]:
+def install_hypernetworks(
+    unet: nn.Module, hypernets: Sequence[tuple[Hypernetwork, float]]
+) -> list[RemovableHandle]:
     """Pre-hooks on every UNet attention's ``to_k`` / ``to_v`` whose input width a hypernet covers."""
     handles: list[RemovableHandle] = []
     if not hypernets:
@@ -222,6 +230,7 @@ def install_hypernetworks(unet: nn.Module, hypernets: Sequence[tuple[Hypernetwor
         if to_k.in_features not in widths:
             continue
         for which, lin in ((0, to_k), (1, to_v)):
+
             def hook(_m: nn.Module, args: tuple[Any, ...], which: int = which) -> tuple[Any, ...]:
                 return (apply_hypernetworks(hypernets, args[0], which), *args[1:])
 

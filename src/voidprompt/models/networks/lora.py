@@ -162,8 +162,14 @@ def fit_delta(delta: Tensor, shape: torch.Size, *, network: str, layer: str) -> 
         return delta
     if delta.numel() == shape.numel():
         return delta.reshape(shape)
-    if (len(shape) == 4 and delta.ndim == 4 and shape[1] == 9 and delta.shape[1] == 4
-            and delta.shape[0] == shape[0] and delta.shape[2:] == shape[2:]):
+    if (
+        len(shape) == 4
+        and delta.ndim == 4
+        and shape[1] == 9
+        and delta.shape[1] == 4
+        and delta.shape[0] == shape[0]
+        and delta.shape[2:] == shape[2:]
+    ):
         return torch.nn.functional.pad(delta, (0, 0, 0, 0, 0, 5))
     raise ModelLoadError(
         f"LoRA '{network}': layer {layer} gives a weight change of shape {tuple(delta.shape)} but the model's "
@@ -230,7 +236,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     from voidprompt.models.load import open_checkpoint
 
     with open_checkpoint(path) as reader:
-        return {k: reader.get(k).clone() for k in reader.keys()}, dict(reader.metadata)
+        return {k: reader.get(k).clone() for k in reader.shapes}, dict(reader.metadata)
 
 
 def load_lora(path: str | Path, name: str | None = None) -> LoraNetwork:
@@ -249,7 +255,9 @@ def load_lora(path: str | Path, name: str | None = None) -> LoraNetwork:
             continue
         modules.setdefault(layer, LoraModule(net_name, layer, {})).tensors[suffix] = value
     if not modules:
-        raise ModelLoadError(f"{p}: no LoRA modules in the file (keys e.g. {list(tensors)[:3]}); is it a LoRA?")
+        raise ModelLoadError(
+            f"{p}: no LoRA modules in the file (keys e.g. {list(tensors)[:3]}); is it a LoRA?"
+        )
     for mod in modules.values():
         if "dora_scale" in mod.tensors:
             raise ModelLoadError(

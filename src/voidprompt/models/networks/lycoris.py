@@ -54,7 +54,9 @@ def rebuild_cp(up: Tensor, down: Tensor, mid: Tensor) -> Tensor:
 
 def rebuild_tucker(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
     """Tucker core t (r, r, kh, kw) with factors wa (r, out) and wb (r, in)."""
-    return torch.einsum("abhw,ao,bi->oihw", _f32(t), _f32(wa).reshape(wa.shape[0], -1), _f32(wb).reshape(wb.shape[0], -1))
+    return torch.einsum(
+        "abhw,ao,bi->oihw", _f32(t), _f32(wa).reshape(wa.shape[0], -1), _f32(wb).reshape(wb.shape[0], -1)
+    )
 
 
 def delta_lora(w: dict[str, Tensor], dyn_dim: int | None = None) -> Tensor:

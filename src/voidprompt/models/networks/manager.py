@@ -100,13 +100,20 @@ class NetworkManager:
         hypers = [c for c in calls if c.kind == "hypernet"]
         lora_specs = [lora_call_params(c) for c in loras]
         hyper_specs = [_hyper_params(c) for c in hypers]
-        lora_paths = [self._find(lora_dir, name, "LoRA", (".safetensors", ".pt", ".ckpt")) for name, *_ in lora_specs]
+        lora_paths = [
+            self._find(lora_dir, name, "LoRA", (".safetensors", ".pt", ".ckpt")) for name, *_ in lora_specs
+        ]
         hyper_paths = [self._find(hypernet_dir, name, "hypernetwork", (".pt",)) for name, _ in hyper_specs]
         state = (
             id(components),
             functional,
-            tuple((str(p), p.stat().st_mtime_ns, *spec[1:]) for p, spec in zip(lora_paths, lora_specs, strict=True)),
-            tuple((str(p), p.stat().st_mtime_ns, m) for p, (_, m) in zip(hyper_paths, hyper_specs, strict=True)),
+            tuple(
+                (str(p), p.stat().st_mtime_ns, *spec[1:])
+                for p, spec in zip(lora_paths, lora_specs, strict=True)
+            ),
+            tuple(
+                (str(p), p.stat().st_mtime_ns, m) for p, (_, m) in zip(hyper_paths, hyper_specs, strict=True)
+            ),
         )
         if state == self._state and components is self._components:
             return self._applied
@@ -151,7 +158,9 @@ class NetworkManager:
     @staticmethod
     def _find(folder: str | Path | None, name: str, what: str, suffixes: tuple[str, ...]) -> Path:
         if folder is None:
-            raise ModelLoadError(f"the prompt uses {what} '{name}' but no {what} folder is configured; set one.")
+            raise ModelLoadError(
+                f"the prompt uses {what} '{name}' but no {what} folder is configured; set one."
+            )
         return find_network_file(folder, name, suffixes)
 
     def _lora(self, path: Path, name: str) -> LoraNetwork:
@@ -201,7 +210,9 @@ class NetworkManager:
                 log.warning(msg)
                 applied.notes.append(msg)
             if net.bundled_embeddings:
-                applied.notes.append(f"LoRA '{name}': {len(net.bundled_embeddings)} bundled embedding tensors ignored")
+                applied.notes.append(
+                    f"LoRA '{name}': {len(net.bundled_embeddings)} bundled embedding tensors ignored"
+                )
             applied.loras.append(AppliedLora(net.alias, te, unet, dyn, net.shorthash, count))
 
         for kohya_name, items in per_layer.items():
@@ -211,8 +222,12 @@ class NetworkManager:
             assert isinstance(weight, nn.Parameter)
             deltas = [(mod, mod.delta(weight.shape, dyn_dim=dyn) * mult) for mod, mult, dyn in items]
             if functional:
-                self._hooks.append(_install_functional(module, [(m, d, mult, dyn) for (m, d), (_, mult, dyn) in
-                                                                zip(deltas, items, strict=True)]))
+                self._hooks.append(
+                    _install_functional(
+                        module,
+                        [(m, d, mult, dyn) for (m, d), (_, mult, dyn) in zip(deltas, items, strict=True)],
+                    )
+                )
                 continue
             total = deltas[0][1]
             for _, d in deltas[1:]:
@@ -251,7 +266,12 @@ def _install_functional(
 
 def _conv_args(module: nn.Module) -> dict[str, Any]:
     assert isinstance(module, nn.Conv2d)
-    return {"stride": module.stride, "padding": module.padding, "dilation": module.dilation, "groups": module.groups}
+    return {
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "groups": module.groups,
+    }
 
 
 def _branch(module: nn.Module, mod: LoraModule, delta: Tensor, mult: float, dyn: int | None) -> Any:
@@ -274,6 +294,7 @@ def _branch(module: nn.Module, mod: LoraModule, delta: Tensor, mult: float, dyn:
 
             return conv_branch
         if not is_conv and down.ndim == 2 and down.shape[1] == weight.shape[1]:
+
             def linear_branch(x: Tensor) -> Tensor:
                 return F.linear(F.linear(x.to(torch.float32), down), up.reshape(up.shape[0], -1)) * factor
 
