@@ -201,7 +201,9 @@ def test_non_pil_init_image_is_rejected(engine: Engine) -> None:
 def test_resize_mode_0_just_resizes() -> None:
     out = resize_image(0, init_image(0, (40, 20)), 32, 32)
     assert out.size == (32, 32)
-    assert np.array_equal(np.asarray(out), np.asarray(init_image(0, (40, 20)).resize((32, 32), Image.LANCZOS)))
+    assert np.array_equal(
+        np.asarray(out), np.asarray(init_image(0, (40, 20)).resize((32, 32), Image.LANCZOS))
+    )
 
 
 def test_resize_mode_1_crops_centre() -> None:
