@@ -1,0 +1,86 @@
+"""``voidprompt demo ...``: the gallery (no arguments) and the reproducible training command.
+
+``voidprompt demo [--out DIR] [--model PATH]`` generates a small gallery on the miniature model and
+prints where it wrote it. ``voidprompt demo train [--out DIR] [--resume] [--minutes N] [--seed S] ...``
+trains the miniature model (see :mod:`voidprompt.demo.train`); the defaults reproduce the committed
+weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from voidprompt.errors import VoidpromptError
+
+__all__ = ["main"]
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from voidprompt.demo.train import TrainConfig
+
+    d = TrainConfig(out_dir=Path("."))
+    p = argparse.ArgumentParser(prog="voidprompt demo train", description="Train the miniature model.")
+    p.add_argument("--out", type=Path, default=Path("outputs/miniature-train"), help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--n-images", type=int, default=d.n_images)
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--diffusion-steps", type=int, default=d.diffusion_steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
+    return p
+
+
+def _train(argv: list[str]) -> int:
+    from voidprompt.demo.train import TrainConfig, train
+
+    args = _train_parser().parse_args(argv)
+    config = TrainConfig(
+        out_dir=args.out,
+        seed=args.seed,
+        n_images=args.n_images,
+        vae_steps=args.vae_steps,
+        diffusion_steps=args.diffusion_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        threads=args.threads,
+        checkpoint_minutes=args.checkpoint_minutes,
+        minutes=args.minutes,
+    )
+    path = train(config, resume=args.resume, log_fn=lambda s: print(s, flush=True))
+    print(f"model: {path}")
+    return 0
+
+
+def _gallery(argv: list[str]) -> int:
+    from voidprompt.demo.generate import write_gallery
+
+    p = argparse.ArgumentParser(prog="voidprompt demo", description="A gallery from the miniature model.")
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory")
+    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the miniature model)")
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    index = write_gallery(args.out, model=args.model, seed=args.seed, threads=args.threads)
+    print(f"wrote the gallery to {index.parent} (open {index})")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point for ``voidprompt demo``; returns the exit status."""
+    try:
+        if argv and argv[0] == "train":
+            return _train(argv[1:])
+        return _gallery(argv)
+    except VoidpromptError as exc:
+        print(f"voidprompt demo: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

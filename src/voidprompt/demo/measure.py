@@ -1,0 +1,173 @@
+"""What the miniature model does, measured with the detector on fixed seed sets (issue 6's figures).
+
+Every condition of one figure uses the same seeds (paired), 64x64, Euler a, 20 steps, Clip skip 2 and
+CFG 7 unless a figure changes one of them (:func:`voidprompt.demo.generate.demo_request`). Pictures of
+any size are read with the detector at native size 64, because the model paints at its own pixel
+scale. Proportions come with Wilson intervals, slopes with t intervals (:mod:`voidprompt.lab.stats`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from voidprompt.demo.detector import Detection, DetectorConfig, detect
+from voidprompt.demo.generate import demo_request
+from voidprompt.lab.stats import SlopeFit, linear_slope, wilson_interval
+from voidprompt.prompts.nai import NOVELAI_NEGATIVE
+
+__all__ = [
+    "ADHERENCE_PROMPTS",
+    "EMPHASIS_WEIGHTS",
+    "Proportion",
+    "count_ratio",
+    "defect_rates",
+    "detect_all",
+    "emphasis_slope",
+    "generate_images",
+    "prompt_adherence",
+    "vae_round_trip",
+]
+
+# Chromatic colours only: a white or black shape on the equally likely white or black background
+# would be invisible for reasons that have nothing to do with the prompt.
+ADHERENCE_PROMPTS: tuple[str, ...] = (
+    "red circle",
+    "orange square",
+    "yellow triangle",
+    "green star",
+    "blue circle",
+    "purple triangle",
+    "red square",
+    "blue star",
+)
+EMPHASIS_WEIGHTS: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
+DETECTOR = DetectorConfig(native_size=64)
+
+
+@dataclass(frozen=True)
+class Proportion:
+    k: int
+    n: int
+
+    @property
+    def p(self) -> float:
+        return self.k / self.n if self.n else math.nan
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.k, self.n)
+
+    def __str__(self) -> str:
+        low, high = self.interval
+        return f"{self.p:.3f} ({self.k}/{self.n}; 95% CI {low:.3f}-{high:.3f})"
+
+
+def generate_images(
+    engine: Any, prompt: str, negative_prompt: str, n: int, seed: int, *, batch: int = 25, **changes: Any
+) -> list[Image.Image]:
+    """n pictures for seeds seed .. seed+n-1 (the Engine numbers a batch's seeds consecutively)."""
+    images: list[Image.Image] = []
+    while len(images) < n:
+        size = min(batch, n - len(images))
+        request = demo_request(prompt, negative_prompt, seed=seed + len(images), batch_size=size, **changes)
+        images.extend(engine.generate(request).images)
+    return images
+
+
+def detect_all(images: Sequence[Image.Image]) -> list[Detection]:
+    return [detect(image, DETECTOR) for image in images]
+
+
+def _has(detection: Detection, colour: str, kind: str) -> bool:
+    return any(s.colour == colour and s.kind == kind for s in detection.shapes)
+
+
+def prompt_adherence(
+    engine: Any, n_per_prompt: int, seed: int, *, cfg_scale: float = 7.0,
+    prompts: Sequence[str] = ADHERENCE_PROMPTS,
+) -> tuple[Proportion, dict[str, Proportion]]:
+    """Share of ``<colour> <shape>`` pictures that contain that coloured shape (overall, per prompt)."""
+    per: dict[str, Proportion] = {}
+    for prompt in prompts:
+        colour, kind = prompt.split()
+        found = detect_all(generate_images(engine, prompt, "", n_per_prompt, seed, cfg_scale=cfg_scale))
+        per[prompt] = Proportion(sum(_has(d, colour, kind) for d in found), len(found))
+    return Proportion(sum(p.k for p in per.values()), sum(p.n for p in per.values())), per
+
+
+def defect_rates(
+    detections: Sequence[Detection],
+) -> tuple[Proportion, dict[str, Proportion]]:
+    """Share of pictures with any defect flag, and per defect."""
+    from voidprompt.demo.world import DEFECTS
+
+    n = len(detections)
+    any_defect = Proportion(sum(bool(d.defect_flags) for d in detections), n)
+    return any_defect, {x: Proportion(sum(x in d.defect_flags for d in detections), n) for x in DEFECTS}
+
+
+def negative_prompt_effect(
+    engine: Any, n: int, seed: int, *, negative_prompt: str = NOVELAI_NEGATIVE
+) -> dict[str, tuple[Proportion, dict[str, Proportion]]]:
+    """Defect rates of the empty prompt without and with the negative prompt (paired seeds)."""
+    return {
+        "none": defect_rates(detect_all(generate_images(engine, "", "", n, seed))),
+        "negative": defect_rates(detect_all(generate_images(engine, "", negative_prompt, n, seed))),
+    }
+
+
+def count_ratio(engine: Any, n: int, seed: int, *, prompt: str = "") -> dict[str, float]:
+    """Mean detected objects per picture at 64x64 and at 128x128 (4x the trained area), paired seeds."""
+    out: dict[str, float] = {}
+    for side in (64, 128):
+        images = generate_images(engine, prompt, "", n, seed, width=side, height=side)
+        counts = np.array([d.count for d in detect_all(images)], dtype=float)
+        out[f"mean_{side}"] = float(counts.mean())
+        sem = counts.std(ddof=1) / math.sqrt(len(counts)) if len(counts) > 1 else math.nan
+        out[f"sem_{side}"] = float(sem)
+    out["ratio"] = out["mean_128"] / out["mean_64"] if out["mean_64"] else math.inf
+    return out
+
+
+def emphasis_slope(
+    engine: Any, tag: str, n: int, seed: int, *, weights: Sequence[float] = EMPHASIS_WEIGHTS,
+    base_negative: str = "",
+) -> tuple[SlopeFit, dict[float, Proportion]]:
+    """Rate of the ``tag`` defect against the weight W of ``(tag:W)`` in the negative prompt.
+
+    The slope is fitted on the per-picture 0/1 outcomes (n x len(weights) points), so its interval
+    reflects the binomial noise of each rate.
+    """
+    rates: dict[float, Proportion] = {}
+    xs: list[float] = []
+    ys: list[float] = []
+    for w in weights:
+        negative = f"{base_negative + ', ' if base_negative else ''}({tag}:{w:g})"
+        found = [tag in d.defect_flags for d in detect_all(generate_images(engine, "", negative, n, seed))]
+        rates[w] = Proportion(sum(found), len(found))
+        xs += [w] * len(found)
+        ys += [float(f) for f in found]
+    return linear_slope(xs, ys), rates
+
+
+def vae_round_trip(components: Any) -> Callable[[Image.Image], Image.Image]:
+    """Encode (posterior mean) and decode a picture with the model's VAE, as the detector evaluation's
+    ``transform``."""
+    from voidprompt.pipeline.engine import decode_latents, to_pil_images
+
+    vae = components.vae
+
+    def transform(image: Image.Image) -> Image.Image:
+        x = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            mean = vae.encode((x / 127.5 - 1.0).to(components.dtype)).latent_dist.mean
+        return to_pil_images(decode_latents(components, mean * components.scaling_factor))[0]
+
+    return transform

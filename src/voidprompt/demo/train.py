@@ -1,0 +1,504 @@
+"""Train the miniature model: a narrow SD1.x (CLIP text encoder, cross-attention UNet, KL VAE f=8).
+
+One command, ``voidprompt demo train``, runs three phases and can stop and resume at any point:
+
+1. ``vae``: the KL autoencoder on world pictures (L1 + L2 + a light edge term + a small KL). The
+   pictures are drawn once by :func:`voidprompt.demo.world.make_dataset` and cached; the VAE trains
+   on random crops (a convolutional VAE does not care about the crop size, and crops cost a quarter
+   of the compute of whole 64 px pictures) and, for the last part, whole pictures.
+2. ``latents``: every picture is encoded once; the posterior mean and std are cached. The latent
+   scaling factor is 1 / std of the sampled latents and goes into the ``voidprompt.arch`` metadata
+   (``scaling_factor``), so the diffusion model sees unit-variance latents as SD1's does with 0.18215.
+3. ``diffusion``: text encoder and UNet together, eps prediction on SD1's scaled-linear schedule
+   (1000 steps), latents sampled from the cached posterior, tags reshuffled every step (Danbooru
+   order is arbitrary), 10 % of captions dropped to "" so CFG has its unconditional prediction.
+   The UNet is conditioned on the *penultimate* text-encoder layer through the final LayerNorm, as
+   NovelAI did: Clip skip 2 is this model's native setting. An EMA of both is what gets exported.
+
+The final LayerNorm's bias is frozen at a vector with mean 0.5. A1111's emphasis ("Original") scales
+the conditioning back to its old mean (``z * mean_before / mean_after``); an output whose mean is near
+zero turns that into a division by ~0 (NaN or huge values). A fixed offset is harmless to the UNet (its
+key/value projections absorb it) and keeps the mean well away from zero whatever the encoder learns.
+
+Everything the run needs is in ``out_dir``: ``images.pt`` (the world pictures), ``latents.pt``,
+``state.pt`` (modules, optimisers, EMA, RNG state, phase and step; loaded with
+``torch.load(weights_only=True)``) and ``model.safetensors`` (the export, rewritten at every
+checkpoint so a run cut short still leaves a usable model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from voidprompt.errors import VoidpromptError
+from voidprompt.models.arch import ArchConstants, ClipArch, SD1Arch, UNetArch, VaeArch, build_modules
+from voidprompt.models.convert import modules_to_compvis
+from voidprompt.models.load import sd1_alphas_cumprod
+
+__all__ = [
+    "MINIATURE_ARCH",
+    "MINIATURE_CONSTANTS",
+    "TrainConfig",
+    "TrainError",
+    "encode_tokens",
+    "export_model",
+    "text_condition",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(VoidpromptError):
+    """A training run cannot start or resume (bad settings, a state file from another run, ...)."""
+
+
+# Constants shapes cannot tell, written to the file's ``voidprompt.arch`` metadata. Frozen with the
+# weights: UNet widths 32/64/128 need fewer than SD1's 32 GroupNorm groups to keep 4 channels a group,
+# the CLIP width 64 needs head width 16 for 4 heads. ``scaling_factor`` is filled in after the VAE.
+MINIATURE_CONSTANTS = ArchConstants(
+    unet_heads=4,
+    unet_norm_groups=8,
+    unet_sample_size=8,
+    vae_norm_groups=8,
+    vae_sample_size=64,
+    clip_head_dim=16,
+)
+
+MINIATURE_ARCH = SD1Arch(
+    # SD1 puts attention at every level but the last; here 8x8 and 4x4 have it, 2x2 does not.
+    unet=UNetArch(
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=1,
+        attention_levels=(True, True, False),
+        transformer_depth=(1, 1, 1),
+        context_dim=64,
+        linear_projection=False,
+    ),
+    # Four levels: downscale 8, as every SD1 VAE.
+    vae=VaeArch(in_channels=3, out_channels=3, channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1,
+                latent_channels=4),
+    clip=ClipArch(hidden_size=64, intermediate_size=256, num_layers=4, vocab_size=49408, max_positions=77),
+    constants=MINIATURE_CONSTANTS,
+)
+
+CONTEXT = 77
+CLIP_SKIP = 2  # the layer the UNet is trained on: hidden_states[-2]
+FINAL_LN_BIAS_MEAN = 0.5
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run; the defaults are the committed model's."""
+
+    out_dir: Path
+    seed: int = 20241122
+    n_images: int = 6000
+    image_size: int = 64
+    # VAE phase.
+    vae_steps: int = 500
+    vae_batch: int = 16
+    vae_crop: int = 32
+    vae_full_from: float = 0.8  # fraction of vae_steps after which whole pictures are used
+    vae_lr: float = 5e-4
+    kl_weight: float = 1e-4  # on the per-element KL; light: the scaling factor fixes the scale
+    edge_weight: float = 0.5
+    # Diffusion phase.
+    diffusion_steps: int = 1500
+    batch_size: int = 32
+    lr: float = 6e-4
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023): faster convergence
+    caption_dropout: float = 0.1
+    grad_clip: float = 1.0
+    # Run control.
+    threads: int = 2
+    checkpoint_minutes: float = 4.0
+    minutes: float | None = None  # wall-clock cap for this invocation; the run saves and can resume
+
+    def __post_init__(self) -> None:
+        if self.n_images < self.batch_size or self.n_images < self.vae_batch:
+            raise TrainError(f"n_images={self.n_images} must be at least one batch ({self.batch_size})")
+        if self.image_size % 8 or self.vae_crop % 8 or self.vae_crop > self.image_size:
+            raise TrainError(
+                f"image_size={self.image_size} and vae_crop={self.vae_crop} must be multiples of 8, "
+                "crop <= size"
+            )
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise TrainError(f"caption_dropout={self.caption_dropout}: must be within 0..1")
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        return d
+
+
+# ----------------------------------------------------------------------------------- text conditioning
+
+
+def _text_model(text_encoder: nn.Module) -> nn.Module:
+    # transformers 5.x flattened CLIPTextModel; older versions keep the parts under ``.text_model``.
+    inner = getattr(text_encoder, "text_model", None)
+    return inner if isinstance(inner, nn.Module) else text_encoder
+
+
+def text_condition(text_encoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The UNet's context exactly as A1111 computes it at Clip skip 2 (all weights 1): the penultimate
+    hidden state through the final LayerNorm."""
+    positions = torch.arange(ids.shape[1], dtype=torch.long, device=ids.device).expand(ids.shape[0], -1)
+    out = text_encoder(input_ids=ids, position_ids=positions, output_hidden_states=True)
+    final_layer_norm: nn.Module = getattr(_text_model(text_encoder), "final_layer_norm")  # noqa: B009
+    return final_layer_norm(out.hidden_states[-CLIP_SKIP])
+
+
+def encode_tokens(tag_tokens: list[list[int]], bos: int, eos: int, comma: int) -> list[int]:
+    """``[BOS] tag, tag, ... [EOS]`` padded with EOS to 77, from pre-tokenised tags (the CLIP BPE works
+    word by word and a comma is its own token, so this equals tokenising the joined caption)."""
+    body: list[int] = []
+    for i, tokens in enumerate(tag_tokens):
+        if i:
+            body.append(comma)
+        body.extend(tokens)
+    body = body[: CONTEXT - 2]
+    return [bos, *body, eos] + [eos] * (CONTEXT - 2 - len(body))
+
+
+# ----------------------------------------------------------------------------------- modules and export
+
+
+def _fresh_modules(seed: int) -> tuple[Any, Any, Any]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae, text_encoder = build_modules(MINIATURE_ARCH, device="cpu")
+        bias: torch.Tensor = getattr(_text_model(text_encoder), "final_layer_norm").bias  # noqa: B009
+        with torch.no_grad():
+            bias.copy_(FINAL_LN_BIAS_MEAN + 0.1 * torch.randn_like(bias))
+        bias.requires_grad_(False)
+    return unet, vae, text_encoder
+
+
+def export_model(
+    path: Path, unet: Any, vae: Any, text_encoder: Any, scaling_factor: float, info: dict[str, Any]
+) -> Path:
+    """Write one fp16 CompVis-layout .safetensors with the ``voidprompt.arch`` metadata (atomically)."""
+    from safetensors.torch import save_file
+
+    sd = modules_to_compvis(unet, vae, text_encoder, alphas_cumprod=sd1_alphas_cumprod())
+    tensors = {
+        k: (v.detach().to(torch.float16) if v.is_floating_point() and k != "alphas_cumprod" else v.detach())
+        .contiguous()
+        .clone()
+        for k, v in sd.items()
+    }
+    constants = replace(MINIATURE_CONSTANTS, scaling_factor=float(scaling_factor))
+    metadata = {**constants.to_metadata(), "voidprompt.training": json.dumps(info, sort_keys=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def _world_images(config: TrainConfig, log_fn: Callable[[str], None]) -> tuple[torch.Tensor, list[str]]:
+    """(N, 3, H, W) uint8 pictures and their captions, drawn once and cached in ``images.pt``."""
+    from voidprompt.demo.world import make_dataset
+
+    path = config.out_dir / "images.pt"
+    if path.exists():
+        cached = torch.load(path, weights_only=True)
+        if cached["seed"] == config.seed and len(cached["captions"]) == config.n_images:
+            return cached["images"], list(cached["captions"])
+    t0 = time.perf_counter()
+    images = torch.empty(config.n_images, 3, config.image_size, config.image_size, dtype=torch.uint8)
+    captions = []
+    for i, (image, text, _) in enumerate(make_dataset(config.n_images, config.seed, config.image_size)):
+        images[i] = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        captions.append(text)
+    _atomic_save({"seed": config.seed, "images": images, "captions": captions}, path)
+    log_fn(f"drew {config.n_images} world pictures in {time.perf_counter() - t0:.0f} s")
+    return images, captions
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------- state
+
+
+@dataclass
+class _State:
+    phase: str = "vae"  # vae -> latents -> diffusion -> done
+    step: int = 0
+    scaling_factor: float = 0.18215
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for name, p in module.state_dict().items():
+            if p.is_floating_point():
+                ema[name].mul_(decay).add_(p, alpha=1.0 - decay)
+            else:
+                ema[name].copy_(p)
+
+
+@contextmanager
+def _swapped(module: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily load ``weights`` (the EMA) into ``module``."""
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(weights)
+    try:
+        yield
+    finally:
+        module.load_state_dict(saved)
+
+
+# ----------------------------------------------------------------------------------- the run
+
+
+def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], None] = print) -> Path:
+    """Run (or resume) the three phases; returns the path of ``model.safetensors`` in ``out_dir``."""
+    torch.set_num_threads(config.threads)
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.pt"
+    model_path = out / "model.safetensors"
+    if state_path.exists() and not resume:
+        raise TrainError(f"{state_path} exists: pass --resume to continue that run, or use another --out")
+    if resume and not state_path.exists():
+        raise TrainError(f"--resume: no {state_path} to resume from; start without --resume")
+
+    started = time.perf_counter()
+    deadline = started + config.minutes * 60.0 if config.minutes else math.inf
+
+    unet, vae, text_encoder = _fresh_modules(config.seed)
+    ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_te = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
+    te_params = [p for p in text_encoder.parameters() if p.requires_grad]
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    # No weight decay: the 49408-row token embedding gets zero gradients for words the world never
+    # uses, and decay would shrink those rows towards 0 for no reason.
+    opt = torch.optim.AdamW([*unet.parameters(), *te_params], lr=config.lr, weight_decay=0.0)
+    state = _State()
+    torch.manual_seed(config.seed)
+
+    if resume:
+        saved = torch.load(state_path, weights_only=True)
+        if saved["config"]["seed"] != config.seed:
+            raise TrainError(
+                f"{state_path} was trained with seed {saved['config']['seed']}, not {config.seed}; "
+                "pass the same --seed to resume"
+            )
+        vae.load_state_dict(saved["vae"])
+        unet.load_state_dict(saved["unet"])
+        text_encoder.load_state_dict(saved["text_encoder"])
+        ema_unet, ema_te = saved["ema_unet"], saved["ema_te"]
+        vae_opt.load_state_dict(saved["vae_opt"])
+        opt.load_state_dict(saved["opt"])
+        torch.set_rng_state(saved["rng"])
+        state = _State(saved["phase"], saved["step"], saved["scaling_factor"], dict(saved["seconds"]))
+        log_fn(f"resumed {state_path}: phase {state.phase}, step {state.step}")
+
+    def info() -> dict[str, Any]:
+        return {
+            "config": config.describe(),
+            "phase": state.phase,
+            "step": state.step,
+            "seconds": {k: round(v) for k, v in state.seconds.items()},
+            "command": "voidprompt demo train",
+        }
+
+    def checkpoint() -> None:
+        _atomic_save(
+            {
+                "config": config.describe(),
+                "phase": state.phase,
+                "step": state.step,
+                "scaling_factor": state.scaling_factor,
+                "seconds": state.seconds,
+                "vae": vae.state_dict(),
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "ema_unet": ema_unet,
+                "ema_te": ema_te,
+                "vae_opt": vae_opt.state_dict(),
+                "opt": opt.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+            state_path,
+        )
+        with _swapped(unet, ema_unet), _swapped(text_encoder, ema_te):
+            export_model(model_path, unet, vae, text_encoder, state.scaling_factor, info())
+        log_fn(f"checkpoint: phase {state.phase} step {state.step} -> {state_path}, {model_path}")
+
+    images, captions = _world_images(config, log_fn)
+    last_ckpt = time.perf_counter()
+
+    def tick(phase: str, t0: float) -> bool:
+        """Account time; checkpoint when due; True when this invocation must stop now."""
+        nonlocal last_ckpt
+        now = time.perf_counter()
+        state.seconds[phase] = state.seconds.get(phase, 0.0) + (now - t0)
+        if now >= deadline:
+            checkpoint()
+            log_fn(f"time cap of {config.minutes} min reached; continue with --resume")
+            return True
+        if now - last_ckpt >= config.checkpoint_minutes * 60.0:
+            checkpoint()
+            last_ckpt = time.perf_counter()
+        return False
+
+    # ------------------------------------------------------------------ phase 1: VAE
+    if state.phase == "vae":
+        vae.train()
+        n = images.shape[0]
+        while state.step < config.vae_steps:
+            t0 = time.perf_counter()
+            idx = torch.randint(0, n, (config.vae_batch,))
+            x = _to_unit(images[idx])
+            if state.step < config.vae_full_from * config.vae_steps:
+                c = config.vae_crop
+                oy, ox = (int(v) for v in torch.randint(0, config.image_size - c + 1, (2,)))
+                x = x[:, :, oy : oy + c, ox : ox + c]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn_like(posterior.mean)
+            rec = vae.decode(z).sample
+            l1 = (rec - x).abs().mean()
+            l2 = (rec - x).square().mean()
+            edge = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (
+                rec.diff(dim=-2) - x.diff(dim=-2)
+            ).abs().mean()
+            kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
+            loss = l1 + l2 + config.edge_weight * edge + config.kl_weight * kl
+            vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+            vae_opt.step()
+            state.step += 1
+            if state.step % 25 == 0 or state.step == 1:
+                log_fn(
+                    f"vae {state.step}/{config.vae_steps} l1 {l1.item():.4f} edge {edge.item():.4f} "
+                    f"kl {kl.item():.2f} ({time.perf_counter() - t0:.2f} s/step)"
+                )
+            if tick("vae", t0):
+                return model_path
+        state.phase, state.step = "latents", 0
+
+    # ------------------------------------------------------------------ phase 2: latent cache
+    latents_path = out / "latents.pt"
+    if state.phase == "latents" or not latents_path.exists():
+        t0 = time.perf_counter()
+        vae.eval()
+        means, stds = [], []
+        with torch.no_grad():
+            for start in range(0, images.shape[0], 64):
+                posterior = vae.encode(_to_unit(images[start : start + 64])).latent_dist
+                means.append(posterior.mean)
+                stds.append(posterior.std)
+        mean, std = torch.cat(means), torch.cat(stds)
+        sample = mean + std * torch.randn_like(mean)
+        state.scaling_factor = float(1.0 / sample.std())
+        _atomic_save({"mean": mean, "std": std, "scaling_factor": state.scaling_factor}, latents_path)
+        state.seconds["latents"] = state.seconds.get("latents", 0.0) + time.perf_counter() - t0
+        log_fn(
+            f"cached {mean.shape[0]} latents in {time.perf_counter() - t0:.0f} s; latent std "
+            f"{1.0 / state.scaling_factor:.4f} -> scaling_factor {state.scaling_factor:.5f}"
+        )
+        if state.phase == "latents":
+            state.phase, state.step = "diffusion", 0
+            checkpoint()
+            last_ckpt = time.perf_counter()
+    cache = torch.load(latents_path, weights_only=True)
+    lat_mean, lat_std = cache["mean"], cache["std"]
+
+    # ------------------------------------------------------------------ phase 3: text encoder + UNet
+    if state.phase == "diffusion":
+        from voidprompt.prompts.tokenizer import load_clip_tokenizer
+
+        tokenizer = load_clip_tokenizer()
+        comma = tokenizer.encode(",")[0]
+        tag_cache: dict[str, list[int]] = {}
+        tag_tokens = [
+            [tag_cache.setdefault(t, tokenizer.encode(t)) for t in c.split(", ")] for c in captions
+        ]
+        empty = encode_tokens([], tokenizer.bos_id, tokenizer.eos_id, comma)
+        abar = sd1_alphas_cumprod()
+        snr = abar / (1.0 - abar)
+        loss_weight = torch.clamp(snr, max=config.min_snr_gamma) / snr
+        unet.train()
+        text_encoder.train()
+        vae.eval()
+        n = lat_mean.shape[0]
+        while state.step < config.diffusion_steps:
+            t0 = time.perf_counter()
+            lr = config.lr * min(1.0, (state.step + 1) / config.warmup_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = torch.randint(0, n, (config.batch_size,))
+            x0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) * state.scaling_factor
+            drop = torch.rand(config.batch_size) < config.caption_dropout
+            rows = []
+            for j, i in enumerate(idx.tolist()):
+                if drop[j]:
+                    rows.append(empty)
+                    continue
+                order = torch.randperm(len(tag_tokens[i])).tolist()
+                shuffled = [tag_tokens[i][k] for k in order]
+                rows.append(encode_tokens(shuffled, tokenizer.bos_id, tokenizer.eos_id, comma))
+            ids = torch.tensor(rows, dtype=torch.long)
+            t = torch.randint(0, 1000, (config.batch_size,))
+            eps = torch.randn_like(x0)
+            a = abar[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
+            context = text_condition(text_encoder, ids)
+            pred = unet(xt, t, encoder_hidden_states=context).sample
+            per_sample = (pred - eps).square().mean(dim=(1, 2, 3))
+            loss = (per_sample * loss_weight[t]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_([*unet.parameters(), *te_params], config.grad_clip)
+            opt.step()
+            state.step += 1
+            # EMA warm-up (as in ldm): early averages would otherwise be dominated by the random init.
+            decay = min(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+            _ema_update(ema_unet, unet, decay)
+            _ema_update(ema_te, text_encoder, decay)
+            if state.step % 25 == 0 or state.step == 1:
+                log_fn(
+                    f"diffusion {state.step}/{config.diffusion_steps} loss {loss.item():.4f} "
+                    f"mse {per_sample.mean().item():.4f} lr {lr:.2e} ({time.perf_counter() - t0:.2f} s/step)"
+                )
+            if tick("diffusion", t0):
+                return model_path
+        state.phase = "done"
+        checkpoint()
+    log_fn(f"done: {model_path} ({model_path.stat().st_size / 1e6:.1f} MB)")
+    return model_path
