@@ -17,8 +17,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from voidprompt import __version__  # noqa: E402
-from voidprompt.errors import VoidpromptError  # noqa: E402
+from voidprompt import __version__
+from voidprompt.errors import VoidpromptError
 
 # Subcommands implemented by their subsystem: name -> "module:function" taking argv, returning an exit code.
 DELEGATED: dict[str, str] = {
@@ -88,7 +88,9 @@ def _default_model() -> Path:
     try:
         from voidprompt.demo.miniature import miniature_model_path
     except ImportError as exc:
-        raise VoidpromptError("no --model given and the miniature model is not installed; pass --model FILE") from exc
+        raise VoidpromptError(
+            "no --model given and the miniature model is not installed; pass --model FILE"
+        ) from exc
     return miniature_model_path()
 
 
@@ -199,7 +201,9 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="voidprompt", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="voidprompt", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("--version", action="version", version=f"voidprompt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -217,8 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-multiplier", type=float, default=1.0)
     p.add_argument("--mask", help="inpainting mask: white = repaint")
     p.add_argument("--mask-blur", type=int, default=4)
-    p.add_argument("--inpainting-fill", type=int, default=1, choices=[0, 1, 2, 3],
-                   help="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    p.add_argument(
+        "--inpainting-fill",
+        type=int,
+        default=1,
+        choices=[0, 1, 2, 3],
+        help="0 fill, 1 original, 2 latent noise, 3 latent nothing",
+    )
     p.add_argument("--inpaint-full-res", action="store_true", help="inpaint only the masked area")
     p.add_argument("--inpaint-padding", type=int, default=32)
     p.add_argument("--invert-mask", action="store_true")
@@ -261,8 +270,10 @@ def _delegate(name: str, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO if "-v" in args_list or "--verbose" in args_list else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if "-v" in args_list or "--verbose" in args_list else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         if args_list and args_list[0] in DELEGATED:
             return _delegate(args_list[0], args_list[1:])

@@ -62,7 +62,11 @@ def test_random_seed_is_recorded_and_reproducible(tiny_engine: Engine) -> None:
 
 def test_infotext_alone_regenerates_the_image(tiny_engine: Engine) -> None:
     request = BASE.replace(
-        sampler_name="DPM++ 2M Karras", seed=99, cfg_scale=5.5, eta_noise_seed_delta=31337, subseed=3,
+        sampler_name="DPM++ 2M Karras",
+        seed=99,
+        cfg_scale=5.5,
+        eta_noise_seed_delta=31337,
+        subseed=3,
         subseed_strength=0.25,
     )
     result = tiny_engine.generate(request)
@@ -73,7 +77,9 @@ def test_infotext_alone_regenerates_the_image(tiny_engine: Engine) -> None:
     assert params["RNG"] == "CPU"
     assert "ENSD" not in params  # DPM++ 2M draws no eta noise, so A1111 does not write it
     fields = request_fields_from_params(params)
-    rebuilt = GenerationRequest(**{k: v for k, v in fields.items() if k in GenerationRequest.__dataclass_fields__})
+    rebuilt = GenerationRequest(
+        **{k: v for k, v in fields.items() if k in GenerationRequest.__dataclass_fields__}
+    )
     again = tiny_engine.generate(rebuilt)
     assert np.array_equal(pixels(result.images[0]), pixels(again.images[0]))
 
@@ -97,7 +103,9 @@ def test_pure_negative_prompt_weight_changes_the_image(tiny_engine: Engine) -> N
         images[w] = pixels(tiny_engine.generate(request).images[0])
     assert not np.array_equal(images[0.9], images[1.0])
     assert not np.array_equal(images[1.1], images[1.0])
-    plain = pixels(tiny_engine.generate(BASE.replace(negative_prompt=NOVELAI_NEGATIVE, sampler_name="Euler")).images[0])
+    plain = pixels(
+        tiny_engine.generate(BASE.replace(negative_prompt=NOVELAI_NEGATIVE, sampler_name="Euler")).images[0]
+    )
     assert np.array_equal(images[1.0], plain)
 
 
@@ -139,9 +147,27 @@ def test_eight_bit_conversion_truncates_like_a1111() -> None:
 
 @pytest.mark.parametrize(
     "sampler",
-    ["Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2S a", "DPM++ 2M", "DPM++ SDE",
-     "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM fast", "Restart", "DDIM", "DDIM CFG++",
-     "PLMS", "UniPC", "LCM"],
+    [
+        "Euler",
+        "Euler a",
+        "Heun",
+        "DPM2",
+        "DPM2 a",
+        "LMS",
+        "DPM++ 2S a",
+        "DPM++ 2M",
+        "DPM++ SDE",
+        "DPM++ 2M SDE",
+        "DPM++ 2M SDE Heun",
+        "DPM++ 3M SDE",
+        "DPM fast",
+        "Restart",
+        "DDIM",
+        "DDIM CFG++",
+        "PLMS",
+        "UniPC",
+        "LCM",
+    ],
 )
 def test_every_sampler_runs_and_names_itself(tiny_engine: Engine, sampler: str) -> None:
     result = tiny_engine.generate(BASE.replace(sampler_name=sampler, steps=3))

@@ -119,8 +119,15 @@ def test_euler_txt2img_matches_diffusers_up_to_the_schedule(
 ) -> None:
     engine, pipe, noise = setup
     request = GenerationRequest(
-        prompt="", negative_prompt=NEGATIVE, seed=SEED, steps=STEPS, width=64, height=64,
-        cfg_scale=7.0, sampler_name="Euler", clip_skip=clip_skip,
+        prompt="",
+        negative_prompt=NEGATIVE,
+        seed=SEED,
+        steps=STEPS,
+        width=64,
+        height=64,
+        cfg_scale=7.0,
+        sampler_name="Euler",
+        clip_skip=clip_skip,
     )
     ours = _our_latents(engine, request, monkeypatch)
     theirs = _their_latents(pipe, noise, clip_skip)
@@ -148,8 +155,15 @@ def test_with_diffusers_sigmas_the_trajectories_coincide(
 
     monkeypatch.setattr(run_sampler, "compute_sigmas", lambda *a, **k: their_sigmas.clone())
     request = GenerationRequest(
-        prompt="", negative_prompt=NEGATIVE, seed=SEED, steps=STEPS, width=64, height=64,
-        cfg_scale=7.0, sampler_name="Euler", clip_skip=2,
+        prompt="",
+        negative_prompt=NEGATIVE,
+        seed=SEED,
+        steps=STEPS,
+        width=64,
+        height=64,
+        cfg_scale=7.0,
+        sampler_name="Euler",
+        clip_skip=2,
     )
     ours = _our_latents(engine, request, monkeypatch)
     theirs = _their_latents(pipe, noise, 2)

@@ -136,7 +136,9 @@ class GenerationRequest:
         if not 1 <= self.clip_skip <= 12:
             raise InvalidRequestError(f"clip_skip={self.clip_skip}: must be between 1 and 12")
         if self.emphasis not in EMPHASIS_MODES:
-            raise InvalidRequestError(f"emphasis={self.emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}")
+            raise InvalidRequestError(
+                f"emphasis={self.emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}"
+            )
         if self.randn_source not in RNG_SOURCES:
             raise InvalidRequestError(
                 f"randn_source={self.randn_source!r}: choose one of {', '.join(RNG_SOURCES)}"

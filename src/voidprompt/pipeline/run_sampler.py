@@ -23,7 +23,7 @@ from voidprompt.errors import InvalidRequestError
 from voidprompt.pipeline.request import GenerationRequest
 from voidprompt.sampling.brownian import brownian_noise_sampler_for_sigmas
 from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, compute_sigmas
-from voidprompt.sampling.rng import ImageRNG
+from voidprompt.sampling.rng import ImageRNG, check_randn_source
 from voidprompt.sampling.samplers import timesteps_for
 from voidprompt.sampling.schedules import DiscreteSigmas
 
@@ -130,8 +130,12 @@ def run_sampler(
     else:
         x = noise * sigmas[0]
 
+    noise_sampler: Callable[..., Tensor]
     if spec.brownian_noise:
-        noise_sampler = brownian_noise_sampler_for_sigmas(x, sigmas, seeds, request.randn_source)  # type: ignore[arg-type]
+        # A1111: the SDE samplers draw from per-image Brownian trees seeded by the image seeds.
+        noise_sampler = brownian_noise_sampler_for_sigmas(
+            x, sigmas, seeds, check_randn_source(request.randn_source)
+        )
     else:
         noise_sampler = rng.noise_sampler()
 
@@ -141,8 +145,8 @@ def run_sampler(
         range_args: dict[str, Any] = {"sigma_min": float(positive.min()), "sigma_max": float(sigmas.max())}
         if "n" in inspect.signature(spec.function).parameters:
             range_args["n"] = len(sigmas) - 1
-        return spec.function(denoiser, x, **range_args, **common, **knobs)  # type: ignore[no-any-return]
-    return spec.function(denoiser, x, sigmas, **common, **knobs)  # type: ignore[no-any-return]
+        return spec.function(denoiser, x, **range_args, **common, **knobs)
+    return spec.function(denoiser, x, sigmas, **common, **knobs)
 
 
 def _run_timestep_sampler(
@@ -175,7 +179,7 @@ def _run_timestep_sampler(
     else:
         timesteps = timesteps_for(steps, discard_penultimate=discard, device=noise.device)
         x = noise
-    return spec.function(  # type: ignore[no-any-return]
+    return spec.function(
         denoiser,
         x,
         timesteps,

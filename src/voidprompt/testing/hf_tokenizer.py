@@ -29,7 +29,9 @@ def write_hf_clip_tokenizer_files(directory: str | Path) -> Path:
     vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), "utf-8")
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", "utf-8")
+    (out / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", "utf-8"
+    )
     return out
 
 
