@@ -1,0 +1,163 @@
+"""``voidprompt study ...``: check, run, ls, show, report, labels import/export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from voidprompt.errors import VoidpromptError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voidprompt study", description="Run and report studies.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_catalog(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", type=Path, help="the study file (TOML)")
+        p.add_argument("--catalog", type=Path, help="catalog file (default: runs/<study>/catalog.sqlite)")
+
+    check = sub.add_parser("check", help="validate a study; print jobs, shapes and an estimated time")
+    with_catalog(check)
+
+    run = sub.add_parser("run", help="generate every pending job (resumable)")
+    with_catalog(run)
+    run.add_argument("--batch-size", type=int, default=None, help="images per sampler run (default 8)")
+    run.add_argument("--executor", choices=("local", "ray"), default="local")
+    run.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local one")
+    run.add_argument("--threads", type=int, help="torch threads per process/worker (pins float order)")
+    run.add_argument("--max-jobs", type=int, help="stop after this many images")
+    run.add_argument("--no-progress", action="store_true")
+
+    ls = sub.add_parser("ls", help="summary and the images of a run")
+    with_catalog(ls)
+    ls.add_argument("--limit", type=int, default=20)
+
+    show = sub.add_parser("show", help="one image: settings, infotext, measures, labels")
+    with_catalog(show)
+    show.add_argument("image", help="image id or job id")
+
+    report = sub.add_parser("report", help="HTML report, figures and CSV/Parquet exports")
+    with_catalog(report)
+    report.add_argument("--out", type=Path, help="output folder (default: report/ beside the catalog)")
+
+    labels = sub.add_parser("labels", help="import or export labels as CSV")
+    labels_sub = labels.add_subparsers(dest="labels_command", required=True)
+    imp = labels_sub.add_parser("import", help="read labels (job_id or path, label_class, tags, source)")
+    with_catalog(imp)
+    imp.add_argument("csv", type=Path)
+    imp.add_argument("--source", default="human", help="source for rows without one (default human)")
+    exp = labels_sub.add_parser("export", help="write every label as CSV")
+    with_catalog(exp)
+    exp.add_argument("csv", type=Path)
+    exp.add_argument("--source", help="only this source's labels")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return _dispatch(args)
+    except VoidpromptError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from voidprompt.lab.catalog import Catalog
+    from voidprompt.lab.run import default_catalog_path
+    from voidprompt.lab.study import load_study, summarize
+
+    study = load_study(args.file)
+    catalog_path = args.catalog or default_catalog_path(study)
+    if args.command == "check":
+        from voidprompt.lab.labels import label_scheme
+        from voidprompt.lab.report import report_options
+
+        label_scheme(study)
+        report_options(study)
+        seconds_per_pixel, steps = _measured_speed(catalog_path)
+        print(summarize(study, seconds_per_pixel, steps).format())
+        if seconds_per_pixel is None:
+            print("estimated time: unknown until some images are generated (run with --max-jobs 8)")
+        return 0
+    if args.command == "run":
+        from voidprompt.lab.run import run_study
+
+        batch_size = args.batch_size or int(study.run_options.get("batch_size", 8))
+        report = run_study(
+            study,
+            catalog_path=catalog_path,
+            executor=args.executor,
+            batch_size=batch_size,
+            progress=not args.no_progress,
+            max_jobs=args.max_jobs,
+            address=args.address,
+            threads=args.threads,
+        )
+        print(report.format())
+        return 0
+    if args.command == "report":
+        from voidprompt.lab.report import build_report
+
+        result = build_report(study, catalog_path=catalog_path, out_dir=args.out)
+        print(
+            f"report: {result.html}\nfigures: {len(result.figures)} files in {result.html.parent / 'figures'}"
+        )
+        return 0
+    if args.command == "labels":
+        from voidprompt.lab.labels import export_labels, import_labels, label_scheme
+
+        if args.labels_command == "export":
+            with Catalog.open(catalog_path, readonly=True) as catalog:
+                count = export_labels(catalog, args.csv, args.source)
+            print(f"{count} labels written to {args.csv}")
+        else:
+            with Catalog.open(catalog_path) as catalog:
+                count = import_labels(catalog, args.csv, label_scheme(study).classes, args.source)
+            print(f"{count} labels imported from {args.csv}")
+        return 0
+    with Catalog.open(catalog_path, readonly=True) as catalog:
+        if args.command == "ls":
+            print(catalog.summary().format())
+            for image in catalog.images()[: args.limit]:
+                measures = catalog.measures(image["id"])
+                labels = catalog.labels(image["id"])
+                label = ", ".join(f"{s}: {c}" for s, (c, _) in labels.items()) or "-"
+                axes = " ".join(
+                    f"{k}={v}" for k, v in image["axis_values"].items() if not k.endswith("_spec")
+                )
+                lum = measures.get("luminance")
+                print(f"{image['id']:>5} {image['path']}  {axes}  luminance={lum:.3f}  [{label}]")
+            return 0
+        # show
+        key = args.image
+        image_id = int(key) if key.isdigit() else catalog.image_id_for(job_id=key)
+        image: dict[str, Any] | None = next((i for i in catalog.images() if i["id"] == image_id), None)
+        if image is None:
+            print(f"error: no image {key!r} in {catalog_path}; see `voidprompt study ls`", file=sys.stderr)
+            return 2
+        print(json.dumps({**image, "measures": catalog.measures(image["id"]),
+                          "labels": catalog.labels(image["id"])}, indent=2, default=str))  # fmt: skip
+        return 0
+
+
+def _measured_speed(catalog_path: Path) -> tuple[float | None, int | None]:
+    """Seconds per pixel at the catalog's steps, from images already generated (median of them)."""
+    from voidprompt.lab.catalog import Catalog
+
+    if not catalog_path.exists():
+        return None, None
+    with Catalog.open(catalog_path, readonly=True) as catalog:
+        samples = [
+            (i["timings"].get("total", 0.0) / (i["width"] * i["height"]), int(i["settings"]["steps"]))
+            for i in catalog.images()
+            if i["timings"].get("total")
+        ]
+    if not samples:
+        return None, None
+    samples.sort()
+    return samples[len(samples) // 2]

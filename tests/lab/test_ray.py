@@ -1,0 +1,49 @@
+"""The Ray executor on a local 2-CPU Ray cluster gives the same catalog as the local executor."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lab_helpers import study_text
+from PIL import Image
+
+from voidprompt.lab.catalog import Catalog
+from voidprompt.lab.run import run_study
+from voidprompt.lab.study import parse_study
+
+ray = pytest.importorskip("ray")
+
+# Both runs pin torch to one thread per process, so float summation order is the same and the
+# images agree exactly; the stated tolerance (1/255 per channel) only absorbs a BLAS that picks
+# kernels by process.
+TOLERANCE = 1
+
+
+def _catalog(folder: Path) -> dict[str, tuple[np.ndarray, str, dict[str, float], str]]:
+    out = {}
+    with Catalog.open(folder / "runs" / "t" / "catalog.sqlite", readonly=True) as catalog:
+        for image in catalog.images():
+            with Image.open(folder / "runs" / "t" / image["path"]) as png:
+                pixels = np.asarray(png.convert("RGB"), dtype=np.int16)
+            out[image["job_id"]] = (pixels, image["infotext"], catalog.measures(image["id"]), image["path"])
+    return out
+
+
+def test_ray_matches_local(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    text = study_text(tiny_checkpoint, sizes="16x16, 32x16", seeds="2 random")
+    local = parse_study(text, tmp_path / "local" / "t.toml")
+    distributed = parse_study(text, tmp_path / "ray" / "t.toml")
+    run_study(local, progress=False, batch_size=2, threads=1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        report = run_study(distributed, executor="ray", progress=False, batch_size=2, threads=1)
+    finally:
+        ray.shutdown()
+    assert (report.generated, report.batches) == (8, 4)
+    a, b = _catalog(tmp_path / "local"), _catalog(tmp_path / "ray")
+    assert sorted(a) == sorted(b) == sorted(j.job_id for j in local.expand())
+    for job_id, (pixels, infotext, measures, path) in a.items():
+        other = b[job_id]
+        assert int(np.abs(pixels - other[0]).max()) <= TOLERANCE
+        assert infotext == other[1] and path == other[3]
+        assert measures == pytest.approx(other[2], abs=2 / 255)

@@ -1,0 +1,99 @@
+"""Reports: HTML with embedded figures, CSV/Parquet exports, outcome tables against Wilson."""
+
+import csv
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from lab_helpers import study_text
+
+from voidprompt.errors import StudyError
+from voidprompt.lab.catalog import Catalog
+from voidprompt.lab.labels import DEFAULT_CLASSES, export_labels, import_labels, label_scheme
+from voidprompt.lab.report import build_report
+from voidprompt.lab.run import run_study
+from voidprompt.lab.stats import wilson_interval
+from voidprompt.lab.study import Study, parse_study
+
+
+@pytest.fixture(scope="module")
+def ran(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Study:
+    folder = tmp_path_factory.mktemp("report")
+    text = study_text(tiny_checkpoint, sizes="16x16, 32x16", seeds="3 random", labels='labeler = "detector"')
+    text += '\n[report]\nbase = 16\noutcomes_by = ["size", "W"]\n'
+    study = parse_study(text, folder / "t.toml")
+    run_study(study, progress=False)
+    return study
+
+
+def test_report_files_and_html(ran: Study, tmp_path: Path) -> None:
+    result = build_report(ran, out_dir=tmp_path / "r")
+    page = result.html.read_text()
+    pngs = [f for f in result.figures if f.suffix == ".png"]
+    # Self-contained: every PNG figure is embedded (base64), each SVG is linked and exists.
+    embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    # One grid page (size x W, first seed), plots vs size, W and area, outcome figures by size and W.
+    assert len(embedded) == len(pngs) == 1 + 3 + 2
+    for svg in re.findall(r"href='figures/([^']+\.svg)'", page):
+        assert (tmp_path / "r" / "figures" / svg).is_file()
+    assert "[labels]" in page and "voidprompt" in page  # the study file text and version
+    with (tmp_path / "r" / "images.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12
+    assert {r["area"] for r in rows} == {"1.0", "2.0"}  # 16x16 and 32x16 in units of 16^2
+    assert result.parquet is not None and result.parquet.is_file()
+
+
+def test_outcome_tables_match_wilson(ran: Study, tmp_path: Path) -> None:
+    result = build_report(ran, out_dir=tmp_path / "r")
+    classes = label_scheme(ran).classes
+    with Catalog.open(_catalog(ran), readonly=True) as catalog:
+        sizes = {i["id"]: i["axis_values"]["size"] for i in catalog.images()}
+        labels = {i: s["detector"][0] for i, s in catalog.all_labels().items()}
+    expected = Counter((sizes[i], labels[i]) for i in labels)
+    table = result.outcome_tables["size"]
+    assert {r.group for r in table} == {"16x16", "32x16"}
+    for row in table:
+        assert row.count == expected[(row.group, row.outcome)]
+        assert row.total == 6
+        assert (row.low, row.high) == pytest.approx(wilson_interval(row.count, 6))
+    assert [r.outcome for r in table[: len(classes)]] == list(classes)
+    page = result.html.read_text()
+    low, high = wilson_interval(table[0].count, 6)
+    assert f"data-count='{table[0].count}' data-low='{low:.6f}' data-high='{high:.6f}'" in page
+
+
+def _catalog(study: Study) -> Path:
+    return study.path.parent / "runs" / "t" / "catalog.sqlite"
+
+
+def test_labels_csv_round_trip(ran: Study, tmp_path: Path) -> None:
+    # A copy of the catalog, so the module's run stays untouched for the other tests.
+    import shutil
+
+    folder = tmp_path / "runs" / "t"
+    shutil.copytree(_catalog(ran).parent, folder)
+    (folder / "catalog.sqlite.lock").unlink(missing_ok=True)
+    with Catalog.open(folder / "catalog.sqlite") as catalog:
+        out = tmp_path / "labels.csv"
+        assert export_labels(catalog, out) == 12
+        rows = list(csv.DictReader(out.open()))
+        assert {r["source"] for r in rows} == {"detector"}
+        first = rows[0]
+        (tmp_path / "human.csv").write_text(f"job_id,label_class,tags\n{first['job_id']},Legit human,a;b\n")
+        assert import_labels(catalog, tmp_path / "human.csv", DEFAULT_CLASSES) == 1
+        image_id = catalog.image_id_for(job_id=first["job_id"])
+        assert image_id is not None
+        assert catalog.labels(image_id)["human"] == ("Legit human", ["a", "b"])
+        (tmp_path / "bad.csv").write_text(f"job_id,label_class\n{first['job_id']},Cat\n")
+        with pytest.raises(StudyError, match=r"bad\.csv: line 2: label_class 'Cat'"):
+            import_labels(catalog, tmp_path / "bad.csv", DEFAULT_CLASSES)
+
+
+def test_report_option_errors(ran: Study) -> None:
+    bad = parse_study(
+        ran.toml_text.replace("base = 16", 'base = 16\ngrid = { x = "nope", y = "W" }'), ran.path
+    )
+    with pytest.raises(StudyError, match="grid = 'nope': not a column"):
+        build_report(bad, catalog_path=_catalog(ran))
