@@ -123,15 +123,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     with Catalog.open(catalog_path, readonly=True) as catalog:
         if args.command == "ls":
             print(catalog.summary().format())
-            for image in catalog.images()[: args.limit]:
-                measures = catalog.measures(image["id"])
-                labels = catalog.labels(image["id"])
+            for row in catalog.images()[: args.limit]:
+                lum = catalog.measures(row["id"]).get("luminance", float("nan"))
+                labels = catalog.labels(row["id"])
                 label = ", ".join(f"{s}: {c}" for s, (c, _) in labels.items()) or "-"
-                axes = " ".join(
-                    f"{k}={v}" for k, v in image["axis_values"].items() if not k.endswith("_spec")
-                )
-                lum = measures.get("luminance")
-                print(f"{image['id']:>5} {image['path']}  {axes}  luminance={lum:.3f}  [{label}]")
+                axes = " ".join(f"{k}={v}" for k, v in row["axis_values"].items() if not k.endswith("_spec"))
+                print(f"{row['id']:>5} {row['path']}  {axes}  luminance={lum:.3f}  [{label}]")
             return 0
         # show
         key = args.image
