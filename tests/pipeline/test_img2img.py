@@ -202,7 +202,7 @@ def test_resize_mode_0_just_resizes() -> None:
     out = resize_image(0, init_image(0, (40, 20)), 32, 32)
     assert out.size == (32, 32)
     assert np.array_equal(
-        np.asarray(out), np.asarray(init_image(0, (40, 20)).resize((32, 32), Image.LANCZOS))
+        np.asarray(out), np.asarray(init_image(0, (40, 20)).resize((32, 32), Image.Resampling.LANCZOS))
     )
 
 
@@ -222,7 +222,7 @@ def test_resize_mode_2_fills_bands_with_stretched_edges() -> None:
     src.paste((200, 100, 50), (0, 0, 32, 1))  # a distinct top row
     src.paste((5, 250, 5), (0, 15, 32, 16))  # a distinct bottom row
     out = np.asarray(resize_image(2, src, 32, 32)).astype(int)
-    middle = np.asarray(src.resize((32, 16), Image.LANCZOS)).astype(int)
+    middle = np.asarray(src.resize((32, 16), Image.Resampling.LANCZOS)).astype(int)
     assert np.array_equal(out[8:24], middle)
     # Every band row repeats one stretched edge row, coloured like that edge.
     assert (out[0:8] == out[0]).all() and (out[24:32] == out[24]).all()
