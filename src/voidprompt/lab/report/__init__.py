@@ -6,7 +6,7 @@ files written beside it. A study's ``[report]`` table chooses what is shown; eve
     [report]
     base = 64                                   # area = width*height/base^2 (default 512)
     grid = { x = "W", y = "size" }              # default: the first two non-seed axes
-    outcomes_by = ["size", "W"]                 # default: every non-seed axis
+    outcomes_by = ["size", { by = "W", where = { size = "64x64" } }]   # default: every non-seed axis
     [[report.plots]]                            # default: each non-seed axis, split by the next
     x = "area"
     split = "W"
@@ -54,7 +54,7 @@ class PlotSpec:
 class ReportOptions:
     base: int = 512
     grid: tuple[str, str] | None = None
-    outcomes_by: tuple[str, ...] | None = None
+    outcomes_by: tuple[tuple[str, Mapping[str, Any]], ...] | None = None  # (axis, where)
     plots: tuple[PlotSpec, ...] | None = None
 
 
@@ -84,9 +84,18 @@ def report_options(study: Study) -> ReportOptions:
         grid = (str(grid["x"]), str(grid["y"]))
     outcomes_by = raw.get("outcomes_by")
     if outcomes_by is not None:
-        if not isinstance(outcomes_by, list) or not all(isinstance(v, str) for v in outcomes_by):
-            raise StudyError(f'{where} outcomes_by: write a list of axis names, e.g. ["size"]')
-        outcomes_by = tuple(outcomes_by)
+        entries: list[tuple[str, dict[str, Any]]] = []
+        for entry in outcomes_by if isinstance(outcomes_by, list) else [None]:
+            if isinstance(entry, str):
+                entries.append((entry, {}))
+            elif isinstance(entry, dict) and "by" in entry and not set(entry) - {"by", "where"}:
+                entries.append((str(entry["by"]), dict(entry.get("where", {}))))
+            else:
+                raise StudyError(
+                    f'{where} outcomes_by: write axis names or tables, e.g. ["size", '
+                    '{ by = "W", where = { size = "64x64" } }]'
+                )
+        outcomes_by = tuple(entries)
     plots = raw.get("plots")
     if plots is not None:
         specs = []
@@ -242,12 +251,21 @@ def build_report(
         f"(a person's label wins over a plugin's); classes: "
         f"{html.escape(', '.join(scheme.classes))}.</p>"
     ]
-    by_axes = options.outcomes_by if options.outcomes_by is not None else tuple(factors)
+    by_axes = options.outcomes_by
+    if by_axes is None:
+        by_axes = tuple((f, {}) for f in factors)
     if labelled:
-        for by in by_axes:
+        for by, condition in by_axes:
             data.check_column(by, "outcomes_by")
-            rows = proportion_table(outcome_counts(data, by, scheme.classes), scheme.classes)
+            for key in condition:
+                data.check_column(key, "outcomes_by where")
+            counts = outcome_counts(data, by, scheme.classes, condition)
+            rows = proportion_table(counts, scheme.classes)
             tables[by] = rows
+            if condition:
+                outcome_html.append(
+                    "<p>" + html.escape(", ".join(f"{k}={v}" for k, v in condition.items())) + "</p>"
+                )
             name = f"outcomes-by-{_slug(by)}.csv"
             header = ["group", "outcome", "count", "total", "proportion", "low", "high"]
             csvs.append(

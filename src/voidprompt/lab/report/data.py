@@ -99,12 +99,15 @@ def mean_ci(values: Sequence[float | None], confidence: float = 0.95) -> tuple[f
     return mean, mean - half, mean + half, n
 
 
-def outcome_counts(data: ReportData, by: str, classes: Sequence[str]) -> dict[Hashable, dict[Hashable, int]]:
-    """counts[group][class] over labelled images (unlabelled and unknown classes are left out)."""
+def outcome_counts(
+    data: ReportData, by: str, classes: Sequence[str], where: Mapping[str, Any] | None = None
+) -> dict[Hashable, dict[Hashable, int]]:
+    """counts[group][class] over labelled images matching ``where`` (others are left out)."""
+    rows = select(data.rows, where or {})
     counts: dict[Hashable, dict[Hashable, int]] = {}
-    for value in data.values(by):
+    for value in data.values(by, rows):
         counts[value] = dict.fromkeys(classes, 0)
-    for row in data.rows:
+    for row in rows:
         if row["label"] in classes and row.get(by) is not None:
             counts[row[by]][row["label"]] += 1
     return counts
