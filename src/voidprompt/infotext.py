@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from voidprompt import __version__
-from voidprompt.errors import InfotextError
+from voidprompt.errors import InfotextError, PromptError
 
 if TYPE_CHECKING:
     from voidprompt.pipeline.request import GenerationRequest
@@ -104,6 +104,7 @@ _TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
 # --------------------------------------------------------------------------------------------------
 # Quoting
 
+
 def quote(value: Any, *, quote_quotes: bool = False) -> Any:
     """Return ``value`` JSON-quoted when A1111 would quote it, else unchanged.
 
@@ -135,6 +136,7 @@ def unquote(text: str) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # Writing
+
 
 def _ordered_items(params: Mapping[str, Any]) -> list[tuple[str, Any]]:
     head = [(key, params[key]) for key in KEY_ORDER if key in params]
@@ -376,7 +378,7 @@ def parse_generation_parameters(
         line = raw.strip()
         if line.startswith("Negative prompt:"):
             in_negative = True
-            line = line[len("Negative prompt:"):].strip()
+            line = line[len("Negative prompt:") :].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
     prompt = "\n".join(prompt_lines)
     negative_prompt = "\n".join(negative_lines)
@@ -465,19 +467,7 @@ def _restore_old_hires_fix(res: dict[str, Any], use_old_width_height: bool) -> N
 
 
 # --------------------------------------------------------------------------------------------------
-# Emphasis detection (A1111 parse_prompt_attention weights, computed only far enough to see a != 1)
-
-_ATTENTION_TOKEN = re.compile(
-    r"""\\[()\[\]\\]        # escaped bracket or backslash
-    |\\                     # lone backslash
-    |[(\[]                  # opening bracket
-    |:\s*(?P<weight>[+-]?[.\d]+)\s*\)   # explicit weight closing a round bracket
-    |[)\]]                  # closing bracket
-    |[^\\()\[\]:]+          # plain text
-    |:                      # lone colon""",
-    re.VERBOSE,
-)
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+# Emphasis detection
 
 
 def prompt_uses_emphasis(prompt: str) -> bool:
@@ -487,47 +477,16 @@ def prompt_uses_emphasis(prompt: str) -> bool:
     A1111's order and compared exactly, so ``[(x)]`` (1.1 * (1/1.1) == 1.0) is plain while
     ``[[[(((x)))]]]`` (1.0000000000000002) counts as emphasis.
     """
-    weights: list[float] = []
-    names: list[str] = []
-    round_open: list[int] = []
-    square_open: list[int] = []
+    # Imported here: the prompts package pulls in torch and the text encoder code, which reading an
+    # infotext does not otherwise need.
+    from voidprompt.prompts.parse import is_break, parse_prompt_attention
 
-    def scale(start: int, factor: float) -> None:
-        for i in range(start, len(weights)):
-            weights[i] *= factor
-
-    for m in _ATTENTION_TOKEN.finditer(prompt):
-        token, weight = m.group(0), m.group("weight")
-        if token.startswith("\\"):
-            names.append(token[1:])
-            weights.append(1.0)
-        elif token == "(":
-            round_open.append(len(weights))
-        elif token == "[":
-            square_open.append(len(weights))
-        elif weight is not None and round_open:
-            try:
-                factor = float(weight)
-            except ValueError:
-                # A1111 quirk: "(x:.)" raises inside A1111's parser; we treat it as no weight.
-                factor = 1.0
-            scale(round_open.pop(), factor)
-        elif token == ")" and round_open:
-            scale(round_open.pop(), 1.1)
-        elif token == "]" and square_open:
-            scale(square_open.pop(), 1 / 1.1)
-        else:
-            for i, part in enumerate(_BREAK.split(token)):
-                if i:
-                    names.append("BREAK")
-                    weights.append(-1.0)
-                names.append(part)
-                weights.append(1.0)
-    for start in round_open:
-        scale(start, 1.1)
-    for start in square_open:
-        scale(start, 1 / 1.1)
-    return any(w != 1.0 for name, w in zip(names, weights, strict=True) if name != "BREAK")
+    try:
+        segments = parse_prompt_attention(prompt)
+    except PromptError:
+        # A1111 quirk: "(x:1.2.3)" raises inside A1111's parser; reading an infotext treats it as plain.
+        return False
+    return any(weight != 1.0 for text, weight in segments if not is_break((text, weight)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -617,6 +576,7 @@ def backcompat_flags(params: Mapping[str, Any]) -> dict[str, bool]:
 
 # --------------------------------------------------------------------------------------------------
 # Infotext -> GenerationRequest fields
+
 
 def split_sampler_scheduler(sampler: str, scheduler: str = "Automatic") -> tuple[str, str]:
     """Split a pre-1.9 sampler name with a schedule suffix ("DPM++ 2M Karras") into its two parts.
@@ -729,8 +689,11 @@ def request_fields_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
     elif "Schedule type" in params:
         fields["scheduler"] = str(params["Schedule type"])
 
-    for key, name in (("Schedule min sigma", "sigma_min"), ("Schedule max sigma", "sigma_max"),
-                      ("Schedule rho", "rho")):
+    for key, name in (
+        ("Schedule min sigma", "sigma_min"),
+        ("Schedule max sigma", "sigma_max"),
+        ("Schedule rho", "rho"),
+    ):
         if key in params:
             value = _to_float(key, params[key])
             fields[name] = None if value == 0 else value
@@ -742,8 +705,10 @@ def request_fields_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
         fields["eta"] = _to_float("Eta", params["Eta"])
 
     # Hires fix: present when the infotext carries an upscale factor, a resize or an upscaler.
-    hr_resize = (_to_int("Hires resize-1", params.get("Hires resize-1", 0)),
-                 _to_int("Hires resize-2", params.get("Hires resize-2", 0)))
+    hr_resize = (
+        _to_int("Hires resize-1", params.get("Hires resize-1", 0)),
+        _to_int("Hires resize-2", params.get("Hires resize-2", 0)),
+    )
     if "Hires upscale" in params or "Hires upscaler" in params or any(hr_resize):
         fields["enable_hr"] = True
         if "Hires upscale" in params:
@@ -763,9 +728,7 @@ def request_fields_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
     if "Masked content" in params:
         content = str(params["Masked content"])
         if content not in _MASKED_CONTENT:
-            raise InfotextError(
-                f"Masked content: {content!r} is not one of {', '.join(_MASKED_CONTENT)}"
-            )
+            raise InfotextError(f"Masked content: {content!r} is not one of {', '.join(_MASKED_CONTENT)}")
         fields["inpainting_fill"] = _MASKED_CONTENT.index(content)
     if "Inpaint area" in params:
         fields["inpaint_full_res"] = params["Inpaint area"] == "Only masked"
