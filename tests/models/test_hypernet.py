@@ -32,9 +32,16 @@ def _a1111_file(path: Path, seed: int = 0) -> dict[str, object]:
     Linear(0) ReLU(1) Dropout(2) Linear(3) ReLU(4) Linear(5) - so the saved keys are 0, 3, 5."""
     g = torch.Generator().manual_seed(seed)
     obj: dict[object, object] = {
-        "layer_structure": [1, 2, 2, 1], "activation_func": "relu", "is_layer_norm": False,
-        "use_dropout": True, "last_layer_dropout": False, "activate_output": False,
-        "weight_initialization": "Normal", "name": "h", "step": 1000, "sd_checkpoint": "abc",
+        "layer_structure": [1, 2, 2, 1],
+        "activation_func": "relu",
+        "is_layer_norm": False,
+        "use_dropout": True,
+        "last_layer_dropout": False,
+        "activate_output": False,
+        "weight_initialization": "Normal",
+        "name": "h",
+        "step": 1000,
+        "sd_checkpoint": "abc",
     }
     raw = {}
     for width in (32, 64):
@@ -79,8 +86,15 @@ def test_novelai_old_keys_are_mapped(tmp_path: Path) -> None:
     mlp = net.layers[768][1]
     mlp.multiplier = 0.7
     sd = pair[1]
-    ref = x.double() + ((x.double() @ sd["linear1.weight"].double().T + sd["linear1.bias"].double())
-                        @ sd["linear2.weight"].double().T + sd["linear2.bias"].double()) * 0.7
+    ref = (
+        x.double()
+        + (
+            (x.double() @ sd["linear1.weight"].double().T + sd["linear1.bias"].double())
+            @ sd["linear2.weight"].double().T
+            + sd["linear2.bias"].double()
+        )
+        * 0.7
+    )
     torch.testing.assert_close(mlp(x).double(), ref, rtol=1e-5, atol=1e-4)
 
 
@@ -97,29 +111,47 @@ def test_context_changed_exactly_on_k_and_v_in_cross_and_self_attention(tmp_path
     attn2 = comps.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     attn1 = comps.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     mgr = NetworkManager()
-    applied = mgr.apply(comps, extract_extra_networks("<hypernet:h:0.6>")[1], lora_dir=None, hypernet_dir=tmp_path)
+    applied = mgr.apply(
+        comps, extract_extra_networks("<hypernet:h:0.6>")[1], lora_dir=None, hypernet_dir=tmp_path
+    )
     assert applied.infotext["Hypernet hashes"] == f"h: {sha256_file(tmp_path / 'h.pt')[:10]}"
     # forward hooks run after the pre-hooks, so they see what to_k / to_v actually receive
     hooks = [
         m.register_forward_hook(lambda _m, args, _o, n=n: seen.__setitem__(n, args[0].detach().clone()))
-        for n, m in (("k2", attn2.to_k), ("v2", attn2.to_v), ("q2", attn2.to_q), ("k1", attn1.to_k), ("v1", attn1.to_v))
+        for n, m in (
+            ("k2", attn2.to_k),
+            ("v2", attn2.to_v),
+            ("q2", attn2.to_q),
+            ("k1", attn1.to_k),
+            ("v1", attn1.to_v),
+        )
     ]
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 4, 8, 8, generator=g)
     ctx = torch.randn(1, 77, 32, generator=g)
     self_in: dict[str, torch.Tensor] = {}
-    hq = attn1.to_q.register_forward_hook(lambda _m, args, _o: self_in.__setitem__("x", args[0].detach().clone()))
+    hq = attn1.to_q.register_forward_hook(
+        lambda _m, args, _o: self_in.__setitem__("x", args[0].detach().clone())
+    )
     with torch.no_grad():
         comps.unet(x, 5, encoder_hidden_states=ctx)
     for h in [*hooks, hq]:
         h.remove()
     c = ctx.double().numpy()
-    np.testing.assert_allclose(seen["k2"].double().numpy(), c + _mlp_ref(raw[32][0], c) * 0.6, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(seen["v2"].double().numpy(), c + _mlp_ref(raw[32][1], c) * 0.6, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        seen["k2"].double().numpy(), c + _mlp_ref(raw[32][0], c) * 0.6, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        seen["v2"].double().numpy(), c + _mlp_ref(raw[32][1], c) * 0.6, rtol=1e-5, atol=1e-5
+    )
     # self-attention: the context is the normalised hidden state (what to_q sees), width 32 -> changed too
     s = self_in["x"].double().numpy()
-    np.testing.assert_allclose(seen["k1"].double().numpy(), s + _mlp_ref(raw[32][0], s) * 0.6, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(seen["v1"].double().numpy(), s + _mlp_ref(raw[32][1], s) * 0.6, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        seen["k1"].double().numpy(), s + _mlp_ref(raw[32][0], s) * 0.6, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        seen["v1"].double().numpy(), s + _mlp_ref(raw[32][1], s) * 0.6, rtol=1e-5, atol=1e-5
+    )
     # removing it restores the plain forward exactly
     with torch.no_grad():
         hooked = comps.unet(x, 5, encoder_hidden_states=ctx).sample

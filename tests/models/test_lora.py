@@ -108,7 +108,10 @@ def test_merged_lora_changes_each_weight_by_exact_delta_and_restores_bytes(tmp_p
         "down_blocks.0.attentions.0.proj_in.weight",
         "down_blocks.0.resnets.0.conv1.weight",
     }
-    assert applied.infotext["Lora hashes"] == f"style: {addnet_hash_safetensors(tmp_path / 'style.safetensors')[:12]}"
+    assert (
+        applied.infotext["Lora hashes"]
+        == f"style: {addnet_hash_safetensors(tmp_path / 'style.safetensors')[:12]}"
+    )
     mgr.apply(comps, [], lora_dir=tmp_path, hypernet_dir=None)
     for n in names:
         assert torch.equal(_weight(comps, n).detach(), before[n])
@@ -158,18 +161,30 @@ def test_model_key_changes_with_text_encoder_loras_only(tmp_path: Path, comps) -
     save_file(_lora_tensors(comps), str(tmp_path / "s.safetensors"))
     mgr = NetworkManager()
     k0 = mgr.apply(comps, [], lora_dir=tmp_path, hypernet_dir=None).model_key
-    k1 = mgr.apply(comps, extract_extra_networks("<lora:s:1>")[1], lora_dir=tmp_path, hypernet_dir=None).model_key
-    k2 = mgr.apply(comps, extract_extra_networks("<lora:s:0.5>")[1], lora_dir=tmp_path, hypernet_dir=None).model_key
-    k3 = mgr.apply(comps, extract_extra_networks("<lora:s:0:1>")[1], lora_dir=tmp_path, hypernet_dir=None).model_key
+    k1 = mgr.apply(
+        comps, extract_extra_networks("<lora:s:1>")[1], lora_dir=tmp_path, hypernet_dir=None
+    ).model_key
+    k2 = mgr.apply(
+        comps, extract_extra_networks("<lora:s:0.5>")[1], lora_dir=tmp_path, hypernet_dir=None
+    ).model_key
+    k3 = mgr.apply(
+        comps, extract_extra_networks("<lora:s:0:1>")[1], lora_dir=tmp_path, hypernet_dir=None
+    ).model_key
     assert k0 == comps.checkpoint.short_hash
     assert len({k0, k1, k2}) == 3
     assert k3 == k0  # te multiplier 0: the text encoder is unchanged
 
 
 def test_call_params_follow_a1111() -> None:
-    calls = extract_extra_networks("<lora:x><lora:x:0.5><lora:x:0.5:0.7:8><lora:x:te=0.2:unet=0.3:dyn=4><lora:x:1:unet=2>")[1]
+    calls = extract_extra_networks(
+        "<lora:x><lora:x:0.5><lora:x:0.5:0.7:8><lora:x:te=0.2:unet=0.3:dyn=4><lora:x:1:unet=2>"
+    )[1]
     assert [lora_call_params(c)[1:] for c in calls] == [
-        (1.0, 1.0, None), (0.5, 0.5, None), (0.5, 0.7, 8), (0.2, 0.3, 4), (1.0, 2.0, None)
+        (1.0, 1.0, None),
+        (0.5, 0.5, None),
+        (0.5, 0.7, 8),
+        (0.2, 0.3, 4),
+        (1.0, 2.0, None),
     ]
 
 
@@ -177,7 +192,9 @@ def test_dyn_dim_truncates_rank_but_keeps_alpha_over_full_rank(tmp_path: Path, c
     t = _lora_tensors(comps, rank=4, alpha=2.0)
     save_file(t, str(tmp_path / "d.safetensors"))
     w0 = _weight(comps, LINEAR_UNET).detach().clone()
-    NetworkManager().apply(comps, extract_extra_networks("<lora:d:1:1:2>")[1], lora_dir=tmp_path, hypernet_dir=None)
+    NetworkManager().apply(
+        comps, extract_extra_networks("<lora:d:1:1:2>")[1], lora_dir=tmp_path, hypernet_dir=None
+    )
     up = t[f"{LINEAR_UNET}.lora_up.weight"].double()[:, :2]
     down = t[f"{LINEAR_UNET}.lora_down.weight"].double()[:2]
     expected = (w0.double() + up @ down * (2.0 / 4)).float()  # A1111 quirk: scale stays alpha / 4
@@ -186,7 +203,10 @@ def test_dyn_dim_truncates_rank_but_keeps_alpha_over_full_rank(tmp_path: Path, c
 
 def test_shape_mismatch_names_lora_layer_and_shapes(tmp_path: Path, comps) -> None:  # type: ignore[no-untyped-def]
     save_file(
-        {f"{LINEAR_UNET}.lora_up.weight": torch.zeros(320, 4), f"{LINEAR_UNET}.lora_down.weight": torch.zeros(4, 320)},
+        {
+            f"{LINEAR_UNET}.lora_up.weight": torch.zeros(320, 4),
+            f"{LINEAR_UNET}.lora_down.weight": torch.zeros(4, 320),
+        },
         str(tmp_path / "big.safetensors"),
     )
     before = _weight(comps, LINEAR_UNET).detach().clone()
@@ -200,7 +220,9 @@ def test_shape_mismatch_names_lora_layer_and_shapes(tmp_path: Path, comps) -> No
 
 def test_missing_lora_file_is_a_clear_error(tmp_path: Path, comps) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ModelLoadError, match="no network named 'nothere'"):
-        NetworkManager().apply(comps, extract_extra_networks("<lora:nothere:1>")[1], lora_dir=tmp_path, hypernet_dir=None)
+        NetworkManager().apply(
+            comps, extract_extra_networks("<lora:nothere:1>")[1], lora_dir=tmp_path, hypernet_dir=None
+        )
 
 
 def test_inpainting_conv_in_delta_is_zero_padded() -> None:
@@ -210,6 +232,7 @@ def test_inpainting_conv_in_delta_is_zero_padded() -> None:
 
 
 # ---------------------------------------------------------------- LyCORIS formulas (float64 numpy oracle)
+
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.double().numpy()
@@ -223,16 +246,32 @@ def _module(tmp_path: Path, tensors: dict[str, torch.Tensor], name: str = LINEAR
 def test_loha_linear_and_tucker_conv(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(5)
     r = 3
-    t = {k: torch.randn(*s, generator=g) for k, s in {
-        "hada_w1_a": (16, r), "hada_w1_b": (r, 12), "hada_w2_a": (16, r), "hada_w2_b": (r, 12)}.items()}
+    t = {
+        k: torch.randn(*s, generator=g)
+        for k, s in {
+            "hada_w1_a": (16, r),
+            "hada_w1_b": (r, 12),
+            "hada_w2_a": (16, r),
+            "hada_w2_b": (r, 12),
+        }.items()
+    }
     t["alpha"] = torch.tensor(1.5)
     mod = _module(tmp_path, t)
-    expected = (_np(t["hada_w1_a"]) @ _np(t["hada_w1_b"])) * (_np(t["hada_w2_a"]) @ _np(t["hada_w2_b"])) * 1.5 / r
-    np.testing.assert_allclose(mod.delta(torch.Size((16, 12))).double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    expected = (
+        (_np(t["hada_w1_a"]) @ _np(t["hada_w1_b"])) * (_np(t["hada_w2_a"]) @ _np(t["hada_w2_b"])) * 1.5 / r
+    )
+    np.testing.assert_allclose(
+        mod.delta(torch.Size((16, 12))).double().numpy(), expected, rtol=1e-5, atol=1e-6
+    )
 
-    tt = {"hada_t1": torch.randn(r, r, 3, 3, generator=g), "hada_w1_a": torch.randn(r, 8, generator=g),
-          "hada_w1_b": torch.randn(r, 6, generator=g), "hada_t2": torch.randn(r, r, 3, 3, generator=g),
-          "hada_w2_a": torch.randn(r, 8, generator=g), "hada_w2_b": torch.randn(r, 6, generator=g)}
+    tt = {
+        "hada_t1": torch.randn(r, r, 3, 3, generator=g),
+        "hada_w1_a": torch.randn(r, 8, generator=g),
+        "hada_w1_b": torch.randn(r, 6, generator=g),
+        "hada_t2": torch.randn(r, r, 3, 3, generator=g),
+        "hada_w2_a": torch.randn(r, 8, generator=g),
+        "hada_w2_b": torch.randn(r, 6, generator=g),
+    }
     mod = _module(tmp_path, tt)
 
     def tucker(core: np.ndarray, wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
@@ -243,8 +282,11 @@ def test_loha_linear_and_tucker_conv(tmp_path: Path) -> None:
         return out
 
     expected = tucker(_np(tt["hada_t1"]), _np(tt["hada_w1_a"]), _np(tt["hada_w1_b"])) * tucker(
-        _np(tt["hada_t2"]), _np(tt["hada_w2_a"]), _np(tt["hada_w2_b"]))
-    np.testing.assert_allclose(mod.delta(torch.Size((8, 6, 3, 3))).double().numpy(), expected, rtol=1e-4, atol=1e-5)
+        _np(tt["hada_t2"]), _np(tt["hada_w2_a"]), _np(tt["hada_w2_b"])
+    )
+    np.testing.assert_allclose(
+        mod.delta(torch.Size((8, 6, 3, 3))).double().numpy(), expected, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_lokr_full_and_factored(tmp_path: Path) -> None:
@@ -253,41 +295,61 @@ def test_lokr_full_and_factored(tmp_path: Path) -> None:
     w2a, w2b = torch.randn(8, 2, generator=g), torch.randn(2, 16, generator=g)
     mod = _module(tmp_path, {"lokr_w1": w1, "lokr_w2_a": w2a, "lokr_w2_b": w2b, "alpha": torch.tensor(1.0)})
     expected = np.kron(_np(w1), _np(w2a) @ _np(w2b)) * (1.0 / 2)
-    np.testing.assert_allclose(mod.delta(torch.Size((32, 32))).double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        mod.delta(torch.Size((32, 32))).double().numpy(), expected, rtol=1e-5, atol=1e-6
+    )
     # conv with a 4-D w2 (no factorisation, no alpha: scale 1)
     w2 = torch.randn(8, 4, 3, 3, generator=g)
     mod = _module(tmp_path, {"lokr_w1": w1, "lokr_w2": w2}, CONV3X3_UNET)
     got = mod.delta(torch.Size((32, 8, 3, 3))).double().numpy()
     for o1 in range(4):
         for i1 in range(2):
-            np.testing.assert_allclose(got[o1 * 8:(o1 + 1) * 8, i1 * 4:(i1 + 1) * 4], float(w1[o1, i1]) * _np(w2),
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                got[o1 * 8 : (o1 + 1) * 8, i1 * 4 : (i1 + 1) * 4],
+                float(w1[o1, i1]) * _np(w2),
+                rtol=1e-5,
+                atol=1e-6,
+            )
 
 
 def test_lora_cp_mid(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(7)
-    up, mid, down = torch.randn(8, 2, 1, 1, generator=g), torch.randn(2, 2, 3, 3, generator=g), torch.randn(2, 5, 1, 1, generator=g)
-    mod = _module(tmp_path, {"lora_up.weight": up, "lora_mid.weight": mid, "lora_down.weight": down, "scale": torch.tensor(0.25)},
-                  CONV3X3_UNET)
+    up, mid, down = (
+        torch.randn(8, 2, 1, 1, generator=g),
+        torch.randn(2, 2, 3, 3, generator=g),
+        torch.randn(2, 5, 1, 1, generator=g),
+    )
+    mod = _module(
+        tmp_path,
+        {"lora_up.weight": up, "lora_mid.weight": mid, "lora_down.weight": down, "scale": torch.tensor(0.25)},
+        CONV3X3_UNET,
+    )
     expected = np.einsum("oa,abhw,bi->oihw", _np(up)[:, :, 0, 0], _np(mid), _np(down)[:, :, 0, 0]) * 0.25
-    np.testing.assert_allclose(mod.delta(torch.Size((8, 5, 3, 3))).double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        mod.delta(torch.Size((8, 5, 3, 3))).double().numpy(), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------- extraction
+
 
 def test_extract_recovers_low_rank_difference(tmp_path: Path) -> None:
     sd_a = tiny_sd1_state_dict(0)
     g = torch.Generator().manual_seed(8)
     sd_b = {k: v.clone() for k, v in sd_a.items()}
     targets = {
-        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight": LINEAR_UNET.replace("to_q", "to_v"),
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight": LINEAR_UNET.replace(
+            "to_q", "to_v"
+        ),
         "model.diffusion_model.input_blocks.1.1.proj_in.weight": CONV1X1_UNET,
         "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": LINEAR_TE,
     }
     deltas = {}
     for key in targets:
         w = sd_a[key]
-        d = (torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w[0].numel(), generator=g)).reshape(w.shape) * 0.05
+        d = (torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w[0].numel(), generator=g)).reshape(
+            w.shape
+        ) * 0.05
         sd_b[key] = w + d
         deltas[key] = sd_b[key] - w  # the difference as float32 actually stored
     a = write_tiny_checkpoint(tmp_path / "a.safetensors", state_dict=sd_a)
@@ -303,6 +365,8 @@ def test_extract_recovers_low_rank_difference(tmp_path: Path) -> None:
     # and applied at multiplier 1 it turns A into (nearly) B
     ca = load_model(a, tokenizer=_Tok())
     cb = load_model(b, tokenizer=_Tok())
-    NetworkManager().apply(ca, extract_extra_networks("<lora:x:1>")[1], lora_dir=tmp_path / "lora", hypernet_dir=None)
+    NetworkManager().apply(
+        ca, extract_extra_networks("<lora:x:1>")[1], lora_dir=tmp_path / "lora", hypernet_dir=None
+    )
     for k, v in cb.unet.state_dict().items():
         torch.testing.assert_close(ca.unet.state_dict()[k], v, rtol=0, atol=1e-5)

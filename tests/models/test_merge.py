@@ -70,10 +70,18 @@ def test_weighted_sum_and_add_difference_match_formulas(sds) -> None:  # type: i
             # float64 oracle, A1111's formula; one rounding to float32 allows half an ulp (plus a hair)
             torch.testing.assert_close(ws[k].double(), (1 - m) * ea + m * eb, rtol=1.2e-7, atol=1e-12)
             torch.testing.assert_close(ad[k].double(), ea + m * (eb - ec), rtol=1.2e-7, atol=1e-9)
-    assert torch.equal(merge_state_dicts(a, b, options=MergeOptions(WS, multiplier=0.0))["model.diffusion_model.out.2.weight"],
-                       a["model.diffusion_model.out.2.weight"])
-    assert torch.equal(merge_state_dicts(a, b, options=MergeOptions(WS, multiplier=1.0))["model.diffusion_model.out.2.weight"],
-                       b["model.diffusion_model.out.2.weight"])
+    assert torch.equal(
+        merge_state_dicts(a, b, options=MergeOptions(WS, multiplier=0.0))[
+            "model.diffusion_model.out.2.weight"
+        ],
+        a["model.diffusion_model.out.2.weight"],
+    )
+    assert torch.equal(
+        merge_state_dicts(a, b, options=MergeOptions(WS, multiplier=1.0))[
+            "model.diffusion_model.out.2.weight"
+        ],
+        b["model.diffusion_model.out.2.weight"],
+    )
     ni = merge_state_dicts(a, b, options=MergeOptions(MergeMethod.NO_INTERPOLATION))
     assert all(torch.equal(ni[k], a[k]) for k in ni)
 
@@ -133,7 +141,11 @@ def test_block_assignment_of_every_full_size_key() -> None:
 def test_presets_and_weight_parsing() -> None:
     assert BLOCK_PRESETS["FLAT_25"] == (0.25,) * 25
     assert BLOCK_PRESETS["WRAP08"] == (1,) * 4 + (0,) * 17 + (1,) * 4
-    assert BLOCK_PRESETS["GRAD_V"][0] == 1 and BLOCK_PRESETS["GRAD_V"][12] == 0 and BLOCK_PRESETS["GRAD_V"][24] == 1
+    assert (
+        BLOCK_PRESETS["GRAD_V"][0] == 1
+        and BLOCK_PRESETS["GRAD_V"][12] == 0
+        and BLOCK_PRESETS["GRAD_V"][24] == 1
+    )
     assert BLOCK_PRESETS["GRAD_A"][12] == 1
     assert all(len(v) == 25 for v in BLOCK_PRESETS.values())
     assert parse_block_weights("grad_v") == BLOCK_PRESETS["GRAD_V"]
@@ -145,18 +157,33 @@ def test_presets_and_weight_parsing() -> None:
 def test_block_weighted_uses_block_weights_and_base_alpha(sds) -> None:  # type: ignore[no-untyped-def]
     a, b, _ = sds
     weights = tuple(i / 24 for i in range(25))
-    out = merge_state_dicts(a, b, options=MergeOptions(MergeMethod.BLOCK_WEIGHTED, block_weights=weights, base_alpha=0.25))
+    out = merge_state_dicts(
+        a, b, options=MergeOptions(MergeMethod.BLOCK_WEIGHTED, block_weights=weights, base_alpha=0.25)
+    )
     for k in a:
         if not _is_model_weight(k):
             continue
         if k.startswith("model.diffusion_model."):
             m = re.search(r"\.input_blocks\.(\d+)\.", k)
-            idx = 0 if "time_embed" in k else 24 if k.startswith("model.diffusion_model.out.") else (
-                int(m.group(1)) if m else 12 if ".middle_block." in k else 13 + int(re.search(r"\.output_blocks\.(\d+)\.", k).group(1)))  # type: ignore[union-attr]
+            idx = (
+                0
+                if "time_embed" in k
+                else 24
+                if k.startswith("model.diffusion_model.out.")
+                else (
+                    int(m.group(1))
+                    if m
+                    else 12
+                    if ".middle_block." in k
+                    else 13 + int(re.search(r"\.output_blocks\.(\d+)\.", k).group(1))
+                )
+            )  # type: ignore[union-attr]
             alpha = weights[idx]
         else:
             alpha = 0.25  # text encoder and VAE
-        torch.testing.assert_close(out[k].double(), (1 - alpha) * a[k].double() + alpha * b[k].double(), rtol=1.2e-7, atol=1e-12)
+        torch.testing.assert_close(
+            out[k].double(), (1 - alpha) * a[k].double() + alpha * b[k].double(), rtol=1.2e-7, atol=1e-12
+        )
 
 
 def test_inpainting_a_merges_first_four_channels(sds) -> None:  # type: ignore[no-untyped-def]
@@ -165,7 +192,12 @@ def test_inpainting_a_merges_first_four_channels(sds) -> None:  # type: ignore[n
     key = "model.diffusion_model.input_blocks.0.0.weight"
     out = merge_state_dicts(a, b, options=MergeOptions(WS, multiplier=0.5))
     assert out[key].shape == a[key].shape
-    torch.testing.assert_close(out[key][:, :4].double(), 0.5 * a[key][:, :4].double() + 0.5 * b[key].double(), rtol=1.2e-7, atol=1e-12)
+    torch.testing.assert_close(
+        out[key][:, :4].double(),
+        0.5 * a[key][:, :4].double() + 0.5 * b[key].double(),
+        rtol=1.2e-7,
+        atol=1e-12,
+    )
     assert torch.equal(out[key][:, 4:], a[key][:, 4:])
     with pytest.raises(MergeError, match="A must be the inpainting model"):
         merge_state_dicts(b, a, options=MergeOptions(WS))
@@ -174,13 +206,15 @@ def test_inpainting_a_merges_first_four_channels(sds) -> None:  # type: ignore[n
 def test_family_mismatch_and_missing_keys_are_errors(sds) -> None:  # type: ignore[no-untyped-def]
     a, b, _ = sds
     sd2 = {k.replace("cond_stage_model.transformer.", "cond_stage_model.model."): v for k, v in b.items()}
-    with pytest.raises(MergeError, match="cannot merge SD1.x"):
+    with pytest.raises(MergeError, match=r"cannot merge SD1\.x"):
         merge_state_dicts(a, sd2, options=MergeOptions(WS))
     pruned = {k: v for k, v in b.items() if not k.startswith("first_stage_model.")}
     with pytest.raises(MergeError, match="missing from the other input"):
         merge_state_dicts(a, pruned, options=MergeOptions(WS))
     out = merge_state_dicts(a, pruned, options=MergeOptions(WS, allow_missing=True))
-    assert torch.equal(out["first_stage_model.decoder.conv_out.weight"], a["first_stage_model.decoder.conv_out.weight"])
+    assert torch.equal(
+        out["first_stage_model.decoder.conv_out.weight"], a["first_stage_model.decoder.conv_out.weight"]
+    )
 
 
 def test_streamed_file_equals_in_memory_merge_with_options(tmp_path: Path, sds) -> None:  # type: ignore[no-untyped-def]
@@ -190,7 +224,9 @@ def test_streamed_file_equals_in_memory_merge_with_options(tmp_path: Path, sds) 
     vae = tiny_vae_state_dict(5)
     save_file(vae, str(tmp_path / "x.vae.safetensors"))
     opts = MergeOptions(WS, multiplier=0.3, fp16=True, discard=r"^model\.diffusion_model\.out\.")
-    res = merge_checkpoints(pa, pb, out=tmp_path / "out.safetensors", options=opts, bake_vae=tmp_path / "x.vae.safetensors")
+    res = merge_checkpoints(
+        pa, pb, out=tmp_path / "out.safetensors", options=opts, bake_vae=tmp_path / "x.vae.safetensors"
+    )
     got = load_file(str(res.path))
     ref = merge_state_dicts(a, b, options=opts, vae=vae)
     assert set(got) == set(ref)
@@ -198,13 +234,19 @@ def test_streamed_file_equals_in_memory_merge_with_options(tmp_path: Path, sds) 
     for k in ref:
         assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
     assert got["first_stage_model.decoder.conv_out.weight"].dtype == torch.float16
-    assert torch.equal(got["first_stage_model.decoder.conv_out.weight"], vae["decoder.conv_out.weight"].half())
+    assert torch.equal(
+        got["first_stage_model.decoder.conv_out.weight"], vae["decoder.conv_out.weight"].half()
+    )
     assert got["alphas_cumprod"].dtype == torch.float32  # not a model key: not halved
     with safe_open(str(res.path), "pt") as f:
         meta = f.metadata()
     recipe = json.loads(meta["sd_merge_recipe"])
-    assert recipe["primary_model_hash"] == sha256_file(pa) and recipe["secondary_model_hash"] == sha256_file(pb)
-    assert recipe["interp_method"] == "Weighted sum" and recipe["multiplier"] == 0.3 and recipe["save_as_half"]
+    assert recipe["primary_model_hash"] == sha256_file(pa) and recipe["secondary_model_hash"] == sha256_file(
+        pb
+    )
+    assert (
+        recipe["interp_method"] == "Weighted sum" and recipe["multiplier"] == 0.3 and recipe["save_as_half"]
+    )
     assert "voidprompt.arch" in meta
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 
@@ -229,15 +271,32 @@ def test_error_while_writing_leaves_no_file(tmp_path: Path, sds, monkeypatch: py
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
     with pytest.raises(MergeError, match="junk"):
-        merge_checkpoints(pa, tmp_path / "junk.safetensors", out=tmp_path / "out.safetensors", options=MergeOptions(WS))
+        merge_checkpoints(
+            pa, tmp_path / "junk.safetensors", out=tmp_path / "out.safetensors", options=MergeOptions(WS)
+        )
     assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_cli_merge_output_loads_and_self_merge_is_exact(tmp_path: Path, sds) -> None:  # type: ignore[no-untyped-def]
     pa = write_tiny_checkpoint(tmp_path / "a.safetensors", state_dict=sds[0])
     out = tmp_path / "self.safetensors"
-    rc = cli_main(["merge", "--a", str(pa), "--b", str(pa), "--method", "block_weighted", "--preset", "GRAD_V",
-                   "--base-alpha", "0.37", "--out", str(out)])
+    rc = cli_main(
+        [
+            "merge",
+            "--a",
+            str(pa),
+            "--b",
+            str(pa),
+            "--method",
+            "block_weighted",
+            "--preset",
+            "GRAD_V",
+            "--base-alpha",
+            "0.37",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     merged = load_model(out, tokenizer=_Tok())
     orig = load_model(pa, tokenizer=_Tok())
@@ -245,5 +304,10 @@ def test_cli_merge_output_loads_and_self_merge_is_exact(tmp_path: Path, sds) -> 
         o = getattr(orig, mod).state_dict()
         for k, v in getattr(merged, mod).state_dict().items():
             assert torch.equal(v, o[k]), (mod, k)
-    assert cli_main(["merge", "--a", str(pa), "--method", "weighted_sum", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert (
+        cli_main(
+            ["merge", "--a", str(pa), "--method", "weighted_sum", "--out", str(tmp_path / "x.safetensors")]
+        )
+        == 1
+    )
     assert np.isfinite(1.0)

@@ -195,9 +195,10 @@ class MergeOptions:
         for name, v in (("multiplier", self.multiplier), ("base_alpha", self.base_alpha)):
             if not math.isfinite(v):
                 raise MergeError(f"{name} {v} is not a finite number.")
-        if self.method is MergeMethod.BLOCK_WEIGHTED:
-            if self.block_weights is None or len(self.block_weights) != NUM_TOTAL_BLOCKS:
-                raise MergeError("block_weighted needs 25 block weights (--weights or --preset).")
+        if self.method is MergeMethod.BLOCK_WEIGHTED and (
+            self.block_weights is None or len(self.block_weights) != NUM_TOTAL_BLOCKS
+        ):
+            raise MergeError("block_weighted needs 25 block weights (--weights or --preset).")
         if self.discard:
             try:
                 re.compile(self.discard)
@@ -428,7 +429,9 @@ def _plan(
 _CHUNK_ELEMENTS = 1 << 22  # float64 temporaries of at most 32 MB each
 
 
-def _formula(method: MergeMethod, alpha: float, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+def _formula(
+    method: MergeMethod, alpha: float, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None
+) -> torch.Tensor:
     """The per-element formula in float64 (inputs of any float dtype are exact there)."""
     x, b = x.to(torch.float64), b.to(torch.float64)
     if method is MergeMethod.ADD_DIFFERENCE:

@@ -128,8 +128,9 @@ def _lora(argv: list[str]) -> int:
         clamp_quantile=args.clamp_quantile,
         dtype=torch.float16 if args.fp16 else torch.float32,
     )
+    te = "included" if result.text_encoder_included else "unchanged, left out"
     print(
-        f"wrote {result.path}: {result.layers} layers (text encoder {'included' if result.text_encoder_included else 'unchanged, left out'}), "
+        f"wrote {result.path}: {result.layers} layers (text encoder {te}), "
         f"worst relative error {result.max_rel_error:.3g}"
     )
     return 0

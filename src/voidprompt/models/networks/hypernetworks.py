@@ -155,7 +155,7 @@ def _materialize(obj: Any, ck: Any) -> Any:
 
 
 def load_hypernetwork(path: str | Path, *, device: torch.device | str = "cpu") -> Hypernetwork:
-    """Read a hypernetwork ``.pt`` through :mod:`voidprompt.models.safe_pickle` and build its MLPs (float32)."""
+    """Read a hypernetwork ``.pt`` through :mod:`voidprompt.models.safe_pickle`; MLPs in float32."""
     from voidprompt.models.hashes import sha256_file
     from voidprompt.models.safe_pickle import load_pickle_checkpoint
 
@@ -188,7 +188,8 @@ def load_hypernetwork(path: str | Path, *, device: torch.device | str = "cpu") -
             except RuntimeError as exc:
                 raise ModelLoadError(
                     f"{p}: the {which}-MLP for width {size} does not fit layer_structure {layer_structure}, "
-                    f"activation {activation!r}, layer norm {add_ln}, dropout {list(dropout)} ({exc}); the file "
+                    f"activation {activation!r}, layer norm {add_ln}, dropout {list(dropout)} ({exc}); "
+                    "the file "
                     "is damaged or from an unknown trainer."
                 ) from exc
             mlps.append(mlp.to(device=device, dtype=torch.float32).eval().requires_grad_(False))

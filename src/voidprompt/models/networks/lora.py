@@ -150,7 +150,8 @@ class LoraModule:
         else:
             raise ModelLoadError(
                 f"LoRA '{self.network}': layer {self.name} has tensors {sorted(self.tensors)}, a module type "
-                "voidprompt does not support (LoRA, LoCon, LoHa, LoKr and full diff are); remove it from the prompt."
+                "voidprompt does not support (LoRA, LoCon, LoHa, LoKr and full diff are); "
+                "remove it from the prompt."
             )
         return fit_delta(raw, target_shape, network=self.network, layer=self.name) * self.scale
 
@@ -172,7 +173,8 @@ def fit_delta(delta: Tensor, shape: torch.Size, *, network: str, layer: str) -> 
     ):
         return torch.nn.functional.pad(delta, (0, 0, 0, 0, 0, 5))
     raise ModelLoadError(
-        f"LoRA '{network}': layer {layer} gives a weight change of shape {tuple(delta.shape)} but the model's "
+        f"LoRA '{network}': layer {layer} gives a weight change of shape {tuple(delta.shape)} "
+        "but the model's "
         f"weight is {tuple(shape)}. The LoRA was trained for a different model (SD2/SDXL, or another width); "
         "use a LoRA made for this SD1 model."
     )
@@ -261,7 +263,8 @@ def load_lora(path: str | Path, name: str | None = None) -> LoraNetwork:
     for mod in modules.values():
         if "dora_scale" in mod.tensors:
             raise ModelLoadError(
-                f"LoRA '{net_name}': layer {mod.name} is a DoRA module (dora_scale), which voidprompt does not "
+                f"LoRA '{net_name}': layer {mod.name} is a DoRA module (dora_scale), "
+                "which voidprompt does not "
                 "support yet; remove the tag or convert the LoRA."
             )
     # Metadata values are strings already for safetensors; keep them as they are.

@@ -82,10 +82,7 @@ def delta_loha(w: dict[str, Tensor]) -> Tensor:
 
 
 def delta_lokr(w: dict[str, Tensor], target_shape: torch.Size) -> Tensor:
-    if "lokr_w1" in w:
-        w1 = _f32(w["lokr_w1"])
-    else:
-        w1 = _f32(w["lokr_w1_a"]) @ _f32(w["lokr_w1_b"])
+    w1 = _f32(w["lokr_w1"]) if "lokr_w1" in w else _f32(w["lokr_w1_a"]) @ _f32(w["lokr_w1_b"])
     if "lokr_w2" in w:
         w2 = _f32(w["lokr_w2"])
     elif "lokr_t2" in w:

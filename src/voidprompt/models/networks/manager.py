@@ -206,7 +206,10 @@ class NetworkManager:
                 count += 1
             if unmatched:
                 # A1111 logs these and goes on ("Network X didn't match keys").
-                msg = f"LoRA '{name}': {len(unmatched)} layers match nothing in this model, e.g. {', '.join(unmatched[:3])}"
+                msg = (
+                    f"LoRA '{name}': {len(unmatched)} layers match nothing in this model, "
+                    f"e.g. {', '.join(unmatched[:3])}"
+                )
                 log.warning(msg)
                 applied.notes.append(msg)
             if net.bundled_embeddings:
