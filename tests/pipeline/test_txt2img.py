@@ -174,3 +174,13 @@ def test_every_sampler_runs_and_names_itself(tiny_engine: Engine, sampler: str) 
     array = pixels(result.images[0])
     assert array.shape[2] == 3
     assert f"Sampler: {sampler}," in result.infotexts[0]
+
+
+def test_explicit_seed_list_gives_each_image_its_own_seed(tiny_engine: Engine) -> None:
+    listed = tiny_engine.generate(BASE.replace(batch_size=2), seeds=[900, 17])
+    assert listed.seeds == [900, 17]
+    for image, seed in zip(listed.images, (900, 17), strict=True):
+        alone = tiny_engine.generate(BASE.replace(seed=seed))
+        assert np.abs(pixels(image) - pixels(alone.images[0])).max() <= 1
+    with pytest.raises(InvalidRequestError, match="one per image"):
+        tiny_engine.generate(BASE.replace(batch_size=2), seeds=[1])

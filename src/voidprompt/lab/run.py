@@ -156,38 +156,15 @@ def generate_batch(
 ) -> tuple[list[Image.Image], list[str], dict[str, float]]:
     """Generate ``len(seeds)`` images in one sampler run, image ``i`` with ``seeds[i]``.
 
-    This is ``Engine.generate`` for one txt2img iteration with an explicit seed list (Engine's
-    public API derives ``seed + i``). It uses the Engine's step methods; the lab's tests check it
-    against ``Engine.generate`` bit for bit on consecutive seeds, so a change there shows up.
     Returns (images, infotexts, timings).
     """
-    from voidprompt.infotext import create_infotext
-    from voidprompt.pipeline.engine import decode_latents, to_pil_images
-    from voidprompt.sampling.registry import resolve
-
-    started = time.perf_counter()
-    request = request.replace(batch_size=len(seeds), n_iter=1, seed=int(seeds[0]), subseed=int(subseeds[0]))
-    request.validate()
-    spec, scheduler = resolve(request.sampler_name, request.scheduler)
-    request = request.replace(sampler_name=spec.label, scheduler=scheduler.label)
-    conditioning = engine._conditioning(request, spec)
-    t0 = time.perf_counter()
-    latents = engine._sample_txt2img(
-        request, spec, scheduler, conditioning, list(seeds), list(subseeds), 0, None, should_stop
+    result = engine.generate(
+        request.replace(batch_size=len(seeds), n_iter=1, seed=int(seeds[0]), subseed=int(subseeds[0])),
+        seeds=list(seeds),
+        subseeds=list(subseeds),
+        should_stop=should_stop,
     )
-    t1 = time.perf_counter()
-    images = to_pil_images(decode_latents(engine.components, latents))
-    t2 = time.perf_counter()
-    infotexts = [
-        create_infotext(
-            conditioning.prepared.prompt_for_infotext,
-            conditioning.prepared.negative_for_infotext,
-            engine._params(request, spec, conditioning, seed, subseed),
-        )
-        for seed, subseed in zip(seeds, subseeds, strict=True)
-    ]
-    timings = {"encode": t0 - started, "sample": t1 - t0, "decode": t2 - t1, "total": t2 - started}
-    return images, infotexts, timings
+    return result.images, result.infotexts, result.timings
 
 
 class LocalExecutor:

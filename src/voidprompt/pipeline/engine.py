@@ -109,10 +109,23 @@ class Engine:
         *,
         progress: ProgressCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
+        seeds: Sequence[int] | None = None,
+        subseeds: Sequence[int] | None = None,
     ) -> Result:
         """Run ``request`` (txt2img, with hires fix when ``enable_hr``; img2img / inpainting when it
-        carries init images)."""
+        carries init images).
+
+        ``seeds`` / ``subseeds`` give every image its own seed (A1111 accepts a seed list in place of
+        ``seed + i``); one per image of the request. The lab uses this to batch jobs that differ only
+        in their seed.
+        """
         request.validate()
+        for name, explicit in (("seeds", seeds), ("subseeds", subseeds)):
+            if explicit is not None and len(explicit) != request.total_images:
+                raise InvalidRequestError(
+                    f"{name}: {len(explicit)} given for {request.total_images} images "
+                    f"(batch_size {request.batch_size} x n_iter {request.n_iter}); give one per image"
+                )
         started = time.perf_counter()
         spec, scheduler = resolve(request.sampler_name, request.scheduler)
         # Record the canonical names, as A1111 does after resolving legacy ones.
@@ -133,6 +146,10 @@ class Engine:
         seed = fixed_seed(request.seed)
         subseed = fixed_seed(request.subseed)
         all_seeds, all_subseeds = batch_seeds(seed, subseed, request.subseed_strength, request.total_images)
+        if seeds is not None:
+            all_seeds = [fixed_seed(s) for s in seeds]
+        if subseeds is not None:
+            all_subseeds = [fixed_seed(s) for s in subseeds]
 
         conditioning = self._conditioning(request, spec)
         timings = {"encode": time.perf_counter() - started}
@@ -269,7 +286,7 @@ class Engine:
         unet = self.components.unet
         dtype = self.components.dtype
         out = unet(x.to(dtype), t.to(x.device), encoder_hidden_states=context.to(dtype)).sample
-        return out.to(x.dtype)  # type: ignore[no-any-return]
+        return out.to(x.dtype)
 
     def _sample_txt2img(
         self,
@@ -623,7 +640,7 @@ class _Interruptible:
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         if self.should_stop is not None and self.should_stop():
             raise Interrupted("generation interrupted")
-        return self.inner(*args, **kwargs)  # type: ignore[no-any-return]
+        return self.inner(*args, **kwargs)
 
 
 def latent_factor(components: Components) -> int:
