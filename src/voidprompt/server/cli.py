@@ -1,0 +1,145 @@
+"""``voidprompt serve``: the A1111-compatible API and the web UI on one uvicorn server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from voidprompt.errors import VoidpromptError
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="voidprompt serve", description="A1111-compatible HTTP API (/sdapi/v1) and web UI."
+    )
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; --listen means 0.0.0.0)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (needs --api-auth unless --insecure)")
+    p.add_argument("--api-auth", help="HTTP Basic credentials user:pass[,user2:pass2]")
+    p.add_argument(
+        "--api-auth-file", type=Path, help="a file holding the --api-auth text (keeps it out of ps)"
+    )
+    p.add_argument("--insecure", action="store_true", help="allow listening beyond localhost without auth")
+    p.add_argument("--cors-allow-origins", help="comma-separated origins allowed by CORS (default: CORS off)")
+    p.add_argument("--cors-allow-origins-regex", help="a regex of allowed origins")
+    p.add_argument(
+        "--ckpt-dir",
+        type=Path,
+        action="append",
+        help="checkpoint folder (repeatable; default models/Stable-diffusion)",
+    )
+    p.add_argument(
+        "--vae-dir", type=Path, action="append", help="VAE folder (repeatable; default models/VAE)"
+    )
+    p.add_argument(
+        "--model", help="checkpoint to use first (title, file name or hash); default the miniature model"
+    )
+    p.add_argument("--no-miniature", action="store_true", help="do not offer the shipped miniature model")
+    p.add_argument(
+        "--studies-dir", type=Path, help="folder of study files and catalogs for /voidprompt/v1/studies"
+    )
+    p.add_argument("--outdir", type=Path, help="where save_images=true writes images (default: not saved)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--nowebui", action="store_true", help="API only, no web UI")
+    p.add_argument("--max-pixels", type=int, help="max width*height per image")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--max-queued", type=int, help="jobs allowed to wait (more get HTTP 503)")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def build_config(args: argparse.Namespace) -> object:
+    from dataclasses import replace
+
+    from voidprompt.server.api import ServerConfig
+    from voidprompt.server.auth import parse_credentials
+    from voidprompt.server.limits import Limits
+
+    host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
+    auth_text = args.api_auth
+    if args.api_auth_file is not None:
+        auth_text = args.api_auth_file.read_text(encoding="utf-8").strip()
+    credentials = parse_credentials(auth_text) if auth_text else {}
+    if host not in LOCAL_HOSTS and not credentials and not args.insecure:
+        raise VoidpromptError(
+            f"--host {host} opens the server beyond this machine; give --api-auth user:password, "
+            "or --insecure if the network is trusted"
+        )
+    extra: list[Path] = []
+    if not args.no_miniature:
+        try:
+            from voidprompt.demo.miniature import miniature_model_path
+
+            extra.append(miniature_model_path())
+        except VoidpromptError:
+            pass  # not built yet: the server runs with the checkpoint folders alone
+    limits = Limits()
+    changes = {
+        "max_pixels": args.max_pixels,
+        "max_steps": args.max_steps,
+        "max_batch_size": args.max_batch_size,
+        "max_body_bytes": args.max_body_bytes,
+        "max_queued": args.max_queued,
+    }
+    limits = replace(limits, **{k: v for k, v in changes.items() if v is not None})
+    origins = [o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()]
+    default_model = args.model
+    if default_model is None and extra:
+        default_model = extra[0].name
+    return ServerConfig(
+        host=host,
+        port=args.port,
+        ckpt_dirs=args.ckpt_dir or [Path("models/Stable-diffusion")],
+        extra_checkpoints=extra,
+        vae_dirs=args.vae_dir or [Path("models/VAE")],
+        default_model=default_model,
+        studies_dir=args.studies_dir,
+        outdir=args.outdir,
+        credentials=credentials,
+        cors_allow_origins=origins,
+        cors_allow_origin_regex=args.cors_allow_origins_regex,
+        limits=limits,
+        device=args.device,
+        threads=args.threads,
+        ui=not args.nowebui,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(list(argv) if argv is not None else None)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        import uvicorn
+
+        from voidprompt.server.api import ServerConfig, create_app
+
+        config = build_config(args)
+        assert isinstance(config, ServerConfig)
+        app = create_app(config)
+    except (VoidpromptError, OSError) as error:
+        print(f"voidprompt serve: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"voidprompt: serving on http://{config.host}:{config.port}/ (API at /sdapi/v1, docs at /docs)",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        app, host=config.host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=5
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

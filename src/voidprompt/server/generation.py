@@ -1,0 +1,630 @@
+"""Between the API and the Engine: settings, request translation, the model in memory, and info.
+
+Everything here is plain Python (no FastAPI), so the translation rules can be tested directly.
+The flow of one txt2img/img2img call:
+
+1. :func:`build_request` turns the API body into a :class:`GenerationRequest` in the request's own
+   thread, so bad values are answered at once (400) without waiting in the queue. Precedence, as
+   in A1111: server settings < API defaults < ``infotext`` < fields the client set < ``override_settings``.
+2. :meth:`ModelHost.generate` runs on the queue's worker: it loads the model if needed, applies the
+   one-request model override, and runs the request one ``n_iter`` iteration at a time so that
+   "skip" drops the current iteration and "interrupt" returns what is done, like A1111.
+3. :func:`processed_info` builds the ``info`` JSON with A1111's ``Processed.js()`` keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from voidprompt import __version__
+from voidprompt.errors import InvalidRequestError
+from voidprompt.imagemeta import open_image_safely
+from voidprompt.infotext import parse_generation_parameters, request_fields_from_params
+from voidprompt.pipeline.engine import Engine, Interrupted, Progress
+from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
+from voidprompt.pipeline.request import EMPHASIS_MODES, RNG_SOURCES, GenerationRequest
+from voidprompt.pipeline.result import Result
+from voidprompt.sampling.compat import backcompat_overrides
+from voidprompt.sampling.registry import resolve, sampler_labels
+from voidprompt.sampling.rng import fixed_seed
+from voidprompt.server.checkpoints import CheckpointEntry, ModelRegistry, NotFoundError, VaeEntry
+from voidprompt.server.limits import LimitError, Limits
+from voidprompt.server.models import Img2ImgRequest, Txt2ImgRequest
+from voidprompt.server.queue import State
+
+log = logging.getLogger(__name__)
+
+_REQUEST_FIELDS = frozenset(f.name for f in fields(GenerationRequest))
+
+
+# ----------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    default: Any
+    kind: type  # int, float, bool or str
+    field: str | None = None  # the GenerationRequest field it sets, if any
+    choices: tuple[str, ...] = ()
+    zero_is_none: bool = False  # A1111 stores "use the model's own" as 0 for these
+
+
+# The A1111 settings voidprompt honours. Each maps onto a request field (A1111 keeps them global).
+OPTION_SPECS: dict[str, OptionSpec] = {
+    "CLIP_stop_at_last_layers": OptionSpec(1, int, "clip_skip"),
+    "eta_noise_seed_delta": OptionSpec(0, int, "eta_noise_seed_delta"),
+    # voidprompt's default is CPU (A1111's is GPU): CPU noise is the same on every machine.
+    "randn_source": OptionSpec("CPU", str, "randn_source", RNG_SOURCES),
+    "emphasis": OptionSpec("Original", str, "emphasis", EMPHASIS_MODES),
+    "comma_padding_backtrack": OptionSpec(20, int, "comma_padding_backtrack"),
+    "eta_ancestral": OptionSpec(1.0, float),
+    "eta_ddim": OptionSpec(0.0, float),
+    "s_churn": OptionSpec(0.0, float, "s_churn"),
+    "s_tmin": OptionSpec(0.0, float, "s_tmin"),
+    "s_tmax": OptionSpec(0.0, float, "s_tmax", zero_is_none=True),
+    "s_noise": OptionSpec(1.0, float, "s_noise"),
+    "s_min_uncond": OptionSpec(0.0, float, "s_min_uncond"),
+    "sigma_min": OptionSpec(0.0, float, "sigma_min", zero_is_none=True),
+    "sigma_max": OptionSpec(0.0, float, "sigma_max", zero_is_none=True),
+    "rho": OptionSpec(0.0, float, "rho", zero_is_none=True),
+    "always_discard_next_to_last_sigma": OptionSpec(False, bool, "always_discard_next_to_last_sigma"),
+    "sgm_noise_multiplier": OptionSpec(False, bool, "sgm_noise_multiplier"),
+    "pad_cond_uncond": OptionSpec(False, bool, "pad_cond_uncond"),
+    "pad_cond_uncond_v0": OptionSpec(False, bool, "pad_cond_uncond_v0"),
+    "use_old_scheduling": OptionSpec(False, bool, "use_old_scheduling"),
+    "use_downcasted_alpha_bar": OptionSpec(False, bool, "use_downcasted_alpha_bar"),
+    "use_old_karras_scheduler_sigmas": OptionSpec(False, bool, "use_old_karras_scheduler_sigmas"),
+    "batch_cond_uncond": OptionSpec(True, bool, "batch_cond_uncond"),
+    "initial_noise_multiplier": OptionSpec(1.0, float, "initial_noise_multiplier"),
+    "inpainting_mask_weight": OptionSpec(1.0, float, "inpainting_mask_weight"),
+    # Accepted and reported so clients that set them keep working; they change nothing here.
+    "samples_format": OptionSpec("png", str, None, ("png",)),
+    "return_grid": OptionSpec(False, bool),
+    "live_previews_enable": OptionSpec(True, bool),
+    "show_progress_every_n_steps": OptionSpec(1, int),
+    "enable_pnginfo": OptionSpec(True, bool),
+    "sd_checkpoints_limit": OptionSpec(1, int),
+}
+MODEL_OPTIONS = ("sd_model_checkpoint", "sd_vae", "sd_checkpoint_hash")
+
+
+class Options:
+    """The server's current settings (A1111's ``shared.opts`` for the keys above)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {key: spec.default for key, spec in OPTION_SPECS.items()}
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def normalise(changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Check keys and types; returns coerced values. Model keys pass through unchanged."""
+        out: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key in MODEL_OPTIONS:
+                if key != "sd_checkpoint_hash" and not isinstance(value, str):
+                    raise InvalidRequestError(f"{key}={value!r}: must be a string (a model title or name)")
+                out[key] = value
+                continue
+            spec = OPTION_SPECS.get(key)
+            if spec is None:
+                raise InvalidRequestError(
+                    f"option {key!r} is not supported by voidprompt; supported: "
+                    f"{', '.join([*MODEL_OPTIONS[:2], *OPTION_SPECS])}"
+                )
+            out[key] = _coerce(key, value, spec)
+        return out
+
+    def update(self, normalised: Mapping[str, Any]) -> None:
+        with self.lock:
+            for key, value in normalised.items():
+                if key in OPTION_SPECS:
+                    self.values[key] = value
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return dict(self.values)
+
+
+def _coerce(key: str, value: Any, spec: OptionSpec) -> Any:
+    bad = InvalidRequestError(f"{key}={value!r}: must be {spec.kind.__name__}")
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif spec.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise bad
+        value = int(value)
+    elif spec.kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise bad
+        value = float(value)
+    elif not isinstance(value, str):
+        raise bad
+    if spec.choices and value not in spec.choices:
+        raise InvalidRequestError(f"{key}={value!r}: choose one of {', '.join(spec.choices)}")
+    return value
+
+
+def request_fields_from_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Request fields set by settings (``values`` is a subset of OPTION_SPECS keys)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        spec = OPTION_SPECS.get(key)
+        if spec is None or spec.field is None:
+            continue
+        out[spec.field] = None if spec.zero_is_none and value == 0 else value
+    return out
+
+
+# ------------------------------------------------------------------------------------ request build
+
+
+def decode_image(data: str, what: str, max_pixels: int) -> Image.Image:
+    """A base64 image (a ``data:image/...;base64,`` prefix is allowed), decoded within the pixel
+    budget by :func:`open_image_safely`, which checks the declared size before decompressing."""
+    if not isinstance(data, str) or not data.strip():
+        raise InvalidRequestError(f"{what}: empty; send a base64-encoded PNG, JPEG or WebP")
+    text = data.strip()
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{what}: not valid base64") from None
+    return open_image_safely(raw, max_pixels)
+
+
+def encode_png(image: Image.Image, infotext: str | None) -> str:
+    """A base64 PNG with the infotext in its ``parameters`` chunk, as A1111's API returns."""
+    info = PngImagePlugin.PngInfo()
+    if infotext:
+        info.add_text("parameters", infotext)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass
+class BuiltRequest:
+    request: GenerationRequest
+    model: str | None = None  # a one-request sd_model_checkpoint override
+    vae: str | None = None
+    persist: dict[str, Any] = field(default_factory=dict)  # override settings kept afterwards
+
+
+_SAME_SAMPLER = ("", "Use same sampler")
+_SAME_SCHEDULER = ("", "Use same scheduler")
+
+
+def build_request(
+    body: Txt2ImgRequest,
+    options: Options,
+    limits: Limits,
+    *,
+    img2img: bool = False,
+) -> BuiltRequest:
+    """The GenerationRequest for an API body; raises InvalidRequestError / LimitError (400)."""
+    explicit = set(body.model_fields_set)
+    for name in ("restore_faces", "tiling"):
+        if getattr(body, name):
+            raise InvalidRequestError(f"{name}=true: voidprompt has no {name.replace('_', ' ')}; send false")
+    if body.script_name:
+        raise InvalidRequestError(
+            f"script_name={body.script_name!r}: no scripts are installed in voidprompt (GET /sdapi/v1/scripts)"
+        )
+    if body.alwayson_scripts:
+        log.info(
+            "alwayson_scripts ignored (voidprompt has no extensions): %s", ", ".join(body.alwayson_scripts)
+        )
+    if body.refiner_checkpoint not in (None, "", "None"):
+        raise InvalidRequestError("refiner_checkpoint: refiners (SDXL) are not supported; leave it empty")
+    if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        raise InvalidRequestError(
+            "hr_checkpoint_name: the hires pass uses the same checkpoint; leave it empty"
+        )
+    if body.firstpass_image:
+        raise InvalidRequestError("firstpass_image: not supported; send a plain txt2img request")
+    if len(body.prompt) + len(body.negative_prompt) > limits.max_prompt_chars:
+        raise LimitError(
+            f"prompt and negative prompt are over this server's limit of {limits.max_prompt_chars} characters"
+        )
+
+    api = _api_fields(body, img2img)
+    merged = request_fields_from_options(options.snapshot())
+    merged.update({k: v for k, v in api.items() if k not in explicit})
+    if body.infotext:
+        params = parse_generation_parameters(body.infotext)
+        from_text = {k: v for k, v in request_fields_from_params(params).items() if k in _REQUEST_FIELDS}
+        from_text.update(
+            backcompat_overrides(
+                params.get("Version"), str(from_text.get("prompt", "")), from_text.get("sampler_name")
+            )
+        )
+        merged.update(from_text)
+    merged.update({k: v for k, v in api.items() if k in explicit or _always_from_api(k, explicit)})
+    if not img2img and not merged.get("enable_hr"):
+        # txt2img without hires: clients (webuiapi) send denoising_strength anyway; A1111 ignores it.
+        merged["denoising_strength"] = None
+
+    built = BuiltRequest(GenerationRequest())
+    if body.override_settings:
+        overrides = Options.normalise(body.override_settings)
+        built.model = overrides.pop("sd_model_checkpoint", None)
+        built.vae = overrides.pop("sd_vae", None)
+        overrides.pop("sd_checkpoint_hash", None)
+        merged.update(request_fields_from_options(overrides))
+        if not body.override_settings_restore_afterwards:
+            built.persist = dict(overrides)
+            if built.model is not None:
+                built.persist["sd_model_checkpoint"] = built.model
+            if built.vae is not None:
+                built.persist["sd_vae"] = built.vae
+
+    # Unknown sampler / scheduler: A1111 1.10 answers 400 (404 before); the message lists the names.
+    spec, _scheduler = resolve(merged.get("sampler_name"), merged.get("scheduler"))
+    if merged.get("eta") is None and spec.eta_kind is not None:
+        eta_key = "eta_ancestral" if spec.eta_kind == "ancestral" else "eta_ddim"
+        value = options.snapshot()[eta_key]
+        if value != spec.default_eta:
+            merged["eta"] = value
+    for key in ("hr_sampler_name", "hr_scheduler"):
+        if merged.get(key) is not None:
+            resolve(
+                merged[key] if key == "hr_sampler_name" else None,
+                merged[key] if key == "hr_scheduler" else None,
+            )
+    if merged.get("enable_hr"):
+        check_hr_upscaler(merged.get("hr_upscaler", "Latent"))
+
+    request = GenerationRequest(**merged)
+    hr_pixels = 0
+    if request.enable_hr and not img2img:
+        target = hires_target(request)
+        hr_pixels = target.upscale_width * target.upscale_height
+    limits.check_generation(
+        width=request.width,
+        height=request.height,
+        steps=request.steps + (request.hr_second_pass_steps if request.enable_hr else 0),
+        batch_size=request.batch_size,
+        n_iter=request.n_iter,
+        hr_pixels=hr_pixels,
+    )
+    request.validate()
+    if img2img:
+        assert isinstance(body, Img2ImgRequest)
+        if not body.init_images:
+            raise InvalidRequestError("init_images: give at least one base64 image for img2img")
+        if len(body.init_images) > limits.max_batch_size:
+            raise LimitError(
+                f"init_images: {len(body.init_images)} images is over the limit of {limits.max_batch_size}"
+            )
+        images = tuple(
+            decode_image(data, f"init_images[{i}]", limits.max_input_pixels)
+            for i, data in enumerate(body.init_images)
+        )
+        mask = decode_image(body.mask, "mask", limits.max_input_pixels) if body.mask else None
+        if body.latent_mask:
+            log.info("latent_mask ignored: voidprompt derives the latent mask from mask")
+        request = request.replace(init_images=images, mask=mask)
+    built.request = request
+    return built
+
+
+def _always_from_api(key: str, explicit: set[str]) -> bool:
+    # The sampler comes from sampler_index when sampler_name is absent: treat it as explicit then.
+    return key == "sampler_name" and "sampler_index" in explicit and "sampler_name" not in explicit
+
+
+def _api_fields(body: Txt2ImgRequest, img2img: bool) -> dict[str, Any]:
+    """API field values translated to request field names and conventions (not yet merged)."""
+    out: dict[str, Any] = {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt,
+        "styles": tuple(body.styles or ()),
+        "seed": body.seed,
+        "subseed": body.subseed,
+        "subseed_strength": body.subseed_strength,
+        # A1111 turns seed resize on only when both are positive; clients send 0 for "off".
+        "seed_resize_from_h": body.seed_resize_from_h if body.seed_resize_from_h > 0 else -1,
+        "seed_resize_from_w": body.seed_resize_from_w if body.seed_resize_from_w > 0 else -1,
+        "sampler_name": body.sampler_name or body.sampler_index,
+        "scheduler": body.scheduler or "Automatic",
+        "batch_size": body.batch_size,
+        "n_iter": body.n_iter,
+        "steps": body.steps,
+        "cfg_scale": body.cfg_scale,
+        "width": body.width,
+        "height": body.height,
+        "eta": body.eta,
+        "denoising_strength": body.denoising_strength,
+        "enable_hr": body.enable_hr,
+        "hr_scale": body.hr_scale,
+        "hr_upscaler": body.hr_upscaler or "Latent",
+        "hr_second_pass_steps": body.hr_second_pass_steps,
+        "hr_resize_x": body.hr_resize_x,
+        "hr_resize_y": body.hr_resize_y,
+        "hr_sampler_name": None if body.hr_sampler_name in (None, *_SAME_SAMPLER) else body.hr_sampler_name,
+        "hr_scheduler": None if body.hr_scheduler in (None, *_SAME_SCHEDULER) else body.hr_scheduler,
+        "hr_prompt": body.hr_prompt,
+        "hr_negative_prompt": body.hr_negative_prompt,
+    }
+    # A1111's None / 0 mean "the setting's value": only values the client gave override settings.
+    for name in ("s_churn", "s_tmin", "s_noise", "s_min_uncond"):
+        value = getattr(body, name)
+        if value is not None:
+            out[name] = value
+    if body.s_tmax is not None:
+        out["s_tmax"] = body.s_tmax or None  # 0 = infinity, as A1111's setting
+    if img2img:
+        assert isinstance(body, Img2ImgRequest)
+        blur_x = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
+        blur_y = body.mask_blur if body.mask_blur is not None else body.mask_blur_y
+        out.update(
+            resize_mode=body.resize_mode,
+            mask_blur_x=blur_x,
+            mask_blur_y=blur_y,
+            mask_round=body.mask_round,
+            inpainting_fill=body.inpainting_fill,
+            inpaint_full_res=body.inpaint_full_res,
+            inpaint_full_res_padding=body.inpaint_full_res_padding,
+            inpainting_mask_invert=bool(body.inpainting_mask_invert),
+        )
+        if body.initial_noise_multiplier is not None:
+            out["initial_noise_multiplier"] = body.initial_noise_multiplier
+    return out
+
+
+# ------------------------------------------------------------------------------------ model host
+
+
+@dataclass
+class Generated:
+    result: Result
+    request: GenerationRequest
+    checkpoint: CheckpointEntry
+    vae: VaeEntry | None
+    job_timestamp: str
+    is_inpainting: bool
+    interrupted: bool = False
+
+
+class ModelHost:
+    """The one model in memory and the Engine over it. Only the queue's worker calls into it."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        options: Options,
+        state: State,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        engine_factory: Callable[[Any], Engine] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.options = options
+        self.state = state
+        self.device = device
+        self.dtype = dtype
+        self.engine_factory = engine_factory or (lambda components: Engine(components))
+        self.selected: CheckpointEntry | None = registry.checkpoints[0] if registry.checkpoints else None
+        self.selected_vae: str = "Automatic"
+        self.loaded: tuple[CheckpointEntry, VaeEntry | None] | None = None
+        self.engine: Engine | None = None
+
+    def select(self, name: str) -> CheckpointEntry:
+        """Pick the checkpoint by an A1111 alias (raises NotFoundError listing the titles)."""
+        self.selected = self.registry.find(name)
+        return self.selected
+
+    def require_selected(self) -> CheckpointEntry:
+        if self.selected is None:
+            raise NotFoundError(
+                "no checkpoint is available; put a .safetensors or .ckpt file in --ckpt-dir and POST "
+                "/sdapi/v1/refresh-checkpoints"
+            )
+        return self.selected
+
+    def ensure_loaded(self, entry: CheckpointEntry, vae: VaeEntry | None) -> Engine:
+        """Load ``entry`` (with ``vae``) unless it is already the model in memory."""
+        from voidprompt.models.load import load_model
+
+        if self.engine is not None and self.loaded == (entry, vae):
+            return self.engine
+        # Drop the old model first: one model in memory at a time, never two.
+        self.engine = None
+        self.loaded = None
+        components = load_model(
+            entry.path,
+            vae_path=vae.path if vae is not None else None,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        self.engine = self.engine_factory(components)
+        self.loaded = (entry, vae)
+        log.info("loaded %s", entry.title)
+        return self.engine
+
+    def generate(self, job: str, built: BuiltRequest) -> Generated:
+        """Run ``built`` (on the worker thread). Iterations run one by one for skip / interrupt."""
+        entry = self.registry.find(built.model) if built.model else self.require_selected()
+        vae_name = built.vae if built.vae is not None else self.selected_vae
+        vae = self.registry.find_vae(vae_name)
+        engine = self.ensure_loaded(entry, vae)
+        if built.persist:
+            if "sd_model_checkpoint" in built.persist:
+                self.selected = entry
+            if "sd_vae" in built.persist:
+                self.selected_vae = built.persist["sd_vae"]
+            self.options.update(built.persist)
+
+        request = built.request
+        state = self.state
+        state.begin(job, request.n_iter)
+        try:
+            seed = fixed_seed(request.seed)
+            subseed = fixed_seed(request.subseed)
+            # A1111: seeds advance by one per image unless a variation seed is mixed in.
+            seed_step = 1 if request.subseed_strength == 0 else 0
+            batch = request.batch_size
+
+            def on_progress(event: Progress) -> None:
+                with state.lock:
+                    state.sampling_step = event.step
+                    state.sampling_steps = event.steps
+                    state.textinfo = f"Sampling step {event.step}/{event.steps}"
+                    # The first image of the batch, on the CPU, for the live preview.
+                    state.latent = event.latent[:1].detach().to("cpu", copy=True)
+
+            def should_stop() -> bool:
+                return state.interrupted or state.skipped
+
+            parts: list[Result] = []
+            interrupted = False
+            for n in range(request.n_iter):
+                with state.lock:
+                    state.job_no = n
+                    state.sampling_step = 0
+                if state.interrupted:
+                    interrupted = True
+                    break
+                part = request.replace(
+                    seed=seed + seed_step * n * batch, subseed=subseed + n * batch, n_iter=1
+                )
+                try:
+                    parts.append(engine.generate(part, progress=on_progress, should_stop=should_stop))
+                except Interrupted:
+                    if state.interrupted:
+                        interrupted = True
+                        break
+                    with state.lock:
+                        state.skipped = False  # skip drops this iteration only
+            result = _concat(parts)
+            result.interrupted = interrupted
+            # The canonical sampler/scheduler names, as the engine records them.
+            spec, scheduler = resolve(request.sampler_name, request.scheduler)
+            final = request.replace(
+                seed=seed, subseed=subseed, sampler_name=spec.label, scheduler=scheduler.label
+            )
+            return Generated(
+                result=result,
+                request=final,
+                checkpoint=entry,
+                vae=vae,
+                job_timestamp=state.job_timestamp,
+                is_inpainting=engine.components.is_inpainting,
+                interrupted=interrupted,
+            )
+        finally:
+            state.end()
+
+
+def _concat(parts: list[Result]) -> Result:
+    out = Result([], [], [], [], [], [], [])
+    for part in parts:
+        out.images += part.images
+        out.infotexts += part.infotexts
+        out.seeds += part.seeds
+        out.subseeds += part.subseeds
+        out.prompts += part.prompts
+        out.negative_prompts += part.negative_prompts
+        out.params += part.params
+        for key, value in part.timings.items():
+            out.timings[key] = out.timings.get(key, 0.0) + value
+    return out
+
+
+# Keys A1111 writes from fixed attributes; the rest of an image's params are extra_generation_params.
+_BASE_INFOTEXT_KEYS = frozenset(
+    {
+        "Steps",
+        "Sampler",
+        "Schedule type",
+        "CFG scale",
+        "Image CFG scale",
+        "Seed",
+        "Face restoration",
+        "Size",
+        "Model hash",
+        "Model",
+        "VAE hash",
+        "VAE",
+        "Variation seed",
+        "Variation seed strength",
+        "Seed resize from",
+        "Denoising strength",
+        "Conditional mask weight",
+        "Clip skip",
+        "ENSD",
+        "Token merging ratio",
+        "Token merging ratio hr",
+        "Init image hash",
+        "RNG",
+        "Tiling",
+        "Version",
+        "User",
+    }
+)
+
+
+def processed_info(generated: Generated) -> dict[str, Any]:
+    """A1111's ``Processed.js()`` for a finished request."""
+    r = generated.request
+    result = generated.result
+    first_params = result.params[0] if result.params else {}
+    vae = generated.vae
+    return {
+        "prompt": r.prompt,
+        "all_prompts": result.prompts,
+        "negative_prompt": r.negative_prompt,
+        "all_negative_prompts": result.negative_prompts,
+        "seed": result.seeds[0] if result.seeds else r.seed,
+        "all_seeds": result.seeds,
+        "subseed": result.subseeds[0] if result.subseeds else r.subseed,
+        "all_subseeds": result.subseeds,
+        "subseed_strength": r.subseed_strength,
+        "width": r.width,
+        "height": r.height,
+        "sampler_name": r.sampler_name,
+        "cfg_scale": r.cfg_scale,
+        "steps": r.steps,
+        "batch_size": r.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": generated.checkpoint.stem,
+        "sd_model_hash": generated.checkpoint.shorthash,
+        "sd_vae_name": _vae_display_name(vae),
+        "sd_vae_hash": vae.sha256[:10] if vae is not None else None,
+        "seed_resize_from_w": r.seed_resize_from_w,
+        "seed_resize_from_h": r.seed_resize_from_h,
+        "denoising_strength": r.denoising_strength,
+        "extra_generation_params": {k: v for k, v in first_params.items() if k not in _BASE_INFOTEXT_KEYS},
+        "index_of_first_image": 0,
+        "infotexts": result.infotexts,
+        "styles": list(r.styles),
+        "job_timestamp": generated.job_timestamp,
+        "clip_skip": r.clip_skip,
+        "is_using_inpainting_conditioning": generated.is_inpainting,
+        "version": f"voidprompt-{__version__}",
+        "interrupted": generated.interrupted,
+    }
+
+
+def _vae_display_name(vae: VaeEntry | None) -> str | None:
+    if vae is None:
+        return None
+    return vae.name.rsplit("/", 1)[-1]
+
+
+def known_samplers() -> str:
+    return ", ".join(sampler_labels())

@@ -1,0 +1,292 @@
+"""Pydantic schemas of the HTTP API: A1111's field names, defaults and response shapes.
+
+The request models follow A1111's ``StableDiffusionTxt2ImgProcessingAPI`` /
+``StableDiffusionImg2ImgProcessingAPI`` (fields of the processing classes plus the API extras:
+sampler_index, script_name, script_args, send_images, save_images, alwayson_scripts, infotext).
+Unknown fields are ignored, as A1111's generated pydantic models do, so clients written for newer
+or extended A1111 versions keep working. Defaults are A1111's API defaults (steps 50, sampler_index
+"Euler"), not voidprompt's UI defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Lenient(BaseModel):
+    # extra="ignore": A1111's models drop unknown fields; clients send extension fields freely.
+    model_config = ConfigDict(extra="ignore")
+
+
+class Txt2ImgRequest(_Lenient):
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    force_task_id: str | None = None
+    # API extras.
+    sampler_index: str = Field("Euler", description="used only when sampler_name is absent")
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: str | None = Field(None, description="an infotext whose parameters pre-fill unset fields")
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] | None = Field(None, description="base64 images (data: URLs accepted)")
+    resize_mode: int = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+    denoising_strength: float | None = 0.75
+
+
+class GenerationResponse(BaseModel):
+    images: list[str] | None = Field(None, description="base64 PNGs carrying the infotext")
+    parameters: dict[str, Any]
+    info: str = Field(description="a JSON string with A1111's Processed.js() keys")
+
+
+class PngInfoRequest(_Lenient):
+    image: str = Field(description="base64 image (PNG, JPEG, WebP; data: URLs accepted)")
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    queued: int = Field(0, description="voidprompt: jobs waiting behind the current one")
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None
+    default_rho: float
+    need_inner_model: bool
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None
+    filename: str
+    config: str | None = None
+
+
+class SDVaeItem(BaseModel):
+    model_name: str
+    filename: str
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
+
+
+class LatentUpscalerModeItem(BaseModel):
+    name: str
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: str | None
+    negative_prompt: str | None
+
+
+class EmbeddingItem(BaseModel):
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    shape: int
+    vectors: int
+
+
+class EmbeddingsResponse(BaseModel):
+    loaded: dict[str, EmbeddingItem]
+    skipped: dict[str, EmbeddingItem]
+
+
+class ScriptsList(BaseModel):
+    txt2img: list[str] = Field(default_factory=list)
+    img2img: list[str] = Field(default_factory=list)
+
+
+class MemoryResponse(BaseModel):
+    ram: dict[str, Any]
+    cuda: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
+    body: str = ""
+    errors: str = ""
+
+
+# ------------------------------------------------------------------------------ voidprompt routes
+
+
+class TokensRequest(_Lenient):
+    text: str = ""
+    emphasis: str = "Original"
+    comma_padding_backtrack: int = 20
+
+
+class TokenChunk(BaseModel):
+    tokens: int
+    padding: int
+
+
+class TokensResponse(BaseModel):
+    token_count: int
+    target: int = Field(description="75, 150, ...: the counter A1111 shows as token_count/target")
+    chunks: list[TokenChunk]
+    report: str
+
+
+class StudyItem(BaseModel):
+    id: str
+    name: str
+    study_file: str | None
+    catalog: str | None
+    images: int
+    jobs: int
+    labeled: int
+    classes: list[str]
+    axes: list[str]
+    running: bool
+
+
+class LabelValue(BaseModel):
+    label_class: str | None
+    tags: list[str] = Field(default_factory=list)
+
+
+class LabelPut(_Lenient):
+    label_class: str | None = Field(description="one of the study's classes; null clears it")
+    tags: list[str] = Field(default_factory=list)
+    source: str = "human"
+
+
+class StudyImage(BaseModel):
+    id: int
+    job_id: str
+    url: str
+    seed: int
+    width: int
+    height: int
+    axis_values: dict[str, Any]
+    labels: dict[str, LabelValue]
+    label: str | None = Field(description="the effective label: a person's, else a labeler's")
+    label_source: str | None
+
+
+class StudyImagesResponse(BaseModel):
+    study: str
+    total: int = Field(description="images matching the filters, before offset/limit")
+    labeled: int = Field(description="images with a human label, of all the study's images")
+    all_images: int
+    classes: list[str]
+    axes: dict[str, list[Any]] = Field(description="every axis and its values, in study order")
+    images: list[StudyImage]
+
+
+class StudyImageDetail(StudyImage):
+    infotext: str
+    settings: dict[str, Any]
+    measures: dict[str, float | None]
+
+
+class RunStatus(BaseModel):
+    study: str
+    running: bool
+    returncode: int | None = None
+    log_tail: str = ""

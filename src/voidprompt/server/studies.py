@@ -1,0 +1,311 @@
+"""Studies under ``--studies-dir``: their catalogs, images, measures and labels, and study runs.
+
+A study is found two ways: a study file (``*.toml`` with a ``[study]`` table) whose catalog is at
+the lab's default place (``runs/<stem>/catalog.sqlite`` beside it), or a catalog file
+(``*.sqlite``) alone. Its id is the path relative to the studies folder, without the suffix, with
+``/`` written as ``~`` so it fits one URL segment. Ids are only looked up in the scanned table,
+never joined onto a path, so no id can reach outside the folder; image files are served only if
+they resolve inside their catalog's image folder.
+
+Labels are written through :class:`voidprompt.lab.catalog.Catalog` (one writer at a time, each
+label its own transaction, so it is on disk when the answer is sent). A study run holds the
+catalog's writer lock; label writes then answer 409 until it finishes.
+
+Runs are ``voidprompt study run`` in a child process: the lab runner is resumable, so stopping is
+a plain SIGINT/terminate, and a crash of the run cannot take the server down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import tomllib
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from voidprompt.errors import StudyError
+from voidprompt.lab.catalog import Catalog
+from voidprompt.lab.labels import HUMAN, effective_label, label_scheme
+from voidprompt.lab.study import parse_study
+from voidprompt.server.checkpoints import NotFoundError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLASSES = ("Pattern", "Object or Scenery", "Malformed human", "Legit human")
+
+
+class CatalogBusyError(StudyError):
+    """Another process (a study run) is writing the catalog."""
+
+
+@dataclass
+class StudyEntry:
+    id: str
+    study_file: Path | None
+    catalog: Path | None
+
+    def catalog_path(self) -> Path:
+        if self.catalog is not None:
+            return self.catalog
+        assert self.study_file is not None
+        return self.study_file.parent / "runs" / self.study_file.stem / "catalog.sqlite"
+
+
+@dataclass
+class RunHandle:
+    process: subprocess.Popen[str]
+    log: deque[str] = field(default_factory=lambda: deque(maxlen=50))
+    reader: threading.Thread | None = None
+
+
+class StudyRegistry:
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.entries: dict[str, StudyEntry] = {}
+        self.runs: dict[str, RunHandle] = {}
+        self._lock = threading.Lock()
+        self.refresh()
+
+    # ------------------------------------------------------------------------------------ finding
+
+    def refresh(self) -> None:
+        entries: dict[str, StudyEntry] = {}
+        folder = self.folder
+        if folder is None or not folder.is_dir():
+            self.entries = entries
+            return
+        root = folder.resolve()
+        catalogs_of_files: set[Path] = set()
+        for path in sorted(folder.rglob("*.toml")):
+            if not path.resolve().is_relative_to(root) or not _is_study_file(path):
+                continue
+            entry = StudyEntry(_make_id(path, folder), path, None)
+            catalogs_of_files.add(entry.catalog_path().resolve())
+            entries[entry.id] = entry
+        for path in sorted(folder.rglob("*.sqlite")):
+            if not path.resolve().is_relative_to(root) or path.resolve() in catalogs_of_files:
+                continue
+            entry = StudyEntry(_make_id(path, folder), None, path)
+            entries[entry.id] = entry
+        self.entries = entries
+
+    def get(self, study_id: str) -> StudyEntry:
+        entry = self.entries.get(study_id)
+        if entry is None:
+            self.refresh()
+            entry = self.entries.get(study_id)
+        if entry is None:
+            raise NotFoundError(
+                f"study {study_id!r} not found; available: {', '.join(sorted(self.entries)) or '(none)'}"
+            )
+        return entry
+
+    # ------------------------------------------------------------------------------------ reading
+
+    def open_readonly(self, entry: StudyEntry) -> Catalog:
+        path = entry.catalog_path()
+        if not path.exists():
+            raise NotFoundError(f"study {entry.id!r} has no catalog yet; start a run first")
+        return Catalog.open(path, readonly=True)
+
+    def scheme(self, entry: StudyEntry, catalog: Catalog | None) -> tuple[tuple[str, ...], list[str]]:
+        """(outcome classes, axis names) from the study file, else from the TOML the catalog holds."""
+        text: str | None = None
+        path: Path = entry.study_file or entry.catalog_path()
+        if entry.study_file is not None:
+            text = entry.study_file.read_text(encoding="utf-8")
+        elif catalog is not None:
+            row = catalog._db.execute("SELECT toml FROM study ORDER BY id DESC LIMIT 1").fetchone()
+            text = row[0] if row else None
+        if text is None:
+            return DEFAULT_CLASSES, []
+        try:
+            study = parse_study(text, path)
+            return label_scheme(study).classes, [axis.name for axis in study.axes]
+        except StudyError as error:
+            log.warning("study %s: %s", entry.id, error)
+            return DEFAULT_CLASSES, []
+
+    def summary(self, entry: StudyEntry) -> dict[str, Any]:
+        images = jobs = labeled = 0
+        name = entry.id
+        catalog: Catalog | None = None
+        if entry.catalog_path().exists():
+            catalog = Catalog.open(entry.catalog_path(), readonly=True)
+        try:
+            classes, axes = self.scheme(entry, catalog)
+            if catalog is not None:
+                db = catalog._db
+                images = int(db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+                jobs = int(db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+                labeled = human_labeled(catalog)
+                row = db.execute("SELECT name FROM study ORDER BY id DESC LIMIT 1").fetchone()
+                if row:
+                    name = row[0]
+            elif entry.study_file is not None:
+                name = _study_name(entry.study_file) or name
+        finally:
+            if catalog is not None:
+                catalog.close()
+        return {
+            "id": entry.id,
+            "name": name,
+            "study_file": str(entry.study_file) if entry.study_file else None,
+            "catalog": str(entry.catalog_path()) if entry.catalog_path().exists() else None,
+            "images": images,
+            "jobs": jobs,
+            "labeled": labeled,
+            "classes": list(classes),
+            "axes": axes,
+            "running": self.is_running(entry.id),
+        }
+
+    def image_file(self, entry: StudyEntry, image_id: int) -> Path:
+        with self.open_readonly(entry) as catalog:
+            row = catalog._db.execute("SELECT path FROM images WHERE id = ?", (image_id,)).fetchone()
+            folder = catalog.images_dir
+        if row is None:
+            raise NotFoundError(f"study {entry.id!r} has no image {image_id}")
+        path = (folder / row[0]).resolve()
+        if not path.is_relative_to(folder.resolve()) or not path.is_file():
+            raise NotFoundError(f"image {image_id}: its file is missing from {folder}")
+        return path
+
+    # ------------------------------------------------------------------------------------ writing
+
+    def set_label(
+        self, entry: StudyEntry, image_id: int, label_class: str | None, tags: list[str], source: str
+    ) -> None:
+        classes, _axes = self.scheme(entry, None) if entry.study_file else (None, None)
+        with self.open_readonly(entry) as reader:
+            if classes is None:
+                classes, _axes = self.scheme(entry, reader)
+            exists = reader._db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone()
+        if not exists:
+            raise NotFoundError(f"study {entry.id!r} has no image {image_id}")
+        if label_class is not None and label_class not in classes:
+            raise StudyError(
+                f"label_class={label_class!r}: choose one of {', '.join(classes)} (or null to clear)"
+            )
+        try:
+            catalog = Catalog.open(entry.catalog_path())
+        except StudyError as error:
+            raise CatalogBusyError(str(error)) from None
+        with catalog:
+            catalog.set_label(image_id, label_class, tags, source=source)
+
+    # --------------------------------------------------------------------------------------- runs
+
+    def is_running(self, study_id: str) -> bool:
+        handle = self.runs.get(study_id)
+        return handle is not None and handle.process.poll() is None
+
+    def start_run(self, entry: StudyEntry, *, max_jobs: int | None, batch_size: int | None) -> RunHandle:
+        if entry.study_file is None:
+            raise StudyError(f"study {entry.id!r} has only a catalog; a run needs its study file (.toml)")
+        with self._lock:
+            if self.is_running(entry.id):
+                raise CatalogBusyError(f"study {entry.id!r} is already running")
+            argv = [
+                sys.executable,
+                "-c",
+                "import sys; from voidprompt.lab.cli import main; sys.exit(main(sys.argv[1:]))",
+                "run",
+                str(entry.study_file),
+                "--no-progress",
+            ]
+            if max_jobs is not None:
+                argv += ["--max-jobs", str(max_jobs)]
+            if batch_size is not None:
+                argv += ["--batch-size", str(batch_size)]
+            process = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+            handle = RunHandle(process)
+            handle.reader = threading.Thread(target=_pump, args=(process.stdout, handle.log), daemon=True)
+            handle.reader.start()
+            self.runs[entry.id] = handle
+            return handle
+
+    def stop_run(self, entry: StudyEntry, timeout: float = 10.0) -> RunHandle | None:
+        handle = self.runs.get(entry.id)
+        if handle is None or handle.process.poll() is not None:
+            return handle
+        # SIGINT first: the runner commits each image in its own transaction, so it can stop anywhere.
+        handle.process.send_signal(signal.SIGINT)
+        try:
+            handle.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            handle.process.terminate()
+            handle.process.wait(timeout)
+        return handle
+
+    def stop_all(self) -> None:
+        for study_id in list(self.runs):
+            entry = self.entries.get(study_id)
+            if entry is not None:
+                self.stop_run(entry, timeout=5.0)
+
+
+def _pump(stream: IO[str] | None, sink: deque[str]) -> None:
+    if stream is None:
+        return
+    for line in stream:
+        sink.append(line.rstrip("\n"))
+
+
+def human_labeled(catalog: Catalog) -> int:
+    row = catalog._db.execute(
+        "SELECT COUNT(DISTINCT image_id) FROM labels WHERE source = ? AND label_class IS NOT NULL", (HUMAN,)
+    ).fetchone()
+    return int(row[0])
+
+
+def image_record(
+    row: dict[str, Any], labels: dict[str, tuple[str | None, list[str]]], url: str
+) -> dict[str, Any]:
+    label, source = effective_label(labels)
+    return {
+        "id": row["id"],
+        "job_id": row["job_id"],
+        "url": url,
+        "seed": row["seed"],
+        "width": row["width"],
+        "height": row["height"],
+        "axis_values": row["axis_values"],
+        "labels": {s: {"label_class": c, "tags": t} for s, (c, t) in labels.items()},
+        "label": label,
+        "label_source": source,
+    }
+
+
+def _make_id(path: Path, folder: Path) -> str:
+    relative = path.relative_to(folder).with_suffix("").as_posix()
+    return relative.replace("/", "~")
+
+
+def _is_study_file(path: Path) -> bool:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data.get("study"), dict)
+
+
+def _study_name(path: Path) -> str | None:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        name = data["study"].get("name")
+        return str(name) if name else None
+    except (OSError, tomllib.TOMLDecodeError, KeyError, AttributeError):
+        return None
