@@ -108,18 +108,18 @@ class TrainConfig:
 
     out_dir: Path
     seed: int = 20241122
-    n_images: int = 6000
+    n_images: int = 3000
     image_size: int = 64
     # VAE phase.
-    vae_steps: int = 500
+    vae_steps: int = 700
     vae_batch: int = 16
     vae_crop: int = 32
-    vae_full_from: float = 0.8  # fraction of vae_steps after which whole pictures are used
+    vae_full_from: float = 0.9  # fraction of vae_steps after which whole pictures are used
     vae_lr: float = 5e-4
     kl_weight: float = 1e-4  # on the per-element KL; light: the scaling factor fixes the scale
     edge_weight: float = 0.5
     # Diffusion phase.
-    diffusion_steps: int = 1500
+    diffusion_steps: int = 1200
     batch_size: int = 32
     lr: float = 6e-4
     warmup_steps: int = 100
@@ -324,6 +324,8 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         torch.set_rng_state(saved["rng"])
         state = _State(saved["phase"], saved["step"], saved["scaling_factor"], dict(saved["seconds"]))
         log_fn(f"resumed {state_path}: phase {state.phase}, step {state.step}")
+        if state.phase == "done" and state.step < config.diffusion_steps:
+            state.phase = "diffusion"  # asked for more diffusion steps than the finished run had
 
     def info() -> dict[str, Any]:
         return {

@@ -1,0 +1,120 @@
+"""The miniature model's trainer: caption tokens, the Clip-skip-2 context, a tiny resumable run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from voidprompt.demo.train import (
+    FINAL_LN_BIAS_MEAN,
+    MINIATURE_ARCH,
+    TrainConfig,
+    TrainError,
+    _fresh_modules,
+    encode_tokens,
+    text_condition,
+    train,
+)
+from voidprompt.prompts.tokenizer import load_clip_tokenizer
+
+
+def test_encode_tokens_equals_tokenizing_the_joined_caption() -> None:
+    tok = load_clip_tokenizer()
+    tags = ["red circle", "jpeg artifacts", "2shapes", "striped background"]
+    comma = tok.encode(",")[0]
+    ids = encode_tokens([tok.encode(t) for t in tags], tok.bos_id, tok.eos_id, comma)
+    # Oracle: the tokenizer on the whole caption, padded with EOS as SD1 does.
+    whole = tok.encode_with_specials(", ".join(tags))
+    assert len(ids) == 77
+    assert ids[: len(whole)] == whole
+    assert set(ids[len(whole):]) == {tok.eos_id}
+    assert encode_tokens([], tok.bos_id, tok.eos_id, comma) == [tok.bos_id] + [tok.eos_id] * 76
+
+
+def test_text_condition_is_a1111_clip_skip_2() -> None:
+    """The trainer's context equals what PromptEncoder (the inference path) gives at Clip skip 2."""
+    from voidprompt.prompts.encode import PromptEncoder
+
+    _, _, te = _fresh_modules(seed=3)
+    te.eval()
+    tok = load_clip_tokenizer()
+    text = "blue square, white background, solo"
+    ids = torch.tensor([tok.encode_with_specials(text) + [tok.eos_id] * (77 - 9)])
+    with torch.no_grad():
+        ours = text_condition(te, ids)
+    theirs = PromptEncoder(te, tok).encode_texts([text], clip_skip=2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_final_layer_norm_bias_keeps_the_mean_away_from_zero() -> None:
+    _, _, te = _fresh_modules(seed=0)
+    inner = getattr(te, "text_model", te)
+    bias = inner.final_layer_norm.bias
+    assert not bias.requires_grad
+    assert abs(float(bias.mean()) - FINAL_LN_BIAS_MEAN) < 0.05
+    tok = load_clip_tokenizer()
+    ids = torch.tensor([tok.encode_with_specials("") + [tok.eos_id] * 75])
+    with torch.no_grad():
+        z = text_condition(te, ids)
+    # A1111's mean restoration divides by this mean.
+    assert float(z.mean()) > 0.3
+
+
+def test_arch_is_sd1_layout_and_narrow() -> None:
+    unet, vae, te = _fresh_modules(seed=0)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert 2.5e6 < n(unet) < 5e6
+    assert te.config.vocab_size == 49408 and te.config.max_position_embeddings == 77
+    assert te.config.hidden_size == 64 and te.config.hidden_act == "quick_gelu"
+    assert len(vae.config.block_out_channels) == 4 and vae.config.latent_channels == 4  # f = 8
+    assert MINIATURE_ARCH.unet.context_dim == te.config.hidden_size
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, Path]:
+    out = tmp_path_factory.mktemp("run")
+    config = TrainConfig(
+        out_dir=out, n_images=8, vae_steps=2, vae_batch=4, diffusion_steps=2, batch_size=4, warmup_steps=1,
+        checkpoint_minutes=1000.0,
+    )
+    return config, train(config, log_fn=lambda _: None)
+
+
+def test_tiny_run_exports_a_loadable_fp16_sd1_file(tiny_run: tuple[TrainConfig, Path]) -> None:
+    from safetensors import safe_open
+
+    from voidprompt.models.detect import ModelFamily
+    from voidprompt.models.load import load_model
+
+    _, path = tiny_run
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+        dtypes = {f.get_slice(k).get_dtype() for k in keys}
+    arch = json.loads(meta["voidprompt.arch"])
+    assert arch["unet_heads"] == 4 and arch["clip_head_dim"] == 16
+    assert arch["scaling_factor"] > 0
+    assert json.loads(meta["voidprompt.training"])["phase"] == "done"
+    assert dtypes == {"F16", "F32", "I64"}  # weights fp16; alphas_cumprod fp32; position_ids int64
+    c = load_model(path)
+    assert c.family is ModelFamily.SD1
+    # Every key is consumed (alphas_cumprod and position_ids count as read).
+    assert c.report.consumed == len(keys)
+    assert not c.report.unused and not c.report.missing and not c.report.ignored
+    assert c.scaling_factor == pytest.approx(arch["scaling_factor"])
+
+
+def test_resume_refuses_a_fresh_start_over_a_run_and_continues_it(tiny_run: tuple[TrainConfig, Path]) -> None:
+    config, _ = tiny_run
+    with pytest.raises(TrainError, match="--resume"):
+        train(config, log_fn=lambda _: None)
+    lines: list[str] = []
+    longer = TrainConfig(**{**config.__dict__, "diffusion_steps": 3})
+    train(longer, resume=True, log_fn=lines.append)
+    assert any("resumed" in s and "phase done" in s for s in lines)
+    assert any(s.startswith("diffusion 3/3") or "step 3" in s for s in lines)
+    with pytest.raises(TrainError, match="seed"):
+        train(TrainConfig(**{**config.__dict__, "seed": 1}), resume=True, log_fn=lambda _: None)
