@@ -1,0 +1,160 @@
+"""Measure the miniature model's figures for MODEL_CARD.md (issue 6) and print them as markdown.
+
+    python benchmarks/miniature_figures.py [--model PATH] [--n 200] [--per-prompt 25] [--json OUT]
+
+Paired seeds across the conditions of each figure; 64x64, Euler a, 20 steps, Clip skip 2, CFG 7
+unless stated. Takes tens of minutes on two CPU cores at the default sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def main() -> None:
+    from voidprompt.demo.detector import evaluate_detector
+    from voidprompt.demo.generate import load_engine
+    from voidprompt.demo.measure import (
+        count_ratio,
+        emphasis_slope,
+        negative_prompt_effect,
+        prompt_adherence,
+        vae_round_trip,
+    )
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--n", type=int, default=200, help="pictures per condition")
+    p.add_argument("--per-prompt", type=int, default=25, help="pictures per adherence prompt (8 prompts)")
+    p.add_argument("--emphasis-n", type=int, default=100, help="pictures per emphasis weight")
+    p.add_argument("--emphasis-tag", default="blurry")
+    p.add_argument("--detector-n", type=int, default=300)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default="detector,adherence,negative,count,emphasis")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    engine = load_engine(args.model, threads=args.threads)
+    only = set(args.only.split(","))
+    figures: dict[str, Any] = {}
+    lines: list[str] = []
+
+    def timed(name: str, started: float) -> None:
+        figures.setdefault("seconds", {})[name] = round(time.perf_counter() - started)
+        print(f"[{name}: {time.perf_counter() - started:.0f} s]", flush=True)
+
+    if "detector" in only:
+        t0 = time.perf_counter()
+        plain = evaluate_detector(args.detector_n, seed=20240607)
+        trip = evaluate_detector(args.detector_n, seed=20240607, transform=vae_round_trip(engine.components))
+        figures["detector"] = {"world": plain.__dict__, "vae_round_trip": trip.__dict__}
+        lines += [
+            "## Detector (held-out world pictures, seed 20240607)",
+            "",
+            "### world pictures",
+            "",
+            plain.summary(),
+            "",
+            "### after a round trip through this model's VAE",
+            "",
+            trip.summary(),
+            "",
+        ]
+        timed("detector", t0)
+        print("\n".join(lines[-8:]), flush=True)
+    if "adherence" in only:
+        t0 = time.perf_counter()
+        rows = []
+        for cfg in (7.0, 1.0):
+            overall, per = prompt_adherence(engine, args.per_prompt, seed=100000, cfg_scale=cfg)
+            figures[f"adherence_cfg{cfg:g}"] = {
+                "k": overall.k,
+                "n": overall.n,
+                "per_prompt": {k: [v.k, v.n] for k, v in per.items()},
+            }
+            rows.append(
+                f"| CFG {cfg:g} | {overall} | " + ", ".join(f"{k} {v.p:.2f}" for k, v in per.items()) + " |"
+            )
+        lines += [
+            "## Prompt adherence",
+            "",
+            "| condition | share with the asked coloured shape | per prompt |",
+            "|---|---|---|",
+            *rows,
+            "",
+        ]
+        timed("adherence", t0)
+        print("\n".join(rows), flush=True)
+    if "negative" in only:
+        t0 = time.perf_counter()
+        effect = negative_prompt_effect(engine, args.n, seed=200000)
+        figures["negative"] = {
+            k: {"any": [v[0].k, v[0].n], "per_defect": {d: [x.k, x.n] for d, x in v[1].items()}}
+            for k, v in effect.items()
+        }
+        rows = [
+            f"| {k} | {v[0]} | " + ", ".join(f"{d} {x.k}" for d, x in v[1].items()) + " |"
+            for k, v in effect.items()
+        ]
+        ratio = effect["negative"][0].p / effect["none"][0].p if effect["none"][0].p else float("nan")
+        lines += [
+            "## Negative prompt (empty prompt; NovelAI negative list vs none)",
+            "",
+            "| negative prompt | pictures with any detected defect | per defect (count) |",
+            "|---|---|---|",
+            *rows,
+            "",
+            f"ratio with/without: {ratio:.2f}",
+            "",
+        ]
+        figures["negative"]["ratio"] = ratio
+        timed("negative", t0)
+        print("\n".join(rows), ratio, flush=True)
+    if "count" in only:
+        t0 = time.perf_counter()
+        counts = count_ratio(engine, args.n, seed=300000)
+        figures["count"] = counts
+        lines += [
+            "## Area -> objects (empty prompt, no negative)",
+            "",
+            f"64x64: {counts['mean_64']:.2f} +- {counts['sem_64']:.2f} objects; "
+            f"128x128: {counts['mean_128']:.2f} +- {counts['sem_128']:.2f}; ratio {counts['ratio']:.2f}",
+            "",
+        ]
+        timed("count", t0)
+        print(counts, flush=True)
+    if "emphasis" in only:
+        t0 = time.perf_counter()
+        fit, rates = emphasis_slope(engine, args.emphasis_tag, args.emphasis_n, seed=400000)
+        figures["emphasis"] = {
+            "tag": args.emphasis_tag,
+            "rates": {str(w): [r.k, r.n] for w, r in rates.items()},
+            "slope": fit.slope,
+            "low": fit.low,
+            "high": fit.high,
+        }
+        lines += [
+            f"## Emphasis: negative prompt `({args.emphasis_tag}:W)`, empty prompt",
+            "",
+            "| W | rate |",
+            "|---|---|",
+            *[f"| {w:g} | {r} |" for w, r in rates.items()],
+            "",
+            f"slope {fit.slope:.3f} per unit W (95% CI {fit.low:.3f} .. {fit.high:.3f})",
+            "",
+        ]
+        timed("emphasis", t0)
+        print(lines[-2], flush=True)
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The shipped miniature model: loads like any SD1 checkpoint, generates, follows a prompt.
+
+The quick tests run in CI (well under 30 s together); the `slow` one repeats the model card's
+measurements at a reduced size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from voidprompt.demo.miniature import miniature_model_path
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    from voidprompt.demo.generate import load_engine
+
+    return load_engine()
+
+
+def test_shipped_weights_load_as_sd1_fp16_to_fp32_every_key_consumed() -> None:
+    from safetensors import safe_open
+
+    from voidprompt.models.detect import ModelFamily
+    from voidprompt.models.load import load_model
+
+    path = miniature_model_path()
+    assert path.stat().st_size <= 40 * 1024 * 1024
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        floats = {f.get_slice(k).get_dtype() for k in keys if k not in ("alphas_cumprod",)} - {"I64"}
+    assert floats == {"F16"}
+    c = load_model(path)
+    assert c.family is ModelFamily.SD1
+    assert c.report.consumed == len(keys)
+    assert not c.report.unused and not c.report.missing and not c.report.ignored
+    for module in (c.unet, c.vae, c.text_encoder):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+    # Widths as the model card states them.
+    assert c.unet.config.block_out_channels == (32, 64, 128)
+    assert c.text_encoder.config.hidden_size == 64 and c.text_encoder.config.vocab_size == 49408
+    assert len(c.vae.config.block_out_channels) == 4 and c.vae.config.latent_channels == 4
+    assert 0.05 < c.scaling_factor < 20.0 and c.scaling_factor != pytest.approx(0.18215)
+
+
+def test_euler_a_8_steps_gives_a_non_degenerate_picture(engine: Any) -> None:
+    from voidprompt.demo.generate import demo_request
+
+    result = engine.generate(demo_request("red circle, white background", steps=8, seed=7))
+    pixels = np.asarray(result.images[0], dtype=np.float32) / 255.0
+    assert pixels.shape == (64, 64, 3)
+    assert np.isfinite(pixels).all()
+    assert pixels.std() > 0.05  # not a flat colour
+    assert "Clip skip: 2" in result.infotexts[0] and "Sampler: Euler a" in result.infotexts[0]
+
+
+def test_emphasis_on_the_conditioning_stays_finite(engine: Any) -> None:
+    """A1111's mean restoration divides by the conditioning's mean; the model keeps it off zero."""
+    from voidprompt.prompts.nai import NOVELAI_NEGATIVE
+
+    z = engine.encoder.encode_texts(["", "(watermark:1.3), " + NOVELAI_NEGATIVE], clip_skip=2)
+    assert torch.isfinite(z).all()
+    assert float(z.mean()) > 0.1
+
+
+def test_quick_prompt_adherence_red_circle(engine: Any) -> None:
+    """16 pictures of `red circle` at CFG 7: most show a red circle (full figure in MODEL_CARD.md)."""
+    from voidprompt.demo.measure import prompt_adherence
+
+    overall, _ = prompt_adherence(engine, 16, seed=5000, prompts=("red circle",))
+    assert overall.n == 16
+    assert overall.k >= 8, str(overall)
+
+
+@pytest.mark.slow
+def test_measurements_reduced(engine: Any) -> None:
+    """The model card's figures on fewer pictures, with looser floors than the full measurement."""
+    from voidprompt.demo.measure import count_ratio, negative_prompt_effect, prompt_adherence
+
+    cfg7, _ = prompt_adherence(engine, 12, seed=7000)
+    cfg1, _ = prompt_adherence(engine, 12, seed=7000, cfg_scale=1.0)
+    assert cfg7.p > cfg1.p, (str(cfg7), str(cfg1))
+    effect = negative_prompt_effect(engine, 64, seed=8000)
+    assert effect["negative"][0].p < effect["none"][0].p
+    counts = count_ratio(engine, 48, seed=9000)
+    assert counts["ratio"] > 1.0 and not math.isnan(counts["ratio"])
