@@ -9,8 +9,10 @@ purpose; an unexpected exception is logged and answered 500 without internals.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +147,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         # Torch's intra-op pool is process-wide; pinning it keeps a shared machine responsive.
         torch.set_num_threads(config.threads)
     state = App(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.studies.stop_all()
+        state.queue.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="voidprompt",
         version=__version__,
         description="A1111-compatible Stable Diffusion 1.x API (/sdapi/v1) and voidprompt's study routes (/voidprompt/v1).",
@@ -163,11 +173,6 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.exception_handler(QueueFullError)
     async def _queue_full(_request: Request, error: QueueFullError) -> JSONResponse:
         return _error_response(503, error)
-
-    @app.on_event("shutdown")
-    def _shutdown() -> None:
-        state.studies.stop_all()
-        state.queue.close()
 
     _sdapi_routes(app, state)
     _voidprompt_routes(app, state)
