@@ -84,3 +84,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> I
     for running in start_server(config):
         running.root = root
         yield running
+
+
+@pytest.fixture(scope="session")
+def server_tools():  # type: ignore[no-untyped-def]
+    """(make_config, start_server) for tests that need a server of their own."""
+    return make_config, start_server

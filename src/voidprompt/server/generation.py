@@ -18,6 +18,7 @@ import base64
 import binascii
 import io
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -286,6 +287,13 @@ def build_request(
     if merged.get("enable_hr"):
         check_hr_upscaler(merged.get("hr_upscaler", "Latent"))
 
+    for key, value in merged.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequestError(f"{key}={value}: must be a finite number")
+    if abs(float(merged.get("cfg_scale", 7.0))) > limits.max_cfg_scale:
+        raise LimitError(
+            f"cfg_scale={merged['cfg_scale']} is outside this server's limit of +-{limits.max_cfg_scale}"
+        )
     request = GenerationRequest(**merged)
     hr_pixels = 0
     if request.enable_hr and not img2img:

@@ -30,6 +30,8 @@ class Limits:
     max_input_pixels: int = 4096 * 4096  # decoded init images / masks / png-info uploads
     max_prompt_chars: int = 20_000
     max_queued: int = 64
+    # A1111's slider stops at 30; far beyond 100 the output is saturated noise and inf/NaN poison it.
+    max_cfg_scale: float = 100.0
 
     def check_generation(
         self, *, width: int, height: int, steps: int, batch_size: int, n_iter: int, hr_pixels: int = 0
