@@ -1,0 +1,341 @@
+// voidprompt web UI: plain JavaScript over the server's own routes (/sdapi/v1, /voidprompt/v1).
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const el = (tag, attrs = {}, ...children) => {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v; else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+};
+
+async function api(method, path, body) {
+  const init = { method, headers: {} };
+  if (body !== undefined) { init.headers["content-type"] = "application/json"; init.body = JSON.stringify(body); }
+  const response = await fetch(path, init);
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(data.detail ? (typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)) : response.statusText);
+  return data;
+}
+
+// ---------------------------------------------------------------------------------------- tabs
+document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click", () => showView(tab.dataset.view)));
+function showView(name) {
+  document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.dataset.view === name));
+  document.querySelectorAll(".view").forEach((v) => { v.hidden = v.id !== `view-${name}`; });
+  if (name === "studies" || name === "label") loadStudies();
+}
+
+// ------------------------------------------------------------------------------------ generate
+let lastInfo = null;
+let initImageB64 = null;
+let maskB64 = null;
+
+async function initGenerate() {
+  const [samplers, schedulers, options] = await Promise.all([
+    api("GET", "/sdapi/v1/samplers"), api("GET", "/sdapi/v1/schedulers"), api("GET", "/sdapi/v1/options"),
+  ]);
+  $("#sampler").replaceChildren(...samplers.map((s) => el("option", { value: s.name }, s.name)));
+  $("#sampler").value = "Euler a";
+  $("#scheduler").replaceChildren(...schedulers.map((s) => el("option", { value: s.label }, s.label)));
+  $("#clip_skip").value = options.CLIP_stop_at_last_layers;
+  $("#model-name").textContent = options.sd_model_checkpoint || "no model";
+}
+
+document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", () => {
+  $("#img2img-fields").hidden = mode() !== "img2img";
+}));
+const mode = () => document.querySelector("input[name=mode]:checked").value;
+const num = (id) => Number($(id).value);
+
+function fileToB64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = reject;
+    reader.readAsDataURL(file);
+  });
+}
+$("#init_image").addEventListener("change", async (e) => {
+  initImageB64 = e.target.files[0] ? await fileToB64(e.target.files[0]) : null;
+  $("#init-preview").hidden = !initImageB64; if (initImageB64) $("#init-preview").src = initImageB64;
+});
+$("#mask_image").addEventListener("change", async (e) => { maskB64 = e.target.files[0] ? await fileToB64(e.target.files[0]) : null; });
+
+function formBody() {
+  const body = {
+    prompt: $("#prompt").value, negative_prompt: $("#negative_prompt").value,
+    sampler_name: $("#sampler").value, scheduler: $("#scheduler").value,
+    steps: num("#steps"), cfg_scale: num("#cfg_scale"), width: num("#width"), height: num("#height"),
+    batch_size: num("#batch_size"), n_iter: num("#n_iter"), seed: num("#seed"),
+    subseed: num("#subseed"), subseed_strength: num("#subseed_strength"),
+    override_settings: { CLIP_stop_at_last_layers: num("#clip_skip") },
+  };
+  if (mode() === "img2img") {
+    Object.assign(body, {
+      init_images: initImageB64 ? [initImageB64] : [], denoising_strength: num("#denoising_strength"),
+      resize_mode: num("#resize_mode"), mask_blur: num("#mask_blur"), inpainting_fill: num("#inpainting_fill"),
+      inpaint_full_res: $("#inpaint_full_res").value === "true", inpainting_mask_invert: num("#inpainting_mask_invert"),
+    });
+    if (maskB64) body.mask = maskB64;
+  }
+  return body;
+}
+
+let polling = null;
+function startPolling() {
+  polling = setInterval(async () => {
+    try {
+      const p = await api("GET", "/sdapi/v1/progress");
+      $("#progress").value = p.progress;
+      if (p.current_image) { $("#live-preview").src = "data:image/png;base64," + p.current_image; $("#live-preview").hidden = false; }
+    } catch (e) { /* the next poll will tell */ }
+  }, 500);
+}
+function stopPolling() { clearInterval(polling); $("#progress").value = 0; $("#live-preview").hidden = true; }
+
+$("#gen-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  $("#gen-error").textContent = "";
+  $("#generate").disabled = true;
+  startPolling();
+  try {
+    const data = await api("POST", `/sdapi/v1/${mode()}`, formBody());
+    lastInfo = JSON.parse(data.info);
+    showGallery(data.images, lastInfo);
+  } catch (err) {
+    $("#gen-error").textContent = err.message;
+  } finally {
+    stopPolling();
+    $("#generate").disabled = false;
+  }
+});
+$("#interrupt").addEventListener("click", () => api("POST", "/sdapi/v1/interrupt"));
+$("#skip").addEventListener("click", () => api("POST", "/sdapi/v1/skip"));
+$("#seed-random").addEventListener("click", () => { $("#seed").value = -1; });
+$("#seed-reuse").addEventListener("click", () => { if (lastInfo) $("#seed").value = lastInfo.seed; });
+
+function showGallery(images, info) {
+  const gallery = $("#gallery");
+  gallery.replaceChildren();
+  images.forEach((b64, i) => {
+    const src = "data:image/png;base64," + b64;
+    const seed = info.all_seeds[i];
+    gallery.append(el("figure", { class: "result" },
+      el("img", { src, alt: `seed ${seed}` }),
+      el("div", { class: "row" },
+        el("button", { type: "button", class: "send-img2img", onclick: () => sendToImg2img(src) }, "Send to img2img"),
+        el("button", { type: "button", class: "reuse-seed", onclick: () => { $("#seed").value = seed; } }, `Reuse seed ${seed}`)),
+      el("pre", { class: "infotext" }, info.infotexts[i])));
+  });
+}
+
+function sendToImg2img(src) {
+  initImageB64 = src;
+  document.querySelector("input[name=mode][value=img2img]").checked = true;
+  $("#img2img-fields").hidden = false;
+  $("#init-preview").src = src; $("#init-preview").hidden = false;
+}
+
+// Token counters, as A1111 shows them: tokens / the next multiple of 75.
+function tokenCounter(textarea, counter) {
+  let timer = null;
+  textarea.addEventListener("input", () => {
+    clearTimeout(timer);
+    timer = setTimeout(async () => {
+      try {
+        const t = await api("POST", "/voidprompt/v1/tokens", { text: textarea.value });
+        counter.textContent = `${t.token_count}/${t.target}`;
+        counter.classList.toggle("over", t.chunks.length > 1);
+        counter.title = t.report;
+      } catch (e) { counter.textContent = "?"; }
+    }, 250);
+  });
+}
+tokenCounter($("#prompt"), $("#pos-tokens"));
+tokenCounter($("#negative_prompt"), $("#neg-tokens"));
+
+// Drop an image: its parameters fill the form (png-info parses A1111 and NovelAI metadata).
+const drop = $("#drop");
+["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("hover"); }));
+["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("hover"); }));
+drop.addEventListener("drop", async (e) => {
+  const file = e.dataTransfer.files[0];
+  if (file) await fillFromImage(await fileToB64(file));
+});
+async function fillFromImage(dataUrl) {
+  try {
+    const info = await api("POST", "/sdapi/v1/png-info", { image: dataUrl });
+    const p = info.parameters;
+    if (!info.info) { $("#gen-error").textContent = "no generation parameters in that image"; return; }
+    const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
+    set("#prompt", p.Prompt); set("#negative_prompt", p["Negative prompt"]);
+    set("#steps", p.Steps); set("#cfg_scale", p["CFG scale"]); set("#seed", p.Seed);
+    set("#width", p["Size-1"]); set("#height", p["Size-2"]); set("#clip_skip", p["Clip skip"]);
+    if (p.Sampler) set("#sampler", p.Sampler);
+    if (p["Schedule type"]) set("#scheduler", p["Schedule type"]);
+    if (p["Variation seed"]) set("#subseed", p["Variation seed"]);
+    if (p["Variation seed strength"]) set("#subseed_strength", p["Variation seed strength"]);
+    if (p["Denoising strength"]) set("#denoising_strength", p["Denoising strength"]);
+    $("#prompt").dispatchEvent(new Event("input")); $("#negative_prompt").dispatchEvent(new Event("input"));
+  } catch (err) { $("#gen-error").textContent = err.message; }
+}
+
+// ------------------------------------------------------------------------------------- studies
+let studies = [];
+async function loadStudies() {
+  studies = await api("GET", "/voidprompt/v1/studies");
+  for (const id of ["#study-select", "#label-study"]) {
+    const select = $(id);
+    const current = select.value;
+    select.replaceChildren(...studies.map((s) => el("option", { value: s.id }, `${s.name} (${s.images} images)`)));
+    if (current && studies.some((s) => s.id === current)) select.value = current;
+  }
+  if (!$("#view-studies").hidden) await loadStudyGrid(true);
+  if (!$("#view-label").hidden) await loadLabeling();
+}
+
+let studyData = null;
+async function loadStudyGrid(resetAxes = false) {
+  const id = $("#study-select").value;
+  if (!id) return;
+  const filters = [...document.querySelectorAll("#study-filters select")].filter((s) => s.value !== "*")
+    .map((s) => "where=" + encodeURIComponent(`${s.dataset.axis}=${s.value}`));
+  studyData = await api("GET", `/voidprompt/v1/studies/${encodeURIComponent(id)}/images?limit=5000&${filters.join("&")}`);
+  const axes = Object.keys(studyData.axes);
+  if (resetAxes) {
+    for (const [sel, idx] of [["#axis-x", 0], ["#axis-y", 1]]) {
+      $(sel).replaceChildren(el("option", { value: "" }, "(none)"), ...axes.map((a) => el("option", { value: a }, a)));
+      $(sel).value = axes[idx] || "";
+    }
+    buildFilters(axes);
+  }
+  drawGrid();
+}
+function buildFilters(axes) {
+  const box = $("#study-filters");
+  box.replaceChildren(...axes.map((a) => {
+    const select = el("select", { "data-axis": a, onchange: () => loadStudyGrid(false) },
+      el("option", { value: "*" }, "all"), ...studyData.axes[a].map((v) => el("option", { value: String(v) }, String(v))));
+    return el("label", {}, `${a} `, select);
+  }));
+}
+function drawGrid() {
+  const x = $("#axis-x").value, y = $("#axis-y").value;
+  const xs = x ? studyData.axes[x] : [null], ys = y ? studyData.axes[y] : [null];
+  const table = el("table", { class: "grid" });
+  table.append(el("tr", {}, el("th", {}, y && x ? `${y} \\ ${x}` : ""), ...xs.map((v) => el("th", {}, v === null ? "" : String(v)))));
+  for (const yv of ys) {
+    const row = el("tr", {}, el("th", {}, yv === null ? "" : String(yv)));
+    for (const xv of xs) {
+      const cell = el("td");
+      studyData.images.filter((im) => (x === "" || String(im.axis_values[x]) === String(xv)) && (y === "" || String(im.axis_values[y]) === String(yv)))
+        .forEach((im) => cell.append(el("img", { src: im.url, title: `#${im.id} ${im.label || ""}`, loading: "lazy", onclick: () => showDetail(im.id) })));
+      row.append(cell);
+    }
+    table.append(row);
+  }
+  $("#study-grid").replaceChildren(table);
+}
+$("#study-select").addEventListener("change", () => loadStudyGrid(true));
+$("#axis-x").addEventListener("change", drawGrid);
+$("#axis-y").addEventListener("change", drawGrid);
+async function showDetail(imageId) {
+  const id = $("#study-select").value;
+  const d = await api("GET", `/voidprompt/v1/studies/${encodeURIComponent(id)}/images/${imageId}`);
+  const box = $("#study-detail");
+  box.hidden = false;
+  const measures = Object.entries(d.measures).map(([k, v]) => `${k}: ${v === null ? "-" : Number(v).toPrecision(4)}`).join("\n");
+  const labels = Object.entries(d.labels).map(([s, l]) => `${s}: ${l.label_class} ${l.tags.join(", ")}`).join("\n");
+  box.replaceChildren(el("img", { src: d.url, class: "thumb" }), el("h3", {}, `image ${d.id}`),
+    el("pre", {}, d.infotext), el("h4", {}, "Measures"), el("pre", {}, measures || "(none)"),
+    el("h4", {}, "Labels"), el("pre", {}, labels || "(none)"));
+}
+
+// ------------------------------------------------------------------------------------ labeling
+let labelState = { items: [], index: 0, classes: [], undo: [], labeled: 0, total: 0 };
+$("#label-study").addEventListener("change", loadLabeling);
+$("#label-show-all").addEventListener("change", loadLabeling);
+
+async function loadLabeling() {
+  const id = $("#label-study").value;
+  if (!id) return;
+  const all = $("#label-show-all").checked;
+  const data = await api("GET", `/voidprompt/v1/studies/${encodeURIComponent(id)}/images?limit=5000${all ? "" : "&unlabeled=true"}`);
+  labelState = { items: data.images, index: 0, classes: data.classes, undo: [], labeled: data.labeled, total: data.all_images };
+  $("#label-keys").replaceChildren(...data.classes.slice(0, 9).map((c, i) => el("span", {}, el("b", {}, String(i + 1)), ` ${c}`)));
+  drawLabelGrid();
+  $("#label-grid").focus();
+}
+function drawLabelGrid() {
+  const grid = $("#label-grid");
+  grid.replaceChildren(...labelState.items.map((im, i) => {
+    const human = im.labels.human && im.labels.human.label_class;
+    const cell = el("div", { class: "cell" + (i === labelState.index ? " selected" : "") + (human ? " done" : ""), "data-id": im.id,
+      onclick: () => { labelState.index = i; updateSelection(); } },
+      el("img", { src: im.url, alt: `image ${im.id}` }), el("span", { class: "tag" }, human || im.label || ""));
+    return cell;
+  }));
+  updateProgress();
+}
+function updateSelection() {
+  document.querySelectorAll("#label-grid .cell").forEach((c, i) => c.classList.toggle("selected", i === labelState.index));
+  const selected = document.querySelector("#label-grid .cell.selected");
+  if (selected) selected.scrollIntoView({ block: "nearest" });
+}
+function updateProgress() {
+  $("#label-progress").textContent = `${labelState.labeled.toLocaleString("en-US")} / ${labelState.total.toLocaleString("en-US")} labeled`;
+}
+function columns() {
+  const cells = document.querySelectorAll("#label-grid .cell");
+  if (cells.length < 2) return 1;
+  const top = cells[0].offsetTop;
+  let n = 0;
+  for (const c of cells) { if (c.offsetTop !== top) break; n += 1; }
+  return Math.max(1, n);
+}
+async function assign(item, cell, labelClass) {
+  const id = $("#label-study").value;
+  await api("PUT", `/voidprompt/v1/studies/${encodeURIComponent(id)}/labels/${item.id}`, { label_class: labelClass, source: "human" });
+  const before = item.labels.human ? item.labels.human.label_class : null;
+  if (labelClass && !before) labelState.labeled += 1;
+  if (!labelClass && before) labelState.labeled -= 1;
+  if (labelClass) item.labels.human = { label_class: labelClass, tags: [] }; else delete item.labels.human;
+  cell.classList.toggle("done", !!labelClass);
+  cell.querySelector(".tag").textContent = labelClass || item.label || "";
+  updateProgress();
+}
+$("#label-grid").addEventListener("keydown", async (e) => {
+  const n = labelState.items.length;
+  if (!n) return;
+  const cells = document.querySelectorAll("#label-grid .cell");
+  const move = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: columns(), ArrowUp: -columns() }[e.key];
+  try {
+    if (move !== undefined) {
+      e.preventDefault();
+      labelState.index = Math.min(n - 1, Math.max(0, labelState.index + move));
+      updateSelection();
+    } else if (/^[1-9]$/.test(e.key) && Number(e.key) <= labelState.classes.length) {
+      e.preventDefault();
+      const i = labelState.index;
+      const item = labelState.items[i];
+      const previous = item.labels.human ? item.labels.human.label_class : null;
+      await assign(item, cells[i], labelState.classes[Number(e.key) - 1]);
+      labelState.undo.push({ index: i, previous });
+      if (labelState.index < n - 1) { labelState.index += 1; updateSelection(); }
+    } else if (e.key === "z" || e.key === "Z") {
+      e.preventDefault();
+      const last = labelState.undo.pop();
+      if (!last) return;
+      await assign(labelState.items[last.index], cells[last.index], last.previous);
+      labelState.index = last.index;
+      updateSelection();
+    }
+    $("#label-error").textContent = "";
+  } catch (err) { $("#label-error").textContent = err.message; }
+});
+
+initGenerate().catch((e) => { $("#gen-error").textContent = e.message; });
