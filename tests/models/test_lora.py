@@ -218,11 +218,25 @@ def test_shape_mismatch_names_lora_layer_and_shapes(tmp_path: Path, comps) -> No
     assert torch.equal(_weight(comps, LINEAR_UNET).detach(), before)
 
 
-def test_missing_lora_file_is_a_clear_error(tmp_path: Path, comps) -> None:  # type: ignore[no-untyped-def]
+def test_missing_lora_file_is_a_clear_error_when_strict(tmp_path: Path, comps) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ModelLoadError, match="no network named 'nothere'"):
         NetworkManager().apply(
-            comps, extract_extra_networks("<lora:nothere:1>")[1], lora_dir=tmp_path, hypernet_dir=None
+            comps,
+            extract_extra_networks("<lora:nothere:1>")[1],
+            lora_dir=tmp_path,
+            hypernet_dir=None,
+            missing="error",
         )
+
+
+def test_missing_lora_file_is_skipped_with_a_note_by_default(tmp_path: Path, comps) -> None:  # type: ignore[no-untyped-def]
+    # A1111 warns and generates without it.
+    before = _weight(comps, LINEAR_UNET).detach().clone()
+    applied = NetworkManager().apply(
+        comps, extract_extra_networks("<lora:nothere:1>")[1], lora_dir=tmp_path, hypernet_dir=None
+    )
+    assert applied.loras == [] and applied.notes == ["Networks not found: nothere"]
+    assert torch.equal(_weight(comps, LINEAR_UNET).detach(), before)
 
 
 def test_inpainting_conv_in_delta_is_zero_padded() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ from voidprompt.conditioning import CondSchedule, MultiCond
 from voidprompt.errors import InvalidRequestError, VoidpromptError
 from voidprompt.infotext import create_infotext, generation_params
 from voidprompt.models.components import Components
+from voidprompt.models.networks.manager import AppliedNetworks, NetworkManager
+from voidprompt.models.vae_select import decode_with_nan_fallback
 from voidprompt.pipeline import hires as hires_fix
 from voidprompt.pipeline.images import pil_to_tensor, resize_image
 from voidprompt.pipeline.img2img import (
@@ -80,6 +83,7 @@ class _Conditioning:
     cond: MultiCond
     uncond: CondSchedule
     ti_hashes: dict[str, str]
+    networks: AppliedNetworks
 
 
 class Engine:
@@ -91,10 +95,23 @@ class Engine:
         *,
         embeddings: EmbeddingDatabase | None = None,
         style_db: StyleDatabase | None = None,
+        lora_dir: str | Path | None = None,
+        hypernet_dir: str | Path | None = None,
+        lora_functional: bool = False,
+        missing_networks: str = "warn",
     ) -> None:
+        """``lora_dir`` / ``hypernet_dir`` are where ``<lora:name:...>`` / ``<hypernet:name:...>``
+        tags are looked up. ``lora_functional`` applies LoRAs as forward hooks instead of merging
+        them into the weights. ``missing_networks="warn"`` is A1111's behaviour for a tag whose file
+        is not found (generate without it); ``"error"`` refuses the request instead."""
         self.components = components
         self.style_db = style_db
         self.encoder = PromptEncoder(components.text_encoder, components.tokenizer, embeddings)
+        self.networks = NetworkManager()
+        self.lora_dir = lora_dir
+        self.hypernet_dir = hypernet_dir
+        self.lora_functional = lora_functional
+        self.missing_networks = missing_networks
         self._empty_cond: Tensor | None = None
 
     # ------------------------------------------------------------------ public
@@ -262,11 +279,21 @@ class Engine:
                 prepared.schedule_steps,
                 request.use_old_scheduling,
             )
+        # A1111 takes the batch's extra networks from its (first) positive prompt, before encoding:
+        # a LoRA on the text encoder changes the conditioning, so its key goes into the cache key.
+        networks = self.networks.apply(
+            self.components,
+            prepared.extra_networks,
+            lora_dir=self.lora_dir,
+            hypernet_dir=self.hypernet_dir,
+            functional=self.lora_functional,
+            missing=self.missing_networks,
+        )
         options: dict[str, Any] = {
             "clip_skip": request.clip_skip,
             "emphasis": request.emphasis,
             "comma_padding_backtrack": request.comma_padding_backtrack,
-            "model_key": self.components.checkpoint.short_hash,
+            "model_key": networks.model_key or self.components.checkpoint.short_hash,
             "context": context,
         }
         cond = self.encoder.encode_multicond(prepared.positive, **options)
@@ -276,7 +303,7 @@ class Engine:
         ti_hashes = self.encoder.embeddings_used(
             texts, emphasis=request.emphasis, comma_padding_backtrack=request.comma_padding_backtrack
         )
-        return _Conditioning(prepared, cond, uncond, ti_hashes)
+        return _Conditioning(prepared, cond, uncond, ti_hashes, networks)
 
     def _empty_prompt_cond(self, request: GenerationRequest) -> Tensor:
         # "Pad conds" pads with the encoded empty prompt (A1111's cond_stage_model_empty_prompt).
@@ -598,7 +625,7 @@ class Engine:
         hires_schedule = None
         if hires is not None:
             hires_schedule = infotext_names(hires.spec.label, hires.scheduler.label)["Schedule type"]
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(conditioning.networks.infotext)
         if conditioning.ti_hashes:
             extra["TI hashes"] = ", ".join(f"{name}: {h}" for name, h in conditioning.ti_hashes.items())
         vae = components.vae_info
@@ -651,9 +678,9 @@ def latent_factor(components: Components) -> int:
 @torch.no_grad()
 def decode_latents(components: Components, latents: Tensor) -> Tensor:
     """VAE decode to pixels in [0, 1], (B, 3, H, W) float32 on the CPU (A1111's decode + clamp)."""
-    vae = components.vae
-    z = (latents / components.scaling_factor).to(components.dtype)
-    pixels = vae.decode(z).sample.float()
+    z = latents / components.scaling_factor
+    # Half-precision VAEs that overflow (A1111's black images) are decoded again in float32.
+    pixels = decode_with_nan_fallback(components.vae, z).sample
     return torch.clamp((pixels + 1.0) / 2.0, min=0.0, max=1.0).cpu()
 
 

@@ -93,17 +93,30 @@ class NetworkManager:
         lora_dir: str | Path | None,
         hypernet_dir: str | Path | None,
         functional: bool = False,
+        missing: str = "warn",
     ) -> AppliedNetworks:
         """Make the model carry exactly the networks of ``calls`` (``lora`` and ``hypernet`` kinds;
-        others are ignored). Idempotent: the same calls on the same files do nothing the second time."""
+        others are ignored). Idempotent: the same calls on the same files do nothing the second time.
+
+        ``missing="warn"`` is A1111's behaviour: a network whose file is not found is left out with a
+        warning (and a note in the result) and generation goes on; ``"error"`` raises instead.
+        """
+        if missing not in ("warn", "error"):
+            raise ValueError(f"missing={missing!r}: use 'warn' or 'error'")
         loras = [c for c in calls if c.kind == "lora"]
         hypers = [c for c in calls if c.kind == "hypernet"]
-        lora_specs = [lora_call_params(c) for c in loras]
-        hyper_specs = [_hyper_params(c) for c in hypers]
-        lora_paths = [
-            self._find(lora_dir, name, "LoRA", (".safetensors", ".pt", ".ckpt")) for name, *_ in lora_specs
-        ]
-        hyper_paths = [self._find(hypernet_dir, name, "hypernetwork", (".pt",)) for name, _ in hyper_specs]
+        not_found: list[str] = []
+        lora_specs, lora_paths = self._locate(
+            [lora_call_params(c) for c in loras],
+            lora_dir,
+            "LoRA",
+            (".safetensors", ".pt", ".ckpt"),
+            missing,
+            not_found,
+        )
+        hyper_specs, hyper_paths = self._locate(
+            [_hyper_params(c) for c in hypers], hypernet_dir, "hypernetwork", (".pt",), missing, not_found
+        )
         state = (
             id(components),
             functional,
@@ -137,6 +150,8 @@ class NetworkManager:
         if applied.hypernets:
             applied.infotext["Hypernet hashes"] = ", ".join(f"{n}: {h}" for n, _, h in applied.hypernets)
         applied.model_key = self._model_key(components, applied)
+        if not_found:
+            applied.notes.append("Networks not found: " + ", ".join(not_found))
         self._state = state
         self._applied = applied
         return applied
@@ -154,6 +169,32 @@ class NetworkManager:
         self._applied = AppliedNetworks()
 
     # ------------------------------------------------------------------ internals
+
+    @classmethod
+    def _locate(
+        cls,
+        specs: list[Any],
+        folder: str | Path | None,
+        what: str,
+        suffixes: tuple[str, ...],
+        missing: str,
+        not_found: list[str],
+    ) -> tuple[list[Any], list[Path]]:
+        kept: list[Any] = []
+        paths: list[Path] = []
+        for spec in specs:
+            try:
+                paths.append(cls._find(folder, spec[0], what, suffixes))
+            except ModelLoadError as exc:
+                if missing == "error":
+                    raise
+                # A1111 quirk: a network that cannot be found is skipped with a warning; the image is
+                # still made without it.
+                log.warning("%s; generating without it", exc)
+                not_found.append(spec[0])
+                continue
+            kept.append(spec)
+        return kept, paths
 
     @staticmethod
     def _find(folder: str | Path | None, name: str, what: str, suffixes: tuple[str, ...]) -> Path:
