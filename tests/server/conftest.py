@@ -90,3 +90,44 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> I
 def server_tools():  # type: ignore[no-untyped-def]
     """(make_config, start_server) for tests that need a server of their own."""
     return make_config, start_server
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_study(folder: Path, checkpoint: Path, name: str = "smoke", seeds: int = 3) -> Path:
+    """The repository's smoke study (2 sizes x 2 W x ``seeds`` seeds) on the tiny checkpoint."""
+    text = (REPO / "studies" / "smoke.toml").read_text(encoding="utf-8")
+    text = text.replace('seed = "2 random"', f'seed = "{seeds} random"').replace('name = "smoke"', f'name = "{name}"')
+    text = text.replace("steps = 4", "steps = 1")
+    text += f'\n[model]\ncheckpoint = "{checkpoint}"\n'
+    path = folder / f"{name}.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def study_server(server, tiny_checkpoint):  # type: ignore[no-untyped-def]
+    """The session server with a study run to completion through the API (12 images)."""
+    import httpx
+
+    write_study(server.root / "studies", tiny_checkpoint)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        studies = http.get("/voidprompt/v1/studies").json()
+        assert [s["id"] for s in studies] == ["smoke"]
+        started = http.post("/voidprompt/v1/studies/smoke/run", params={"batch_size": 4})
+        assert started.status_code == 200, started.text
+        deadline = time.monotonic() + 300
+        while True:
+            status = http.get("/voidprompt/v1/studies/smoke/run").json()
+            if not status["running"]:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status["returncode"] == 0, status["log_tail"]
+    return server
+
+
+@pytest.fixture(scope="session")
+def study_writer():  # type: ignore[no-untyped-def]
+    return write_study

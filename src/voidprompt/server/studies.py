@@ -170,9 +170,11 @@ class StudyRegistry:
         with self.open_readonly(entry) as catalog:
             row = catalog._db.execute("SELECT path FROM images WHERE id = ?", (image_id,)).fetchone()
             folder = catalog.images_dir
+            base = catalog.path.parent
         if row is None:
             raise NotFoundError(f"study {entry.id!r} has no image {image_id}")
-        path = (folder / row[0]).resolve()
+        # Catalog paths are relative to the catalog's folder; the file must be in its image folder.
+        path = (base / row[0]).resolve()
         if not path.is_relative_to(folder.resolve()) or not path.is_file():
             raise NotFoundError(f"image {image_id}: its file is missing from {folder}")
         return path
