@@ -35,6 +35,7 @@ from voidprompt.models.components import CheckpointInfo, Components, LoadReport,
 from voidprompt.models.convert import POSITION_IDS_KEY, CheckpointKeyMap, fit_shape
 from voidprompt.models.detect import detect_family, require_supported
 from voidprompt.models.safe_pickle import LazyTensor, PickleCheckpoint, load_pickle_checkpoint
+from voidprompt.models.safetensors_stream import ST_TO_DTYPE
 
 __all__ = [
     "CheckpointReader",
@@ -142,20 +143,6 @@ class CheckpointReader:
         self.close()
 
 
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
     # ldm/Lightning saves {"state_dict": {...}, "global_step": ..., ...}; some tools nest it twice.
     for _ in range(3):
@@ -208,9 +195,9 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
         data_start = 8 + header_len
         for key, info in header.items():
             dt = info["dtype"]
-            if dt not in _ST_DTYPES:
+            if dt not in ST_TO_DTYPE:
                 raise ModelLoadError(f"{p}: tensor '{key}' has dtype {dt}, which voidprompt cannot load.")
-            dtype = _ST_DTYPES[dt]
+            dtype = ST_TO_DTYPE[dt]
             shape = torch.Size(int(n) for n in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
             if end - begin != shape.numel() * torch.empty((), dtype=dtype).element_size():

@@ -49,7 +49,8 @@ from voidprompt.errors import ModelLoadError, VoidpromptError
 from voidprompt.models.arch import ARCH_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
 from voidprompt.models.convert import POSITION_IDS_KEY
 from voidprompt.models.detect import ModelFamily, detect_family
-from voidprompt.models.safetensors_stream import SafetensorsStreamReader, SafetensorsStreamWriter, TensorSpec
+from voidprompt.models.load import open_checkpoint
+from voidprompt.models.safetensors_stream import SafetensorsStreamWriter, TensorSpec
 
 __all__ = [
     "BLOCK_NAMES",
@@ -240,28 +241,20 @@ class _DictSource(_Source):
 
 
 class _FileSource(_Source):
-    """A checkpoint read tensor by tensor: safetensors through plain reads (no mapping), pickles
-    through :func:`open_checkpoint` (restricted unpickler)."""
+    """A checkpoint read tensor by tensor through the loader's reader: plain reads for safetensors
+    (no mapping, so merged inputs never count twice against memory), the restricted unpickler for
+    .ckpt/.pt."""
 
     def __init__(self, path: Path) -> None:
         self.name = str(path)
         self.path = path
-        self._reader: Any
         if not path.is_file():
             raise MergeError(f"{path}: no such file; check the path.")
-        with open(path, "rb") as f:
-            head = f.read(1)
         try:
-            if head in (b"P", b"\x80"):
-                from voidprompt.models.load import open_checkpoint
-
-                self._reader = open_checkpoint(path)
-                self.shapes = {k: tuple(v) for k, v in self._reader.shapes.items()}
-            else:
-                self._reader = SafetensorsStreamReader(path)
-                self.shapes = dict(self._reader.shapes)
+            self._reader = open_checkpoint(path)
         except ModelLoadError as exc:
             raise MergeError(f"cannot read merge input: {exc}") from exc
+        self.shapes = {k: tuple(v) for k, v in self._reader.shapes.items()}
         self.dtypes = dict(self._reader.dtypes)
         self.metadata = dict(self._reader.metadata)
 

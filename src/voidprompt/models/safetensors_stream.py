@@ -1,11 +1,10 @@
-"""Streaming ``.safetensors`` reading and writing, one tensor at a time.
+"""Streaming ``.safetensors`` writing, one tensor at a time, and the format's dtype names.
 
-``safetensors.torch.save_file`` needs the whole state dict in memory, and ``safe_open`` maps the file:
-every page read stays resident in the process (file-backed RSS) until the mapping goes away, so
-reading two 2 GB files through it costs 4 GB of RSS by the end. The merger wants neither:
+``safetensors.torch.save_file`` needs the whole state dict in memory. (Reading goes through the
+loader's :func:`voidprompt.models.load.open_checkpoint`, which parses the header and reads each tensor
+with plain reads into fresh memory: ``safe_open`` maps the file, and every page read would stay
+resident until the mapping goes away.)
 
-* :class:`SafetensorsStreamReader` parses the header and reads each tensor with ordinary ``readinto``
-  calls into fresh memory, which is freed when the caller drops the tensor.
 * :class:`SafetensorsStreamWriter` takes every output name, dtype and shape up front, writes the
   header, then accepts the tensors one by one in that order, checking each against its declaration.
   It writes to a temporary file next to the target and renames it on :meth:`commit`; :meth:`abort`
@@ -30,12 +29,9 @@ from types import TracebackType
 
 import torch
 
-from voidprompt.errors import ModelLoadError
-
 __all__ = [
     "DTYPE_TO_ST",
     "ST_TO_DTYPE",
-    "SafetensorsStreamReader",
     "SafetensorsStreamWriter",
     "TensorSpec",
 ]
@@ -69,77 +65,6 @@ class TensorSpec:
         for d in self.shape:
             n *= d
         return n * torch.empty((), dtype=self.dtype).element_size()
-
-
-class SafetensorsStreamReader:
-    """Header of a ``.safetensors`` file, and its tensors read one at a time into fresh memory."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self._f = open(self.path, "rb")  # noqa: SIM115 - closed by close()/__exit__
-        except OSError as exc:
-            raise ModelLoadError(f"{self.path}: cannot open ({exc}); check the path.") from exc
-        size = os.fstat(self._f.fileno()).st_size
-        head = self._f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size:
-            self._f.close()
-            raise ModelLoadError(
-                f"{self.path}: not a .safetensors file (bad header length); download it again."
-            )
-        try:
-            header = json.loads(self._f.read(n))
-        except ValueError as exc:
-            self._f.close()
-            raise ModelLoadError(
-                f"{self.path}: damaged .safetensors header ({exc}); download it again."
-            ) from exc
-        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
-        self._data_start = 8 + n
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, torch.dtype] = {}
-        self._offsets: dict[str, tuple[int, int]] = {}
-        for key, info in header.items():
-            dt = ST_TO_DTYPE.get(info.get("dtype"))
-            if dt is None:
-                self._f.close()
-                raise ModelLoadError(
-                    f"{self.path}: tensor '{key}' has unsupported dtype {info.get('dtype')}."
-                )
-            begin, end = (int(x) for x in info["data_offsets"])
-            if self._data_start + end > size:
-                self._f.close()
-                raise ModelLoadError(
-                    f"{self.path}: tensor '{key}' lies past the end of the file; the file is truncated - "
-                    "download or copy it again."
-                )
-            self.shapes[key] = tuple(int(d) for d in info["shape"])
-            self.dtypes[key] = dt
-            self._offsets[key] = (begin, end)
-
-    def keys(self) -> list[str]:
-        return list(self.shapes)
-
-    def get(self, key: str) -> torch.Tensor:
-        begin, end = self._offsets[key]
-        shape, dtype = self.shapes[key], self.dtypes[key]
-        if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        buf = bytearray(end - begin)
-        self._f.seek(self._data_start + begin)
-        if self._f.readinto(buf) != len(buf):
-            raise ModelLoadError(f"{self.path}: the file ends inside tensor '{key}'; it is truncated.")
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> SafetensorsStreamReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class SafetensorsStreamWriter:
