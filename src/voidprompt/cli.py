@@ -40,6 +40,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style", action="append", default=[], help="style name from --styles-file (repeatable)")
     p.add_argument("--styles-file", help="A1111 styles.csv")
     p.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings")
+    p.add_argument("--lora-dir", help="folder searched for <lora:name:...> tags")
+    p.add_argument("--hypernet-dir", help="folder searched for <hypernet:name:...> tags")
     p.add_argument("--seed", type=int, default=-1)
     p.add_argument("--subseed", type=int, default=-1)
     p.add_argument("--subseed-strength", type=float, default=0.0)
@@ -110,7 +112,13 @@ def _engine(args: argparse.Namespace) -> Any:
         embeddings = EmbeddingDatabase(components.tokenizer, width=width)
         embeddings.load_folder(args.embeddings_dir)
     style_db = StyleDatabase.from_csv(args.styles_file) if args.styles_file else None
-    return Engine(components, embeddings=embeddings, style_db=style_db)
+    return Engine(
+        components,
+        embeddings=embeddings,
+        style_db=style_db,
+        lora_dir=args.lora_dir,
+        hypernet_dir=args.hypernet_dir,
+    )
 
 
 def _generate_and_save(args: argparse.Namespace, request: Any) -> int:
