@@ -62,3 +62,18 @@ def test_vae_hash_same_for_fp16_copy_and_bare_vae_file(tmp_path: Path) -> None:
     b = describe_checkpoint(tmp_path / "a.vae.safetensors")
     assert a.family is None and "VAE file" in (a.family_error or "")
     assert a.vae_hash == b.vae_hash == _expected_vae_hash(vae)
+
+
+def test_known_vae_file_is_named_by_its_published_sha256(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from voidprompt.models import info
+
+    vae = tiny_vae_state_dict(seed=4)
+    torch.save({"state_dict": vae}, tmp_path / "x.vae.pt")
+    digest = hashlib.sha256((tmp_path / "x.vae.pt").read_bytes()).hexdigest()
+    assert describe_checkpoint(tmp_path / "x.vae.pt").vae_name is None
+    monkeypatch.setitem(info.KNOWN_VAE_FILES, digest, "test vae")
+    assert describe_checkpoint(tmp_path / "x.vae.pt").vae_name == "test vae"
+    # NovelAI's animevae.pt, as its publishers list it.
+    assert info.KNOWN_VAE_FILES[
+        "f921fb3f29891d2a77a6571e56b8b5052420d2884129517a333c60b1b4816cdf"
+    ].startswith("animevae")

@@ -9,9 +9,10 @@ bf16 copies differ (they round differently). First 10 hex digits.
 
 Known VAEs (:data:`KNOWN_VAES`) map this hash to a name. The table holds only entries computed by
 running :func:`vae_weights_hash` on the named file; none have been verified yet, so it ships empty
-rather than with guessed values. To add one: run ``voidprompt info <the VAE file>`` on an authentic
-copy (check its sha256 against the publisher's), and add ``"<vae weights hash>": "<name>"`` with a
-comment giving the file's published sha256.
+rather than with guessed values. Separate VAE files are also recognised by their published file
+sha256 (:data:`KNOWN_VAE_FILES`, e.g. NovelAI's animevae.pt). To add a weights entry: run
+``voidprompt info <the VAE file>`` on an authentic copy (check its sha256 against the
+publisher's), and add ``"<vae weights hash>": "<name>"`` with a comment giving that sha256.
 """
 
 from __future__ import annotations
@@ -29,9 +30,24 @@ from voidprompt.models.detect import ModelFamily, detect_family
 from voidprompt.models.hashes import old_model_hash, sha256_file
 from voidprompt.models.load import CheckpointReader, _check_position_ids, _is_ignored, open_checkpoint
 
-__all__ = ["KNOWN_VAES", "CheckpointSummary", "describe_checkpoint", "vae_weights_hash"]
+__all__ = ["KNOWN_VAES", "KNOWN_VAE_FILES", "CheckpointSummary", "describe_checkpoint", "vae_weights_hash"]
 
 KNOWN_VAES: dict[str, str] = {}
+
+# Separate VAE files by the sha256 of the whole file, as their publishers list it (each value was
+# checked against at least two independent public listings). This names a VAE *file*; a VAE baked
+# into a checkpoint is named through KNOWN_VAES, by its weights.
+KNOWN_VAE_FILES: dict[str, str] = {
+    # NovelAI's VAE, also shipped as Anything-V3.0.vae.pt, anything-v4.0.vae.pt, orangemix.vae.pt.
+    "f921fb3f29891d2a77a6571e56b8b5052420d2884129517a333c60b1b4816cdf": "animevae (NovelAI)",
+    "c6a580b13a5bc05a5e16e4dbb80608ff2ec251a162311590c1f34c013d7f3dab": (
+        "vae-ft-mse-840000-ema-pruned (.ckpt)"
+    ),
+    "735e4c3a447a3255760d7f86845f09f937809baa529c17370d83e4c3758f3c75": (
+        "vae-ft-mse-840000-ema-pruned (.safetensors)"
+    ),
+    "df3c506e51b7ee1d7b5a6a2bb7142d47d488743c96aa778afb0f53a2cdc2d38d": "kl-f8-anime2",
+}
 
 _COMPONENTS = (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", "cond_stage_model."))
 
@@ -125,6 +141,10 @@ def describe_checkpoint(path: str | Path) -> CheckpointSummary:
         dtypes = Counter(str(d).removeprefix("torch.") for d in reader.dtypes.values())
         metadata_keys = sorted(reader.metadata)
         fmt = reader.format
+    sha256 = sha256_file(p)
+    vae_name = KNOWN_VAES.get(vae_hash) if vae_hash else None
+    if vae_name is None and is_bare_vae:
+        vae_name = KNOWN_VAE_FILES.get(sha256)
     return CheckpointSummary(
         path=p,
         container=fmt,
@@ -134,9 +154,9 @@ def describe_checkpoint(path: str | Path) -> CheckpointSummary:
         dtypes=dict(dtypes),
         parameters=dict(params),
         old_hash=old_model_hash(p),
-        sha256=sha256_file(p),
+        sha256=sha256,
         vae_hash=vae_hash,
-        vae_name=KNOWN_VAES.get(vae_hash) if vae_hash else None,
+        vae_name=vae_name,
         position_ids_damage=damage,
         metadata_keys=metadata_keys,
     )
