@@ -67,8 +67,13 @@ def make_config(root: Path, checkpoint: Path, **changes: object) -> object:
         vae_dirs=[root / "models" / "VAE"],
         default_model="tiny.safetensors",
         studies_dir=root / "studies",
-        limits=Limits(max_pixels=512 * 512, max_steps=20, max_batch_size=4, max_body_bytes=2 * 1024 * 1024,
-                      max_input_pixels=1024 * 1024),
+        limits=Limits(
+            max_pixels=512 * 512,
+            max_steps=20,
+            max_batch_size=4,
+            max_body_bytes=2 * 1024 * 1024,
+            max_input_pixels=1024 * 1024,
+        ),
         threads=1,  # two shared cores: keep torch from oversubscribing them
     )
     for key, value in changes.items():
@@ -98,7 +103,9 @@ REPO = Path(__file__).resolve().parents[2]
 def write_study(folder: Path, checkpoint: Path, name: str = "smoke", seeds: int = 3) -> Path:
     """The repository's smoke study (2 sizes x 2 W x ``seeds`` seeds) on the tiny checkpoint."""
     text = (REPO / "studies" / "smoke.toml").read_text(encoding="utf-8")
-    text = text.replace('seed = "2 random"', f'seed = "{seeds} random"').replace('name = "smoke"', f'name = "{name}"')
+    text = text.replace('seed = "2 random"', f'seed = "{seeds} random"').replace(
+        'name = "smoke"', f'name = "{name}"'
+    )
     text = text.replace("steps = 4", "steps = 1")
     text += f'\n[model]\ncheckpoint = "{checkpoint}"\n'
     path = folder / f"{name}.toml"

@@ -71,8 +71,16 @@ def test_txt2img_same_seed_same_pixels(api) -> None:  # type: ignore[no-untyped-
 
 def test_img2img(api) -> None:  # type: ignore[no-untyped-def]
     source = Image.new("RGB", (64, 64), (200, 30, 30))
-    result = api.img2img(images=[source], prompt="blue", seed=5, steps=2, width=64, height=64,
-                         denoising_strength=0.5, sampler_name="Euler")
+    result = api.img2img(
+        images=[source],
+        prompt="blue",
+        seed=5,
+        steps=2,
+        width=64,
+        height=64,
+        denoising_strength=0.5,
+        sampler_name="Euler",
+    )
     assert len(result.images) == 1
     assert result.image.size == (64, 64)
     params = parse_generation_parameters(_png_infotext(result.image))
@@ -86,9 +94,20 @@ def test_img2img_inpaint_keeps_unmasked_pixels(api) -> None:  # type: ignore[no-
     source = Image.new("RGB", (64, 64), (10, 200, 30))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))  # repaint the left half only
-    result = api.img2img(images=[source], mask_image=mask, mask_blur=0, inpainting_fill=1,
-                         inpaint_full_res=False, prompt="", seed=9, steps=2, width=64, height=64,
-                         denoising_strength=0.9, sampler_name="Euler")
+    result = api.img2img(
+        images=[source],
+        mask_image=mask,
+        mask_blur=0,
+        inpainting_fill=1,
+        inpaint_full_res=False,
+        prompt="",
+        seed=9,
+        steps=2,
+        width=64,
+        height=64,
+        denoising_strength=0.9,
+        sampler_name="Euler",
+    )
     out = result.image.convert("RGB")
     # Far from the mask edge the original pixels come back exactly (A1111's final composite).
     assert out.getpixel((60, 10)) == (10, 200, 30)
@@ -142,8 +161,9 @@ def test_options_get_set_and_effect(api) -> None:  # type: ignore[no-untyped-def
     finally:
         api.set_options({"CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0})
     # override_settings: one request only, restored afterwards.
-    result = api.txt2img(prompt="x", seed=3, steps=1, width=64, height=64,
-                         override_settings={"CLIP_stop_at_last_layers": 2})
+    result = api.txt2img(
+        prompt="x", seed=3, steps=1, width=64, height=64, override_settings={"CLIP_stop_at_last_layers": 2}
+    )
     assert str(parse_generation_parameters(result.info["infotexts"][0])["Clip skip"]) == "2"
     assert api.get_options()["CLIP_stop_at_last_layers"] == 1
 
@@ -152,8 +172,9 @@ def test_interrupt_stops_a_long_request(api, server) -> None:  # type: ignore[no
     holder: dict[str, object] = {}
 
     def run() -> None:
-        holder["result"] = api.txt2img(prompt="x", seed=10, steps=20, width=64, height=64, n_iter=20,
-                                        sampler_name="Euler")
+        holder["result"] = api.txt2img(
+            prompt="x", seed=10, steps=20, width=64, height=64, n_iter=20, sampler_name="Euler"
+        )
 
     thread = threading.Thread(target=run)
     thread.start()

@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         lifespan=lifespan,
         title="voidprompt",
         version=__version__,
-        description="A1111-compatible Stable Diffusion 1.x API (/sdapi/v1) and voidprompt's study routes (/voidprompt/v1).",
+        description=(
+            "A1111-compatible Stable Diffusion 1.x API (/sdapi/v1) and voidprompt's study routes "
+            "(/voidprompt/v1)."
+        ),
     )
     app.state.voidprompt = state
 
@@ -205,7 +209,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 def _sdapi_routes(app: FastAPI, state: App) -> None:
     prefix = "/sdapi/v1"
-    tags = ["sdapi"]
+    tags: list[str | Enum] = ["sdapi"]
 
     async def run_generation(kind: str, body: m.Txt2ImgRequest, img2img: bool) -> m.GenerationResponse:
         built: BuiltRequest = await run_in_threadpool(
@@ -498,7 +502,7 @@ def _save_images(state: App, kind: str, generated: Generated) -> None:
 
 def _voidprompt_routes(app: FastAPI, state: App) -> None:
     prefix = "/voidprompt/v1"
-    tags = ["voidprompt"]
+    tags: list[str | Enum] = ["voidprompt"]
 
     @app.post(f"{prefix}/tokens", tags=tags, response_model=m.TokensResponse)
     def tokens(body: m.TokensRequest) -> m.TokensResponse:
@@ -510,8 +514,10 @@ def _voidprompt_routes(app: FastAPI, state: App) -> None:
             )
         tokenizer = state.tokenizer()
         embeddings = state.host.engine.encoder.embeddings if state.host.engine is not None else None
-        kwargs = {"emphasis": body.emphasis, "comma_padding_backtrack": body.comma_padding_backtrack}
-        line = tokenize_line(body.text, tokenizer, embeddings, **kwargs)
+        emphasis, backtrack = body.emphasis, body.comma_padding_backtrack
+        line = tokenize_line(
+            body.text, tokenizer, embeddings, emphasis=emphasis, comma_padding_backtrack=backtrack
+        )
         chunks = []
         for chunk in line.chunks:
             body_tokens = chunk.tokens[1:-1]
@@ -519,7 +525,9 @@ def _voidprompt_routes(app: FastAPI, state: App) -> None:
             while used > 0 and body_tokens[used - 1] == tokenizer.eos_id:
                 used -= 1
             chunks.append(m.TokenChunk(tokens=used, padding=CHUNK_LENGTH - used))
-        report = token_report(body.text, tokenizer, embeddings, **kwargs)
+        report = token_report(
+            body.text, tokenizer, embeddings, emphasis=emphasis, comma_padding_backtrack=backtrack
+        )
         return m.TokensResponse(
             token_count=line.token_count,
             target=target_token_count(line.token_count),
@@ -539,7 +547,7 @@ def _voidprompt_routes(app: FastAPI, state: App) -> None:
     @app.get(f"{prefix}/studies/{{study_id}}/images", tags=tags, response_model=m.StudyImagesResponse)
     def study_images(
         study_id: str,
-        where: list[str] = Query(
+        where: list[str] = Query(  # noqa: B008 - FastAPI's way to declare a repeatable query parameter
             default=[], description="axis=value filters (repeatable; values compared as text)"
         ),
         label: str | None = Query(None, description="only images whose effective label is this class"),
@@ -555,7 +563,7 @@ def _voidprompt_routes(app: FastAPI, state: App) -> None:
                 raise InvalidRequestError(f"where={item!r}: write axis=value, e.g. where=W=1.5")
             filters[key] = value
         with state.studies.open_readonly(entry) as catalog:
-            classes, axis_names = state.studies.scheme(entry, catalog)
+            classes, _axis_names = state.studies.scheme(entry, catalog)
             rows = catalog.images()
             labels = catalog.all_labels()
             labeled = human_labeled(catalog)
@@ -605,7 +613,7 @@ def _voidprompt_routes(app: FastAPI, state: App) -> None:
         row = rows[0]
         record = image_record(row, labels, f"{prefix}/studies/{study_id}/images/{image_id}/file")
         return m.StudyImageDetail(
-            **record, infotext=row["infotext"], settings=row["settings"], measures=measures
+            **record, infotext=row["infotext"], settings=row["settings"], measures=dict(measures)
         )
 
     @app.get(
@@ -619,7 +627,7 @@ def _voidprompt_routes(app: FastAPI, state: App) -> None:
     def study_measures(study_id: str) -> dict[str, dict[str, float | None]]:
         entry = state.studies.get(study_id)
         with state.studies.open_readonly(entry) as catalog:
-            return {str(k): v for k, v in catalog.all_measures().items()}
+            return {str(k): dict(v) for k, v in catalog.all_measures().items()}
 
     @app.get(f"{prefix}/studies/{{study_id}}/labels", tags=tags)
     def study_labels(study_id: str) -> dict[str, dict[str, m.LabelValue]]:

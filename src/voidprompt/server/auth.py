@@ -45,7 +45,7 @@ class BasicAuthMiddleware:
         self.credentials = {u.encode(): p.encode() for u, p in credentials.items()}
 
     def _allowed(self, header: bytes | None) -> bool:
-        if not header or not header[:6].lower() == b"basic ":
+        if not header or header[:6].lower() != b"basic ":
             return False
         try:
             decoded = base64.b64decode(header[6:].strip(), validate=True)

@@ -160,7 +160,8 @@ class ModelRegistry:
             if name in (entry.name, Path(entry.name).name):
                 return entry
         raise NotFoundError(
-            f"VAE {name!r} not found; available: {_choices(['Automatic', 'None', *(e.name for e in self.vaes)])}"
+            f"VAE {name!r} not found; available: "
+            f"{_choices(['Automatic', 'None', *(e.name for e in self.vaes)])}"
         )
 
 

@@ -221,7 +221,8 @@ def build_request(
             raise InvalidRequestError(f"{name}=true: voidprompt has no {name.replace('_', ' ')}; send false")
     if body.script_name:
         raise InvalidRequestError(
-            f"script_name={body.script_name!r}: no scripts are installed in voidprompt (GET /sdapi/v1/scripts)"
+            f"script_name={body.script_name!r}: no scripts are installed in voidprompt "
+            "(GET /sdapi/v1/scripts)"
         )
     if body.alwayson_scripts:
         log.info(

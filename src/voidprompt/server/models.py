@@ -10,6 +10,7 @@ or extended A1111 versions keep working. Defaults are A1111's API defaults (step
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -282,7 +283,7 @@ class StudyImagesResponse(BaseModel):
 class StudyImageDetail(StudyImage):
     infotext: str
     settings: dict[str, Any]
-    measures: dict[str, float | None]
+    measures: Mapping[str, float | None]
 
 
 class RunStatus(BaseModel):

@@ -1,0 +1,137 @@
+"""The web UI in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium).
+
+Skips cleanly when selenium, /usr/bin/chromium or chromedriver are missing. Screenshots go to
+$VOIDPROMPT_TEST_ARTIFACTS (default: a pytest temporary folder named browser-artifacts).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from voidprompt.lab.catalog import Catalog
+
+webdriver = pytest.importorskip("selenium.webdriver")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),
+    reason="chromium / chromium-driver not installed",
+)
+
+
+@pytest.fixture()
+def browser(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture()
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = os.environ.get("VOIDPROMPT_TEST_ARTIFACTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("browser-artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wait_for(condition, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting in the browser")
+        time.sleep(0.1)
+
+
+def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    b = browser
+    b.get(study_server.url + "/")
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#sampler option")) > 5)
+    # Generate on the tiny model.
+    for field, value in (("#width", "64"), ("#height", "64"), ("#steps", "1"), ("#seed", "4321")):
+        box = b.find_element(By.CSS_SELECTOR, field)
+        box.clear()
+        box.send_keys(value)
+    b.find_element(By.CSS_SELECTOR, "#negative_prompt").send_keys("lowres, (text:1.2)")
+    wait_for(lambda: b.find_element(By.CSS_SELECTOR, "#neg-tokens").text not in ("0/75", "?"))
+    b.find_element(By.CSS_SELECTOR, "#generate").click()
+    infotext = wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#gallery .infotext"), 120)[0].text
+    assert "Negative prompt: lowres, (text:1.2)" in infotext
+    assert "Seed: 4321" in infotext and "Size: 64x64" in infotext
+    b.save_screenshot(str(artifacts / "01-generate.png"))
+    b.find_element(By.CSS_SELECTOR, "#seed-random").click()
+    b.find_element(By.CSS_SELECTOR, "#gallery .reuse-seed").click()
+    assert b.find_element(By.CSS_SELECTOR, "#seed").get_attribute("value") == "4321"
+
+    # Study browser: a grid along two axes.
+    b.find_element(By.CSS_SELECTOR, "#tab-studies").click()
+    wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#study-select option"))
+    Select(b.find_element(By.CSS_SELECTOR, "#study-select")).select_by_value("smoke")
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#study-grid img")) == 12)
+    b.save_screenshot(str(artifacts / "02-study.png"))
+
+    # Labeling: ten images with the keyboard (1-4 classes, an arrow, an undo).
+    b.find_element(By.CSS_SELECTOR, "#tab-label").click()
+    wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#label-study option"))
+    Select(b.find_element(By.CSS_SELECTOR, "#label-study")).select_by_value("smoke")
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#label-grid .cell")) >= 10)
+    ids = [int(c.get_attribute("data-id")) for c in b.find_elements(By.CSS_SELECTOR, "#label-grid .cell")]
+    grid = b.find_element(By.CSS_SELECTOR, "#label-grid")
+    grid.click()
+    b.execute_script(
+        "document.querySelector('#label-grid .cell').click(); document.querySelector('#label-grid').focus();"
+    )
+    keys = ["1", "2", "3", "4", "1", "2", "3", "4", "1"]
+    for key in keys:
+        grid.send_keys(key)
+        time.sleep(0.2)
+    # A wrong label on the tenth, undone with z, then the right one.
+    grid.send_keys("4")
+    wait_for(lambda: "10 / 12 labeled" in b.find_element(By.CSS_SELECTOR, "#label-progress").text, 30)
+    grid.send_keys("z")
+    wait_for(lambda: "9 / 12 labeled" in b.find_element(By.CSS_SELECTOR, "#label-progress").text, 30)
+    grid.send_keys("2")
+    wait_for(lambda: "10 / 12 labeled" in b.find_element(By.CSS_SELECTOR, "#label-progress").text, 30)
+    grid.send_keys(Keys.ARROW_LEFT)
+    b.save_screenshot(str(artifacts / "03-label.png"))
+    assert b.find_element(By.CSS_SELECTOR, "#label-error").text == ""
+
+    classes = ["Pattern", "Object or Scenery", "Malformed human", "Legit human"]
+    expected = [classes[int(k) - 1] for k in keys] + ["Object or Scenery"]
+    catalog_path = study_server.root / "studies" / "runs" / "smoke" / "catalog.sqlite"
+    with Catalog.open(catalog_path, readonly=True) as catalog:
+        got = [catalog.labels(image_id).get("human", (None, []))[0] for image_id in ids[:10]]
+    assert got == expected
+    for name in ("01-generate.png", "02-study.png", "03-label.png"):
+        assert (artifacts / name).stat().st_size > 1000
