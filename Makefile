@@ -3,6 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BROWSER_STAMP := $(VENV)/.browser
 
 .PHONY: demo test test-all lint bench clean
 
@@ -17,13 +18,23 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps k-diffusion==0.1.1.post1 torchdiffeq==0.2.5
 	touch $(STAMP)
 
+# Browser tests drive Debian's Chromium (no browser download works here). Installed when we are root
+# with apt; otherwise those tests skip and say why.
+$(BROWSER_STAMP): $(STAMP)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+		|| echo "chromium could not be installed: browser tests will be skipped"; \
+	else echo "chromium not installed (needs root + apt): browser tests will be skipped"; fi
+	touch $(BROWSER_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/voidprompt demo
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
