@@ -15,6 +15,7 @@ from voidprompt.lab.report import build_report
 from voidprompt.lab.run import run_study
 from voidprompt.lab.stats import wilson_interval
 from voidprompt.lab.study import Study, parse_study
+from voidprompt.testing.browser import chromium_available, headless_chromium
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +98,18 @@ def test_report_option_errors(ran: Study) -> None:
     )
     with pytest.raises(StudyError, match="grid = 'nope': not a column"):
         build_report(bad, catalog_path=_catalog(ran))
+
+
+@pytest.mark.skipif(not chromium_available(), reason="chromium / chromium-driver / selenium not installed")
+def test_report_opens_in_headless_chromium_and_shows_its_figures(ran: Study, tmp_path: Path) -> None:
+    result = build_report(ran, out_dir=tmp_path / "r")
+    with headless_chromium(tmp_path / "profile") as browser:
+        browser.get(result.html.resolve().as_uri())
+        # Every figure is decoded and laid out: a broken or missing image has naturalWidth 0.
+        sizes = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);"
+        )
+        browser.save_screenshot(str(tmp_path / "report.png"))
+    figures = [f for f in result.figures if f.suffix == ".png"]
+    assert len(sizes) >= len(figures)
+    assert all(complete and width > 0 and height > 0 for complete, width, height in sizes)

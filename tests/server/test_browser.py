@@ -7,48 +7,23 @@ $VOIDPROMPT_TEST_ARTIFACTS (default: a pytest temporary folder named browser-art
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from voidprompt.lab.catalog import Catalog
+from voidprompt.testing.browser import chromium_available, headless_chromium
 
-webdriver = pytest.importorskip("selenium.webdriver")
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 pytestmark = pytest.mark.skipif(
-    not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),
-    reason="chromium / chromium-driver not installed",
+    not chromium_available(), reason="chromium / chromium-driver / selenium not installed"
 )
 
 
 @pytest.fixture()
 def browser(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1400,1000",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.implicitly_wait(0)
-    yield driver
-    driver.quit()
+    with headless_chromium(tmp_path / "profile") as driver:
+        yield driver
 
 
 @pytest.fixture()
