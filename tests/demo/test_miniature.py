@@ -89,3 +89,18 @@ def test_measurements_reduced(engine: Any) -> None:
     assert effect["negative"][0].p < effect["none"][0].p
     counts = count_ratio(engine, 48, seed=9000)
     assert counts["ratio"] > 1.0 and not math.isnan(counts["ratio"])
+
+
+def test_gallery_writes_pngs_with_infotext_and_an_index(tmp_path: Any) -> None:
+    from voidprompt.demo.generate import GalleryItem, write_gallery
+    from voidprompt.imagemeta import read_infotext
+    from voidprompt.prompts.nai import NOVELAI_NEGATIVE
+
+    items = (GalleryItem("red circle", "", 1), GalleryItem("", NOVELAI_NEGATIVE, 1))
+    index = write_gallery(tmp_path, seed=42, items=items)
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == ["00000-42.png", "00001-43.png"]
+    page = index.read_text(encoding="utf-8")
+    assert all(p.name in page for p in pngs)
+    text, _ = read_infotext(pngs[1])
+    assert text is not None and "Negative prompt: lowres, bad anatomy" in text and "Seed: 43" in text

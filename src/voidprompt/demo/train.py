@@ -111,18 +111,18 @@ class TrainConfig:
     n_images: int = 3000
     image_size: int = 64
     # VAE phase.
-    vae_steps: int = 700
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_crop: int = 32
-    vae_full_from: float = 0.9  # fraction of vae_steps after which whole pictures are used
+    vae_full_from: float = 0.95  # fraction of vae_steps after which whole pictures are used
     vae_lr: float = 5e-4
     kl_weight: float = 1e-4  # on the per-element KL; light: the scaling factor fixes the scale
     edge_weight: float = 0.5
     # Diffusion phase.
-    diffusion_steps: int = 1200
-    batch_size: int = 32
+    diffusion_steps: int = 6000
+    batch_size: int = 16
     lr: float = 6e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     ema_decay: float = 0.995
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023): faster convergence
     caption_dropout: float = 0.1
@@ -211,6 +211,7 @@ def export_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    tmp.chmod(0o644)  # safetensors writes 0600; the file is package data others must read
     tmp.replace(path)
     return path
 
