@@ -19,6 +19,7 @@ import torch
 from voidprompt.conditioning import MultiCond, ScheduledCond
 from voidprompt.sampling import samplers as S
 from voidprompt.sampling import schedules
+from voidprompt.sampling import timestep_samplers as T
 from voidprompt.sampling.denoiser import CFGDenoiser
 
 
@@ -43,7 +44,7 @@ def time_sampler(fn, steps: int, **kw) -> float:  # type: ignore[no-untyped-def]
 def time_timestep_sampler(fn, steps: int) -> float:  # type: ignore[no-untyped-def]
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     ac = torch.cumprod(1 - betas, 0).float()
-    ts = S.timesteps_for(steps)
+    ts = T.timesteps_for(steps)
     x = torch.randn(1, 4, 32, 32)
     eps0 = lambda x, t, **_: torch.zeros_like(x)  # noqa: E731
     fn(eps0, x, ts, alphas_cumprod=ac)
@@ -103,9 +104,9 @@ def main() -> None:
         ("DPM++ 3M SDE", lambda n: time_sampler(S.sample_dpmpp_3m_sde, n)),
         ("Restart", lambda n: time_sampler(S.sample_restart, n)),
         ("LCM", lambda n: time_sampler(S.sample_lcm, n)),
-        ("DDIM", lambda n: time_timestep_sampler(S.sample_ddim, n)),
-        ("PLMS", lambda n: time_timestep_sampler(S.sample_plms, n)),
-        ("UniPC", lambda n: time_timestep_sampler(S.sample_unipc, n)),
+        ("DDIM", lambda n: time_timestep_sampler(T.sample_ddim, n)),
+        ("PLMS", lambda n: time_timestep_sampler(T.sample_plms, n)),
+        ("UniPC", lambda n: time_timestep_sampler(T.sample_unipc, n)),
         ("CFGDenoiser wrapper (per call)", time_cfg_wrapper),
     ]
     print(f"{'sampler':32s} {'overhead/step':>14s} {'vs UNet call':>12s}")

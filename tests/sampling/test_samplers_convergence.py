@@ -17,6 +17,7 @@ from sd_fixtures import GaussianDenoiser, GaussianEpsModel
 
 from voidprompt.sampling import samplers as S
 from voidprompt.sampling import schedules
+from voidprompt.sampling import timestep_samplers as T
 
 D = GaussianDenoiser(0.5, 0.8)
 X0 = torch.linspace(-3, 3, 7, dtype=torch.float64).reshape(7, 1, 1, 1) * 14.6146
@@ -78,25 +79,25 @@ XT = torch.linspace(-3, 3, 7, dtype=torch.float64).reshape(7, 1, 1, 1)
 def timestep_order(fn: Callable[..., torch.Tensor], ns: list[int]) -> float:
     errs = []
     for n in ns:
-        ts = S.timesteps_for(n)
+        ts = T.timesteps_for(n)
         x = fn(E, XT.clone(), ts, alphas_cumprod=SMOOTH_AC)
         errs.append(float((x - E.exact(XT, float(SMOOTH_AC[ts[-1]]), float(SMOOTH_AC[ts[0]]))).abs().max()))
     return -float(np.polyfit(np.log(ns), np.log(errs), 1)[0])
 
 
 def test_ddim_is_first_order() -> None:
-    assert 0.85 < timestep_order(S.sample_ddim, [10, 20, 25, 50, 100, 125]) < 1.2
+    assert 0.85 < timestep_order(T.sample_ddim, [10, 20, 25, 50, 100, 125]) < 1.2
 
 
 def test_plms_beats_ddim() -> None:
-    assert timestep_order(S.sample_plms, [10, 20, 25, 50, 100, 125]) > 1.4
+    assert timestep_order(T.sample_plms, [10, 20, 25, 50, 100, 125]) > 1.4
 
 
 def test_unipc_converges() -> None:
     errs, ns = [], [10, 20, 40, 80]
     a0, a1 = float(E.abar(torch.tensor([999.0]))), float(E.abar(torch.tensor([0.0])))
     for n in ns:
-        x = S.sample_unipc(E, XT.clone(), torch.arange(n), alphas_cumprod=SMOOTH_AC)
+        x = T.sample_unipc(E, XT.clone(), torch.arange(n), alphas_cumprod=SMOOTH_AC)
         errs.append(float((x - E.exact(XT, a0, a1)).abs().max()))
     # Observed ~1.8 for orders 1-3 alike; A1111's UniC-1 is second order. Higher orders are not seen here.
     assert -np.polyfit(np.log(ns), np.log(errs), 1)[0] > 1.6
@@ -105,24 +106,24 @@ def test_unipc_converges() -> None:
 
 def test_unipc_calls_model_once_per_step() -> None:
     e = GaussianEpsModel(0.5, 0.8, SMOOTH_AC)
-    S.sample_unipc(e, XT.clone(), S.timesteps_for(20), alphas_cumprod=SMOOTH_AC)
+    T.sample_unipc(e, XT.clone(), T.timesteps_for(20), alphas_cumprod=SMOOTH_AC)
     assert e.calls == 20
     e.calls = 0
-    S.sample_unipc(e, XT.clone(), S.timesteps_for(30), alphas_cumprod=SMOOTH_AC)
+    T.sample_unipc(e, XT.clone(), T.timesteps_for(30), alphas_cumprod=SMOOTH_AC)
     assert e.calls == 31  # A1111 quirk: range(0, 1000, 33) has 31 entries
 
 
 def test_ddim_runs_len_minus_one_steps_and_draws_noise_each_step() -> None:
     e = GaussianEpsModel(0.5, 0.8, SMOOTH_AC)
     drawn = []
-    ts = S.timesteps_for(20)
+    ts = T.timesteps_for(20)
     assert ts.tolist() == [1 + 50 * k for k in range(20)]
 
     def noise(t: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
         drawn.append((int(t), int(tn)))
         return torch.zeros_like(XT)
 
-    S.sample_ddim(e, XT.clone(), ts, alphas_cumprod=SMOOTH_AC, noise_sampler=noise)
+    T.sample_ddim(e, XT.clone(), ts, alphas_cumprod=SMOOTH_AC, noise_sampler=noise)
     assert e.calls == 19 and len(drawn) == 19 and drawn[0] == (951, 901) and drawn[-1] == (51, 1)
 
 
@@ -162,4 +163,3 @@ def test_stochastic_sampler_keeps_marginal_variance(
     # tolerance is relative: 4x the steps must cut it by more than half. Sampling error ~0.6%.
     assert fine < 0.12, f"{name}: relative variance error {fine:.4f} at 64 steps"
     assert fine < 0.5 * coarse + 0.015, f"{name}: {coarse:.4f} at 16 steps, {fine:.4f} at 64"
-

@@ -24,8 +24,8 @@ from voidprompt.pipeline.request import GenerationRequest
 from voidprompt.sampling.brownian import brownian_noise_sampler_for_sigmas
 from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, compute_sigmas
 from voidprompt.sampling.rng import ImageRNG, check_randn_source
-from voidprompt.sampling.samplers import timesteps_for
 from voidprompt.sampling.schedules import DiscreteSigmas
+from voidprompt.sampling.timestep_samplers import timesteps_for
 
 Callback = Callable[[dict[str, Any]], None]
 

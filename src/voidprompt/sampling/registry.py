@@ -19,6 +19,7 @@ from torch import Tensor
 from voidprompt.errors import InvalidRequestError
 from voidprompt.sampling import samplers as S
 from voidprompt.sampling import schedules
+from voidprompt.sampling import timestep_samplers as T
 from voidprompt.sampling.schedules import DiscreteSigmas
 
 
@@ -150,17 +151,17 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         eta_kind="ancestral",
     ),
     _spec("Restart", S.sample_restart, ("restart",), default_scheduler="karras", second_order=True),
-    _spec("DDIM", S.sample_ddim, ("ddim",), is_timestep_sampler=True, uses_ensd=True, eta_kind="ddim"),
+    _spec("DDIM", T.sample_ddim, ("ddim",), is_timestep_sampler=True, uses_ensd=True, eta_kind="ddim"),
     _spec(
         "DDIM CFG++",
-        S.sample_ddim_cfgpp,
+        T.sample_ddim_cfgpp,
         ("ddim_cfgpp",),
         is_timestep_sampler=True,
         uses_ensd=True,
         eta_kind="ddim",
     ),
-    _spec("PLMS", S.sample_plms, ("plms",), is_timestep_sampler=True),
-    _spec("UniPC", S.sample_unipc, ("unipc",), is_timestep_sampler=True),
+    _spec("PLMS", T.sample_plms, ("plms",), is_timestep_sampler=True),
+    _spec("UniPC", T.sample_unipc, ("unipc",), is_timestep_sampler=True),
     _spec("LCM", S.sample_lcm, ("k_lcm", "lcm")),
 )
 
