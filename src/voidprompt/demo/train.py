@@ -111,7 +111,7 @@ class TrainConfig:
     n_images: int = 3000
     image_size: int = 64
     # VAE phase.
-    vae_steps: int = 2000
+    vae_steps: int = 1200
     vae_batch: int = 16
     vae_crop: int = 32
     vae_full_from: float = 0.95  # fraction of vae_steps after which whole pictures are used
@@ -119,7 +119,7 @@ class TrainConfig:
     kl_weight: float = 1e-4  # on the per-element KL; light: the scaling factor fixes the scale
     edge_weight: float = 0.5
     # Diffusion phase.
-    diffusion_steps: int = 6000
+    diffusion_steps: int = 2400
     batch_size: int = 16
     lr: float = 6e-4
     warmup_steps: int = 50
