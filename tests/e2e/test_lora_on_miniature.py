@@ -27,7 +27,14 @@ PROMPT = ""
 
 
 def _sweep(
-    tmp: Path, *, steps: int, batch: int, lr: float, multipliers: tuple[float, ...], n: int, sample_steps: int
+    tmp: Path,
+    *,
+    steps: int = 300,
+    batch: int = 8,
+    lr: float = 3e-4,
+    multipliers: tuple[float, ...],
+    n: int,
+    sample_steps: int,
 ) -> ColourSweep:
     tuned = finetune(
         miniature_model_path(),
@@ -77,32 +84,30 @@ def test_quick_finetune_keeps_the_base_layout_and_changes_only_the_unet(tmp_path
     assert info["finetune"]["colour"] == "red" and info["finetune"]["steps"] == 3
 
 
-# Measured (see the issue-8 report): with the interim miniature weights (run 1), fine-tunes of
-# 40-300 steps (lr 2e-4..1e-3, caption dropout 0.1..0.9) do not move the colour of unconditioned
-# pictures towards red even at full weight, so neither can the LoRA. These stay expected failures
-# until a fine-tune recipe (or the run-2 weights) makes the full fine-tuned model move; strict=False
-# so that day shows up as XPASS rather than a red build.
-_NOT_YET = pytest.mark.xfail(
-    reason="fine-tune does not yet shift colour on the interim miniature model", strict=False
-)
+# Measured on this CPU (issue-8 report): fine-tunes of 40-150 steps (lr 2e-4..1e-3, caption dropout
+# 0.1..0.9) did not move the colour of unconditioned pictures, even with the full fine-tuned model.
+# 300 steps at lr 3e-4, batch 8, caption dropout 0.5 (7 min on 2 contended cores) did: red share of
+# detected shapes 0.235 / 0.400 / 0.478 / 0.522 at M 0 / 0.5 / 1 / 1.5 (16 pictures, 10 steps).
+
+# The full-size sweep (64 pictures x 4 multipliers, 20 steps) has not been run yet: expected to pass,
+# marked xfail(strict=False) until it has been, so a miss is not a red build and a pass shows as XPASS.
+_NOT_YET = pytest.mark.xfail(reason="full-size sweep not yet run on this recipe", strict=False)
 
 
 @pytest.mark.slow
-@_NOT_YET
 def test_lora_moves_colour_towards_red(tmp_path: Path) -> None:
-    sweep = _sweep(tmp_path, steps=40, batch=4, lr=1e-3, multipliers=(0.0, 1.0), n=12, sample_steps=10)
+    sweep = _sweep(tmp_path, multipliers=(0.0, 1.0), n=16, sample_steps=10)
     off, on = sweep.points
     print(sweep.table())
-    assert off.shapes >= 6 and on.shapes >= 6, "the detector must see shapes at both multipliers"
-    assert on.share >= off.share + 0.2, sweep.table()
+    assert off.shapes >= 8 and on.shapes >= 8, "the detector must see shapes at both multipliers"
+    # Measured 8/34 -> 11/23 (0.235 -> 0.478); a loose margin below that difference.
+    assert on.share >= off.share + 0.15, sweep.table()
 
 
 @pytest.mark.slow
 @_NOT_YET
 def test_lora_colour_is_monotone_in_the_multiplier(tmp_path: Path) -> None:
-    sweep = _sweep(
-        tmp_path, steps=150, batch=8, lr=5e-4, multipliers=(0.0, 0.5, 1.0, 1.5), n=64, sample_steps=20
-    )
+    sweep = _sweep(tmp_path, multipliers=(0.0, 0.5, 1.0, 1.5), n=64, sample_steps=20)
     print(sweep.table())
     shares = [p.share for p in sweep.points]
     assert all(p.shapes >= 32 for p in sweep.points), sweep.table()
