@@ -207,3 +207,23 @@ def test_real_tokenizer_is_loaded_by_default(tmp_path: Path) -> None:
     pytest.importorskip("voidprompt.prompts.tokenizer")
     c = load_model(write_tiny_checkpoint(tmp_path / "m.safetensors"))
     assert type(c.tokenizer).__name__ == "ClipTokenizer"
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path: Path) -> None:
+    # A header length with low byte 0x80 makes the file's first byte the pickle protocol marker.
+    import json
+    import struct
+
+    from voidprompt.models.load import open_checkpoint
+
+    tensor = torch.arange(4, dtype=torch.float32)
+    header = {"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    text = json.dumps(header)
+    text += " " * (0x80 - len(text) % 256) if len(text) % 256 <= 0x80 else " " * (0x180 - len(text) % 256)
+    assert len(text) % 256 == 0x80
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text.encode() + tensor.numpy().tobytes())
+    assert path.read_bytes()[:1] == b"\x80"
+    with open_checkpoint(path) as reader:
+        assert reader.format == "safetensors"
+        assert torch.equal(reader.get("t"), tensor)

@@ -153,6 +153,18 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
     return obj
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """An 8-byte little-endian header length that fits the file, then the JSON header's "{".
+
+    Checked before the pickle signatures: a safetensors header length whose low byte is 0x80 makes
+    the file start like a pickle (protocol marker 0x80), about one file in 256.
+    """
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    return 0 < header_len <= size - 8
+
+
 def open_checkpoint(path: str | Path) -> CheckpointReader:
     """Open a ``.safetensors`` / ``.ckpt`` / ``.pt`` file for tensor-by-tensor reading."""
     p = Path(path)
@@ -162,7 +174,7 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     with open(p, "rb") as f:
         head = f.read(9)
     reader = CheckpointReader(p)
-    if head.startswith(b"PK") or head[:1] == b"\x80":
+    if not _looks_like_safetensors(head, size) and (head.startswith(b"PK") or head[:1] == b"\x80"):
         ck = load_pickle_checkpoint(p)
         if isinstance(ck.obj, dict) and isinstance(ck.obj.get(ARCH_METADATA_KEY), str):
             # Pickles have no metadata block; voidprompt writes the arch entry next to "state_dict".
