@@ -166,14 +166,7 @@ def finetune(
         },
     }
     path = Path(out_path)
-    for pad in range(4):
-        export_model(path, unet, vae, text_encoder, scaling, {**info, "pad": " " * pad} if pad else info)
-        # A safetensors file starts with its header length (u64, little-endian). When the low byte is
-        # 0x80, models.load.open_checkpoint's sniffer takes the file for a pickle (protocol >= 2 opcode)
-        # and refuses it; one more byte of metadata moves the length off that value.
-        with open(path, "rb") as f:
-            if f.read(1) != b"\x80":
-                break
+    export_model(path, unet, vae, text_encoder, scaling, info)
     return path
 
 
