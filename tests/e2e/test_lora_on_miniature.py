@@ -89,9 +89,9 @@ def test_quick_finetune_keeps_the_base_layout_and_changes_only_the_unet(tmp_path
 # 300 steps at lr 3e-4, batch 8, caption dropout 0.5 (7 min on 2 contended cores) did: red share of
 # detected shapes 0.235 / 0.400 / 0.478 / 0.522 at M 0 / 0.5 / 1 / 1.5 (16 pictures, 10 steps).
 
-# The full-size sweep (64 pictures x 4 multipliers, 20 steps) has not been run yet: expected to pass,
-# marked xfail(strict=False) until it has been, so a miss is not a red build and a pass shows as XPASS.
-_NOT_YET = pytest.mark.xfail(reason="full-size sweep not yet run on this recipe", strict=False)
+# The full-size sweep (64 pictures x 4 multipliers, 20 steps) is issue 8's must-show. It has not been
+# run to completion yet (session 1 ran out of CPU time); it is a plain slow test so that its result,
+# whichever it is, shows in `make test-all`.
 
 
 @pytest.mark.slow
@@ -105,7 +105,6 @@ def test_lora_moves_colour_towards_red(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@_NOT_YET
 def test_lora_colour_is_monotone_in_the_multiplier(tmp_path: Path) -> None:
     sweep = _sweep(tmp_path, multipliers=(0.0, 0.5, 1.0, 1.5), n=64, sample_steps=20)
     print(sweep.table())
