@@ -30,7 +30,12 @@ from PIL import Image, PngImagePlugin
 from voidprompt import __version__
 from voidprompt.errors import InvalidRequestError
 from voidprompt.imagemeta import open_image_safely
-from voidprompt.infotext import parse_generation_parameters, request_fields_from_params
+from voidprompt.infotext import (
+    KEY_ORDER,
+    TRAILING_KEYS,
+    parse_generation_parameters,
+    request_fields_from_params,
+)
 from voidprompt.pipeline.engine import Engine, Interrupted, Progress
 from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
 from voidprompt.pipeline.request import EMPHASIS_MODES, RNG_SOURCES, GenerationRequest
@@ -554,36 +559,7 @@ def _concat(parts: list[Result]) -> Result:
 
 
 # Keys A1111 writes from fixed attributes; the rest of an image's params are extra_generation_params.
-_BASE_INFOTEXT_KEYS = frozenset(
-    {
-        "Steps",
-        "Sampler",
-        "Schedule type",
-        "CFG scale",
-        "Image CFG scale",
-        "Seed",
-        "Face restoration",
-        "Size",
-        "Model hash",
-        "Model",
-        "VAE hash",
-        "VAE",
-        "Variation seed",
-        "Variation seed strength",
-        "Seed resize from",
-        "Denoising strength",
-        "Conditional mask weight",
-        "Clip skip",
-        "ENSD",
-        "Token merging ratio",
-        "Token merging ratio hr",
-        "Init image hash",
-        "RNG",
-        "Tiling",
-        "Version",
-        "User",
-    }
-)
+_BASE_INFOTEXT_KEYS = frozenset(KEY_ORDER) | frozenset(TRAILING_KEYS)
 
 
 def processed_info(generated: Generated) -> dict[str, Any]:
