@@ -53,7 +53,10 @@ def main() -> None:
         t0 = time.perf_counter()
         plain = evaluate_detector(args.detector_n, seed=20240607)
         trip = evaluate_detector(args.detector_n, seed=20240607, transform=vae_round_trip(engine.components))
-        figures["detector"] = {"world": plain.__dict__, "vae_round_trip": trip.__dict__}
+        figures["detector"] = {
+            name: {**r.__dict__, "kind_confusion": {f"{a}->{b}": c for (a, b), c in r.kind_confusion.items()}}
+            for name, r in (("world", plain), ("vae_round_trip", trip))
+        }
         lines += [
             "## Detector (held-out world pictures, seed 20240607)",
             "",
@@ -91,6 +94,16 @@ def main() -> None:
         ]
         timed("adherence", t0)
         print("\n".join(rows), flush=True)
+    if "colour" in only:
+        t0 = time.perf_counter()
+        from voidprompt.demo.measure import colour_adherence
+
+        for cfg in (7.0, 1.0):
+            share = colour_adherence(engine, args.per_prompt, seed=100000, cfg_scale=cfg)
+            figures[f"colour_cfg{cfg:g}"] = {"k": share.k, "n": share.n}
+            lines.append(f"asked colour present (any kind), CFG {cfg:g}: {share}")
+        timed("colour", t0)
+        print("\n".join(lines[-2:]), flush=True)
     if "negative" in only:
         t0 = time.perf_counter()
         effect = negative_prompt_effect(engine, args.n, seed=200000)

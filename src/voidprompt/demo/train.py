@@ -119,7 +119,7 @@ class TrainConfig:
     kl_weight: float = 1e-4  # on the per-element KL; light: the scaling factor fixes the scale
     edge_weight: float = 0.5
     # Diffusion phase.
-    diffusion_steps: int = 2400
+    diffusion_steps: int = 6318
     batch_size: int = 16
     lr: float = 6e-4
     warmup_steps: int = 50
