@@ -329,17 +329,7 @@ class Engine:
     ) -> Tensor:
         factor = latent_factor(self.components)
         shape = (LATENT_CHANNELS, request.height // factor, request.width // factor)
-        rng = ImageRNG(
-            shape,
-            seeds,
-            subseeds=subseeds,
-            subseed_strength=request.subseed_strength,
-            seed_resize_from_h=request.seed_resize_from_h,
-            seed_resize_from_w=request.seed_resize_from_w,
-            source=request.randn_source,  # type: ignore[arg-type]
-            device=self.device,
-            eta_noise_seed_delta=request.eta_noise_seed_delta,
-        )
+        rng = self._image_rng(request, shape, seeds, subseeds)
         noise = rng.next()
         image_cond = None
         if self.components.is_inpainting:
