@@ -11,6 +11,7 @@ from voidprompt.infotext import parse_generation_parameters, request_fields_from
 from voidprompt.pipeline.engine import Engine, Interrupted, to_pil_images
 from voidprompt.pipeline.request import GenerationRequest
 from voidprompt.prompts.nai import NOVELAI_NEGATIVE, weight_tags
+from voidprompt.sampling.registry import resolve
 
 BASE = GenerationRequest(
     prompt="",
@@ -184,3 +185,21 @@ def test_explicit_seed_list_gives_each_image_its_own_seed(tiny_engine: Engine) -
         assert np.abs(pixels(image) - pixels(alone.images[0])).max() <= 1
     with pytest.raises(InvalidRequestError, match="one per image"):
         tiny_engine.generate(BASE.replace(batch_size=2), seeds=[1])
+
+
+def test_pad_conds_pads_with_the_cached_empty_prompt(tiny_engine: Engine) -> None:
+    # A 2-chunk prompt against a 1-chunk negative: without padding A1111 runs cond and uncond as
+    # separate UNet calls; "Pad conds" appends the encoded empty prompt to the shorter one instead.
+    long_prompt = ", ".join(["red circle"] * 40)
+    request = BASE.replace(prompt=long_prompt, sampler_name="Euler", n_iter=2)
+    plain = tiny_engine.generate(request)
+    padded = tiny_engine.generate(request.replace(pad_cond_uncond=True))
+    assert "Pad conds: True" in padded.infotexts[0]
+    assert not np.array_equal(pixels(plain.images[0]), pixels(padded.images[0]))
+    empty = tiny_engine.encoder.encode_texts([""], clip_skip=BASE.clip_skip)[0]
+    conditioning = tiny_engine._conditioning(request, resolve("Euler")[0])
+    hits, misses = tiny_engine.encoder.cache_hits, tiny_engine.encoder.cache_misses
+    cached = tiny_engine._empty_prompt_cond(request, conditioning)
+    assert torch.equal(cached, empty)
+    # Encoded during the padded run already: this is a cache hit, not a new encode.
+    assert (tiny_engine.encoder.cache_hits, tiny_engine.encoder.cache_misses) == (hits + 1, misses)

@@ -112,7 +112,6 @@ class Engine:
         self.hypernet_dir = hypernet_dir
         self.lora_functional = lora_functional
         self.missing_networks = missing_networks
-        self._empty_cond: Tensor | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -305,9 +304,15 @@ class Engine:
         )
         return _Conditioning(prepared, cond, uncond, ti_hashes, networks)
 
-    def _empty_prompt_cond(self, request: GenerationRequest) -> Tensor:
+    def _empty_prompt_cond(self, request: GenerationRequest, conditioning: _Conditioning) -> Tensor:
         # "Pad conds" pads with the encoded empty prompt (A1111's cond_stage_model_empty_prompt).
-        return self.encoder.encode_texts([""], clip_skip=request.clip_skip)[0]
+        # Through the cache, keyed like the prompts: once per model state, not once per batch.
+        schedule = self.encoder.encode_schedule(
+            [(1, "")],
+            clip_skip=request.clip_skip,
+            model_key=conditioning.networks.model_key or self.components.checkpoint.short_hash,
+        )
+        return schedule[0].cond
 
     def _unet_eps(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         unet = self.components.unet
@@ -573,7 +578,7 @@ class Engine:
             batch_cond_uncond=request.batch_cond_uncond,
             pad_cond_uncond=request.pad_cond_uncond,
             pad_cond_uncond_v0=request.pad_cond_uncond_v0,
-            empty_cond=self._empty_prompt_cond(request) if request.pad_cond_uncond else None,
+            empty_cond=self._empty_prompt_cond(request, conditioning) if request.pad_cond_uncond else None,
             image_cond=image_cond,
             mask=mask,
             init_latent=init_latent if mask is not None else None,
