@@ -1,7 +1,14 @@
-"""A real uvicorn server on a free loopback port, in a background thread, over tiny checkpoints."""
+"""Real uvicorn servers on free loopback ports, in background threads.
+
+``server`` serves a tiny random checkpoint (fast; for protocol, client and abuse tests);
+``mini_server`` serves the repository's miniature model (a real 64x64 SD1 model) and its studies,
+for the browser, load and study tests. Tests never depend on the miniature model's pixel values:
+its weights may be retrained at any time.
+"""
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import threading
@@ -52,20 +59,25 @@ def start_server(config: object) -> Iterator[RunningServer]:
         thread.join(15)
 
 
-def make_config(root: Path, checkpoint: Path, **changes: object) -> object:
+def make_config(root: Path, checkpoint: Path | None, **changes: object) -> object:
+    """A test server's config under ``root``: ``checkpoint`` copied in as tiny.safetensors (None:
+    no checkpoint folder content; pass extra_checkpoints / default_model instead)."""
     from voidprompt.server.api import ServerConfig
     from voidprompt.server.limits import Limits
 
     ckpt_dir = root / "models" / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if not (ckpt_dir / "tiny.safetensors").exists():
+    if checkpoint is not None and not (ckpt_dir / "tiny.safetensors").exists():
         shutil.copy(checkpoint, ckpt_dir / "tiny.safetensors")
     config = ServerConfig(
         host="127.0.0.1",
         port=free_port(),
         ckpt_dirs=[ckpt_dir],
         vae_dirs=[root / "models" / "VAE"],
-        default_model="tiny.safetensors",
+        lora_dir=root / "models" / "Lora",
+        embeddings_dir=root / "embeddings",
+        hypernetwork_dir=root / "models" / "hypernetworks",
+        default_model="tiny.safetensors" if checkpoint is not None else None,
         studies_dir=root / "studies",
         limits=Limits(
             max_pixels=512 * 512,
@@ -92,6 +104,20 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> I
 
 
 @pytest.fixture(scope="session")
+def mini_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server whose only checkpoint is the shipped miniature model (used in place, not copied)."""
+    from voidprompt.demo.miniature import miniature_model_path
+
+    path = miniature_model_path()
+    root = tmp_path_factory.mktemp("mini-server")
+    (root / "studies").mkdir()
+    config = make_config(root, None, extra_checkpoints=[path], default_model=path.name)
+    for running in start_server(config):
+        running.root = root
+        yield running
+
+
+@pytest.fixture(scope="session")
 def server_tools():  # type: ignore[no-untyped-def]
     """(make_config, start_server) for tests that need a server of their own."""
     return make_config, start_server
@@ -100,25 +126,31 @@ def server_tools():  # type: ignore[no-untyped-def]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_study(folder: Path, checkpoint: Path, name: str = "smoke", seeds: int = 3) -> Path:
-    """The repository's smoke study (2 sizes x 2 W x ``seeds`` seeds) on the tiny checkpoint."""
+def write_study(
+    folder: Path, checkpoint: Path | None, name: str = "smoke", seeds: int = 3, steps: int = 1
+) -> Path:
+    """The repository's smoke study (2 sizes x 2 W x ``seeds`` seeds, ``steps`` steps) on
+    ``checkpoint``; None keeps the study's own model, the miniature one."""
     text = (REPO / "studies" / "smoke.toml").read_text(encoding="utf-8")
-    text = text.replace('seed = "2 random"', f'seed = "{seeds} random"').replace(
-        'name = "smoke"', f'name = "{name}"'
-    )
-    text = text.replace("steps = 4", "steps = 1")
-    text += f'\n[model]\ncheckpoint = "{checkpoint}"\n'
+    text, found_seed = re.subn(r'(?m)^seed = "\d+ random"', f'seed = "{seeds} random"', text)
+    text, found_name = re.subn(r'(?m)^name = "smoke"', f'name = "{name}"', text)
+    text, found_steps = re.subn(r"(?m)^steps = \d+", f"steps = {steps}", text)
+    assert (found_seed, found_name, found_steps) == (1, 1, 1), "studies/smoke.toml changed its layout"
+    if checkpoint is not None:
+        text += f'\n[model]\ncheckpoint = "{checkpoint}"\n'
     path = folder / f"{name}.toml"
     path.write_text(text, encoding="utf-8")
     return path
 
 
 @pytest.fixture(scope="session")
-def study_server(server, tiny_checkpoint):  # type: ignore[no-untyped-def]
-    """The session server with a study run to completion through the API (12 images)."""
+def study_server(mini_server):  # type: ignore[no-untyped-def]
+    """The miniature-model server with the smoke study (on the miniature model, 2 steps) run to
+    completion through the API: 12 images."""
     import httpx
 
-    write_study(server.root / "studies", tiny_checkpoint)
+    server = mini_server
+    write_study(server.root / "studies", None, steps=2)
     with httpx.Client(base_url=server.url, timeout=60) as http:
         studies = http.get("/voidprompt/v1/studies").json()
         assert [s["id"] for s in studies] == ["smoke"]

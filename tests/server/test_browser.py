@@ -45,16 +45,31 @@ def wait_for(condition, timeout: float = 60.0):  # type: ignore[no-untyped-def]
         time.sleep(0.1)
 
 
+def loaded_images(driver, selector: str) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+    """The images under ``selector`` that finished loading, with their natural sizes."""
+    script = (
+        "return [...document.querySelectorAll(arguments[0])].filter(i => i.complete && i.naturalWidth > 0)"
+        ".map(i => ({alt: i.alt, src: i.src, width: i.naturalWidth, height: i.naturalHeight}));"
+    )
+    result: list[dict[str, object]] = driver.execute_script(script, selector)
+    return result
+
+
 def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  # type: ignore[no-untyped-def]
+    """On the miniature model: generate an image, open a study (grid and the report's plots), label
+    ten images with the keyboard, and find those labels in the catalog."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
+    from voidprompt.demo.miniature import MINIATURE_FILENAME
+
     b = browser
     b.get(study_server.url + "/")
     wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#sampler option")) > 5)
-    # Generate on the tiny model.
-    for field, value in (("#width", "64"), ("#height", "64"), ("#steps", "1"), ("#seed", "4321")):
+    assert b.find_element(By.CSS_SELECTOR, "#model-name").text.startswith(MINIATURE_FILENAME + " [")
+    # Generate on the miniature model.
+    for field, value in (("#width", "64"), ("#height", "64"), ("#steps", "6"), ("#seed", "4321")):
         box = b.find_element(By.CSS_SELECTOR, field)
         box.clear()
         box.send_keys(value)
@@ -63,7 +78,10 @@ def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  #
     b.find_element(By.CSS_SELECTOR, "#generate").click()
     infotext = wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#gallery .infotext"), 120)[0].text
     assert "Negative prompt: lowres, (text:1.2)" in infotext
-    assert "Seed: 4321" in infotext and "Size: 64x64" in infotext
+    assert "Seed: 4321" in infotext and "Size: 64x64" in infotext and "Steps: 6" in infotext
+    assert f"Model: {MINIATURE_FILENAME.rsplit('.', 1)[0]}," in infotext
+    shown = wait_for(lambda: loaded_images(b, "#gallery img"))
+    assert (shown[0]["width"], shown[0]["height"]) == (64, 64)
     b.save_screenshot(str(artifacts / "01-generate.png"))
     b.find_element(By.CSS_SELECTOR, "#seed-random").click()
     b.find_element(By.CSS_SELECTOR, "#gallery .reuse-seed").click()
@@ -74,7 +92,15 @@ def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  #
     wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#study-select option"))
     Select(b.find_element(By.CSS_SELECTOR, "#study-select")).select_by_value("smoke")
     wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#study-grid img")) == 12)
+    # The report's plots: built by the server on first sight, shown as loaded images.
+    plots = wait_for(lambda: loaded_images(b, "#study-plots img"), 180)
+    assert all(int(str(p["width"])) > 100 and int(str(p["height"])) > 100 for p in plots)
+    assert all("/voidprompt/v1/studies/smoke/report/figures/" in str(p["src"]) for p in plots)
+    assert b.find_element(By.CSS_SELECTOR, "#report-error").text == ""
+    assert "figures, built" in b.find_element(By.CSS_SELECTOR, "#report-status").text
     b.save_screenshot(str(artifacts / "02-study.png"))
+    b.execute_script("document.querySelector('#study-report').scrollIntoView()")
+    b.save_screenshot(str(artifacts / "02-report.png"))
 
     # Labeling: ten images with the keyboard (1-4 classes, an arrow, an undo).
     b.find_element(By.CSS_SELECTOR, "#tab-label").click()
@@ -108,5 +134,6 @@ def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  #
     with Catalog.open(catalog_path, readonly=True) as catalog:
         got = [catalog.labels(image_id).get("human", (None, []))[0] for image_id in ids[:10]]
     assert got == expected
-    for name in ("01-generate.png", "02-study.png", "03-label.png"):
+
+    for name in ("01-generate.png", "02-study.png", "02-report.png", "03-label.png"):
         assert (artifacts / name).stat().st_size > 1000

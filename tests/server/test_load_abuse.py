@@ -30,35 +30,70 @@ def _txt2img(url: str, seed: int, **extra: object) -> httpx.Response:
     return httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=600)
 
 
-def test_twenty_clients_five_requests_each(server) -> None:  # type: ignore[no-untyped-def]
-    def client(index: int) -> list[tuple[int, dict[str, object], str]]:
+LOAD_STEPS = 4
+
+
+def test_twenty_clients_five_requests_each(mini_server) -> None:  # type: ignore[no-untyped-def]
+    """20 concurrent clients x 5 txt2img requests on the miniature model: all succeed, and every
+    image carries its own seed - in the info JSON, in its PNG infotext, and in its pixels (a seed
+    regenerated alone afterwards gives the same bytes as under load)."""
+    from voidprompt.demo.miniature import MINIATURE_FILENAME
+
+    def body(index: int, seed: int) -> dict[str, object]:
+        return {
+            "prompt": f"client {index}",
+            "seed": seed,
+            "steps": LOAD_STEPS,
+            "width": 64,
+            "height": 64,
+            "sampler_name": "Euler a",  # ancestral: every step draws from the image's own RNG
+        }
+
+    def client(index: int) -> list[tuple[int, dict[str, object], dict[str, object], bytes]]:
         out = []
         with httpx.Client(timeout=600) as http:
             for k in range(5):
                 seed = 1000 + 10 * index + k
-                body = {
-                    "prompt": f"client {index}",
-                    "seed": seed,
-                    "steps": 1,
-                    "width": 64,
-                    "height": 64,
-                    "sampler_name": "Euler",
-                }
-                response = http.post(f"{server.url}/sdapi/v1/txt2img", json=body)
+                response = http.post(f"{mini_server.url}/sdapi/v1/txt2img", json=body(index, seed))
                 assert response.status_code == 200, response.text
                 data = response.json()
-                out.append((seed, json.loads(data["info"]), data["images"][0]))
+                assert len(data["images"]) == 1
+                out.append(
+                    (seed, data["parameters"], json.loads(data["info"]), base64.b64decode(data["images"][0]))
+                )
         return out
 
     with ThreadPoolExecutor(20) as pool:
         results = [r for chunk in pool.map(client, range(20)) for r in chunk]
     assert len(results) == 100
-    for seed, info, image_b64 in results:
-        assert info["all_seeds"] == [seed]
-        text, _ = read_infotext(Image.open(io.BytesIO(base64.b64decode(image_b64))))
+    assert sorted(seed for seed, *_ in results) == sorted(
+        1000 + 10 * i + k for i in range(20) for k in range(5)
+    )
+    model_name = MINIATURE_FILENAME.rsplit(".", 1)[0]
+    pixels: dict[int, bytes] = {}
+    for seed, parameters, info, png in results:
+        assert parameters["seed"] == seed
+        assert info["seed"] == seed and info["all_seeds"] == [seed]
+        assert info["sd_model_name"] == model_name
+        image = Image.open(io.BytesIO(png))
+        assert image.size == (64, 64)
+        text, _ = read_infotext(image)
         params = parse_generation_parameters(text or "")
         assert str(params["Seed"]) == str(seed)
-        assert params["Prompt"] == info["prompt"]
+        assert params["Prompt"] == info["prompt"] == info["all_prompts"][0]  # type: ignore[index]
+        assert str(params["Steps"]) == str(LOAD_STEPS)
+        assert params["Model"] == model_name
+        assert text == info["infotexts"][0]  # type: ignore[index]
+        pixels[seed] = image.convert("RGB").tobytes()
+    # Different seeds give different images (a request never got another one's noise) ...
+    assert len(set(pixels.values())) == 100
+    # ... and the image of a seed is the one that seed gives alone.
+    with httpx.Client(base_url=mini_server.url, timeout=120) as http:
+        for index, k in ((0, 0), (7, 3), (19, 4)):
+            seed = 1000 + 10 * index + k
+            again = http.post("/sdapi/v1/txt2img", json=body(index, seed)).json()
+            alone = Image.open(io.BytesIO(base64.b64decode(again["images"][0]))).convert("RGB").tobytes()
+            assert alone == pixels[seed], seed
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -172,6 +207,8 @@ def hostile_requests() -> list[tuple[str, str, dict[str, object]]]:
     for study in ("..", "..%2F..%2Fetc", "%2e%2e", "nope", "a~..~b"):
         cases.append(("GET", f"/voidprompt/v1/studies/{study}/images", {}))
         cases.append(("PUT", f"/voidprompt/v1/studies/{study}/labels/1", {"json": {"label_class": "x"}}))
+        cases.append(("GET", f"/voidprompt/v1/studies/{study}/report", {}))
+        cases.append(("GET", f"/voidprompt/v1/studies/{study}/report/figures/..%2F..%2Fcatalog.sqlite", {}))
     # Options: unknown keys and wrong types.
     cases.append(("POST", "/sdapi/v1/options", {"json": {"no_such_option": 1}}))
     cases.append(("POST", "/sdapi/v1/options", {"json": {"CLIP_stop_at_last_layers": "two"}}))
@@ -334,7 +371,7 @@ def test_progress_and_probe_routes(server) -> None:  # type: ignore[no-untyped-d
             assert r.status_code == 200 and isinstance(r.json(), kind), route
         assert http.get("/sdapi/v1/cmd-flags").json()["api_auth"] is None
         assert {m["name"] for m in http.get("/sdapi/v1/latent-upscale-modes").json()} >= {"Latent"}
-        for route in ("refresh-checkpoints", "refresh-vae", "refresh-embeddings", "skip"):
+        for route in ("refresh-checkpoints", "refresh-vae", "refresh-embeddings", "refresh-loras", "skip"):
             assert http.post(f"/sdapi/v1/{route}").status_code == 200
         tokens = http.post("/voidprompt/v1/tokens", json={"text": "a cat, (blue:1.2) sky"}).json()
         assert tokens["target"] == 75

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv as csv_module
+import io
+from pathlib import Path
+
 import httpx
 
 from voidprompt.lab.catalog import Catalog
@@ -71,3 +75,98 @@ def test_start_and_stop_a_run(study_server, tiny_checkpoint, study_writer) -> No
         study = http.get("/voidprompt/v1/studies/long").json()
         assert study["jobs"] in (0, 240) and study["images"] < 240
         assert http.post("/voidprompt/v1/studies/nope/run").status_code == 404
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.size
+
+
+def test_report_built_served_and_rebuilt_when_out_of_date(study_server) -> None:  # type: ignore[no-untyped-def]
+    base = "/voidprompt/v1/studies/smoke/report"
+    report_dir = study_server.root / "studies" / "runs" / "smoke" / "report"
+    with httpx.Client(base_url=study_server.url, timeout=300) as http:
+        built = http.post(base)
+        assert built.status_code == 200, built.text
+        report = built.json()
+        assert report["study"] == "smoke" and report["built"] is True
+        names = [f["name"] for f in report["figures"]]
+        assert names and all(n.endswith(".png") for n in names)
+        # Exactly the PNG figures the lab wrote, in its folder.
+        assert set(names) == {p.name for p in (report_dir / "figures").glob("*.png")}
+        assert any(f["kind"] != "grid" for f in report["figures"])  # plots, not only grid pages
+        for figure in report["figures"]:
+            png = http.get(figure["url"])
+            assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+            width, height = _png_size(png.content)
+            assert width > 0 and height > 0
+            assert png.content == (report_dir / "figures" / figure["name"]).read_bytes()
+            if figure["svg_url"]:
+                svg = http.get(figure["svg_url"])
+                assert svg.status_code == 200 and b"<svg" in svg.content[:2000]
+        page = http.get(report["html_url"])
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "<html" in page.text[:200]
+        assert {f["name"] for f in report["files"]} >= {"report.html", "images.csv"}
+        csv = http.get(next(f["url"] for f in report["files"] if f["name"] == "images.csv"))
+        assert csv.status_code == 200
+        assert len(list(csv_module.reader(io.StringIO(csv.text)))) == 13  # header + 12 images
+
+        # Nothing changed: the same report comes back without being redrawn.
+        again = http.get(base).json()
+        assert again["built"] is False and again["generated"] == report["generated"]
+        assert again["figures"] == report["figures"]
+
+        _no_escape(http, study_server.root, base, report_dir)
+
+        # A new label makes it out of date; the next visit rebuilds it.
+        images = http.get("/voidprompt/v1/studies/smoke/images").json()["images"]
+        target = images[0]
+        previous = (target["labels"].get("human") or {}).get("label_class")
+        choice = "Legit human" if previous != "Legit human" else "Pattern"
+        url = f"/voidprompt/v1/studies/smoke/labels/{target['id']}"
+        assert http.put(url, json={"label_class": choice}).is_success
+        try:
+            assert http.get(base).json()["built"] is True
+            assert http.get(base).json()["built"] is False
+        finally:
+            http.put(url, json={"label_class": previous})
+
+
+def _no_escape(http: httpx.Client, root: Path, base: str, report_dir: Path) -> None:
+    """Report files cannot be used to read anything outside the report folder."""
+    # A link placed in the figures folder that points out of it is not served.
+    link = report_dir / "figures" / "outside.png"
+    link.unlink(missing_ok=True)
+    link.symlink_to(root / "studies" / "runs" / "smoke" / "catalog.sqlite")
+    try:
+        for path in (
+            f"{base}/figures/outside.png",
+            f"{base}/figures/..%2F..%2Fcatalog.sqlite",
+            f"{base}/figures/%2E%2E",
+            f"{base}/..%2Fcatalog.sqlite",
+            f"{base}/%2e%2e%2f%2e%2e%2fsmoke.toml",
+            f"{base}/.voidprompt-server-report.json",  # the server's own stamp stays private
+            f"{base}/figures/nope.png",
+            f"{base}/figures",
+            "/voidprompt/v1/studies/nope/report",
+            "/voidprompt/v1/studies/nope/report/report.html",
+            "/voidprompt/v1/studies/..%2F..%2Fetc/report",
+        ):
+            r = http.get(path)
+            assert r.status_code == 404, (path, r.status_code, r.text[:200])
+            assert "SQLite" not in r.text and "[study]" not in r.text
+    finally:
+        link.unlink()
+    assert http.get(f"{base}/report.html").status_code == 200
+
+
+def test_report_of_a_study_without_images_is_a_clear_error(study_server, study_writer) -> None:  # type: ignore[no-untyped-def]
+    study_writer(study_server.root / "studies", None, name="unrun", seeds=1)
+    with httpx.Client(base_url=study_server.url, timeout=60) as http:
+        assert http.get("/voidprompt/v1/studies").status_code == 200
+        r = http.get("/voidprompt/v1/studies/unrun/report")
+        assert r.status_code == 404 and "start a run first" in r.json()["detail"]

@@ -52,8 +52,15 @@ from voidprompt.server.generation import (
     processed_info,
 )
 from voidprompt.server.limits import BodySizeLimitMiddleware, LimitError, Limits
+from voidprompt.server.networks import NetworkFolders, checkpoint_text_width
 from voidprompt.server.queue import GenerationQueue, QueueFullError
-from voidprompt.server.studies import CatalogBusyError, StudyRegistry, human_labeled, image_record
+from voidprompt.server.studies import (
+    CatalogBusyError,
+    ReportUnavailableError,
+    StudyRegistry,
+    human_labeled,
+    image_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,10 @@ class ServerConfig:
     ckpt_dirs: list[Path] = field(default_factory=lambda: [Path("models/Stable-diffusion")])
     extra_checkpoints: list[Path] = field(default_factory=list)
     vae_dirs: list[Path] = field(default_factory=lambda: [Path("models/VAE")])
+    # A1111's default folders (--lora-dir, --embeddings-dir, --hypernetwork-dir); None: no folder.
+    lora_dir: Path | None = Path("models/Lora")
+    embeddings_dir: Path | None = Path("embeddings")
+    hypernetwork_dir: Path | None = Path("models/hypernetworks")
     default_model: str | None = None
     studies_dir: Path | None = None
     outdir: Path | None = None
@@ -86,6 +97,8 @@ def _status_for(error: Exception) -> int:
         return 413
     if isinstance(error, NotFoundError):
         return 404
+    if isinstance(error, ReportUnavailableError):
+        return 501
     if isinstance(error, CatalogBusyError | QueueFullError):
         return 409 if isinstance(error, CatalogBusyError) else 503
     if isinstance(error, ModelLoadError):
@@ -102,6 +115,7 @@ def _error_response(status: int, error: Exception) -> JSONResponse:
         409: "Conflict",
         413: "PayloadTooLarge",
         422: "Unprocessable",
+        501: "NotImplemented",
         503: "ServiceUnavailable",
     }.get(status, type(error).__name__)
     # A1111's shape for errors raised in its API handlers; "detail" also satisfies FastAPI clients.
@@ -119,11 +133,16 @@ class App:
         self.queue = GenerationQueue(max_queued=config.limits.max_queued)
         self.registry = ModelRegistry(config.ckpt_dirs, config.extra_checkpoints, config.vae_dirs)
         self.registry.refresh()
-        self.host = ModelHost(self.registry, self.options, self.queue.state, device=config.device)
+        self.networks = NetworkFolders(config.lora_dir, config.embeddings_dir, config.hypernetwork_dir)
+        self.networks.refresh()
+        self.host = ModelHost(
+            self.registry, self.options, self.queue.state, device=config.device, networks=self.networks
+        )
         if config.default_model:
             self.host.select(config.default_model)
         self.studies = StudyRegistry(config.studies_dir)
         self._tokenizer: Any = None
+        self._widths: dict[tuple[str, int, int], int | None] = {}
 
     def tokenizer(self) -> Any:
         if self.host.engine is not None:
@@ -133,6 +152,24 @@ class App:
 
             self._tokenizer = load_clip_tokenizer()
         return self._tokenizer
+
+    def text_width(self) -> int | None:
+        """The current model's text-encoder width (None when there is no checkpoint): from the
+        model in memory, else from the selected checkpoint's tensor shapes (header only)."""
+        selected = self.host.selected
+        engine, loaded = self.host.engine, self.host.loaded
+        if engine is not None and loaded is not None and (selected is None or loaded[0] is selected):
+            return int(engine.encoder.width)
+        if selected is None:
+            return None
+        try:
+            stat = selected.path.stat()
+        except OSError:
+            return None
+        key = (str(selected.path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._widths:
+            self._widths[key] = checkpoint_text_width(selected.path)
+        return self._widths[key]
 
     def options_dict(self) -> dict[str, Any]:
         values: dict[str, Any] = self.options.snapshot()
@@ -331,6 +368,9 @@ def _sdapi_routes(app: FastAPI, state: App) -> None:
             "port": c.port,
             "ckpt_dir": [str(p) for p in c.ckpt_dirs],
             "vae_dir": [str(p) for p in c.vae_dirs],
+            "lora_dir": str(c.lora_dir) if c.lora_dir else None,
+            "embeddings_dir": str(c.embeddings_dir) if c.embeddings_dir else None,
+            "hypernetwork_dir": str(c.hypernetwork_dir) if c.hypernetwork_dir else None,
             "api": True,
             "nowebui": not c.ui,
             "api_auth": "***" if c.credentials else None,
@@ -406,20 +446,34 @@ def _sdapi_routes(app: FastAPI, state: App) -> None:
         state.registry.refresh_vaes()
 
     @app.post(f"{prefix}/refresh-embeddings", tags=tags)
-    def refresh_embeddings() -> None:
-        return None  # embeddings load with the model; nothing is cached between loads
+    async def refresh_embeddings() -> None:
+        await run_in_threadpool(state.networks.refresh_embeddings)
+        # The model in memory gets the new files too; on the worker, so no generation sees half of it.
+        await state.queue.run("refresh-embeddings", state.host.reload_embeddings)
 
     @app.get(f"{prefix}/embeddings", tags=tags, response_model=m.EmbeddingsResponse)
     def embeddings() -> m.EmbeddingsResponse:
-        return m.EmbeddingsResponse(loaded={}, skipped={})
+        # A1111: "loaded" fit the current model's text encoder width, "skipped" do not.
+        loaded, skipped = state.networks.embeddings_by_fit(state.text_width())
+        return m.EmbeddingsResponse(
+            loaded={name: m.EmbeddingItem(**info.api()) for name, info in loaded.items()},
+            skipped={name: m.EmbeddingItem(**info.api()) for name, info in skipped.items()},
+        )
 
-    @app.get(f"{prefix}/loras", tags=tags)
-    def loras() -> list[dict[str, Any]]:
-        return []
+    @app.post(f"{prefix}/refresh-loras", tags=tags)
+    def refresh_loras() -> None:
+        state.networks.refresh_loras()
 
-    @app.get(f"{prefix}/hypernetworks", tags=tags)
-    def hypernetworks() -> list[dict[str, Any]]:
-        return []
+    @app.get(f"{prefix}/loras", tags=tags, response_model=list[m.LoraItem])
+    def loras() -> list[m.LoraItem]:
+        return [
+            m.LoraItem(name=e.name, alias=e.alias, path=str(e.path), metadata=e.metadata)
+            for e in state.networks.loras
+        ]
+
+    @app.get(f"{prefix}/hypernetworks", tags=tags, response_model=list[m.HypernetworkItem])
+    def hypernetworks() -> list[m.HypernetworkItem]:
+        return [m.HypernetworkItem(name=e.name, path=str(e.path)) for e in state.networks.hypernetworks()]
 
     @app.get(f"{prefix}/prompt-styles", tags=tags, response_model=list[m.PromptStyleItem])
     def prompt_styles() -> list[m.PromptStyleItem]:
@@ -646,6 +700,59 @@ def _voidprompt_routes(app: FastAPI, state: App) -> None:
             raise InvalidRequestError("source: 1 to 64 characters, e.g. human")
         state.studies.set_label(entry, image_id, body.label_class, body.tags, body.source)
         return m.LabelValue(label_class=body.label_class, tags=body.tags)
+
+    def report_response(study_id: str, stamp: dict[str, Any]) -> m.ReportResponse:
+        base = f"{prefix}/studies/{study_id}/report"
+        names = list(stamp["figures"])
+        figures = []
+        for name in names:
+            if not name.lower().endswith(".png"):
+                continue
+            stem = name[: -len(".png")]
+            kind = next((k for k in ("grid", "plot", "outcomes") if stem.startswith(k + "-")), "figure")
+            svg = f"{stem}.svg"
+            figures.append(
+                m.ReportFigure(
+                    name=name,
+                    kind=kind,
+                    url=f"{base}/figures/{name}",
+                    svg_url=f"{base}/figures/{svg}" if svg in names else None,
+                )
+            )
+        files = [m.ReportFile(name=name, url=f"{base}/{name}") for name in stamp["files"]]
+        html = next((f.url for f in files if f.name.endswith(".html")), None)
+        return m.ReportResponse(
+            study=study_id,
+            generated=str(stamp.get("generated", "")),
+            built=bool(stamp.get("built")),
+            html_url=html,
+            figures=figures,
+            files=files,
+        )
+
+    @app.get(f"{prefix}/studies/{{study_id}}/report", tags=tags, response_model=m.ReportResponse)
+    def study_report(
+        study_id: str, rebuild: bool = Query(False, description="build it again even if up to date")
+    ) -> m.ReportResponse:
+        """The lab's report of a study (figures, report.html, CSVs); built first when missing or
+        older than the catalog's images, measures and labels."""
+        entry = state.studies.get(study_id)
+        return report_response(study_id, state.studies.report(entry, rebuild=rebuild))
+
+    @app.post(f"{prefix}/studies/{{study_id}}/report", tags=tags, response_model=m.ReportResponse)
+    def rebuild_study_report(study_id: str) -> m.ReportResponse:
+        entry = state.studies.get(study_id)
+        return report_response(study_id, state.studies.report(entry, rebuild=True))
+
+    @app.get(f"{prefix}/studies/{{study_id}}/report/figures/{{name}}", tags=tags, response_class=FileResponse)
+    def study_report_figure(study_id: str, name: str) -> FileResponse:
+        entry = state.studies.get(study_id)
+        return FileResponse(state.studies.report_file(entry, name, figure=True))
+
+    @app.get(f"{prefix}/studies/{{study_id}}/report/{{name}}", tags=tags, response_class=FileResponse)
+    def study_report_file(study_id: str, name: str) -> FileResponse:
+        entry = state.studies.get(study_id)
+        return FileResponse(state.studies.report_file(entry, name, figure=False))
 
     @app.get(f"{prefix}/studies/{{study_id}}/run", tags=tags, response_model=m.RunStatus)
     def run_status(study_id: str) -> m.RunStatus:

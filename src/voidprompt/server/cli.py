@@ -38,6 +38,21 @@ def _parser() -> argparse.ArgumentParser:
         "--vae-dir", type=Path, action="append", help="VAE folder (repeatable; default models/VAE)"
     )
     p.add_argument(
+        "--lora-dir", type=Path, default=Path("models/Lora"), help="LoRA folder (default models/Lora)"
+    )
+    p.add_argument(
+        "--embeddings-dir",
+        type=Path,
+        default=Path("embeddings"),
+        help="textual-inversion embeddings folder (default embeddings)",
+    )
+    p.add_argument(
+        "--hypernetwork-dir",
+        type=Path,
+        default=Path("models/hypernetworks"),
+        help="hypernetwork folder (default models/hypernetworks)",
+    )
+    p.add_argument(
         "--model", help="checkpoint to use first (title, file name or hash); default the miniature model"
     )
     p.add_argument("--no-miniature", action="store_true", help="do not offer the shipped miniature model")
@@ -101,6 +116,9 @@ def build_config(args: argparse.Namespace) -> object:
         ckpt_dirs=args.ckpt_dir or [Path("models/Stable-diffusion")],
         extra_checkpoints=extra,
         vae_dirs=args.vae_dir or [Path("models/VAE")],
+        lora_dir=args.lora_dir,
+        embeddings_dir=args.embeddings_dir,
+        hypernetwork_dir=args.hypernetwork_dir,
         default_model=default_model,
         studies_dir=args.studies_dir,
         outdir=args.outdir,

@@ -46,6 +46,7 @@ from voidprompt.sampling.rng import fixed_seed
 from voidprompt.server.checkpoints import CheckpointEntry, ModelRegistry, NotFoundError, VaeEntry
 from voidprompt.server.limits import LimitError, Limits
 from voidprompt.server.models import Img2ImgRequest, Txt2ImgRequest
+from voidprompt.server.networks import NetworkFolders
 from voidprompt.server.queue import State
 
 log = logging.getLogger(__name__)
@@ -424,17 +425,37 @@ class ModelHost:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         engine_factory: Callable[[Any], Engine] | None = None,
+        networks: NetworkFolders | None = None,
     ) -> None:
         self.registry = registry
         self.options = options
         self.state = state
         self.device = device
         self.dtype = dtype
-        self.engine_factory = engine_factory or (lambda components: Engine(components))
+        self.networks = networks or NetworkFolders()
+        self.engine_factory = engine_factory or self.make_engine
         self.selected: CheckpointEntry | None = registry.checkpoints[0] if registry.checkpoints else None
         self.selected_vae: str = "Automatic"
         self.loaded: tuple[CheckpointEntry, VaeEntry | None] | None = None
         self.engine: Engine | None = None
+
+    def make_engine(self, components: Any) -> Engine:
+        """An Engine over ``components`` with the server's embeddings, LoRA and hypernetwork folders."""
+        width = int(components.text_encoder.config.hidden_size)
+        networks = self.networks
+        return Engine(
+            components,
+            embeddings=networks.embedding_database(components.tokenizer, width),
+            lora_dir=networks.lora_dir,
+            hypernet_dir=networks.hypernetwork_dir,
+        )
+
+    def reload_embeddings(self) -> None:
+        """Give the model in memory the embeddings now on disk (run on the queue's worker)."""
+        engine = self.engine
+        if engine is not None:
+            width = engine.encoder.width
+            engine.encoder.embeddings = self.networks.embedding_database(engine.components.tokenizer, width)
 
     def select(self, name: str) -> CheckpointEntry:
         """Pick the checkpoint by an A1111 alias (raises NotFoundError listing the titles)."""

@@ -195,6 +195,20 @@ class EmbeddingsResponse(BaseModel):
     skipped: dict[str, EmbeddingItem]
 
 
+class LoraItem(BaseModel):
+    name: str
+    alias: str = Field(description="the metadata's ss_output_name, else the name")
+    path: str
+    metadata: dict[str, Any] = Field(
+        description="the safetensors header's __metadata__ (JSON values decoded)"
+    )
+
+
+class HypernetworkItem(BaseModel):
+    name: str
+    path: str
+
+
 class ScriptsList(BaseModel):
     txt2img: list[str] = Field(default_factory=list)
     img2img: list[str] = Field(default_factory=list)
@@ -284,6 +298,27 @@ class StudyImageDetail(StudyImage):
     infotext: str
     settings: dict[str, Any]
     measures: Mapping[str, float | None]
+
+
+class ReportFigure(BaseModel):
+    name: str
+    kind: str = Field(description="grid (image grid page), plot (measures by axis), outcomes, or figure")
+    url: str
+    svg_url: str | None = None
+
+
+class ReportFile(BaseModel):
+    name: str
+    url: str
+
+
+class ReportResponse(BaseModel):
+    study: str
+    generated: str = Field(description="when the report was built (UTC, ISO 8601)")
+    built: bool = Field(description="true when this request built it (it was missing or out of date)")
+    html_url: str | None = Field(description="the lab's self-contained report.html")
+    figures: list[ReportFigure] = Field(description="PNG figures in report order; SVG beside each plot")
+    files: list[ReportFile] = Field(description="report.html and the CSV / Parquet exports")
 
 
 class RunStatus(BaseModel):

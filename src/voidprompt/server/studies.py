@@ -13,10 +13,19 @@ catalog's writer lock; label writes then answer 409 until it finishes.
 
 Runs are ``voidprompt study run`` in a child process: the lab runner is resumable, so stopping is
 a plain SIGINT/terminate, and a crash of the run cannot take the server down.
+
+Reports are the lab's (:func:`voidprompt.lab.report.build_report`), written to its default place,
+``report/`` beside the catalog. A stamp file there records a fingerprint of what the report was made
+from (the study TOML, every image's hash, measures and labels, the voidprompt version); the report
+is rebuilt when the fingerprint changes, so a new label or image shows in the plots on the next
+visit and an unchanged study is not redrawn. Report files are served only by name from that
+folder's own listing, never by joining a client's text onto a path.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -26,13 +35,15 @@ import threading
 import tomllib
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from voidprompt import __version__
 from voidprompt.errors import StudyError
 from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.labels import HUMAN, effective_label, label_scheme
-from voidprompt.lab.study import parse_study
+from voidprompt.lab.study import Study, load_study, parse_study
 from voidprompt.server.checkpoints import NotFoundError
 
 log = logging.getLogger(__name__)
@@ -42,6 +53,13 @@ DEFAULT_CLASSES = ("Pattern", "Object or Scenery", "Malformed human", "Legit hum
 
 class CatalogBusyError(StudyError):
     """Another process (a study run) is writing the catalog."""
+
+
+class ReportUnavailableError(StudyError):
+    """The lab's report needs optional packages that are not installed."""
+
+
+REPORT_STAMP = ".voidprompt-server-report.json"
 
 
 @dataclass
@@ -70,6 +88,9 @@ class StudyRegistry:
         self.entries: dict[str, StudyEntry] = {}
         self.runs: dict[str, RunHandle] = {}
         self._lock = threading.Lock()
+        self._report_locks: dict[str, threading.Lock] = {}
+        # Drawing a report is CPU-heavy (matplotlib): one at a time, whichever the study.
+        self._build_lock = threading.Lock()
         self.refresh()
 
     # ------------------------------------------------------------------------------------ finding
@@ -121,8 +142,7 @@ class StudyRegistry:
         if entry.study_file is not None:
             text = entry.study_file.read_text(encoding="utf-8")
         elif catalog is not None:
-            row = catalog._db.execute("SELECT toml FROM study ORDER BY id DESC LIMIT 1").fetchone()
-            text = row[0] if row else None
+            text = _catalog_toml(catalog)
         if text is None:
             return DEFAULT_CLASSES, []
         try:
@@ -177,6 +197,87 @@ class StudyRegistry:
         path = (base / row[0]).resolve()
         if not path.is_relative_to(folder.resolve()) or not path.is_file():
             raise NotFoundError(f"image {image_id}: its file is missing from {folder}")
+        return path
+
+    # ------------------------------------------------------------------------------------ reports
+
+    def report_dir(self, entry: StudyEntry) -> Path:
+        return entry.catalog_path().parent / "report"
+
+    def study_of(self, entry: StudyEntry) -> Study:
+        """The study as the lab reads it: its file, else the TOML its catalog recorded."""
+        if entry.study_file is not None:
+            return load_study(entry.study_file)
+        with self.open_readonly(entry) as catalog:
+            text = _catalog_toml(catalog)
+        if text is None:
+            raise StudyError(f"study {entry.id!r}: its catalog records no study file; no report can be made")
+        return parse_study(text, entry.catalog_path().with_name("study.toml"))
+
+    def report_fingerprint(self, entry: StudyEntry, study: Study) -> str:
+        """A hash of everything a report is made from (see the module docstring)."""
+        with self.open_readonly(entry) as catalog:
+            images = [(row["id"], row["sha256"], row["axis_values"]) for row in catalog.images()]
+            measures = sorted((k, sorted(v.items())) for k, v in catalog.all_measures().items())
+            labels = sorted((k, sorted(v.items())) for k, v in catalog.all_labels().items())
+        payload = [__version__, study.toml_text, images, measures, labels]
+        text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def report(self, entry: StudyEntry, *, rebuild: bool = False) -> dict[str, Any]:
+        """The study's report stamp ({fingerprint, generated, built, figures, files}), building the
+        report first when it is missing, out of date, or ``rebuild`` is asked for."""
+        with self._lock:
+            lock = self._report_locks.setdefault(entry.id, threading.Lock())
+        with lock:
+            study = self.study_of(entry)
+            fingerprint = self.report_fingerprint(entry, study)
+            out = self.report_dir(entry)
+            stamp = _read_stamp(out / REPORT_STAMP)
+            current = (
+                stamp is not None
+                and stamp.get("fingerprint") == fingerprint
+                and all((out / "figures" / name).is_file() for name in stamp.get("figures", []))
+                and all((out / name).is_file() for name in stamp.get("files", []))
+            )
+            if current and not rebuild:
+                assert stamp is not None
+                return {**stamp, "built": False}
+            try:
+                from voidprompt.lab.report import build_report
+            except ImportError as error:
+                raise ReportUnavailableError(
+                    f"study reports need the lab extras ({error.name} is missing): "
+                    "pip install 'voidprompt[lab]'"
+                ) from None
+            with self._build_lock:
+                result = build_report(study, catalog_path=entry.catalog_path(), out_dir=out)
+            figures_dir = out / "figures"
+            files = [result.html, *result.csvs, *([result.parquet] if result.parquet else [])]
+            stamp = {
+                "fingerprint": fingerprint,
+                "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+                "figures": [p.name for p in result.figures if p.parent == figures_dir],
+                "files": [p.name for p in files if p.parent == out],
+            }
+            _write_stamp(out / REPORT_STAMP, stamp)
+            return {**stamp, "built": True}
+
+    def report_file(self, entry: StudyEntry, name: str, *, figure: bool) -> Path:
+        """A file of the study's report folder (``figure``: of its figures folder), by name."""
+        out = self.report_dir(entry)
+        folder = out / "figures" if figure else out
+        where = "report figure" if figure else "report file"
+        try:
+            listing = {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+        except OSError:
+            listing = {}
+        path = listing.get(name)
+        if path is None or not path.resolve().is_relative_to(folder.resolve()):
+            raise NotFoundError(
+                f"study {entry.id!r} has no {where} {name!r}; GET /voidprompt/v1/studies/{entry.id}/report "
+                "lists them (and builds the report)"
+            )
         return path
 
     # ------------------------------------------------------------------------------------ writing
@@ -264,6 +365,31 @@ def _pump(stream: IO[str] | None, sink: deque[str]) -> None:
         return
     for line in stream:
         sink.append(line.rstrip("\n"))
+
+
+def _catalog_toml(catalog: Catalog) -> str | None:
+    row = catalog._db.execute("SELECT toml FROM study ORDER BY id DESC LIMIT 1").fetchone()
+    return str(row[0]) if row else None
+
+
+def _read_stamp(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    for key in ("figures", "files"):
+        names = data.get(key)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return None
+    return data
+
+
+def _write_stamp(path: Path, stamp: dict[str, Any]) -> None:
+    temp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    temp.write_text(json.dumps(stamp, indent=1), encoding="utf-8")
+    os.replace(temp, path)
 
 
 def human_labeled(catalog: Catalog) -> int:

@@ -214,7 +214,38 @@ async function loadStudyGrid(resetAxes = false) {
     buildFilters(axes);
   }
   drawGrid();
+  if (resetAxes) loadReport(id, false);
 }
+
+// The lab's report of the study: its plots (measures by axis, outcomes) and image grid pages. The
+// server builds it when it is missing or older than the catalog, so this can take a few seconds.
+let reportRequest = 0;
+async function loadReport(id, rebuild) {
+  const ticket = ++reportRequest;
+  $("#report-status").textContent = rebuild ? "rebuilding the report..." : "loading the report...";
+  $("#report-error").textContent = "";
+  try {
+    const r = await api(rebuild ? "POST" : "GET", `/voidprompt/v1/studies/${encodeURIComponent(id)}/report`);
+    if (ticket !== reportRequest) return;
+    const figure = (f) => el("figure", { class: `report-figure ${f.kind}` },
+      el("img", { src: f.url, alt: f.name }),
+      el("figcaption", {}, f.name, ...(f.svg_url ? [" \u00b7 ", el("a", { href: f.svg_url, target: "_blank" }, "SVG")] : [])));
+    $("#study-plots").replaceChildren(...r.figures.filter((f) => f.kind !== "grid").map(figure));
+    $("#study-report-grids").replaceChildren(...r.figures.filter((f) => f.kind === "grid").map(figure));
+    $("#report-html").hidden = !r.html_url;
+    if (r.html_url) $("#report-html").href = r.html_url;
+    $("#report-status").textContent = `${r.figures.length} figures, built ${r.generated}${r.built ? " (just now)" : ""}`;
+  } catch (err) {
+    if (ticket !== reportRequest) return;
+    $("#study-plots").replaceChildren();
+    $("#study-report-grids").replaceChildren();
+    $("#report-html").hidden = true;
+    $("#report-status").textContent = "";
+    $("#report-error").textContent = err.message;
+  }
+}
+$("#report-rebuild").addEventListener("click", () => { const id = $("#study-select").value; if (id) loadReport(id, true); });
+
 function buildFilters(axes) {
   const box = $("#study-filters");
   box.replaceChildren(...axes.map((a) => {
