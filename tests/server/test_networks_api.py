@@ -235,7 +235,8 @@ def test_embeddings_fit_the_current_model(tmp_path: Path, tiny_checkpoint: Path,
     make_config, start_server = server_tools
     root = tmp_path / "bare"
     (root / "embeddings").mkdir(parents=True)
-    save_file({"emb_params": torch.zeros(1, TINY_WIDTH)}, str(root / "embeddings" / "narrow.safetensors"))
+    # Embedding suffixes match in any case, as the engine's embedding loader matches them.
+    save_file({"emb_params": torch.zeros(1, TINY_WIDTH)}, str(root / "embeddings" / "narrow.SAFETENSORS"))
     save_file({"emb_params": torch.zeros(2, 768)}, str(root / "embeddings" / "wide.safetensors"))
     for running in start_server(make_config(root, None)):
         data = httpx.get(f"{running.url}/sdapi/v1/embeddings").json()

@@ -84,14 +84,18 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def scan_named_files(folder: Path | None, suffixes: Sequence[str]) -> list[tuple[str, Path]]:
+def scan_named_files(
+    folder: Path | None, suffixes: Sequence[str], *, ignore_case: bool = False
+) -> list[tuple[str, Path]]:
     """``(stem, path)`` per name under ``folder``, the file picked as ``find_network_file`` picks it;
-    sorted by name (case-insensitive, as A1111 lists them)."""
+    sorted by name (case-insensitive, as A1111 lists them). Suffixes match exactly, as the engine's
+    network lookup does, or in any case with ``ignore_case`` (as its embedding loader does)."""
     if folder is None or not folder.is_dir():
         return []
     candidates: dict[str, tuple[tuple[int, int, int], Path]] = {}
     for order, path in enumerate(sorted(folder.rglob("*"))):
-        suffix = next((s for s in suffixes if path.name.endswith(s)), None)
+        file_name = path.name.lower() if ignore_case else path.name
+        suffix = next((s for s in suffixes if file_name.endswith(s)), None)
         if suffix is None or not path.is_file():
             continue
         if not _inside(path, folder):
@@ -300,7 +304,7 @@ class NetworkFolders:
         infos: list[EmbeddingInfo] = []
         paths: list[Path] = []
         cache: dict[tuple[str, int, int], EmbeddingInfo | None] = {}
-        for name, path in scan_named_files(self.embeddings_dir, EMBEDDING_SUFFIXES):
+        for name, path in scan_named_files(self.embeddings_dir, EMBEDDING_SUFFIXES, ignore_case=True):
             try:
                 key = _file_key(path)
             except OSError:
