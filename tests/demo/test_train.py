@@ -118,3 +118,49 @@ def test_resume_refuses_a_fresh_start_over_a_run_and_continues_it(tiny_run: tupl
     assert any(s.startswith("diffusion 3/3") or "step 3" in s for s in lines)
     with pytest.raises(TrainError, match="seed"):
         train(TrainConfig(**{**config.__dict__, "seed": 1}), resume=True, log_fn=lambda _: None)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_decoder_phase_changes_only_the_decoder_and_is_independent_of_the_diffusion_phase(
+    tmp_path: Path,
+) -> None:
+    """Phase 4 may run beside phase 3 on a copy of the run: the merged result is bit-identical to one
+    sequential run, and the fine-tune touches no key outside the VAE decoder."""
+    import shutil
+
+    quiet = lambda _: None  # noqa: E731
+    base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_batch=4,
+                checkpoint_minutes=1000.0, partial_captions_from=1)
+    sequential = train(TrainConfig(out_dir=tmp_path / "seq", diffusion_steps=2, decoder_steps=2, **base),
+                       log_fn=quiet)  # type: ignore[arg-type]
+
+    # Phases 1-2 only, then two copies: diffusion in one, the decoder in the other.
+    first = tmp_path / "a"
+    train(TrainConfig(out_dir=first, diffusion_steps=0, decoder_steps=0, **base), log_fn=quiet)  # type: ignore[arg-type]
+    no_decoder = _tensors(first / "model.safetensors")
+    shutil.copytree(first, tmp_path / "b")
+    train(TrainConfig(out_dir=tmp_path / "b", diffusion_steps=0, decoder_steps=2, **base), resume=True,
+          log_fn=quiet)  # type: ignore[arg-type]
+    train(TrainConfig(out_dir=first, diffusion_steps=2, decoder_steps=0, **base), resume=True, log_fn=quiet)  # type: ignore[arg-type]
+    shutil.copy(tmp_path / "b" / "decoder.pt", first / "decoder.pt")
+    merged = train(TrainConfig(out_dir=first, diffusion_steps=2, decoder_steps=2, **base), resume=True,
+                   log_fn=quiet)  # type: ignore[arg-type]
+
+    seq, mer = _tensors(sequential), _tensors(merged)
+    decoder_only = _tensors(tmp_path / "b" / "model.safetensors")
+    assert seq.keys() == mer.keys()
+    assert all(torch.equal(seq[k], mer[k]) for k in seq)
+    changed = {k for k in no_decoder if not torch.equal(no_decoder[k], decoder_only[k])}
+    assert changed and all(k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))
+                           for k in changed)
+    assert any(k.startswith("first_stage_model.decoder.up.") for k in changed)
+
+
+def test_tag_keep_prob_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="tag_keep_prob"):
+        TrainConfig(out_dir=tmp_path, tag_keep_prob=0.0)

@@ -1,6 +1,6 @@
 """Train the miniature model: a narrow SD1.x (CLIP text encoder, cross-attention UNet, KL VAE f=8).
 
-One command, ``voidprompt demo train``, runs three phases and can stop and resume at any point:
+One command, ``voidprompt demo train``, runs four phases and can stop and resume at any point:
 
 1. ``vae``: the KL autoencoder on world pictures (L1 + L2 + a light edge term + a small KL). The
    pictures are drawn once by :func:`voidprompt.demo.world.make_dataset` and cached; the VAE trains
@@ -14,6 +14,15 @@ One command, ``voidprompt demo train``, runs three phases and can stop and resum
    order is arbitrary), 10 % of captions dropped to "" so CFG has its unconditional prediction.
    The UNet is conditioned on the *penultimate* text-encoder layer through the final LayerNorm, as
    NovelAI did: Clip skip 2 is this model's native setting. An EMA of both is what gets exported.
+   From ``partial_captions_from`` on, every tag of a caption is kept with probability
+   ``tag_keep_prob`` (at least one is kept): with whole captions only, the model never sees a short
+   prompt such as ``red circle`` and follows one poorly (measured: 19 % adherence at CFG 7).
+4. ``decoder``: the VAE decoder alone is fine-tuned on the cached latents (the encoder, and so the
+   latent space the UNet learnt, stay fixed - as Stability's ft-MSE VAE did for SD1). The joint VAE
+   phase ends with a blurry decoder (shapes' corners lost); the latents carry far more than it shows
+   (posterior std 0.08 against a latent std of 4.2). This phase has its own RNG and its own state
+   file (``decoder.pt``) and depends only on phases 1-2, so its result does not depend on whether it
+   runs before, after or beside phase 3 (two processes, one core each, on copies of the run).
 
 The final LayerNorm's bias is frozen at a vector with mean 0.5. A1111's emphasis ("Original") scales
 the conditioning back to its old mean (``z * mean_before / mean_after``); an output whose mean is near
@@ -126,7 +135,14 @@ class TrainConfig:
     ema_decay: float = 0.995
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023): faster convergence
     caption_dropout: float = 0.1
+    partial_captions_from: int = 6318  # diffusion step from which tags are dropped one by one
+    tag_keep_prob: float = 0.5
     grad_clip: float = 1.0
+    # Decoder fine-tune phase (encoder frozen, on the cached latents, whole pictures).
+    decoder_steps: int = 0
+    decoder_batch: int = 16
+    decoder_lr: float = 2e-4
+    decoder_ema: float = 0.998
     # Run control.
     threads: int = 2
     checkpoint_minutes: float = 4.0
@@ -142,6 +158,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise TrainError(f"caption_dropout={self.caption_dropout}: must be within 0..1")
+        if not 0.0 < self.tag_keep_prob <= 1.0:
+            raise TrainError(f"tag_keep_prob={self.tag_keep_prob}: must be within (0, 1]")
 
     def describe(self) -> dict[str, Any]:
         d = asdict(self)
@@ -254,7 +272,7 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _State:
-    phase: str = "vae"  # vae -> latents -> diffusion -> done
+    phase: str = "vae"  # vae -> latents -> diffusion -> decoder -> done
     step: int = 0
     scaling_factor: float = 0.18215
     seconds: dict[str, float] = field(default_factory=dict)
@@ -284,7 +302,7 @@ def _swapped(module: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[No
 
 
 def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], None] = print) -> Path:
-    """Run (or resume) the three phases; returns the path of ``model.safetensors`` in ``out_dir``."""
+    """Run (or resume) the four phases; returns the path of ``model.safetensors`` in ``out_dir``."""
     torch.set_num_threads(config.threads)
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -474,6 +492,9 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
                     rows.append(empty)
                     continue
                 order = torch.randperm(len(tag_tokens[i])).tolist()
+                if state.step >= config.partial_captions_from:
+                    keep = (torch.rand(len(order)) < config.tag_keep_prob).tolist()
+                    order = [k for k, kept in zip(order, keep, strict=True) if kept] or order[:1]
                 shuffled = [tag_tokens[i][k] for k in order]
                 rows.append(encode_tokens(shuffled, tokenizer.bos_id, tokenizer.eos_id, comma))
             ids = torch.tensor(rows, dtype=torch.long)
@@ -501,7 +522,107 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
                 )
             if tick("diffusion", t0):
                 return model_path
-        state.phase = "done"
+        state.phase = "decoder"
         checkpoint()
+
+    # ------------------------------------------------------------------ phase 4: decoder fine-tune
+    if state.phase in ("decoder", "done"):
+        finished = _finetune_decoder(config, vae, images, lat_mean, lat_std, state.scaling_factor,
+                                     deadline, log_fn)
+        state.phase = "done" if finished else "decoder"
+        checkpoint()
+        if not finished:
+            log_fn(f"time cap of {config.minutes} min reached; continue with --resume")
+            return model_path
     log_fn(f"done: {model_path} ({model_path.stat().st_size / 1e6:.1f} MB)")
     return model_path
+
+
+def _finetune_decoder(
+    config: TrainConfig,
+    vae: Any,
+    images: torch.Tensor,
+    lat_mean: torch.Tensor,
+    lat_std: torch.Tensor,
+    scaling_factor: float,
+    deadline: float,
+    log_fn: Callable[[str], None],
+) -> bool:
+    """Phase 4: fine-tune ``vae.decoder`` (and ``post_quant_conv``) on latents sampled from the cached
+    posterior; loads its EMA into ``vae`` when done. Its state (weights, EMA, optimiser, generator,
+    step) lives in ``decoder.pt``, separate from ``state.pt``, so the phase is independent of the
+    diffusion phase. Returns False when the time cap stopped it first (``decoder.pt`` saved)."""
+    path = config.out_dir / "decoder.pt"
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    names = [n for n, _ in vae.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
+    opt = torch.optim.AdamW(params, lr=config.decoder_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(config.seed + 4)
+    step, seconds = 0, 0.0
+    ema = {n: p.detach().clone() for n, p in zip(names, params, strict=True)}
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        with torch.no_grad():
+            for p, n in zip(params, names, strict=True):
+                p.copy_(saved["weights"][n])
+        ema = saved["ema"]
+        opt.load_state_dict(saved["opt"])
+        gen.set_state(saved["generator"])
+        step, seconds = saved["step"], saved["seconds"]
+
+    def save() -> None:
+        weights = {n: p.detach().clone() for n, p in zip(names, params, strict=True)}
+        _atomic_save({"step": step, "seconds": seconds, "weights": weights, "ema": ema,
+                      "opt": opt.state_dict(), "generator": gen.get_state()}, path)
+
+    n = images.shape[0]
+    last_save = time.perf_counter()
+    vae.train()
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        while step < config.decoder_steps:
+            t0 = time.perf_counter()
+            idx = torch.randint(0, n, (config.decoder_batch,), generator=gen)
+            x = _to_unit(images[idx])
+            noise = torch.randn(lat_mean[idx].shape, generator=gen)
+            z = lat_mean[idx] + lat_std[idx] * noise
+            rec = vae.decode(z).sample
+            l1 = (rec - x).abs().mean()
+            edge = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (
+                rec.diff(dim=-2) - x.diff(dim=-2)
+            ).abs().mean()
+            loss = l1 + (rec - x).square().mean() + config.edge_weight * edge
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            step += 1
+            with torch.no_grad():
+                decay = min(config.decoder_ema, (1.0 + step) / (10.0 + step))
+                for p, name in zip(params, names, strict=True):
+                    ema[name].mul_(decay).add_(p, alpha=1.0 - decay)
+            seconds += time.perf_counter() - t0
+            if step % 25 == 0 or step == 1:
+                log_fn(f"decoder {step}/{config.decoder_steps} l1 {l1.item():.4f} edge {edge.item():.4f} "
+                       f"({time.perf_counter() - t0:.2f} s/step)")
+            now = time.perf_counter()
+            if now >= deadline:
+                save()
+                return False
+            if now - last_save >= config.checkpoint_minutes * 60.0:
+                save()
+                last_save = now
+        if config.decoder_steps:
+            save()
+    finally:
+        for p in vae.parameters():
+            p.requires_grad_(True)
+        vae.eval()
+    if step:
+        with torch.no_grad():
+            for p, name in zip(params, names, strict=True):
+                p.copy_(ema[name])
+    log_fn(f"decoder: {step} fine-tune steps ({seconds:.0f} s)")
+    return True
