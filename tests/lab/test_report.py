@@ -11,7 +11,7 @@ from lab_helpers import study_text
 from voidprompt.errors import StudyError
 from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.labels import DEFAULT_CLASSES, export_labels, import_labels, label_scheme
-from voidprompt.lab.report import build_report
+from voidprompt.lab.report import build_report, report_options
 from voidprompt.lab.run import run_study
 from voidprompt.lab.stats import wilson_interval
 from voidprompt.lab.study import Study, parse_study
@@ -96,8 +96,33 @@ def test_report_option_errors(ran: Study) -> None:
     bad = parse_study(
         ran.toml_text.replace("base = 16", 'base = 16\ngrid = { x = "nope", y = "W" }'), ran.path
     )
-    with pytest.raises(StudyError, match="grid = 'nope': not a column"):
+    with pytest.raises(StudyError, match="grid #1 x = 'nope': not a column"):
         build_report(bad, catalog_path=_catalog(ran))
+    for grid in ('{ x = "size", y = "seed", rows = 0 }', '{ x = "size", y = "seed", colour = 1 }', '"size"'):
+        text = ran.toml_text.replace("base = 16", f"base = 16\ngrid = {grid}")
+        with pytest.raises(StudyError, match="grid: write grid = "):
+            report_options(parse_study(text, ran.path))
+
+
+def test_grid_pages_and_list_selections(ran: Study, tmp_path: Path) -> None:
+    def grids(spec: str) -> list[str]:
+        study = parse_study(ran.toml_text.replace("base = 16", f"base = 16\ngrid = {spec}"), ran.path)
+        result = build_report(study, catalog_path=_catalog(ran), out_dir=tmp_path / "r")
+        page = result.html.read_text()
+        names = sorted(p.name for p in (tmp_path / "r" / "figures").glob("grid-*.png"))
+        assert len(names) == len(re.findall(r"<img alt='grid \d+", page))
+        return re.findall(r"<figcaption>size × seed: ([^<]+)</figcaption>", page)
+
+    # 3 seeds, 2 per page, one grid per W value: 2 pages each.
+    assert grids('[{ x = "size", y = "seed", rows = 2 }]') == [
+        "W=1.0 (seed 1-2 of 3)", "W=1.0 (seed 3-3 of 3)", "W=1.5 (seed 1-2 of 3)", "W=1.5 (seed 3-3 of 3)"
+    ]  # fmt: skip
+    # pages = 1 keeps the first page of each; a where list selects any of its values.
+    assert grids('[{ x = "size", y = "seed", rows = 2, pages = 1, where = { W = [1.5, 9.0] } }]') == [
+        "W=[1.5, 9.0] (seed 1-2 of 3)"
+    ]
+    # The earlier report's extra grid pages were removed, not left beside the new one.
+    assert len(list((tmp_path / "r" / "figures").glob("grid-*.png"))) == 1
 
 
 @pytest.mark.skipif(not chromium_available(), reason="chromium / chromium-driver / selenium not installed")

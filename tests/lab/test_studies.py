@@ -1,45 +1,253 @@
-"""The shipped study files: the demo study's design, and its report on a tiny checkpoint."""
+"""The shipped study files: the demo study's design, and its report checked against the catalog.
 
+The report's numbers are recomputed here from the catalog with independent tools (scipy's t
+interval, ``linregress`` and Wilson interval; the detector called directly on the saved PNGs), and
+its figures are checked to exist as PNG (embedded) and SVG (linked) files.
+"""
+
+import html
+import math
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
+from scipy import stats
 
+from voidprompt import __version__
+from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.labels import WORLD_CLASSES, label_scheme
-from voidprompt.lab.report import build_report, report_options
-from voidprompt.lab.run import run_study
-from voidprompt.lab.study import load_study, parse_study
+from voidprompt.lab.report import ReportResult, build_report, report_options
+from voidprompt.lab.run import run_options, run_study
+from voidprompt.lab.sizes import aspect512
+from voidprompt.lab.study import Study, load_study, parse_study
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
+NOVELAI = [
+    "lowres", "bad anatomy", "bad hands", "text", "error", "missing fingers", "extra digit", "fewer digits",
+    "cropped", "worst quality", "low quality", "normal quality", "jpeg artifacts", "signature", "watermark",
+    "username", "blurry", "artist name",
+]  # fmt: skip
+AREAS = (0.5, 1, 1.5, 2, 3, 4)
+ASPECTS = ((1, 4), (1, 2), (2, 1), (4, 1))
+W_VALUES = (0.8, 0.9, 1.0, 1.1, 1.3, 1.6, 2.0)
+CFG_VALUES = (2.0, 4.0, 7.0, 10.0, 14.0, 20.0)
 
 
 def test_pure_negative_design() -> None:
     study = load_study(STUDIES / "pure-negative.toml")
     jobs = study.expand()
-    assert len(jobs) == 170
-    sizes = {(j.request.width, j.request.height) for j in jobs}
-    # aspect512(base=64, unit=8): 1:1 at 0.5/1/2/4x, then 1:4, 1:2, 2:1, 4:1 at 1x.
-    assert sizes == {(40, 40), (64, 64), (88, 88), (128, 128), (32, 128), (40, 88), (88, 40), (128, 32)}
-    assert all(w % 8 == 0 and h % 8 == 0 for w, h in sizes)
-    assert all(j.request.prompt == "" for j in jobs)
-    negative = next(j.request.negative_prompt for j in jobs if j.axis_values["W"] == 1.6)
-    assert negative.startswith("(lowres:1.6), (bad anatomy:1.6)") and negative.endswith("(artist name:1.6)")
-    assert sum(w * h for w, h in ((j.request.width, j.request.height) for j in jobs)) / 4096 == pytest.approx(
-        200.0, abs=1.0
+    seeds = {j.request.seed for j in jobs}
+    assert len(seeds) == 64
+    square = {aspect512(1, 1, a, base=64, unit=8) for a in AREAS}
+    oblong = {aspect512(w, h, 1, base=64, unit=8) for w, h in ASPECTS}
+    # The issue's ranges: 0.5x .. 4x the trained 64x64 area, aspect 1:4 .. 4:1.
+    assert min(w * h for w, h in square) < 0.5 * 64 * 64 and max(w * h for w, h in square) == 4 * 64 * 64
+    assert (32, 128) in oblong and (128, 32) in oblong
+    centre = (64, 64, 1.0, 7.0)
+    design = (
+        {(w, h, 1.0, 7.0) for w, h in square | oblong}
+        | {(64, 64, w, 7.0) for w in W_VALUES}
+        | {(64, 64, 1.0, c) for c in CFG_VALUES}
     )
-    assert label_scheme(study).classes == WORLD_CLASSES
-    assert report_options(study).base == 64
+    assert centre in design
+    found = Counter((j.request.width, j.request.height, j.axis_values["W"], j.request.cfg_scale)
+                    for j in jobs)  # fmt: skip
+    # Every design point with every seed, nothing else.
+    assert set(found) == design and set(found.values()) == {64}
+    assert len(jobs) == 64 * len(design) == 1344
+    assert all(j.request.prompt == "" and j.request.clip_skip == 2 and j.request.steps == 20 for j in jobs)
+    assert all(j.request.sampler_name == "Euler a" for j in jobs)
+    negative = next(j.request.negative_prompt for j in jobs if j.axis_values["W"] == 1.6)
+    assert negative == ", ".join(f"({tag}:1.6)" for tag in NOVELAI)
+    assert label_scheme(study).classes == WORLD_CLASSES and label_scheme(study).labeler == "detector"
+    options = report_options(study)
+    assert options.base == 64
+    assert options.grids is not None and [(g.x, g.y) for g in options.grids] == [
+        ("size", "seed"),
+        ("W", "seed"),
+        ("cfg_scale", "seed"),
+    ]
+    assert options.plots is not None and [p.x for p in options.plots] == ["area", "aspect", "W", "cfg_scale"]
+    assert run_options(study) == {"batch_size": 32, "threads": 1}
 
 
-def test_pure_negative_report_on_tiny(tiny_checkpoint: Path, tmp_path: Path) -> None:
+# --------------------------------------------------------------- the demo study's report, on tiny
+
+
+@pytest.fixture(scope="module")
+def demo_on_tiny(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Study, ReportResult]:
+    """The demo study with 2 seeds and 2 steps on a tiny random checkpoint with a model card."""
+    folder = tmp_path_factory.mktemp("demo")
+    checkpoint = shutil.copy(tiny_checkpoint, folder / "tiny.safetensors")
+    (folder / "tiny.md").write_text("# Tiny card\nA random <model> for tests.\n")
     text = (STUDIES / "pure-negative.toml").read_text()
-    text = text.replace("steps = 20", "steps = 1").replace('seed = "10 random"', 'seed = "1 random"')
-    text += f'\n[model]\ncheckpoint = "{tiny_checkpoint}"\n'
-    study = parse_study(text, tmp_path / "pure-negative.toml")
-    report = run_study(study, progress=False)
-    assert report.generated == 17
-    result = build_report(study)
-    assert set(result.outcome_tables) == {"size", "W", "cfg_scale"}
-    assert {r.group for r in result.outcome_tables["W"]} == {0.9, 1.0, 1.1, 1.3, 1.6, 2.0}
-    assert all(r.total == 1 for r in result.outcome_tables["W"])
-    assert sum(r.total for r in result.outcome_tables["size"]) == 8 * len(WORLD_CLASSES)
-    assert result.html.is_file()
+    text = text.replace("steps = 20", "steps = 2").replace('seed = "64 random"', 'seed = "2 random"')
+    text += f'\n[model]\ncheckpoint = "{Path(checkpoint).name}"\n'
+    study = parse_study(text, folder / "pure-negative.toml")
+    report = run_study(study, progress=False, threads=1)
+    assert report.generated == 2 * 21
+    return study, build_report(study)
+
+
+def _catalog_rows(study: Study) -> list[dict[str, Any]]:
+    path = study.path.parent / "runs" / "pure-negative" / "catalog.sqlite"
+    with Catalog.open(path, readonly=True) as catalog:
+        measures = catalog.all_measures()
+        labels = catalog.all_labels()
+        rows = []
+        for image in catalog.images():
+            rows.append(
+                {
+                    **{k: v for k, v in image["axis_values"].items() if not k.endswith("_spec")},
+                    "width": image["width"],
+                    "height": image["height"],
+                    "area": image["width"] * image["height"] / 64**2,
+                    "aspect": image["width"] / image["height"],
+                    "file": path.parent / image["path"],
+                    "label": labels[image["id"]]["detector"][0],
+                    **measures[image["id"]],
+                }
+            )
+    return rows
+
+
+def _sections(page: str) -> Iterator[tuple[str, str]]:
+    pattern = r"<section class='plot' id='plot-\d+' data-x='([^']+)'>(.*?)</section>"
+    for match in re.finditer(pattern, page, re.S):
+        yield match.group(1), match.group(2)
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=2e-5, abs_tol=1e-9)
+
+
+def test_demo_report_figures(demo_on_tiny: tuple[Study, ReportResult]) -> None:
+    study, result = demo_on_tiny
+    page = result.html.read_text()
+    figures = result.html.parent / "figures"
+    pngs = sorted(p.name for p in figures.glob("*.png"))
+    svgs = sorted(p.name for p in figures.glob("*.svg"))
+    # 3 grids (size, W, CFG x seed); 4 measure plots and 3 outcome figures, each as PNG and SVG.
+    assert len([p for p in pngs if p.startswith("grid-")]) == 3
+    stems = {p[:-4] for p in pngs if not p.startswith("grid-")}
+    assert stems == {s[:-4] for s in svgs}
+    assert {s for s in stems if s.startswith("plot-")} == {
+        "plot-01-area", "plot-02-aspect", "plot-03-w", "plot-04-cfg-scale"
+    }  # fmt: skip
+    assert {s for s in stems if s.startswith("outcomes-")} == {
+        "outcomes-size", "outcomes-w", "outcomes-cfg-scale"
+    }  # fmt: skip
+    # Self-contained: every PNG is embedded and decodes; every SVG link points at a file.
+    embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(embedded) == len(pngs)
+    for svg in re.findall(r"href='figures/([^']+\.svg)'", page):
+        assert (figures / svg).read_text().lstrip().startswith("<?xml")
+    alts = re.findall(r"<img alt='(plot \d+: [^']+)'", page)
+    assert "plot 1: detector_objects, salient_regions, edge_density, luminance vs area" in alts
+    assert any(a.startswith("plot 3: salient_regions, edge_density") and a.endswith("vs W") for a in alts)
+    assert any(a.startswith("plot 4: luminance, contrast, edge_density") and a.endswith("vs cfg_scale")
+               for a in alts)  # fmt: skip
+    for name in pngs:
+        with Image.open(figures / name) as image:
+            assert image.width > 100 and image.height > 100
+    # Reproducible: the study file, the model card and the version are in the page.
+    assert html.escape(study.toml_text) in page
+    assert html.escape("# Tiny card\nA random <model> for tests.\n") in page
+    assert f"voidprompt {html.escape(__version__)}" in page
+
+
+def test_demo_report_measure_tables_match_the_catalog(demo_on_tiny: tuple[Study, ReportResult]) -> None:
+    study, result = demo_on_tiny
+    rows = _catalog_rows(study)
+    page = result.html.read_text()
+    selections = {
+        "area": lambda r: r["W"] == 1.0 and r["cfg_scale"] == 7.0 and r["width"] == r["height"],
+        "aspect": lambda r: r["W"] == 1.0 and r["cfg_scale"] == 7.0 and r["size"] in (
+            "32x128", "40x88", "64x64", "88x40", "128x32"),
+        "W": lambda r: r["size"] == "64x64" and r["cfg_scale"] == 7.0,
+        "cfg_scale": lambda r: r["size"] == "64x64" and r["W"] == 1.0,
+    }  # fmt: skip
+    expected_x = {
+        "area": sorted(w * h / 4096 for w, h in (aspect512(1, 1, a, base=64, unit=8) for a in AREAS)),
+        "aspect": sorted([0.25, 40 / 88, 1.0, 88 / 40, 4.0]),
+        "W": list(W_VALUES),
+        "cfg_scale": list(CFG_VALUES),
+    }
+    seen = set()
+    for x, body in _sections(page):
+        seen.add(x)
+        chosen = [r for r in rows if selections[x](r)]
+        xs = sorted({r[x] for r in chosen})
+        assert xs == pytest.approx(expected_x[x])
+        table_rows = re.findall(r"<tr data-measure='([^']+)'>(.*?)</tr>", body, re.S)
+        assert table_rows
+        for measure, cells in table_rows:
+            values = re.findall(
+                r"<td data-n='(\d+)' data-mean='([^']+)' data-low='([^']+)' data-high='([^']+)'>", cells
+            )
+            assert len(values) == len(xs)
+            for xv, (n, mean, low, high) in zip(xs, values, strict=True):
+                ys = np.array([r[measure] for r in chosen if math.isclose(r[x], xv, rel_tol=1e-5)])
+                assert int(n) == len(ys) == 2
+                m, sem = ys.mean(), stats.sem(ys)
+                lo, hi = (m, m) if sem == 0 else stats.t.interval(0.95, len(ys) - 1, loc=m, scale=sem)
+                assert _close(float(mean), m) and _close(float(low), lo) and _close(float(high), hi)
+            # The slope over the images, with its 95% t interval (numeric x, >= 3 values).
+            trend = re.search(r"<td class='trend (\w+)' data-slope='([^']+)' data-low='([^']+)' "
+                              r"data-high='([^']+)'>", cells)  # fmt: skip
+            assert trend is not None
+            px = np.array([r[x] for r in chosen], dtype=float)
+            py = np.array([r[measure] for r in chosen], dtype=float)
+            fit = stats.linregress(px, py)
+            # Every y equal: scipy gives no stderr; the report shows a zero-width interval.
+            stderr = 0.0 if np.ptp(py) == 0 else fit.stderr
+            half = stats.t.ppf(0.975, len(px) - 2) * stderr
+            assert _close(float(trend.group(2)), fit.slope)
+            assert _close(float(trend.group(3)), fit.slope - half)
+            assert _close(float(trend.group(4)), fit.slope + half)
+            direction = "up" if fit.slope - half > 0 else "down" if fit.slope + half < 0 else "flat"
+            assert trend.group(1) == direction
+    assert seen == {"area", "aspect", "W", "cfg_scale"}
+    # The headline table collects the same slopes.
+    assert page.count("<tr data-x=") == len(result.trends) == 4 + 3 + 5 + 6
+
+
+def test_demo_outcome_tables_have_wilson_intervals(demo_on_tiny: tuple[Study, ReportResult]) -> None:
+    study, result = demo_on_tiny
+    rows = _catalog_rows(study)
+    page = result.html.read_text()
+    at_centre = [r for r in rows if r["W"] == 1.0 and r["cfg_scale"] == 7.0]
+    counts = Counter((r["size"], r["label"]) for r in at_centre)
+    table = re.search(r"<table class='outcomes' data-by='size'>(.*?)</table>", page, re.S)
+    assert table is not None
+    sizes = re.findall(r"<tr><th>(\d+x\d+)</th><td>(\d+)</td>(.*?)</tr>", table.group(1), re.S)
+    assert {s for s, _, _ in sizes} == {r["size"] for r in at_centre} and len(sizes) == 10
+    for size, total, cells in sizes:
+        assert int(total) == 2
+        found = re.findall(r"data-count='(\d+)' data-low='([^']+)' data-high='([^']+)'", cells)
+        assert len(found) == len(WORLD_CLASSES)
+        for outcome, (count, low, high) in zip(WORLD_CLASSES, found, strict=True):
+            assert int(count) == counts[(size, outcome)]
+            ci = stats.binomtest(int(count), 2).proportion_ci(confidence_level=0.95, method="wilson")
+            assert float(low) == pytest.approx(ci.low, abs=2e-6)
+            assert float(high) == pytest.approx(ci.high, abs=2e-6)
+    assert {t for t in result.outcome_tables} == {"size", "W", "cfg_scale"}
+
+
+def test_detector_measures_are_the_detectors_count(demo_on_tiny: tuple[Study, ReportResult]) -> None:
+    from voidprompt.demo.detector import detect
+
+    study, _ = demo_on_tiny
+    for row in _catalog_rows(study)[::5]:
+        with Image.open(row["file"]) as image:
+            detection = detect(image)
+        assert row["detector_objects"] == detection.count
+        assert row["detector_defects"] == len(detection.defect_flags)

@@ -25,10 +25,19 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate every pending job (resumable)")
     with_catalog(run)
-    run.add_argument("--batch-size", type=int, default=None, help="images per sampler run (default 8)")
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per sampler run (default: [run] batch_size or 16)",
+    )
     run.add_argument("--executor", choices=("local", "ray"), default="local")
     run.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local one")
-    run.add_argument("--threads", type=int, help="torch threads per process/worker (pins float order)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per process/worker (default: [run] threads; pins float order)",
+    )
     run.add_argument("--max-jobs", type=int, help="stop after this many images")
     run.add_argument("--no-progress", action="store_true")
 
@@ -76,27 +85,29 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check":
         from voidprompt.lab.labels import label_scheme
         from voidprompt.lab.report import report_options
+        from voidprompt.lab.run import run_options
 
         label_scheme(study)
         report_options(study)
+        run_options(study)
         seconds_per_pixel, steps = _measured_speed(catalog_path)
         print(summarize(study, seconds_per_pixel, steps).format())
         if seconds_per_pixel is None:
             print("estimated time: unknown until some images are generated (run with --max-jobs 8)")
         return 0
     if args.command == "run":
-        from voidprompt.lab.run import run_study
+        from voidprompt.lab.run import run_options, run_study
 
-        batch_size = args.batch_size or int(study.run_options.get("batch_size", 8))
+        options = run_options(study)
         report = run_study(
             study,
             catalog_path=catalog_path,
             executor=args.executor,
-            batch_size=batch_size,
+            batch_size=args.batch_size or options["batch_size"] or 1,
             progress=not args.no_progress,
             max_jobs=args.max_jobs,
             address=args.address,
-            threads=args.threads,
+            threads=args.threads if args.threads is not None else options["threads"],
         )
         print(report.format())
         return 0

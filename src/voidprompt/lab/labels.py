@@ -18,7 +18,7 @@ import csv
 import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -41,8 +41,15 @@ WORLD_CLASSES = (CLEAN_SINGLE, SEVERAL, PATTERN, DEFECTIVE)
 
 @dataclass(frozen=True)
 class Label:
+    """An outcome class, free tags, and numbers the plugin read off the image.
+
+    ``measures`` are stored with the image's other measures (so reports can plot them against any
+    axis); name them after the plugin, e.g. ``detector_objects``.
+    """
+
     label_class: str | None
     tags: tuple[str, ...] = ()
+    measures: Mapping[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -60,7 +67,9 @@ class DetectorLabeler:
 
     Any defect flag -> defective (the negative prompt is meant to remove those); otherwise one
     shape -> clean single shape, two or more -> several shapes, none -> pattern / no shape.
-    The detector's tags (colours, kinds, background, defects) become the label's tags.
+    The detector's tags (colours, kinds, background, defects) become the label's tags, and its
+    counts become measures: ``detector_objects`` (shapes found, whatever their defects) and
+    ``detector_defects`` (defect flags raised).
     """
 
     name = "detector"
@@ -82,7 +91,11 @@ class DetectorLabeler:
 
     def label(self, image: Image.Image) -> Label:
         detection = self._detect(image, self._config)
-        return Label(self.classify(detection), tuple(detection.to_tags()))
+        measures = {
+            "detector_objects": float(detection.count),
+            "detector_defects": float(len(detection.defect_flags)),
+        }
+        return Label(self.classify(detection), tuple(detection.to_tags()), measures)
 
 
 LABELERS: Mapping[str, Callable[[], Labeler]] = {"detector": DetectorLabeler}

@@ -30,6 +30,9 @@ from voidprompt.lab.study import Job, ModelRef, Study, request_to_dict
 from voidprompt.pipeline.request import GenerationRequest
 
 EXECUTORS = ("local", "ray")
+# Images per sampler run. 16 rather than 8: on the miniature model at 64x64 (1 thread) a batch of
+# 16 costs about 23% less CPU per image than 8; beyond that the gain is small and a kill loses more.
+DEFAULT_BATCH_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,26 @@ def plan_batches(jobs: Sequence[Job], batch_size: int) -> list[Batch]:
             chunk = tuple(members[start : start + batch_size])
             batches.append(Batch(chunk[0].model, chunk[0].request, chunk))
     return batches
+
+
+def run_options(study: Study) -> dict[str, int | None]:
+    """A study's ``[run]`` table: ``batch_size`` (default :data:`DEFAULT_BATCH_SIZE`) and ``threads``
+    (torch intra-op threads; default: torch's own choice). Command-line flags override both."""
+    table = dict(study.run_options)
+    unknown = set(table) - {"batch_size", "threads"}
+    if unknown:
+        raise StudyError(
+            f"{study.path}: [run] {sorted(unknown)[0]}: unknown key; allowed: batch_size, threads"
+        )
+    result: dict[str, int | None] = {"batch_size": DEFAULT_BATCH_SIZE, "threads": None}
+    for key in ("batch_size", "threads"):
+        value = table.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise StudyError(f"{study.path}: [run] {key} = {value!r}: write a whole number of at least 1")
+        result[key] = value
+    return result
 
 
 def default_catalog_path(study: Study) -> Path:
@@ -243,6 +266,7 @@ def store(
     if labeler is not None:
         label = labeler.label(generated.image)
         labels[labeler.name] = (label.label_class, list(label.tags))
+        values.update({name: float(value) for name, value in label.measures.items()})
     settings = request_to_dict(job.request)
     image_id = catalog.record_image(
         job.job_id,
@@ -268,7 +292,7 @@ def run_study(
     *,
     catalog_path: str | Path | None = None,
     executor: str = "local",
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
     max_jobs: int | None = None,
     address: str | None = None,

@@ -6,12 +6,19 @@ files written beside it. A study's ``[report]`` table chooses what is shown; eve
     [report]
     base = 64                                   # area = width*height/base^2 (default 512)
     grid = { x = "W", y = "size" }              # default: the first two non-seed axes
+    # or several grids, each on a selection, with at most `rows` values of y per page:
+    # grid = [{ x = "size", y = "seed", where = { W = 1.0 }, rows = 8 }, { x = "W", y = "seed" }]
     outcomes_by = ["size", { by = "W", where = { size = "64x64" } }]   # default: every non-seed axis
     [[report.plots]]                            # default: each non-seed axis, split by the next
     x = "area"
     split = "W"
-    where = { cfg_scale = 7.0 }
+    where = { cfg_scale = 7.0, size = ["64x64", "128x128"] }   # a list: any of these values
     measures = ["salient_regions", "luminance"]
+
+Under each plot a table gives every mean with its 95% interval, and, for a numeric x with at
+least three values, the least-squares slope over the images with its 95% t interval; the
+"Trends" table at the top of the report collects those slopes and says which way each measure
+goes (up or down when the interval excludes 0).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import csv
 import html
 import itertools
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,13 +39,21 @@ from voidprompt import __version__
 from voidprompt.errors import StudyError
 from voidprompt.lab.catalog import Catalog, atomic_write
 from voidprompt.lab.labels import label_scheme
-from voidprompt.lab.report.data import ReportData, collect, outcome_counts
+from voidprompt.lab.report.data import ReportData, collect, outcome_counts, select
 from voidprompt.lab.report.figures import image_grid, measure_plot, outcome_plot, save_figure
 from voidprompt.lab.run import default_catalog_path, resolve_model
-from voidprompt.lab.stats import ProportionRow, proportion_table
+from voidprompt.lab.stats import ProportionRow, linear_slope, proportion_table
 from voidprompt.lab.study import Study
 
-__all__ = ["PlotSpec", "ReportOptions", "ReportResult", "build_report", "report_options"]
+__all__ = [
+    "GridSpec",
+    "PlotSpec",
+    "ReportOptions",
+    "ReportResult",
+    "build_report",
+    "measure_trends",
+    "report_options",
+]
 
 MAX_GRID_PAGES = 24
 
@@ -51,9 +67,18 @@ class PlotSpec:
 
 
 @dataclass(frozen=True)
+class GridSpec:
+    x: str
+    y: str
+    where: Mapping[str, Any] = field(default_factory=dict)
+    rows: int | None = None  # values of y per page (default: all)
+    pages: int | None = None  # pages shown per combination of the other factors (default: all)
+
+
+@dataclass(frozen=True)
 class ReportOptions:
     base: int = 512
-    grid: tuple[str, str] | None = None
+    grids: tuple[GridSpec, ...] | None = None
     outcomes_by: tuple[tuple[str, Mapping[str, Any]], ...] | None = None  # (axis, where)
     plots: tuple[PlotSpec, ...] | None = None
 
@@ -65,6 +90,7 @@ class ReportResult:
     csvs: list[Path]
     parquet: Path | None
     outcome_tables: dict[str, list[ProportionRow]]
+    trends: list[dict[str, Any]] = field(default_factory=list)
 
 
 def report_options(study: Study) -> ReportOptions:
@@ -77,11 +103,30 @@ def report_options(study: Study) -> ReportOptions:
     base = raw.get("base", 512)
     if not isinstance(base, int) or isinstance(base, bool) or base <= 0:
         raise StudyError(f"{where} base: {base!r}; write the side of the unit area in pixels, e.g. 64")
+    grids = None
     grid = raw.get("grid")
     if grid is not None:
-        if not isinstance(grid, dict) or set(grid) != {"x", "y"}:
-            raise StudyError(f'{where} grid: write grid = {{ x = "W", y = "size" }}')
-        grid = (str(grid["x"]), str(grid["y"]))
+        specs_in = grid if isinstance(grid, list) and grid else [grid]
+        parsed = []
+        for entry in specs_in:
+            counts = [entry.get(k) for k in ("rows", "pages")] if isinstance(entry, dict) else []
+            if (
+                not isinstance(entry, dict)
+                or not {"x", "y"} <= set(entry)
+                or set(entry) - {"x", "y", "where", "rows", "pages"}
+                or not isinstance(entry.get("where", {}), dict)
+                or any(
+                    c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1) for c in counts
+                )
+            ):
+                raise StudyError(
+                    f'{where} grid: write grid = {{ x = "W", y = "size" }} or a list of such tables, '
+                    "each optionally with where = {...}, rows = 8 (per page) and pages = 1"
+                )
+            parsed.append(
+                GridSpec(str(entry["x"]), str(entry["y"]), dict(entry.get("where", {})), counts[0], counts[1])
+            )
+        grids = tuple(parsed)
     outcomes_by = raw.get("outcomes_by")
     if outcomes_by is not None:
         entries: list[tuple[str, dict[str, Any]]] = []
@@ -115,7 +160,7 @@ def report_options(study: Study) -> ReportOptions:
                 )
             )
         plots = tuple(specs)
-    return ReportOptions(base, grid, outcomes_by, plots)
+    return ReportOptions(base, grids, outcomes_by, plots)
 
 
 def _b64_png(path: Path) -> str:
@@ -173,39 +218,59 @@ def build_report(
     sections: list[str] = []
 
     # --- image grids
-    grid = options.grid
-    if grid is None:
+    grids = options.grids
+    if grids is None:
         picks = [*factors, "seed"] if len(factors) < 2 else factors
-        grid = (picks[0], picks[1]) if len(picks) >= 2 else (picks[0], "seed")
-    for column in grid:
-        data.check_column(column, "grid")
-    others = [f for f in factors if f not in grid]
-    pages = list(itertools.product(*[data.values(f) for f in others])) or [()]
+        grids = (GridSpec(*((picks[0], picks[1]) if len(picks) >= 2 else (picks[0], "seed"))),)
     grid_html = []
-    for number, combo in enumerate(pages[:MAX_GRID_PAGES], start=1):
-        fixed = dict(zip(others, combo, strict=True))
-        if "seed" not in grid and "seed" in data.axes:
-            fixed["seed"] = data.values("seed")[0]
-        rows_here = [r for r in data.rows if all(r.get(k) == v for k, v in fixed.items())]
-        if not rows_here:
-            continue
-        title = ", ".join(f"{k}={v}" for k, v in fixed.items()) or "all images"
-        page = image_grid(data, path.parent, grid[0], grid[1], fixed, title)
-        png = figures_dir / f"grid-{number:02d}.png"
-        page.save(png, format="PNG")  # a figure, not data: a crash leaves a file the rerun rewrites
-        figures.append(png)
-        grid_html.append(
-            f"<figure><img alt='grid {number}' src='{_b64_png(png)}'>"
-            f"<figcaption>{html.escape(title)}</figcaption></figure>"
-        )
-    skipped = max(0, len(pages) - MAX_GRID_PAGES)
+    pages_total = 0
+    number = 0
+    for g, gspec in enumerate(grids, start=1):
+        data.check_column(gspec.x, f"grid #{g} x")
+        data.check_column(gspec.y, f"grid #{g} y")
+        for key in gspec.where:
+            data.check_column(key, f"grid #{g} where")
+        chosen = select(data.rows, gspec.where)
+        others = [f for f in factors if f not in (gspec.x, gspec.y) and f not in gspec.where]
+        combos = list(itertools.product(*[data.values(f, chosen) for f in others])) or [()]
+        ys = data.values(gspec.y, chosen)
+        per_page = gspec.rows or max(1, len(ys))
+        for combo in combos:
+            fixed: dict[str, Any] = dict(zip(others, combo, strict=True))
+            if "seed" not in (gspec.x, gspec.y) and "seed" in data.axes and "seed" not in gspec.where:
+                fixed["seed"] = data.values("seed", chosen)[0]
+            rows_here = select(chosen, fixed)
+            if not rows_here:
+                continue
+            y_here = data.values(gspec.y, rows_here)
+            for page_index, first in enumerate(range(0, max(1, len(y_here)), per_page)):
+                pages_total += 1
+                if number >= MAX_GRID_PAGES or (gspec.pages is not None and page_index >= gspec.pages):
+                    continue
+                number += 1
+                y_page = y_here[first : first + per_page]
+                page_rows = select(rows_here, {gspec.y: y_page})
+                labels = {**gspec.where, **fixed}
+                title = ", ".join(f"{k}={v}" for k, v in labels.items()) or "all images"
+                if len(y_here) > len(y_page):
+                    title += f" ({gspec.y} {first + 1}-{first + len(y_page)} of {len(y_here)})"
+                page = image_grid(data, path.parent, gspec.x, gspec.y, {}, title, rows=page_rows)
+                png = figures_dir / f"grid-{number:02d}.png"
+                page.save(png, format="PNG")  # a figure, not data: a crash leaves a file the rerun rewrites
+                figures.append(png)
+                grid_html.append(
+                    f"<figure><img alt='grid {number}: {html.escape(gspec.x)} x {html.escape(gspec.y)}' "
+                    f"src='{_b64_png(png)}'><figcaption>{html.escape(gspec.x)} × {html.escape(gspec.y)}: "
+                    f"{html.escape(title)}</figcaption></figure>"
+                )
+    skipped = max(0, pages_total - number)
     sections.append(
-        f"<h2>Image grids: {html.escape(grid[0])} × {html.escape(grid[1])}</h2>"
+        "<h2>Image grids</h2>"
         + "".join(grid_html)
-        + (f"<p>{skipped} more pages not shown (set [report] grid to other axes).</p>" if skipped else "")
+        + (f"<p>{skipped} more pages not shown (choose [report] grid axes or rows).</p>" if skipped else "")
     )
 
-    # --- measure plots
+    # --- measure plots, their tables and trends
     plots = options.plots
     if plots is None:
         xs = [f for f in factors if len(data.values(f)) > 1]
@@ -215,6 +280,7 @@ def build_report(
             PlotSpec(x, next((f for f in factors if f != x and len(data.values(f)) > 1), None)) for x in xs
         )
     plot_rows: list[dict[str, Any]] = []
+    trends: list[dict[str, Any]] = []
     plot_html = []
     for number, spec in enumerate(plots, start=1):
         data.check_column(spec.x, f"plots #{number} x")
@@ -229,18 +295,34 @@ def build_report(
         for row in numbers:
             row["plot"] = number
         plot_rows += numbers
+        plot_trends = measure_trends(data, measures, spec.x, spec.split, spec.where)
+        for row in plot_trends:
+            row["plot"] = number
+        trends += plot_trends
         png, svg = save_figure(figure, figures_dir / f"plot-{number:02d}-{_slug(spec.x)}")
         figures += [png, svg]
         plot_html.append(
-            f"<figure><img alt='plot {number}' src='{_b64_png(png)}'><figcaption>"
-            f"<a href='figures/{svg.name}'>SVG</a></figcaption></figure>"
+            f"<section class='plot' id='plot-{number}' data-x='{html.escape(spec.x)}'>"
+            f"<figure><img alt='plot {number}: {html.escape(', '.join(measures))} vs {html.escape(spec.x)}' "
+            f"src='{_b64_png(png)}'><figcaption><a href='figures/{svg.name}'>SVG</a></figcaption></figure>"
+            + _measure_table(numbers, plot_trends, spec, measures)
+            + "</section>"
         )
     header = ["plot", "measure", "x", "x_value", "split", "split_value", "n", "mean", "low", "high"]
     csvs.append(_write_csv(out / "measures-by-axis.csv", header, [[r[h] for h in header] for r in plot_rows]))
+    trend_header = ["plot", "measure", "x", "split", "split_value", "where", "n", "slope", "low", "high",
+                    "direction"]  # fmt: skip
+    csvs.append(
+        _write_csv(
+            out / "trends.csv",
+            trend_header,
+            [[r[h] if h != "where" else json.dumps(r[h], default=str) for h in trend_header] for r in trends],
+        )
+    )
     sections.append(
         "<h2>Measures (mean ± 95% CI)</h2>"
         + "".join(plot_html)
-        + "<p><a href='measures-by-axis.csv'>numbers (CSV)</a></p>"
+        + "<p><a href='measures-by-axis.csv'>numbers (CSV)</a> · <a href='trends.csv'>trends (CSV)</a></p>"
     )
 
     # --- outcome tables
@@ -303,12 +385,142 @@ def build_report(
     text = _PAGE.format(
         title=html.escape(study.name),
         description=html.escape(study.description),
-        body="".join(sections) + about,
+        body=_trend_table(trends) + "".join(sections) + about,
         downloads=" · ".join(f"<a href='{p.name}'>{p.name}</a>" for p in exports),
     )
     report_html = out / "report.html"
     atomic_write(report_html, lambda temp: _write_text(temp, text))
-    return ReportResult(report_html, figures, csvs, parquet, tables)
+    # Figures of an earlier report with other options would be mistaken for this one's.
+    for stale in {*figures_dir.glob("*.png"), *figures_dir.glob("*.svg")} - set(figures):
+        stale.unlink()
+    return ReportResult(report_html, figures, csvs, parquet, tables, trends)
+
+
+def measure_trends(
+    data: ReportData,
+    measures: Sequence[str],
+    x: str,
+    split: str | None,
+    where: Mapping[str, Any],
+    confidence: float = 0.95,
+) -> list[dict[str, Any]]:
+    """Least-squares slope of each measure on a numeric ``x`` over the selected images.
+
+    One row per measure (and value of ``split``) with at least three distinct x values: the slope,
+    its t interval, and ``direction`` "up" / "down" when the interval excludes 0, else "flat".
+    """
+    rows = select(data.rows, where)
+    groups = data.values(split, rows) if split else [None]
+    found = []
+    for measure in measures:
+        for group in groups:
+            chosen = select(rows, {split: group}) if split else rows
+            pairs = [
+                (float(r[x]), float(r[measure]))
+                for r in chosen
+                if _is_number(r.get(x)) and _is_number(r.get(measure)) and not math.isnan(float(r[measure]))
+            ]
+            if len({p[0] for p in pairs}) < 3:
+                continue
+            xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+            try:
+                fit = linear_slope(xs, ys, confidence)
+            except StudyError:  # pragma: no cover - guarded by the distinct-x check above
+                continue
+            low, high = fit.low, fit.high
+            if math.isnan(low) or math.isnan(high):  # every y equal: no spread, no interval
+                low = high = fit.slope
+            direction = "up" if low > 0 else "down" if high < 0 else "flat"
+            found.append(
+                {"measure": measure, "x": x, "split": split, "split_value": group, "where": dict(where),
+                 "n": fit.n, "slope": fit.slope, "low": low, "high": high, "direction": direction}
+            )  # fmt: skip
+    return found
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _measure_table(
+    numbers: Sequence[Mapping[str, Any]], trends: Sequence[Mapping[str, Any]], spec: PlotSpec,
+    measures: Sequence[str],
+) -> str:  # fmt: skip
+    """Means with 95% intervals per x value (columns) for each measure and split value (rows)."""
+    xs = list(dict.fromkeys(r["x_value"] for r in numbers))
+    head = "".join(f"<th>{html.escape(spec.x)}={html.escape(_fmt(v))}</th>" for v in xs)
+    has_trend = bool(trends)
+    body = []
+    for measure in measures:
+        splits = list(dict.fromkeys(r["split_value"] for r in numbers if r["measure"] == measure))
+        for group in splits:
+            cells = []
+            for value in xs:
+                r = next(
+                    (r for r in numbers
+                     if r["measure"] == measure and r["split_value"] == group and r["x_value"] == value),
+                    None,
+                )  # fmt: skip
+                if r is None:
+                    cells.append("<td>–</td>")
+                    continue
+                cells.append(
+                    f"<td data-n='{r['n']}' data-mean='{r['mean']:.6g}' data-low='{r['low']:.6g}' "
+                    f"data-high='{r['high']:.6g}'>{r['mean']:.3g}<br><small>[{r['low']:.3g}, "
+                    f"{r['high']:.3g}] n={r['n']}</small></td>"
+                )
+            trend = next((t for t in trends if t["measure"] == measure and t["split_value"] == group), None)
+            trend_cell = ""
+            if has_trend:
+                trend_cell = "<td>–</td>" if trend is None else _trend_cell(trend)
+            name = html.escape(measure) + (f" ({html.escape(str(spec.split))}={html.escape(_fmt(group))})"
+                                           if spec.split else "")  # fmt: skip
+            body.append(
+                f"<tr data-measure='{html.escape(measure)}'><th>{name}</th>{''.join(cells)}{trend_cell}</tr>"
+            )
+    trend_head = "<th>slope [95% CI]</th>" if has_trend else ""
+    return (
+        f"<table class='measures' data-x='{html.escape(spec.x)}'><caption>mean [95% t interval] "
+        f"per {html.escape(spec.x)}</caption><tr><th>measure</th>{head}{trend_head}</tr>"
+        + "".join(body)
+        + "</table>"
+    )
+
+
+def _trend_cell(trend: Mapping[str, Any]) -> str:
+    return (
+        f"<td class='trend {trend['direction']}' data-slope='{trend['slope']:.6g}' "
+        f"data-low='{trend['low']:.6g}' data-high='{trend['high']:.6g}'>{trend['slope']:.3g}"
+        f"<br><small>[{trend['low']:.3g}, {trend['high']:.3g}] {trend['direction']}</small></td>"
+    )
+
+
+def _trend_table(trends: Sequence[Mapping[str, Any]]) -> str:
+    if not trends:
+        return ""
+    rows = []
+    for t in trends:
+        where = ", ".join(f"{k}={v}" for k, v in t["where"].items())
+        split = "" if t["split"] is None else f"{t['split']}={_fmt(t['split_value'])}"
+        rows.append(
+            f"<tr data-x='{html.escape(t['x'])}' data-measure='{html.escape(t['measure'])}'>"
+            f"<th>{html.escape(t['measure'])} vs {html.escape(t['x'])}</th>"
+            f"<td>{html.escape(', '.join(p for p in (where, split) if p) or 'all images')}</td>"
+            f"<td>{t['n']}</td>{_trend_cell(t)}</tr>"
+        )
+    return (
+        "<h2>Trends</h2><p>Least-squares slope of each plotted measure on its axis over the images "
+        "(per unit of the axis), with a 95% t interval: <b>up</b> / <b>down</b> when the interval "
+        "excludes 0, <b>flat</b> otherwise. Plots and per-value tables follow.</p>"
+        "<table class='trends'><tr><th>measure vs axis</th><th>images</th><th>n</th>"
+        "<th>slope [95% CI]</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _outcome_table(rows: Sequence[ProportionRow], by: str, classes: Sequence[str]) -> str:
@@ -369,8 +581,10 @@ _PAGE = """<!DOCTYPE html>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1400px; }}
 figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
 img {{ max-width: 100%; image-rendering: pixelated; }}
-table.outcomes {{ border-collapse: collapse; margin: 1em 0; }}
-table.outcomes td, table.outcomes th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+td.up {{ background: #e6f4e6; }} td.down {{ background: #f8e6e6; }}
+section.plot {{ margin-bottom: 2em; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
 </style></head>
 <body><h1>{title}</h1><p>{description}</p><p>Downloads: {downloads}</p>

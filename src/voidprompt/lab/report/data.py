@@ -73,14 +73,19 @@ def collect(catalog: Catalog, study: Study, base: int) -> ReportData:
 
 
 def select(rows: Sequence[Mapping[str, Any]], where: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """Rows whose columns equal ``where`` (numbers compared with a tolerance)."""
+    """Rows whose columns equal ``where`` (numbers compared with a tolerance); a list means any of."""
 
     def equal(a: Any, b: Any) -> bool:
         if isinstance(a, int | float) and isinstance(b, int | float):
             return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
         return bool(a == b)
 
-    return [r for r in rows if all(equal(r.get(k), v) for k, v in where.items())]
+    def matches(a: Any, wanted: Any) -> bool:
+        if isinstance(wanted, list | tuple):
+            return any(equal(a, w) for w in wanted)
+        return equal(a, wanted)
+
+    return [r for r in rows if all(matches(r.get(k), v) for k, v in where.items())]
 
 
 def mean_ci(values: Sequence[float | None], confidence: float = 0.95) -> tuple[float, float, float, int]:

@@ -31,12 +31,15 @@ def image_grid(
     y: str,
     fixed: Mapping[str, Any],
     title: str,
+    *,
+    rows: Sequence[Mapping[str, Any]] | None = None,
 ) -> Image.Image:
     """One page: columns = values of ``x``, rows = values of ``y``, other factors fixed to ``fixed``.
 
-    A cell shows the first image (in study order) of its combination; an empty cell is grey.
+    ``rows`` narrows the images first (a selection or a page of it). A cell shows the first image
+    (in study order) of its combination; an empty cell is grey.
     """
-    rows = select(data.rows, fixed)
+    rows = select(data.rows if rows is None else rows, fixed)
     xs, ys = data.values(x, rows), data.values(y, rows)
     left = max(60, max((len(str(v)) for v in ys), default=4) * 7 + 10)
     top = LABEL_H * 3 + 4
@@ -45,7 +48,8 @@ def image_grid(
     draw = ImageDraw.Draw(canvas)
     font = _font()
     draw.text((4, 2), title, fill="black", font=font)
-    draw.text((left, LABEL_H), f"{x} →", fill="black", font=font)
+    # ASCII only: the default bitmap font has no arrow glyph.
+    draw.text((left, LABEL_H), f"{x} ->", fill="black", font=font)
     for i, xv in enumerate(xs):
         draw.text((left + i * CELL + 4, LABEL_H * 2), str(xv), fill="black", font=font)
     for j, yv in enumerate(ys):

@@ -1,0 +1,80 @@
+"""The demo study end to end: run (resumable, detector pre-labels), then the report.
+
+``voidprompt demo`` (the README's main command, ``make demo``) calls :func:`run_demo` on
+``studies/pure-negative.toml``: the seed's pure-negative-prompt study on the miniature model. A
+rerun skips every image already in the catalog and rebuilds the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import voidprompt
+from voidprompt.errors import StudyError
+from voidprompt.lab.report import ReportResult, build_report
+from voidprompt.lab.run import RunReport, run_options, run_study
+from voidprompt.lab.study import load_study
+
+DEMO_STUDY = "pure-negative.toml"
+DEFAULT_OUT = Path("outputs") / "pure-negative"
+
+
+def default_demo_study() -> Path:
+    """``studies/pure-negative.toml`` of this checkout (beside ``src/``), else of the working directory."""
+    candidates = [
+        Path(voidprompt.__file__).resolve().parents[2] / "studies" / DEMO_STUDY,
+        Path.cwd() / "studies" / DEMO_STUDY,
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise StudyError(
+        f"the demo study {DEMO_STUDY} is not at {candidates[0]} or {candidates[1]}; run from the "
+        "repository root or pass --study path/to/study.toml"
+    )
+
+
+@dataclass
+class DemoResult:
+    study: Path
+    run: RunReport
+    report: ReportResult
+    seconds: float  # run + report, wall clock
+
+    def format(self) -> str:
+        done = self.run.skipped + self.run.generated
+        return (
+            f"study {self.study}: {self.run.total} jobs, {done} images in the catalog "
+            f"({self.run.generated} generated now, {self.run.skipped} already done)\n"
+            f"run: {self.run.format()}\n"
+            f"run + report: {self.seconds / 60:.1f} min\n"
+            f"report: {self.report.html}"
+        )
+
+
+def run_demo(
+    study_path: str | Path | None = None,
+    out_dir: str | Path = DEFAULT_OUT,
+    *,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> DemoResult:
+    """Run ``study_path`` (default: the demo study) into ``out_dir``/catalog.sqlite, report into
+    ``out_dir``/report. ``batch_size`` / ``threads`` default to the study's ``[run]`` table."""
+    started = time.perf_counter()
+    study = load_study(study_path if study_path is not None else default_demo_study())
+    out = Path(out_dir)
+    catalog = out / "catalog.sqlite"
+    options = run_options(study)
+    run = run_study(
+        study,
+        catalog_path=catalog,
+        batch_size=batch_size or options["batch_size"] or 1,
+        threads=threads if threads is not None else options["threads"],
+        progress=progress,
+    )
+    report = build_report(study, catalog_path=catalog, out_dir=out / "report")
+    return DemoResult(study.path, run, report, time.perf_counter() - started)
