@@ -11,17 +11,19 @@ from voidprompt.lab.demo import default_demo_study
 
 
 def test_demo_runs_the_study_then_reports_and_resumes(
-    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     study = tmp_path / "t.toml"
     text = study_text(tiny_checkpoint, sizes="32x32", seeds="3 random", labels='labeler = "detector"')
     study.write_text(text + "[run]\nbatch_size = 2\nthreads = 1\n")
-    out = tmp_path / "out"
-    assert main(["--study", str(study), "--out", str(out), "--no-progress"]) == 0
+    # A relative output folder, as `make demo` gives (outputs/pure-negative).
+    monkeypatch.chdir(tmp_path)
+    out = Path("out").absolute()
+    assert main(["--study", str(study), "--out", "out", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "6 jobs, 6 images in the catalog (6 generated now, 0 already done)" in printed
     assert "6 images in 4 batches" in printed  # 2 W values x 3 seeds, batches of at most 2
-    assert f"report: {out / 'report' / 'report.html'}" in printed
+    assert "report: out/report/report.html" in printed
     assert (out / "report" / "report.html").is_file()
     with Catalog.open(out / "catalog.sqlite", readonly=True) as catalog:
         images = catalog.images()
@@ -29,7 +31,7 @@ def test_demo_runs_the_study_then_reports_and_resumes(
     assert len(images) == 6 and {src for per in labels.values() for src in per} == {"detector"}
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "catalog-images").iterdir()}
     # A rerun generates nothing and rewrites no image; the report is built again.
-    assert main(["--study", str(study), "--out", str(out), "--no-progress"]) == 0
+    assert main(["--study", str(study), "--out", "out", "--no-progress"]) == 0
     assert "(0 generated now, 6 already done)" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "catalog-images").iterdir()} == stamps
 

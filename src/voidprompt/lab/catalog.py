@@ -178,8 +178,12 @@ class Catalog:
 
         ``images_dir`` defaults to ``<stem>-images`` next to the catalog file.
         """
-        path = Path(path)
-        folder = Path(images_dir) if images_dir is not None else path.with_name(f"{path.stem}-images")
+        # Absolute: image paths are stored relative to the catalog's folder, and a relative catalog
+        # path would make the runner's image paths (relative to the working directory) ambiguous.
+        path = Path(path).absolute()
+        folder = (
+            Path(images_dir).absolute() if images_dir is not None else path.with_name(f"{path.stem}-images")
+        )
         if readonly:
             if not path.exists():
                 raise StudyError(f"{path}: no catalog here; run the study first (voidprompt study run)")

@@ -266,7 +266,8 @@ def store(
     if labeler is not None:
         label = labeler.label(generated.image)
         labels[labeler.name] = (label.label_class, list(label.tags))
-        values.update({name: float(value) for name, value in label.measures.items()})
+        # A plugin's own Label-like class may carry no numbers.
+        values.update({name: float(value) for name, value in getattr(label, "measures", {}).items()})
     settings = request_to_dict(job.request)
     image_id = catalog.record_image(
         job.job_id,
