@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokens)
 
     for name, help_text in (
-        ("demo", "the miniature model: a gallery (no arguments) or `demo train`"),
+        ("demo", "the miniature model: the demo study (no arguments), `demo gallery`, `demo train`"),
         ("study", "studies: check, run, ls, show, report"),
         ("merge", "merge checkpoints"),
         ("lora", "LoRA tools (extract)"),
