@@ -8,8 +8,9 @@ exports it with :func:`voidprompt.demo.train.export_model`, so the file has the 
 ``extract_lora`` then leaves the text encoder out (kohya's min_diff rule), as for most real LoRAs.
 
 :func:`lora_colour_sweep` is the issue's end-to-end check: extract a LoRA from (base, fine-tuned),
-generate paired-seed pictures with a neutral prompt at several multipliers and count, with the
-detector, the detected shapes that have the colour.
+generate paired-seed pictures with a neutral prompt at several multipliers and measure, with the
+detector, how many pictures have a shape of the colour and what share of the detected shapes has it.
+Measured figures: docs/networks.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from voidprompt.demo.train import encode_tokens, export_model, text_condition
+from voidprompt.errors import VoidpromptError
 
 __all__ = [
     "ColourSweep",
@@ -55,7 +57,7 @@ def colour_scenes(colour: str, n: int, seed: int, size: int = 64) -> tuple[torch
             captions.append(caption(scene, np.random.default_rng([seed, i, 1])))
         i += 1
         if i > 200 * max(n, 1):
-            raise ValueError(f"no world scenes with only {colour!r} shapes; is it a shape colour?")
+            raise VoidpromptError(f"no world scenes with only {colour!r} shapes; is it a shape colour?")
     return torch.stack(images), captions
 
 
@@ -71,16 +73,27 @@ def finetune(
     caption_dropout: float = 0.5,  # trains the unconditional branch that neutral prompts lean on
     min_snr_gamma: float = 5.0,
     seed: int = 7,
+    trainable: str = "unet",
     threads: int = 2,
     log_fn: Callable[[str], None] | None = None,
 ) -> Path:
     """Fine-tune the UNet of ``base_model_path`` on ``colour``-only world pictures; write ``out_path``.
 
+    ``trainable``: ``"unet"`` trains every UNet parameter (the demonstration's recipe: the LoRA then
+    carries what the low-rank part of the difference in its target layers can); ``"lora_targets"``
+    trains only the weights of the layers a LoRA extracted with a conv rank can change (kohya's
+    targets, ResNet convs included; no biases, norms, conv_in/conv_out or time embedding), so a
+    full-rank extraction reproduces the fine-tuned UNet exactly (the quick CLI test's check).
+
     Plain weights at the end, no EMA: a few hundred steps are too few for an EMA to settle, and the
     LoRA is meant to carry exactly what the steps changed. Deterministic for a given seed on one
     machine (CPU, fixed thread count)."""
     from voidprompt.models.load import load_model, sd1_alphas_cumprod
+    from voidprompt.models.networks.extract import kohya_targets
     from voidprompt.prompts.tokenizer import load_clip_tokenizer
+
+    if trainable not in ("unet", "lora_targets"):
+        raise VoidpromptError(f"trainable={trainable!r}: use 'unet' or 'lora_targets'")
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -107,8 +120,16 @@ def finetune(
         text_encoder.eval()
         text_encoder.requires_grad_(False)
         unet.train()
-        unet.requires_grad_(True)
-        opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+        if trainable == "unet":
+            unet.requires_grad_(True)
+            params = list(unet.parameters())
+        else:
+            unet.requires_grad_(False)
+            targets = kohya_targets(unet, text_encoder, conv=True)
+            params = [m.weight for _, part, _, m in targets if part == "unet"]
+            for param in params:
+                param.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         n = lat_mean.shape[0]
         losses: list[float] = []
         for step in range(steps):
@@ -138,7 +159,7 @@ def finetune(
             loss = (per_sample * loss_weight[t]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             losses.append(loss.item())
             if log_fn is not None and (step + 1) % 25 == 0:
@@ -161,6 +182,7 @@ def finetune(
             "lr": lr,
             "caption_dropout": caption_dropout,
             "seed": seed,
+            "trainable": trainable,
             "seconds": round(time.perf_counter() - started, 1),
             "final_loss": round(sum(losses[-25:]) / max(1, len(losses[-25:])), 4),
         },
@@ -177,15 +199,38 @@ class SweepPoint:
     coloured: int  # of which the detector names ``colour``
     images_with_shapes: int
     per_image: list[float] = field(default_factory=list)  # coloured share per picture with shapes
+    has_colour: list[bool] = field(default_factory=list)  # per picture, in seed order: a ``colour`` shape?
 
     @property
     def share(self) -> float:
+        """Share of the detected shapes that are ``colour``, pooled over the pictures."""
         return self.coloured / self.shapes if self.shapes else 0.0
 
     def interval(self) -> tuple[float, float]:
+        """Wilson interval of :attr:`share`. Shapes of one picture are not independent trials, so this
+        interval is somewhat too narrow; :meth:`picture_interval` is the one to compare."""
         from voidprompt.lab.stats import wilson_interval
 
         return wilson_interval(self.coloured, self.shapes)
+
+    @property
+    def pictures(self) -> int:
+        return len(self.has_colour)
+
+    @property
+    def pictures_with_colour(self) -> int:
+        return sum(self.has_colour)
+
+    @property
+    def picture_share(self) -> float:
+        """Share of the pictures in which the detector finds at least one ``colour`` shape."""
+        return self.pictures_with_colour / self.pictures if self.pictures else 0.0
+
+    def picture_interval(self) -> tuple[float, float]:
+        """Wilson interval of :attr:`picture_share` (pictures are independent: one seed each)."""
+        from voidprompt.lab.stats import wilson_interval
+
+        return wilson_interval(self.pictures_with_colour, self.pictures)
 
 
 @dataclass
@@ -198,20 +243,50 @@ class ColourSweep:
     lora_layers: int
 
     def slope(self) -> Any:
-        """Least-squares slope of the per-picture coloured share on the multiplier (lab.stats)."""
+        """Least-squares slope of the per-picture coloured share on the multiplier (lab.stats), pooled
+        over the pictures that have shapes (unpaired: ignores that the seeds repeat)."""
         from voidprompt.lab.stats import linear_slope
 
         xs = [p.multiplier for p in self.points for _ in p.per_image]
         ys = [y for p in self.points for y in p.per_image]
         return linear_slope(xs, ys)
 
+    def paired_slope(self, confidence: float = 0.95) -> Any:
+        """Slope of "the picture has a ``colour`` shape" (0/1) on the multiplier, paired by seed: the
+        least-squares slope of each seed's pictures across the multipliers, then the mean of those
+        slopes with a t interval (n_seeds - 1 dof). Seeds are independent, so this interval is honest;
+        the seed's own effect (some seeds give red shapes at every multiplier) cancels out."""
+        from scipy.stats import t as student_t
+
+        from voidprompt.lab.stats import SlopeFit
+
+        xs = np.array([p.multiplier for p in self.points], dtype=np.float64)
+        ys = np.array([p.has_colour for p in self.points], dtype=np.float64)  # (multipliers, seeds)
+        if ys.ndim != 2 or ys.shape[1] < 2 or len(set(xs.tolist())) < 2:
+            raise VoidpromptError("a paired slope needs two or more multipliers and seeds")
+        dx = xs - xs.mean()
+        per_seed = (dx[:, None] * (ys - ys.mean(axis=0))).sum(axis=0) / float((dx * dx).sum())
+        n = per_seed.shape[0]
+        mean = float(per_seed.mean())
+        stderr = float(per_seed.std(ddof=1)) / float(np.sqrt(n))
+        half = float(student_t.ppf(1.0 - (1.0 - confidence) / 2.0, n - 1)) * stderr
+        intercept = float(ys.mean()) - mean * float(xs.mean())
+        return SlopeFit(mean, intercept, stderr, mean - half, mean + half, n)
+
     def table(self) -> str:
-        rows = [f"colour {self.colour!r}, prompt {self.prompt!r}"]
+        """One Markdown table row per multiplier: pictures with a ``colour`` shape and the share of
+        detected shapes that are ``colour``, each with its 95% Wilson interval."""
+        rows = [
+            f"colour {self.colour!r}, prompt {self.prompt!r}",
+            f"| M | pictures with a {self.colour} shape | {self.colour} share of detected shapes |",
+            "|---|---|---|",
+        ]
         for p in self.points:
+            plo, phi = p.picture_interval()
             lo, hi = p.interval()
             rows.append(
-                f"M={p.multiplier:<4} {p.coloured}/{p.shapes} shapes {self.colour} = "
-                f"{p.share:.3f} [{lo:.3f}, {hi:.3f}] ({p.images_with_shapes} pictures with shapes)"
+                f"| {p.multiplier:g} | {p.pictures_with_colour}/{p.pictures} = {p.picture_share:.3f} "
+                f"[{plo:.3f}, {phi:.3f}] | {p.coloured}/{p.shapes} = {p.share:.3f} [{lo:.3f}, {hi:.3f}] |"
             )
         return "\n".join(rows)
 
@@ -225,7 +300,7 @@ def lora_colour_sweep(
     multipliers: Sequence[float] = (0.0, 0.5, 1.0, 1.5),
     n_images: int = 16,
     seed: int = 1000,
-    prompt: str = "circle, white background",
+    prompt: str = "",
     steps: int = 20,
     rank: int = 8,
     conv_rank: int | None = 8,
@@ -235,7 +310,13 @@ def lora_colour_sweep(
     """Extract a rank-``rank`` LoRA (tuned - base; ResNet convs too at ``conv_rank``, since colour
     lives largely in the UNet's convs and not only in its attention) into ``work_dir/lora``, then
     generate ``n_images`` pictures per multiplier with the same seeds (Euler a, CFG 7, Clip skip 2,
-    64x64) and count the detected shapes that are ``colour``."""
+    64x64; multiplier 0 is the base model without the tag) and record, per picture, whether the
+    detector finds a ``colour`` shape and the share of its detected shapes that are ``colour``.
+
+    The default prompt is empty: with CFG 7 and an empty negative prompt that is the unconditional
+    prediction, which the fine-tune's caption dropout trains directly. A prompt that names a shape
+    without a colour moves much less (the fine-tune teaches "red" where the caption says red, and CFG
+    subtracts what the unconditional branch picked up)."""
     from voidprompt.demo.detector import detect
     from voidprompt.demo.generate import demo_request, load_engine
     from voidprompt.models.networks.extract import extract_lora
@@ -254,7 +335,7 @@ def lora_colour_sweep(
     points = []
     t0 = time.perf_counter()
     for m in multipliers:
-        text = f"{prompt} <lora:{colour}:{m}>" if m else prompt
+        text = f"{prompt} <lora:{colour}:{m:g}>".strip() if m else prompt
         point = SweepPoint(float(m), 0, 0, 0)
         for start in range(0, n_images, batch):
             count = min(batch, n_images - start)
@@ -264,6 +345,7 @@ def lora_colour_sweep(
                 hits = sum(s.colour == colour for s in shapes)
                 point.shapes += len(shapes)
                 point.coloured += hits
+                point.has_colour.append(hits > 0)
                 if shapes:
                     point.images_with_shapes += 1
                     point.per_image.append(hits / len(shapes))
