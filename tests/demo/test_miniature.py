@@ -73,32 +73,65 @@ def test_quick_prompt_adherence_red_circle(engine: Any) -> None:
 
     overall, _ = prompt_adherence(engine, 16, seed=5000, prompts=("red circle",))
     assert overall.n == 16
-    # Loose on purpose: the committed model gives 3/16 on these seeds and 10/25 on the card's seed set
-    # (issue 6's 80% floor is not met, see MODEL_CARD.md). This catches a model that lost the prompt.
-    assert overall.k >= 2, str(overall)
+    # Loose on purpose (the card's seed set gives 23/25 for this prompt): this catches a model that lost
+    # the prompt, not a small regression.
+    assert overall.k >= 10, str(overall)
+
+
+def test_quick_negative_prompt_lowers_the_defect_rate(engine: Any) -> None:
+    """24 paired seeds, empty prompt: the NovelAI negative list gives fewer defective pictures (the card
+    measures 40/200 -> 7/200)."""
+    from voidprompt.demo.measure import negative_prompt_effect
+
+    effect = negative_prompt_effect(engine, 24, seed=8100)
+    none, negative = effect["none"][0], effect["negative"][0]
+    assert negative.k < none.k, (str(none), str(negative))
 
 
 @pytest.mark.slow
-def test_measurements_reduced(engine: Any) -> None:
-    """What the committed model does reach (MODEL_CARD.md), on fewer pictures with looser bounds."""
+def test_floor_area_gives_more_objects(engine: Any) -> None:
+    """Issue 6: at 4x the trained area, at least 1.5x the objects per picture (reduced sample)."""
     from voidprompt.demo.measure import count_ratio
 
     counts = count_ratio(engine, 48, seed=9000)
-    assert counts["ratio"] >= 1.5, counts  # card: 128x128 gives about 4x the objects of 64x64
+    assert counts["ratio"] >= 1.5, counts
 
 
 @pytest.mark.slow
-# strict: the day the model reaches the floors this fails, telling whoever retrained it to drop the mark.
+def test_floor_negative_prompt_halves_the_defect_rate(engine: Any) -> None:
+    """Issue 6: the NovelAI negative list at most halves the empty prompt's defect rate."""
+    from voidprompt.demo.measure import negative_prompt_effect
+
+    effect = negative_prompt_effect(engine, 96, seed=8000)
+    none, negative = effect["none"][0], effect["negative"][0]
+    assert none.k >= 10, str(none)  # enough defects without the negative for the ratio to mean something
+    assert negative.p <= 0.5 * none.p, (str(none), str(negative))
+
+
+@pytest.mark.slow
 @pytest.mark.xfail(
-    reason="issue 6 floors the committed miniature model does not reach yet (MODEL_CARD.md)", strict=True
+    reason="issue 6 floor not reached: one negative tag at W=0.8 already removes its defect (MODEL_CARD.md)",
+    strict=True,
 )
-def test_issue6_floors_not_yet_met(engine: Any) -> None:
-    from voidprompt.demo.measure import negative_prompt_effect, prompt_adherence
+def test_floor_emphasis_on_a_negative_tag_lowers_its_rate(engine: Any) -> None:
+    """Issue 6: the slope of the `cropped` rate on W in `(cropped:W)` over 0.8-1.3 is below zero with its
+    95% interval."""
+    from voidprompt.demo.measure import emphasis_slope
+
+    fit, rates = emphasis_slope(engine, "cropped", 64, seed=9500)
+    assert fit.high < 0.0, (fit, rates)
+
+
+@pytest.mark.slow
+# strict: the day the model reaches the floor this fails, telling whoever retrained it to drop the mark.
+@pytest.mark.xfail(
+    reason="issue 6 floor the committed miniature model does not reach yet (MODEL_CARD.md)", strict=True
+)
+def test_floor_prompt_adherence_at_cfg7(engine: Any) -> None:
+    from voidprompt.demo.measure import prompt_adherence
 
     cfg7, _ = prompt_adherence(engine, 12, seed=7000)
     assert cfg7.p >= 0.8, str(cfg7)
-    effect = negative_prompt_effect(engine, 64, seed=8000)
-    assert effect["negative"][0].p <= 0.5 * effect["none"][0].p
 
 
 def test_gallery_writes_pngs_with_infotext_and_an_index(tmp_path: Any) -> None:

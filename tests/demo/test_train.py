@@ -78,7 +78,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, Pat
     out = tmp_path_factory.mktemp("run")
     config = TrainConfig(
         out_dir=out, n_images=8, vae_steps=2, vae_batch=4, diffusion_steps=2, batch_size=4, warmup_steps=1,
-        checkpoint_minutes=1000.0,
+        decoder_steps=0, checkpoint_minutes=1000.0,
     )
     return config, train(config, log_fn=lambda _: None)
 

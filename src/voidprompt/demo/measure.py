@@ -157,9 +157,10 @@ def count_ratio(engine: Any, n: int, seed: int, *, prompt: str = "") -> dict[str
 
 def emphasis_slope(
     engine: Any, tag: str, n: int, seed: int, *, weights: Sequence[float] = EMPHASIS_WEIGHTS,
-    base_negative: str = "",
+    base_negative: str = "", **changes: Any,
 ) -> tuple[SlopeFit, dict[float, Proportion]]:
-    """Rate of the ``tag`` defect against the weight W of ``(tag:W)`` in the negative prompt.
+    """Rate of the ``tag`` defect against the weight W of ``(tag:W)`` in the negative prompt
+    (``changes``: other request fields, e.g. ``cfg_scale``).
 
     The slope is fitted on the per-picture 0/1 outcomes (n x len(weights) points), so its interval
     reflects the binomial noise of each rate.
@@ -169,7 +170,8 @@ def emphasis_slope(
     ys: list[float] = []
     for w in weights:
         negative = f"{base_negative + ', ' if base_negative else ''}({tag}:{w:g})"
-        found = [tag in d.defect_flags for d in detect_all(generate_images(engine, "", negative, n, seed))]
+        images = generate_images(engine, "", negative, n, seed, **changes)
+        found = [tag in d.defect_flags for d in detect_all(images)]
         rates[w] = Proportion(sum(found), len(found))
         xs += [w] * len(found)
         ys += [float(f) for f in found]

@@ -128,7 +128,7 @@ class TrainConfig:
     kl_weight: float = 1e-4  # on the per-element KL; light: the scaling factor fixes the scale
     edge_weight: float = 0.5
     # Diffusion phase.
-    diffusion_steps: int = 6318
+    diffusion_steps: int = 22876
     batch_size: int = 16
     lr: float = 6e-4
     warmup_steps: int = 50
@@ -139,7 +139,7 @@ class TrainConfig:
     tag_keep_prob: float = 0.5
     grad_clip: float = 1.0
     # Decoder fine-tune phase (encoder frozen, on the cached latents, whole pictures).
-    decoder_steps: int = 0
+    decoder_steps: int = 2999
     decoder_batch: int = 16
     decoder_lr: float = 2e-4
     decoder_ema: float = 0.998
