@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200, help="pictures per condition")
     p.add_argument("--per-prompt", type=int, default=25, help="pictures per adherence prompt (8 prompts)")
     p.add_argument("--emphasis-n", type=int, default=100, help="pictures per emphasis weight")
-    p.add_argument("--emphasis-tag", default="blurry")
+    p.add_argument("--emphasis-tag", default="cropped", help="the defect the model draws most")
     p.add_argument("--detector-n", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", default="detector,adherence,negative,count,emphasis")
