@@ -159,3 +159,32 @@ def test_model_resolution_errors(tmp_path: Path) -> None:
     except ImportError:
         with pytest.raises(StudyError, match="miniature model"):
             resolve_model(ModelRef(), tmp_path)
+
+
+def test_resume_refuses_a_replaced_model_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A retrained or replaced file under the same name must not finish a study the old one started."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy(tiny_checkpoint, model)
+    study = parse_study(study_text(model, sizes="16x16", seeds="2 random"), tmp_path / "t.toml")
+    run_study(study, batch_size=2, progress=False, max_jobs=2)
+    path = tmp_path / "runs" / "t" / "catalog.sqlite"
+    before = _state(path)
+
+    tensors = load_file(str(model))
+    with safe_open(str(model), framework="pt") as f:
+        metadata = f.metadata()  # keeps the voidprompt.arch constants
+    key = next(k for k in sorted(tensors) if k.startswith("model.diffusion_model.") and k.endswith(".weight"))
+    tensors[key] = tensors[key] + 1.0
+    save_file(tensors, str(model), metadata=metadata)
+    with pytest.raises(StudyError, match=r"hash .* now has hash .*mix two models"):
+        run_study(study, batch_size=2, progress=False)
+    assert _state(path) == before  # nothing of the refused batch was written
+
+    shutil.copy(tiny_checkpoint, model)  # the original file back: the study resumes
+    report = run_study(study, batch_size=2, progress=False)
+    assert (report.skipped, report.generated) == (2, 2)

@@ -339,8 +339,16 @@ def run_study(
             runner = LocalExecutor(study.path.parent, threads=threads)
         bar = _progress_bar(len(pending), study.name) if progress else None
         sampling_started = time.perf_counter()
+        # The model hash each model reference already has images of: a resumed study must not mix
+        # pictures of two different files that went by the same name (a retrained or replaced model).
+        recorded: dict[ModelRef, str] = {}
+        for row in catalog.images():
+            done = by_id.get(row["job_id"])
+            if done is not None and row["model_hash"]:
+                recorded.setdefault(done.model, row["model_hash"])
         try:
             for batch, results in runner.run(batches):
+                _check_same_model(recorded, batch, results, path)
                 for job, generated in zip(batch.jobs, results, strict=True):
                     store(catalog, generated, job, measures=measures, labeler=chosen_labeler, fault=fault)
                     report.generated += 1
@@ -357,6 +365,24 @@ def run_study(
                 close()
         report.seconds = time.perf_counter() - started
         return report
+
+
+def _check_same_model(
+    recorded: dict[ModelRef, str], batch: Batch, results: Sequence[Generated], catalog_path: Path
+) -> None:
+    """Refuse (before anything of the batch is written) a batch made with another file than the
+    catalog's earlier images of the same model reference."""
+    for generated in results:
+        if not generated.model_hash:
+            continue
+        earlier = recorded.setdefault(batch.model, generated.model_hash)
+        if earlier != generated.model_hash:
+            raise StudyError(
+                f"{catalog_path}: its images of model {batch.model.checkpoint!r} were made by a file with "
+                f"hash {earlier}, but that model now has hash {generated.model_hash} (retrained or "
+                "replaced); resuming would mix two models in one study. Start a new catalog (--catalog "
+                "NEW.sqlite, or delete the old catalog and its images) or restore the original file."
+            )
 
 
 def _progress_bar(total: int, name: str) -> Any:
