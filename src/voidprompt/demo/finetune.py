@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from voidprompt.demo.train import encode_tokens, export_model, text_condition
+from voidprompt.demo.train import CaptionBatcher, export_model, text_condition
 from voidprompt.errors import VoidpromptError
 
 __all__ = [
@@ -90,7 +90,6 @@ def finetune(
     machine (CPU, fixed thread count)."""
     from voidprompt.models.load import load_model, sd1_alphas_cumprod
     from voidprompt.models.networks.extract import kohya_targets
-    from voidprompt.prompts.tokenizer import load_clip_tokenizer
 
     if trainable not in ("unet", "lora_targets"):
         raise VoidpromptError(f"trainable={trainable!r}: use 'unet' or 'lora_targets'")
@@ -109,10 +108,7 @@ def finetune(
             posterior = vae.encode(images.float() / 127.5 - 1.0).latent_dist
             lat_mean, lat_std = posterior.mean, posterior.std
 
-        tokenizer = load_clip_tokenizer()
-        comma = tokenizer.encode(",")[0]
-        tag_tokens = [[tokenizer.encode(t) for t in c.split(", ")] for c in captions]
-        empty = encode_tokens([], tokenizer.bos_id, tokenizer.eos_id, comma)
+        captions_in = CaptionBatcher(captions)
         abar = sd1_alphas_cumprod()
         snr = abar / (1.0 - abar)
         loss_weight = torch.clamp(snr, max=min_snr_gamma) / snr
@@ -135,19 +131,7 @@ def finetune(
         for step in range(steps):
             idx = torch.randint(0, n, (batch_size,))
             x0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) * scaling
-            drop = torch.rand(batch_size) < caption_dropout
-            rows = []
-            for j, i in enumerate(idx.tolist()):
-                if drop[j]:
-                    rows.append(empty)
-                    continue
-                order = torch.randperm(len(tag_tokens[i])).tolist()
-                rows.append(
-                    encode_tokens(
-                        [tag_tokens[i][k] for k in order], tokenizer.bos_id, tokenizer.eos_id, comma
-                    )
-                )
-            ids = torch.tensor(rows, dtype=torch.long)
+            ids = captions_in.batch(idx.tolist(), caption_dropout)
             t = torch.randint(0, 1000, (batch_size,))
             eps = torch.randn_like(x0)
             a = abar[t].view(-1, 1, 1, 1)

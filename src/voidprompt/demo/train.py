@@ -59,10 +59,12 @@ from voidprompt.models.load import sd1_alphas_cumprod
 __all__ = [
     "MINIATURE_ARCH",
     "MINIATURE_CONSTANTS",
+    "CaptionBatcher",
     "TrainConfig",
     "TrainError",
     "encode_tokens",
     "export_model",
+    "reconstruction_losses",
     "text_condition",
     "train",
 ]
@@ -195,6 +197,54 @@ def encode_tokens(tag_tokens: list[list[int]], bos: int, eos: int, comma: int) -
         body.extend(tokens)
     body = body[: CONTEXT - 2]
     return [bos, *body, eos] + [eos] * (CONTEXT - 2 - len(body))
+
+
+class CaptionBatcher:
+    """Token ids of training captions: tags pre-tokenised once, reshuffled (and optionally thinned) per
+    use, captions dropped to "" for CFG's unconditional prediction.
+
+    Random draws come from torch's global generator in a fixed order (dropout mask, then per caption a
+    permutation and, when thinning, a keep mask), so a resumed run replays the same stream."""
+
+    def __init__(self, captions: list[str]) -> None:
+        from voidprompt.prompts.tokenizer import load_clip_tokenizer
+
+        tokenizer = load_clip_tokenizer()
+        self._bos, self._eos = tokenizer.bos_id, tokenizer.eos_id
+        self._comma = tokenizer.encode(",")[0]
+        cache: dict[str, list[int]] = {}
+        self._tags = [[cache.setdefault(t, tokenizer.encode(t)) for t in c.split(", ")] for c in captions]
+        self._empty = encode_tokens([], self._bos, self._eos, self._comma)
+
+    def batch(self, indices: list[int], dropout: float, keep_prob: float | None = None) -> torch.Tensor:
+        """(len(indices), 77) ids; ``keep_prob`` keeps each tag with that probability (at least one)."""
+        drop = torch.rand(len(indices)) < dropout
+        rows = []
+        for j, i in enumerate(indices):
+            if drop[j]:
+                rows.append(self._empty)
+                continue
+            order = torch.randperm(len(self._tags[i])).tolist()
+            if keep_prob is not None:
+                keep = (torch.rand(len(order)) < keep_prob).tolist()
+                order = [k for k, kept in zip(order, keep, strict=True) if kept] or order[:1]
+            rows.append(encode_tokens([self._tags[i][k] for k in order], self._bos, self._eos, self._comma))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+def reconstruction_losses(
+    rec: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L1, L2 and the L1 of image gradients (keeps edges sharp) between a decoded and a true picture.
+
+    Built in this order on purpose: the graph's order sets the order in which backward sums
+    gradients, and the shipped VAE phase was trained with this one. (The shipped decoder phase built
+    L2 after the edge term, so a rerun of that phase differs from the shipped decoder by float
+    rounding only; see MODEL_CARD.md.)"""
+    l1 = (rec - x).abs().mean()
+    l2 = (rec - x).square().mean()
+    edge = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean()
+    return l1, l2, edge
 
 
 # ----------------------------------------------------------------------------------- modules and export
@@ -412,11 +462,7 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn_like(posterior.mean)
             rec = vae.decode(z).sample
-            l1 = (rec - x).abs().mean()
-            l2 = (rec - x).square().mean()
-            edge = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (
-                rec.diff(dim=-2) - x.diff(dim=-2)
-            ).abs().mean()
+            l1, l2, edge = reconstruction_losses(rec, x)
             kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
             loss = l1 + l2 + config.edge_weight * edge + config.kl_weight * kl
             vae_opt.zero_grad(set_to_none=True)
@@ -462,15 +508,7 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
 
     # ------------------------------------------------------------------ phase 3: text encoder + UNet
     if state.phase == "diffusion":
-        from voidprompt.prompts.tokenizer import load_clip_tokenizer
-
-        tokenizer = load_clip_tokenizer()
-        comma = tokenizer.encode(",")[0]
-        tag_cache: dict[str, list[int]] = {}
-        tag_tokens = [
-            [tag_cache.setdefault(t, tokenizer.encode(t)) for t in c.split(", ")] for c in captions
-        ]
-        empty = encode_tokens([], tokenizer.bos_id, tokenizer.eos_id, comma)
+        captions_in = CaptionBatcher(captions)
         abar = sd1_alphas_cumprod()
         snr = abar / (1.0 - abar)
         loss_weight = torch.clamp(snr, max=config.min_snr_gamma) / snr
@@ -485,19 +523,9 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
                 group["lr"] = lr
             idx = torch.randint(0, n, (config.batch_size,))
             x0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) * state.scaling_factor
-            drop = torch.rand(config.batch_size) < config.caption_dropout
-            rows = []
-            for j, i in enumerate(idx.tolist()):
-                if drop[j]:
-                    rows.append(empty)
-                    continue
-                order = torch.randperm(len(tag_tokens[i])).tolist()
-                if state.step >= config.partial_captions_from:
-                    keep = (torch.rand(len(order)) < config.tag_keep_prob).tolist()
-                    order = [k for k, kept in zip(order, keep, strict=True) if kept] or order[:1]
-                shuffled = [tag_tokens[i][k] for k in order]
-                rows.append(encode_tokens(shuffled, tokenizer.bos_id, tokenizer.eos_id, comma))
-            ids = torch.tensor(rows, dtype=torch.long)
+            partial = state.step >= config.partial_captions_from
+            ids = captions_in.batch(idx.tolist(), config.caption_dropout,
+                                    config.tag_keep_prob if partial else None)
             t = torch.randint(0, 1000, (config.batch_size,))
             eps = torch.randn_like(x0)
             a = abar[t].view(-1, 1, 1, 1)
@@ -589,11 +617,8 @@ def _finetune_decoder(
             noise = torch.randn(lat_mean[idx].shape, generator=gen)
             z = lat_mean[idx] + lat_std[idx] * noise
             rec = vae.decode(z).sample
-            l1 = (rec - x).abs().mean()
-            edge = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (
-                rec.diff(dim=-2) - x.diff(dim=-2)
-            ).abs().mean()
-            loss = l1 + (rec - x).square().mean() + config.edge_weight * edge
+            l1, l2, edge = reconstruction_losses(rec, x)
+            loss = l1 + l2 + config.edge_weight * edge
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, config.grad_clip)
