@@ -14,6 +14,7 @@ from voidprompt.demo.train import (
     TrainConfig,
     TrainError,
     _fresh_modules,
+    blind_padding,
     encode_tokens,
     text_condition,
     train,
@@ -164,3 +165,43 @@ def test_decoder_phase_changes_only_the_decoder_and_is_independent_of_the_diffus
 def test_tag_keep_prob_is_validated(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="tag_keep_prob"):
         TrainConfig(out_dir=tmp_path, tag_keep_prob=0.0)
+
+
+def test_diffusion_lr_warms_up_holds_then_falls_linearly_to_zero(tmp_path: Path) -> None:
+    config = TrainConfig(out_dir=tmp_path, lr=1e-3, warmup_steps=10, diffusion_steps=200, lr_decay_from=100)
+    # Warm-up: step s (0-based) uses (s + 1) / 10 of the lr.
+    assert config.diffusion_lr(0) == pytest.approx(1e-4)
+    assert config.diffusion_lr(4) == pytest.approx(5e-4)
+    # Stable up to the decay start.
+    assert config.diffusion_lr(50) == pytest.approx(1e-3)
+    assert config.diffusion_lr(99) == pytest.approx(1e-3)
+    # Linear decay over the last 100 steps: (200 - s) / 100 of the lr, never exactly 0 on a trained step.
+    assert config.diffusion_lr(100) == pytest.approx(1e-3)
+    assert config.diffusion_lr(150) == pytest.approx(5e-4)
+    assert config.diffusion_lr(199) == pytest.approx(1e-5)
+    constant = TrainConfig(out_dir=tmp_path, lr=1e-3, warmup_steps=10, diffusion_steps=200)
+    assert constant.diffusion_lr(199) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("start", [-1, 200, 500])
+def test_lr_decay_start_must_lie_inside_the_diffusion_phase(tmp_path: Path, start: int) -> None:
+    with pytest.raises(TrainError, match="lr_decay_from"):
+        TrainConfig(out_dir=tmp_path, diffusion_steps=200, lr_decay_from=start)
+
+
+def test_blind_padding_replaces_the_eos_run_of_the_chosen_captions_only() -> None:
+    eos = 9
+    ids = torch.tensor([[1, 5, 6, eos, eos, eos], [1, 5, eos, eos, eos, eos], [1, 5, 6, 7, 8, eos]])
+    context = torch.arange(3 * 6 * 2, dtype=torch.float32).view(3, 6, 2)
+    empty = torch.full((1, 6, 2), -1.0)
+    out = blind_padding(context, ids, empty, eos, torch.tensor([True, False, True]))
+    expected = context.clone()
+    expected[0, 3:] = -1.0  # from the first EOS (position 3) on
+    expected[2, 5:] = -1.0
+    assert torch.equal(out, expected)
+    assert torch.equal(context, torch.arange(36, dtype=torch.float32).view(3, 6, 2))  # input untouched
+
+
+def test_padding_blind_prob_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="padding_blind_prob"):
+        TrainConfig(out_dir=tmp_path, padding_blind_prob=1.5)

@@ -46,7 +46,20 @@ def _train_parser() -> argparse.ArgumentParser:
         default=d.decoder_steps,
         help="steps of the VAE-decoder fine-tune (encoder frozen) after the diffusion phase",
     )
+    p.add_argument(
+        "--padding-blind-from",
+        type=int,
+        default=d.padding_blind_from,
+        help="diffusion step from which captions' EOS runs are sometimes replaced by the empty caption's",
+    )
+    p.add_argument("--padding-blind-prob", type=float, default=d.padding_blind_prob)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument(
+        "--lr-decay-from",
+        type=int,
+        default=d.lr_decay_from,
+        help="diffusion step from which the lr falls linearly to 0 at --diffusion-steps (default: constant)",
+    )
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
     return p
@@ -66,7 +79,10 @@ def _train(argv: list[str]) -> int:
         partial_captions_from=args.partial_captions_from,
         tag_keep_prob=args.tag_keep_prob,
         decoder_steps=args.decoder_steps,
+        padding_blind_from=args.padding_blind_from,
+        padding_blind_prob=args.padding_blind_prob,
         lr=args.lr,
+        lr_decay_from=args.lr_decay_from,
         threads=args.threads,
         checkpoint_minutes=args.checkpoint_minutes,
         minutes=args.minutes,
