@@ -144,26 +144,31 @@ def main() -> None:
         print(counts, flush=True)
     if "emphasis" in only:
         t0 = time.perf_counter()
-        fit, rates = emphasis_slope(engine, args.emphasis_tag, args.emphasis_n, seed=400000)
-        figures["emphasis"] = {
-            "tag": args.emphasis_tag,
-            "rates": {str(w): [r.k, r.n] for w, r in rates.items()},
-            "slope": fit.slope,
-            "low": fit.low,
-            "high": fit.high,
-        }
-        lines += [
-            f"## Emphasis: negative prompt `({args.emphasis_tag}:W)`, empty prompt",
-            "",
-            "| W | rate |",
-            "|---|---|",
-            *[f"| {w:g} | {r} |" for w, r in rates.items()],
-            "",
-            f"slope {fit.slope:.3f} per unit W (95% CI {fit.low:.3f} .. {fit.high:.3f})",
-            "",
-        ]
+        tag = args.emphasis_tag
+        # The floor's measurement (positive prompt = the tag, so the rate can fall), then the study's
+        # own setting (empty prompt), where one negative tag already removes the defect at any W.
+        for key, prompt in (("emphasis", tag), ("emphasis_empty_prompt", "")):
+            fit, rates = emphasis_slope(engine, tag, args.emphasis_n, seed=400000, prompt=prompt)
+            figures[key] = {
+                "tag": tag,
+                "prompt": prompt,
+                "rates": {str(w): [r.k, r.n] for w, r in rates.items()},
+                "slope": fit.slope,
+                "low": fit.low,
+                "high": fit.high,
+            }
+            lines += [
+                f"## Emphasis: prompt `{prompt}`, negative prompt `({tag}:W)`",
+                "",
+                "| W | rate |",
+                "|---|---|",
+                *[f"| {w:g} | {r} |" for w, r in rates.items()],
+                "",
+                f"slope {fit.slope:.3f} per unit W (95% CI {fit.low:.3f} .. {fit.high:.3f})",
+                "",
+            ]
+            print(lines[-2], flush=True)
         timed("emphasis", t0)
-        print(lines[-2], flush=True)
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1, default=str))

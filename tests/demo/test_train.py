@@ -11,6 +11,7 @@ import torch
 from voidprompt.demo.train import (
     FINAL_LN_BIAS_MEAN,
     MINIATURE_ARCH,
+    CaptionBatcher,
     TrainConfig,
     TrainError,
     _fresh_modules,
@@ -205,3 +206,30 @@ def test_blind_padding_replaces_the_eos_run_of_the_chosen_captions_only() -> Non
 def test_padding_blind_prob_is_validated(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="padding_blind_prob"):
         TrainConfig(out_dir=tmp_path, padding_blind_prob=1.5)
+
+
+def test_foreign_tags_are_words_the_world_never_uses_added_to_whole_captions() -> None:
+    captions = ["red circle, solo, white background", "blue star, 2shapes, cropped"]
+    batcher = CaptionBatcher(captions)
+    tokenizer = load_clip_tokenizer()
+    world = {t for c in captions for tag in c.split(", ") for t in tokenizer.encode(tag)}
+    comma = tokenizer.encode(",")[0]
+    torch.manual_seed(0)
+    ids = batcher.batch([0, 1] * 20, dropout=0.0, foreign_prob=1.0)
+    for row, caption in zip(ids.tolist(), captions * 20, strict=True):
+        body = row[1 : row.index(tokenizer.eos_id)]
+        words = [t for t in body if t != comma]
+        own = [t for tag in caption.split(", ") for t in tokenizer.encode(tag)]
+        foreign = [t for t in words if t not in world]
+        assert sorted(t for t in words if t in world) == sorted(own)  # every tag kept
+        assert 1 <= len(foreign) <= 3
+        assert body.count(comma) == len(caption.split(", ")) - 1 + len(foreign)  # one tag per foreign word
+    torch.manual_seed(0)
+    plain = batcher.batch([0, 1] * 20, dropout=0.0)
+    bodies = [row[1 : row.index(tokenizer.eos_id)] for row in plain.tolist()]
+    assert all(t in world or t == comma for body in bodies for t in body)
+
+
+def test_foreign_tag_prob_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="foreign_tag_prob"):
+        TrainConfig(out_dir=tmp_path, foreign_tag_prob=-0.1)

@@ -53,6 +53,13 @@ def _train_parser() -> argparse.ArgumentParser:
         help="diffusion step from which captions' EOS runs are sometimes replaced by the empty caption's",
     )
     p.add_argument("--padding-blind-prob", type=float, default=d.padding_blind_prob)
+    p.add_argument(
+        "--foreign-tags-from",
+        type=int,
+        default=d.foreign_tags_from,
+        help="diffusion step from which captions sometimes get tags of words the world never uses",
+    )
+    p.add_argument("--foreign-tag-prob", type=float, default=d.foreign_tag_prob)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument(
         "--lr-decay-from",
@@ -81,6 +88,8 @@ def _train(argv: list[str]) -> int:
         decoder_steps=args.decoder_steps,
         padding_blind_from=args.padding_blind_from,
         padding_blind_prob=args.padding_blind_prob,
+        foreign_tags_from=args.foreign_tags_from,
+        foreign_tag_prob=args.foreign_tag_prob,
         lr=args.lr,
         lr_decay_from=args.lr_decay_from,
         threads=args.threads,

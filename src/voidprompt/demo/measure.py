@@ -157,10 +157,15 @@ def count_ratio(engine: Any, n: int, seed: int, *, prompt: str = "") -> dict[str
 
 def emphasis_slope(
     engine: Any, tag: str, n: int, seed: int, *, weights: Sequence[float] = EMPHASIS_WEIGHTS,
-    base_negative: str = "", **changes: Any,
+    prompt: str = "", base_negative: str = "", **changes: Any,
 ) -> tuple[SlopeFit, dict[float, Proportion]]:
-    """Rate of the ``tag`` defect against the weight W of ``(tag:W)`` in the negative prompt
-    (``changes``: other request fields, e.g. ``cfg_scale``).
+    """Rate of the ``tag`` defect against the weight W of ``(tag:W)`` in the negative prompt, with
+    ``prompt`` as the positive prompt (``changes``: other request fields, e.g. ``cfg_scale``).
+
+    With ``prompt=tag`` the rate can move both ways: at W = 1 the two conditionings are identical (CFG
+    does nothing), below 1 guidance pushes towards the defect, above 1 away from it - the change is
+    emphasis alone. With the empty prompt one negative tag at any W already removes a rare defect on
+    the miniature model (a floor effect, see its MODEL_CARD.md).
 
     The slope is fitted on the per-picture 0/1 outcomes (n x len(weights) points), so its interval
     reflects the binomial noise of each rate.
@@ -170,7 +175,7 @@ def emphasis_slope(
     ys: list[float] = []
     for w in weights:
         negative = f"{base_negative + ', ' if base_negative else ''}({tag}:{w:g})"
-        images = generate_images(engine, "", negative, n, seed, **changes)
+        images = generate_images(engine, prompt, negative, n, seed, **changes)
         found = [tag in d.defect_flags for d in detect_all(images)]
         rates[w] = Proportion(sum(found), len(found))
         xs += [w] * len(found)

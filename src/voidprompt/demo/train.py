@@ -153,6 +153,13 @@ class TrainConfig:
     # the caption. None: never.
     padding_blind_from: int | None = None
     padding_blind_prob: float = 0.5
+    # From this diffusion step on, a share `foreign_tag_prob` of the captions get 1-3 extra tags made
+    # of random vocabulary tokens the world never uses. The world has ~60 words; real prompts carry
+    # others (the NovelAI list's `bad hands`, `missing fingers`), whose embeddings stay at their random
+    # init. A UNet that reads tag tokens (see padding_blind_*) must learn that such words mean nothing,
+    # or CFG amplifies them into off-world pictures. None: never.
+    foreign_tags_from: int | None = None
+    foreign_tag_prob: float = 0.5
     grad_clip: float = 1.0
     # Decoder fine-tune phase (encoder frozen, on the cached latents, whole pictures).
     decoder_steps: int = 2999
@@ -176,6 +183,8 @@ class TrainConfig:
             raise TrainError(f"caption_dropout={self.caption_dropout}: must be within 0..1")
         if not 0.0 < self.tag_keep_prob <= 1.0:
             raise TrainError(f"tag_keep_prob={self.tag_keep_prob}: must be within (0, 1]")
+        if not 0.0 <= self.foreign_tag_prob <= 1.0:
+            raise TrainError(f"foreign_tag_prob={self.foreign_tag_prob}: must be within 0..1")
         if not 0.0 <= self.padding_blind_prob <= 1.0:
             raise TrainError(f"padding_blind_prob={self.padding_blind_prob}: must be within 0..1")
         if self.lr_decay_from is not None and not 0 <= self.lr_decay_from < self.diffusion_steps:
@@ -254,6 +263,8 @@ class CaptionBatcher:
         cache: dict[str, list[int]] = {}
         self._tags = [[cache.setdefault(t, tokenizer.encode(t)) for t in c.split(", ")] for c in captions]
         self._empty = encode_tokens([], self._bos, self._eos, self._comma)
+        used = {tok for tokens in cache.values() for tok in tokens} | {self._bos, self._eos, self._comma}
+        self._foreign = torch.tensor([t for t in range(tokenizer.vocab_size) if t not in used])
 
     @property
     def eos(self) -> int:
@@ -263,8 +274,13 @@ class CaptionBatcher:
         """(1, 77) ids of the empty caption."""
         return torch.tensor([self._empty])
 
-    def batch(self, indices: list[int], dropout: float, keep_prob: float | None = None) -> torch.Tensor:
-        """(len(indices), 77) ids; ``keep_prob`` keeps each tag with that probability (at least one)."""
+    def batch(
+        self, indices: list[int], dropout: float, keep_prob: float | None = None,
+        foreign_prob: float | None = None,
+    ) -> torch.Tensor:
+        """(len(indices), 77) ids; ``keep_prob`` keeps each tag with that probability (at least one);
+        ``foreign_prob`` adds, with that probability, 1-3 one-token tags the world never uses at random
+        places (draws only when given, so runs without it replay the same stream)."""
         drop = torch.rand(len(indices)) < dropout
         rows = []
         for j, i in enumerate(indices):
@@ -275,7 +291,12 @@ class CaptionBatcher:
             if keep_prob is not None:
                 keep = (torch.rand(len(order)) < keep_prob).tolist()
                 order = [k for k, kept in zip(order, keep, strict=True) if kept] or order[:1]
-            rows.append(encode_tokens([self._tags[i][k] for k in order], self._bos, self._eos, self._comma))
+            tags = [self._tags[i][k] for k in order]
+            if foreign_prob is not None and float(torch.rand(())) < foreign_prob:
+                for _ in range(int(torch.randint(1, 4, ()))):
+                    word = [int(self._foreign[torch.randint(len(self._foreign), ())])]
+                    tags.insert(int(torch.randint(len(tags) + 1, ())), word)
+            rows.append(encode_tokens(tags, self._bos, self._eos, self._comma))
         return torch.tensor(rows, dtype=torch.long)
 
 
@@ -571,8 +592,10 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
             idx = torch.randint(0, n, (config.batch_size,))
             x0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) * state.scaling_factor
             partial = state.step >= config.partial_captions_from
+            foreign = config.foreign_tags_from is not None and state.step >= config.foreign_tags_from
             ids = captions_in.batch(idx.tolist(), config.caption_dropout,
-                                    config.tag_keep_prob if partial else None)
+                                    config.tag_keep_prob if partial else None,
+                                    config.foreign_tag_prob if foreign else None)
             t = torch.randint(0, 1000, (config.batch_size,))
             eps = torch.randn_like(x0)
             a = abar[t].view(-1, 1, 1, 1)
