@@ -233,3 +233,20 @@ def test_foreign_tags_are_words_the_world_never_uses_added_to_whole_captions() -
 def test_foreign_tag_prob_is_validated(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="foreign_tag_prob"):
         TrainConfig(out_dir=tmp_path, foreign_tag_prob=-0.1)
+
+
+def test_blind_padding_and_foreign_tags_act_from_their_step_only(tmp_path: Path) -> None:
+    base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_steps=0,
+                checkpoint_minutes=1000.0)
+    on = dict(padding_blind_from=2, padding_blind_prob=1.0, foreign_tags_from=2, foreign_tag_prob=1.0)
+    off = dict(padding_blind_from=None, foreign_tags_from=None)
+
+    def run(name: str, steps: int, options: dict[str, object]) -> dict[str, torch.Tensor]:
+        config = TrainConfig(out_dir=tmp_path / name, diffusion_steps=steps, **base, **options)  # type: ignore[arg-type]
+        return _tensors(train(config, log_fn=lambda _: None))
+
+    before_on, before_off = run("a", 2, on), run("b", 2, off)
+    assert all(torch.equal(before_on[k], before_off[k]) for k in before_off)
+    after_on, after_off = run("c", 3, on), run("d", 3, off)
+    unet = [k for k in after_off if k.startswith("model.diffusion_model.")]
+    assert any(not torch.equal(after_on[k], after_off[k]) for k in unet)

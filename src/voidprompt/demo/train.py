@@ -131,7 +131,7 @@ class TrainConfig:
     kl_weight: float = 1e-4  # on the per-element KL; light: the scaling factor fixes the scale
     edge_weight: float = 0.5
     # Diffusion phase.
-    diffusion_steps: int = 22876
+    diffusion_steps: int = 28876
     batch_size: int = 16
     lr: float = 6e-4
     warmup_steps: int = 50
@@ -150,15 +150,15 @@ class TrainConfig:
     # to read the caption there (85% of its cross-attention) instead of at the tag tokens - which
     # inverts A1111 emphasis: `(tag:W)` scales only the tag's own position, so a higher W moves
     # attention off the summary and weakens the tag. Blinding the summary makes the tag tokens carry
-    # the caption. None: never.
-    padding_blind_from: int | None = None
+    # the caption. None: never. (The shipped model: the last 6000 steps, with foreign tags.)
+    padding_blind_from: int | None = 22876
     padding_blind_prob: float = 0.5
     # From this diffusion step on, a share `foreign_tag_prob` of the captions get 1-3 extra tags made
     # of random vocabulary tokens the world never uses. The world has ~60 words; real prompts carry
     # others (the NovelAI list's `bad hands`, `missing fingers`), whose embeddings stay at their random
     # init. A UNet that reads tag tokens (see padding_blind_*) must learn that such words mean nothing,
     # or CFG amplifies them into off-world pictures. None: never.
-    foreign_tags_from: int | None = None
+    foreign_tags_from: int | None = 22876
     foreign_tag_prob: float = 0.5
     grad_clip: float = 1.0
     # Decoder fine-tune phase (encoder frozen, on the cached latents, whole pictures).
