@@ -250,3 +250,28 @@ def test_blind_padding_and_foreign_tags_act_from_their_step_only(tmp_path: Path)
     after_on, after_off = run("c", 3, on), run("d", 3, off)
     unet = [k for k in after_off if k.startswith("model.diffusion_model.")]
     assert any(not torch.equal(after_on[k], after_off[k]) for k in unet)
+
+
+def test_train_command_line_maps_flags_onto_the_config_and_defaults_onto_its_defaults(tmp_path: Path) -> None:
+    from voidprompt.demo.cli import train_config
+
+    config, resume = train_config(["--out", str(tmp_path)])
+    assert not resume
+    assert config == TrainConfig(out_dir=tmp_path)  # no flag: the committed model's settings
+    config, resume = train_config([
+        "--out", str(tmp_path), "--resume", "--minutes", "5", "--diffusion-steps", "300", "--lr", "1e-3",
+        "--padding-blind-from", "none", "--foreign-tags-from", "100", "--lr-decay-from", "200",
+    ])
+    assert resume
+    assert config == TrainConfig(
+        out_dir=tmp_path, minutes=5.0, diffusion_steps=300, lr=1e-3, padding_blind_from=None,
+        foreign_tags_from=100, lr_decay_from=200,
+    )
+
+
+def test_train_command_line_rejects_a_step_that_is_not_a_number(capsys: pytest.CaptureFixture[str]) -> None:
+    from voidprompt.demo.cli import train_config
+
+    with pytest.raises(SystemExit):
+        train_config(["--lr-decay-from", "soon"])
+    assert "'soon' is not a step" in capsys.readouterr().err

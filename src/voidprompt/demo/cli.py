@@ -14,89 +14,87 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from voidprompt.errors import VoidpromptError
+
+if TYPE_CHECKING:
+    from voidprompt.demo.train import TrainConfig
 
 __all__ = ["main"]
 
 
+# TrainConfig fields `voidprompt demo train` sets, as --field-name flags, with a help text where the
+# name is not enough. The flag's type follows the field: `int | None` fields also take "none".
+_TRAIN_FLAGS: dict[str, str | None] = {
+    "seed": None,
+    "n_images": None,
+    "vae_steps": None,
+    "diffusion_steps": None,
+    "batch_size": None,
+    "partial_captions_from": "diffusion step from which single tags are dropped from captions",
+    "tag_keep_prob": None,
+    "decoder_steps": "steps of the VAE-decoder fine-tune (encoder frozen) after the diffusion phase",
+    "padding_blind_from": "diffusion step from which captions' EOS runs are sometimes replaced by the "
+    "empty caption's",
+    "padding_blind_prob": None,
+    "foreign_tags_from": "diffusion step from which captions sometimes get tags of words the world "
+    "never uses",
+    "foreign_tag_prob": None,
+    "lr": None,
+    "lr_decay_from": "diffusion step from which the lr falls linearly to 0 at --diffusion-steps",
+    "threads": None,
+    "checkpoint_minutes": None,
+}
+
+
+def _step_or_none(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step: give a whole number or 'none'") from None
+
+
 def _train_parser() -> argparse.ArgumentParser:
+    from dataclasses import fields
+
     from voidprompt.demo.train import TrainConfig
 
     d = TrainConfig(out_dir=Path("."))
+    annotations = {f.name: str(f.type) for f in fields(TrainConfig)}
     p = argparse.ArgumentParser(prog="voidprompt demo train", description="Train the miniature model.")
     p.add_argument("--out", type=Path, default=Path("outputs/miniature-train"), help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--n-images", type=int, default=d.n_images)
-    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
-    p.add_argument("--diffusion-steps", type=int, default=d.diffusion_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument(
-        "--partial-captions-from",
-        type=int,
-        default=d.partial_captions_from,
-        help="diffusion step from which single tags are dropped from captions",
-    )
-    p.add_argument("--tag-keep-prob", type=float, default=d.tag_keep_prob)
-    p.add_argument(
-        "--decoder-steps",
-        type=int,
-        default=d.decoder_steps,
-        help="steps of the VAE-decoder fine-tune (encoder frozen) after the diffusion phase",
-    )
-    p.add_argument(
-        "--padding-blind-from",
-        type=int,
-        default=d.padding_blind_from,
-        help="diffusion step from which captions' EOS runs are sometimes replaced by the empty caption's",
-    )
-    p.add_argument("--padding-blind-prob", type=float, default=d.padding_blind_prob)
-    p.add_argument(
-        "--foreign-tags-from",
-        type=int,
-        default=d.foreign_tags_from,
-        help="diffusion step from which captions sometimes get tags of words the world never uses",
-    )
-    p.add_argument("--foreign-tag-prob", type=float, default=d.foreign_tag_prob)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument(
-        "--lr-decay-from",
-        type=int,
-        default=d.lr_decay_from,
-        help="diffusion step from which the lr falls linearly to 0 at --diffusion-steps (default: constant)",
-    )
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
+    for name, help_text in _TRAIN_FLAGS.items():
+        default = getattr(d, name)
+        optional = "None" in annotations[name]
+        shown = f"default {default}" + ("; 'none': never" if optional else "")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_step_or_none if optional else type(default),
+            default=default,
+            help=f"{help_text} ({shown})" if help_text else shown,
+        )
     return p
 
 
-def _train(argv: list[str]) -> int:
-    from voidprompt.demo.train import TrainConfig, train
+def train_config(argv: list[str]) -> tuple[TrainConfig, bool]:
+    """The TrainConfig and the --resume flag of a `voidprompt demo train` command line."""
+    from voidprompt.demo.train import TrainConfig
 
     args = _train_parser().parse_args(argv)
-    config = TrainConfig(
-        out_dir=args.out,
-        seed=args.seed,
-        n_images=args.n_images,
-        vae_steps=args.vae_steps,
-        diffusion_steps=args.diffusion_steps,
-        batch_size=args.batch_size,
-        partial_captions_from=args.partial_captions_from,
-        tag_keep_prob=args.tag_keep_prob,
-        decoder_steps=args.decoder_steps,
-        padding_blind_from=args.padding_blind_from,
-        padding_blind_prob=args.padding_blind_prob,
-        foreign_tags_from=args.foreign_tags_from,
-        foreign_tag_prob=args.foreign_tag_prob,
-        lr=args.lr,
-        lr_decay_from=args.lr_decay_from,
-        threads=args.threads,
-        checkpoint_minutes=args.checkpoint_minutes,
-        minutes=args.minutes,
-    )
-    path = train(config, resume=args.resume, log_fn=lambda s: print(s, flush=True))
+    settings = {name: getattr(args, name) for name in _TRAIN_FLAGS}
+    return TrainConfig(out_dir=args.out, minutes=args.minutes, **settings), args.resume
+
+
+def _train(argv: list[str]) -> int:
+    from voidprompt.demo.train import train
+
+    config, resume = train_config(argv)
+    path = train(config, resume=resume, log_fn=lambda s: print(s, flush=True))
     print(f"model: {path}")
     return 0
 

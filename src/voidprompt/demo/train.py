@@ -263,6 +263,7 @@ class CaptionBatcher:
         cache: dict[str, list[int]] = {}
         self._tags = [[cache.setdefault(t, tokenizer.encode(t)) for t in c.split(", ")] for c in captions]
         self._empty = encode_tokens([], self._bos, self._eos, self._comma)
+        self._empty_ids = torch.tensor([self._empty])
         used = {tok for tokens in cache.values() for tok in tokens} | {self._bos, self._eos, self._comma}
         self._foreign = torch.tensor([t for t in range(tokenizer.vocab_size) if t not in used])
 
@@ -272,7 +273,7 @@ class CaptionBatcher:
 
     def empty(self) -> torch.Tensor:
         """(1, 77) ids of the empty caption."""
-        return torch.tensor([self._empty])
+        return self._empty_ids
 
     def batch(
         self, indices: list[int], dropout: float, keep_prob: float | None = None,
