@@ -163,6 +163,24 @@ def test_decoder_phase_changes_only_the_decoder_and_is_independent_of_the_diffus
     assert any(k.startswith("first_stage_model.decoder.up.") for k in changed)
 
 
+def test_decoder_latent_noise_acts_from_its_step_only(tmp_path: Path) -> None:
+    base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_batch=4,
+                diffusion_steps=1, checkpoint_minutes=1000.0)
+
+    def decoder(name: str, steps: int, noise_from: int | None) -> dict[str, torch.Tensor]:
+        config = TrainConfig(out_dir=tmp_path / name, decoder_steps=steps, decoder_noise_from=noise_from,
+                             **base)  # type: ignore[arg-type]
+        weights = _tensors(train(config, log_fn=lambda _: None))
+        return {k: v for k, v in weights.items() if k.startswith("first_stage_model.decoder.")}
+
+    before_on, before_off = decoder("a", 2, 2), decoder("b", 2, None)
+    assert all(torch.equal(before_on[k], before_off[k]) for k in before_off)
+    after_on, after_off = decoder("c", 3, 2), decoder("d", 3, None)
+    assert any(not torch.equal(after_on[k], after_off[k]) for k in after_off)
+    with pytest.raises(TrainError, match="decoder_latent_noise"):
+        TrainConfig(out_dir=tmp_path, decoder_latent_noise=-0.1)
+
+
 def test_tag_keep_prob_is_validated(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="tag_keep_prob"):
         TrainConfig(out_dir=tmp_path, tag_keep_prob=0.0)
@@ -252,6 +270,30 @@ def test_blind_padding_and_foreign_tags_act_from_their_step_only(tmp_path: Path)
     assert any(not torch.equal(after_on[k], after_off[k]) for k in unet)
 
 
+def test_upright_pictures_replace_the_turned_ones_from_their_step_only(tmp_path: Path) -> None:
+    base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_steps=0,
+                checkpoint_minutes=1000.0, padding_blind_from=None, foreign_tags_from=None)
+
+    def run(name: str, steps: int, upright_from: int | None) -> dict[str, torch.Tensor]:
+        config = TrainConfig(out_dir=tmp_path / name, diffusion_steps=steps, upright_from=upright_from,
+                             **base)  # type: ignore[arg-type]
+        return _tensors(train(config, log_fn=lambda _: None))
+
+    before_on, before_off = run("a", 2, 2), run("b", 2, None)
+    assert all(torch.equal(before_on[k], before_off[k]) for k in before_off)
+    after_on, after_off = run("c", 3, 2), run("d", 3, None)
+    unet = [k for k in after_off if k.startswith("model.diffusion_model.")]
+    assert any(not torch.equal(after_on[k], after_off[k]) for k in unet)
+    # The cached upright set: the same captions, other pixels, encoded into latents of the same shape.
+    turned = torch.load(tmp_path / "c" / "images.pt", weights_only=True)
+    upright = torch.load(tmp_path / "c" / "images-upright.pt", weights_only=True)
+    assert upright["captions"] == turned["captions"]
+    assert not torch.equal(upright["images"], turned["images"])
+    latents = torch.load(tmp_path / "c" / "latents.pt", weights_only=True)["mean"]
+    assert torch.load(tmp_path / "c" / "latents-upright.pt", weights_only=True)["mean"].shape == latents.shape
+    assert not (tmp_path / "d" / "images-upright.pt").exists()
+
+
 def test_train_command_line_maps_flags_onto_the_config_and_defaults_onto_its_defaults(tmp_path: Path) -> None:
     from voidprompt.demo.cli import train_config
 
@@ -261,12 +303,16 @@ def test_train_command_line_maps_flags_onto_the_config_and_defaults_onto_its_def
     config, resume = train_config([
         "--out", str(tmp_path), "--resume", "--minutes", "5", "--diffusion-steps", "300", "--lr", "1e-3",
         "--padding-blind-from", "none", "--foreign-tags-from", "100", "--lr-decay-from", "200",
+        "--upright-from", "250", "--min-snr-gamma", "none", "--decoder-latent-noise", "0.2",
     ])
     assert resume
     assert config == TrainConfig(
         out_dir=tmp_path, minutes=5.0, diffusion_steps=300, lr=1e-3, padding_blind_from=None,
-        foreign_tags_from=100, lr_decay_from=200,
+        foreign_tags_from=100, lr_decay_from=200, upright_from=250, min_snr_gamma=None,
+        decoder_latent_noise=0.2,
     )
+    config, _ = train_config(["--min-snr-gamma", "2.5"])
+    assert config.min_snr_gamma == 2.5
 
 
 def test_train_command_line_rejects_a_step_that_is_not_a_number(capsys: pytest.CaptureFixture[str]) -> None:
@@ -275,3 +321,6 @@ def test_train_command_line_rejects_a_step_that_is_not_a_number(capsys: pytest.C
     with pytest.raises(SystemExit):
         train_config(["--lr-decay-from", "soon"])
     assert "'soon' is not a step" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_config(["--min-snr-gamma", "high"])
+    assert "'high' is not a number" in capsys.readouterr().err

@@ -7,9 +7,11 @@ from voidprompt.demo.world import (
     DEFECTS,
     PALETTE,
     TAG_VOCABULARY,
+    UPRIGHT_ROTATION,
     Background,
     Scene,
     ShapeObject,
+    WorldConfig,
     WorldError,
     caption,
     make_dataset,
@@ -127,3 +129,41 @@ def test_bad_values_raise_world_errors() -> None:
         Scene((), Background("solid", ("white",)))
     with pytest.raises(WorldError, match="too small"):
         render(Scene((ShapeObject("circle", "red", (0.5, 0.5), 0.1),), Background("solid", ("white",))), 16)
+
+
+def test_upright_world_holds_the_same_scenes_only_turned() -> None:
+    free = list(make_dataset(40, seed=3))
+    upright = list(make_dataset(40, seed=3, config=WorldConfig(upright=True)))
+    for (_, cap_free, scene_free), (_, cap_up, scene_up) in zip(free, upright, strict=True):
+        assert cap_free == cap_up
+        assert scene_free.background == scene_up.background and scene_free.defects == scene_up.defects
+        for a, b in zip(scene_free.objects, scene_up.objects, strict=True):
+            assert (a.kind, a.colour, a.centre, a.size) == (b.kind, b.colour, b.centre, b.size)
+            assert b.rotation == UPRIGHT_ROTATION[b.kind]
+    assert any(o.rotation != UPRIGHT_ROTATION[o.kind] for _, _, s in free for o in s.objects)
+
+
+def _mask(kind: str, rotation: float) -> np.ndarray:
+    scene = Scene((ShapeObject(kind, "red", (0.5, 0.5), 0.35, rotation),), Background("solid", ("white",)))
+    pixels = np.asarray(render(scene, 128)).astype(int)
+    return (pixels[..., 1] < 128) & (pixels[..., 0] > 128)  # red: low green, high red
+
+
+def _row_widths(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.flatnonzero(mask.any(axis=1))
+    return rows, mask[rows].sum(axis=1)
+
+
+def test_upright_rotation_turns_squares_square_on_and_points_triangles_and_stars_up() -> None:
+    square = _mask("square", UPRIGHT_ROTATION["square"])
+    rows, widths = _row_widths(square)
+    # Axis-aligned: every row of the square is equally wide (a turned one is a diamond).
+    assert widths.min() >= widths.max() - 2
+    assert _row_widths(_mask("square", 45.0))[1].min() < 0.2 * widths.max()
+    for kind in ("triangle", "star"):
+        rows, widths = _row_widths(_mask(kind, UPRIGHT_ROTATION[kind]))
+        top = widths[: max(1, len(rows) // 10)].mean()
+        # One point at the top: the first tenth of the rows is narrow and the shape is left-right symmetric.
+        assert top < 0.25 * widths.max(), kind
+        mask = _mask(kind, UPRIGHT_ROTATION[kind])
+        assert np.abs(mask.astype(int) - mask[:, ::-1].astype(int)).sum() < 0.03 * mask.sum(), kind

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from voidprompt.errors import VoidpromptError
 
@@ -35,13 +35,18 @@ _TRAIN_FLAGS: dict[str, str | None] = {
     "partial_captions_from": "diffusion step from which single tags are dropped from captions",
     "tag_keep_prob": None,
     "decoder_steps": "steps of the VAE-decoder fine-tune (encoder frozen) after the diffusion phase",
+    "decoder_noise_from": "decoder step from which latents get extra noise (the decoder learns to "
+    "clean up the UNet's errors)",
+    "decoder_latent_noise": "largest std of that noise, in scaled latent units",
     "padding_blind_from": "diffusion step from which captions' EOS runs are sometimes replaced by the "
     "empty caption's",
     "padding_blind_prob": None,
     "foreign_tags_from": "diffusion step from which captions sometimes get tags of words the world "
     "never uses",
     "foreign_tag_prob": None,
+    "upright_from": "diffusion step from which the UNet learns from the same scenes with upright shapes",
     "lr": None,
+    "min_snr_gamma": "cap of the Min-SNR loss weight; 'none': plain eps MSE, every timestep weighted alike",
     "lr_decay_from": "diffusion step from which the lr falls linearly to 0 at --diffusion-steps",
     "threads": None,
     "checkpoint_minutes": None,
@@ -55,6 +60,15 @@ def _step_or_none(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a step: give a whole number or 'none'") from None
+
+
+def _number_or_none(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: give one, or 'none'") from None
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -71,10 +85,13 @@ def _train_parser() -> argparse.ArgumentParser:
     for name, help_text in _TRAIN_FLAGS.items():
         default = getattr(d, name)
         optional = "None" in annotations[name]
-        shown = f"default {default}" + ("; 'none': never" if optional else "")
+        shown = f"default {default}" + ("; 'none': off" if optional else "")
+        parse: Any = type(default)
+        if optional:
+            parse = _number_or_none if "float" in annotations[name] else _step_or_none
         p.add_argument(
             "--" + name.replace("_", "-"),
-            type=_step_or_none if optional else type(default),
+            type=parse,
             default=default,
             help=f"{help_text} ({shown})" if help_text else shown,
         )

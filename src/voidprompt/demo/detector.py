@@ -68,6 +68,7 @@ from voidprompt.demo.world import (
     PALETTE,
     SHAPE_COLOURS,
     Scene,
+    WorldConfig,
     WorldError,
     count_tag,
     make_dataset,
@@ -590,16 +591,18 @@ def evaluate_detector(
     size: int = 64,
     transform: Callable[[Image.Image], Image.Image] | None = None,
     config: DetectorConfig | None = None,
+    world: WorldConfig | None = None,
 ) -> DetectorReport:
-    """Detector accuracy on n world pictures drawn with `seed`, each passed through `transform`
-    first (a VAE round trip, or `vae_standin`) when given."""
+    """Detector accuracy on n world pictures drawn with `seed` (from `world`, default the standard
+    world at `size`), each passed through `transform` first (a VAE round trip, or `vae_standin`) when
+    given."""
     config = config or DetectorConfig(native_size=size)
     n_clean = objects = matched = kind_ok = colour_ok = count_ok = count_ok_all = bg_ok = 0
     tp = dict.fromkeys(DEFECTS, 0)
     fp = dict.fromkeys(DEFECTS, 0)
     fn = dict.fromkeys(DEFECTS, 0)
     confusion: dict[tuple[str, str], int] = {}
-    for image, _, scene in make_dataset(n, seed, size):
+    for image, _, scene in make_dataset(n, seed, size, world):
         detection = detect(transform(image) if transform else image, config)
         clean = not scene.defects
         count_ok_all += detection.count == len(scene.objects)

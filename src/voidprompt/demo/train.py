@@ -140,7 +140,9 @@ class TrainConfig:
     # None keeps the lr constant to the end.
     lr_decay_from: int | None = None
     ema_decay: float = 0.995
-    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023): faster convergence
+    # Min-SNR loss weighting (Hang et al. 2023): min(SNR, gamma) / SNR on the eps MSE; None weights
+    # every timestep alike (SD1's own loss).
+    min_snr_gamma: float | None = 5.0
     caption_dropout: float = 0.1
     partial_captions_from: int = 6318  # diffusion step from which tags are dropped one by one
     tag_keep_prob: float = 0.5
@@ -160,12 +162,25 @@ class TrainConfig:
     # or CFG amplifies them into off-world pictures. None: never.
     foreign_tags_from: int | None = 22876
     foreign_tag_prob: float = 0.5
+    # From this diffusion step on, the UNet learns from the same scenes drawn upright (WorldConfig
+    # .upright: squares axis-aligned, triangles and stars pointing up), encoded by the same frozen
+    # encoder with the same scaling factor. With random turns the model paints squares and stars as
+    # round blobs at 8x8 latents. The VAE and decoder phases keep the turned pictures. None: never.
+    upright_from: int | None = None
     grad_clip: float = 1.0
     # Decoder fine-tune phase (encoder frozen, on the cached latents, whole pictures).
     decoder_steps: int = 2999
     decoder_batch: int = 16
     decoder_lr: float = 2e-4
     decoder_ema: float = 0.998
+    # From this decoder step on, each latent gets extra Gaussian noise of a random std in
+    # 0..`decoder_latent_noise` (in scaled latent units, where the latents' std is 1) while the target
+    # stays the clean picture. The encoder's posterior std is ~2% of the latents' spread, so a decoder
+    # trained on posterior samples alone turns the few-percent errors of a 4M-parameter UNet into
+    # bumps that round every corner off; a noise-robust decoder snaps them back to clean shapes.
+    # None: never.
+    decoder_noise_from: int | None = None
+    decoder_latent_noise: float = 0.3
     # Run control.
     threads: int = 2
     checkpoint_minutes: float = 4.0
@@ -185,6 +200,8 @@ class TrainConfig:
             raise TrainError(f"tag_keep_prob={self.tag_keep_prob}: must be within (0, 1]")
         if not 0.0 <= self.foreign_tag_prob <= 1.0:
             raise TrainError(f"foreign_tag_prob={self.foreign_tag_prob}: must be within 0..1")
+        if self.decoder_latent_noise < 0.0:
+            raise TrainError(f"decoder_latent_noise={self.decoder_latent_noise}: must be 0 or more")
         if not 0.0 <= self.padding_blind_prob <= 1.0:
             raise TrainError(f"padding_blind_prob={self.padding_blind_prob}: must be within 0..1")
         if self.lr_decay_from is not None and not 0 <= self.lr_decay_from < self.diffusion_steps:
@@ -362,11 +379,14 @@ def _atomic_save(obj: Any, path: Path) -> None:
 # ----------------------------------------------------------------------------------- data
 
 
-def _world_images(config: TrainConfig, log_fn: Callable[[str], None]) -> tuple[torch.Tensor, list[str]]:
-    """(N, 3, H, W) uint8 pictures and their captions, drawn once and cached in ``images.pt``."""
-    from voidprompt.demo.world import make_dataset
+def _world_images(
+    config: TrainConfig, log_fn: Callable[[str], None], *, upright: bool = False
+) -> tuple[torch.Tensor, list[str]]:
+    """(N, 3, H, W) uint8 pictures and their captions, drawn once and cached in ``images.pt``
+    (``images-upright.pt`` for the upright world: the same scenes and captions, shapes turned)."""
+    from voidprompt.demo.world import WorldConfig, make_dataset
 
-    path = config.out_dir / "images.pt"
+    path = config.out_dir / ("images-upright.pt" if upright else "images.pt")
     if path.exists():
         cached = torch.load(path, weights_only=True)
         if cached["seed"] == config.seed and len(cached["captions"]) == config.n_images:
@@ -374,12 +394,47 @@ def _world_images(config: TrainConfig, log_fn: Callable[[str], None]) -> tuple[t
     t0 = time.perf_counter()
     images = torch.empty(config.n_images, 3, config.image_size, config.image_size, dtype=torch.uint8)
     captions = []
-    for i, (image, text, _) in enumerate(make_dataset(config.n_images, config.seed, config.image_size)):
+    world = WorldConfig(size=config.image_size, upright=upright)
+    drawn = make_dataset(config.n_images, config.seed, config.image_size, world)
+    for i, (image, text, _) in enumerate(drawn):
         images[i] = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
         captions.append(text)
     _atomic_save({"seed": config.seed, "images": images, "captions": captions}, path)
-    log_fn(f"drew {config.n_images} world pictures in {time.perf_counter() - t0:.0f} s")
+    log_fn(f"drew {config.n_images} {'upright ' if upright else ''}world pictures in "
+           f"{time.perf_counter() - t0:.0f} s")
     return images, captions
+
+
+def _encode_posterior(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's posterior mean and std of every picture (no randomness)."""
+    vae.eval()
+    means, stds = [], []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], 64):
+            posterior = vae.encode(_to_unit(images[start : start + 64])).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _upright_latents(
+    config: TrainConfig, vae: Any, captions: list[str], log_fn: Callable[[str], None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior of the upright pictures, cached in ``latents-upright.pt``. The encoder is frozen after
+    phase 1 (the decoder phase touches only the decoder), so these latents live in the same space."""
+    path = config.out_dir / "latents-upright.pt"
+    if path.exists():
+        cached = torch.load(path, weights_only=True)
+        return cached["mean"], cached["std"]
+    t0 = time.perf_counter()
+    images, upright_captions = _world_images(config, log_fn, upright=True)
+    if upright_captions != captions:
+        raise TrainError("the upright world's captions differ from the turned world's; the world "
+                         "must draw the same scenes in both (see WorldConfig.upright)")
+    mean, std = _encode_posterior(vae, images)
+    _atomic_save({"mean": mean, "std": std}, path)
+    log_fn(f"cached {mean.shape[0]} upright latents in {time.perf_counter() - t0:.0f} s")
+    return mean, std
 
 
 def _to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -552,14 +607,7 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
     latents_path = out / "latents.pt"
     if state.phase == "latents" or not latents_path.exists():
         t0 = time.perf_counter()
-        vae.eval()
-        means, stds = [], []
-        with torch.no_grad():
-            for start in range(0, images.shape[0], 64):
-                posterior = vae.encode(_to_unit(images[start : start + 64])).latent_dist
-                means.append(posterior.mean)
-                stds.append(posterior.std)
-        mean, std = torch.cat(means), torch.cat(stds)
+        mean, std = _encode_posterior(vae, images)
         sample = mean + std * torch.randn_like(mean)
         state.scaling_factor = float(1.0 / sample.std())
         _atomic_save({"mean": mean, "std": std, "scaling_factor": state.scaling_factor}, latents_path)
@@ -580,18 +628,27 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         captions_in = CaptionBatcher(captions)
         abar = sd1_alphas_cumprod()
         snr = abar / (1.0 - abar)
-        loss_weight = torch.clamp(snr, max=config.min_snr_gamma) / snr
+        gamma = config.min_snr_gamma
+        loss_weight = torch.ones_like(snr) if gamma is None else torch.clamp(snr, max=gamma) / snr
         unet.train()
         text_encoder.train()
         vae.eval()
+        upright = None
+        upright_from = config.upright_from if config.upright_from is not None else config.diffusion_steps
+        if upright_from < config.diffusion_steps:
+            upright = _upright_latents(config, vae, captions, log_fn)
         n = lat_mean.shape[0]
         while state.step < config.diffusion_steps:
             t0 = time.perf_counter()
             lr = config.diffusion_lr(state.step)
             for group in opt.param_groups:
                 group["lr"] = lr
+            source_mean, source_std = (
+                upright if upright is not None and state.step >= upright_from else (lat_mean, lat_std)
+            )
             idx = torch.randint(0, n, (config.batch_size,))
-            x0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) * state.scaling_factor
+            x0 = source_mean[idx] + source_std[idx] * torch.randn_like(source_mean[idx])
+            x0 = x0 * state.scaling_factor
             partial = state.step >= config.partial_captions_from
             foreign = config.foreign_tags_from is not None and state.step >= config.foreign_tags_from
             ids = captions_in.batch(idx.tolist(), config.caption_dropout,
@@ -691,6 +748,9 @@ def _finetune_decoder(
             x = _to_unit(images[idx])
             noise = torch.randn(lat_mean[idx].shape, generator=gen)
             z = lat_mean[idx] + lat_std[idx] * noise
+            if config.decoder_noise_from is not None and step >= config.decoder_noise_from:
+                level = torch.rand((z.shape[0], 1, 1, 1), generator=gen) * config.decoder_latent_noise
+                z = z + level / scaling_factor * torch.randn(z.shape, generator=gen)
             rec = vae.decode(z).sample
             l1, l2, edge = reconstruction_losses(rec, x)
             loss = l1 + l2 + config.edge_weight * edge

@@ -54,6 +54,7 @@ __all__ = [
     "SHAPE_COLOURS",
     "SHAPE_KINDS",
     "TAG_VOCABULARY",
+    "UPRIGHT_ROTATION",
     "Background",
     "Scene",
     "ShapeObject",
@@ -229,6 +230,11 @@ class WorldConfig:
     radius_ranges: tuple[tuple[float, float], ...] = ((0.17, 0.30), (0.13, 0.22), (0.11, 0.18))
     gap: float = 0.04
     supersample: int = 4
+    # Every shape in one orientation (`UPRIGHT_ROTATION`: squares axis-aligned, triangles and stars
+    # pointing up) instead of a random one. The rotation is still drawn, so an upright world holds the
+    # same scenes as the free one, only turned. The miniature model's last diffusion steps use it: at
+    # 8x8 latents a 4M-parameter UNet paints randomly turned squares and stars as round blobs.
+    upright: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 32:
@@ -236,6 +242,11 @@ class WorldConfig:
         if abs(sum(self.count_probs) - 1.0) > 1e-6 or abs(sum(self.background_probs.values()) - 1.0) > 1e-6:
             raise WorldError("count_probs and background_probs must each sum to 1")
 
+
+# The orientation of every kind in an upright world (degrees, y down: -90 points up).
+UPRIGHT_ROTATION: Mapping[str, float] = MappingProxyType(
+    {"circle": 0.0, "square": 0.0, "triangle": -90.0, "star": -90.0}
+)
 
 # Shapes look about equally big for the same visual weight when stars and triangles get a larger
 # circumradius than circles and squares.
@@ -316,6 +327,8 @@ def sample_scene(rng: np.random.Generator, config: WorldConfig | None = None) ->
         if cut:  # a zoomed-in crop: the cut shape is bigger than its peers
             r = min(0.36, r * 1.3)
         rotation = float(rng.uniform(0.0, 360.0))
+        if config.upright:
+            rotation = UPRIGHT_ROTATION[kind]
         spot = None
         while spot is None and r > 0.06:
             spot = _place(rng, placed, r, config.gap, cut)
