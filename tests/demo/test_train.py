@@ -163,24 +163,6 @@ def test_decoder_phase_changes_only_the_decoder_and_is_independent_of_the_diffus
     assert any(k.startswith("first_stage_model.decoder.up.") for k in changed)
 
 
-def test_decoder_latent_noise_acts_from_its_step_only(tmp_path: Path) -> None:
-    base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_batch=4,
-                diffusion_steps=1, checkpoint_minutes=1000.0)
-
-    def decoder(name: str, steps: int, noise_from: int | None) -> dict[str, torch.Tensor]:
-        config = TrainConfig(out_dir=tmp_path / name, decoder_steps=steps, decoder_noise_from=noise_from,
-                             **base)  # type: ignore[arg-type]
-        weights = _tensors(train(config, log_fn=lambda _: None))
-        return {k: v for k, v in weights.items() if k.startswith("first_stage_model.decoder.")}
-
-    before_on, before_off = decoder("a", 2, 2), decoder("b", 2, None)
-    assert all(torch.equal(before_on[k], before_off[k]) for k in before_off)
-    after_on, after_off = decoder("c", 3, 2), decoder("d", 3, None)
-    assert any(not torch.equal(after_on[k], after_off[k]) for k in after_off)
-    with pytest.raises(TrainError, match="decoder_latent_noise"):
-        TrainConfig(out_dir=tmp_path, decoder_latent_noise=-0.1)
-
-
 def test_tag_keep_prob_is_validated(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="tag_keep_prob"):
         TrainConfig(out_dir=tmp_path, tag_keep_prob=0.0)
@@ -303,13 +285,12 @@ def test_train_command_line_maps_flags_onto_the_config_and_defaults_onto_its_def
     config, resume = train_config([
         "--out", str(tmp_path), "--resume", "--minutes", "5", "--diffusion-steps", "300", "--lr", "1e-3",
         "--padding-blind-from", "none", "--foreign-tags-from", "100", "--lr-decay-from", "200",
-        "--upright-from", "250", "--min-snr-gamma", "none", "--decoder-latent-noise", "0.2",
+        "--upright-from", "250", "--min-snr-gamma", "none",
     ])
     assert resume
     assert config == TrainConfig(
         out_dir=tmp_path, minutes=5.0, diffusion_steps=300, lr=1e-3, padding_blind_from=None,
         foreign_tags_from=100, lr_decay_from=200, upright_from=250, min_snr_gamma=None,
-        decoder_latent_noise=0.2,
     )
     config, _ = train_config(["--min-snr-gamma", "2.5"])
     assert config.min_snr_gamma == 2.5

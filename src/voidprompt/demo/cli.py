@@ -35,9 +35,6 @@ _TRAIN_FLAGS: dict[str, str | None] = {
     "partial_captions_from": "diffusion step from which single tags are dropped from captions",
     "tag_keep_prob": None,
     "decoder_steps": "steps of the VAE-decoder fine-tune (encoder frozen) after the diffusion phase",
-    "decoder_noise_from": "decoder step from which latents get extra noise (the decoder learns to "
-    "clean up the UNet's errors)",
-    "decoder_latent_noise": "largest std of that noise, in scaled latent units",
     "padding_blind_from": "diffusion step from which captions' EOS runs are sometimes replaced by the "
     "empty caption's",
     "padding_blind_prob": None,

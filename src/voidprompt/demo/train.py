@@ -173,14 +173,6 @@ class TrainConfig:
     decoder_batch: int = 16
     decoder_lr: float = 2e-4
     decoder_ema: float = 0.998
-    # From this decoder step on, each latent gets extra Gaussian noise of a random std in
-    # 0..`decoder_latent_noise` (in scaled latent units, where the latents' std is 1) while the target
-    # stays the clean picture. The encoder's posterior std is ~2% of the latents' spread, so a decoder
-    # trained on posterior samples alone turns the few-percent errors of a 4M-parameter UNet into
-    # bumps that round every corner off; a noise-robust decoder snaps them back to clean shapes.
-    # None: never.
-    decoder_noise_from: int | None = None
-    decoder_latent_noise: float = 0.3
     # Run control.
     threads: int = 2
     checkpoint_minutes: float = 4.0
@@ -200,8 +192,6 @@ class TrainConfig:
             raise TrainError(f"tag_keep_prob={self.tag_keep_prob}: must be within (0, 1]")
         if not 0.0 <= self.foreign_tag_prob <= 1.0:
             raise TrainError(f"foreign_tag_prob={self.foreign_tag_prob}: must be within 0..1")
-        if self.decoder_latent_noise < 0.0:
-            raise TrainError(f"decoder_latent_noise={self.decoder_latent_noise}: must be 0 or more")
         if not 0.0 <= self.padding_blind_prob <= 1.0:
             raise TrainError(f"padding_blind_prob={self.padding_blind_prob}: must be within 0..1")
         if self.lr_decay_from is not None and not 0 <= self.lr_decay_from < self.diffusion_steps:
@@ -748,9 +738,6 @@ def _finetune_decoder(
             x = _to_unit(images[idx])
             noise = torch.randn(lat_mean[idx].shape, generator=gen)
             z = lat_mean[idx] + lat_std[idx] * noise
-            if config.decoder_noise_from is not None and step >= config.decoder_noise_from:
-                level = torch.rand((z.shape[0], 1, 1, 1), generator=gen) * config.decoder_latent_noise
-                z = z + level / scaling_factor * torch.randn(z.shape, generator=gen)
             rec = vae.decode(z).sample
             l1, l2, edge = reconstruction_losses(rec, x)
             loss = l1 + l2 + config.edge_weight * edge
