@@ -163,6 +163,23 @@ def test_decoder_phase_changes_only_the_decoder_and_is_independent_of_the_diffus
     assert any(k.startswith("first_stage_model.decoder.up.") for k in changed)
 
 
+def test_two_cores_run_the_decoder_phase_beside_and_give_the_one_core_weights(tmp_path: Path) -> None:
+    base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_batch=4,
+                diffusion_steps=2, checkpoint_minutes=1000.0)
+
+    def run(name: str, threads: int, decoder_steps: int, log: list[str]) -> dict[str, torch.Tensor]:
+        config = TrainConfig(out_dir=tmp_path / name, threads=threads, decoder_steps=decoder_steps,
+                             **base)  # type: ignore[arg-type]
+        return _tensors(train(config, log_fn=log.append))
+
+    lines: list[str] = []
+    one, two, without = run("one", 1, 2, []), run("two", 2, 2, lines), run("none", 1, 0, [])
+    assert any("decoder phase running beside" in line for line in lines)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    # ... and that phase did change the decoder.
+    assert any(not torch.equal(one[k], without[k]) for k in one if k.startswith("first_stage_model.decoder."))
+
+
 def test_tag_keep_prob_is_validated(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="tag_keep_prob"):
         TrainConfig(out_dir=tmp_path, tag_keep_prob=0.0)

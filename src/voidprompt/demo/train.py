@@ -173,7 +173,10 @@ class TrainConfig:
     decoder_batch: int = 16
     decoder_lr: float = 2e-4
     decoder_ema: float = 0.998
-    # Run control.
+    # Run control. Cores to use: 1 runs the phases one after another; 2 or more run the decoder
+    # phase in a second process beside the diffusion phase (it depends only on phases 1-2). Every
+    # phase computes on one thread: these models are too small to gain from more, and a fixed thread
+    # count makes the weights independent of the machine (float sums depend on how work is split).
     threads: int = 2
     checkpoint_minutes: float = 4.0
     minutes: float | None = None  # wall-clock cap for this invocation; the run saves and can resume
@@ -467,7 +470,7 @@ def _swapped(module: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[No
 
 def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], None] = print) -> Path:
     """Run (or resume) the four phases; returns the path of ``model.safetensors`` in ``out_dir``."""
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(1)
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.pt"
@@ -612,6 +615,10 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
             last_ckpt = time.perf_counter()
     cache = torch.load(latents_path, weights_only=True)
     lat_mean, lat_std = cache["mean"], cache["std"]
+    decoder_job = None
+    if config.threads >= 2 and state.phase == "diffusion" and config.decoder_steps:
+        decoder_job = _DecoderProcess(config, vae, images, lat_mean, lat_std, state.scaling_factor,
+                                      deadline - time.perf_counter())
 
     # ------------------------------------------------------------------ phase 3: text encoder + UNet
     if state.phase == "diffusion":
@@ -671,9 +678,14 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
                     f"mse {per_sample.mean().item():.4f} lr {lr:.2e} ({time.perf_counter() - t0:.2f} s/step)"
                 )
             if tick("diffusion", t0):
+                if decoder_job is not None:
+                    decoder_job.join()  # it stops at the same time cap, its state saved
                 return model_path
         state.phase = "decoder"
         checkpoint()
+    if decoder_job is not None:
+        log_fn("waiting for the decoder phase running beside")
+        decoder_job.join()
 
     # ------------------------------------------------------------------ phase 4: decoder fine-tune
     if state.phase in ("decoder", "done"):
@@ -686,6 +698,48 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
             return model_path
     log_fn(f"done: {model_path} ({model_path.stat().st_size / 1e6:.1f} MB)")
     return model_path
+
+
+class _DecoderProcess:
+    """Phase 4 in a second process (one thread), started when phase 3 starts. It writes the same
+    ``decoder.pt`` as the phase run in line, which the main process then finishes from (loading the
+    EMA), so a run with ``threads >= 2`` gives the weights of a run with ``threads=1``."""
+
+    def __init__(
+        self, config: TrainConfig, vae: Any, images: torch.Tensor, lat_mean: torch.Tensor,
+        lat_std: torch.Tensor, scaling_factor: float, seconds_left: float,
+    ) -> None:
+        import multiprocessing
+
+        # spawn, not fork: a forked child would inherit the parent's torch thread pools and locks.
+        context = multiprocessing.get_context("spawn")
+        vae_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+        self._process = context.Process(
+            target=_decoder_process_main,
+            args=(config, vae_state, images, lat_mean, lat_std, scaling_factor, seconds_left),
+            name="voidprompt-decoder-phase",
+        )
+        self._process.start()
+
+    def join(self) -> None:
+        self._process.join()
+        if self._process.exitcode != 0:
+            raise TrainError(
+                f"the decoder phase beside the diffusion phase failed (exit code {self._process.exitcode}; "
+                "its error is printed above); rerun with --resume, or with --threads 1 to run it in line"
+            )
+
+
+def _decoder_process_main(
+    config: TrainConfig, vae_state: dict[str, torch.Tensor], images: torch.Tensor, lat_mean: torch.Tensor,
+    lat_std: torch.Tensor, scaling_factor: float, seconds_left: float,
+) -> None:
+    torch.set_num_threads(1)
+    _, vae, _ = _fresh_modules(config.seed)
+    vae.load_state_dict(vae_state)
+    deadline = time.perf_counter() + seconds_left
+    _finetune_decoder(config, vae, images, lat_mean, lat_std, scaling_factor, deadline,
+                      lambda line: print(line, flush=True))
 
 
 def _finetune_decoder(
