@@ -28,7 +28,9 @@ The negative list's human tags (``bad anatomy``, ``bad hands``, ``missing finger
 ``extra digit``, ``fewer digits``, ``error``) never occur in this world on purpose: as in the study,
 they reach the model as words it has not learned, so they only perturb the conditioning.
 Objects never overlap each other (the detector counts connected regions); only ``cropped`` scenes
-have shapes touching the border.
+have shapes touching the border. Shapes are turned at random; ``WorldConfig(upright=True)`` draws the
+same scenes with every shape in one orientation (`UPRIGHT_ROTATION`), for the trainer's
+``--upright-from``.
 """
 
 from __future__ import annotations
