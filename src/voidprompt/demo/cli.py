@@ -45,7 +45,8 @@ _TRAIN_FLAGS: dict[str, str | None] = {
     "lr": None,
     "min_snr_gamma": "cap of the Min-SNR loss weight; 'none': plain eps MSE, every timestep weighted alike",
     "lr_decay_from": "diffusion step from which the lr falls linearly to 0 at --diffusion-steps",
-    "threads": None,
+    "threads": "cores: 1 runs the phases one after another, 2 or more run the decoder phase in a second "
+    "process beside the diffusion phase; each phase computes on one thread (same weights either way)",
     "checkpoint_minutes": None,
 }
 

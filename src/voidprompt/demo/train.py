@@ -22,7 +22,8 @@ One command, ``voidprompt demo train``, runs four phases and can stop and resume
    phase ends with a blurry decoder (shapes' corners lost); the latents carry far more than it shows
    (posterior std 0.08 against a latent std of 4.2). This phase has its own RNG and its own state
    file (``decoder.pt``) and depends only on phases 1-2, so its result does not depend on whether it
-   runs before, after or beside phase 3 (two processes, one core each, on copies of the run).
+   runs before, after or beside phase 3. With ``threads >= 2`` it runs beside phase 3 in a second
+   process; every phase computes on one thread, so the weights do not depend on the machine.
 
 The final LayerNorm's bias is frozen at a vector with mean 0.5. A1111's emphasis ("Original") scales
 the conditioning back to its old mean (``z * mean_before / mean_after``); an output whose mean is near
