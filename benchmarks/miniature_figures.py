@@ -23,6 +23,7 @@ def main() -> None:
     from voidprompt.demo.measure import (
         count_ratio,
         emphasis_slope,
+        kind_survival_by_size,
         negative_prompt_effect,
         prompt_adherence,
         vae_round_trip,
@@ -37,7 +38,7 @@ def main() -> None:
     p.add_argument("--emphasis-tag", default="cropped", help="the defect the model draws most")
     p.add_argument("--detector-n", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default="detector,adherence,negative,count,emphasis")
+    p.add_argument("--only", default="detector,size,adherence,negative,count,emphasis")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,6 +72,23 @@ def main() -> None:
             lines += [f"### {name.replace('_', ' ')}", "", report.summary(), ""]
         timed("detector", t0)
         print("\n".join(lines), flush=True)
+    if "size" in only:
+        t0 = time.perf_counter()
+        radii = (0.12, 0.15, 0.18, 0.22, 0.26, 0.30)
+        survival = kind_survival_by_size(vae_round_trip(engine.components), radii, 20, seed=0)
+        figures["kind_survival_by_size"] = {
+            k: {str(r): [p.k, p.n] for r, p in v.items()} for k, v in survival.items()
+        }
+        lines += [
+            "## Shape kind after a VAE round trip, by circumradius (single shapes on white, 20 each)",
+            "",
+            "| kind | " + " | ".join(f"{r:g}" for r in radii) + " |",
+            "|---|" + "---|" * len(radii),
+            *[f"| {k} | " + " | ".join(str(p.k) for p in v.values()) + " |" for k, v in survival.items()],
+            "",
+        ]
+        timed("size", t0)
+        print("\n".join(lines[-5:]), flush=True)
     if "adherence" in only:
         t0 = time.perf_counter()
         rows = []

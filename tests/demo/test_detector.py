@@ -145,3 +145,17 @@ def test_vae_standin_keeps_size_and_shapes() -> None:
 def test_tiny_picture_is_refused() -> None:
     with pytest.raises(WorldError, match="too small"):
         detect(Image.new("RGB", (8, 8)))
+
+
+def test_kind_survival_by_size_counts_shapes_read_back_as_their_kind() -> None:
+    from voidprompt.demo.measure import kind_survival_by_size
+
+    radii = (0.15, 0.25)
+    # Untouched pictures: the detector reads every clean shape (its held-out kind accuracy is 1.0).
+    kept = kind_survival_by_size(lambda image: image, radii, 5, seed=1)
+    assert {k: [p.k for p in v.values()] for k, v in kept.items()} == {
+        "square": [5, 5], "triangle": [5, 5], "star": [5, 5]
+    }
+    # A transform that erases the shape: nothing survives.
+    blank = kind_survival_by_size(lambda image: Image.new("RGB", image.size, "white"), radii, 5, seed=1)
+    assert all(p.k == 0 and p.n == 5 for v in blank.values() for p in v.values())

@@ -32,6 +32,7 @@ __all__ = [
     "detect_all",
     "emphasis_slope",
     "generate_images",
+    "kind_survival_by_size",
     "prompt_adherence",
     "vae_round_trip",
 ]
@@ -181,6 +182,34 @@ def emphasis_slope(
         xs += [w] * len(found)
         ys += [float(f) for f in found]
     return linear_slope(xs, ys), rates
+
+
+def kind_survival_by_size(
+    transform: Callable[[Image.Image], Image.Image],
+    radii: Sequence[float],
+    n: int,
+    seed: int,
+    *,
+    kinds: Sequence[str] = ("square", "triangle", "star"),
+) -> dict[str, dict[float, Proportion]]:
+    """How often one red shape of each kind and circumradius (a fraction of the side), turned and placed
+    at random on white, is still read as that kind after ``transform`` (a VAE round trip): the size
+    below which the VAE rounds a kind away, i.e. the ceiling it puts on prompt adherence."""
+    from voidprompt.demo.world import Background, Scene, ShapeObject, render
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[float, Proportion]] = {}
+    for kind in kinds:
+        out[kind] = {}
+        for r in radii:
+            hits = 0
+            for _ in range(n):
+                centre = (float(rng.uniform(r + 0.05, 0.95 - r)), float(rng.uniform(r + 0.05, 0.95 - r)))
+                shape = ShapeObject(kind, "red", centre, r, float(rng.uniform(0.0, 360.0)))
+                picture = render(Scene((shape,), Background("solid", ("white",))), DETECTOR.native_size)
+                hits += any(s.kind == kind for s in detect(transform(picture), DETECTOR).shapes)
+            out[kind][r] = Proportion(hits, n)
+    return out
 
 
 def vae_round_trip(components: Any) -> Callable[[Image.Image], Image.Image]:
