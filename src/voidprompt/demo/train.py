@@ -719,6 +719,7 @@ class _DecoderProcess:
             target=_decoder_process_main,
             args=(config, vae_state, images, lat_mean, lat_std, scaling_factor, seconds_left),
             name="voidprompt-decoder-phase",
+            daemon=True,  # stopped with the main process if it dies before joining
         )
         self._process.start()
 
