@@ -180,6 +180,12 @@ def test_two_cores_run_the_decoder_phase_beside_and_give_the_one_core_weights(tm
     assert any(not torch.equal(one[k], without[k]) for k in one if k.startswith("first_stage_model.decoder."))
 
 
+def test_min_snr_gamma_must_be_positive_or_none(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="min_snr_gamma"):
+        TrainConfig(out_dir=tmp_path, min_snr_gamma=0.0)
+    assert TrainConfig(out_dir=tmp_path, min_snr_gamma=None).min_snr_gamma is None
+
+
 def test_tag_keep_prob_is_validated(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="tag_keep_prob"):
         TrainConfig(out_dir=tmp_path, tag_keep_prob=0.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,22 +52,23 @@ _TRAIN_FLAGS: dict[str, str | None] = {
 }
 
 
-def _step_or_none(text: str) -> int | None:
-    if text.strip().lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a step: give a whole number or 'none'") from None
+def _or_none(convert: Callable[[str], Any], error: str) -> Callable[[str], Any]:
+    """An argparse type: 'none' (any case) gives None, anything else ``convert``; a bad value gets
+    "'<value>' <error>"."""
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} {error}") from None
+
+    return parse
 
 
-def _number_or_none(text: str) -> float | None:
-    if text.strip().lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number: give one, or 'none'") from None
+_step_or_none = _or_none(int, "is not a step: give a whole number or 'none'")
+_number_or_none = _or_none(float, "is not a number: give one, or 'none'")
 
 
 def _train_parser() -> argparse.ArgumentParser:

@@ -196,6 +196,11 @@ class TrainConfig:
             raise TrainError(f"tag_keep_prob={self.tag_keep_prob}: must be within (0, 1]")
         if not 0.0 <= self.foreign_tag_prob <= 1.0:
             raise TrainError(f"foreign_tag_prob={self.foreign_tag_prob}: must be within 0..1")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0.0:
+            raise TrainError(
+                f"min_snr_gamma={self.min_snr_gamma}: must be above 0 (a cap of 0 weights every step by 0); "
+                "use None for plain eps MSE"
+            )
         if not 0.0 <= self.padding_blind_prob <= 1.0:
             raise TrainError(f"padding_blind_prob={self.padding_blind_prob}: must be within 0..1")
         if self.lr_decay_from is not None and not 0 <= self.lr_decay_from < self.diffusion_steps:
