@@ -424,14 +424,15 @@ def _upright_latents(
     path = config.out_dir / "latents-upright.pt"
     if path.exists():
         cached = torch.load(path, weights_only=True)
-        return cached["mean"], cached["std"]
+        if cached.get("seed") == config.seed and cached["mean"].shape[0] == config.n_images:
+            return cached["mean"], cached["std"]
     t0 = time.perf_counter()
     images, upright_captions = _world_images(config, log_fn, upright=True)
     if upright_captions != captions:
         raise TrainError("the upright world's captions differ from the turned world's; the world "
                          "must draw the same scenes in both (see WorldConfig.upright)")
     mean, std = _encode_posterior(vae, images)
-    _atomic_save({"mean": mean, "std": std}, path)
+    _atomic_save({"seed": config.seed, "mean": mean, "std": std}, path)
     log_fn(f"cached {mean.shape[0]} upright latents in {time.perf_counter() - t0:.0f} s")
     return mean, std
 
