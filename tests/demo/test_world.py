@@ -131,6 +131,41 @@ def test_bad_values_raise_world_errors() -> None:
         render(Scene((ShapeObject("circle", "red", (0.5, 0.5), 0.1),), Background("solid", ("white",))), 16)
 
 
+def test_bad_min_radius_is_refused() -> None:
+    with pytest.raises(WorldError, match="hexagon"):
+        WorldConfig(min_radius={"hexagon": 0.2})
+    with pytest.raises(WorldError, match=r"\[0, 0.5\)"):
+        WorldConfig(min_radius={"star": 0.6})
+
+
+def _scenes(config: WorldConfig, n: int = 600) -> list[Scene]:
+    rng = np.random.default_rng(21)
+    return [sample_scene(rng, config) for _ in range(n)]
+
+
+def _radii(scenes: list[Scene]) -> dict[str, np.ndarray]:
+    radii: dict[str, list[float]] = {}
+    for scene in scenes:
+        for obj in scene.objects:
+            radii.setdefault(obj.kind, []).append(obj.size)
+    return {kind: np.array(sizes) for kind, sizes in radii.items()}
+
+
+def test_stars_and_squares_keep_their_minimum_size() -> None:
+    assert WorldConfig().min_radius == {"square": 0.15, "star": 0.22}
+    kept_scenes, free_scenes = _scenes(WorldConfig()), _scenes(WorldConfig(min_radius={}))
+    kept, free = _radii(kept_scenes), _radii(free_scenes)
+    # Without the floors a third-plus of the stars are smaller than 0.22 (three-shape scenes draw
+    # 0.11-0.18 x 1.2); with them, only the rare scene where no layout fits shrinks one.
+    assert np.mean(free["star"] < 0.22) > 0.3
+    assert np.mean(kept["star"] < 0.22) < 0.05
+    assert np.mean(kept["square"] < 0.15) < 0.02
+    # Kinds without a floor keep their range, and bigger stars do not crowd shapes out: the mean count
+    # stays at what count_probs give (1 x 0.45 + 2 x 0.35 + 3 x 0.20 = 1.75; SE about 0.03 at n = 600).
+    assert kept["circle"].min() < 0.11
+    assert abs(np.mean([len(s.objects) for s in kept_scenes]) - 1.75) < 0.1
+
+
 def test_upright_world_holds_the_same_scenes_only_turned() -> None:
     free = list(make_dataset(40, seed=3))
     upright = list(make_dataset(40, seed=3, config=WorldConfig(upright=True)))

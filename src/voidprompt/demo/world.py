@@ -28,9 +28,11 @@ The negative list's human tags (``bad anatomy``, ``bad hands``, ``missing finger
 ``extra digit``, ``fewer digits``, ``error``) never occur in this world on purpose: as in the study,
 they reach the model as words it has not learned, so they only perturb the conditioning.
 Objects never overlap each other (the detector counts connected regions); only ``cropped`` scenes
-have shapes touching the border. Shapes are turned at random; ``WorldConfig(upright=True)`` draws the
-same scenes with every shape in one orientation (`UPRIGHT_ROTATION`), for the trainer's
-``--upright-from``.
+have shapes touching the border. Fewer objects are drawn bigger, but stars and squares never smaller
+than ``WorldConfig.min_radius`` (a scene is laid out again, up to 8 times, rather than shrink one):
+below that an f=8 VAE at 64 px rounds them into blobs. Shapes are turned at random;
+``WorldConfig(upright=True)`` draws the same scenes with every shape in one orientation
+(`UPRIGHT_ROTATION`), for the trainer's ``--upright-from``.
 """
 
 from __future__ import annotations
