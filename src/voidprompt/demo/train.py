@@ -132,7 +132,7 @@ class TrainConfig:
     kl_weight: float = 1e-4  # on the per-element KL; light: the scaling factor fixes the scale
     edge_weight: float = 0.5
     # Diffusion phase.
-    diffusion_steps: int = 20000
+    diffusion_steps: int = 28876
     batch_size: int = 16
     lr: float = 6e-4
     warmup_steps: int = 50
@@ -145,7 +145,7 @@ class TrainConfig:
     # every timestep alike (SD1's own loss).
     min_snr_gamma: float | None = 5.0
     caption_dropout: float = 0.1
-    partial_captions_from: int = 4000  # diffusion step from which tags are dropped one by one
+    partial_captions_from: int = 6318  # diffusion step from which tags are dropped one by one
     tag_keep_prob: float = 0.5
     # From this diffusion step on, a share `padding_blind_prob` of the captions have their EOS run
     # (the first EOS and the padding after it) replaced by the empty caption's. Causal attention
@@ -154,14 +154,14 @@ class TrainConfig:
     # inverts A1111 emphasis: `(tag:W)` scales only the tag's own position, so a higher W moves
     # attention off the summary and weakens the tag. Blinding the summary makes the tag tokens carry
     # the caption. None: never. (The shipped model: the last 6000 steps, with foreign tags.)
-    padding_blind_from: int | None = 14000
+    padding_blind_from: int | None = 22876
     padding_blind_prob: float = 0.5
     # From this diffusion step on, a share `foreign_tag_prob` of the captions get 1-3 extra tags made
     # of random vocabulary tokens the world never uses. The world has ~60 words; real prompts carry
     # others (the NovelAI list's `bad hands`, `missing fingers`), whose embeddings stay at their random
     # init. A UNet that reads tag tokens (see padding_blind_*) must learn that such words mean nothing,
     # or CFG amplifies them into off-world pictures. None: never.
-    foreign_tags_from: int | None = 14000
+    foreign_tags_from: int | None = 22876
     foreign_tag_prob: float = 0.5
     # From this diffusion step on, the UNet learns from the same scenes drawn upright (WorldConfig
     # .upright: squares axis-aligned, triangles and stars pointing up), encoded by the same frozen

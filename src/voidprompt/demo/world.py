@@ -28,9 +28,9 @@ The negative list's human tags (``bad anatomy``, ``bad hands``, ``missing finger
 ``extra digit``, ``fewer digits``, ``error``) never occur in this world on purpose: as in the study,
 they reach the model as words it has not learned, so they only perturb the conditioning.
 Objects never overlap each other (the detector counts connected regions); only ``cropped`` scenes
-have shapes touching the border. Fewer objects are drawn bigger, but stars and squares never smaller
-than ``WorldConfig.min_radius`` (a scene is laid out again, up to 8 times, rather than shrink one):
-below that an f=8 VAE at 64 px rounds them into blobs. Shapes are turned at random;
+have shapes touching the border. Fewer objects are drawn bigger; ``WorldConfig.min_radius`` can keep
+chosen kinds above a size (a scene is then laid out again, up to 8 times, rather than shrink one).
+Shapes are turned at random;
 ``WorldConfig(upright=True)`` draws the same scenes with every shape in one orientation
 (`UPRIGHT_ROTATION`), for the trainer's ``--upright-from``.
 """
@@ -232,13 +232,11 @@ class WorldConfig:
     two_defect_prob: float = 0.3
     # Circumradius ranges (fraction of the side) by object count: fewer objects, bigger ones.
     radius_ranges: tuple[tuple[float, float], ...] = ((0.17, 0.30), (0.13, 0.22), (0.11, 0.18))
-    # The smallest circumradius per kind, whatever the count. An f=8 VAE at 64 px rounds smaller
-    # stars and squares into blobs (measured with `measure.kind_survival_by_size` on the miniature
-    # model's VAE: stars are read correctly 0/20 at 0.15, 5/20 at 0.18, 20/20 from 0.22; squares
-    # 6/20 at 0.12, 20/20 from 0.15), so a model trained on smaller ones learns blobs for them.
-    min_radius: Mapping[str, float] = field(
-        default_factory=lambda: MappingProxyType({"square": 0.15, "star": 0.22})
-    )
+    # The smallest circumradius per kind, whatever the count, e.g. {"star": 0.22, "square": 0.15}:
+    # the miniature model's VAE reads smaller stars and squares back as blobs (its model card's size
+    # table). Empty by default: the world the shipped model was trained on. A model trained on the
+    # floored world (session 5, at commit e2fa09c) drew stars no better (its card, "Tried").
+    min_radius: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     gap: float = 0.04
     supersample: int = 4
     # Every shape in one orientation (`UPRIGHT_ROTATION`: squares axis-aligned, triangles and stars
@@ -326,27 +324,41 @@ def _place(
     return None
 
 
-# Whole layouts tried before one with a shrunk or missing shape is kept.
+# Whole layouts tried before one with a shrunk or missing shape is kept (worlds with a `min_radius`).
 _LAYOUT_TRIES = 8
 
+# One shape before placement: kind, colour, cut (the cropped scene's zoomed shape), radius, rotation.
+_Plan = tuple[str, str, bool, float, float]
 
-def _lay_out(
-    rng: np.random.Generator, planned: list[tuple[str, str, bool, float, float]], gap: float
-) -> list[ShapeObject]:
-    """Place the planned shapes in order; one that does not fit is shrunk, or left out below 0.06."""
-    placed: list[tuple[float, float, float]] = []
-    objects: list[ShapeObject] = []
-    for kind, colour, cut, r, rotation in planned:
-        spot = None
-        while spot is None and r > 0.06:
-            spot = _place(rng, placed, r, gap, cut)
-            if spot is None:
-                r *= 0.85
+
+def _plan_shape(
+    rng: np.random.Generator, config: WorldConfig, allowed: list[str], radii: tuple[float, float], cut: bool
+) -> _Plan:
+    kind = _choose(rng, SHAPE_KINDS)
+    colour = _choose(rng, allowed)
+    r = max(float(rng.uniform(*radii)) * _KIND_SCALE[kind], config.min_radius.get(kind, 0.0))
+    if cut:  # a zoomed-in crop: the cut shape is bigger than its peers
+        r = min(0.36, r * 1.3)
+    rotation = float(rng.uniform(0.0, 360.0))
+    if config.upright:
+        rotation = UPRIGHT_ROTATION[kind]
+    return kind, colour, cut, r, rotation
+
+
+def _put(
+    rng: np.random.Generator, placed: list[tuple[float, float, float]], plan: _Plan, gap: float
+) -> ShapeObject | None:
+    """Place one shape among `placed` (appended to it); shrunk until it fits, None below 0.06."""
+    kind, colour, cut, r, rotation = plan
+    spot = None
+    while spot is None and r > 0.06:
+        spot = _place(rng, placed, r, gap, cut)
         if spot is None:
-            continue
-        placed.append((spot[0], spot[1], r))
-        objects.append(ShapeObject(kind, colour, spot, r, rotation))
-    return objects
+            r *= 0.85
+    if spot is None:
+        return None
+    placed.append((spot[0], spot[1], r))
+    return ShapeObject(kind, colour, spot, r, rotation)
 
 
 def sample_scene(rng: np.random.Generator, config: WorldConfig | None = None) -> Scene:
@@ -356,29 +368,28 @@ def sample_scene(rng: np.random.Generator, config: WorldConfig | None = None) ->
     background = _sample_background(rng, config)
     defects = _sample_defects(rng, config)
     allowed = [c for c in SHAPE_COLOURS if c not in background.colours]
-    lo, hi = config.radius_ranges[count - 1]
-    planned: list[tuple[str, str, bool, float, float]] = []
-    for i in range(count):
-        kind = _choose(rng, SHAPE_KINDS)
-        colour = _choose(rng, allowed)
-        cut = "cropped" in defects and i == 0
-        r = max(float(rng.uniform(lo, hi)) * _KIND_SCALE[kind], config.min_radius.get(kind, 0.0))
-        if cut:  # a zoomed-in crop: the cut shape is bigger than its peers
-            r = min(0.36, r * 1.3)
-        rotation = float(rng.uniform(0.0, 360.0))
-        if config.upright:
-            rotation = UPRIGHT_ROTATION[kind]
-        planned.append((kind, colour, cut, r, rotation))
-    # The cut shape first (it sits on an edge), then the biggest first: shapes that do not fit are
-    # shrunk, and shrinking the small ones last keeps stars and squares above `min_radius` more often.
-    planned.sort(key=lambda plan: (not plan[2], -plan[3]))
-    objects: list[ShapeObject] = []
-    for _ in range(_LAYOUT_TRIES):
-        objects = _lay_out(rng, planned, config.gap)
-        if len(objects) == count and all(o.size >= config.min_radius.get(o.kind, 0.0) for o in objects):
-            break
+    radii = config.radius_ranges[count - 1]
+    cropped = "cropped" in defects
+    placed: list[tuple[float, float, float]] = []
+    objects: list[ShapeObject | None] = []
+    if not config.min_radius:
+        # Each shape placed as it is drawn: the stream the shipped miniature model was trained on.
+        for i in range(count):
+            plan = _plan_shape(rng, config, allowed, radii, cropped and i == 0)
+            objects.append(_put(rng, placed, plan, config.gap))
+    else:
+        plans = [_plan_shape(rng, config, allowed, radii, cropped and i == 0) for i in range(count)]
+        # The cut shape first (it sits on an edge), then the biggest first: shapes that do not fit
+        # are shrunk, and shrinking the small ones last keeps the floors more often; a layout that
+        # still shrinks a shape below its floor or drops one is drawn again.
+        plans.sort(key=lambda plan: (not plan[2], -plan[3]))
+        for _ in range(_LAYOUT_TRIES):
+            placed = []
+            objects = [_put(rng, placed, plan, config.gap) for plan in plans]
+            if all(o is not None and o.size >= config.min_radius.get(o.kind, 0.0) for o in objects):
+                break
     detail_seed = int(rng.integers(2**31))
-    return Scene(tuple(objects), background, defects, detail_seed)
+    return Scene(tuple(o for o in objects if o is not None), background, defects, detail_seed)
 
 
 # --- rendering -------------------------------------------------------------------------------------
