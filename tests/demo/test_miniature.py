@@ -58,6 +58,22 @@ def test_euler_a_8_steps_gives_a_non_degenerate_picture(engine: Any) -> None:
     assert "Clip skip: 2" in result.infotexts[0] and "Sampler: Euler a" in result.infotexts[0]
 
 
+def test_denoising_trajectory_ends_at_the_finished_picture(engine: Any) -> None:
+    from voidprompt.demo.measure import denoising_trajectory
+
+    rows, finished = denoising_trajectory(engine, "solo, red square", "", 5, [1, 6], steps=6, batch_size=2)
+    assert [len(row) for row in rows] == [2, 2] and len(finished) == 2
+    first, last = ([np.asarray(im, dtype=np.int16) for im in row] for row in rows)
+    for estimate, final, early in zip(last, finished, first, strict=True):
+        # Euler a's last step goes to sigma 0 with no added noise: x = x + (0 - sigma) * (x - denoised)
+        # / sigma = denoised, so the last estimate is the finished latent (same decode, same pixels).
+        assert np.abs(estimate - np.asarray(final, dtype=np.int16)).max() <= 1
+        # The first estimate (sigma about 14.6) is far from the finished picture.
+        assert np.abs(early - estimate).mean() > 5.0
+    with pytest.raises(ValueError, match=r"1\.\.6"):
+        denoising_trajectory(engine, "red square", "", 5, [0, 7], steps=6)
+
+
 def test_emphasis_on_the_conditioning_stays_finite(engine: Any) -> None:
     """A1111's mean restoration divides by the conditioning's mean; the model keeps it off zero."""
     from voidprompt.prompts.nai import NOVELAI_NEGATIVE

@@ -83,6 +83,36 @@ def generate_images(
     return images
 
 
+def denoising_trajectory(
+    engine: Any, prompt: str, negative_prompt: str, seed: int, at_steps: Sequence[int], **changes: Any
+) -> tuple[list[list[Image.Image]], list[Image.Image]]:
+    """The sampler's clean-picture estimate (``denoised``, decoded) after each of ``at_steps`` (1-based),
+    one row of ``batch_size`` pictures per step, and the finished pictures.
+
+    Shows when a picture's layout is decided: on the miniature model a square is laid down as a
+    round blob in the first few high-noise steps and the later steps never sharpen it."""
+    from voidprompt.pipeline.engine import decode_latents, to_pil_images
+
+    request = demo_request(prompt, negative_prompt, seed=seed, **changes)
+    wanted = set(at_steps)
+    if not wanted or min(wanted) < 1 or max(wanted) > request.steps:
+        raise ValueError(f"at_steps {sorted(wanted)} must lie within 1..{request.steps}, the request's steps")
+    estimates: dict[int, torch.Tensor] = {}
+
+    def keep(progress: Any) -> None:
+        if progress.step in wanted and progress.denoised is not None:
+            estimates[progress.step] = progress.denoised.detach().clone()
+
+    result = engine.generate(request, progress=keep)
+    if set(estimates) != wanted:
+        raise ValueError(
+            f"sampler {request.sampler_name!r} reports no clean-latent estimate; "
+            "use one that does (Euler a, Euler)"
+        )
+    rows = [to_pil_images(decode_latents(engine.components, estimates[step])) for step in at_steps]
+    return rows, list(result.images)
+
+
 def detect_all(images: Sequence[Image.Image]) -> list[Detection]:
     return [detect(image, DETECTOR) for image in images]
 

@@ -68,6 +68,9 @@ class Progress:
     step: int
     steps: int
     latent: Tensor
+    # The sampler's estimate of the clean latent at this step (k-diffusion's ``denoised``: A1111's live
+    # preview "Approx / Full" shows it), None for a sampler that reports none.
+    denoised: Tensor | None = None
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -588,7 +591,8 @@ class Engine:
 
         def on_step(info: dict[str, Any]) -> None:
             if progress is not None:
-                progress(Progress(iteration, request.n_iter, int(info["i"]) + 1, total, info["x"]))
+                step = int(info["i"]) + 1
+                progress(Progress(iteration, request.n_iter, step, total, info["x"], info.get("denoised")))
 
         return run_sampler(
             spec,
