@@ -72,6 +72,8 @@ def test_denoising_trajectory_ends_at_the_finished_picture(engine: Any) -> None:
         assert np.abs(early - estimate).mean() > 5.0
     with pytest.raises(ValueError, match=r"1\.\.6"):
         denoising_trajectory(engine, "red square", "", 5, [0, 7], steps=6)
+    with pytest.raises(ValueError, match="n_iter=2"):
+        denoising_trajectory(engine, "red square", "", 5, [1], steps=6, n_iter=2)
 
 
 def test_emphasis_on_the_conditioning_stays_finite(engine: Any) -> None:

@@ -94,6 +94,8 @@ def denoising_trajectory(
     from voidprompt.pipeline.engine import decode_latents, to_pil_images
 
     request = demo_request(prompt, negative_prompt, seed=seed, **changes)
+    if request.n_iter != 1:
+        raise ValueError(f"n_iter={request.n_iter}: one batch per trajectory; use batch_size instead")
     wanted = set(at_steps)
     if not wanted or min(wanted) < 1 or max(wanted) > request.steps:
         raise ValueError(f"at_steps {sorted(wanted)} must lie within 1..{request.steps}, the request's steps")

@@ -30,9 +30,8 @@ they reach the model as words it has not learned, so they only perturb the condi
 Objects never overlap each other (the detector counts connected regions); only ``cropped`` scenes
 have shapes touching the border. Fewer objects are drawn bigger; ``WorldConfig.min_radius`` can keep
 chosen kinds above a size (a scene is then laid out again, up to 8 times, rather than shrink one).
-Shapes are turned at random;
-``WorldConfig(upright=True)`` draws the same scenes with every shape in one orientation
-(`UPRIGHT_ROTATION`), for the trainer's ``--upright-from``.
+Shapes are turned at random; ``WorldConfig(upright=True)`` draws the same scenes with every shape in
+one orientation (`UPRIGHT_ROTATION`), for the trainer's ``--upright-from``.
 """
 
 from __future__ import annotations
@@ -370,10 +369,10 @@ def sample_scene(rng: np.random.Generator, config: WorldConfig | None = None) ->
     allowed = [c for c in SHAPE_COLOURS if c not in background.colours]
     radii = config.radius_ranges[count - 1]
     cropped = "cropped" in defects
-    placed: list[tuple[float, float, float]] = []
     objects: list[ShapeObject | None] = []
     if not config.min_radius:
         # Each shape placed as it is drawn: the stream the shipped miniature model was trained on.
+        placed: list[tuple[float, float, float]] = []
         for i in range(count):
             plan = _plan_shape(rng, config, allowed, radii, cropped and i == 0)
             objects.append(_put(rng, placed, plan, config.gap))
