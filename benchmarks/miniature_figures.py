@@ -26,6 +26,7 @@ def main() -> None:
         kind_survival_by_size,
         negative_prompt_effect,
         prompt_adherence,
+        prompt_adherence_ceiling,
         vae_round_trip,
     )
     from voidprompt.demo.world import WorldConfig
@@ -38,7 +39,7 @@ def main() -> None:
     p.add_argument("--emphasis-tag", default="cropped", help="the defect the model draws most")
     p.add_argument("--detector-n", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default="detector,size,adherence,negative,count,emphasis")
+    p.add_argument("--only", default="detector,size,ceiling,adherence,negative,count,emphasis")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,6 +90,25 @@ def main() -> None:
         ]
         timed("size", t0)
         print("\n".join(lines[-5:]), flush=True)
+    if "ceiling" in only:
+        t0 = time.perf_counter()
+        ceiling = prompt_adherence_ceiling(vae_round_trip(engine.components), args.per_prompt, seed=500000)
+        figures["adherence_ceiling"] = {
+            "world": [ceiling.world.k, ceiling.world.n],
+            "vae_round_trip": [ceiling.transformed.k, ceiling.transformed.n],
+            "per_prompt": {k: [w.k, t.k, w.n] for k, (w, t) in ceiling.per_prompt.items()},
+        }
+        lines += [
+            "## Adherence ceiling (world pictures of each prompt's tag, seed 500000)",
+            "",
+            "| prompt | world pictures | after the VAE |",
+            "|---|---|---|",
+            *[f"| {k} | {w.k}/{w.n} | {t.k}/{t.n} |" for k, (w, t) in ceiling.per_prompt.items()],
+            f"| all | {ceiling.world} | {ceiling.transformed} |",
+            "",
+        ]
+        timed("ceiling", t0)
+        print("\n".join(lines[-13:]), flush=True)
     if "adherence" in only:
         t0 = time.perf_counter()
         rows = []

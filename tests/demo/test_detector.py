@@ -159,3 +159,25 @@ def test_kind_survival_by_size_counts_shapes_read_back_as_their_kind() -> None:
     # A transform that erases the shape: nothing survives.
     blank = kind_survival_by_size(lambda image: Image.new("RGB", image.size, "white"), radii, 5, seed=1)
     assert all(p.k == 0 and p.n == 5 for v in blank.values() for p in v.values())
+
+
+def test_prompt_adherence_ceiling_reads_the_worlds_own_pictures_of_each_prompt() -> None:
+    from voidprompt.demo.measure import ADHERENCE_PROMPTS, prompt_adherence_ceiling
+
+    same = prompt_adherence_ceiling(lambda image: image, 3, seed=5)
+    assert set(same.per_prompt) == set(ADHERENCE_PROMPTS)
+    assert all(w.n == 3 and t.n == 3 for w, t in same.per_prompt.values())
+    # An identity transform reads exactly what the world drew.
+    assert same.transformed == same.world
+    # Every picture carries the tag; the detector reads every shape of a clean picture, so only
+    # defective ones (about 38% of the world) can be missed.
+    assert same.world.p >= 0.6, str(same.world)
+    erased = prompt_adherence_ceiling(lambda image: Image.new("RGB", image.size, "white"), 3, seed=5)
+    assert erased.world == same.world and erased.transformed.k == 0
+
+
+def test_prompt_adherence_ceiling_says_when_the_world_has_too_few_pictures() -> None:
+    from voidprompt.demo.measure import prompt_adherence_ceiling
+
+    with pytest.raises(ValueError, match="raise max_pictures"):
+        prompt_adherence_ceiling(lambda image: image, 5, seed=5, max_pictures=20)

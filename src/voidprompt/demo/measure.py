@@ -25,6 +25,7 @@ from voidprompt.prompts.nai import NOVELAI_NEGATIVE
 __all__ = [
     "ADHERENCE_PROMPTS",
     "EMPHASIS_WEIGHTS",
+    "AdherenceCeiling",
     "Proportion",
     "colour_adherence",
     "count_ratio",
@@ -34,6 +35,7 @@ __all__ = [
     "generate_images",
     "kind_survival_by_size",
     "prompt_adherence",
+    "prompt_adherence_ceiling",
     "vae_round_trip",
 ]
 
@@ -134,6 +136,60 @@ def prompt_adherence(
         found = detect_all(generate_images(engine, prompt, "", n_per_prompt, seed, cfg_scale=cfg_scale))
         per[prompt] = Proportion(sum(_has(d, colour, kind) for d in found), len(found))
     return Proportion(sum(p.k for p in per.values()), sum(p.n for p in per.values())), per
+
+
+@dataclass(frozen=True)
+class AdherenceCeiling:
+    """What :func:`prompt_adherence` would measure on a model that drew its training world exactly:
+    ``world`` reads the world's own pictures (the detector's ceiling), ``transformed`` the same pictures
+    after the transform (with a VAE round trip: the ceiling that VAE puts on any UNet)."""
+
+    world: Proportion
+    transformed: Proportion
+    per_prompt: dict[str, tuple[Proportion, Proportion]]  # prompt -> (world, transformed)
+
+
+def prompt_adherence_ceiling(
+    transform: Callable[[Image.Image], Image.Image],
+    n_per_prompt: int,
+    seed: int,
+    *,
+    prompts: Sequence[str] = ADHERENCE_PROMPTS,
+    max_pictures: int = 20000,
+) -> AdherenceCeiling:
+    """The ceiling a VAE puts on prompt adherence, on the figure's own terms: for each prompt, the
+    first ``n_per_prompt`` world pictures (``make_dataset(..., seed)``, defects and neighbours as the
+    model learnt them) whose caption carries the prompt's tag, read by the detector as drawn and after
+    ``transform`` (:func:`vae_round_trip`). A UNet that drew exactly the world's pictures for a bare
+    ``<colour> <shape>`` prompt would score the transformed share; no UNet scores more with this VAE."""
+    from voidprompt.demo.world import make_dataset
+
+    wanted: dict[str, list[Image.Image]] = {prompt: [] for prompt in prompts}
+    for image, text, _ in make_dataset(max_pictures, seed):
+        tags = set(text.split(", "))
+        for prompt, found in wanted.items():
+            if prompt in tags and len(found) < n_per_prompt:
+                found.append(image)
+        if all(len(found) == n_per_prompt for found in wanted.values()):
+            break
+    short = {prompt: len(found) for prompt, found in wanted.items() if len(found) < n_per_prompt}
+    if short:
+        raise ValueError(
+            f"only {short} of {n_per_prompt} pictures per prompt among the first {max_pictures} world "
+            "pictures; raise max_pictures or ask for fewer"
+        )
+    per: dict[str, tuple[Proportion, Proportion]] = {}
+    for prompt, found in wanted.items():
+        colour, kind = prompt.split()
+        as_drawn = sum(_has(d, colour, kind) for d in detect_all(found))
+        transformed = sum(_has(d, colour, kind) for d in detect_all([transform(im) for im in found]))
+        per[prompt] = (Proportion(as_drawn, len(found)), Proportion(transformed, len(found)))
+    total = sum(w.n for w, _ in per.values())
+    return AdherenceCeiling(
+        world=Proportion(sum(w.k for w, _ in per.values()), total),
+        transformed=Proportion(sum(t.k for _, t in per.values()), total),
+        per_prompt=per,
+    )
 
 
 def colour_adherence(
