@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from voidprompt.demo.train import CaptionBatcher, export_model, text_condition
+from voidprompt.demo.train import CaptionBatcher, adamw, export_model, text_condition
 from voidprompt.errors import VoidpromptError
 
 __all__ = [
@@ -125,7 +125,7 @@ def finetune(
             params = [m.weight for _, part, _, m in targets if part == "unet"]
             for param in params:
                 param.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        opt = adamw(params, lr)
         n = lat_mean.shape[0]
         losses: list[float] = []
         for step in range(steps):

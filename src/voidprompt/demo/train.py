@@ -42,7 +42,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -63,6 +63,7 @@ __all__ = [
     "CaptionBatcher",
     "TrainConfig",
     "TrainError",
+    "adamw",
     "blind_padding",
     "encode_tokens",
     "export_model",
@@ -452,6 +453,13 @@ class _State:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def adamw(params: Iterable[torch.Tensor], lr: float) -> torch.optim.AdamW:
+    """AdamW without weight decay, on torch's fused CPU kernel: one pass over the text encoder + UNet's
+    6.5 M parameters takes 10 ms instead of the default per-tensor loop's 43 ms (measured on one
+    core), which was a quarter of a batch-16 diffusion step."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+
+
 def _ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for name, p in module.state_dict().items():
@@ -494,10 +502,10 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
     ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     ema_te = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
     te_params = [p for p in text_encoder.parameters() if p.requires_grad]
-    vae_opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    vae_opt = adamw(vae.parameters(), config.vae_lr)
     # No weight decay: the 49408-row token embedding gets zero gradients for words the world never
     # uses, and decay would shrink those rows towards 0 for no reason.
-    opt = torch.optim.AdamW([*unet.parameters(), *te_params], lr=config.lr, weight_decay=0.0)
+    opt = adamw([*unet.parameters(), *te_params], config.lr)
     state = _State()
     torch.manual_seed(config.seed)
 
@@ -767,7 +775,7 @@ def _finetune_decoder(
     path = config.out_dir / "decoder.pt"
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     names = [n for n, _ in vae.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
-    opt = torch.optim.AdamW(params, lr=config.decoder_lr, weight_decay=0.0)
+    opt = adamw(params, config.decoder_lr)
     gen = torch.Generator().manual_seed(config.seed + 4)
     step, seconds = 0, 0.0
     ema = {n: p.detach().clone() for n, p in zip(names, params, strict=True)}
