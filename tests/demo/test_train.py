@@ -137,7 +137,7 @@ def test_decoder_phase_changes_only_the_decoder_and_is_independent_of_the_diffus
 
     quiet = lambda _: None  # noqa: E731
     base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_batch=4,
-                checkpoint_minutes=1000.0, partial_captions_from=1, decoder_images=12)
+                checkpoint_minutes=1000.0, partial_captions_from=1)
     sequential = train(TrainConfig(out_dir=tmp_path / "seq", diffusion_steps=2, decoder_steps=2, **base),
                        log_fn=quiet)  # type: ignore[arg-type]
 
@@ -165,7 +165,7 @@ def test_decoder_phase_changes_only_the_decoder_and_is_independent_of_the_diffus
 
 def test_two_cores_run_the_decoder_phase_beside_and_give_the_one_core_weights(tmp_path: Path) -> None:
     base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_batch=4,
-                diffusion_steps=2, checkpoint_minutes=1000.0, decoder_images=12)
+                diffusion_steps=2, checkpoint_minutes=1000.0)
 
     def run(name: str, threads: int, decoder_steps: int, log: list[str]) -> dict[str, torch.Tensor]:
         config = TrainConfig(out_dir=tmp_path / name, threads=threads, decoder_steps=decoder_steps,
@@ -178,29 +178,6 @@ def test_two_cores_run_the_decoder_phase_beside_and_give_the_one_core_weights(tm
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     # ... and that phase did change the decoder.
     assert any(not torch.equal(one[k], without[k]) for k in one if k.startswith("first_stage_model.decoder."))
-
-
-def test_decoder_phase_learns_from_the_training_pictures_and_more_of_the_same_world(tmp_path: Path) -> None:
-    base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_batch=4,
-                diffusion_steps=1, decoder_steps=3, checkpoint_minutes=1000.0, threads=1)
-
-    def run(name: str, decoder_images: int | None) -> dict[str, torch.Tensor]:
-        config = TrainConfig(out_dir=tmp_path / name, decoder_images=decoder_images, **base)  # type: ignore[arg-type]
-        return _tensors(train(config, log_fn=lambda _: None))
-
-    more, only = run("more", 40), run("only", None)
-    training = torch.load(tmp_path / "more" / "images.pt", weights_only=True)
-    extended = torch.load(tmp_path / "more" / "images-40.pt", weights_only=True)
-    assert extended["images"].shape[0] == 40 and not (tmp_path / "only" / "images-40.pt").exists()
-    # The first n_images pictures of the larger draw are the training pictures themselves.
-    assert torch.equal(extended["images"][:8], training["images"])
-    assert extended["captions"][:8] == training["captions"]
-    # Same run up to the decoder phase, which then saw other pictures: only the decoder differs.
-    differ = {k for k in more if not torch.equal(more[k], only[k])}
-    assert differ and all(k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))
-                          for k in differ)
-    with pytest.raises(TrainError, match="decoder_images=4 must be at least n_images=20"):
-        TrainConfig(out_dir=tmp_path, n_images=20, decoder_images=4)
 
 
 def test_min_snr_gamma_must_be_positive_or_none(tmp_path: Path) -> None:

@@ -36,8 +36,6 @@ _TRAIN_FLAGS: dict[str, str | None] = {
     "partial_captions_from": "diffusion step from which single tags are dropped from captions",
     "tag_keep_prob": None,
     "decoder_steps": "steps of the VAE-decoder fine-tune (encoder frozen) after the diffusion phase",
-    "decoder_images": "pictures the decoder fine-tune learns from: the training pictures and more of "
-    "the same world",
     "padding_blind_from": "diffusion step from which captions' EOS runs are sometimes replaced by the "
     "empty caption's",
     "padding_blind_prob": None,

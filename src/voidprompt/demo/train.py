@@ -171,16 +171,10 @@ class TrainConfig:
     upright_from: int | None = None
     grad_clip: float = 1.0
     # Decoder fine-tune phase (encoder frozen, on the cached latents, whole pictures).
-    decoder_steps: int = 4500
+    decoder_steps: int = 2999
     decoder_batch: int = 16
     decoder_lr: float = 2e-4
     decoder_ema: float = 0.998
-    # Pictures the decoder phase learns from: the training pictures and more of the same world
-    # (drawn and encoded by the frozen encoder in that phase). On the 3000 training pictures alone
-    # (16 passes) the decoder stopped improving; continued on 9000 fresh ones it raised the share of
-    # `<colour> <shape>` world pictures still read as asked after a round trip from 0.60 to 0.67
-    # (session 7, MODEL_CARD.md). None: the training pictures only.
-    decoder_images: int | None = 12000
     # Run control. Cores to use: 1 runs the phases one after another; 2 or more run the decoder
     # phase in a second process beside the diffusion phase (it depends only on phases 1-2). Every
     # phase computes on one thread: these models are too small to gain from more, and a fixed thread
@@ -196,11 +190,6 @@ class TrainConfig:
             raise TrainError(
                 f"image_size={self.image_size} and vae_crop={self.vae_crop} must be multiples of 8, "
                 "crop <= size"
-            )
-        if self.decoder_images is not None and self.decoder_images < self.n_images:
-            raise TrainError(
-                f"decoder_images={self.decoder_images} must be at least n_images={self.n_images} (it "
-                "extends the training pictures); use none for the training pictures only"
             )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise TrainError(f"caption_dropout={self.caption_dropout}: must be within 0..1")
@@ -391,30 +380,28 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _world_images(
-    config: TrainConfig, log_fn: Callable[[str], None], *, upright: bool = False, n: int | None = None
+    config: TrainConfig, log_fn: Callable[[str], None], *, upright: bool = False
 ) -> tuple[torch.Tensor, list[str]]:
     """(N, 3, H, W) uint8 pictures and their captions, drawn once and cached in ``images.pt``
-    (``images-upright.pt`` for the upright world: the same scenes and captions, shapes turned).
-    ``n`` (default ``config.n_images``) draws more of the same world: picture i depends only on (seed,
-    i), so the first ``n_images`` are the training pictures (cached in ``images-<n>.pt``)."""
+    (``images-upright.pt`` for the upright world: the same scenes and captions, shapes turned)."""
     from voidprompt.demo.world import WorldConfig, make_dataset
 
-    n = config.n_images if n is None else n
-    name = "images-upright.pt" if upright else "images.pt"
-    path = config.out_dir / (name if n == config.n_images else name.replace(".pt", f"-{n}.pt"))
+    path = config.out_dir / ("images-upright.pt" if upright else "images.pt")
     if path.exists():
         cached = torch.load(path, weights_only=True)
-        if cached["seed"] == config.seed and len(cached["captions"]) == n:
+        if cached["seed"] == config.seed and len(cached["captions"]) == config.n_images:
             return cached["images"], list(cached["captions"])
     t0 = time.perf_counter()
-    images = torch.empty(n, 3, config.image_size, config.image_size, dtype=torch.uint8)
+    images = torch.empty(config.n_images, 3, config.image_size, config.image_size, dtype=torch.uint8)
     captions = []
     world = WorldConfig(size=config.image_size, upright=upright)
-    for i, (image, text, _) in enumerate(make_dataset(n, config.seed, config.image_size, world)):
+    drawn = make_dataset(config.n_images, config.seed, config.image_size, world)
+    for i, (image, text, _) in enumerate(drawn):
         images[i] = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
         captions.append(text)
     _atomic_save({"seed": config.seed, "images": images, "captions": captions}, path)
-    log_fn(f"drew {n} {'upright ' if upright else ''}world pictures in {time.perf_counter() - t0:.0f} s")
+    log_fn(f"drew {config.n_images} {'upright ' if upright else ''}world pictures in "
+           f"{time.perf_counter() - t0:.0f} s")
     return images, captions
 
 
@@ -801,11 +788,6 @@ def _finetune_decoder(
         opt.load_state_dict(saved["opt"])
         gen.set_state(saved["generator"])
         step, seconds = saved["step"], saved["seconds"]
-    if step < config.decoder_steps and config.decoder_images and config.decoder_images > images.shape[0]:
-        t0 = time.perf_counter()
-        images, _ = _world_images(config, log_fn, n=config.decoder_images)
-        lat_mean, lat_std = _encode_posterior(vae, images)  # the encoder is frozen: the latent space stays
-        log_fn(f"decoder phase: {images.shape[0]} pictures encoded in {time.perf_counter() - t0:.0f} s")
 
     def save() -> None:
         weights = {n: p.detach().clone() for n, p in zip(names, params, strict=True)}
