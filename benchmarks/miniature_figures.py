@@ -98,7 +98,7 @@ def main() -> None:
             "vae_round_trip": [ceiling.transformed.k, ceiling.transformed.n],
             "per_prompt": {k: [w.k, t.k, w.n] for k, (w, t) in ceiling.per_prompt.items()},
         }
-        lines += [
+        block = [
             "## Adherence ceiling (world pictures of each prompt's tag, seed 500000)",
             "",
             "| prompt | world pictures | after the VAE |",
@@ -107,8 +107,9 @@ def main() -> None:
             f"| all | {ceiling.world} | {ceiling.transformed} |",
             "",
         ]
+        lines += block
         timed("ceiling", t0)
-        print("\n".join(lines[-13:]), flush=True)
+        print("\n".join(block), flush=True)
     if "adherence" in only:
         t0 = time.perf_counter()
         rows = []
