@@ -6,7 +6,8 @@ by its detector), resumably, then writes its report and prints where it is (see
 :mod:`voidprompt.lab.demo`). ``voidprompt demo gallery [--out DIR] [--model PATH]`` generates a small
 gallery on the miniature model. ``voidprompt demo train [--out DIR] [--resume] [--minutes N] ...``
 trains the miniature model (see :mod:`voidprompt.demo.train`); the defaults reproduce the committed
-weights.
+weights. ``voidprompt demo tune-decoder [--model PATH] [--out DIR] [--steps N] ...`` continues a
+checkpoint's VAE decoder on fresh world pictures, encoder frozen (see :mod:`voidprompt.demo.decoder_tune`).
 """
 
 from __future__ import annotations
@@ -116,6 +117,54 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def tune_decoder_config(argv: list[str]) -> tuple[Any, bool]:
+    """The DecoderTuneConfig and the --resume flag of a `voidprompt demo tune-decoder` command line."""
+    from voidprompt.demo.decoder_tune import DecoderTuneConfig
+    from voidprompt.demo.miniature import miniature_model_path
+
+    d = DecoderTuneConfig(model=Path("."), out_dir=Path("."))
+    p = argparse.ArgumentParser(
+        prog="voidprompt demo tune-decoder",
+        description="Continue a checkpoint's VAE decoder on fresh world pictures (encoder, UNet and text "
+        "encoder untouched); writes DIR/model.safetensors.",
+    )
+    p.add_argument(
+        "--model", type=Path, default=None, help="checkpoint to fine-tune (default: the miniature model)"
+    )
+    p.add_argument("--out", type=Path, default=Path("outputs/decoder-tune"), help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--ema", type=float, default=d.ema)
+    p.add_argument("--edge-weight", type=float, default=d.edge_weight)
+    p.add_argument("--world-seed", type=int, default=d.world_seed, help="seed of the fresh pictures' world")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--adversarial-weight", type=_number_or_none, default=d.adversarial_weight,
+                   help="weight of the PatchGAN term (default none: pixel losses only)")
+    p.add_argument("--adversarial-from", type=int, default=d.adversarial_from)
+    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
+    args = p.parse_args(argv)
+    config = DecoderTuneConfig(
+        model=args.model or miniature_model_path(), out_dir=args.out, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, ema=args.ema, edge_weight=args.edge_weight,
+        world_seed=args.world_seed, seed=args.seed, adversarial_weight=args.adversarial_weight,
+        adversarial_from=args.adversarial_from, checkpoint_minutes=args.checkpoint_minutes,
+        minutes=args.minutes,
+    )
+    return config, args.resume
+
+
+def _tune_decoder(argv: list[str]) -> int:
+    from voidprompt.demo.decoder_tune import tune_decoder
+
+    config, resume = tune_decoder_config(argv)
+    path = tune_decoder(config, resume=resume, log_fn=lambda s: print(s, flush=True))
+    print(f"model: {path}")
+    return 0
+
+
 def _gallery(argv: list[str]) -> int:
     from voidprompt.demo.generate import write_gallery
 
@@ -137,7 +186,8 @@ def _study(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(
         prog="voidprompt demo",
-        description="Run the demo study (resumable) and write its report. Subcommands: gallery, train.",
+        description="Run the demo study (resumable) and write its report. Subcommands: gallery, train, "
+        "tune-decoder.",
     )
     p.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="catalog, images and report (default %(default)s)"
@@ -167,6 +217,8 @@ def main(argv: list[str]) -> int:
             return _train(argv[1:])
         if argv and argv[0] == "gallery":
             return _gallery(argv[1:])
+        if argv and argv[0] == "tune-decoder":
+            return _tune_decoder(argv[1:])
         return _study(argv)
     except VoidpromptError as exc:
         print(f"voidprompt demo: {exc}", file=sys.stderr)

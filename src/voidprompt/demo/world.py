@@ -65,6 +65,7 @@ __all__ = [
     "WorldError",
     "caption",
     "count_tag",
+    "draw",
     "make_dataset",
     "quality_tag",
     "render",
@@ -584,6 +585,18 @@ def make_dataset(
         raise WorldError(f"n must be 0 or more, got {n}")
     config = config or WorldConfig(size=size)
     for i in range(n):
-        scene = sample_scene(np.random.default_rng([seed, i, 0]), config)
-        text = caption(scene, np.random.default_rng([seed, i, 1]))
-        yield render(scene, size, config.supersample), text, scene
+        yield draw(seed, i, config, size)
+
+
+def draw(
+    seed: int, index: int, config: WorldConfig | None = None, size: int | None = None
+) -> tuple[Image.Image, str, Scene]:
+    """Picture ``index`` of the world of ``seed``: the (image, caption, scene) ``make_dataset`` yields
+    at that index, drawn on its own (so a stream of fresh pictures can start anywhere). ``size``
+    defaults to the config's."""
+    if index < 0:
+        raise WorldError(f"index must be 0 or more, got {index}")
+    config = config or WorldConfig()
+    scene = sample_scene(np.random.default_rng([seed, index, 0]), config)
+    text = caption(scene, np.random.default_rng([seed, index, 1]))
+    return render(scene, size or config.size, config.supersample), text, scene
