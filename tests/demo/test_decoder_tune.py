@@ -107,6 +107,8 @@ def test_bad_runs_are_refused_with_the_fix(tiny_model: Path, tmp_path: Path) -> 
         tune_decoder(_config(tiny_model, tmp_path / "new"), resume=True, log_fn=quiet)
     with pytest.raises(TrainError, match="same --world-seed"):
         tune_decoder(_config(tiny_model, tmp_path / "run", world_seed=5), resume=True, log_fn=quiet)
+    with pytest.raises(TrainError, match="batch_size 2"):
+        tune_decoder(_config(tiny_model, tmp_path / "run", batch_size=4), resume=True, log_fn=quiet)
     with pytest.raises(TrainError, match="no such checkpoint"):
         tune_decoder(_config(tmp_path / "missing.safetensors", tmp_path / "other"), log_fn=quiet)
     with pytest.raises(TrainError, match="adversarial_weight"):

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from voidprompt.demo.train import TrainError, adamw, reconstruction_losses
+from voidprompt.demo.train import TrainError, adamw, atomic_save, reconstruction_losses, save_safetensors
+from voidprompt.demo.world import WorldConfig, draw
 from voidprompt.models.convert import modules_to_compvis
 from voidprompt.models.load import load_model, open_checkpoint
 
@@ -115,8 +116,6 @@ class PatchDiscriminator(nn.Module):
 
 def _fresh_pictures(config: DecoderTuneConfig, step: int) -> torch.Tensor:
     """Batch ``step`` of the stream: (batch, 3, H, W) in [-1, 1]."""
-    from voidprompt.demo.world import WorldConfig, draw
-
     world = WorldConfig()
     first = step * config.batch_size
     pictures = [
@@ -151,9 +150,8 @@ def _adaptive_weight(pixel_loss: torch.Tensor, adv_loss: torch.Tensor, last: tor
 
 def write_checkpoint(source: Path, target: Path, components: Any, info: dict[str, Any]) -> Path:
     """``source`` with its decoder tensors replaced by ``components.vae``'s (in the source's dtype),
-    every other tensor and the metadata kept, ``voidprompt.decoder_tune`` added; written atomically."""
-    from safetensors.torch import save_file
-
+    every other tensor and the metadata kept, ``voidprompt.decoder_tune`` added (replacing an earlier
+    tune's record); written atomically."""
     compvis = modules_to_compvis(components.unet, components.vae, components.text_encoder)
     replaced = {k: v for k, v in compvis.items() if k.startswith(DECODER_KEY_PREFIXES)}
     with open_checkpoint(source) as reader:
@@ -171,12 +169,7 @@ def write_checkpoint(source: Path, target: Path, components: Any, info: dict[str
             "is it an SD1 checkpoint with its VAE?"
         )
     metadata["voidprompt.decoder_tune"] = json.dumps(info, sort_keys=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.chmod(0o644)
-    tmp.replace(target)
-    return target
+    return save_safetensors(tensors, metadata, target)
 
 
 def tune_decoder(
@@ -204,7 +197,7 @@ def tune_decoder(
         p.requires_grad_(True)
     opt = adamw(params, config.lr)
     ema = {n: p.detach().clone() for n, p in named}
-    adversarial = config.adversarial_weight is not None
+    adversarial_weight = config.adversarial_weight
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         disc = PatchDiscriminator()
@@ -212,9 +205,13 @@ def tune_decoder(
     step, seconds = 0, 0.0
     if resume:
         saved = torch.load(state_path, weights_only=True)
-        if saved["config"]["world_seed"] != config.world_seed or saved["config"]["seed"] != config.seed:
-            raise TrainError(f"{state_path} was run with other seeds ({saved['config']['world_seed']}, "
-                             f"{saved['config']['seed']}); pass the same --world-seed and --seed to resume")
+        # These decide which pictures and noise each step sees; another value would silently
+        # continue a different stream.
+        stream = ("world_seed", "seed", "batch_size")
+        if any(saved["config"][k] != getattr(config, k) for k in stream):
+            was = ", ".join(f"{k} {saved['config'][k]}" for k in stream)
+            raise TrainError(f"{state_path} was run with {was}; pass the same --world-seed, --seed and "
+                             "--batch-size to resume")
         with torch.no_grad():
             for n, p in named:
                 p.copy_(saved["weights"][n])
@@ -232,11 +229,9 @@ def tune_decoder(
 
     def save() -> None:
         weights = {n: p.detach().clone() for n, p in named}
-        tmp = state_path.with_name(state_path.name + ".tmp")
-        torch.save({"config": config.describe(), "step": step, "seconds": seconds, "weights": weights,
-                    "ema": ema, "opt": opt.state_dict(), "disc": disc.state_dict(),
-                    "disc_opt": disc_opt.state_dict()}, tmp)
-        tmp.replace(state_path)
+        atomic_save({"config": config.describe(), "step": step, "seconds": seconds, "weights": weights,
+                     "ema": ema, "opt": opt.state_dict(), "disc": disc.state_dict(),
+                     "disc_opt": disc_opt.state_dict()}, state_path)
         with torch.no_grad():
             for n, p in named:
                 p.copy_(ema[n])
@@ -259,11 +254,11 @@ def tune_decoder(
             rec = vae.decode(z).sample
             l1, l2, edge = reconstruction_losses(rec, x)
             loss = l1 + l2 + config.edge_weight * edge
-            gan = adversarial and step >= config.adversarial_from
-            if gan:
+            gan = False
+            if adversarial_weight is not None and step >= config.adversarial_from:
+                gan = True
                 g_loss = -disc(rec).mean()
-                assert config.adversarial_weight is not None
-                loss = loss + config.adversarial_weight * _adaptive_weight(loss, g_loss, last) * g_loss
+                loss = loss + adversarial_weight * _adaptive_weight(loss, g_loss, last) * g_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, config.grad_clip)

@@ -64,10 +64,12 @@ __all__ = [
     "TrainConfig",
     "TrainError",
     "adamw",
+    "atomic_save",
     "blind_padding",
     "encode_tokens",
     "export_model",
     "reconstruction_losses",
+    "save_safetensors",
     "text_condition",
     "train",
 ]
@@ -351,8 +353,6 @@ def export_model(
     path: Path, unet: Any, vae: Any, text_encoder: Any, scaling_factor: float, info: dict[str, Any]
 ) -> Path:
     """Write one fp16 CompVis-layout .safetensors with the ``voidprompt.arch`` metadata (atomically)."""
-    from safetensors.torch import save_file
-
     sd = modules_to_compvis(unet, vae, text_encoder, alphas_cumprod=sd1_alphas_cumprod())
     tensors = {
         k: (v.detach().to(torch.float16) if v.is_floating_point() and k != "alphas_cumprod" else v.detach())
@@ -362,6 +362,13 @@ def export_model(
     }
     constants = replace(MINIATURE_CONSTANTS, scaling_factor=float(scaling_factor))
     metadata = {**constants.to_metadata(), "voidprompt.training": json.dumps(info, sort_keys=True)}
+    return save_safetensors(tensors, metadata, path)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Path:
+    """Write a .safetensors file atomically (a reader never sees half a model), readable by all."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -370,7 +377,8 @@ def export_model(
     return path
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a stopped run never leaves half a state file."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
@@ -399,7 +407,7 @@ def _world_images(
     for i, (image, text, _) in enumerate(drawn):
         images[i] = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
         captions.append(text)
-    _atomic_save({"seed": config.seed, "images": images, "captions": captions}, path)
+    atomic_save({"seed": config.seed, "images": images, "captions": captions}, path)
     log_fn(f"drew {config.n_images} {'upright ' if upright else ''}world pictures in "
            f"{time.perf_counter() - t0:.0f} s")
     return images, captions
@@ -433,7 +441,7 @@ def _upright_latents(
         raise TrainError("the upright world's captions differ from the turned world's; the world "
                          "must draw the same scenes in both (see WorldConfig.upright)")
     mean, std = _encode_posterior(vae, images)
-    _atomic_save({"seed": config.seed, "mean": mean, "std": std}, path)
+    atomic_save({"seed": config.seed, "mean": mean, "std": std}, path)
     log_fn(f"cached {mean.shape[0]} upright latents in {time.perf_counter() - t0:.0f} s")
     return mean, std
 
@@ -538,7 +546,7 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         }
 
     def checkpoint() -> None:
-        _atomic_save(
+        atomic_save(
             {
                 "config": config.describe(),
                 "phase": state.phase,
@@ -618,7 +626,7 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         mean, std = _encode_posterior(vae, images)
         sample = mean + std * torch.randn_like(mean)
         state.scaling_factor = float(1.0 / sample.std())
-        _atomic_save({"mean": mean, "std": std, "scaling_factor": state.scaling_factor}, latents_path)
+        atomic_save({"mean": mean, "std": std, "scaling_factor": state.scaling_factor}, latents_path)
         state.seconds["latents"] = state.seconds.get("latents", 0.0) + time.perf_counter() - t0
         log_fn(
             f"cached {mean.shape[0]} latents in {time.perf_counter() - t0:.0f} s; latent std "
@@ -791,7 +799,7 @@ def _finetune_decoder(
 
     def save() -> None:
         weights = {n: p.detach().clone() for n, p in zip(names, params, strict=True)}
-        _atomic_save({"step": step, "seconds": seconds, "weights": weights, "ema": ema,
+        atomic_save({"step": step, "seconds": seconds, "weights": weights, "ema": ema,
                       "opt": opt.state_dict(), "generator": gen.get_state()}, path)
 
     n = images.shape[0]
