@@ -2,8 +2,10 @@
 
     python benchmarks/miniature_figures.py [--model PATH] [--n 200] [--per-prompt 25] [--json OUT]
 
-Paired seeds across the conditions of each figure; 64x64, Euler a, 20 steps, Clip skip 2, CFG 7
-unless stated. Takes tens of minutes on two CPU cores at the default sizes.
+Paired seeds across the conditions of each figure; the model's native size (64x64 for the shipped
+model, read from its ``voidprompt.arch`` metadata), Euler a, 20 steps, Clip skip 2, CFG 7 unless
+stated; world pictures are drawn, and every picture read, at that size. Takes tens of minutes on two
+CPU cores at the default sizes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 def main() -> None:
     from voidprompt.demo.detector import evaluate_detector
-    from voidprompt.demo.generate import load_engine
+    from voidprompt.demo.generate import load_engine, native_size
     from voidprompt.demo.measure import (
         count_ratio,
         emphasis_slope,
@@ -44,6 +46,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     engine = load_engine(args.model, threads=args.threads)
+    side = native_size(engine.components)
     only = set(args.only.split(","))
     figures: dict[str, Any] = {}
     lines: list[str] = []
@@ -55,14 +58,13 @@ def main() -> None:
     if "detector" in only:
         t0 = time.perf_counter()
         round_trip = vae_round_trip(engine.components)
-        upright = WorldConfig(upright=True)
+        upright = WorldConfig(size=side, upright=True)
+        held_out = {"n": args.detector_n, "seed": 20240607, "size": side}
         reports = {
-            "world": evaluate_detector(args.detector_n, seed=20240607),
-            "vae_round_trip": evaluate_detector(args.detector_n, seed=20240607, transform=round_trip),
-            "upright_world": evaluate_detector(args.detector_n, seed=20240607, world=upright),
-            "upright_vae_round_trip": evaluate_detector(
-                args.detector_n, seed=20240607, transform=round_trip, world=upright
-            ),
+            "world": evaluate_detector(**held_out),
+            "vae_round_trip": evaluate_detector(**held_out, transform=round_trip),
+            "upright_world": evaluate_detector(**held_out, world=upright),
+            "upright_vae_round_trip": evaluate_detector(**held_out, transform=round_trip, world=upright),
         }
         figures["detector"] = {
             name: {**r.__dict__, "kind_confusion": {f"{a}->{b}": c for (a, b), c in r.kind_confusion.items()}}
@@ -76,7 +78,7 @@ def main() -> None:
     if "size" in only:
         t0 = time.perf_counter()
         radii = (0.12, 0.15, 0.18, 0.22, 0.26, 0.30)
-        survival = kind_survival_by_size(vae_round_trip(engine.components), radii, 20, seed=0)
+        survival = kind_survival_by_size(vae_round_trip(engine.components), radii, 20, seed=0, size=side)
         figures["kind_survival_by_size"] = {
             k: {str(r): [p.k, p.n] for r, p in v.items()} for k, v in survival.items()
         }
@@ -92,7 +94,9 @@ def main() -> None:
         print("\n".join(lines[-5:]), flush=True)
     if "ceiling" in only:
         t0 = time.perf_counter()
-        ceiling = prompt_adherence_ceiling(vae_round_trip(engine.components), args.per_prompt, seed=500000)
+        ceiling = prompt_adherence_ceiling(
+            vae_round_trip(engine.components), args.per_prompt, seed=500000, size=side
+        )
         figures["adherence_ceiling"] = {
             "world": [ceiling.world.k, ceiling.world.n],
             "vae_round_trip": [ceiling.transformed.k, ceiling.transformed.n],
@@ -175,8 +179,9 @@ def main() -> None:
         lines += [
             "## Area -> objects (empty prompt, no negative)",
             "",
-            f"64x64: {counts['mean_64']:.2f} +- {counts['sem_64']:.2f} objects; "
-            f"128x128: {counts['mean_128']:.2f} +- {counts['sem_128']:.2f}; ratio {counts['ratio']:.2f}",
+            f"{side}x{side}: {counts['mean_native']:.2f} +- {counts['sem_native']:.2f} objects; "
+            f"{2 * side}x{2 * side}: {counts['mean_4x']:.2f} +- {counts['sem_4x']:.2f}; "
+            f"ratio {counts['ratio']:.2f}",
             "",
         ]
         timed("count", t0)

@@ -176,6 +176,24 @@ def test_prompt_adherence_ceiling_reads_the_worlds_own_pictures_of_each_prompt()
     assert erased.world == same.world and erased.transformed.k == 0
 
 
+def test_ceiling_and_size_survival_draw_and_read_the_world_at_the_models_native_size() -> None:
+    """A model trained on 128 px pictures is measured on 128 px world pictures, read with the
+    detector's thresholds scaled to 128: untouched, they read as well as the 64 px ones."""
+    from voidprompt.demo.measure import kind_survival_by_size, prompt_adherence_ceiling
+
+    sizes: list[tuple[int, int]] = []
+
+    def identity(image: Image.Image) -> Image.Image:
+        sizes.append(image.size)
+        return image
+
+    ceiling = prompt_adherence_ceiling(identity, 3, seed=5, size=128)
+    assert set(sizes) == {(128, 128)}
+    assert ceiling.transformed == ceiling.world and ceiling.world.p >= 0.6, str(ceiling.world)
+    kept = kind_survival_by_size(identity, (0.15, 0.25), 5, seed=1, size=128)
+    assert all(p.k == 5 for v in kept.values() for p in v.values()), kept
+
+
 def test_prompt_adherence_ceiling_says_when_the_world_has_too_few_pictures() -> None:
     from voidprompt.demo.measure import prompt_adherence_ceiling
 

@@ -180,6 +180,27 @@ def test_two_cores_run_the_decoder_phase_beside_and_give_the_one_core_weights(tm
     assert any(not torch.equal(one[k], without[k]) for k in one if k.startswith("first_stage_model.decoder."))
 
 
+def test_a_run_at_another_picture_size_makes_that_the_models_native_size(tmp_path: Path) -> None:
+    """``image_size`` is stored as the file's ``vae_sample_size`` (latents: side / 8), and the demo's
+    measurements generate and read pictures at it."""
+    from voidprompt.demo.generate import load_engine, native_size
+    from voidprompt.demo.measure import count_ratio, generate_images
+
+    config = TrainConfig(
+        out_dir=tmp_path, image_size=48, n_images=4, vae_steps=1, vae_batch=4, diffusion_steps=1,
+        batch_size=4, warmup_steps=1, decoder_steps=0, checkpoint_minutes=1000.0,
+    )
+    path = train(config, log_fn=lambda _: None)
+    assert torch.load(tmp_path / "latents.pt", weights_only=True)["mean"].shape == (4, 4, 6, 6)
+    engine = load_engine(path, threads=1)
+    constants = engine.components.arch.constants
+    assert (constants.vae_sample_size, constants.unet_sample_size) == (48, 6)
+    assert native_size(engine.components) == 48
+    pictures = generate_images(engine, "red circle", "", 2, seed=1, steps=2)
+    assert [picture.size for picture in pictures] == [(48, 48)] * 2
+    assert count_ratio(engine, 1, seed=1)["side"] == 48.0
+
+
 def test_min_snr_gamma_must_be_positive_or_none(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="min_snr_gamma"):
         TrainConfig(out_dir=tmp_path, min_snr_gamma=0.0)
@@ -308,12 +329,12 @@ def test_train_command_line_maps_flags_onto_the_config_and_defaults_onto_its_def
     config, resume = train_config([
         "--out", str(tmp_path), "--resume", "--minutes", "5", "--diffusion-steps", "300", "--lr", "1e-3",
         "--padding-blind-from", "none", "--foreign-tags-from", "100", "--lr-decay-from", "200",
-        "--upright-from", "250", "--min-snr-gamma", "none",
+        "--upright-from", "250", "--min-snr-gamma", "none", "--image-size", "128",
     ])
     assert resume
     assert config == TrainConfig(
         out_dir=tmp_path, minutes=5.0, diffusion_steps=300, lr=1e-3, padding_blind_from=None,
-        foreign_tags_from=100, lr_decay_from=200, upright_from=250, min_snr_gamma=None,
+        foreign_tags_from=100, lr_decay_from=200, upright_from=250, min_snr_gamma=None, image_size=128,
     )
     config, _ = train_config(["--min-snr-gamma", "2.5"])
     assert config.min_snr_gamma == 2.5

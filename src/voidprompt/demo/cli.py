@@ -31,6 +31,7 @@ __all__ = ["main"]
 _TRAIN_FLAGS: dict[str, str | None] = {
     "seed": None,
     "n_images": None,
+    "image_size": "side of the world pictures the model learns from (a multiple of 8): its native size",
     "vae_steps": None,
     "diffusion_steps": None,
     "batch_size": None,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from voidprompt.demo.generate import native_size
 from voidprompt.demo.train import CaptionBatcher, adamw, export_model, text_condition
 from voidprompt.errors import VoidpromptError
 
@@ -99,7 +100,7 @@ def finetune(
     components = load_model(base_model_path, device="cpu", dtype=torch.float32)
     unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
     scaling = float(components.scaling_factor)
-    images, captions = colour_scenes(colour, n_images, seed)
+    images, captions = colour_scenes(colour, n_images, seed, native_size(components))
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -172,7 +173,7 @@ def finetune(
         },
     }
     path = Path(out_path)
-    export_model(path, unet, vae, text_encoder, scaling, info)
+    export_model(path, unet, vae, text_encoder, scaling, info, image_size=native_size(components))
     return path
 
 
@@ -294,14 +295,15 @@ def lora_colour_sweep(
     """Extract a rank-``rank`` LoRA (tuned - base; ResNet convs too at ``conv_rank``, since colour
     lives largely in the UNet's convs and not only in its attention) into ``work_dir/lora``, then
     generate ``n_images`` pictures per multiplier with the same seeds (Euler a, CFG 7, Clip skip 2,
-    64x64; multiplier 0 is the base model without the tag) and record, per picture, whether the
-    detector finds a ``colour`` shape and the share of its detected shapes that are ``colour``.
+    the base's native size; multiplier 0 is the base model without the tag) and record, per picture,
+    whether the detector finds a ``colour`` shape and the share of its detected shapes that are
+    ``colour``.
 
     The default prompt is empty: with CFG 7 and an empty negative prompt that is the unconditional
     prediction, which the fine-tune's caption dropout trains directly. A prompt that names a shape
     without a colour moves much less (the fine-tune teaches "red" where the caption says red, and CFG
     subtracts what the unconditional branch picked up)."""
-    from voidprompt.demo.detector import detect
+    from voidprompt.demo.detector import DetectorConfig, detect
     from voidprompt.demo.generate import demo_request, load_engine
     from voidprompt.models.networks.extract import extract_lora
     from voidprompt.pipeline.engine import Engine
@@ -316,6 +318,8 @@ def lora_colour_sweep(
 
     base_engine = load_engine(Path(base_model_path), threads=threads)
     engine = Engine(base_engine.components, lora_dir=lora_dir, missing_networks="error")
+    side = native_size(base_engine.components)
+    detector = DetectorConfig(native_size=side)
     points = []
     t0 = time.perf_counter()
     for m in multipliers:
@@ -323,9 +327,9 @@ def lora_colour_sweep(
         point = SweepPoint(float(m), 0, 0, 0)
         for start in range(0, n_images, batch):
             count = min(batch, n_images - start)
-            request = demo_request(text, seed=seed + start, batch_size=count, steps=steps)
+            request = demo_request(text, size=side, seed=seed + start, batch_size=count, steps=steps)
             for image in engine.generate(request).images:
-                shapes = detect(image).shapes
+                shapes = detect(image, detector).shapes
                 hits = sum(s.colour == colour for s in shapes)
                 point.shapes += len(shapes)
                 point.coloured += hits

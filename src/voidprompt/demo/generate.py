@@ -1,7 +1,8 @@
 """The demo gallery: a dozen pictures from the miniature model, as PNGs with infotext and an index.html.
 
 Every picture goes through the same :class:`voidprompt.pipeline.engine.Engine` as any checkpoint:
-64x64, Euler a, 20 steps, Clip skip 2 (the model's native layer), CFG 7. Half the gallery asks for
+the model's native size (64x64 for the shipped model), Euler a, 20 steps, Clip skip 2 (the model's
+native layer), CFG 7. Half the gallery asks for
 ``<colour> <shape>``; the rest is the study's pure negative prompt: an empty prompt with NovelAI's
 negative list.
 """
@@ -18,7 +19,7 @@ import torch
 
 from voidprompt.prompts.nai import NOVELAI_NEGATIVE
 
-__all__ = ["GALLERY", "GalleryItem", "demo_request", "load_engine", "write_gallery"]
+__all__ = ["GALLERY", "GalleryItem", "demo_request", "load_engine", "native_size", "write_gallery"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,17 @@ def load_engine(model: Path | None = None, *, threads: int | None = None) -> Any
     return Engine(components)
 
 
-def demo_request(prompt: str, negative_prompt: str = "", **changes: Any) -> Any:
-    """The miniature model's standard request: 64x64, Euler a, 20 steps, Clip skip 2, CFG 7."""
+def native_size(components: Any) -> int:
+    """The picture side a model was trained at: the ``vae_sample_size`` of its ``voidprompt.arch``
+    metadata (64 for the shipped miniature model; SD1's 512 for a checkpoint without it). The
+    miniature model paints its shapes at this pixel scale whatever size it is asked for, so the
+    detector reads every picture at it."""
+    return int(components.arch.constants.vae_sample_size)
+
+
+def demo_request(prompt: str, negative_prompt: str = "", *, size: int = 64, **changes: Any) -> Any:
+    """The miniature model's standard request: ``size`` square (its native size), Euler a, 20 steps,
+    Clip skip 2, CFG 7."""
     from voidprompt.pipeline.request import GenerationRequest
 
     base = GenerationRequest(
@@ -61,8 +71,8 @@ def demo_request(prompt: str, negative_prompt: str = "", **changes: Any) -> Any:
         sampler_name="Euler a",
         steps=20,
         cfg_scale=7.0,
-        width=64,
-        height=64,
+        width=size,
+        height=size,
         clip_skip=2,
         seed=1000,
     )
@@ -84,10 +94,13 @@ def write_gallery(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     engine = load_engine(model, threads=threads)
+    size = native_size(engine.components)
     cells = []
     next_seed = seed
     for item in items:
-        request = demo_request(item.prompt, item.negative_prompt, seed=next_seed, batch_size=item.count)
+        request = demo_request(
+            item.prompt, item.negative_prompt, size=size, seed=next_seed, batch_size=item.count
+        )
         next_seed += item.count
         result = engine.generate(request)
         for image, infotext, image_seed in zip(result.images, result.infotexts, result.seeds, strict=True):
@@ -106,7 +119,8 @@ def write_gallery(
         "<style>body{font-family:sans-serif}main{display:flex;flex-wrap:wrap;gap:12px}"
         "figure{margin:0;width:140px;font-size:12px}img{image-rendering:pixelated}</style>"
         "<h1>voidprompt miniature model</h1>"
-        f"<p>{len(cells)} pictures, 64x64, Euler a, 20 steps, Clip skip 2, CFG 7, in {seconds:.1f} s. "
+        f"<p>{len(cells)} pictures, {size}x{size}, Euler a, 20 steps, Clip skip 2, CFG 7, "
+        f"in {seconds:.1f} s. "
         "Negative prompt of the pure-negative pictures: "
         f"<code>{html.escape(NOVELAI_NEGATIVE)}</code></p>"
         f"<main>\n{rows}\n</main>\n"

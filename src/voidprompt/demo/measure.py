@@ -1,8 +1,9 @@
 """What the miniature model does, measured with the detector on fixed seed sets (issue 6's figures).
 
-Every condition of one figure uses the same seeds (paired), 64x64, Euler a, 20 steps, Clip skip 2 and
-CFG 7 unless a figure changes one of them (:func:`voidprompt.demo.generate.demo_request`). Pictures of
-any size are read with the detector at native size 64, because the model paints at its own pixel
+Every condition of one figure uses the same seeds (paired), the model's native size (64x64 for the
+shipped model, :func:`voidprompt.demo.generate.native_size`), Euler a, 20 steps, Clip skip 2 and CFG 7
+unless a figure changes one of them (:func:`voidprompt.demo.generate.demo_request`). Pictures of any
+size are read with the detector at the model's native size, because the model paints at its own pixel
 scale. Proportions come with Wilson intervals, slopes with t intervals (:mod:`voidprompt.lab.stats`).
 """
 
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from voidprompt.demo.detector import Detection, DetectorConfig, detect
-from voidprompt.demo.generate import demo_request
+from voidprompt.demo.generate import demo_request, native_size
 from voidprompt.lab.stats import SlopeFit, linear_slope, wilson_interval
 from voidprompt.prompts.nai import NOVELAI_NEGATIVE
 
@@ -52,7 +53,6 @@ ADHERENCE_PROMPTS: tuple[str, ...] = (
     "blue star",
 )
 EMPHASIS_WEIGHTS: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
-DETECTOR = DetectorConfig(native_size=64)
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,15 @@ class Proportion:
 def generate_images(
     engine: Any, prompt: str, negative_prompt: str, n: int, seed: int, *, batch: int = 25, **changes: Any
 ) -> list[Image.Image]:
-    """n pictures for seeds seed .. seed+n-1 (the Engine numbers a batch's seeds consecutively)."""
+    """n pictures for seeds seed .. seed+n-1 (the Engine numbers a batch's seeds consecutively), at the
+    model's native size unless ``changes`` set width and height."""
     images: list[Image.Image] = []
+    side = native_size(engine.components)
     while len(images) < n:
-        size = min(batch, n - len(images))
-        request = demo_request(prompt, negative_prompt, seed=seed + len(images), batch_size=size, **changes)
+        count = min(batch, n - len(images))
+        request = demo_request(
+            prompt, negative_prompt, size=side, seed=seed + len(images), batch_size=count, **changes
+        )
         images.extend(engine.generate(request).images)
     return images
 
@@ -95,7 +99,7 @@ def denoising_trajectory(
     round blob in the first few high-noise steps and the later steps never sharpen it."""
     from voidprompt.pipeline.engine import decode_latents, to_pil_images
 
-    request = demo_request(prompt, negative_prompt, seed=seed, **changes)
+    request = demo_request(prompt, negative_prompt, size=native_size(engine.components), seed=seed, **changes)
     if request.n_iter != 1:
         raise ValueError(f"n_iter={request.n_iter}: one batch per trajectory; use batch_size instead")
     wanted = set(at_steps)
@@ -117,8 +121,17 @@ def denoising_trajectory(
     return rows, list(result.images)
 
 
-def detect_all(images: Sequence[Image.Image]) -> list[Detection]:
-    return [detect(image, DETECTOR) for image in images]
+def detect_all(images: Sequence[Image.Image], native: int = 64) -> list[Detection]:
+    """The detector on each picture, its thresholds scaled to a model (or world) of side ``native``."""
+    config = DetectorConfig(native_size=native)
+    return [detect(image, config) for image in images]
+
+
+def _generate_and_detect(
+    engine: Any, prompt: str, negative_prompt: str, n: int, seed: int, **changes: Any
+) -> list[Detection]:
+    images = generate_images(engine, prompt, negative_prompt, n, seed, **changes)
+    return detect_all(images, native_size(engine.components))
 
 
 def _has(detection: Detection, colour: str, kind: str) -> bool:
@@ -133,7 +146,7 @@ def prompt_adherence(
     per: dict[str, Proportion] = {}
     for prompt in prompts:
         colour, kind = prompt.split()
-        found = detect_all(generate_images(engine, prompt, "", n_per_prompt, seed, cfg_scale=cfg_scale))
+        found = _generate_and_detect(engine, prompt, "", n_per_prompt, seed, cfg_scale=cfg_scale)
         per[prompt] = Proportion(sum(_has(d, colour, kind) for d in found), len(found))
     return Proportion(sum(p.k for p in per.values()), sum(p.n for p in per.values())), per
 
@@ -156,16 +169,18 @@ def prompt_adherence_ceiling(
     *,
     prompts: Sequence[str] = ADHERENCE_PROMPTS,
     max_pictures: int = 20000,
+    size: int = 64,
 ) -> AdherenceCeiling:
     """The ceiling a VAE puts on prompt adherence, on the figure's own terms: for each prompt, the
     first ``n_per_prompt`` world pictures (``make_dataset(..., seed)``, defects and neighbours as the
     model learnt them) whose caption carries the prompt's tag, read by the detector as drawn and after
     ``transform`` (:func:`vae_round_trip`). A UNet that drew exactly the world's pictures for a bare
-    ``<colour> <shape>`` prompt would score the transformed share; no UNet scores more with this VAE."""
+    ``<colour> <shape>`` prompt would score the transformed share; no UNet scores more with this VAE.
+    ``size``: the side the world is drawn (and read) at, the model's native size."""
     from voidprompt.demo.world import make_dataset
 
     wanted: dict[str, list[Image.Image]] = {prompt: [] for prompt in prompts}
-    for image, text, _ in make_dataset(max_pictures, seed):
+    for image, text, _ in make_dataset(max_pictures, seed, size):
         tags = set(text.split(", "))
         for prompt, found in wanted.items():
             if prompt in tags and len(found) < n_per_prompt:
@@ -181,8 +196,8 @@ def prompt_adherence_ceiling(
     per: dict[str, tuple[Proportion, Proportion]] = {}
     for prompt, found in wanted.items():
         colour, kind = prompt.split()
-        as_drawn = sum(_has(d, colour, kind) for d in detect_all(found))
-        transformed = sum(_has(d, colour, kind) for d in detect_all([transform(im) for im in found]))
+        as_drawn = sum(_has(d, colour, kind) for d in detect_all(found, size))
+        transformed = sum(_has(d, colour, kind) for d in detect_all([transform(im) for im in found], size))
         per[prompt] = (Proportion(as_drawn, len(found)), Proportion(transformed, len(found)))
     total = sum(w.n for w, _ in per.values())
     return AdherenceCeiling(
@@ -204,7 +219,7 @@ def colour_adherence(
     k = n = 0
     for prompt in prompts:
         colour = prompt.split()[0]
-        found = detect_all(generate_images(engine, prompt, "", n_per_prompt, seed, cfg_scale=cfg_scale))
+        found = _generate_and_detect(engine, prompt, "", n_per_prompt, seed, cfg_scale=cfg_scale)
         k += sum(any(s.colour == colour for s in d.shapes) for d in found)
         n += len(found)
     return Proportion(k, n)
@@ -226,21 +241,24 @@ def negative_prompt_effect(
 ) -> dict[str, tuple[Proportion, dict[str, Proportion]]]:
     """Defect rates of the empty prompt without and with the negative prompt (paired seeds)."""
     return {
-        "none": defect_rates(detect_all(generate_images(engine, "", "", n, seed))),
-        "negative": defect_rates(detect_all(generate_images(engine, "", negative_prompt, n, seed))),
+        "none": defect_rates(_generate_and_detect(engine, "", "", n, seed)),
+        "negative": defect_rates(_generate_and_detect(engine, "", negative_prompt, n, seed)),
     }
 
 
 def count_ratio(engine: Any, n: int, seed: int, *, prompt: str = "") -> dict[str, float]:
-    """Mean detected objects per picture at 64x64 and at 128x128 (4x the trained area), paired seeds."""
-    out: dict[str, float] = {}
-    for side in (64, 128):
-        images = generate_images(engine, prompt, "", n, seed, width=side, height=side)
-        counts = np.array([d.count for d in detect_all(images)], dtype=float)
-        out[f"mean_{side}"] = float(counts.mean())
+    """Mean detected objects per picture at the model's native size and at twice its side (4x the
+    trained area), paired seeds: ``mean_native``, ``sem_native``, ``mean_4x``, ``sem_4x``, ``ratio``
+    and ``side`` (the native side)."""
+    side = native_size(engine.components)
+    out: dict[str, float] = {"side": float(side)}
+    for name, width in (("native", side), ("4x", 2 * side)):
+        found = _generate_and_detect(engine, prompt, "", n, seed, width=width, height=width)
+        counts = np.array([d.count for d in found], dtype=float)
+        out[f"mean_{name}"] = float(counts.mean())
         sem = counts.std(ddof=1) / math.sqrt(len(counts)) if len(counts) > 1 else math.nan
-        out[f"sem_{side}"] = float(sem)
-    out["ratio"] = out["mean_128"] / out["mean_64"] if out["mean_64"] else math.inf
+        out[f"sem_{name}"] = float(sem)
+    out["ratio"] = out["mean_4x"] / out["mean_native"] if out["mean_native"] else math.inf
     return out
 
 
@@ -264,8 +282,8 @@ def emphasis_slope(
     ys: list[float] = []
     for w in weights:
         negative = f"{base_negative + ', ' if base_negative else ''}({tag}:{w:g})"
-        images = generate_images(engine, prompt, negative, n, seed, **changes)
-        found = [tag in d.defect_flags for d in detect_all(images)]
+        detections = _generate_and_detect(engine, prompt, negative, n, seed, **changes)
+        found = [tag in d.defect_flags for d in detections]
         rates[w] = Proportion(sum(found), len(found))
         xs += [w] * len(found)
         ys += [float(f) for f in found]
@@ -279,13 +297,16 @@ def kind_survival_by_size(
     seed: int,
     *,
     kinds: Sequence[str] = ("square", "triangle", "star"),
+    size: int = 64,
 ) -> dict[str, dict[float, Proportion]]:
     """How often one red shape of each kind and circumradius (a fraction of the side), turned and placed
     at random on white, is still read as that kind after ``transform`` (a VAE round trip): the size
-    below which the VAE rounds a kind away, i.e. the ceiling it puts on prompt adherence."""
+    below which the VAE rounds a kind away, i.e. the ceiling it puts on prompt adherence. ``size``:
+    the picture side, the model's native size."""
     from voidprompt.demo.world import Background, Scene, ShapeObject, render
 
     rng = np.random.default_rng(seed)
+    detector = DetectorConfig(native_size=size)
     out: dict[str, dict[float, Proportion]] = {}
     for kind in kinds:
         out[kind] = {}
@@ -294,8 +315,8 @@ def kind_survival_by_size(
             for _ in range(n):
                 centre = (float(rng.uniform(r + 0.05, 0.95 - r)), float(rng.uniform(r + 0.05, 0.95 - r)))
                 shape = ShapeObject(kind, "red", centre, r, float(rng.uniform(0.0, 360.0)))
-                picture = render(Scene((shape,), Background("solid", ("white",))), DETECTOR.native_size)
-                hits += any(s.kind == kind for s in detect(transform(picture), DETECTOR).shapes)
+                picture = render(Scene((shape,), Background("solid", ("white",))), size)
+                hits += any(s.kind == kind for s in detect(transform(picture), detector).shapes)
             out[kind][r] = Proportion(hits, n)
     return out
 

@@ -350,9 +350,20 @@ def _fresh_modules(seed: int) -> tuple[Any, Any, Any]:
 
 
 def export_model(
-    path: Path, unet: Any, vae: Any, text_encoder: Any, scaling_factor: float, info: dict[str, Any]
+    path: Path,
+    unet: Any,
+    vae: Any,
+    text_encoder: Any,
+    scaling_factor: float,
+    info: dict[str, Any],
+    *,
+    image_size: int = 64,
 ) -> Path:
-    """Write one fp16 CompVis-layout .safetensors with the ``voidprompt.arch`` metadata (atomically)."""
+    """Write one fp16 CompVis-layout .safetensors with the ``voidprompt.arch`` metadata (atomically).
+
+    ``image_size`` is the side the model was trained at; it is stored as ``vae_sample_size`` (and
+    ``unet_sample_size`` = side / 8), which is how measurements and the gallery find a model's native
+    size (:func:`voidprompt.demo.generate.native_size`)."""
     sd = modules_to_compvis(unet, vae, text_encoder, alphas_cumprod=sd1_alphas_cumprod())
     tensors = {
         k: (v.detach().to(torch.float16) if v.is_floating_point() and k != "alphas_cumprod" else v.detach())
@@ -360,7 +371,12 @@ def export_model(
         .clone()
         for k, v in sd.items()
     }
-    constants = replace(MINIATURE_CONSTANTS, scaling_factor=float(scaling_factor))
+    constants = replace(
+        MINIATURE_CONSTANTS,
+        scaling_factor=float(scaling_factor),
+        unet_sample_size=image_size // 8,
+        vae_sample_size=image_size,
+    )
     metadata = {**constants.to_metadata(), "voidprompt.training": json.dumps(info, sort_keys=True)}
     return save_safetensors(tensors, metadata, path)
 
@@ -565,7 +581,10 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
             state_path,
         )
         with _swapped(unet, ema_unet), _swapped(text_encoder, ema_te):
-            export_model(model_path, unet, vae, text_encoder, state.scaling_factor, info())
+            export_model(
+                model_path, unet, vae, text_encoder, state.scaling_factor, info(),
+                image_size=config.image_size,
+            )
         log_fn(f"checkpoint: phase {state.phase} step {state.step} -> {state_path}, {model_path}")
 
     images, captions = _world_images(config, log_fn)
