@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from voidprompt.demo.detector import DetectorConfig, detect, evaluate_detector, vae_standin
@@ -199,3 +200,32 @@ def test_prompt_adherence_ceiling_says_when_the_world_has_too_few_pictures() -> 
 
     with pytest.raises(ValueError, match="raise max_pictures"):
         prompt_adherence_ceiling(lambda image: image, 5, seed=5, max_pictures=20)
+
+
+def test_latent_spectrum_gives_the_principal_stds_of_the_channels_and_the_posterior_noise() -> None:
+    """A stand-in encoder whose four latent channels are a known mix of two independent signals:
+    the spectrum must find two components of the mix's singular values and two of zero."""
+    from types import SimpleNamespace
+
+    from voidprompt.demo.measure import latent_spectrum
+
+    generator = torch.Generator().manual_seed(0)
+    signals = torch.randn(64, 2, 8, 8, generator=generator)
+    signals = (signals - signals.mean(dim=(0, 2, 3), keepdim=True)) / signals.std(dim=(0, 2, 3), keepdim=True)
+    # Orthonormal columns scaled 3 and 1: channel covariance = diag(9, 1) in that basis.
+    basis = torch.tensor([[0.5, 0.5], [0.5, -0.5], [0.5, 0.5], [0.5, -0.5]]) * torch.tensor([3.0, 1.0])
+    latents = torch.einsum("cs,nshw->nchw", basis, signals)
+
+    class Encoder:
+        def encode(self, images: torch.Tensor) -> SimpleNamespace:
+            assert images.shape == (64, 3, 64, 64)
+            posterior = SimpleNamespace(mean=latents, std=torch.full_like(latents, 0.5))
+            return SimpleNamespace(latent_dist=posterior)
+
+    stds, posterior = latent_spectrum(Encoder(), torch.zeros(64, 3, 64, 64))
+    # Unit-variance latents: total variance (9 + 1) over 4 channels -> scale about sqrt(2.5).
+    scale = latents.std().item()
+    assert scale == pytest.approx(2.5**0.5, rel=0.02)
+    assert stds[0] == pytest.approx(3.0 / scale, rel=0.05) and stds[1] == pytest.approx(1.0 / scale, rel=0.05)
+    assert stds[2] < 1e-6 and stds[3] < 1e-6
+    assert posterior == pytest.approx(0.5 / scale, rel=1e-6)

@@ -33,6 +33,8 @@ _TRAIN_FLAGS: dict[str, str | None] = {
     "n_images": None,
     "image_size": "side of the world pictures the model learns from (a multiple of 8): its native size",
     "vae_steps": None,
+    "vae_full_from": "share of --vae-steps after which the VAE trains on whole pictures instead of crops "
+    "(1.0: crops only, cheaper at 128 px)",
     "diffusion_steps": None,
     "batch_size": None,
     "partial_captions_from": "diffusion step from which single tags are dropped from captions",
