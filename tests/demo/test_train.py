@@ -199,6 +199,8 @@ def test_a_run_at_another_picture_size_makes_that_the_models_native_size(tmp_pat
     pictures = generate_images(engine, "red circle", "", 2, seed=1, steps=2)
     assert [picture.size for picture in pictures] == [(48, 48)] * 2
     assert count_ratio(engine, 1, seed=1)["side"] == 48.0
+    with pytest.raises(TrainError, match="--image-size 48"):
+        train(TrainConfig(**{**config.__dict__, "image_size": 64}), resume=True, log_fn=lambda _: None)
 
 
 def test_min_snr_gamma_must_be_positive_or_none(tmp_path: Path) -> None:

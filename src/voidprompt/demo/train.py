@@ -413,7 +413,8 @@ def _world_images(
     path = config.out_dir / ("images-upright.pt" if upright else "images.pt")
     if path.exists():
         cached = torch.load(path, weights_only=True)
-        if cached["seed"] == config.seed and len(cached["captions"]) == config.n_images:
+        same_size = cached["images"].shape[-1] == config.image_size
+        if cached["seed"] == config.seed and len(cached["captions"]) == config.n_images and same_size:
             return cached["images"], list(cached["captions"])
     t0 = time.perf_counter()
     images = torch.empty(config.n_images, 3, config.image_size, config.image_size, dtype=torch.uint8)
@@ -539,6 +540,13 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
             raise TrainError(
                 f"{state_path} was trained with seed {saved['config']['seed']}, not {config.seed}; "
                 "pass the same --seed to resume"
+            )
+        # Runs from before --image-size existed were all 64 px.
+        saved_size = saved["config"].get("image_size", 64)
+        if saved_size != config.image_size:
+            raise TrainError(
+                f"{state_path} was trained on {saved_size} px pictures, not {config.image_size}; pass "
+                f"--image-size {saved_size} to resume (its VAE, latents and UNet are of that size)"
             )
         vae.load_state_dict(saved["vae"])
         unet.load_state_dict(saved["unet"])
