@@ -203,6 +203,46 @@ def test_a_run_at_another_picture_size_makes_that_the_models_native_size(tmp_pat
         train(TrainConfig(**{**config.__dict__, "image_size": 64}), resume=True, log_fn=lambda _: None)
 
 
+def test_half_size_steps_learn_from_the_same_scenes_at_half_the_side_then_switch(tmp_path: Path) -> None:
+    base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_steps=0,
+                checkpoint_minutes=1000.0, padding_blind_from=None, foreign_tags_from=None)
+
+    def run(name: str, steps: int, until: int) -> dict[str, torch.Tensor]:
+        config = TrainConfig(out_dir=tmp_path / name, diffusion_steps=steps, half_size_until=until,
+                             **base)  # type: ignore[arg-type]
+        return _tensors(train(config, log_fn=lambda _: None))
+
+    # Two steps, both half-size in either run: the same weights; a third step native in one run only.
+    two_a, two_b = run("a", 2, 2), run("b", 2, 3)
+    assert all(torch.equal(two_a[k], two_b[k]) for k in two_a)
+    three_a, three_b = run("c", 3, 2), run("d", 3, 3)
+    unet = [k for k in three_a if k.startswith("model.diffusion_model.")]
+    assert any(not torch.equal(three_a[k], three_b[k]) for k in unet)
+
+    native = torch.load(tmp_path / "c" / "images.pt", weights_only=True)
+    half = torch.load(tmp_path / "c" / "images-half.pt", weights_only=True)
+    assert half["captions"] == native["captions"]
+    assert half["images"].shape == (8, 3, 32, 32) and native["images"].shape == (8, 3, 64, 64)
+    # The same scenes: each half picture is close to its own native picture shrunk 2x, far from others'.
+    shrunk = torch.nn.functional.avg_pool2d(native["images"].float(), 2)
+    error = (shrunk[:, None] - half["images"].float()[None]).abs().mean(dim=(2, 3, 4))  # (native, half)
+    assert torch.equal(error.argmin(dim=0), torch.arange(8))
+    assert torch.load(tmp_path / "c" / "latents-half.pt", weights_only=True)["mean"].shape == (8, 4, 4, 4)
+    assert torch.load(tmp_path / "c" / "latents.pt", weights_only=True)["mean"].shape == (8, 4, 8, 8)
+    from voidprompt.demo.generate import native_size
+    from voidprompt.models.load import load_model
+
+    assert native_size(load_model(tmp_path / "c" / "model.safetensors")) == 64  # the export is native
+
+
+def test_half_size_needs_a_side_that_halves_into_whole_latents(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="multiple of 16"):
+        TrainConfig(out_dir=tmp_path, image_size=72, half_size_until=10)
+    with pytest.raises(TrainError, match="upright"):
+        TrainConfig(out_dir=tmp_path, image_size=128, half_size_until=10, upright_from=5)
+    assert TrainConfig(out_dir=tmp_path, image_size=128, half_size_until=10).half_size_until == 10
+
+
 def test_min_snr_gamma_must_be_positive_or_none(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="min_snr_gamma"):
         TrainConfig(out_dir=tmp_path, min_snr_gamma=0.0)
@@ -332,13 +372,13 @@ def test_train_command_line_maps_flags_onto_the_config_and_defaults_onto_its_def
         "--out", str(tmp_path), "--resume", "--minutes", "5", "--diffusion-steps", "300", "--lr", "1e-3",
         "--padding-blind-from", "none", "--foreign-tags-from", "100", "--lr-decay-from", "200",
         "--upright-from", "250", "--min-snr-gamma", "none", "--image-size", "128",
-        "--vae-full-from", "1.0",
+        "--vae-full-from", "1.0", "--half-size-until", "200",
     ])
     assert resume
     assert config == TrainConfig(
         out_dir=tmp_path, minutes=5.0, diffusion_steps=300, lr=1e-3, padding_blind_from=None,
         foreign_tags_from=100, lr_decay_from=200, upright_from=250, min_snr_gamma=None, image_size=128,
-        vae_full_from=1.0,
+        vae_full_from=1.0, half_size_until=200,
     )
     config, _ = train_config(["--min-snr-gamma", "2.5"])
     assert config.min_snr_gamma == 2.5

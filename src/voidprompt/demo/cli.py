@@ -47,6 +47,8 @@ _TRAIN_FLAGS: dict[str, str | None] = {
     "never uses",
     "foreign_tag_prob": None,
     "upright_from": "diffusion step from which the UNet learns from the same scenes with upright shapes",
+    "half_size_until": "diffusion steps before this one learn from the world at half the --image-size "
+    "(cheaper; the VAE phase too); 'none': all at the native size",
     "lr": None,
     "min_snr_gamma": "cap of the Min-SNR loss weight; 'none': plain eps MSE, every timestep weighted alike",
     "lr_decay_from": "diffusion step from which the lr falls linearly to 0 at --diffusion-steps",

@@ -171,6 +171,13 @@ class TrainConfig:
     # encoder with the same scaling factor. With random turns the model paints squares and stars as
     # round blobs at 8x8 latents. The VAE and decoder phases keep the turned pictures. None: never.
     upright_from: int | None = None
+    # Progressive resolution (as SD1 itself went from 256 to 512 px): diffusion steps before this one
+    # learn from the same scenes drawn at half the side (8x8 latents for a 128 px model), which cost
+    # about a third of a native step on CPU; a convolutional UNet and text encoder carry what they learnt
+    # there over to the native size. The VAE phase then trains on the half-size pictures too (a VAE
+    # trained at 64 px reads 128 px pictures nearly as well: model card, session 9). The decoder phase
+    # and the exported model are native. None: every step at the native size.
+    half_size_until: int | None = None
     grad_clip: float = 1.0
     # Decoder fine-tune phase (encoder frozen, on the cached latents, whole pictures).
     decoder_steps: int = 2999
@@ -193,6 +200,18 @@ class TrainConfig:
                 f"image_size={self.image_size} and vae_crop={self.vae_crop} must be multiples of 8, "
                 "crop <= size"
             )
+        if self.half_size_until is not None:
+            half = self.image_size // 2
+            if half % 8 or self.vae_crop > half:
+                raise TrainError(
+                    f"half_size_until needs half the image size ({self.image_size} / 2) to be a multiple of "
+                    f"8 and at least vae_crop={self.vae_crop}; use an --image-size that is a multiple of 16"
+                )
+            if self.upright_from is not None and self.upright_from < self.half_size_until:
+                raise TrainError(
+                    f"upright_from={self.upright_from} falls inside the half-size steps (before "
+                    f"{self.half_size_until}); the upright pictures exist only at the native size"
+                )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise TrainError(f"caption_dropout={self.caption_dropout}: must be within 0..1")
         if not 0.0 < self.tag_keep_prob <= 1.0:
@@ -404,28 +423,30 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def _world_images(
-    config: TrainConfig, log_fn: Callable[[str], None], *, upright: bool = False
+    config: TrainConfig, log_fn: Callable[[str], None], *, upright: bool = False, half: bool = False
 ) -> tuple[torch.Tensor, list[str]]:
     """(N, 3, H, W) uint8 pictures and their captions, drawn once and cached in ``images.pt``
-    (``images-upright.pt`` for the upright world: the same scenes and captions, shapes turned)."""
+    (``images-upright.pt`` for the upright world: the same scenes and captions, shapes turned;
+    ``images-half.pt`` for the same scenes at half the side, see ``TrainConfig.half_size_until``)."""
     from voidprompt.demo.world import WorldConfig, make_dataset
 
-    path = config.out_dir / ("images-upright.pt" if upright else "images.pt")
+    size = config.image_size // 2 if half else config.image_size
+    path = config.out_dir / ("images-upright.pt" if upright else "images-half.pt" if half else "images.pt")
     if path.exists():
         cached = torch.load(path, weights_only=True)
-        same_size = cached["images"].shape[-1] == config.image_size
+        same_size = cached["images"].shape[-1] == size
         if cached["seed"] == config.seed and len(cached["captions"]) == config.n_images and same_size:
             return cached["images"], list(cached["captions"])
     t0 = time.perf_counter()
-    images = torch.empty(config.n_images, 3, config.image_size, config.image_size, dtype=torch.uint8)
+    images = torch.empty(config.n_images, 3, size, size, dtype=torch.uint8)
     captions = []
-    world = WorldConfig(size=config.image_size, upright=upright)
-    drawn = make_dataset(config.n_images, config.seed, config.image_size, world)
+    world = WorldConfig(size=size, upright=upright)
+    drawn = make_dataset(config.n_images, config.seed, size, world)
     for i, (image, text, _) in enumerate(drawn):
         images[i] = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
         captions.append(text)
     atomic_save({"seed": config.seed, "images": images, "captions": captions}, path)
-    log_fn(f"drew {config.n_images} {'upright ' if upright else ''}world pictures in "
+    log_fn(f"drew {config.n_images} {'upright ' if upright else ''}{size} px world pictures in "
            f"{time.perf_counter() - t0:.0f} s")
     return images, captions
 
@@ -460,6 +481,23 @@ def _upright_latents(
     mean, std = _encode_posterior(vae, images)
     atomic_save({"seed": config.seed, "mean": mean, "std": std}, path)
     log_fn(f"cached {mean.shape[0]} upright latents in {time.perf_counter() - t0:.0f} s")
+    return mean, std
+
+
+def _half_latents(
+    config: TrainConfig, vae: Any, half_images: torch.Tensor, log_fn: Callable[[str], None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior of the half-size pictures, cached in ``latents-half.pt``: the frozen encoder's, so they
+    share the native latents' space and scaling factor (the UNet sees one latent scale throughout)."""
+    path = config.out_dir / "latents-half.pt"
+    if path.exists():
+        cached = torch.load(path, weights_only=True)
+        if cached.get("seed") == config.seed and cached["mean"].shape[0] == config.n_images:
+            return cached["mean"], cached["std"]
+    t0 = time.perf_counter()
+    mean, std = _encode_posterior(vae, half_images)
+    atomic_save({"seed": config.seed, "mean": mean, "std": std}, path)
+    log_fn(f"cached {mean.shape[0]} half-size latents in {time.perf_counter() - t0:.0f} s")
     return mean, std
 
 
@@ -596,6 +634,13 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         log_fn(f"checkpoint: phase {state.phase} step {state.step} -> {state_path}, {model_path}")
 
     images, captions = _world_images(config, log_fn)
+    half_images = None
+    if config.half_size_until is not None:
+        half_images, half_captions = _world_images(config, log_fn, half=True)
+        if half_captions != captions:
+            raise TrainError("the half-size world's captions differ from the native one's; the world must "
+                             "draw the same scenes at any size (see world.make_dataset)")
+    vae_images = images if half_images is None else half_images
     last_ckpt = time.perf_counter()
 
     def tick(phase: str, t0: float) -> bool:
@@ -615,14 +660,14 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
     # ------------------------------------------------------------------ phase 1: VAE
     if state.phase == "vae":
         vae.train()
-        n = images.shape[0]
+        n = vae_images.shape[0]
         while state.step < config.vae_steps:
             t0 = time.perf_counter()
             idx = torch.randint(0, n, (config.vae_batch,))
-            x = _to_unit(images[idx])
+            x = _to_unit(vae_images[idx])
             if state.step < config.vae_full_from * config.vae_steps:
                 c = config.vae_crop
-                oy, ox = (int(v) for v in torch.randint(0, config.image_size - c + 1, (2,)))
+                oy, ox = (int(v) for v in torch.randint(0, x.shape[-1] - c + 1, (2,)))
                 x = x[:, :, oy : oy + c, ox : ox + c]
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
@@ -665,6 +710,9 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
             last_ckpt = time.perf_counter()
     cache = torch.load(latents_path, weights_only=True)
     lat_mean, lat_std = cache["mean"], cache["std"]
+    half_latents = None
+    if half_images is not None:
+        half_latents = _half_latents(config, vae, half_images, log_fn)
     decoder_job = None
     if config.threads >= 2 and state.phase == "diffusion" and config.decoder_steps:
         decoder_job = _DecoderProcess(config, vae, images, lat_mean, lat_std, state.scaling_factor,
@@ -690,9 +738,12 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
             lr = config.diffusion_lr(state.step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            source_mean, source_std = (
-                upright if upright is not None and state.step >= upright_from else (lat_mean, lat_std)
-            )
+            if half_latents is not None and state.step < (config.half_size_until or 0):
+                source_mean, source_std = half_latents
+            elif upright is not None and state.step >= upright_from:
+                source_mean, source_std = upright
+            else:
+                source_mean, source_std = lat_mean, lat_std
             idx = torch.randint(0, n, (config.batch_size,))
             x0 = source_mean[idx] + source_std[idx] * torch.randn_like(source_mean[idx])
             x0 = x0 * state.scaling_factor
