@@ -173,7 +173,7 @@ class TrainConfig:
     upright_from: int | None = None
     # Progressive resolution (as SD1 itself went from 256 to 512 px): diffusion steps before this one
     # learn from the same scenes drawn at half the side (8x8 latents for a 128 px model), which cost
-    # about a third of a native step on CPU; a convolutional UNet and text encoder carry what they learnt
+    # about 40% of a native step on CPU; a convolutional UNet and text encoder carry what they learnt
     # there over to the native size. The VAE phase then trains on the half-size pictures too (a VAE
     # trained at 64 px reads 128 px pictures nearly as well: model card, session 9). The decoder phase
     # and the exported model are native. None: every step at the native size.
