@@ -243,6 +243,33 @@ def test_half_size_needs_a_side_that_halves_into_whole_latents(tmp_path: Path) -
     assert TrainConfig(out_dir=tmp_path, image_size=128, half_size_until=10).half_size_until == 10
 
 
+def test_device_is_cpu_or_cuda_and_a_missing_gpu_is_named(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="'cpu', 'cuda' or 'cuda:N'"):
+        TrainConfig(out_dir=tmp_path, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainError, match="no CUDA device"):
+            train(TrainConfig(out_dir=tmp_path, device="cuda"), log_fn=lambda _: None)
+        assert not (tmp_path / "state.pt").exists()  # refused before anything was written
+
+
+def test_state_files_hold_cpu_tensors_whatever_the_device(tiny_run: tuple[TrainConfig, Path]) -> None:
+    """So a run started on a GPU resumes on a CPU: every tensor in state.pt is a CPU tensor."""
+    config, _ = tiny_run
+    saved = torch.load(config.out_dir / "state.pt", weights_only=True)
+
+    def devices(obj: object) -> set[str]:
+        if isinstance(obj, torch.Tensor):
+            return {obj.device.type}
+        if isinstance(obj, dict):
+            return set().union(*(devices(v) for v in obj.values()))
+        if isinstance(obj, list | tuple):
+            return set().union(*(devices(v) for v in obj))
+        return set()
+
+    assert devices(saved) == {"cpu"}
+    assert isinstance(saved["opt"]["state"], dict) and saved["opt"]["state"]  # optimiser moments kept
+
+
 def test_min_snr_gamma_must_be_positive_or_none(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="min_snr_gamma"):
         TrainConfig(out_dir=tmp_path, min_snr_gamma=0.0)
@@ -372,13 +399,13 @@ def test_train_command_line_maps_flags_onto_the_config_and_defaults_onto_its_def
         "--out", str(tmp_path), "--resume", "--minutes", "5", "--diffusion-steps", "300", "--lr", "1e-3",
         "--padding-blind-from", "none", "--foreign-tags-from", "100", "--lr-decay-from", "200",
         "--upright-from", "250", "--min-snr-gamma", "none", "--image-size", "128",
-        "--vae-full-from", "1.0", "--half-size-until", "200",
+        "--vae-full-from", "1.0", "--half-size-until", "200", "--device", "cuda:1",
     ])
     assert resume
     assert config == TrainConfig(
         out_dir=tmp_path, minutes=5.0, diffusion_steps=300, lr=1e-3, padding_blind_from=None,
         foreign_tags_from=100, lr_decay_from=200, upright_from=250, min_snr_gamma=None, image_size=128,
-        vae_full_from=1.0, half_size_until=200,
+        vae_full_from=1.0, half_size_until=200, device="cuda:1",
     )
     config, _ = train_config(["--min-snr-gamma", "2.5"])
     assert config.min_snr_gamma == 2.5

@@ -54,6 +54,7 @@ _TRAIN_FLAGS: dict[str, str | None] = {
     "lr_decay_from": "diffusion step from which the lr falls linearly to 0 at --diffusion-steps",
     "threads": "cores: 1 runs the phases one after another, 2 or more run the decoder phase in a second "
     "process beside the diffusion phase; each phase computes on one thread (same weights either way)",
+    "device": "where the modules compute: cpu, cuda or cuda:N (same sample stream, not the same bits)",
     "checkpoint_minutes": None,
 }
 

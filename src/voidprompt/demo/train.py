@@ -189,6 +189,12 @@ class TrainConfig:
     # phase computes on one thread: these models are too small to gain from more, and a fixed thread
     # count makes the weights independent of the machine (float sums depend on how work is split).
     threads: int = 2
+    # Where the modules compute: "cpu", or "cuda" / "cuda:N" for a GPU. Every random draw (pictures,
+    # timesteps, noise, captions) stays on the CPU generator and is moved over, so a GPU run learns from
+    # the same stream of samples as a CPU run (its float sums differ, so not the same bits). State
+    # files hold CPU tensors either way: a run started on a GPU resumes on a CPU and back. On a GPU the
+    # decoder phase runs in line (`threads` then only sets the CPU threads, which stay at 1).
+    device: str = "cpu"
     checkpoint_minutes: float = 4.0
     minutes: float | None = None  # wall-clock cap for this invocation; the run saves and can resume
 
@@ -212,6 +218,8 @@ class TrainConfig:
                     f"upright_from={self.upright_from} falls inside the half-size steps (before "
                     f"{self.half_size_until}); the upright pictures exist only at the native size"
                 )
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise TrainError(f"device={self.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise TrainError(f"caption_dropout={self.caption_dropout}: must be within 0..1")
         if not 0.0 < self.tag_keep_prob <= 1.0:
@@ -386,6 +394,7 @@ def export_model(
     sd = modules_to_compvis(unet, vae, text_encoder, alphas_cumprod=sd1_alphas_cumprod())
     tensors = {
         k: (v.detach().to(torch.float16) if v.is_floating_point() and k != "alphas_cumprod" else v.detach())
+        .cpu()
         .contiguous()
         .clone()
         for k, v in sd.items()
@@ -452,14 +461,15 @@ def _world_images(
 
 
 def _encode_posterior(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoder's posterior mean and std of every picture (no randomness)."""
+    """The encoder's posterior mean and std of every picture (no randomness), on the CPU."""
     vae.eval()
+    device = next(vae.parameters()).device
     means, stds = [], []
     with torch.no_grad():
         for start in range(0, images.shape[0], 64):
-            posterior = vae.encode(_to_unit(images[start : start + 64])).latent_dist
-            means.append(posterior.mean)
-            stds.append(posterior.std)
+            posterior = vae.encode(_to_unit(images[start : start + 64].to(device))).latent_dist
+            means.append(posterior.mean.cpu())
+            stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -523,6 +533,24 @@ def adamw(params: Iterable[torch.Tensor], lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
 
 
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` (nested dicts / lists of tensors, as state dicts are) with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
+def _cpu_randn(like: torch.Tensor) -> torch.Tensor:
+    """``torch.randn_like(like)`` drawn from the CPU generator and moved to ``like``'s device. It keeps
+    ``like``'s memory layout, as randn_like does: the VAE's posterior comes out channels-last on the
+    CPU, and a contiguous draw would put the same numbers at other positions than earlier runs did."""
+    return torch.randn_like(like, device="cpu").to(like.device)
+
+
 def _ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for name, p in module.state_dict().items():
@@ -561,7 +589,10 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
     started = time.perf_counter()
     deadline = started + config.minutes * 60.0 if config.minutes else math.inf
 
-    unet, vae, text_encoder = _fresh_modules(config.seed)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {config.device}: this machine has no CUDA device; use --device cpu")
+    unet, vae, text_encoder = (m.to(device) for m in _fresh_modules(config.seed))
     ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     ema_te = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
     te_params = [p for p in text_encoder.parameters() if p.requires_grad]
@@ -573,7 +604,7 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
     torch.manual_seed(config.seed)
 
     if resume:
-        saved = torch.load(state_path, weights_only=True)
+        saved = torch.load(state_path, weights_only=True, map_location="cpu")
         if saved["config"]["seed"] != config.seed:
             raise TrainError(
                 f"{state_path} was trained with seed {saved['config']['seed']}, not {config.seed}; "
@@ -589,10 +620,11 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         vae.load_state_dict(saved["vae"])
         unet.load_state_dict(saved["unet"])
         text_encoder.load_state_dict(saved["text_encoder"])
-        ema_unet, ema_te = saved["ema_unet"], saved["ema_te"]
+        ema_unet = {k: v.to(device) for k, v in saved["ema_unet"].items()}
+        ema_te = {k: v.to(device) for k, v in saved["ema_te"].items()}
         vae_opt.load_state_dict(saved["vae_opt"])
         opt.load_state_dict(saved["opt"])
-        torch.set_rng_state(saved["rng"])
+        torch.set_rng_state(saved["rng"].cpu())
         state = _State(saved["phase"], saved["step"], saved["scaling_factor"], dict(saved["seconds"]))
         log_fn(f"resumed {state_path}: phase {state.phase}, step {state.step}")
         if state.phase == "done" and state.step < config.diffusion_steps:
@@ -608,7 +640,7 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         }
 
     def checkpoint() -> None:
-        atomic_save(
+        atomic_save(_on_cpu(
             {
                 "config": config.describe(),
                 "phase": state.phase,
@@ -623,7 +655,7 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
                 "vae_opt": vae_opt.state_dict(),
                 "opt": opt.state_dict(),
                 "rng": torch.get_rng_state(),
-            },
+            }),
             state_path,
         )
         with _swapped(unet, ema_unet), _swapped(text_encoder, ema_te):
@@ -664,7 +696,7 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         while state.step < config.vae_steps:
             t0 = time.perf_counter()
             idx = torch.randint(0, n, (config.vae_batch,))
-            x = _to_unit(vae_images[idx])
+            x = _to_unit(vae_images[idx]).to(device)
             if state.step < config.vae_full_from * config.vae_steps:
                 c = config.vae_crop
                 oy, ox = (int(v) for v in torch.randint(0, x.shape[-1] - c + 1, (2,)))
@@ -672,7 +704,7 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
             posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn_like(posterior.mean)
+            z = posterior.mean + posterior.std * _cpu_randn(posterior.mean)
             rec = vae.decode(z).sample
             l1, l2, edge = reconstruction_losses(rec, x)
             kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
@@ -714,14 +746,14 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
     if half_images is not None:
         half_latents = _half_latents(config, vae, half_images, log_fn)
     decoder_job = None
-    if config.threads >= 2 and state.phase == "diffusion" and config.decoder_steps:
+    if config.threads >= 2 and device.type == "cpu" and state.phase == "diffusion" and config.decoder_steps:
         decoder_job = _DecoderProcess(config, vae, images, lat_mean, lat_std, state.scaling_factor,
                                       deadline - time.perf_counter())
 
     # ------------------------------------------------------------------ phase 3: text encoder + UNet
     if state.phase == "diffusion":
         captions_in = CaptionBatcher(captions)
-        abar = sd1_alphas_cumprod()
+        abar = sd1_alphas_cumprod().to(device)
         snr = abar / (1.0 - abar)
         gamma = config.min_snr_gamma
         loss_weight = torch.ones_like(snr) if gamma is None else torch.clamp(snr, max=gamma) / snr
@@ -746,20 +778,20 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
                 source_mean, source_std = lat_mean, lat_std
             idx = torch.randint(0, n, (config.batch_size,))
             x0 = source_mean[idx] + source_std[idx] * torch.randn_like(source_mean[idx])
-            x0 = x0 * state.scaling_factor
+            x0 = (x0 * state.scaling_factor).to(device)
             partial = state.step >= config.partial_captions_from
             foreign = config.foreign_tags_from is not None and state.step >= config.foreign_tags_from
             ids = captions_in.batch(idx.tolist(), config.caption_dropout,
                                     config.tag_keep_prob if partial else None,
-                                    config.foreign_tag_prob if foreign else None)
-            t = torch.randint(0, 1000, (config.batch_size,))
-            eps = torch.randn_like(x0)
+                                    config.foreign_tag_prob if foreign else None).to(device)
+            t = torch.randint(0, 1000, (config.batch_size,)).to(device)
+            eps = _cpu_randn(x0)
             a = abar[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
             context = text_condition(text_encoder, ids)
             if config.padding_blind_from is not None and state.step >= config.padding_blind_from:
-                rows = torch.rand(config.batch_size) < config.padding_blind_prob
-                empty_context = text_condition(text_encoder, captions_in.empty())
+                rows = (torch.rand(config.batch_size) < config.padding_blind_prob).to(device)
+                empty_context = text_condition(text_encoder, captions_in.empty().to(device))
                 context = blind_padding(context, ids, empty_context, captions_in.eos, rows)
             pred = unet(xt, t, encoder_hidden_states=context).sample
             per_sample = (pred - eps).square().mean(dim=(1, 2, 3))
@@ -866,19 +898,19 @@ def _finetune_decoder(
     step, seconds = 0, 0.0
     ema = {n: p.detach().clone() for n, p in zip(names, params, strict=True)}
     if path.exists():
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True, map_location="cpu")
         with torch.no_grad():
             for p, n in zip(params, names, strict=True):
                 p.copy_(saved["weights"][n])
-        ema = saved["ema"]
+        ema = {n: v.to(params[0].device) for n, v in saved["ema"].items()}
         opt.load_state_dict(saved["opt"])
         gen.set_state(saved["generator"])
         step, seconds = saved["step"], saved["seconds"]
 
     def save() -> None:
         weights = {n: p.detach().clone() for n, p in zip(names, params, strict=True)}
-        atomic_save({"step": step, "seconds": seconds, "weights": weights, "ema": ema,
-                      "opt": opt.state_dict(), "generator": gen.get_state()}, path)
+        atomic_save(_on_cpu({"step": step, "seconds": seconds, "weights": weights, "ema": ema,
+                             "opt": opt.state_dict(), "generator": gen.get_state()}), path)
 
     n = images.shape[0]
     last_save = time.perf_counter()
@@ -891,9 +923,9 @@ def _finetune_decoder(
         while step < config.decoder_steps:
             t0 = time.perf_counter()
             idx = torch.randint(0, n, (config.decoder_batch,), generator=gen)
-            x = _to_unit(images[idx])
+            x = _to_unit(images[idx]).to(params[0].device)
             noise = torch.randn(lat_mean[idx].shape, generator=gen)
-            z = lat_mean[idx] + lat_std[idx] * noise
+            z = (lat_mean[idx] + lat_std[idx] * noise).to(params[0].device)
             rec = vae.decode(z).sample
             l1, l2, edge = reconstruction_losses(rec, x)
             loss = l1 + l2 + config.edge_weight * edge
