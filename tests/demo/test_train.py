@@ -399,13 +399,13 @@ def test_train_command_line_maps_flags_onto_the_config_and_defaults_onto_its_def
         "--out", str(tmp_path), "--resume", "--minutes", "5", "--diffusion-steps", "300", "--lr", "1e-3",
         "--padding-blind-from", "none", "--foreign-tags-from", "100", "--lr-decay-from", "200",
         "--upright-from", "250", "--min-snr-gamma", "none", "--image-size", "128",
-        "--vae-full-from", "1.0", "--half-size-until", "200", "--device", "cuda:1",
+        "--vae-full-from", "1.0", "--half-size-until", "200", "--device", "cuda:1", "--ema-decay", "0.999",
     ])
     assert resume
     assert config == TrainConfig(
         out_dir=tmp_path, minutes=5.0, diffusion_steps=300, lr=1e-3, padding_blind_from=None,
         foreign_tags_from=100, lr_decay_from=200, upright_from=250, min_snr_gamma=None, image_size=128,
-        vae_full_from=1.0, half_size_until=200, device="cuda:1",
+        vae_full_from=1.0, half_size_until=200, device="cuda:1", ema_decay=0.999,
     )
     config, _ = train_config(["--min-snr-gamma", "2.5"])
     assert config.min_snr_gamma == 2.5

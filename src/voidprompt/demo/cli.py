@@ -50,6 +50,7 @@ _TRAIN_FLAGS: dict[str, str | None] = {
     "half_size_until": "diffusion steps before this one learn from the world at half the --image-size "
     "(cheaper; the VAE phase too); 'none': all at the native size",
     "lr": None,
+    "ema_decay": "decay of the exported moving average of the text encoder and UNet weights",
     "min_snr_gamma": "cap of the Min-SNR loss weight; 'none': plain eps MSE, every timestep weighted alike",
     "lr_decay_from": "diffusion step from which the lr falls linearly to 0 at --diffusion-steps",
     "threads": "cores: 1 runs the phases one after another, 2 or more run the decoder phase in a second "
