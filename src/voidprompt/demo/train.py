@@ -473,42 +473,31 @@ def _encode_posterior(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.cat(means), torch.cat(stds)
 
 
-def _upright_latents(
-    config: TrainConfig, vae: Any, captions: list[str], log_fn: Callable[[str], None]
+def _cached_posterior(
+    config: TrainConfig, vae: Any, name: str, draw: Callable[[], torch.Tensor], log_fn: Callable[[str], None]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior of the upright pictures, cached in ``latents-upright.pt``. The encoder is frozen after
-    phase 1 (the decoder phase touches only the decoder), so these latents live in the same space."""
-    path = config.out_dir / "latents-upright.pt"
+    """Posterior of another picture set of the same scenes (``draw`` makes it, called only when the
+    cache misses), cached in ``latents-<name>.pt``. The encoder is frozen after phase 1 (the decoder
+    phase touches only the decoder), so these latents share the native latents' space and scaling factor."""
+    path = config.out_dir / f"latents-{name}.pt"
     if path.exists():
         cached = torch.load(path, weights_only=True)
         if cached.get("seed") == config.seed and cached["mean"].shape[0] == config.n_images:
             return cached["mean"], cached["std"]
     t0 = time.perf_counter()
+    mean, std = _encode_posterior(vae, draw())
+    atomic_save({"seed": config.seed, "mean": mean, "std": std}, path)
+    log_fn(f"cached {mean.shape[0]} {name} latents in {time.perf_counter() - t0:.0f} s")
+    return mean, std
+
+
+def _upright_images(config: TrainConfig, captions: list[str], log_fn: Callable[[str], None]) -> torch.Tensor:
+    """The same scenes with upright shapes (``images-upright.pt``); their captions must be the same."""
     images, upright_captions = _world_images(config, log_fn, upright=True)
     if upright_captions != captions:
         raise TrainError("the upright world's captions differ from the turned world's; the world "
                          "must draw the same scenes in both (see WorldConfig.upright)")
-    mean, std = _encode_posterior(vae, images)
-    atomic_save({"seed": config.seed, "mean": mean, "std": std}, path)
-    log_fn(f"cached {mean.shape[0]} upright latents in {time.perf_counter() - t0:.0f} s")
-    return mean, std
-
-
-def _half_latents(
-    config: TrainConfig, vae: Any, half_images: torch.Tensor, log_fn: Callable[[str], None]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior of the half-size pictures, cached in ``latents-half.pt``: the frozen encoder's, so they
-    share the native latents' space and scaling factor (the UNet sees one latent scale throughout)."""
-    path = config.out_dir / "latents-half.pt"
-    if path.exists():
-        cached = torch.load(path, weights_only=True)
-        if cached.get("seed") == config.seed and cached["mean"].shape[0] == config.n_images:
-            return cached["mean"], cached["std"]
-    t0 = time.perf_counter()
-    mean, std = _encode_posterior(vae, half_images)
-    atomic_save({"seed": config.seed, "mean": mean, "std": std}, path)
-    log_fn(f"cached {mean.shape[0]} half-size latents in {time.perf_counter() - t0:.0f} s")
-    return mean, std
+    return images
 
 
 def _to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -555,11 +544,12 @@ def _ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float) -
     # Two multi-tensor kernels instead of two per tensor (hundreds of launches a step on a GPU); the
     # same arithmetic, so the same bits, as a per-tensor mul_ and add_.
     with torch.no_grad():
-        pairs = [(ema[name], p) for name, p in module.state_dict().items() if p.is_floating_point()]
-        averages, current = [a for a, _ in pairs], [p for _, p in pairs]
+        state = module.state_dict()
+        floats = [name for name, p in state.items() if p.is_floating_point()]
+        averages, current = [ema[name] for name in floats], [state[name] for name in floats]
         torch._foreach_mul_(averages, decay)
         torch._foreach_add_(averages, current, alpha=1.0 - decay)
-        for name, p in module.state_dict().items():
+        for name, p in state.items():
             if not p.is_floating_point():  # integer buffers (position ids) are copied, not averaged
                 ema[name].copy_(p)
 
@@ -748,7 +738,7 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
     lat_mean, lat_std = cache["mean"], cache["std"]
     half_latents = None
     if half_images is not None:
-        half_latents = _half_latents(config, vae, half_images, log_fn)
+        half_latents = _cached_posterior(config, vae, "half", lambda: half_images, log_fn)
     decoder_job = None
     if config.threads >= 2 and device.type == "cpu" and state.phase == "diffusion" and config.decoder_steps:
         decoder_job = _DecoderProcess(config, vae, images, lat_mean, lat_std, state.scaling_factor,
@@ -767,7 +757,9 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         upright = None
         upright_from = config.upright_from if config.upright_from is not None else config.diffusion_steps
         if upright_from < config.diffusion_steps:
-            upright = _upright_latents(config, vae, captions, log_fn)
+            upright = _cached_posterior(
+                config, vae, "upright", lambda: _upright_images(config, captions, log_fn), log_fn
+            )
         n = lat_mean.shape[0]
         while state.step < config.diffusion_steps:
             t0 = time.perf_counter()
