@@ -48,11 +48,12 @@ def test_shipped_weights_load_as_sd1_fp16_to_fp32_every_key_consumed() -> None:
 
 
 def test_euler_a_8_steps_gives_a_non_degenerate_picture(engine: Any) -> None:
-    from voidprompt.demo.generate import demo_request
+    from voidprompt.demo.generate import demo_request, native_size
 
-    result = engine.generate(demo_request("red circle, white background", steps=8, seed=7))
+    side = native_size(engine.components)
+    result = engine.generate(demo_request("red circle, white background", size=side, steps=8, seed=7))
     pixels = np.asarray(result.images[0], dtype=np.float32) / 255.0
-    assert pixels.shape == (64, 64, 3)
+    assert pixels.shape == (side, side, 3)
     assert np.isfinite(pixels).all()
     assert pixels.std() > 0.05  # not a flat colour
     assert "Clip skip: 2" in result.infotexts[0] and "Sampler: Euler a" in result.infotexts[0]

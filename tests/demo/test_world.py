@@ -1,5 +1,8 @@
 """The procedural world: determinism, captions that match the scene, vocabulary, rendering."""
 
+import pickle
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -37,6 +40,25 @@ def test_picture_i_depends_only_on_seed_and_index() -> None:
     short = list(make_dataset(3, seed=5))
     long = list(make_dataset(5, seed=5))
     assert [c for _, c, _ in short] == [c for _, c, _ in long[:3]]
+
+
+def test_draw_pixels_on_two_processes_gives_make_datasets_pictures_in_order(monkeypatch: Any) -> None:
+    import voidprompt.demo.world as world
+
+    monkeypatch.setattr(world, "DRAW_CHUNK", 4)  # 10 pictures -> chunks of 4, 4 and 2
+    config = WorldConfig(size=32, upright=True)
+    expected = list(make_dataset(10, seed=8, size=32, config=config))
+    for workers in (1, 2):
+        pixels, captions = world.draw_pixels(8, 10, config, workers=workers)
+        assert pixels.shape == (10, 32, 32, 3) and pixels.dtype == np.uint8
+        assert captions == [c for _, c, _ in expected]
+        for i, (image, _, _) in enumerate(expected):
+            assert np.array_equal(pixels[i], np.asarray(image.convert("RGB"))), i
+    assert world.draw_pixels(8, 0, config)[0].shape == (0, 32, 32, 3)
+    floored = WorldConfig(min_radius={"star": 0.2})
+    assert pickle.loads(pickle.dumps(floored)) == floored  # how the workers get their config
+    with pytest.raises(WorldError, match="workers"):
+        world.draw_pixels(8, 3, config, workers=0)
 
 
 def test_captions_match_their_scenes() -> None:

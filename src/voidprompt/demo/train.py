@@ -3,8 +3,8 @@
 One command, ``voidprompt demo train``, runs four phases and can stop and resume at any point:
 
 1. ``vae``: the KL autoencoder on world pictures (L1 + L2 + a light edge term + a small KL). The
-   pictures are drawn once by :func:`voidprompt.demo.world.make_dataset` and cached; the VAE trains
-   on random crops (a convolutional VAE does not care about the crop size, and crops cost a quarter
+   pictures are drawn once by :func:`voidprompt.demo.world.draw_pixels` (on every core) and cached;
+   the VAE trains on random crops (a convolutional VAE does not care about the crop size, and crops cost a quarter
    of the compute of whole 64 px pictures) and, for the last part, whole pictures.
 2. ``latents``: every picture is encoded once; the posterior mean and std are cached. The latent
    scaling factor is 1 / std of the sampled latents and goes into the ``voidprompt.arch`` metadata
@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -431,13 +432,22 @@ def atomic_save(obj: Any, path: Path) -> None:
 # ----------------------------------------------------------------------------------- data
 
 
+def _cores() -> int:
+    """Cores this process may use: the world's pictures are drawn on all of them (the training itself
+    keeps to ``TrainConfig.threads``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity call outside Linux
+        return os.cpu_count() or 1
+
+
 def _world_images(
     config: TrainConfig, log_fn: Callable[[str], None], *, upright: bool = False, half: bool = False
 ) -> tuple[torch.Tensor, list[str]]:
     """(N, 3, H, W) uint8 pictures and their captions, drawn once and cached in ``images.pt``
     (``images-upright.pt`` for the upright world: the same scenes and captions, shapes turned;
     ``images-half.pt`` for the same scenes at half the side, see ``TrainConfig.half_size_until``)."""
-    from voidprompt.demo.world import WorldConfig, make_dataset
+    from voidprompt.demo.world import WorldConfig, draw_pixels
 
     size = config.image_size // 2 if half else config.image_size
     path = config.out_dir / ("images-upright.pt" if upright else "images-half.pt" if half else "images.pt")
@@ -447,13 +457,9 @@ def _world_images(
         if cached["seed"] == config.seed and len(cached["captions"]) == config.n_images and same_size:
             return cached["images"], list(cached["captions"])
     t0 = time.perf_counter()
-    images = torch.empty(config.n_images, 3, size, size, dtype=torch.uint8)
-    captions = []
     world = WorldConfig(size=size, upright=upright)
-    drawn = make_dataset(config.n_images, config.seed, size, world)
-    for i, (image, text, _) in enumerate(drawn):
-        images[i] = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
-        captions.append(text)
+    pixels, captions = draw_pixels(config.seed, config.n_images, world, workers=_cores())
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
     atomic_save({"seed": config.seed, "images": images, "captions": captions}, path)
     log_fn(f"drew {config.n_images} {'upright ' if upright else ''}{size} px world pictures in "
            f"{time.perf_counter() - t0:.0f} s")

@@ -39,8 +39,10 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -66,6 +68,7 @@ __all__ = [
     "caption",
     "count_tag",
     "draw",
+    "draw_pixels",
     "make_dataset",
     "quality_tag",
     "render",
@@ -245,6 +248,12 @@ class WorldConfig:
     # 8x8 latents a 4M-parameter UNet paints randomly turned squares and stars as round blobs.
     upright: bool = False
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A MappingProxyType cannot be pickled, and draw_pixels sends configs to worker processes:
+        # pickle plain dicts and wrap them again on the other side.
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return (_world_config, ({k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()},))
+
     def __post_init__(self) -> None:
         if self.size < 32:
             raise WorldError(f"size {self.size} is too small for legible shapes; use 32 or more (64 default)")
@@ -256,6 +265,10 @@ class WorldConfig:
                 f"min_radius {dict(self.min_radius)}: keys must be shape kinds ({', '.join(SHAPE_KINDS)}) "
                 "and values circumradii in [0, 0.5)"
             )
+
+
+def _world_config(values: dict[str, Any]) -> WorldConfig:
+    return WorldConfig(**{k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in values.items()})
 
 
 # The orientation of every kind in an upright world (degrees, y down: -90 points up).
@@ -600,3 +613,47 @@ def draw(
     scene = sample_scene(np.random.default_rng([seed, index, 0]), config)
     text = caption(scene, np.random.default_rng([seed, index, 1]))
     return render(scene, size or config.size, config.supersample), text, scene
+
+
+# Pictures per task of `draw_pixels`: big enough that a worker's start-up (a spawned interpreter
+# importing numpy and Pillow, about a second) is small beside its drawing.
+DRAW_CHUNK = 500
+
+
+def draw_pixels(
+    seed: int, n: int, config: WorldConfig | None = None, *, workers: int = 1
+) -> tuple[np.ndarray, list[str]]:
+    """Pictures 0 .. n-1 of the world of ``seed`` as one (n, size, size, 3) uint8 RGB array, and their
+    captions: ``make_dataset``'s pictures, drawn in chunks of ``DRAW_CHUNK`` on up to ``workers``
+    processes. Picture i depends only on (seed, i), so the result is the same for any ``workers``."""
+    if n < 0:
+        raise WorldError(f"n must be 0 or more, got {n}")
+    if workers < 1:
+        raise WorldError(f"workers must be 1 or more, got {workers}")
+    config = config or WorldConfig()
+    bounds = [(start, min(start + DRAW_CHUNK, n)) for start in range(0, n, DRAW_CHUNK)]
+    workers = min(workers, len(bounds))
+    if workers <= 1:
+        parts = [_draw_chunk(seed, start, stop, config) for start, stop in bounds]
+    else:
+        import multiprocessing
+
+        # spawn, not fork: the caller (the trainer) holds torch's thread pools, which a fork copies
+        # in whatever state they are.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            parts = list(pool.map(_draw_chunk, *zip(*[(seed, a, b, config) for a, b in bounds], strict=True)))
+    pixels = [p for p, _ in parts]
+    captions = [c for _, chunk in parts for c in chunk]
+    empty = np.empty((0, config.size, config.size, 3), dtype=np.uint8)
+    return (np.concatenate(pixels) if pixels else empty), captions
+
+
+def _draw_chunk(seed: int, start: int, stop: int, config: WorldConfig) -> tuple[np.ndarray, list[str]]:
+    pixels = np.empty((stop - start, config.size, config.size, 3), dtype=np.uint8)
+    captions = []
+    for j, index in enumerate(range(start, stop)):
+        image, text, _ = draw(seed, index, config)
+        pixels[j] = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        captions.append(text)
+    return pixels, captions
