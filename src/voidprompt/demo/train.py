@@ -4,8 +4,8 @@ One command, ``voidprompt demo train``, runs four phases and can stop and resume
 
 1. ``vae``: the KL autoencoder on world pictures (L1 + L2 + a light edge term + a small KL). The
    pictures are drawn once by :func:`voidprompt.demo.world.draw_pixels` (on every core) and cached;
-   the VAE trains on random crops (a convolutional VAE does not care about the crop size, and crops cost a quarter
-   of the compute of whole 64 px pictures) and, for the last part, whole pictures.
+   the VAE trains on random crops (a convolutional VAE does not care about the crop size, and crops
+   cost a quarter of the compute of whole 64 px pictures) and, for the last part, whole pictures.
 2. ``latents``: every picture is encoded once; the posterior mean and std are cached. The latent
    scaling factor is 1 / std of the sampled latents and goes into the ``voidprompt.arch`` metadata
    (``scaling_factor``), so the diffusion model sees unit-variance latents as SD1's does with 0.18215.
@@ -49,7 +49,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -268,7 +268,10 @@ class WorldConfig:
 
 
 def _world_config(values: dict[str, Any]) -> WorldConfig:
-    return WorldConfig(**{k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in values.items()})
+    rebuilt: dict[str, Any] = {
+        k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in values.items()
+    }
+    return WorldConfig(**rebuilt)
 
 
 # The orientation of every kind in an upright world (degrees, y down: -90 points up).
