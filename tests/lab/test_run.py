@@ -101,6 +101,55 @@ def test_detector_prelabels(tiny_checkpoint: Path, tmp_path: Path) -> None:
         assert any(t.endswith("background") for t in tags)
 
 
+def test_detector_labeler_reads_a_picture_at_the_models_native_size() -> None:
+    from PIL import ImageDraw
+
+    from voidprompt.demo.world import Background, Scene, ShapeObject, render
+    from voidprompt.lab.labels import DetectorLabeler
+
+    scene = Scene((ShapeObject("circle", "red", (0.3, 0.4), 0.15),), Background("solid", ("white",)))
+    picture = render(scene, 128).convert("RGB")
+    # A 9x9 px blob: a shape for a 64 px model (the detector's smallest shape is 35 native px^2), a
+    # speck for a 128 px model that paints every shape at twice that side (140 px^2 at least).
+    ImageDraw.Draw(picture).rectangle((96, 96, 104, 104), fill=(0, 0, 255))
+    labeler = DetectorLabeler()
+    assert labeler.label(picture).measures["detector_objects"] == 2.0  # 64 px unless told
+    assert labeler.label(picture, native_size=64).measures["detector_objects"] == 2.0
+    at_128 = labeler.label(picture, native_size=128)
+    assert at_128.measures["detector_objects"] == 1.0 and "red circle" in at_128.tags
+
+
+def test_run_study_tells_the_labeler_the_models_native_size(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from voidprompt.lab.labels import Label
+    from voidprompt.testing.fake_checkpoints import TINY_CONSTANTS
+
+    class Sized:
+        name, classes = "sized", ("a",)
+
+        def __init__(self) -> None:
+            self.seen: list[int | None] = []
+
+        def label(self, image: Image.Image, native_size: int | None = None) -> Label:
+            self.seen.append(native_size)
+            return Label("a")
+
+    class Plain:  # a plugin written before native_size: still called with the picture alone
+        name, classes = "plain", ("a",)
+
+        def label(self, image: Image.Image) -> Label:
+            return Label("a", ("plain",))
+
+    study = parse_study(study_text(tiny_checkpoint, sizes="16x16", seeds="2 random"), tmp_path / "t.toml")
+    sized = Sized()
+    report = run_study(study, progress=False, labeler=sized, catalog_path=tmp_path / "a.sqlite")
+    # The file's voidprompt.arch metadata, not the size asked for (16 px).
+    assert report.generated >= 2 and sized.seen == [TINY_CONSTANTS.vae_sample_size] * report.generated
+    run_study(study, progress=False, labeler=Plain(), catalog_path=tmp_path / "b.sqlite")
+    with Catalog.open(tmp_path / "b.sqlite", readonly=True) as catalog:
+        labels = [s["plain"] for s in catalog.all_labels().values()]
+    assert labels == [("a", ["plain"])] * report.generated
+
+
 def _state(catalog_path: Path) -> tuple[list[str], list[str], int]:
     db = sqlite3.connect(catalog_path)
     rows = [r[0] for r in db.execute("SELECT job_id FROM images ORDER BY job_id")]

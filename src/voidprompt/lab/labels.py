@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +55,12 @@ class Label:
 
 @runtime_checkable
 class Labeler(Protocol):
-    """An auto-labeler plugin: one image in, one outcome class (of ``classes``) and free tags out."""
+    """An auto-labeler plugin: one image in, one outcome class (of ``classes``) and free tags out.
+
+    A labeler whose reading depends on the model's pixel scale may take a keyword ``native_size``
+    in ``label`` (the side the model was trained at, from its ``voidprompt.arch`` metadata): the
+    study runner then passes it (:func:`label_image`). The detector does: a miniature model paints
+    at its own pixel scale whatever size it is asked for."""
 
     name: str  # stored as the label's source
     classes: Sequence[str]
@@ -89,8 +95,15 @@ class DetectorLabeler:
             return PATTERN
         return CLEAN_SINGLE if detection.count == 1 else SEVERAL
 
-    def label(self, image: Image.Image) -> Label:
-        detection = self._detect(image, self._config)
+    def label(self, image: Image.Image, native_size: int | None = None) -> Label:
+        """Read ``image`` with the detector's thresholds at ``native_size`` (64, the shipped miniature
+        model's side, when not given; a config passed to the constructor wins over both)."""
+        config = self._config
+        if config is None and native_size is not None:
+            from voidprompt.demo.detector import DetectorConfig
+
+            config = DetectorConfig(native_size=native_size)
+        detection = self._detect(image, config)
         measures = {
             "detector_objects": float(detection.count),
             "detector_defects": float(len(detection.defect_flags)),
@@ -99,6 +112,13 @@ class DetectorLabeler:
 
 
 LABELERS: Mapping[str, Callable[[], Labeler]] = {"detector": DetectorLabeler}
+
+
+def label_image(labeler: Labeler, image: Image.Image, native_size: int | None) -> Label:
+    """``labeler.label(image)``, with ``native_size=`` when it is known and the labeler takes it."""
+    if native_size is not None and "native_size" in inspect.signature(labeler.label).parameters:
+        return labeler.label(image, native_size=native_size)  # type: ignore[call-arg]
+    return labeler.label(image)
 
 
 @dataclass(frozen=True)

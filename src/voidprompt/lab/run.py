@@ -24,7 +24,7 @@ from PIL import Image, PngImagePlugin
 
 from voidprompt.errors import StudyError
 from voidprompt.lab.catalog import Catalog, atomic_write, sha256_file
-from voidprompt.lab.labels import Labeler, label_scheme
+from voidprompt.lab.labels import Labeler, label_image, label_scheme
 from voidprompt.lab.measures import Measure, measure_image
 from voidprompt.lab.study import Job, ModelRef, Study, request_to_dict
 from voidprompt.pipeline.request import GenerationRequest
@@ -62,6 +62,9 @@ class Generated:
     seed: int
     model_hash: str | None
     timings: dict[str, float]
+    # The side the model was trained at (its voidprompt.arch metadata): a labeler that reads pictures
+    # at the model's pixel scale (the detector) needs it.
+    native_size: int | None = None
 
 
 @dataclass
@@ -223,8 +226,9 @@ def run_batch(engine: Any, batch: Batch) -> list[Generated]:
     # Per-image share of the batch's time, plus the batch size so throughput can be recomputed.
     per_image = {k: v / n for k, v in timings.items()} | {"batch_size": float(n)}
     model_hash = engine.components.checkpoint.short_hash
+    native = int(engine.components.arch.constants.vae_sample_size)
     return [
-        Generated(job.job_id, image, info, job.request.seed, model_hash, dict(per_image))
+        Generated(job.job_id, image, info, job.request.seed, model_hash, dict(per_image), native)
         for job, image, info in zip(batch.jobs, images, infotexts, strict=True)
     ]
 
@@ -264,7 +268,7 @@ def store(
     values = measure_image(generated.image, registry=measures)
     labels = {}
     if labeler is not None:
-        label = labeler.label(generated.image)
+        label = label_image(labeler, generated.image, generated.native_size)
         labels[labeler.name] = (label.label_class, list(label.tags))
         # A plugin's own Label-like class may carry no numbers.
         values.update({name: float(value) for name, value in getattr(label, "measures", {}).items()})
