@@ -389,6 +389,47 @@ def test_upright_pictures_replace_the_turned_ones_from_their_step_only(tmp_path:
     assert not (tmp_path / "d" / "images-upright.pt").exists()
 
 
+def test_init_from_continues_a_file_with_its_vae_and_scaling_factor(
+    tiny_run: tuple[TrainConfig, Path], tmp_path: Path
+) -> None:
+    config, source = tiny_run
+    start = {**config.__dict__, "out_dir": tmp_path / "a", "init_from": str(source), "diffusion_steps": 2}
+    lines: list[str] = []
+    # lr 0: AdamW moves nothing, so the export must be the source file itself, tensor for tensor (its
+    # fp16 weights load into fp32 modules and round back exactly) - every module was copied.
+    same = train(TrainConfig(**{**start, "lr": 0.0}), log_fn=lines.append)
+    assert not any(line.startswith("vae ") for line in lines)  # no VAE phase
+    assert any(line.startswith("starting from") for line in lines)
+    before, after = _tensors(source), _tensors(same)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # With an lr the UNet moves on from the file while the VAE and the scaling factor stay its own.
+    moved = _tensors(train(TrainConfig(**{**start, "out_dir": tmp_path / "b"}), log_fn=lambda _: None))
+    vae_keys = [k for k in before if k.startswith("first_stage_model.")]
+    unet_keys = [k for k in before if k.startswith("model.diffusion_model.")]
+    assert vae_keys and all(torch.equal(before[k], moved[k]) for k in vae_keys)
+    assert any(not torch.equal(before[k], moved[k]) for k in unet_keys)
+    from safetensors import safe_open
+
+    def scaling(path: Path) -> float:
+        with safe_open(str(path), framework="pt") as f:
+            return float(json.loads(f.metadata()["voidprompt.arch"])["scaling_factor"])
+
+    assert scaling(tmp_path / "b" / "model.safetensors") == scaling(source)
+
+
+def test_init_from_refuses_a_missing_file_or_another_native_size(
+    tiny_run: tuple[TrainConfig, Path], tmp_path: Path
+) -> None:
+    config, source = tiny_run
+    base = {**config.__dict__, "out_dir": tmp_path}
+    with pytest.raises(TrainError, match=r"--init-from.*no such file"):
+        train(TrainConfig(**{**base, "init_from": str(tmp_path / "nope.safetensors")}), log_fn=lambda _: None)
+    with pytest.raises(TrainError, match="64 px model, not 48; pass --image-size 64"):
+        train(TrainConfig(**{**base, "init_from": str(source), "image_size": 48}), log_fn=lambda _: None)
+    assert not (tmp_path / "state.pt").exists()
+
+
 def test_train_command_line_maps_flags_onto_the_config_and_defaults_onto_its_defaults(tmp_path: Path) -> None:
     from voidprompt.demo.cli import train_config
 
@@ -400,12 +441,14 @@ def test_train_command_line_maps_flags_onto_the_config_and_defaults_onto_its_def
         "--padding-blind-from", "none", "--foreign-tags-from", "100", "--lr-decay-from", "200",
         "--upright-from", "250", "--min-snr-gamma", "none", "--image-size", "128",
         "--vae-full-from", "1.0", "--half-size-until", "200", "--device", "cuda:1", "--ema-decay", "0.999",
+        "--init-from", "base.safetensors",
     ])
     assert resume
     assert config == TrainConfig(
         out_dir=tmp_path, minutes=5.0, diffusion_steps=300, lr=1e-3, padding_blind_from=None,
         foreign_tags_from=100, lr_decay_from=200, upright_from=250, min_snr_gamma=None, image_size=128,
         vae_full_from=1.0, half_size_until=200, device="cuda:1", ema_decay=0.999,
+        init_from="base.safetensors",
     )
     config, _ = train_config(["--min-snr-gamma", "2.5"])
     assert config.min_snr_gamma == 2.5

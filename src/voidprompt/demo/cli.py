@@ -57,6 +57,8 @@ _TRAIN_FLAGS: dict[str, str | None] = {
     "process beside the diffusion phase; each phase computes on one thread (same weights either way)",
     "device": "where the modules compute: cpu, cuda or cuda:N (same sample stream, not the same bits)",
     "checkpoint_minutes": None,
+    "init_from": "start from this miniature checkpoint's weights (same widths and --image-size) instead "
+    "of random ones; skips the VAE phase",
 }
 
 
@@ -77,6 +79,7 @@ def _or_none(convert: Callable[[str], Any], error: str) -> Callable[[str], Any]:
 
 _step_or_none = _or_none(int, "is not a step: give a whole number or 'none'")
 _number_or_none = _or_none(float, "is not a number: give one, or 'none'")
+_text_or_none = _or_none(str, "")
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -96,7 +99,9 @@ def _train_parser() -> argparse.ArgumentParser:
         shown = f"default {default}" + ("; 'none': off" if optional else "")
         parse: Any = type(default)
         if optional:
-            parse = _number_or_none if "float" in annotations[name] else _step_or_none
+            parse = {"float": _number_or_none, "int": _step_or_none, "str": _text_or_none}[
+                next(t for t in ("float", "int", "str") if t in annotations[name])
+            ]
         p.add_argument(
             "--" + name.replace("_", "-"),
             type=parse,

@@ -195,6 +195,11 @@ class TrainConfig:
     # files hold CPU tensors either way: a run started on a GPU resumes on a CPU and back. On a GPU the
     # decoder phase runs in line (`threads` then only sets the CPU threads, which stay at 1).
     device: str = "cpu"
+    # Start from this miniature checkpoint's weights (UNet, text encoder, VAE and latent scaling
+    # factor) instead of random ones: the VAE phase is skipped and the diffusion phase continues the
+    # file with a fresh optimizer and an EMA started at its weights. The file must have this run's
+    # widths and native size (--image-size). On --resume the state file wins; the path is recorded.
+    init_from: str | None = None
     checkpoint_minutes: float = 4.0
     minutes: float | None = None  # wall-clock cap for this invocation; the run saves and can resume
 
@@ -440,6 +445,34 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _load_init_weights(path: str, image_size: int, unet: Any, vae: Any, text_encoder: Any) -> float:
+    """Copy the weights of the checkpoint at ``path`` (``--init-from``) into the fresh modules; returns
+    its latent scaling factor."""
+    from voidprompt.errors import ModelLoadError
+    from voidprompt.models.load import load_model
+
+    try:
+        source = load_model(path, device="cpu", dtype=torch.float32)
+    except ModelLoadError as error:
+        raise TrainError(f"--init-from: {error}") from None
+    native = int(source.arch.constants.vae_sample_size)
+    if native != image_size:
+        raise TrainError(
+            f"--init-from {path} is a {native} px model, not {image_size}; pass --image-size {native}"
+        )
+    for name, module, loaded in (("UNet", unet, source.unet), ("VAE", vae, source.vae),
+                                 ("text encoder", text_encoder, source.text_encoder)):
+        try:
+            module.load_state_dict(loaded.state_dict())
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[1:2] or [str(error)]
+            raise TrainError(
+                f"--init-from {path}: its {name} is not the miniature model's shape "
+                f"({first[0].strip()}); start from a file `voidprompt demo train` wrote"
+            ) from None
+    return float(source.scaling_factor)
+
+
 def _world_images(
     config: TrainConfig, log_fn: Callable[[str], None], *, upright: bool = False, half: bool = False
 ) -> tuple[torch.Tensor, list[str]]:
@@ -592,6 +625,10 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {config.device}: this machine has no CUDA device; use --device cpu")
     unet, vae, text_encoder = (m.to(device) for m in _fresh_modules(config.seed))
+    init_scaling = None
+    if config.init_from is not None and not resume:
+        init_scaling = _load_init_weights(config.init_from, config.image_size, unet, vae, text_encoder)
+        log_fn(f"starting from {config.init_from} (scaling_factor {init_scaling:.5f}); no VAE phase")
     ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     ema_te = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
     te_params = [p for p in text_encoder.parameters() if p.requires_grad]
@@ -628,6 +665,9 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         log_fn(f"resumed {state_path}: phase {state.phase}, step {state.step}")
         if state.phase == "done" and state.step < config.diffusion_steps:
             state.phase = "diffusion"  # asked for more diffusion steps than the finished run had
+    if init_scaling is not None:
+        # The UNet learnt its latents at the file's scale: keep it rather than measure a new one.
+        state = _State("latents", 0, init_scaling)
 
     def info() -> dict[str, Any]:
         return {
@@ -728,7 +768,8 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         t0 = time.perf_counter()
         mean, std = _encode_posterior(vae, images)
         sample = mean + std * torch.randn_like(mean)
-        state.scaling_factor = float(1.0 / sample.std())
+        if config.init_from is None:
+            state.scaling_factor = float(1.0 / sample.std())
         atomic_save({"mean": mean, "std": std, "scaling_factor": state.scaling_factor}, latents_path)
         state.seconds["latents"] = state.seconds.get("latents", 0.0) + time.perf_counter() - t0
         log_fn(
