@@ -772,9 +772,10 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
             state.scaling_factor = float(1.0 / sample.std())
         atomic_save({"mean": mean, "std": std, "scaling_factor": state.scaling_factor}, latents_path)
         state.seconds["latents"] = state.seconds.get("latents", 0.0) + time.perf_counter() - t0
+        kept = " (--init-from's, kept)" if config.init_from is not None else ""
         log_fn(
             f"cached {mean.shape[0]} latents in {time.perf_counter() - t0:.0f} s; latent std "
-            f"{1.0 / state.scaling_factor:.4f} -> scaling_factor {state.scaling_factor:.5f}"
+            f"{float(sample.std()):.4f}; scaling_factor {state.scaling_factor:.5f}{kept}"
         )
         if state.phase == "latents":
             state.phase, state.step = "diffusion", 0
