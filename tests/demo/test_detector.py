@@ -103,6 +103,32 @@ def test_strong_defects_are_flagged(defect: str) -> None:
     assert defect not in clean.defect_flags
 
 
+@pytest.mark.parametrize("angle", [0.0, 90.0])
+@pytest.mark.parametrize("overlay", [None, "text", "watermark", "signature"])
+def test_a_line_along_every_stripe_is_background_and_a_real_overlay_keeps_its_name(
+    angle: float, overlay: str | None
+) -> None:
+    """A thin white line down the middle of every yellow stripe, the whole length of the picture (like
+    the ringing a sharpening negative prompt draws at 128 px) is no overlay; an overlay on top is named
+    as such (before, the lines alone read as a signature and turned a watermark into text)."""
+    from PIL import ImageDraw
+
+    stripes = Background("stripes", ("yellow", "black"), angle=angle, period=0.25)
+    scene = _scene(ShapeObject("circle", "red", (0.35, 0.4), 0.17), background=stripes,
+                   defects=(overlay,) if overlay else (), detail_seed=3)
+    picture = render(scene, 128).convert("RGB")
+    # The yellow stripes' middles (32 px period): each line lies inside one (but where the circle is).
+    middles = (8, 40, 72, 104)
+    along = np.asarray(picture)[:, middles] if angle == 0.0 else np.asarray(picture)[middles, :]
+    assert (np.abs(along.astype(int) - [255, 230, 0]).sum(axis=-1) < 30).mean() > 0.8
+    draw = ImageDraw.Draw(picture)
+    for middle in middles:
+        ends = [(middle, 0), (middle, 127)] if angle == 0.0 else [(0, middle), (127, middle)]
+        draw.line(ends, fill=(255, 255, 255), width=2)
+    flags = detect(picture, DetectorConfig(native_size=128)).defect_flags
+    assert flags & {"text", "watermark", "signature"} == ({overlay} if overlay else set())
+
+
 def test_flat_and_latent_grid_pictures_are_not_jpeg() -> None:
     """Generated pictures are often flat fields with the VAE's 8 px latent grid faintly in them; the
     old period-8 score flagged 146 of 200 such pictures. A JPEG ghost needs the block quantisation."""
