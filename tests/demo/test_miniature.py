@@ -99,7 +99,7 @@ def test_quick_prompt_adherence_red_circle(engine: Any) -> None:
 
 def test_quick_negative_prompt_lowers_the_defect_rate(engine: Any) -> None:
     """24 paired seeds, empty prompt: the NovelAI negative list gives fewer defective pictures (the card
-    measures 40/200 -> 7/200)."""
+    measures 25/200 -> 5/200)."""
     from voidprompt.demo.measure import negative_prompt_effect
 
     effect = negative_prompt_effect(engine, 24, seed=8100)
