@@ -243,11 +243,14 @@ def test_demo_outcome_tables_have_wilson_intervals(demo_on_tiny: tuple[Study, Re
 
 
 def test_detector_measures_are_the_detectors_count(demo_on_tiny: tuple[Study, ReportResult]) -> None:
-    from voidprompt.demo.detector import detect
+    from voidprompt.demo.detector import DetectorConfig, detect
+    from voidprompt.testing.fake_checkpoints import TINY_CONSTANTS
 
     study, _ = demo_on_tiny
+    # Read at the native size the checkpoint's metadata gives, as the labeler does for any model.
+    config = DetectorConfig(native_size=TINY_CONSTANTS.vae_sample_size)
     for row in _catalog_rows(study)[::5]:
         with Image.open(row["file"]) as image:
-            detection = detect(image)
+            detection = detect(image, config)
         assert row["detector_objects"] == detection.count
         assert row["detector_defects"] == len(detection.defect_flags)
