@@ -44,16 +44,17 @@ def test_pure_negative_design() -> None:
     jobs = study.expand()
     seeds = {j.request.seed for j in jobs}
     assert len(seeds) == 64
-    square = {aspect512(1, 1, a, base=64, unit=8) for a in AREAS}
-    oblong = {aspect512(w, h, 1, base=64, unit=8) for w, h in ASPECTS}
-    # The ranges: 0.5x .. 4x the trained 64x64 area, aspect 1:4 .. 4:1.
-    assert min(w * h for w, h in square) < 0.5 * 64 * 64 and max(w * h for w, h in square) == 4 * 64 * 64
-    assert (32, 128) in oblong and (128, 32) in oblong
-    centre = (64, 64, 1.0, 7.0)
+    square = {aspect512(1, 1, a, base=128, unit=8) for a in AREAS}
+    oblong = {aspect512(w, h, 1, base=128, unit=8) for w, h in ASPECTS}
+    # The ranges: 0.5x .. 4x the trained 128x128 area (the miniature model's native size),
+    # aspect 1:4 .. 4:1.
+    assert min(w * h for w, h in square) < 0.5 * 128 * 128 and max(w * h for w, h in square) == 4 * 128 * 128
+    assert (64, 256) in oblong and (256, 64) in oblong
+    centre = (128, 128, 1.0, 7.0)
     design = (
         {(w, h, 1.0, 7.0) for w, h in square | oblong}
-        | {(64, 64, w, 7.0) for w in W_VALUES}
-        | {(64, 64, 1.0, c) for c in CFG_VALUES}
+        | {(128, 128, w, 7.0) for w in W_VALUES}
+        | {(128, 128, 1.0, c) for c in CFG_VALUES}
     )
     assert centre in design
     found = Counter((j.request.width, j.request.height, j.axis_values["W"], j.request.cfg_scale)
@@ -67,7 +68,7 @@ def test_pure_negative_design() -> None:
     assert negative == ", ".join(f"({tag}:1.6)" for tag in NOVELAI)
     assert label_scheme(study).classes == WORLD_CLASSES and label_scheme(study).labeler == "detector"
     options = report_options(study)
-    assert options.base == 64
+    assert options.base == 128
     assert options.grids is not None and [(g.x, g.y) for g in options.grids] == [
         ("size", "seed"),
         ("W", "seed"),
@@ -109,7 +110,7 @@ def _catalog_rows(study: Study) -> list[dict[str, Any]]:
                     **{k: v for k, v in image["axis_values"].items() if not k.endswith("_spec")},
                     "width": image["width"],
                     "height": image["height"],
-                    "area": image["width"] * image["height"] / 64**2,
+                    "area": image["width"] * image["height"] / 128**2,
                     "aspect": image["width"] / image["height"],
                     "file": path.parent / image["path"],
                     "label": labels[image["id"]]["detector"][0],
@@ -171,13 +172,13 @@ def test_demo_report_measure_tables_match_the_catalog(demo_on_tiny: tuple[Study,
     selections = {
         "area": lambda r: r["W"] == 1.0 and r["cfg_scale"] == 7.0 and r["width"] == r["height"],
         "aspect": lambda r: r["W"] == 1.0 and r["cfg_scale"] == 7.0 and r["size"] in (
-            "32x128", "40x88", "64x64", "88x40", "128x32"),
-        "W": lambda r: r["size"] == "64x64" and r["cfg_scale"] == 7.0,
-        "cfg_scale": lambda r: r["size"] == "64x64" and r["W"] == 1.0,
+            "64x256", "88x176", "128x128", "176x88", "256x64"),
+        "W": lambda r: r["size"] == "128x128" and r["cfg_scale"] == 7.0,
+        "cfg_scale": lambda r: r["size"] == "128x128" and r["W"] == 1.0,
     }  # fmt: skip
     expected_x = {
-        "area": sorted(w * h / 4096 for w, h in (aspect512(1, 1, a, base=64, unit=8) for a in AREAS)),
-        "aspect": sorted([0.25, 40 / 88, 1.0, 88 / 40, 4.0]),
+        "area": sorted(w * h / 128**2 for w, h in (aspect512(1, 1, a, base=128, unit=8) for a in AREAS)),
+        "aspect": sorted([0.25, 88 / 176, 1.0, 176 / 88, 4.0]),
         "W": list(W_VALUES),
         "cfg_scale": list(CFG_VALUES),
     }

@@ -1,7 +1,7 @@
 """The demo gallery: a dozen pictures from the miniature model, as PNGs with infotext and an index.html.
 
 Every picture goes through the same :class:`voidprompt.pipeline.engine.Engine` as any checkpoint:
-the model's native size (64x64 for the shipped model), Euler a, 20 steps, Clip skip 2 (the model's
+the model's native size (128x128 for the shipped model), Euler a, 20 steps, Clip skip 2 (the model's
 native layer), CFG 7. Half the gallery asks for
 ``<colour> <shape>``; the rest is the study's pure negative prompt: an empty prompt with NovelAI's
 negative list.
@@ -54,7 +54,7 @@ def load_engine(model: Path | None = None, *, threads: int | None = None) -> Any
 
 def native_size(components: Any) -> int:
     """The picture side a model was trained at: the ``vae_sample_size`` of its ``voidprompt.arch``
-    metadata (64 for the shipped miniature model; SD1's 512 for a checkpoint without it). The
+    metadata (128 for the shipped miniature model; SD1's 512 for a checkpoint without it). The
     miniature model paints its shapes at this pixel scale whatever size it is asked for, so the
     detector reads every picture at it."""
     return int(components.arch.constants.vae_sample_size)

@@ -1,6 +1,6 @@
 """What the miniature model does, measured with the detector on fixed seed sets (issue 6's figures).
 
-Every condition of one figure uses the same seeds (paired), the model's native size (64x64 for the
+Every condition of one figure uses the same seeds (paired), the model's native size (128x128 for the
 shipped model, :func:`voidprompt.demo.generate.native_size`), Euler a, 20 steps, Clip skip 2 and CFG 7
 unless a figure changes one of them (:func:`voidprompt.demo.generate.demo_request`). Pictures of any
 size are read with the detector at the model's native size, because the model paints at its own pixel

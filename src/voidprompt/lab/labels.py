@@ -96,8 +96,8 @@ class DetectorLabeler:
         return CLEAN_SINGLE if detection.count == 1 else SEVERAL
 
     def label(self, image: Image.Image, native_size: int | None = None) -> Label:
-        """Read ``image`` with the detector's thresholds at ``native_size`` (64, the shipped miniature
-        model's side, when not given; a config passed to the constructor wins over both)."""
+        """Read ``image`` with the detector's thresholds at ``native_size`` (the detector's default 64
+        px world when not given; a config passed to the constructor wins over both)."""
         config = self._config
         if config is None and native_size is not None:
             from voidprompt.demo.detector import DetectorConfig
