@@ -532,7 +532,8 @@ def detect(image: Image.Image, config: DetectorConfig | None = None) -> Detectio
     # What runs the whole length of the picture, like the ringing a sharpening negative prompt or a
     # high CFG draws along stripe edges (or stripes the background fit took for a solid colour), is
     # background, not strokes: glyphs cover too little of any line to be that.
-    thin &= _line_profile_residual(rgb, ~claimed) > config.fg_threshold
+    if thin.any():  # the profile costs four sorts of the picture; skip it when there is nothing to clear
+        thin &= _line_profile_residual(rgb, ~claimed) > config.fg_threshold
     thin = ndimage.binary_opening(thin, np.ones((2, 2), dtype=bool)) if unit >= 1 else thin
 
     lowres = _lowres_score(rgb, unit)
