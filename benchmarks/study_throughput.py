@@ -71,7 +71,7 @@ def hf_tokenizer(folder: Path) -> object:
     """transformers' CLIPTokenizer from vocab.json / merges.txt derived from our shipped gz."""
     import transformers
 
-    from voidprompt.prompts.tokenizer import bytes_to_unicode, default_vocab_path
+    from voidprompt.models.tokenizer import bytes_to_unicode, default_vocab_path
 
     with gzip.open(default_vocab_path(), "rt", encoding="utf-8") as fh:
         lines = fh.read().split("\n")

@@ -25,7 +25,7 @@ from voidprompt.infotext import (
     request_fields_from_params,
     split_sampler_scheduler,
 )
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 
 A1111_DOCSTRING = (
     "girl with an artist's beret, determined, blue eyes, desert scene, computer monitors, heavy makeup, "

@@ -145,7 +145,7 @@ def _generate_and_save(args: argparse.Namespace, request: Any) -> int:
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
-    from voidprompt.pipeline.request import GenerationRequest
+    from voidprompt.request import GenerationRequest
 
     request = GenerationRequest(**_request_fields(args))
     request.validate()  # fail on bad sizes before loading a model
@@ -154,7 +154,7 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
 
 def cmd_img2img(args: argparse.Namespace) -> int:
     from voidprompt.imagemeta import open_image_safely
-    from voidprompt.pipeline.request import GenerationRequest
+    from voidprompt.request import GenerationRequest
 
     fields = _request_fields(args)
     init = open_image_safely(args.init_image).convert("RGB")
@@ -187,9 +187,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
+    from voidprompt.models.tokenizer import load_clip_tokenizer
     from voidprompt.prompts.chunks import token_report
     from voidprompt.prompts.embeddings import EmbeddingDatabase
-    from voidprompt.prompts.tokenizer import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer()
     embeddings = None

@@ -27,7 +27,7 @@ from voidprompt import __version__
 from voidprompt.errors import InfotextError, PromptError
 
 if TYPE_CHECKING:
-    from voidprompt.pipeline.request import GenerationRequest
+    from voidprompt.request import GenerationRequest
 
 __all__ = [
     "DEFAULT_VERSION",

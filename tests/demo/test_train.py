@@ -20,7 +20,7 @@ from voidprompt.demo.train import (
     text_condition,
     train,
 )
-from voidprompt.prompts.tokenizer import load_clip_tokenizer
+from voidprompt.models.tokenizer import load_clip_tokenizer
 
 
 def test_encode_tokens_equals_tokenizing_the_joined_caption() -> None:

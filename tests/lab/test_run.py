@@ -16,7 +16,7 @@ from voidprompt.lab.run import generate_batch, plan_batches, resolve_model, run_
 from voidprompt.lab.study import ModelRef, load_study, parse_study
 from voidprompt.models.load import load_model
 from voidprompt.pipeline.engine import Engine
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -204,7 +204,7 @@ def test_read_state_dict_unwraps_and_drops_ema(tmp_path: Path) -> None:
 
 
 def test_real_tokenizer_is_loaded_by_default(tmp_path: Path) -> None:
-    pytest.importorskip("voidprompt.prompts.tokenizer")
+    pytest.importorskip("voidprompt.models.tokenizer")
     c = load_model(write_tiny_checkpoint(tmp_path / "m.safetensors"))
     assert type(c.tokenizer).__name__ == "ClipTokenizer"
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from voidprompt.pipeline.engine import Engine
 from voidprompt.pipeline.from_infotext import request_from_infotext
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 
 OLD = (
     "a [cat:dog:0.5]\nNegative prompt: lowres\n"

@@ -15,7 +15,7 @@ from voidprompt.errors import InvalidRequestError
 from voidprompt.models.load import load_model
 from voidprompt.pipeline import hires
 from voidprompt.pipeline.engine import Engine
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 from voidprompt.sampling.rng import ImageRNG
 from voidprompt.testing.fake_checkpoints import write_tiny_checkpoint
 

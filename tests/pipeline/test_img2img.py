@@ -18,7 +18,7 @@ from voidprompt.models.load import load_model
 from voidprompt.pipeline.engine import Engine
 from voidprompt.pipeline.images import resize_image
 from voidprompt.pipeline.img2img import encode_images
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 from voidprompt.sampling.rng import ImageRNG
 from voidprompt.testing.fake_checkpoints import write_tiny_checkpoint
 

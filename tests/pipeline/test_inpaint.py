@@ -13,7 +13,7 @@ from PIL import Image
 
 from voidprompt.models.load import load_model
 from voidprompt.pipeline.engine import Engine
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 from voidprompt.testing.fake_checkpoints import write_tiny_checkpoint
 
 

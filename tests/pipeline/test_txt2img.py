@@ -9,8 +9,8 @@ import torch
 from voidprompt.errors import InvalidRequestError
 from voidprompt.infotext import parse_generation_parameters, request_fields_from_params
 from voidprompt.pipeline.engine import Engine, Interrupted, to_pil_images
-from voidprompt.pipeline.request import GenerationRequest
 from voidprompt.prompts.nai import NOVELAI_NEGATIVE, weight_tags
+from voidprompt.request import GenerationRequest
 from voidprompt.sampling.registry import resolve
 
 BASE = GenerationRequest(

@@ -13,7 +13,7 @@ from voidprompt.errors import ModelLoadError
 from voidprompt.models.load import load_model
 from voidprompt.models.networks.lora import build_layer_map
 from voidprompt.pipeline.engine import Engine
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 
 BASE = GenerationRequest(prompt="red circle", seed=3, steps=3, width=64, height=64, sampler_name="Euler")
 LAYERS = (

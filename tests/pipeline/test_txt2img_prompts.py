@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from voidprompt.infotext import parse_generation_parameters
 from voidprompt.models.load import load_model
 from voidprompt.pipeline.engine import Engine
-from voidprompt.pipeline.request import GenerationRequest
 from voidprompt.prompts.embeddings import EmbeddingDatabase
+from voidprompt.request import GenerationRequest
 
 BASE = GenerationRequest(seed=5, steps=3, width=64, height=64, sampler_name="Euler", clip_skip=2)
 

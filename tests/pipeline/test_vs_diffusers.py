@@ -29,7 +29,7 @@ import torch
 
 from voidprompt.pipeline import engine as engine_module
 from voidprompt.pipeline.engine import Engine
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 from voidprompt.sampling.rng import ImageRNG
 
 diffusers = pytest.importorskip("diffusers")

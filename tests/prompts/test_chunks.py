@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 
 from voidprompt.errors import InvalidRequestError
+from voidprompt.models.tokenizer import ClipTokenizer, load_clip_tokenizer
 from voidprompt.prompts.chunks import (
     empty_chunk,
     target_token_count,
     token_report,
     tokenize_line,
 )
-from voidprompt.prompts.tokenizer import ClipTokenizer, load_clip_tokenizer
 
 A, B, COMMA, BOS, EOS = 320, 321, 267, 49406, 49407
 

@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from voidprompt.errors import PromptError
+from voidprompt.models.tokenizer import ClipTokenizer, load_clip_tokenizer
 from voidprompt.prompts.chunks import ChunkFix, tokenize_line
 from voidprompt.prompts.embeddings import Embedding, EmbeddingDatabase
 from voidprompt.prompts.encode import PromptEncoder
-from voidprompt.prompts.tokenizer import ClipTokenizer, load_clip_tokenizer
 
 A, B, BOS, EOS = 320, 321, 49406, 49407
 WIDTH = 32

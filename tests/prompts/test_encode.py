@@ -8,9 +8,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from voidprompt.conditioning import MultiCond, ScheduledCond
 from voidprompt.errors import InvalidRequestError
+from voidprompt.models.tokenizer import ClipTokenizer, load_clip_tokenizer
 from voidprompt.prompts.embeddings import Embedding, EmbeddingDatabase
 from voidprompt.prompts.encode import PromptEncoder
-from voidprompt.prompts.tokenizer import ClipTokenizer, load_clip_tokenizer
 
 BOS, EOS = 49406, 49407
 WIDTH = 32

@@ -63,7 +63,7 @@ def native_size(components: Any) -> int:
 def demo_request(prompt: str, negative_prompt: str = "", *, size: int = 64, **changes: Any) -> Any:
     """The miniature model's standard request: ``size`` square (its native size), Euler a, 20 steps,
     Clip skip 2, CFG 7."""
-    from voidprompt.pipeline.request import GenerationRequest
+    from voidprompt.request import GenerationRequest
 
     base = GenerationRequest(
         prompt=prompt,

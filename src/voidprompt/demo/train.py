@@ -306,7 +306,7 @@ class CaptionBatcher:
     permutation and, when thinning, a keep mask), so a resumed run replays the same stream."""
 
     def __init__(self, captions: list[str]) -> None:
-        from voidprompt.prompts.tokenizer import load_clip_tokenizer
+        from voidprompt.models.tokenizer import load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer()
         self._bos, self._eos = tokenizer.bos_id, tokenizer.eos_id

@@ -27,7 +27,7 @@ from voidprompt.lab.catalog import Catalog, atomic_write, sha256_file
 from voidprompt.lab.labels import Labeler, label_image, label_scheme
 from voidprompt.lab.measures import Measure, measure_image
 from voidprompt.lab.study import Job, ModelRef, Study, request_to_dict
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 
 EXECUTORS = ("local", "ray")
 # Images per sampler run. 16 rather than 8: on the miniature model at 64x64 (1 thread) a batch of

@@ -49,7 +49,7 @@ from typing import Any
 
 from voidprompt.errors import InvalidRequestError, StudyError
 from voidprompt.lab import axes as ax
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 
 MINIATURE = "miniature"
 

@@ -102,7 +102,7 @@ class Components:
     unet: Any  # diffusers.UNet2DConditionModel
     vae: Any  # diffusers.AutoencoderKL
     text_encoder: Any  # transformers.CLIPTextModel
-    tokenizer: Any  # voidprompt.prompts.tokenizer.ClipTokenizer
+    tokenizer: Any  # voidprompt.models.tokenizer.ClipTokenizer
     family: ModelFamily
     alphas_cumprod: torch.Tensor  # float32, (1000,)
     scaling_factor: float

@@ -360,7 +360,7 @@ def load_model(
 
     ``vae_path`` replaces the checkpoint's VAE; without it, a ``<stem>.vae.pt`` /
     ``.vae.safetensors`` / ``.vae.ckpt`` next to the checkpoint is used as A1111 does.
-    ``tokenizer`` defaults to :func:`voidprompt.prompts.tokenizer.load_clip_tokenizer`.
+    ``tokenizer`` defaults to :func:`voidprompt.models.tokenizer.load_clip_tokenizer`.
     Raises :class:`ModelLoadError` (missing, damaged or foreign file; missing tensors),
     :class:`UnsafePickleError` and :class:`UnsupportedModelError` (SD2, SDXL).
     """
@@ -447,7 +447,7 @@ def load_model(
             report.notes.append("stored alphas_cumprod is not a valid 1000-step schedule; using SD1's")
 
     if tokenizer is None:
-        from voidprompt.prompts.tokenizer import load_clip_tokenizer
+        from voidprompt.models.tokenizer import load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer()
 

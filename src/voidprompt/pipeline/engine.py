@@ -45,13 +45,13 @@ from voidprompt.pipeline.img2img import (
     txt2img_conditioning,
 )
 from voidprompt.pipeline.masking import apply_overlay
-from voidprompt.pipeline.request import GenerationRequest
 from voidprompt.pipeline.result import Result
 from voidprompt.pipeline.run_sampler import Img2ImgStart, run_sampler, uses_ensd
 from voidprompt.prompts.embeddings import EmbeddingDatabase
 from voidprompt.prompts.encode import PromptEncoder
 from voidprompt.prompts.prepare import PreparedPrompts, prepare_prompts
 from voidprompt.prompts.styles import StyleDatabase
+from voidprompt.request import GenerationRequest
 from voidprompt.sampling.denoiser import CFGDenoiser, DiscreteEpsDenoiser, EpsTimestepModel, LCMDenoiser
 from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, infotext_names, resolve
 from voidprompt.sampling.rng import ImageRNG, batch_seeds, create_random_tensors, fixed_seed, img2img_noise

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from voidprompt.infotext import parse_generation_parameters, request_fields_from_params
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 from voidprompt.sampling.compat import backcompat_overrides
 
 _REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationRequest))

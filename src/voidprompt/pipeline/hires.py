@@ -10,7 +10,7 @@ from torch import Tensor
 
 from voidprompt.errors import InvalidRequestError
 from voidprompt.pipeline.images import PIXEL_UPSCALERS
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 
 # A1111's shared.latent_upscale_modes: name -> (torch interpolate mode, antialias).
 LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {

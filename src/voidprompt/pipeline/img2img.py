@@ -21,7 +21,7 @@ from voidprompt.errors import InvalidRequestError
 from voidprompt.models.components import Components
 from voidprompt.pipeline import masking
 from voidprompt.pipeline.images import flatten, pil_to_tensor, resize_image
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 
 DEFAULT_DENOISING = 0.75  # A1111's img2img default
 LATENT_RESIZE_MODE = 3  # "Just resize (latent upscale)"

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from voidprompt.errors import InvalidRequestError
-from voidprompt.pipeline.request import GenerationRequest
+from voidprompt.request import GenerationRequest
 from voidprompt.sampling.brownian import brownian_noise_sampler_for_sigmas
 from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, compute_sigmas
 from voidprompt.sampling.rng import ImageRNG, check_randn_source

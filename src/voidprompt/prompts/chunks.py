@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from voidprompt.errors import InvalidRequestError
+from voidprompt.models.tokenizer import ClipTokenizer
 from voidprompt.prompts.embeddings import Embedding, EmbeddingDatabase
 from voidprompt.prompts.parse import BREAK_WEIGHT, parse_prompt_attention
-from voidprompt.prompts.tokenizer import ClipTokenizer
 
 CHUNK_LENGTH: Final[int] = 75
 EMPHASIS_MODES: Final[tuple[str, ...]] = ("Original", "No norm", "Ignore", "None")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from voidprompt.errors import PromptError
-from voidprompt.prompts.tokenizer import ClipTokenizer
+from voidprompt.models.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from voidprompt.conditioning import CondSchedule, MultiCond, ScheduledCond
 from voidprompt.errors import InvalidRequestError, PromptError
+from voidprompt.models.tokenizer import ClipTokenizer
 from voidprompt.prompts.chunks import (
     CHUNK_LENGTH,
     PromptChunk,
@@ -31,7 +32,6 @@ from voidprompt.prompts.chunks import (
     tokenize_line,
 )
 from voidprompt.prompts.embeddings import EmbeddingDatabase
-from voidprompt.prompts.tokenizer import ClipTokenizer
 
 CHUNK_TOKENS = CHUNK_LENGTH + 2
 

@@ -148,7 +148,7 @@ class App:
         if self.host.engine is not None:
             return self.host.engine.components.tokenizer
         if self._tokenizer is None:
-            from voidprompt.prompts.tokenizer import load_clip_tokenizer
+            from voidprompt.models.tokenizer import load_clip_tokenizer
 
             self._tokenizer = load_clip_tokenizer()
         return self._tokenizer

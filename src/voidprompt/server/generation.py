@@ -38,8 +38,8 @@ from voidprompt.infotext import (
 )
 from voidprompt.pipeline.engine import Engine, Interrupted, Progress
 from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
-from voidprompt.pipeline.request import EMPHASIS_MODES, RNG_SOURCES, GenerationRequest
 from voidprompt.pipeline.result import Result
+from voidprompt.request import EMPHASIS_MODES, RNG_SOURCES, GenerationRequest
 from voidprompt.sampling.compat import backcompat_overrides
 from voidprompt.sampling.registry import resolve, sampler_labels
 from voidprompt.sampling.rng import fixed_seed

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from voidprompt.prompts.tokenizer import bytes_to_unicode, default_vocab_path
+from voidprompt.models.tokenizer import bytes_to_unicode, default_vocab_path
 
 # OpenAI's vocabulary uses the first 49152 - 256 - 2 merges of the BPE file.
 MERGE_COUNT = 49152 - 256 - 2

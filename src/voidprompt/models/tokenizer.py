@@ -181,7 +181,7 @@ class ClipTokenizer:
 
 def default_vocab_path() -> Path:
     """Path of the shipped OpenAI CLIP BPE vocabulary."""
-    return Path(str(resources.files("voidprompt.prompts") / "clip_vocab" / "bpe_simple_vocab_16e6.txt.gz"))
+    return Path(str(resources.files("voidprompt.models") / "clip_vocab" / "bpe_simple_vocab_16e6.txt.gz"))
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from voidprompt.errors import PromptError
-from voidprompt.prompts.tokenizer import (
+from voidprompt.models.tokenizer import (
     ClipTokenizer,
     bytes_to_unicode,
     clean_text,
