@@ -20,7 +20,7 @@ from voidprompt.conditioning import MultiCond, ScheduledCond
 from voidprompt.sampling import samplers as S
 from voidprompt.sampling import schedules
 from voidprompt.sampling import timestep_samplers as T
-from voidprompt.sampling.denoiser import CFGDenoiser
+from voidprompt.sampling.denoiser import BatchConds, CFGDenoiser, Guidance
 
 
 def time_sampler(fn, steps: int, **kw) -> float:  # type: ignore[no-untyped-def]
@@ -58,7 +58,7 @@ def time_timestep_sampler(fn, steps: int) -> float:  # type: ignore[no-untyped-d
 def time_cfg_wrapper(steps: int) -> float:
     c = (ScheduledCond(steps, torch.randn(77, 768)),)
     inner = lambda x, s, *, context, image_cond=None: x  # noqa: E731
-    den = CFGDenoiser(inner, conds=[MultiCond(((c, 1.0),))], unconds=[c], cfg_scale=7.0)
+    den = CFGDenoiser(inner, BatchConds([MultiCond(((c, 1.0),))], [c]), Guidance(7.0))
     x, sig = torch.randn(1, 4, 32, 32), torch.tensor([1.0])
     den(x, sig)
     t0 = time.perf_counter()

@@ -125,6 +125,7 @@ def _generate_and_save(args: argparse.Namespace, request: Any) -> int:
     from tqdm import tqdm
 
     from voidprompt.imagemeta import save_numbered
+    from voidprompt.pipeline.engine import GenerationHooks
 
     engine = _engine(args)
     bar = tqdm(total=request.steps * request.n_iter, unit="step", disable=None)
@@ -133,7 +134,7 @@ def _generate_and_save(args: argparse.Namespace, request: Any) -> int:
         bar.update(1)
 
     try:
-        result = engine.generate(request, progress=on_progress)
+        result = engine.generate(request, GenerationHooks(progress=on_progress))
     finally:
         bar.close()
     out = Path(args.out)

@@ -8,7 +8,7 @@ import torch
 
 from voidprompt.errors import InvalidRequestError
 from voidprompt.infotext import parse_generation_parameters, request_fields_from_params
-from voidprompt.pipeline.engine import Engine, Interrupted, to_pil_images
+from voidprompt.pipeline.engine import Engine, GenerationHooks, Progress, to_pil_images
 from voidprompt.prompts.nai import NOVELAI_NEGATIVE, weight_tags
 from voidprompt.request import GenerationRequest
 from voidprompt.sampling.registry import resolve
@@ -127,7 +127,7 @@ def test_bad_size_is_refused_before_sampling(tiny_engine: Engine) -> None:
 
 def test_progress_and_interrupt(tiny_engine: Engine) -> None:
     steps: list[int] = []
-    tiny_engine.generate(BASE.replace(n_iter=2), progress=lambda p: steps.append(p.step))
+    tiny_engine.generate(BASE.replace(n_iter=2), GenerationHooks(progress=lambda p: steps.append(p.step)))
     assert steps == [1, 2, 3, 4, 1, 2, 3, 4]
     calls = {"n": 0}
 
@@ -135,8 +135,32 @@ def test_progress_and_interrupt(tiny_engine: Engine) -> None:
         calls["n"] += 1
         return calls["n"] > 2
 
-    with pytest.raises(Interrupted):
-        tiny_engine.generate(BASE, should_stop=stop_after_two)
+    result = tiny_engine.generate(BASE.replace(n_iter=2), GenerationHooks(should_stop=stop_after_two))
+    # Stopped inside the first iteration: nothing finished, and the second iteration never ran.
+    assert result.interrupted and len(result) == 0 and result.seeds == []
+
+
+def test_skip_abandons_one_iteration_and_the_rest_are_unchanged(tiny_engine: Engine) -> None:
+    request = BASE.replace(n_iter=3, batch_size=2, seed=40)
+    full = tiny_engine.generate(request)
+    state = {"skip": False, "iteration": -1}
+
+    def before_iteration(n: int) -> bool:
+        state["iteration"] = n
+        state["skip"] = False  # as A1111 clears its skip flag at each iteration
+        return True
+
+    def on_progress(progress: Progress) -> None:
+        if progress.iteration == 1 and progress.step == 2:
+            state["skip"] = True
+
+    hooks = GenerationHooks(on_progress, lambda: bool(state["skip"]), before_iteration)
+    skipped = tiny_engine.generate(request, hooks)
+    assert not skipped.interrupted and state["iteration"] == 2
+    assert skipped.seeds == [40, 41, 44, 45] == full.seeds[:2] + full.seeds[4:]
+    kept = full.images[:2] + full.images[4:]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(skipped.images, kept, strict=True))
+    assert skipped.infotexts == full.infotexts[:2] + full.infotexts[4:]
 
 
 def test_eight_bit_conversion_truncates_like_a1111() -> None:

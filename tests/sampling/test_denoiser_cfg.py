@@ -6,7 +6,14 @@ import torch
 from sd_fixtures import sd1_alphas_cumprod
 
 from voidprompt.conditioning import MultiCond, ScheduledCond
-from voidprompt.sampling.denoiser import CFGDenoiser, DiscreteEpsDenoiser, stack_conds
+from voidprompt.sampling.denoiser import (
+    BatchConds,
+    CFGDenoiser,
+    DiscreteEpsDenoiser,
+    Guidance,
+    LatentBlend,
+    stack_conds,
+)
 
 W = 4  # token width
 
@@ -48,7 +55,7 @@ def test_combine_formula_with_and_weights() -> None:
         MultiCond(((sched((20, cond(2.0))), 1.0),)),
     ]
     unconds = [sched((20, cond(-1.0))), sched((20, cond(-2.0)))]
-    out = CFGDenoiser(inner, conds=conds, unconds=unconds, cfg_scale=7.0)(X, SIG)
+    out = CFGDenoiser(inner, BatchConds(conds, unconds), Guidance(7.0))(X, SIG)
     assert len(inner.calls) == 1 and inner.calls[0]["x"].shape[0] == 5  # 3 sub-prompts + 2 unconds
     # image 0: u=-1+100, conds 1+100 (w 1) and 3+100 (w .5): u + 7*(2) + 7*.5*(4)
     assert torch.allclose(out[0], torch.full_like(out[0], 99 + 7 * 2 + 3.5 * 4))
@@ -59,7 +66,7 @@ def test_step_selection_is_inclusive_of_end_step() -> None:
     inner = Recorder()
     c = [MultiCond(((sched((1, cond(1.0)), (3, cond(5.0))), 1.0),))]
     u = [sched((0, cond(0.0)), (3, cond(-1.0)))]
-    den = CFGDenoiser(inner, conds=c, unconds=u, cfg_scale=1.0)
+    den = CFGDenoiser(inner, BatchConds(c, u), Guidance(1.0))
     seen = []
     for _ in range(5):
         den(X[:1], SIG[:1])
@@ -76,12 +83,12 @@ def test_separate_calls_for_different_lengths_give_the_batched_result() -> None:
     c = [MultiCond(((sched((20, long_c)), 1.0),))]
     u = [sched((20, cond(-1.0)))]
     inner = Recorder()
-    out_sep = CFGDenoiser(inner, conds=c, unconds=u, cfg_scale=5.0)(X[:1], SIG[:1])
+    out_sep = CFGDenoiser(inner, BatchConds(c, u), Guidance(5.0))(X[:1], SIG[:1])
     assert len(inner.calls) == 2  # cond and uncond separately
     inner2 = Recorder()
-    out_nb = CFGDenoiser(inner2, conds=c, unconds=u, cfg_scale=5.0, batch_cond_uncond=False)(X[:1], SIG[:1])
+    out_nb = CFGDenoiser(inner2, BatchConds(c, u), Guidance(5.0, batch_cond_uncond=False))(X[:1], SIG[:1])
     same_len = [MultiCond(((sched((20, cond(2.0))), 1.0),))]
-    out_bat = CFGDenoiser(Recorder(), conds=same_len, unconds=u, cfg_scale=5.0)(X[:1], SIG[:1])
+    out_bat = CFGDenoiser(Recorder(), BatchConds(same_len, u), Guidance(5.0))(X[:1], SIG[:1])
     torch.testing.assert_close(out_sep, out_bat)
     torch.testing.assert_close(out_nb, out_bat)
 
@@ -91,11 +98,10 @@ def test_pad_conds_appends_empty_prompt_and_batches() -> None:
     inner = Recorder()
     den = CFGDenoiser(
         inner,
-        conds=[MultiCond(((sched((20, long_c)), 1.0),))],
-        unconds=[sched((20, cond(-1.0)))],
-        cfg_scale=5.0,
-        pad_cond_uncond=True,
-        empty_cond=cond(7.0),
+        BatchConds(
+            [MultiCond(((sched((20, long_c)), 1.0),))], [sched((20, cond(-1.0)))], empty_cond=cond(7.0)
+        ),
+        Guidance(5.0, pad_cond_uncond=True),
     )
     den(X[:1], SIG[:1])
     assert len(inner.calls) == 1 and den.padded_cond_uncond
@@ -110,10 +116,8 @@ def test_pad_conds_v0_repeats_last_uncond_vector() -> None:
     inner = Recorder()
     den = CFGDenoiser(
         inner,
-        conds=[MultiCond(((sched((20, long_c)), 1.0),))],
-        unconds=[sched((20, u))],
-        cfg_scale=5.0,
-        pad_cond_uncond_v0=True,
+        BatchConds([MultiCond(((sched((20, long_c)), 1.0),))], [sched((20, u))]),
+        Guidance(5.0, pad_cond_uncond_v0=True),
     )
     den(X[:1], SIG[:1])
     ctx = inner.calls[0]["context"]
@@ -132,7 +136,7 @@ def test_ngms_skips_uncond_on_odd_calls_below_threshold() -> None:
     inner = Recorder()
     c = [MultiCond(((sched((20, cond(1.0))), 1.0),))]
     u = [sched((20, cond(-1.0)))]
-    den = CFGDenoiser(inner, conds=c, unconds=u, cfg_scale=7.0, s_min_uncond=5.0)
+    den = CFGDenoiser(inner, BatchConds(c, u), Guidance(7.0, s_min_uncond=5.0))
     low = torch.tensor([2.0])
     even = den(X[:1], low)
     odd = den(X[:1], low)
@@ -151,12 +155,10 @@ def test_mask_blends_after_denoising_and_image_cond_is_passed() -> None:
     ic = torch.ones(1, 5, 2, 2)
     den = CFGDenoiser(
         inner,
-        conds=[MultiCond(((sched((20, cond(1.0))), 1.0),))],
-        unconds=[sched((20, cond(0.0)))],
-        cfg_scale=1.0,
-        mask=mask,
-        init_latent=init,
+        BatchConds([MultiCond(((sched((20, cond(1.0))), 1.0),))], [sched((20, cond(0.0)))]),
+        Guidance(1.0),
         image_cond=ic,
+        blend=LatentBlend(mask=mask, init_latent=init),
     )
     out = den(X[:1], SIG[:1])
     assert out[0, 0, 0, 0] == -50 and out[0, 0, 1, 1] == 101

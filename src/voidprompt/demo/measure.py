@@ -98,7 +98,7 @@ def denoising_trajectory(
 
     Shows when a picture's layout is decided: on the miniature model a square is laid down as a
     round blob in the first few high-noise steps and the later steps never sharpen it."""
-    from voidprompt.pipeline.engine import decode_latents, to_pil_images
+    from voidprompt.pipeline.engine import GenerationHooks, decode_latents, to_pil_images
 
     request = demo_request(prompt, negative_prompt, size=native_size(engine.components), seed=seed, **changes)
     if request.n_iter != 1:
@@ -112,7 +112,7 @@ def denoising_trajectory(
         if progress.step in wanted and progress.denoised is not None:
             estimates[progress.step] = progress.denoised.detach().clone()
 
-    result = engine.generate(request, progress=keep)
+    result = engine.generate(request, GenerationHooks(progress=keep))
     if set(estimates) != wanted:
         raise ValueError(
             f"sampler {request.sampler_name!r} reports no clean-latent estimate; "

@@ -25,10 +25,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from voidprompt import __version__
 from voidprompt.conditioning import CondSchedule, MultiCond
 from voidprompt.errors import InvalidRequestError, VoidpromptError
-from voidprompt.infotext import create_infotext, generation_params
+from voidprompt.infotext import ImageFacts, ModelFacts, RunFacts, create_infotext, generation_params
 from voidprompt.models.components import Components
 from voidprompt.models.networks.manager import AppliedNetworks, NetworkManager
 from voidprompt.models.vae_select import decode_with_nan_fallback
@@ -46,13 +45,28 @@ from voidprompt.pipeline.img2img import (
 )
 from voidprompt.pipeline.masking import apply_overlay
 from voidprompt.pipeline.result import Result
-from voidprompt.pipeline.run_sampler import Img2ImgStart, run_sampler, uses_ensd
+from voidprompt.pipeline.run_sampler import (
+    Img2ImgStart,
+    SamplerPass,
+    SamplerStart,
+    SamplingModel,
+    run_sampler,
+    uses_ensd,
+)
 from voidprompt.prompts.embeddings import EmbeddingDatabase
 from voidprompt.prompts.encode import PromptEncoder
 from voidprompt.prompts.prepare import PreparedPrompts, prepare_prompts
 from voidprompt.prompts.styles import StyleDatabase
 from voidprompt.request import GenerationRequest
-from voidprompt.sampling.denoiser import CFGDenoiser, DiscreteEpsDenoiser, EpsTimestepModel, LCMDenoiser
+from voidprompt.sampling.denoiser import (
+    BatchConds,
+    CFGDenoiser,
+    DiscreteEpsDenoiser,
+    EpsTimestepModel,
+    Guidance,
+    LatentBlend,
+    LCMDenoiser,
+)
 from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, infotext_names, resolve
 from voidprompt.sampling.rng import ImageRNG, batch_seeds, create_random_tensors, fixed_seed, img2img_noise
 
@@ -125,30 +139,76 @@ class Engine:
     def generate(
         self,
         request: GenerationRequest,
+        hooks: GenerationHooks | None = None,
         *,
-        progress: ProgressCallback | None = None,
-        should_stop: Callable[[], bool] | None = None,
         seeds: Sequence[int] | None = None,
         subseeds: Sequence[int] | None = None,
     ) -> Result:
         """Run ``request`` (txt2img, with hires fix when ``enable_hr``; img2img / inpainting when it
-        carries init images).
+        carries init images), all ``n_iter`` iterations of it; ``hooks`` watch and steer the run.
 
         ``seeds`` / ``subseeds`` give every image its own seed (A1111 accepts a seed list in place of
         ``seed + i``); one per image of the request. The lab uses this to batch jobs that differ only
         in their seed.
         """
-        request.validate()
+        hooks = hooks or GenerationHooks()
+        started = time.perf_counter()
+        plan = self._plan(request, hooks)
+        request = plan.request
+        all_seeds, all_subseeds = batch_seeds(
+            request.seed, request.subseed, request.subseed_strength, request.total_images
+        )
         for name, explicit in (("seeds", seeds), ("subseeds", subseeds)):
             if explicit is not None and len(explicit) != request.total_images:
                 raise InvalidRequestError(
                     f"{name}: {len(explicit)} given for {request.total_images} images "
                     f"(batch_size {request.batch_size} x n_iter {request.n_iter}); give one per image"
                 )
-        started = time.perf_counter()
+        if seeds is not None:
+            all_seeds = [fixed_seed(s) for s in seeds]
+        if subseeds is not None:
+            all_subseeds = [fixed_seed(s) for s in subseeds]
+        timings = {"encode": time.perf_counter() - started, "sample": 0.0, "decode": 0.0}
+
+        result = Result([], [], [], [], [], [], [], request=request)
+        for n in range(request.n_iter):
+            if not hooks.proceed(n):
+                result.interrupted = True
+                break
+            batch = slice(n * request.batch_size, (n + 1) * request.batch_size)
+            # A1111 quirk: the inpainting fill noise of every iteration is drawn with the FIRST
+            # iteration's seeds (all_seeds[0:batch], in its init()).
+            iteration = _Iteration(n, all_seeds[batch], all_subseeds[batch], all_seeds[: request.batch_size])
+            t0 = time.perf_counter()
+            try:
+                latents = self._sample(plan, iteration)
+            except Interrupted:
+                # The iteration is abandoned; proceed() decides whether the next one runs.
+                timings["sample"] += time.perf_counter() - t0
+                continue
+            t1 = time.perf_counter()
+            pixels = decode_latents(self.components, latents)
+            timings["sample"] += t1 - t0
+            timings["decode"] += time.perf_counter() - t1
+            self._add_images(result, plan, iteration, to_pil_images(pixels))
+        timings["total"] = time.perf_counter() - started
+        result.timings = timings
+        return result
+
+    # ------------------------------------------------------------------ steps
+
+    def _plan(self, request: GenerationRequest, hooks: GenerationHooks) -> _Plan:
+        """Everything the iterations share: the request as it runs (canonical sampler names, fixed
+        seeds, img2img defaults), the prepared img2img inputs, the conditioning, the hires pass."""
+        request.validate()
         spec, scheduler = resolve(request.sampler_name, request.scheduler)
         # Record the canonical names, as A1111 does after resolving legacy ones.
-        request = request.replace(sampler_name=spec.label, scheduler=scheduler.label)
+        request = request.replace(
+            sampler_name=spec.label,
+            scheduler=scheduler.label,
+            seed=fixed_seed(request.seed),
+            subseed=fixed_seed(request.subseed),
+        )
         inputs: Img2ImgInputs | None = None
         hires: _Hires | None = None
         if request.is_img2img:
@@ -161,84 +221,42 @@ class Engine:
             if request.denoising_strength is None:
                 request = request.replace(denoising_strength=hires_fix.DEFAULT_HIRES_DENOISING)
             hires = self._hires_setup(request, spec)
-
-        seed = fixed_seed(request.seed)
-        subseed = fixed_seed(request.subseed)
-        all_seeds, all_subseeds = batch_seeds(seed, subseed, request.subseed_strength, request.total_images)
-        if seeds is not None:
-            all_seeds = [fixed_seed(s) for s in seeds]
-        if subseeds is not None:
-            all_subseeds = [fixed_seed(s) for s in subseeds]
-
         conditioning = self._conditioning(request, spec)
-        timings = {"encode": time.perf_counter() - started}
+        first = _Pass(spec, scheduler, request.steps, conditioning)
+        return _Plan(request, first, hooks, inputs, hires)
 
-        images: list[Image.Image] = []
-        infotexts: list[str] = []
-        params_list: list[dict[str, Any]] = []
-        sample_time = decode_time = 0.0
-        for n in range(request.n_iter):
-            batch = slice(n * request.batch_size, (n + 1) * request.batch_size)
-            seeds, subseeds = all_seeds[batch], all_subseeds[batch]
-            t0 = time.perf_counter()
-            if inputs is not None:
-                latents = self._sample_img2img(
-                    request,
-                    spec,
-                    scheduler,
-                    conditioning,
-                    inputs,
-                    seeds,
-                    subseeds,
-                    all_seeds[: len(seeds)],
-                    n,
-                    progress,
-                    should_stop,
-                )
-            else:
-                latents = self._sample_txt2img(
-                    request, spec, scheduler, conditioning, seeds, subseeds, n, progress, should_stop
-                )
-                if hires is not None:
-                    latents = self._sample_hires(
-                        request, hires, latents, seeds, subseeds, n, progress, should_stop
-                    )
-            t1 = time.perf_counter()
-            pixels = decode_latents(self.components, latents)
-            decode_time += time.perf_counter() - t1
-            sample_time += t1 - t0
-            batch_images = to_pil_images(pixels)
-            if inputs is not None and inputs.overlays is not None:
-                # The final composite: outside the (blurred) mask the original pixels come back exactly.
-                batch_images = [
-                    apply_overlay(image, inputs.paste_to, inputs.overlays[i])
-                    for i, image in enumerate(batch_images)
-                ]
-            for index, image in enumerate(batch_images):
-                params = self._params(request, spec, conditioning, seeds[index], subseeds[index], hires)
-                images.append(image)
-                params_list.append(params)
-                infotexts.append(
-                    create_infotext(
-                        conditioning.prepared.prompt_for_infotext,
-                        conditioning.prepared.negative_for_infotext,
-                        params,
-                    )
-                )
-        timings.update(sample=sample_time, decode=decode_time, total=time.perf_counter() - started)
-        count = len(images)
-        return Result(
-            images=images,
-            infotexts=infotexts,
-            seeds=all_seeds[:count],
-            subseeds=all_subseeds[:count],
-            prompts=[conditioning.prepared.prompt_for_infotext] * count,
-            negative_prompts=[conditioning.prepared.negative_for_infotext] * count,
-            params=params_list,
-            timings=timings,
-        )
+    def _sample(self, plan: _Plan, iteration: _Iteration) -> Tensor:
+        if plan.inputs is not None:
+            return self._sample_img2img(plan, iteration, plan.inputs)
+        latents = self._sample_txt2img(plan, iteration)
+        if plan.hires is not None:
+            latents = self._sample_hires(plan, iteration, plan.hires, latents)
+        return latents
 
-    # ------------------------------------------------------------------ steps
+    def _add_images(
+        self, result: Result, plan: _Plan, iteration: _Iteration, images: list[Image.Image]
+    ) -> None:
+        inputs = plan.inputs
+        if inputs is not None and inputs.overlays is not None:
+            # The final composite: outside the (blurred) mask the original pixels come back exactly.
+            images = [
+                apply_overlay(image, inputs.paste_to, inputs.overlays[i]) for i, image in enumerate(images)
+            ]
+        prepared = plan.first.conditioning.prepared
+        for index, image in enumerate(images):
+            seed, subseed = iteration.seeds[index], iteration.subseeds[index]
+            params = self._params(
+                plan.request, plan.first.spec, plan.first.conditioning, seed, subseed, plan.hires
+            )
+            result.images.append(image)
+            result.params.append(params)
+            result.infotexts.append(
+                create_infotext(prepared.prompt_for_infotext, prepared.negative_for_infotext, params)
+            )
+            result.seeds.append(seed)
+            result.subseeds.append(subseed)
+            result.prompts.append(prepared.prompt_for_infotext)
+            result.negative_prompts.append(prepared.negative_for_infotext)
 
     def _conditioning(
         self,
@@ -323,46 +341,22 @@ class Engine:
         out = unet(x.to(dtype), t.to(x.device), encoder_hidden_states=context.to(dtype)).sample
         return out.to(x.dtype)
 
-    def _sample_txt2img(
-        self,
-        request: GenerationRequest,
-        spec: SamplerSpec,
-        scheduler: SchedulerSpec,
-        conditioning: _Conditioning,
-        seeds: Sequence[int],
-        subseeds: Sequence[int],
-        iteration: int,
-        progress: ProgressCallback | None,
-        should_stop: Callable[[], bool] | None,
-    ) -> Tensor:
+    def _sample_txt2img(self, plan: _Plan, iteration: _Iteration) -> Tensor:
+        request = plan.request
         factor = latent_factor(self.components)
         shape = (LATENT_CHANNELS, request.height // factor, request.width // factor)
-        rng = self._image_rng(request, shape, seeds, subseeds)
-        noise = rng.next()
+        rng = self._image_rng(request, shape, iteration)
+        start = SamplerStart(rng.next(), rng, iteration.seeds)
         image_cond = None
         if self.components.is_inpainting:
-            image_cond = txt2img_conditioning(self.components, seeds, request.height, request.width)
-        return self._run(
-            request,
-            spec,
-            scheduler,
-            conditioning,
-            noise,
-            rng,
-            seeds,
-            iteration,
-            progress,
-            should_stop,
-            image_cond=image_cond,
-        )
+            image_cond = txt2img_conditioning(self.components, iteration.seeds, request.height, request.width)
+        return self._run(plan, iteration, plan.first, start, image_cond=image_cond)
 
-    def _image_rng(
-        self, request: GenerationRequest, shape: Sequence[int], seeds: Sequence[int], subseeds: Sequence[int]
-    ) -> ImageRNG:
+    def _image_rng(self, request: GenerationRequest, shape: Sequence[int], iteration: _Iteration) -> ImageRNG:
         return ImageRNG(
             shape,
-            seeds,
-            subseeds=subseeds,
+            iteration.seeds,
+            subseeds=iteration.subseeds,
             subseed_strength=request.subseed_strength,
             seed_resize_from_h=request.seed_resize_from_h,
             seed_resize_from_w=request.seed_resize_from_w,
@@ -371,43 +365,33 @@ class Engine:
             eta_noise_seed_delta=request.eta_noise_seed_delta,
         )
 
-    def _sample_img2img(
-        self,
-        request: GenerationRequest,
-        spec: SamplerSpec,
-        scheduler: SchedulerSpec,
-        conditioning: _Conditioning,
-        inputs: Img2ImgInputs,
-        seeds: Sequence[int],
-        subseeds: Sequence[int],
-        first_seeds: Sequence[int],
-        iteration: int,
-        progress: ProgressCallback | None,
-        should_stop: Callable[[], bool] | None,
-    ) -> Tensor:
+    def _sample_img2img(self, plan: _Plan, iteration: _Iteration, inputs: Img2ImgInputs) -> Tensor:
         """A1111's img2img ``init`` (latent part) and ``sample`` for one batch."""
+        request = plan.request
         components = self.components
+        seeds = iteration.seeds
         source = (inputs.images * 2.0 - 1.0).to(self.device)
         init_latent = encode_images(components, source, seeds)
         if request.resize_mode == LATENT_RESIZE_MODE:
             factor = latent_factor(components)
             size = (request.height // factor, request.width // factor)
             init_latent = torch.nn.functional.interpolate(init_latent, size=size, mode="bilinear")
-        mask = nmask = None
+        blend = None
         if inputs.image_mask is not None:
             mask, nmask = latent_masks(inputs.image_mask, init_latent, request.mask_round)
             if request.inpainting_fill == 2:
-                # A1111 quirk: the latent noise is drawn in init() with the FIRST batch's seeds
-                # (all_seeds[0:batch]) and reused by every n_iter iteration.
                 fill_noise = create_random_tensors(
                     init_latent.shape[1:],
-                    first_seeds,
+                    iteration.first_seeds,
                     source=request.randn_source,  # type: ignore[arg-type]
                     device=self.device,
                 )
                 init_latent = init_latent * mask + fill_noise * nmask
             elif request.inpainting_fill == 3:
                 init_latent = init_latent * mask
+            blend = LatentBlend(
+                mask, init_latent, nmask, before_denoising=plan.first.spec.is_timestep_sampler
+            )
         image_cond = None
         if components.is_inpainting:
             image_cond = inpainting_conditioning(
@@ -419,28 +403,14 @@ class Engine:
                 round_mask=request.mask_round,
                 mask_weight=request.inpainting_mask_weight,
             )
-        rng = self._image_rng(request, init_latent.shape[1:], seeds, subseeds)
+        rng = self._image_rng(request, init_latent.shape[1:], iteration)
         noise = img2img_noise(rng, request.initial_noise_multiplier)
         assert request.denoising_strength is not None
-        start = Img2ImgStart.for_strength(request.steps, request.denoising_strength, fixed_steps=False)
-        samples = self._run(
-            request,
-            spec,
-            scheduler,
-            conditioning,
-            noise,
-            rng,
-            seeds,
-            iteration,
-            progress,
-            should_stop,
-            init_latent=init_latent,
-            img2img=start,
-            image_cond=image_cond,
-            mask=mask,
-        )
-        if mask is not None and nmask is not None:
-            samples = samples * nmask + init_latent * mask
+        img2img = Img2ImgStart.for_strength(request.steps, request.denoising_strength, fixed_steps=False)
+        start = SamplerStart(noise, rng, seeds, init_latent, img2img)
+        samples = self._run(plan, iteration, plan.first, start, image_cond=image_cond, blend=blend)
+        if blend is not None:
+            samples = blend.apply(samples)
         return samples
 
     def _hires_setup(self, request: GenerationRequest, spec: SamplerSpec) -> _Hires:
@@ -455,28 +425,18 @@ class Engine:
             request.hr_sampler_name or request.sampler_name, request.hr_scheduler or request.scheduler
         )
         steps = request.hr_second_pass_steps or request.steps
+        conditioning = self._conditioning(request, spec, hires_spec=hr_spec, hires_steps=steps)
         return _Hires(
             target=hires_fix.hires_target(request, latent_factor(self.components)),
-            spec=hr_spec,
-            scheduler=hr_scheduler,
-            steps=steps,
-            conditioning=self._conditioning(request, spec, hires_spec=hr_spec, hires_steps=steps),
+            run=_Pass(hr_spec, hr_scheduler, steps, conditioning),
         )
 
-    def _sample_hires(
-        self,
-        request: GenerationRequest,
-        hires: _Hires,
-        latents: Tensor,
-        seeds: Sequence[int],
-        subseeds: Sequence[int],
-        iteration: int,
-        progress: ProgressCallback | None,
-        should_stop: Callable[[], bool] | None,
-    ) -> Tensor:
+    def _sample_hires(self, plan: _Plan, iteration: _Iteration, hires: _Hires, latents: Tensor) -> Tensor:
         """A1111's ``sample_hr_pass``: upscale, new noise at the hires shape, img2img over exactly
         the hires steps."""
+        request = plan.request
         components = self.components
+        seeds = iteration.seeds
         factor = latent_factor(components)
         target = hires.target
         pixels: Tensor | None = None
@@ -514,48 +474,26 @@ class Engine:
             else:
                 image_cond = txt2img_conditioning(components, seeds, h, w)
 
-        rng = self._image_rng(request, samples.shape[1:], seeds, subseeds)
-        noise = rng.next()
+        rng = self._image_rng(request, samples.shape[1:], iteration)
         assert request.denoising_strength is not None
-        start = Img2ImgStart.for_strength(hires.steps, request.denoising_strength, fixed_steps=True)
-        return self._run(
-            request,
-            hires.spec,
-            hires.scheduler,
-            hires.conditioning,
-            noise,
-            rng,
-            seeds,
-            iteration,
-            progress,
-            should_stop,
-            steps=hires.steps,
-            init_latent=samples,
-            img2img=start,
-            image_cond=image_cond,
-        )
+        img2img = Img2ImgStart.for_strength(hires.run.steps, request.denoising_strength, fixed_steps=True)
+        start = SamplerStart(rng.next(), rng, seeds, samples, img2img)
+        return self._run(plan, iteration, hires.run, start, image_cond=image_cond)
 
     def _run(
         self,
-        request: GenerationRequest,
-        spec: SamplerSpec,
-        scheduler: SchedulerSpec,
-        conditioning: _Conditioning,
-        noise: Tensor,
-        rng: ImageRNG,
-        seeds: Sequence[int],
-        iteration: int,
-        progress: ProgressCallback | None,
-        should_stop: Callable[[], bool] | None,
+        plan: _Plan,
+        iteration: _Iteration,
+        run: _Pass,
+        start: SamplerStart,
         *,
-        steps: int | None = None,
-        init_latent: Tensor | None = None,
-        img2img: Img2ImgStart | None = None,
         image_cond: Tensor | None = None,
-        mask: Tensor | None = None,
+        blend: LatentBlend | None = None,
     ) -> Tensor:
+        """One sampler pass over one batch: the denoiser stack, the sampler, progress and stops."""
+        request = plan.request
         components = self.components
-        batch = noise.shape[0]
+        spec = run.spec
         alphas_cumprod = components.alphas_cumprod.to(self.device)
         schedule_model: DiscreteEpsDenoiser
         if spec.label == "LCM":
@@ -572,43 +510,32 @@ class Engine:
             if spec.is_timestep_sampler
             else schedule_model
         )
-        cfg = CFGDenoiser(
-            _Interruptible(inner, should_stop),
-            conds=[conditioning.cond] * batch,
-            unconds=[conditioning.uncond] * batch,
-            cfg_scale=request.cfg_scale,
+        batch = start.noise.shape[0]
+        conds = BatchConds(
+            [run.conditioning.cond] * batch,
+            [run.conditioning.uncond] * batch,
+            self._empty_prompt_cond(request, run.conditioning) if request.pad_cond_uncond else None,
+        )
+        guidance = Guidance(
+            request.cfg_scale,
             s_min_uncond=request.s_min_uncond,
             batch_cond_uncond=request.batch_cond_uncond,
             pad_cond_uncond=request.pad_cond_uncond,
             pad_cond_uncond_v0=request.pad_cond_uncond_v0,
-            empty_cond=self._empty_prompt_cond(request, conditioning) if request.pad_cond_uncond else None,
-            image_cond=image_cond,
-            mask=mask,
-            init_latent=init_latent if mask is not None else None,
-            mask_before_denoising=spec.is_timestep_sampler,
         )
-        total = steps or request.steps
+        hooks = plan.hooks
+        cfg = CFGDenoiser(
+            _Interruptible(inner, hooks.should_stop), conds, guidance, image_cond=image_cond, blend=blend
+        )
 
         def on_step(info: dict[str, Any]) -> None:
-            if progress is not None:
+            if hooks.progress is not None:
                 step = int(info["i"]) + 1
-                progress(Progress(iteration, request.n_iter, step, total, info["x"], info.get("denoised")))
+                denoised = info.get("denoised")
+                hooks.progress(Progress(iteration.index, request.n_iter, step, run.steps, info["x"], denoised))
 
-        return run_sampler(
-            spec,
-            scheduler,
-            cfg,
-            schedule_model,
-            components.alphas_cumprod,
-            request,
-            steps=total,
-            noise=noise,
-            rng=rng,
-            seeds=seeds,
-            init_latent=init_latent,
-            img2img=img2img,
-            callback=on_step,
-        )
+        model = SamplingModel(cfg, schedule_model, components.alphas_cumprod)
+        return run_sampler(SamplerPass(spec, run.scheduler, run.steps), model, start, request, on_step)
 
     def _params(
         self,
@@ -623,37 +550,85 @@ class Engine:
         names = infotext_names(request.sampler_name, request.scheduler)
         hires_schedule = None
         if hires is not None:
-            hires_schedule = infotext_names(hires.spec.label, hires.scheduler.label)["Schedule type"]
+            hires_schedule = infotext_names(hires.run.spec.label, hires.run.scheduler.label)["Schedule type"]
         extra: dict[str, Any] = dict(conditioning.networks.infotext)
         if conditioning.ti_hashes:
             extra["TI hashes"] = ", ".join(f"{name}: {h}" for name, h in conditioning.ti_hashes.items())
         vae = components.vae_info
-        return generation_params(
-            request,
-            seed=seed,
-            subseed=subseed,
-            model_hash=components.checkpoint.short_hash,
-            model_name=components.checkpoint.name,
+        model = ModelFacts(
+            hash=components.checkpoint.short_hash,
+            name=components.checkpoint.name,
             vae_name=vae.name if vae is not None else None,
             vae_hash=vae.short_hash if vae is not None else None,
+            inpainting=components.is_inpainting,
+        )
+        run = RunFacts(
             schedule_type=names["Schedule type"],
             hires_schedule_type=hires_schedule,
             uses_ensd=uses_ensd(spec, request),
-            uses_inpainting_conditioning=components.is_inpainting,
-            version=f"voidprompt-{__version__}",
             extra=extra,
         )
+        return generation_params(request, ImageFacts(seed, subseed), model, run)
 
 
-@dataclass
-class _Hires:
-    """The hires pass of a request: its target, sampler, step count and conditioning."""
+@dataclass(frozen=True)
+class GenerationHooks:
+    """How a caller watches and steers a run.
 
-    target: hires_fix.HiresTarget
+    ``progress`` hears every sampler step. ``should_stop`` is polled between UNet calls: when it
+    says True the current iteration is abandoned (its images are dropped). Before each iteration of
+    ``n_iter`` the engine asks ``before_iteration(n)`` (when given), then ``should_stop``: either one
+    ending the loop marks the result interrupted. A1111's "skip" (abandon this iteration, go on) is a
+    ``before_iteration`` that clears the caller's skip flag; its "interrupt" keeps ``should_stop`` True.
+    """
+
+    progress: ProgressCallback | None = None
+    should_stop: Callable[[], bool] | None = None
+    before_iteration: Callable[[int], bool] | None = None
+
+    def proceed(self, iteration: int) -> bool:
+        if self.before_iteration is not None and not self.before_iteration(iteration):
+            return False
+        return self.should_stop is None or not self.should_stop()
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One sampler pass of a request: the first pass or the hires pass."""
+
     spec: SamplerSpec
     scheduler: SchedulerSpec
     steps: int
     conditioning: _Conditioning
+
+
+@dataclass(frozen=True)
+class _Hires:
+    """The hires pass of a request: its target size and its sampler pass."""
+
+    target: hires_fix.HiresTarget
+    run: _Pass
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One request as it runs: what all its iterations share."""
+
+    request: GenerationRequest
+    first: _Pass
+    hooks: GenerationHooks
+    inputs: Img2ImgInputs | None = None
+    hires: _Hires | None = None
+
+
+@dataclass(frozen=True)
+class _Iteration:
+    """Iteration ``index`` of ``n_iter``: its images' seeds, and the first iteration's seeds."""
+
+    index: int
+    seeds: Sequence[int]
+    subseeds: Sequence[int]
+    first_seeds: Sequence[int]
 
 
 class _Interruptible:

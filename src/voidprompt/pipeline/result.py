@@ -7,6 +7,8 @@ from typing import Any
 
 from PIL import Image
 
+from voidprompt.request import GenerationRequest
+
 
 @dataclass
 class Result:
@@ -20,7 +22,10 @@ class Result:
     negative_prompts: list[str]
     params: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
+    # True when the run stopped before its last iteration (A1111's "interrupted").
     interrupted: bool = False
+    # The request as it ran: canonical sampler names, fixed seeds, img2img defaults filled in.
+    request: GenerationRequest | None = None
 
     def __len__(self) -> int:
         return len(self.images)

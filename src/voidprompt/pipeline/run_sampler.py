@@ -83,38 +83,59 @@ def uses_ensd(spec: SamplerSpec, request: GenerationRequest) -> bool:
     return spec.uses_ensd and effective_eta(spec, request) != 0
 
 
+@dataclass(frozen=True)
+class SamplerPass:
+    """One sampler run's choice: the sampler, its schedule type and its step count."""
+
+    spec: SamplerSpec
+    scheduler: SchedulerSpec
+    steps: int
+
+
+@dataclass(frozen=True)
+class SamplingModel:
+    """The model as a sampler sees it: ``denoiser`` is a CFGDenoiser over the right inner model
+    (``DiscreteEpsDenoiser`` for sigma samplers, ``EpsTimestepModel`` for timestep samplers);
+    ``schedule_model`` gives the sigma table; ``alphas_cumprod`` the timestep samplers' table."""
+
+    denoiser: Any
+    schedule_model: DiscreteSigmas
+    alphas_cumprod: Tensor
+
+
+@dataclass(frozen=True)
+class SamplerStart:
+    """Where a run starts: ``noise`` is the batch's first draw from ``rng`` (already multiplied by
+    the initial noise multiplier for img2img); ``seeds`` seed the SDE samplers' Brownian trees;
+    ``init_latent`` with ``img2img`` starts part-way down the schedule."""
+
+    noise: Tensor
+    rng: ImageRNG
+    seeds: Sequence[int]
+    init_latent: Tensor | None = None
+    img2img: Img2ImgStart | None = None
+
+
 def run_sampler(
-    spec: SamplerSpec,
-    scheduler: SchedulerSpec,
-    denoiser: Any,
-    schedule_model: DiscreteSigmas,
-    alphas_cumprod: Tensor,
+    run: SamplerPass,
+    model: SamplingModel,
+    start: SamplerStart,
     request: GenerationRequest,
-    *,
-    steps: int,
-    noise: Tensor,
-    rng: ImageRNG,
-    seeds: Sequence[int],
-    init_latent: Tensor | None = None,
-    img2img: Img2ImgStart | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Sample one batch. ``noise`` is the batch's first draw from ``rng`` (already multiplied by the
-    initial noise multiplier for img2img); ``denoiser`` is a CFGDenoiser over the right inner model
-    (``DiscreteEpsDenoiser`` for sigma samplers, ``EpsTimestepModel`` for timestep samplers)."""
+    """Sample one batch; ``request`` gives the sampler settings (eta, churn, schedule overrides)."""
+    spec, noise, init_latent, img2img = run.spec, start.noise, start.init_latent, start.img2img
     # Variant options (e.g. DPM++ 2M SDE Heun's solver_type) are bound into spec.function already.
     knobs = sampler_knobs(spec, request)
     if spec.is_timestep_sampler:
-        return _run_timestep_sampler(
-            spec, denoiser, alphas_cumprod, request, steps, noise, rng, init_latent, img2img, knobs, callback
-        )
+        return _run_timestep_sampler(run, model, start, request, knobs, callback)
 
-    schedule_steps = img2img.schedule_steps if img2img is not None else steps
+    schedule_steps = img2img.schedule_steps if img2img is not None else run.steps
     sigmas = compute_sigmas(
         spec,
-        scheduler,
+        run.scheduler,
         schedule_steps,
-        schedule_model,
+        model.schedule_model,
         sigma_min=request.sigma_min,
         sigma_max=request.sigma_max,
         rho=request.rho,
@@ -134,10 +155,10 @@ def run_sampler(
     if spec.brownian_noise:
         # A1111: the SDE samplers draw from per-image Brownian trees seeded by the image seeds.
         noise_sampler = brownian_noise_sampler_for_sigmas(
-            x, sigmas, seeds, check_randn_source(request.randn_source)
+            x, sigmas, start.seeds, check_randn_source(request.randn_source)
         )
     else:
-        noise_sampler = rng.noise_sampler()
+        noise_sampler = start.rng.noise_sampler()
 
     common: dict[str, Any] = {"callback": callback, "noise_sampler": noise_sampler}
     if spec.uses_sigma_range:
@@ -145,26 +166,22 @@ def run_sampler(
         range_args: dict[str, Any] = {"sigma_min": float(positive.min()), "sigma_max": float(sigmas.max())}
         if "n" in inspect.signature(spec.function).parameters:
             range_args["n"] = len(sigmas) - 1
-        return spec.function(denoiser, x, **range_args, **common, **knobs)
-    return spec.function(denoiser, x, sigmas, **common, **knobs)
+        return spec.function(model.denoiser, x, **range_args, **common, **knobs)
+    return spec.function(model.denoiser, x, sigmas, **common, **knobs)
 
 
 def _run_timestep_sampler(
-    spec: SamplerSpec,
-    denoiser: Any,
-    alphas_cumprod: Tensor,
+    run: SamplerPass,
+    model: SamplingModel,
+    start: SamplerStart,
     request: GenerationRequest,
-    steps: int,
-    noise: Tensor,
-    rng: ImageRNG,
-    init_latent: Tensor | None,
-    img2img: Img2ImgStart | None,
     knobs: dict[str, Any],
     callback: Callback | None,
 ) -> Tensor:
+    spec, noise, init_latent, img2img = run.spec, start.noise, start.init_latent, start.img2img
     discard = spec.discard_next_to_last_sigma or request.always_discard_next_to_last_sigma
     params = inspect.signature(spec.function).parameters
-    abar = alphas_cumprod.to(noise.device)
+    abar = model.alphas_cumprod.to(noise.device)
     if img2img is not None and init_latent is not None:
         timesteps = timesteps_for(img2img.schedule_steps, discard_penultimate=discard, device=noise.device)
         if img2img.t_enc >= len(timesteps):
@@ -177,14 +194,14 @@ def _run_timestep_sampler(
         if "is_img2img" in params:
             knobs["is_img2img"] = True
     else:
-        timesteps = timesteps_for(steps, discard_penultimate=discard, device=noise.device)
+        timesteps = timesteps_for(run.steps, discard_penultimate=discard, device=noise.device)
         x = noise
     return spec.function(
-        denoiser,
+        model.denoiser,
         x,
         timesteps,
         alphas_cumprod=abar,
         callback=callback,
-        noise_sampler=rng.noise_sampler(),
+        noise_sampler=start.rng.noise_sampler(),
         **knobs,
     )

@@ -10,6 +10,7 @@ interpolation in log sigma, and D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 +
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -170,69 +171,88 @@ def stack_conds(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(padded)
 
 
+@dataclass(frozen=True)
+class BatchConds:
+    """The conditioning of one batch: ``conds[i]`` / ``unconds[i]`` belong to image i.
+
+    ``empty_cond`` is the encoded empty prompt, which "Pad conds" appends (A1111's
+    ``cond_stage_model_empty_prompt``); needed only with ``Guidance.pad_cond_uncond``."""
+
+    conds: Sequence[MultiCond]
+    unconds: Sequence[CondSchedule]
+    empty_cond: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How the cond and uncond predictions are computed and combined (A1111's CFG settings).
+
+    ``s_min_uncond`` is NGMS (skip the uncond pass on odd calls below that sigma; every call with
+    ``s_min_uncond_all``); ``skip_early_cond`` skips it for that fraction of the ``total_steps`` calls.
+    ``pad_cond_uncond`` / ``pad_cond_uncond_v0`` are "Pad conds" and its pre-1.6 variant."""
+
+    cfg_scale: float
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
+    skip_early_cond: float = 0.0
+    total_steps: int | None = None
+    batch_cond_uncond: bool = True
+    pad_cond_uncond: bool = False
+    pad_cond_uncond_v0: bool = False
+
+
+@dataclass(frozen=True)
+class LatentBlend:
+    """A1111's inpainting blend in latent space: ``mask`` 1 keeps ``init_latent``, 0 takes the sample
+    (``nmask`` defaults to ``1 - mask``). After denoising (k-diffusion samplers) or, with
+    ``before_denoising``, on x before the UNet (timestep samplers)."""
+
+    mask: Tensor
+    init_latent: Tensor
+    nmask: Tensor | None = None
+    before_denoising: bool = False
+
+    def apply(self, latent: Tensor) -> Tensor:
+        nmask = 1 - self.mask if self.nmask is None else self.nmask
+        return latent * nmask + self.init_latent * self.mask
+
+
 class CFGDenoiser:
     """A1111's classifier-free guidance denoiser (``CFGDenoiser.forward``), as a plain class.
 
-    ``conds[i]`` / ``unconds[i]`` belong to image i of the batch. Each call picks the conditioning of
-    call index ``self.step`` (incremented once per call, so second-order samplers advance it twice a
-    step), runs the UNet on every AND sub-prompt of every image followed by the uncond batch, and
-    combines ``uncond + sum_i w_i * cfg_scale * (cond_i - uncond)``.
-
-    ``mask`` is A1111's ``p.mask`` in latent space: 1 keeps ``init_latent``, 0 takes the sample
-    (``nmask`` defaults to ``1 - mask``). Blending happens after denoising (k-diffusion samplers)
-    or, with ``mask_before_denoising``, on x before the UNet (timestep samplers).
+    Each call picks the conditioning of call index ``self.step`` (incremented once per call, so
+    second-order samplers advance it twice a step), runs the UNet on every AND sub-prompt of every
+    image followed by the uncond batch, and combines ``uncond + sum_i w_i * cfg_scale * (cond_i - uncond)``.
+    ``image_cond`` is the inpainting models' extra input (masked-image latents and mask).
     """
 
     def __init__(
         self,
         inner: InnerModel,
+        batch: BatchConds,
+        guidance: Guidance,
         *,
-        conds: Sequence[MultiCond],
-        unconds: Sequence[CondSchedule],
-        cfg_scale: float,
-        s_min_uncond: float = 0.0,
-        s_min_uncond_all: bool = False,
-        batch_cond_uncond: bool = True,
-        pad_cond_uncond: bool = False,
-        pad_cond_uncond_v0: bool = False,
-        empty_cond: Tensor | None = None,
         image_cond: Tensor | None = None,
-        mask: Tensor | None = None,
-        nmask: Tensor | None = None,
-        init_latent: Tensor | None = None,
-        mask_before_denoising: bool = False,
-        skip_early_cond: float = 0.0,
-        total_steps: int | None = None,
+        blend: LatentBlend | None = None,
     ) -> None:
-        if len(conds) != len(unconds):
+        if len(batch.conds) != len(batch.unconds):
             raise InvalidRequestError(
-                f"{len(conds)} positive and {len(unconds)} negative conditionings: need one of each per image"
+                f"{len(batch.conds)} positive and {len(batch.unconds)} negative conditionings: "
+                "need one of each per image"
             )
-        if not conds or any(not c.parts for c in conds):
+        if not batch.conds or any(not c.parts for c in batch.conds):
             raise InvalidRequestError("conds: every image needs at least one (sub-)prompt")
-        if pad_cond_uncond and empty_cond is None and not pad_cond_uncond_v0:
+        if guidance.pad_cond_uncond and batch.empty_cond is None and not guidance.pad_cond_uncond_v0:
             raise InvalidRequestError("pad_cond_uncond=True needs empty_cond (the encoded empty prompt)")
-        if mask is not None and init_latent is None:
-            raise InvalidRequestError("mask given without init_latent: inpainting needs both")
-        if skip_early_cond and not total_steps:
+        if guidance.skip_early_cond and not guidance.total_steps:
             raise InvalidRequestError("skip_early_cond needs total_steps (the expected number of calls)")
         self.inner = inner
-        self.conds = list(conds)
-        self.unconds = list(unconds)
-        self.cfg_scale = cfg_scale
-        self.s_min_uncond = s_min_uncond
-        self.s_min_uncond_all = s_min_uncond_all
-        self.batch_cond_uncond = batch_cond_uncond
-        self.pad_cond_uncond = pad_cond_uncond
-        self.pad_cond_uncond_v0 = pad_cond_uncond_v0
-        self.empty_cond = empty_cond
+        self.conds = list(batch.conds)
+        self.unconds = list(batch.unconds)
+        self.empty_cond = batch.empty_cond
+        self.guidance = guidance
         self.image_cond = image_cond
-        self.mask = mask
-        self.nmask = None if mask is None else (1 - mask if nmask is None else nmask)
-        self.init_latent = init_latent
-        self.mask_before_denoising = mask_before_denoising
-        self.skip_early_cond = skip_early_cond
-        self.total_steps = total_steps
+        self.blend = blend
         self.step = 0
         # DDIM CFG++ hooks (A1111's cond_scale_miltiplier / need_last_noise_uncond).
         self.cond_scale_multiplier = 1.0
@@ -264,7 +284,7 @@ class CFGDenoiser:
         return stack_conds([cond_at_step(schedule, step) for schedule in self.unconds])
 
     def _pad(self, cond: Tensor, uncond: Tensor) -> tuple[Tensor, Tensor]:
-        if self.pad_cond_uncond_v0:
+        if self.guidance.pad_cond_uncond_v0:
             # A1111 quirk ("Pad conds v0", DDIM/PLMS before 1.6): repeat uncond's last vector, or cut it.
             if uncond.shape[1] < cond.shape[1]:
                 last = uncond[:, -1:].repeat(1, cond.shape[1] - uncond.shape[1], 1)
@@ -284,18 +304,15 @@ class CFGDenoiser:
             self.padded_cond_uncond = True
         return cond, uncond
 
-    def _blend(self, latent: Tensor) -> Tensor:
-        assert self.nmask is not None and self.mask is not None and self.init_latent is not None
-        return latent * self.nmask + self.init_latent * self.mask
-
     # -- the call ---------------------------------------------------------------------------------
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         step = self.step
         conds_list, tensor = self.multicond_batch(step)
         uncond = self.uncond_batch(step)
-        if self.mask_before_denoising and self.mask is not None:
-            x = self._blend(x)
+        guidance = self.guidance
+        if self.blend is not None and self.blend.before_denoising:
+            x = self.blend.apply(x)
 
         batch_size = len(conds_list)
         if x.shape[0] != batch_size:
@@ -310,9 +327,17 @@ class CFGDenoiser:
 
         skip_uncond = False
         self.used_ngms = self.used_skip_early_cond = False
-        if self.skip_early_cond and self.total_steps and step / self.total_steps <= self.skip_early_cond:
+        if (
+            guidance.skip_early_cond
+            and guidance.total_steps
+            and step / guidance.total_steps <= guidance.skip_early_cond
+        ):
             skip_uncond = self.used_skip_early_cond = True
-        elif (step % 2 or self.s_min_uncond_all) and self.s_min_uncond > 0 and sigma[0] < self.s_min_uncond:
+        elif (
+            (step % 2 or guidance.s_min_uncond_all)
+            and guidance.s_min_uncond > 0
+            and sigma[0] < guidance.s_min_uncond
+        ):
             # NGMS (A1111's s_min_uncond): on odd calls below the threshold, skip the uncond pass.
             skip_uncond = self.used_ngms = True
         if skip_uncond:
@@ -321,7 +346,7 @@ class CFGDenoiser:
                 image_cond_in = image_cond_in[:-batch_size]
 
         self.padded_cond_uncond = self.padded_cond_uncond_v0 = False
-        if tensor.shape[1] != uncond.shape[1] and (self.pad_cond_uncond_v0 or self.pad_cond_uncond):
+        if tensor.shape[1] != uncond.shape[1] and (guidance.pad_cond_uncond_v0 or guidance.pad_cond_uncond):
             tensor, uncond = self._pad(tensor, uncond)
 
         def run(a: int, b: int, context: Tensor) -> Tensor:
@@ -331,7 +356,7 @@ class CFGDenoiser:
         n_in = x_in.shape[0]
         if tensor.shape[1] == uncond.shape[1] or skip_uncond:
             cond_in = tensor if skip_uncond else torch.cat([tensor, uncond])
-            if self.batch_cond_uncond:
+            if guidance.batch_cond_uncond:
                 x_out = run(0, n_in, cond_in)
             else:
                 x_out = torch.zeros_like(x_in)
@@ -340,7 +365,7 @@ class CFGDenoiser:
         else:
             # Token lengths differ and no padding: conds and uncond go through separate UNet calls.
             x_out = torch.zeros_like(x_in)
-            chunk = batch_size * 2 if self.batch_cond_uncond else batch_size
+            chunk = batch_size * 2 if guidance.batch_cond_uncond else batch_size
             for a in range(0, tensor.shape[0], chunk):
                 b = min(a + chunk, tensor.shape[0])
                 x_out[a:b] = run(a, b, tensor[a:b])
@@ -353,10 +378,10 @@ class CFGDenoiser:
         if self.need_last_noise_uncond:
             self.last_noise_uncond = x_out[-batch_size:].clone()
 
-        scale = 1.0 if skip_uncond else self.cfg_scale * self.cond_scale_multiplier
+        scale = 1.0 if skip_uncond else guidance.cfg_scale * self.cond_scale_multiplier
         denoised = combine_denoised(x_out, conds_list, batch_size, scale)
-        if not self.mask_before_denoising and self.mask is not None:
-            denoised = self._blend(denoised)
+        if self.blend is not None and not self.blend.before_denoising:
+            denoised = self.blend.apply(denoised)
         self.step += 1
         return denoised
 
