@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from voidprompt.errors import StudyError
-from voidprompt.lab.catalog import TEMP_PREFIX, Catalog, atomic_write, temp_path_for
+from voidprompt.files import TEMP_PREFIX, atomic_write, temp_path_for
+from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.study import Job, parse_study
 
 STUDY = '[study]\nname = "t"\nmaster_seed = 1\n[axes]\nseed = "1-4"'

@@ -2,7 +2,7 @@
 
 The resumable protocol, which keeps files and rows consistent whatever moment a run dies at:
 
-1. write the image to a temporary name in the image folder (``atomic_write``),
+1. write the image to a temporary name in the image folder (``voidprompt.files.atomic_write``),
 2. rename it into place,
 3. commit its row (``Catalog.record_image``, one transaction that also marks the job done).
 
@@ -19,9 +19,8 @@ import csv
 import hashlib
 import json
 import os
-import secrets
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,9 +28,9 @@ from typing import IO, Any
 
 from voidprompt import __version__
 from voidprompt.errors import StudyError
+from voidprompt.files import TEMP_PREFIX, atomic_write
 from voidprompt.lab.study import Job, request_to_dict
 
-TEMP_PREFIX = ".partial-"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Each table with the order its exports use, so a CSV diff between two runs means a data change.
 TABLES = {
@@ -104,23 +103,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def temp_path_for(final: Path) -> Path:
-    """A temporary name next to ``final`` that the sweep recognises."""
-    return final.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}-{final.name}")
-
-
-def atomic_write(final: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temp)`` then rename temp onto ``final``: readers never see half a file."""
-    temp = temp_path_for(final)
-    try:
-        write(temp)
-        with temp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

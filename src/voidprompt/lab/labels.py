@@ -26,7 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 from voidprompt.errors import StudyError
-from voidprompt.lab.catalog import Catalog, atomic_write
+from voidprompt.files import atomic_write
+from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.study import Study
 
 DEFAULT_CLASSES = ("Pattern", "Object or Scenery", "Malformed human", "Legit human")

@@ -23,7 +23,8 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from voidprompt.errors import StudyError
-from voidprompt.lab.catalog import Catalog, atomic_write, sha256_file
+from voidprompt.files import atomic_write
+from voidprompt.lab.catalog import Catalog, sha256_file
 from voidprompt.lab.labels import Labeler, label_image, label_scheme
 from voidprompt.lab.measures import Measure, measure_image
 from voidprompt.lab.study import Job, ModelRef, Study, request_to_dict

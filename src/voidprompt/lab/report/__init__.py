@@ -37,7 +37,8 @@ from typing import Any
 
 from voidprompt import __version__
 from voidprompt.errors import StudyError
-from voidprompt.lab.catalog import Catalog, atomic_write
+from voidprompt.files import atomic_write
+from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.labels import label_scheme
 from voidprompt.lab.report.data import ReportData, collect, outcome_counts, select
 from voidprompt.lab.report.figures import image_grid, measure_plot, outcome_plot, save_figure
