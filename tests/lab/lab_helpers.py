@@ -1,6 +1,15 @@
-"""Study texts for the lab tests."""
+"""Study texts and run options for the lab tests."""
 
 from pathlib import Path
+from typing import Any
+
+from voidprompt.lab.schema import RunOptions
+from voidprompt.lab.study import Study
+
+
+def quiet(study: Study, **changes: Any) -> RunOptions:
+    """The study's own [run] options with ``changes`` over them and no progress bar."""
+    return study.run.override(progress=False, **changes)
 
 
 def study_text(checkpoint: Path, *, sizes: str = "16x16, 32x16", seeds: str = "2 random", steps: int = 3,

@@ -6,8 +6,8 @@ import pytest
 from lab_helpers import study_text
 
 from voidprompt.demo.cli import main
+from voidprompt.demo.study import default_demo_study
 from voidprompt.lab.catalog import Catalog
-from voidprompt.lab.demo import default_demo_study
 
 
 def test_demo_runs_the_study_then_reports_and_resumes(

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lab_helpers import study_text
+from lab_helpers import quiet, study_text
 from PIL import Image
 
 from voidprompt.lab.catalog import Catalog
@@ -33,10 +33,10 @@ def test_ray_matches_local(tiny_checkpoint: Path, tmp_path: Path) -> None:
     text = study_text(tiny_checkpoint, sizes="16x16, 32x16", seeds="2 random")
     local = parse_study(text, tmp_path / "local" / "t.toml")
     distributed = parse_study(text, tmp_path / "ray" / "t.toml")
-    run_study(local, progress=False, batch_size=2, threads=1)
+    run_study(local, quiet(local, batch_size=2, threads=1))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        report = run_study(distributed, executor="ray", progress=False, batch_size=2, threads=1)
+        report = run_study(distributed, quiet(distributed, executor="ray", batch_size=2, threads=1))
     finally:
         ray.shutdown()
     assert (report.generated, report.batches) == (8, 4)

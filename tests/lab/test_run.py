@@ -5,15 +5,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lab_helpers import study_text
+from lab_helpers import quiet, study_text
 from PIL import Image
 
+from voidprompt.demo.labeler import WORLD_CLASSES
 from voidprompt.errors import StudyError
 from voidprompt.lab.catalog import TEMP_PREFIX, Catalog, sha256_file
-from voidprompt.lab.labels import WORLD_CLASSES
+from voidprompt.lab.execution import generate_batch
 from voidprompt.lab.measures import MEASURES, measure_image
-from voidprompt.lab.run import generate_batch, plan_batches, resolve_model, run_study
-from voidprompt.lab.study import ModelRef, load_study, parse_study
+from voidprompt.lab.plugins import Plugins, installed_plugins
+from voidprompt.lab.run import plan_batches, run_study
+from voidprompt.lab.study import ModelRef, Study, load_study, parse_study
 from voidprompt.models.load import load_model
 from voidprompt.pipeline.engine import Engine
 from voidprompt.request import GenerationRequest
@@ -63,7 +65,7 @@ def test_end_to_end_smoke_study(tiny_checkpoint: Path, tmp_path: Path) -> None:
     text = (REPO / "studies" / "smoke.toml").read_text() + f'\n[model]\ncheckpoint = "{tiny_checkpoint}"\n'
     (tmp_path / "smoke.toml").write_text(text)
     study = load_study(tmp_path / "smoke.toml")
-    report = run_study(study, batch_size=4, progress=False, labeler="auto")
+    report = run_study(study, quiet(study, batch_size=4))
     assert (report.total, report.generated, report.skipped, report.batches) == (8, 8, 0, 4)
     catalog_path = tmp_path / "runs" / "smoke" / "catalog.sqlite"
     assert report.catalog_path == catalog_path
@@ -84,14 +86,14 @@ def test_end_to_end_smoke_study(tiny_checkpoint: Path, tmp_path: Path) -> None:
             assert set(catalog.measures(row["id"])) == set(MEASURES)
             assert row["timings"]["batch_size"] == 2.0
         assert catalog.summary().labelled == 0  # smoke.toml says labeler = "none"
-    again = run_study(study, batch_size=4, progress=False)
+    again = run_study(study, quiet(study, batch_size=4))
     assert (again.generated, again.skipped) == (0, 8)
 
 
 def test_detector_prelabels(tiny_checkpoint: Path, tmp_path: Path) -> None:
     text = study_text(tiny_checkpoint, sizes="16x16", seeds="1", labels='labeler = "detector"')
     study = parse_study(text, tmp_path / "t.toml")
-    run_study(study, progress=False)
+    run_study(study, quiet(study))
     with Catalog.open(tmp_path / "runs" / "t" / "catalog.sqlite", readonly=True) as catalog:
         labels = catalog.all_labels()
     assert len(labels) == 2
@@ -99,24 +101,6 @@ def test_detector_prelabels(tiny_checkpoint: Path, tmp_path: Path) -> None:
         label_class, tags = sources["detector"]
         assert label_class in WORLD_CLASSES
         assert any(t.endswith("background") for t in tags)
-
-
-def test_detector_labeler_reads_a_picture_at_the_models_native_size() -> None:
-    from PIL import ImageDraw
-
-    from voidprompt.demo.world import Background, Scene, ShapeObject, render
-    from voidprompt.lab.labels import DetectorLabeler
-
-    scene = Scene((ShapeObject("circle", "red", (0.3, 0.4), 0.15),), Background("solid", ("white",)))
-    picture = render(scene, 128).convert("RGB")
-    # A 9x9 px blob: a shape for a 64 px model (the detector's smallest shape is 35 native px^2), a
-    # speck for a 128 px model that paints every shape at twice that side (140 px^2 at least).
-    ImageDraw.Draw(picture).rectangle((96, 96, 104, 104), fill=(0, 0, 255))
-    labeler = DetectorLabeler()
-    assert labeler.label(picture).measures["detector_objects"] == 2.0  # 64 px unless told
-    assert labeler.label(picture, native_size=64).measures["detector_objects"] == 2.0
-    at_128 = labeler.label(picture, native_size=128)
-    assert at_128.measures["detector_objects"] == 1.0 and "red circle" in at_128.tags
 
 
 def test_run_study_tells_the_labeler_the_models_native_size(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -139,12 +123,18 @@ def test_run_study_tells_the_labeler_the_models_native_size(tiny_checkpoint: Pat
         def label(self, image: Image.Image) -> Label:
             return Label("a", ("plain",))
 
-    study = parse_study(study_text(tiny_checkpoint, sizes="16x16", seeds="2 random"), tmp_path / "t.toml")
     sized = Sized()
-    report = run_study(study, progress=False, labeler=sized, catalog_path=tmp_path / "a.sqlite")
+    # Labelers reach a study by name only: here registered by the caller, not installed.
+    plugins = Plugins(labelers={"sized": lambda: sized, "plain": Plain})
+
+    def study(labeler: str) -> Study:
+        text = study_text(tiny_checkpoint, sizes="16x16", seeds="2 random", labels=f'labeler = "{labeler}"')
+        return parse_study(text, tmp_path / "t.toml")
+
+    report = run_study(study("sized"), quiet(study("sized"), catalog=tmp_path / "a.sqlite"), plugins)
     # The file's voidprompt.arch metadata, not the size asked for (16 px).
     assert report.generated >= 2 and sized.seen == [TINY_CONSTANTS.vae_sample_size] * report.generated
-    run_study(study, progress=False, labeler=Plain(), catalog_path=tmp_path / "b.sqlite")
+    run_study(study("plain"), quiet(study("plain"), catalog=tmp_path / "b.sqlite"), plugins)
     with Catalog.open(tmp_path / "b.sqlite", readonly=True) as catalog:
         labels = [s["plain"] for s in catalog.all_labels().values()]
     assert labels == [("a", ["plain"])] * report.generated
@@ -171,14 +161,14 @@ def test_resume_after_crash(tiny_checkpoint: Path, tmp_path: Path, stage: str) -
                 raise Crash(job_id)
 
     with pytest.raises(Crash):
-        run_study(study, batch_size=2, progress=False, fault=fault)
+        run_study(study, quiet(study, batch_size=2), fault=fault)
     path = tmp_path / "runs" / "t" / "catalog.sqlite"
     rows, files, _ = _state(path)
     committed = 3 if stage == "recorded" else 2
     assert len(rows) == committed
     leftovers = [f for f in files if f.startswith(TEMP_PREFIX) or f[:-4] not in rows]
     assert len(leftovers) == (1 if stage in ("renamed",) else 0)  # a renamed file awaiting its row
-    report = run_study(study, batch_size=2, progress=False)
+    report = run_study(study, quiet(study, batch_size=2))
     assert (report.skipped, report.generated) == (committed, 4 - committed)
     rows, files, measured = _state(path)
     jobs = sorted(j.job_id for j in study.expand())
@@ -195,19 +185,17 @@ def test_crash_in_a_batch_loses_only_that_batch(tiny_checkpoint: Path, tmp_path:
             raise Crash(job_id)
 
     with pytest.raises(Crash):
-        run_study(study, batch_size=2, progress=False, fault=fault)
+        run_study(study, quiet(study, batch_size=2), fault=fault)
     rows, _, _ = _state(tmp_path / "runs" / "t" / "catalog.sqlite")
     assert rows == sorted(j.job_id for j in study.expand()[:2])
 
 
 def test_model_resolution_errors(tmp_path: Path) -> None:
     with pytest.raises(StudyError, match=r"no file at .*missing\.safetensors"):
-        resolve_model(ModelRef("missing.safetensors"), tmp_path)
-    try:
-        import voidprompt.demo.miniature  # noqa: F401
-    except ImportError:
-        with pytest.raises(StudyError, match="miniature model"):
-            resolve_model(ModelRef(), tmp_path)
+        installed_plugins().resolve_model(ModelRef("missing.safetensors"), tmp_path)
+    # No model registered as the default: a study that names no checkpoint is told to name one.
+    with pytest.raises(StudyError, match=r"names no checkpoint and no default model is installed"):
+        Plugins().resolve_model(ModelRef(), tmp_path)
 
 
 def test_resume_refuses_a_replaced_model_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -220,7 +208,7 @@ def test_resume_refuses_a_replaced_model_file(tiny_checkpoint: Path, tmp_path: P
     model = tmp_path / "model.safetensors"
     shutil.copy(tiny_checkpoint, model)
     study = parse_study(study_text(model, sizes="16x16", seeds="2 random"), tmp_path / "t.toml")
-    run_study(study, batch_size=2, progress=False, max_jobs=2)
+    run_study(study, quiet(study, batch_size=2, max_jobs=2))
     path = tmp_path / "runs" / "t" / "catalog.sqlite"
     before = _state(path)
 
@@ -231,9 +219,9 @@ def test_resume_refuses_a_replaced_model_file(tiny_checkpoint: Path, tmp_path: P
     tensors[key] = tensors[key] + 1.0
     save_file(tensors, str(model), metadata=metadata)
     with pytest.raises(StudyError, match=r"hash .* now has hash .*mix two models"):
-        run_study(study, batch_size=2, progress=False)
+        run_study(study, quiet(study, batch_size=2))
     assert _state(path) == before  # nothing of the refused batch was written
 
     shutil.copy(tiny_checkpoint, model)  # the original file back: the study resumes
-    report = run_study(study, batch_size=2, progress=False)
+    report = run_study(study, quiet(study, batch_size=2))
     assert (report.skipped, report.generated) == (2, 2)

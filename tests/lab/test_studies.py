@@ -20,10 +20,11 @@ from PIL import Image
 from scipy import stats
 
 from voidprompt import __version__
+from voidprompt.demo.labeler import WORLD_CLASSES
 from voidprompt.lab.catalog import Catalog
-from voidprompt.lab.labels import WORLD_CLASSES, label_scheme
-from voidprompt.lab.report import ReportResult, build_report, report_options
-from voidprompt.lab.run import run_options, run_study
+from voidprompt.lab.labels import label_scheme
+from voidprompt.lab.report import ReportResult, build_report
+from voidprompt.lab.run import run_study
 from voidprompt.lab.sizes import aspect512
 from voidprompt.lab.study import Study, load_study, parse_study
 
@@ -67,7 +68,7 @@ def test_pure_negative_design() -> None:
     negative = next(j.request.negative_prompt for j in jobs if j.axis_values["W"] == 1.6)
     assert negative == ", ".join(f"({tag}:1.6)" for tag in NOVELAI)
     assert label_scheme(study).classes == WORLD_CLASSES and label_scheme(study).labeler == "detector"
-    options = report_options(study)
+    options = study.report
     assert options.base == 128
     assert options.grids is not None and [(g.x, g.y) for g in options.grids] == [
         ("size", "seed"),
@@ -75,7 +76,7 @@ def test_pure_negative_design() -> None:
         ("cfg_scale", "seed"),
     ]
     assert options.plots is not None and [p.x for p in options.plots] == ["area", "aspect", "W", "cfg_scale"]
-    assert run_options(study) == {"batch_size": 32, "threads": 1}
+    assert (study.run.batch_size, study.run.threads) == (32, 1)
 
 
 # --------------------------------------------------------------- the demo study's report, on tiny
@@ -93,7 +94,7 @@ def demo_on_tiny(
     text = text.replace("steps = 20", "steps = 2").replace('seed = "64 random"', 'seed = "2 random"')
     text += f'\n[model]\ncheckpoint = "{Path(checkpoint).name}"\n'
     study = parse_study(text, folder / "pure-negative.toml")
-    report = run_study(study, progress=False, threads=1)
+    report = run_study(study, study.run.override(progress=False, threads=1))
     assert report.generated == 2 * 21
     return study, build_report(study)
 

@@ -3,7 +3,7 @@
 ``voidprompt demo [--out DIR] [--study FILE] [--threads N] [--batch-size N]`` runs the demo study
 (``studies/pure-negative.toml``: the seed's pure-negative-prompt study on the miniature model, pre-labelled
 by its detector), resumably, then writes its report and prints where it is (see
-:mod:`voidprompt.lab.demo`). ``voidprompt demo gallery [--out DIR] [--model PATH]`` generates a small
+:mod:`voidprompt.demo.study`). ``voidprompt demo gallery [--out DIR] [--model PATH]`` generates a small
 gallery on the miniature model. ``voidprompt demo train [--out DIR] [--resume] [--minutes N] ...``
 trains the miniature model (see :mod:`voidprompt.demo.train`); the defaults reproduce the committed
 weights. ``voidprompt demo tune-decoder [--model PATH] [--out DIR] [--steps N] ...`` continues a
@@ -194,7 +194,7 @@ def _gallery(argv: list[str]) -> int:
 
 
 def _study(argv: list[str]) -> int:
-    from voidprompt.lab.demo import DEFAULT_OUT, run_demo
+    from voidprompt.demo.study import DEFAULT_OUT, run_demo
 
     p = argparse.ArgumentParser(
         prog="voidprompt demo",

@@ -1,4 +1,9 @@
-"""Where the shipped miniature model lives (package data, ``voidprompt/demo/weights/``)."""
+"""Where the shipped miniature model lives (package data, ``voidprompt/demo/weights/``).
+
+:data:`MINIATURE_MODEL` registers it with the lab (the ``voidprompt.models`` entry point in
+pyproject.toml) as ``miniature``: the default model of a study that names none, pre-labelled by the
+world's detector.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,9 @@ from importlib import resources
 from pathlib import Path
 
 from voidprompt.errors import ModelLoadError
+from voidprompt.lab.plugins import NamedModel
 
-__all__ = ["MINIATURE_FILENAME", "miniature_model_path"]
+__all__ = ["MINIATURE_FILENAME", "MINIATURE_MODEL", "miniature_model_path"]
 
 MINIATURE_FILENAME = "voidprompt-miniature-sd1.safetensors"
 
@@ -21,3 +27,6 @@ def miniature_model_path() -> Path:
             f"`voidprompt demo train` and copy the run's model.safetensors there"
         )
     return path
+
+
+MINIATURE_MODEL = NamedModel(path=miniature_model_path, labeler="detector", default=True)

@@ -1,8 +1,8 @@
 """The demo study end to end: run (resumable, detector pre-labels), then the report.
 
 ``voidprompt demo`` (the README's main command, ``make demo``) calls :func:`run_demo` on
-``studies/pure-negative.toml``: the seed's pure-negative-prompt study on the miniature model. A
-rerun skips every image already in the catalog and rebuilds the report.
+``studies/pure-negative.toml``: the study brief's pure-negative-prompt study on the miniature model.
+A rerun skips every image already in the catalog and rebuilds the report.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import voidprompt
 from voidprompt.errors import StudyError
 from voidprompt.lab.report import ReportResult, build_report
-from voidprompt.lab.run import RunReport, run_options, run_study
+from voidprompt.lab.run import RunReport, run_study
 from voidprompt.lab.study import load_study
 
 DEMO_STUDY = "pure-negative.toml"
@@ -68,13 +68,7 @@ def run_demo(
     study = load_study(study_path if study_path is not None else default_demo_study())
     out = Path(out_dir)
     catalog = out / "catalog.sqlite"
-    options = run_options(study)
-    run = run_study(
-        study,
-        catalog_path=catalog,
-        batch_size=batch_size or options["batch_size"] or 1,
-        threads=threads if threads is not None else options["threads"],
-        progress=progress,
-    )
+    options = study.run.override(batch_size=batch_size, threads=threads, catalog=catalog, progress=progress)
+    run = run_study(study, options)
     report = build_report(study, catalog_path=catalog, out_dir=out / "report")
     return DemoResult(study.path, run, report, time.perf_counter() - started)

@@ -29,6 +29,7 @@ from typing import IO, Any
 from voidprompt import __version__
 from voidprompt.errors import StudyError
 from voidprompt.files import TEMP_PREFIX, atomic_write
+from voidprompt.lab.schema import StudyFile
 from voidprompt.lab.study import Job, request_to_dict
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -95,6 +96,11 @@ def _now() -> str:
 
 def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def default_catalog_path(study: StudyFile) -> Path:
+    """``<study folder>/runs/<study file stem>/catalog.sqlite`` (images in ``catalog-images``)."""
+    return study.path.parent / "runs" / study.path.stem / "catalog.sqlite"
 
 
 def sha256_file(path: Path) -> str:

@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from voidprompt.errors import VoidpromptError
+from voidprompt.lab.catalog import Catalog, default_catalog_path
+from voidprompt.lab.labels import export_labels, import_labels, label_scheme
+from voidprompt.lab.plugins import installed_plugins
+from voidprompt.lab.report import build_report
+from voidprompt.lab.run import model_files, run_study
+from voidprompt.lab.study import load_study, summarize
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="images per sampler run (default: [run] batch_size or 16)",
+        help="images per sampler run (default: [run] batch_size, else 16)",
     )
     run.add_argument("--executor", choices=("local", "ray"), default="local")
     run.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local one")
@@ -76,59 +82,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from voidprompt.lab.catalog import Catalog
-    from voidprompt.lab.run import default_catalog_path
-    from voidprompt.lab.study import load_study, summarize
-
     study = load_study(args.file)
+    plugins = installed_plugins()
     catalog_path = args.catalog or default_catalog_path(study)
     if args.command == "check":
-        from voidprompt.lab.labels import label_scheme
-        from voidprompt.lab.report import report_options
-        from voidprompt.lab.run import run_options
-
-        label_scheme(study)
-        report_options(study)
-        run_options(study)
+        label_scheme(study, plugins)
+        model_files(study, [job.model for job in study.expand()], plugins)
         seconds_per_pixel, steps = _measured_speed(catalog_path)
         print(summarize(study, seconds_per_pixel, steps).format())
         if seconds_per_pixel is None:
             print("estimated time: unknown until some images are generated (run with --max-jobs 8)")
         return 0
     if args.command == "run":
-        from voidprompt.lab.run import run_options, run_study
-
-        options = run_options(study)
-        report = run_study(
-            study,
-            catalog_path=catalog_path,
+        options = study.run.override(
+            batch_size=args.batch_size,
+            threads=args.threads,
             executor=args.executor,
-            batch_size=args.batch_size or options["batch_size"] or 1,
-            progress=not args.no_progress,
-            max_jobs=args.max_jobs,
             address=args.address,
-            threads=args.threads if args.threads is not None else options["threads"],
+            max_jobs=args.max_jobs,
+            catalog=catalog_path,
+            progress=not args.no_progress,
         )
+        report = run_study(study, options, plugins)
         print(report.format())
-        return 0
+        return 1 if report.failed else 0
     if args.command == "report":
-        from voidprompt.lab.report import build_report
-
-        result = build_report(study, catalog_path=catalog_path, out_dir=args.out)
+        result = build_report(study, catalog_path=catalog_path, out_dir=args.out, plugins=plugins)
         print(
             f"report: {result.html}\nfigures: {len(result.figures)} files in {result.html.parent / 'figures'}"
         )
         return 0
     if args.command == "labels":
-        from voidprompt.lab.labels import export_labels, import_labels, label_scheme
-
         if args.labels_command == "export":
             with Catalog.open(catalog_path, readonly=True) as catalog:
                 count = export_labels(catalog, args.csv, args.source)
             print(f"{count} labels written to {args.csv}")
         else:
             with Catalog.open(catalog_path) as catalog:
-                count = import_labels(catalog, args.csv, label_scheme(study).classes, args.source)
+                count = import_labels(catalog, args.csv, label_scheme(study, plugins).classes, args.source)
             print(f"{count} labels imported from {args.csv}")
         return 0
     with Catalog.open(catalog_path, readonly=True) as catalog:
@@ -155,8 +146,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _measured_speed(catalog_path: Path) -> tuple[float | None, int | None]:
     """Seconds per pixel at the catalog's steps, from images already generated (median of them)."""
-    from voidprompt.lab.catalog import Catalog
-
     if not catalog_path.exists():
         return None, None
     with Catalog.open(catalog_path, readonly=True) as catalog:

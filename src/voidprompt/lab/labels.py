@@ -1,118 +1,49 @@
-"""Outcome classes, auto-labeler plugins and label CSV import/export.
+"""Outcome classes, the study's pre-labeler, and label CSV import/export.
 
-A study's ``[labels]`` table names its outcome classes and the plugin that pre-labels images::
+A study's ``[labels]`` table names its outcome classes and the labeler that pre-labels images::
 
     [labels]
     classes = ["clean single shape", "several shapes", "pattern / no shape", "defective"]
-    labeler = "detector"        # or "none", or "package.module:factory"
+    labeler = "detector"        # a registered labeler (voidprompt.lab.plugins), or "none"
 
-Without ``classes`` the seed's four outcomes are used. Without ``labeler`` studies on the
-miniature model are pre-labeled by its detector (the world's ground-truth reader) and other
-studies are not pre-labeled. A person's labels (source ``human``) always win over a plugin's in
-reports; both are kept in the catalog.
+Without ``labeler`` a study on a registered model is pre-labeled by that model's labeler (the
+shipped miniature model's is its world's detector) and a study on a model file is not pre-labeled.
+Without ``classes`` the labeler's classes are used, else the study brief's four outcomes. A
+person's labels (source ``human``) always win over a plugin's in reports; both are kept in the
+catalog.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib
 import inspect
 import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
 from voidprompt.errors import StudyError
 from voidprompt.files import atomic_write
 from voidprompt.lab.catalog import Catalog
-from voidprompt.lab.study import Study
+from voidprompt.lab.plugins import Label, Labeler, Plugins, installed_plugins
+from voidprompt.lab.schema import DEFAULT_CLASSES, NO_LABELER, StudyFile
 
-DEFAULT_CLASSES = ("Pattern", "Object or Scenery", "Malformed human", "Legit human")
+__all__ = [
+    "DEFAULT_CLASSES",
+    "HUMAN",
+    "Label",
+    "LabelScheme",
+    "Labeler",
+    "effective_label",
+    "export_labels",
+    "import_labels",
+    "label_image",
+    "label_scheme",
+]
+
 HUMAN = "human"
-
-# The miniature world's outcome classes (the demo study's), in the order reports show them.
-CLEAN_SINGLE = "clean single shape"
-SEVERAL = "several shapes"
-PATTERN = "pattern / no shape"
-DEFECTIVE = "defective"
-WORLD_CLASSES = (CLEAN_SINGLE, SEVERAL, PATTERN, DEFECTIVE)
-
-
-@dataclass(frozen=True)
-class Label:
-    """An outcome class, free tags, and numbers the plugin read off the image.
-
-    ``measures`` are stored with the image's other measures (so reports can plot them against any
-    axis); name them after the plugin, e.g. ``detector_objects``.
-    """
-
-    label_class: str | None
-    tags: tuple[str, ...] = ()
-    measures: Mapping[str, float] = field(default_factory=dict)
-
-
-@runtime_checkable
-class Labeler(Protocol):
-    """An auto-labeler plugin: one image in, one outcome class (of ``classes``) and free tags out.
-
-    A labeler whose reading depends on the model's pixel scale may take a keyword ``native_size``
-    in ``label`` (the side the model was trained at, from its ``voidprompt.arch`` metadata): the
-    study runner then passes it (:func:`label_image`). The detector does: a miniature model paints
-    at its own pixel scale whatever size it is asked for."""
-
-    name: str  # stored as the label's source
-    classes: Sequence[str]
-
-    def label(self, image: Image.Image) -> Label: ...
-
-
-class DetectorLabeler:
-    """The miniature world's detector as a labeler: what it sees, mapped onto the world classes.
-
-    Any defect flag -> defective (the negative prompt is meant to remove those); otherwise one
-    shape -> clean single shape, two or more -> several shapes, none -> pattern / no shape.
-    The detector's tags (colours, kinds, background, defects) become the label's tags, and its
-    counts become measures: ``detector_objects`` (shapes found, whatever their defects) and
-    ``detector_defects`` (defect flags raised).
-    """
-
-    name = "detector"
-    classes: Sequence[str] = WORLD_CLASSES
-
-    def __init__(self, config: Any = None) -> None:
-        # Imported here: the detector pulls scipy's spatial module, not needed by studies without it.
-        from voidprompt.demo.detector import detect
-
-        self._detect = detect
-        self._config = config
-
-    def classify(self, detection: Any) -> str:
-        if detection.defect_flags:
-            return DEFECTIVE
-        if detection.count == 0:
-            return PATTERN
-        return CLEAN_SINGLE if detection.count == 1 else SEVERAL
-
-    def label(self, image: Image.Image, native_size: int | None = None) -> Label:
-        """Read ``image`` with the detector's thresholds at ``native_size`` (the detector's default 64
-        px world when not given; a config passed to the constructor wins over both)."""
-        config = self._config
-        if config is None and native_size is not None:
-            from voidprompt.demo.detector import DetectorConfig
-
-            config = DetectorConfig(native_size=native_size)
-        detection = self._detect(image, config)
-        measures = {
-            "detector_objects": float(detection.count),
-            "detector_defects": float(len(detection.defect_flags)),
-        }
-        return Label(self.classify(detection), tuple(detection.to_tags()), measures)
-
-
-LABELERS: Mapping[str, Callable[[], Labeler]] = {"detector": DetectorLabeler}
 
 
 def label_image(labeler: Labeler, image: Image.Image, native_size: int | None) -> Label:
@@ -124,65 +55,33 @@ def label_image(labeler: Labeler, image: Image.Image, native_size: int | None) -
 
 @dataclass(frozen=True)
 class LabelScheme:
-    """A study's outcome classes and its pre-labeler (by name; built on demand)."""
+    """A study's outcome classes and the name of its pre-labeler (None: no pre-labels)."""
 
     classes: tuple[str, ...]
     labeler: str | None
 
-    def make_labeler(self) -> Labeler | None:
-        if self.labeler is None:
-            return None
-        factory = LABELERS.get(self.labeler)
-        if factory is None:
-            module_name, _, attr = self.labeler.partition(":")
-            try:
-                factory = getattr(importlib.import_module(module_name), attr)
-            except (ImportError, AttributeError, ValueError) as error:
-                raise StudyError(
-                    f"[labels] labeler = {self.labeler!r}: cannot load it ({error}); use "
-                    f'{", ".join(repr(n) for n in LABELERS)}, "none", or "package.module:factory"'
-                ) from None
-        labeler = factory()
-        if not isinstance(labeler, Labeler):
-            raise StudyError(
-                f"[labels] labeler = {self.labeler!r} does not give a Labeler (name, classes, label(image))"
-            )
-        return labeler
 
+def label_scheme(study: StudyFile, plugins: Plugins | None = None) -> LabelScheme:
+    """A study's classes and pre-labeler, with the defaults of its model (see the module docstring).
 
-def label_scheme(study: Study) -> LabelScheme:
-    """Validate a study's ``[labels]`` table."""
-    options = dict(study.label_options)
-    where = f"{study.path}: [labels]"
-    unknown = set(options) - {"classes", "labeler"}
-    if unknown:
-        raise StudyError(f"{where} {sorted(unknown)[0]}: unknown key; allowed: classes, labeler")
-    classes = options.get("classes")
-    if classes is None:
-        uses_detector = options.get("labeler", _default_labeler(study)) == "detector"
-        classes = list(WORLD_CLASSES if uses_detector else DEFAULT_CLASSES)
-    if (
-        not isinstance(classes, list)
-        or not classes
-        or not all(isinstance(c, str) and c.strip() for c in classes)
-        or len(set(classes)) != len(classes)
-    ):
-        raise StudyError(f'{where} classes: write distinct names, e.g. classes = ["Pattern", "Legit human"]')
-    labeler = options.get("labeler", _default_labeler(study))
-    if labeler is not None and not isinstance(labeler, str):
-        raise StudyError(f'{where} labeler: write a name, e.g. labeler = "detector", or "none"')
-    if labeler == "none":
-        labeler = None
-    if labeler == "detector" and options.get("classes") is not None and set(classes) != set(WORLD_CLASSES):
+    ``plugins`` defaults to the installed ones; an unknown labeler name is an error listing them.
+    """
+    plugins = installed_plugins() if plugins is None else plugins
+    options = study.labels
+    name = options.labeler if options.labeler is not None else plugins.model_labeler(study.model)
+    if name is None or name == NO_LABELER:
+        return LabelScheme(options.classes or DEFAULT_CLASSES, None)
+    try:
+        labeler_classes = tuple(plugins.labeler(name).classes)
+    except StudyError as error:
+        raise StudyError(f"{study.path}: {error}") from None
+    classes = options.classes or labeler_classes
+    if set(classes) != set(labeler_classes):
         raise StudyError(
-            f"{where} classes: the detector labels with {list(WORLD_CLASSES)}; use those classes "
-            'or labeler = "none"'
+            f"{study.path}: [labels] classes: the labeler {name!r} labels with {list(labeler_classes)}; "
+            f'use those classes or labeler = "{NO_LABELER}"'
         )
-    return LabelScheme(tuple(classes), labeler)
-
-
-def _default_labeler(study: Study) -> str | None:
-    return "detector" if study.model.is_miniature else None
+    return LabelScheme(classes, name)
 
 
 def effective_label(labels: Mapping[str, tuple[str | None, list[str]]]) -> tuple[str | None, str | None]:

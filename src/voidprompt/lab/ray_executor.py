@@ -12,24 +12,23 @@ local one with every CPU; ``"auto"`` joins a running cluster.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
+
 from voidprompt.errors import StudyError
-from voidprompt.lab.run import Batch, Generated, resolve_model, run_batch
-from voidprompt.lab.study import ModelRef
+from voidprompt.lab.execution import BATCH_ERRORS, Batch, BatchResult, Generated, describe, run_batch
+from voidprompt.lab.plugins import ModelFiles
+from voidprompt.lab.schema import ModelRef
+from voidprompt.models.load import load_model
+from voidprompt.pipeline.engine import Engine
 
 
 class _Worker:
     """The actor body (wrapped with ``ray.remote`` when the executor starts)."""
 
     def __init__(self, checkpoint: str, vae: str | None, threads: int) -> None:
-        import torch
-
-        from voidprompt.models.load import load_model
-        from voidprompt.pipeline.engine import Engine
-
         torch.set_num_threads(threads)
         self.engine = Engine(load_model(checkpoint, vae_path=vae))
 
@@ -40,7 +39,7 @@ class _Worker:
 class RayExecutor:
     def __init__(
         self,
-        base_dir: Path,
+        files: Mapping[ModelRef, ModelFiles],
         *,
         address: str | None = None,
         threads: int | None = None,
@@ -54,7 +53,7 @@ class RayExecutor:
                 "--executor ray needs the ray package (pip install ray); or use --executor local"
             ) from None
         self.ray = ray
-        self.base_dir = base_dir
+        self.files = files
         self.threads = threads or 1
         self._started = False
         if not ray.is_initialized():
@@ -64,16 +63,17 @@ class RayExecutor:
         self.workers = workers or max(1, cpus // self.threads)
         self.gpus = gpus_per_worker
 
-    def run(self, batches: Sequence[Batch]) -> Iterator[tuple[Batch, list[Generated]]]:
+    def run(self, batches: Sequence[Batch]) -> Iterator[BatchResult]:
         ray = self.ray
         by_model: dict[ModelRef, list[Batch]] = {}
         for batch in batches:
             by_model.setdefault(batch.model, []).append(batch)
         remote = ray.remote(num_cpus=self.threads, num_gpus=self.gpus)(_Worker)
         for model, work in by_model.items():
-            checkpoint, vae = resolve_model(model, self.base_dir)
+            files = self.files[model]
+            vae = None if files.vae is None else str(files.vae)
             actors = [
-                remote.remote(str(checkpoint), None if vae is None else str(vae), self.threads)
+                remote.remote(str(files.checkpoint), vae, self.threads)
                 for _ in range(min(self.workers, len(work)))
             ]
             try:
@@ -94,10 +94,19 @@ class RayExecutor:
                     ref = done[0]
                     batch = in_flight.pop(ref)
                     load[owner.pop(ref)] -= 1
-                    yield batch, ray.get(ref)
+                    yield self._result(batch, ref)
             finally:
                 for actor in actors:
                     ray.kill(actor)
+
+    def _result(self, batch: Batch, ref: Any) -> BatchResult:
+        try:
+            # Ray re-raises a worker's exception as a subclass of its own type, so the same
+            # errors fail a batch here as in the local executor.
+            generated: list[Generated] = self.ray.get(ref)
+        except BATCH_ERRORS as error:
+            return BatchResult(batch, error=describe(error))
+        return BatchResult(batch, generated)
 
     def close(self) -> None:
         if self._started:

@@ -1,7 +1,8 @@
 """``voidprompt study report``: one self-contained HTML file plus PNG/SVG figures and CSV/Parquet.
 
 The HTML embeds every figure as a base64 PNG (it opens offline, alone) and links the SVG and CSV
-files written beside it. A study's ``[report]`` table chooses what is shown; every key is optional::
+files written beside it. A study's ``[report]`` table chooses what is shown (every key is optional;
+``docs/study-format.md`` has them all, :mod:`voidprompt.lab.schema` reads them)::
 
     [report]
     base = 64                                   # area = width*height/base^2 (default 512)
@@ -36,13 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from voidprompt import __version__
-from voidprompt.errors import StudyError
+from voidprompt.errors import StudyError, VoidpromptError
 from voidprompt.files import atomic_write
-from voidprompt.lab.catalog import Catalog
+from voidprompt.lab.catalog import Catalog, default_catalog_path
 from voidprompt.lab.labels import label_scheme
+from voidprompt.lab.plugins import Plugins, installed_plugins
 from voidprompt.lab.report.data import ReportData, collect, outcome_counts, select
 from voidprompt.lab.report.figures import image_grid, measure_plot, outcome_plot, save_figure
-from voidprompt.lab.run import default_catalog_path, resolve_model
+from voidprompt.lab.schema import GridSpec, PlotSpec, ReportOptions
 from voidprompt.lab.stats import ProportionRow, linear_slope, proportion_table
 from voidprompt.lab.study import Study
 
@@ -53,35 +55,9 @@ __all__ = [
     "ReportResult",
     "build_report",
     "measure_trends",
-    "report_options",
 ]
 
 MAX_GRID_PAGES = 24
-
-
-@dataclass(frozen=True)
-class PlotSpec:
-    x: str
-    split: str | None = None
-    where: Mapping[str, Any] = field(default_factory=dict)
-    measures: tuple[str, ...] = ()  # empty: every measure
-
-
-@dataclass(frozen=True)
-class GridSpec:
-    x: str
-    y: str
-    where: Mapping[str, Any] = field(default_factory=dict)
-    rows: int | None = None  # values of y per page (default: all)
-    pages: int | None = None  # pages shown per combination of the other factors (default: all)
-
-
-@dataclass(frozen=True)
-class ReportOptions:
-    base: int = 512
-    grids: tuple[GridSpec, ...] | None = None
-    outcomes_by: tuple[tuple[str, Mapping[str, Any]], ...] | None = None  # (axis, where)
-    plots: tuple[PlotSpec, ...] | None = None
 
 
 @dataclass
@@ -92,76 +68,6 @@ class ReportResult:
     parquet: Path | None
     outcome_tables: dict[str, list[ProportionRow]]
     trends: list[dict[str, Any]] = field(default_factory=list)
-
-
-def report_options(study: Study) -> ReportOptions:
-    raw = dict(study.report_options)
-    where = f"{study.path}: [report]"
-    allowed = ("base", "grid", "outcomes_by", "plots")
-    for key in raw:
-        if key not in allowed:
-            raise StudyError(f"{where} {key}: unknown key; allowed: {', '.join(allowed)}")
-    base = raw.get("base", 512)
-    if not isinstance(base, int) or isinstance(base, bool) or base <= 0:
-        raise StudyError(f"{where} base: {base!r}; write the side of the unit area in pixels, e.g. 64")
-    grids = None
-    grid = raw.get("grid")
-    if grid is not None:
-        specs_in = grid if isinstance(grid, list) and grid else [grid]
-        parsed = []
-        for entry in specs_in:
-            counts = [entry.get(k) for k in ("rows", "pages")] if isinstance(entry, dict) else []
-            if (
-                not isinstance(entry, dict)
-                or not {"x", "y"} <= set(entry)
-                or set(entry) - {"x", "y", "where", "rows", "pages"}
-                or not isinstance(entry.get("where", {}), dict)
-                or any(
-                    c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1) for c in counts
-                )
-            ):
-                raise StudyError(
-                    f'{where} grid: write grid = {{ x = "W", y = "size" }} or a list of such tables, '
-                    "each optionally with where = {...}, rows = 8 (per page) and pages = 1"
-                )
-            parsed.append(
-                GridSpec(str(entry["x"]), str(entry["y"]), dict(entry.get("where", {})), counts[0], counts[1])
-            )
-        grids = tuple(parsed)
-    outcomes_by = raw.get("outcomes_by")
-    if outcomes_by is not None:
-        entries: list[tuple[str, dict[str, Any]]] = []
-        for entry in outcomes_by if isinstance(outcomes_by, list) else [None]:
-            if isinstance(entry, str):
-                entries.append((entry, {}))
-            elif isinstance(entry, dict) and "by" in entry and not set(entry) - {"by", "where"}:
-                entries.append((str(entry["by"]), dict(entry.get("where", {}))))
-            else:
-                raise StudyError(
-                    f'{where} outcomes_by: write axis names or tables, e.g. ["size", '
-                    '{ by = "W", where = { size = "64x64" } }]'
-                )
-        outcomes_by = tuple(entries)
-    plots = raw.get("plots")
-    if plots is not None:
-        specs = []
-        for i, plot in enumerate(plots if isinstance(plots, list) else [None]):
-            if (
-                not isinstance(plot, dict)
-                or "x" not in plot
-                or set(plot) - {"x", "split", "where", "measures"}
-            ):
-                raise StudyError(
-                    f'{where} plots #{i + 1}: write {{ x = "W", split = "size", where = {{...}}, '
-                    'measures = ["luminance"] }} (only x is required)'
-                )
-            specs.append(
-                PlotSpec(
-                    plot["x"], plot.get("split"), dict(plot.get("where", {})), tuple(plot.get("measures", ()))
-                )
-            )
-        plots = tuple(specs)
-    return ReportOptions(base, grids, outcomes_by, plots)
 
 
 def _b64_png(path: Path) -> str:
@@ -183,10 +89,10 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
     return path
 
 
-def _model_card(study: Study) -> str | None:
+def _model_card(study: Study, plugins: Plugins) -> str | None:
     try:
-        checkpoint, _ = resolve_model(study.model, study.path.parent)
-    except StudyError as error:
+        checkpoint = plugins.resolve_model(study.model, study.path.parent).checkpoint
+    except VoidpromptError as error:
         return f"(model file not available: {error})"
     for candidate in (
         checkpoint.with_suffix(".md"),
@@ -199,11 +105,19 @@ def _model_card(study: Study) -> str | None:
 
 
 def build_report(
-    study: Study, *, catalog_path: str | Path | None = None, out_dir: str | Path | None = None
+    study: Study,
+    *,
+    catalog_path: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    plugins: Plugins | None = None,
 ) -> ReportResult:
-    """Write the report of ``study``'s catalog into ``out_dir`` (default: ``report/`` beside it)."""
-    options = report_options(study)
-    scheme = label_scheme(study)
+    """Write the report of ``study``'s catalog into ``out_dir`` (default: ``report/`` beside it).
+
+    ``plugins`` (the study's labeler and named model) default to the installed ones.
+    """
+    plugins = installed_plugins() if plugins is None else plugins
+    options = study.report
+    scheme = label_scheme(study, plugins)
     path = Path(catalog_path) if catalog_path is not None else default_catalog_path(study)
     out = Path(out_dir) if out_dir is not None else path.parent / "report"
     figures_dir = out / "figures"
@@ -375,7 +289,7 @@ def build_report(
     csvs.append(_write_csv(out / "images.csv", columns, [[r.get(c) for c in columns] for r in data.rows]))
     parquet = _write_parquet(out / "images.parquet", data, columns)
 
-    card = _model_card(study)
+    card = _model_card(study, plugins)
     about = (
         f"<h2>Reproduce</h2><p>voidprompt {html.escape(__version__)} · catalog "
         f"{html.escape(str(path))} · {html.escape(summary.format()).replace(chr(10), '<br>')}</p>"
