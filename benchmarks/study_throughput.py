@@ -114,7 +114,7 @@ def naive_loop(checkpoint: Path, size: int, steps: int, tokenizer: object) -> Ti
 
 
 def lab_run(checkpoint: Path | None, size: int, steps: int, batch_size: int | None, folder: Path) -> Timing:
-    from voidprompt.lab.run import run_options, run_study
+    from voidprompt.lab.run import run_study
     from voidprompt.lab.study import parse_study
 
     model = f'[model]\ncheckpoint = "{checkpoint}"\n' if checkpoint else ""
@@ -135,10 +135,10 @@ W = "{", ".join(str(w) for w in W_VALUES)}"
 seed = "{SEEDS} random"
 """
     study = parse_study(text, folder / "throughput.toml")
-    chosen = batch_size or run_options(study)["batch_size"] or 1
+    options = study.run.override(batch_size=batch_size, progress=False)
     cpu = time.process_time()
-    # labeler="auto": what `voidprompt study run` does (the detector on the miniature model).
-    report = run_study(study, batch_size=chosen, progress=False)
+    # The study's own labeler, as `voidprompt study run` does (the detector on the miniature model).
+    report = run_study(study, options)
     cpu = time.process_time() - cpu
     assert report.generated == len(W_VALUES) * SEEDS
     # run_study's own wall time: from its start (model load) to the last catalog commit.
@@ -163,10 +163,10 @@ def main() -> int:
             checkpoint: Path = write_tiny_checkpoint(folder / "tiny.safetensors")
             study_model: Path | None = checkpoint
         else:
-            from voidprompt.lab.run import resolve_model
-            from voidprompt.lab.study import ModelRef
+            from voidprompt.lab.plugins import installed_plugins
+            from voidprompt.lab.schema import ModelRef
 
-            checkpoint, _ = resolve_model(ModelRef(), folder)
+            checkpoint = installed_plugins().resolve_model(ModelRef(), folder).checkpoint
             study_model = None  # the study's default model: the miniature one, as in the demo
         # Untimed warm-up: every import either side needs (diffusers loads model classes lazily).
         import diffusers  # noqa: F401
