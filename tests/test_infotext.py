@@ -1,12 +1,12 @@
-"""A1111 infotext: writing, parsing, defaults, back-compat flags and the request mapping.
+"""A1111 infotext: writing, parsing, defaults and generation_params.
 
-Expected values are derived by hand from A1111's documented behaviour (spec section 6), not by
-running our own writer, except in the round-trip tests whose point is the round trip.
+Expected values are derived by hand from A1111's behaviour (``processing.create_infotext``,
+``infotext_utils.parse_generation_parameters``), not by running our own writer, except in the
+round-trip tests whose point is the round trip. Versions: test_infotext_versions.py; the request
+mapping: test_infotext_to_request.py.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 
@@ -14,16 +14,16 @@ from voidprompt.errors import InfotextError
 from voidprompt.infotext import (
     DEFAULT_VERSION,
     KEY_ORDER,
-    backcompat_flags,
+    ImageFacts,
+    ModelFacts,
+    RunFacts,
     create_infotext,
     generation_params,
-    infotext_version,
     old_hires_fix_first_pass_dimensions,
     parse_generation_parameters,
     prompt_uses_emphasis,
     quote,
-    request_fields_from_params,
-    split_sampler_scheduler,
+    request_fields_from_infotext,
 )
 from voidprompt.request import GenerationRequest
 
@@ -87,7 +87,7 @@ def test_a1111_docstring_example_parses_to_hand_derived_values() -> None:
 
 
 def test_docstring_example_maps_onto_request_fields() -> None:
-    fields = request_fields_from_params(parse_generation_parameters(A1111_DOCSTRING))
+    fields = request_fields_from_infotext(A1111_DOCSTRING)
     assert fields["steps"] == 20
     assert fields["sampler_name"] == "Euler a"
     assert fields["scheduler"] == "Automatic"
@@ -344,7 +344,7 @@ def _request(**changes: object) -> GenerationRequest:
 
 
 def test_generation_params_minimal() -> None:
-    params = generation_params(_request(), seed=10, subseed=99, model_hash="31e35c80fc", model_name="sd15")
+    params = generation_params(_request(), ImageFacts(10, 99), ModelFacts(hash="31e35c80fc", name="sd15"))
     assert params == {
         "Steps": 20,
         "Sampler": "Euler",
@@ -370,8 +370,8 @@ def test_generation_params_conditional_keys() -> None:
         sampler_name="Euler a", eta=0.5, s_noise=0.9, use_old_scheduling=True,
         extra_generation_params={"Lora hashes": "a: 1"},
     )
-    params = generation_params(request, seed=10, subseed=99, model_hash=None, model_name=None,
-                               schedule_type="Karras", uses_ensd=True, version=None)
+    run = RunFacts(schedule_type="Karras", uses_ensd=True)
+    params = generation_params(request, ImageFacts(10, 99), run=run, version=None)
     assert params["Variation seed"] == 99 and params["Variation seed strength"] == 0.25
     assert params["Seed resize from"] == "640x448"
     assert params["Clip skip"] == 2
@@ -386,22 +386,21 @@ def test_generation_params_conditional_keys() -> None:
 
 def test_generation_params_omits_defaults() -> None:
     request = _request(eta_noise_seed_delta=31337, emphasis="No norm", eta=1.0)
-    params = generation_params(request, seed=1, subseed=2, model_hash=None, model_name=None, uses_ensd=False)
+    params = generation_params(request, ImageFacts(1, 2), run=RunFacts(uses_ensd=False))
     for key in ("ENSD", "Emphasis", "Eta", "Variation seed", "Clip skip", "Denoising strength"):
         assert key not in params, key
-    ddim = generation_params(_request(sampler_name="DDIM", eta=0.0), seed=1, subseed=2,
-                             model_hash=None, model_name=None)
+    ddim = generation_params(_request(sampler_name="DDIM", eta=0.0), ImageFacts(1, 2))
     assert "Eta DDIM" not in ddim and "Eta" not in ddim
 
 
 def test_generation_params_hires() -> None:
     request = _request(enable_hr=True, hr_scale=2.0, hr_second_pass_steps=10, hr_upscaler="Latent",
                        denoising_strength=0.6, hr_sampler_name="Euler a")
-    params = generation_params(request, seed=1, subseed=2, model_hash=None, model_name=None)
+    params = generation_params(request, ImageFacts(1, 2))
     assert params["Denoising strength"] == 0.6
     assert (params["Hires upscale"], params["Hires steps"], params["Hires upscaler"]) == (2, 10, "Latent")
     assert params["Hires sampler"] == "Euler a"
-    fields = request_fields_from_params(parse_generation_parameters(create_infotext("a cat", "", params)))
+    fields = request_fields_from_infotext(create_infotext("a cat", "", params))
     assert fields["enable_hr"] is True and fields["hr_scale"] == 2.0 and fields["hr_second_pass_steps"] == 10
     assert fields["hr_sampler_name"] == "Euler a" and "hr_scheduler" not in fields
 
@@ -409,12 +408,11 @@ def test_generation_params_hires() -> None:
 @pytest.mark.parametrize("version", ["1.5.0", "v1.7.0", "v1.7.0-224-gdeadbee", "0.1.0"])
 def test_numeric_version_below_a1111_thresholds_is_refused(version: str) -> None:
     with pytest.raises(InfotextError, match="compatibility"):
-        generation_params(_request(), seed=1, subseed=2, model_hash=None, model_name=None, version=version)
+        generation_params(_request(), ImageFacts(1, 2), version=version)
 
 
 def test_modern_a1111_version_is_allowed() -> None:
-    params = generation_params(_request(), seed=1, subseed=2, model_hash=None, model_name=None,
-                               version="v1.10.1")
+    params = generation_params(_request(), ImageFacts(1, 2), version="v1.10.1")
     assert params["Version"] == "v1.10.1"
 
 
@@ -427,10 +425,9 @@ def test_infotext_alone_regenerates_the_request() -> None:
         s_churn=0.5, s_tmin=0.1, sigma_min=0.03, sigma_max=14.6, rho=7.0, pad_cond_uncond=True,
         use_downcasted_alpha_bar=True, s_min_uncond=0.2,
     )
-    params = generation_params(request, seed=1234, subseed=77, model_hash="abcdef0123", model_name="m",
-                               uses_ensd=True)
-    fields = request_fields_from_params(parse_generation_parameters(
-        create_infotext(request.prompt, request.negative_prompt, params)))
+    params = generation_params(request, ImageFacts(1234, 77), ModelFacts(hash="abcdef0123", name="m"),
+                               RunFacts(uses_ensd=True))
+    fields = request_fields_from_infotext(create_infotext(request.prompt, request.negative_prompt, params))
     rebuilt = GenerationRequest(**fields)
     for name in ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width",
                  "height", "seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
@@ -438,88 +435,6 @@ def test_infotext_alone_regenerates_the_request() -> None:
                  "sigma_min", "sigma_max", "rho", "pad_cond_uncond", "use_downcasted_alpha_bar",
                  "s_min_uncond"):
         assert getattr(rebuilt, name) == getattr(request, name), name
-
-
-# ---------------------------------------------------------------------------------- request mapping
-
-def test_legacy_sampler_names_split() -> None:
-    assert split_sampler_scheduler("DPM++ 2M Karras") == ("DPM++ 2M", "Karras")
-    assert split_sampler_scheduler("DPM++ 2M SDE Exponential") == ("DPM++ 2M SDE", "Exponential")
-    assert split_sampler_scheduler("Euler a", "Uniform") == ("Euler a", "Uniform")
-    fields = request_fields_from_params({"Sampler": "DPM2 a Karras", "Schedule type": "Automatic"})
-    assert (fields["sampler_name"], fields["scheduler"]) == ("DPM2 a", "Karras")
-
-
-def test_request_mapping_types_and_errors() -> None:
-    fields = request_fields_from_params({
-        "Steps": "20.0", "Pad conds": "True", "Masked content": "latent noise",
-        "Mask mode": "Inpaint not masked",
-        "Inpaint area": "Only masked", "Masked area padding": 32, "Mask blur": "8", "Sampler": "DDIM",
-        "Eta DDIM": "0.3", "Eta": "0.9",
-    })
-    assert fields["steps"] == 20 and fields["pad_cond_uncond"] is True
-    assert fields["inpainting_fill"] == 2 and fields["inpainting_mask_invert"] is True
-    assert fields["inpaint_full_res"] is True and fields["inpaint_full_res_padding"] == 32
-    assert fields["mask_blur_x"] == fields["mask_blur_y"] == 8
-    assert fields["eta"] == 0.3  # DDIM reads "Eta DDIM", not the ancestral "Eta"
-    with pytest.raises(InfotextError, match="Steps"):
-        request_fields_from_params({"Steps": "twenty"})
-    with pytest.raises(InfotextError, match="Seed"):
-        request_fields_from_params({"Seed": "1.5"})
-    with pytest.raises(InfotextError, match="Pad conds"):
-        request_fields_from_params({"Pad conds": "maybe"})
-
-
-# ------------------------------------------------------------------------------------- back-compat
-
-def test_backcompat_flags_follow_a1111_thresholds() -> None:
-    old = {"Version": "v1.5.2", "Prompt": "a [b:c:5]", "Sampler": "DDIM"}
-    assert backcompat_flags(old) == {
-        "Old prompt editing timelines": True, "Pad conds v0": True, "Downcast alphas_cumprod": True,
-    }
-    assert backcompat_flags({"Version": "v1.5.2", "Prompt": "plain", "Sampler": "Euler"}) == {
-        "Downcast alphas_cumprod": True,
-    }
-    assert backcompat_flags({"Version": "v1.7.0-224-gabcdef1"}) == {"Downcast alphas_cumprod": True}
-    assert backcompat_flags({"Version": "v1.7.0-225-gabcdef1"}) == {}
-    assert backcompat_flags({"Version": "v1.7.0", "Refiner": "xl_refiner"}) == {
-        "Downcast alphas_cumprod": True, "Refiner switch by sampling steps": True,
-    }
-    assert backcompat_flags({"Version": DEFAULT_VERSION, "Prompt": "[x]"}) == {}
-    assert backcompat_flags({}) == {}
-
-
-def test_parse_records_backcompat_flags() -> None:
-    res = parse_generation_parameters("a [b:c:5]\nSteps: 20, Sampler: PLMS, Seed: 1, Version: v1.5.1")
-    assert res["Old prompt editing timelines"] is True
-    assert res["Pad conds v0"] is True
-    assert res["Downcast alphas_cumprod"] is True
-    fields = request_fields_from_params(res)
-    assert fields["use_old_scheduling"] and fields["pad_cond_uncond_v0"]
-    assert fields["use_downcasted_alpha_bar"]
-
-
-def test_infotext_version_orders_like_packaging() -> None:
-    packaging_version = pytest.importorskip("packaging.version")
-    texts = ["1.5.2", "v1.6.0-RC", "1.6.0", "1.6", "v1.6.0-1-gabc", "1.7.0.dev3", "v1.7.0", "v1.7.0-225",
-             "v1.7.0-225-g1234567", "1.8.0rc1", "1.8.0", "v1.10.1", "2.0.0.post1"]
-
-    def reference(text: str) -> object:
-        parts = text.split("-")
-        text = "-".join(parts[:2]) if len(parts) > 2 else text
-        return packaging_version.parse(text)
-
-    for a in texts:
-        for b in texts:
-            ours_a, ours_b = infotext_version(a), infotext_version(b)
-            assert ours_a is not None and ours_b is not None
-            assert (ours_a < ours_b) == (reference(a) < reference(b)), (a, b)
-    for unparseable in ("voidprompt-0.1.0", "f2.0.1v1.10.1-previous-669-gdfdcbab6", "", "dev"):
-        assert infotext_version(unparseable) is None
-
-
-def test_nan_never_sneaks_in() -> None:
-    assert not math.isnan(request_fields_from_params({"CFG scale": "7"})["cfg_scale"])
 
 
 def test_empty_text() -> None:

@@ -1,4 +1,4 @@
-"""Names both ways, A1111's get_sigmas rules, closed-form schedules, version switches."""
+"""Names both ways, A1111's get_sigmas rules, closed-form schedules."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from sd_fixtures import sd1_alphas_cumprod
 
 from voidprompt.errors import InvalidRequestError
 from voidprompt.sampling import registry, schedules
-from voidprompt.sampling.compat import backcompat_overrides, parse_version
 from voidprompt.sampling.denoiser import DiscreteEpsDenoiser
 
 MODEL = DiscreteEpsDenoiser(lambda x, t, c: x, sd1_alphas_cumprod())
@@ -41,11 +40,25 @@ def test_resolve_names(name: str, sched: str | None, want: tuple[str, str]) -> N
     assert (sampler.label, scheduler.label) == want
 
 
+def test_split_sampler_name() -> None:
+    split = registry.split_sampler_name
+    assert split("DPM++ 2M SDE Heun Exponential") == ("DPM++ 2M SDE Heun", "Exponential")
+    assert split("k_dpmpp_2m_sde_exp") == ("DPM++ 2M SDE", "Exponential")
+    assert split("DDIM") == ("DDIM", None)
+    assert split("Heun sgm_uniform") == ("Heun", "SGM Uniform")
+    # A1111 quirk: schedulers are tried in table order, so "Uniform" is cut off before "SGM Uniform"
+    # is tried, and the rest is no sampler.
+    assert split("Heun SGM Uniform") == ("Heun SGM", "Uniform")
+    assert registry.split_sampler_name("Nonsense") == ("Nonsense", None)
+
+
 def test_unknown_names_list_the_choices() -> None:
     with pytest.raises(InvalidRequestError, match="Euler a"):
         registry.resolve("Euler b")
     with pytest.raises(InvalidRequestError, match="Align Your Steps"):
         registry.resolve("Euler", "Cosine")
+    with pytest.raises(InvalidRequestError, match="Cosine"):
+        registry.resolve("Euler Karras", "Cosine")
 
 
 def test_infotext_names() -> None:
@@ -99,39 +112,3 @@ def test_closed_form_schedules() -> None:
     assert torch.allclose(normal, MODEL.get_sigmas(5), rtol=1e-5)
     sgm = schedules.sgm_uniform(4, smin, smax, MODEL)
     assert torch.allclose(sgm[:-1], MODEL.t_to_sigma(torch.tensor([999.0, 749.25, 499.5, 249.75])), rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("version", "prompt", "sampler", "want"),
-    [
-        (
-            "v1.5.1",
-            "a [b:c:5]",
-            "DDIM",
-            {"use_old_scheduling", "pad_cond_uncond_v0", "use_downcasted_alpha_bar"},
-        ),
-        ("v1.5.1", "plain", "Euler", {"use_downcasted_alpha_bar"}),
-        ("v1.6.0", "a [b:c:5]", "PLMS", {"use_downcasted_alpha_bar"}),
-        (
-            "v1.6.0-RC-28-gdeadbee",
-            "[x]",
-            "PLMS",
-            {"use_old_scheduling", "pad_cond_uncond_v0", "use_downcasted_alpha_bar"},
-        ),
-        ("v1.7.0-224-gabc", "x", "Euler", {"use_downcasted_alpha_bar"}),
-        ("v1.7.0-225-gabc", "x", "Euler", set()),
-        ("v1.10.1", "[x]", "DDIM", set()),
-        ("voidprompt-0.1.0", "[x]", "DDIM", set()),
-        ("voidprompt 0.1", "[x]", "DDIM", set()),
-        ("f2.0.1v1.10.1-previous-665-gae278f79", "[x]", "DDIM", set()),
-        (None, "[x]", "DDIM", set()),
-    ],
-)
-def test_backcompat(version: str | None, prompt: str, sampler: str, want: set[str]) -> None:
-    got = backcompat_overrides(version, prompt, sampler)
-    assert set(got) == want and all(got.values())
-
-
-def test_version_order() -> None:
-    p = parse_version
-    assert p("1.6.0-RC") < p("1.6.0") < p("v1.6.0-1-gabc") < p("1.6.1") < p("1.10.0")

@@ -234,25 +234,39 @@ def get_scheduler(name: str | None) -> SchedulerSpec:
     return spec
 
 
+def split_sampler_name(name: str) -> tuple[str, str | None]:
+    """A pre-1.9 sampler name that carried its schedule, as A1111's ``get_sampler_and_scheduler``
+    reads it: ("DPM++ 2M Karras" -> "DPM++ 2M", "Karras"; "k_lms_ka" -> "LMS", "Karras").
+
+    Returns the sampler part and the schedule's label, or ``(name, None)`` when the name carries no
+    schedule. Nothing is validated here: an unknown sampler part is the caller's to refuse.
+    """
+    legacy = LEGACY_ALIASES.get(name.strip().lower())
+    if legacy is not None:
+        return legacy[0], get_scheduler(legacy[1]).label
+    if name.strip().lower() in _SAMPLERS_BY_KEY:
+        return name, None
+    found: SchedulerSpec | None = None
+    # A1111 quirk: each scheduler is tried in order against the name as shortened so far.
+    for sched in SCHEDULERS:
+        for option in (sched.label, sched.name, *sched.aliases):
+            if name.endswith(" " + option):
+                found = sched
+                name = name[: -(len(option) + 1)]
+                break
+    return name, found.label if found is not None else None
+
+
 def resolve(
     sampler_name: str | None, scheduler_name: str | None = None, *, convert_automatic: bool = True
 ) -> tuple[SamplerSpec, SchedulerSpec]:
     """A1111's ``get_sampler_and_scheduler``: split a legacy suffix ("DPM++ 2M Karras") off the
     sampler name (it wins over ``scheduler_name``), and report Automatic when the scheduler is the
     sampler's default. Empty sampler name means A1111's first sampler, DPM++ 2M."""
-    name = (sampler_name or SAMPLERS[0].label).strip()
     scheduler = get_scheduler(scheduler_name)
-    legacy = LEGACY_ALIASES.get(name.lower())
-    if legacy is not None:
-        name, scheduler = legacy[0], get_scheduler(legacy[1])
-    elif name.lower() not in _SAMPLERS_BY_KEY:
-        # A1111 quirk: each scheduler is tried in order against the name as shortened so far.
-        for sched in SCHEDULERS:
-            for option in (sched.label, sched.name, *sched.aliases):
-                if name.endswith(" " + option):
-                    scheduler = sched
-                    name = name[: -(len(option) + 1)]
-                    break
+    name, suffix = split_sampler_name((sampler_name or SAMPLERS[0].label).strip())
+    if suffix is not None:
+        scheduler = get_scheduler(suffix)
     sampler = get_sampler(name)
     if convert_automatic and sampler.default_scheduler == scheduler.name:
         scheduler = SCHEDULERS[0]

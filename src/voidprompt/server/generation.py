@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,17 +30,11 @@ from PIL import Image, PngImagePlugin
 from voidprompt import __version__
 from voidprompt.errors import InvalidRequestError
 from voidprompt.imagemeta import open_image_safely
-from voidprompt.infotext import (
-    KEY_ORDER,
-    TRAILING_KEYS,
-    parse_generation_parameters,
-    request_fields_from_params,
-)
+from voidprompt.infotext import KEY_ORDER, TRAILING_KEYS, request_fields_from_infotext
 from voidprompt.pipeline.engine import Engine, Interrupted, Progress
 from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
 from voidprompt.pipeline.result import Result
 from voidprompt.request import EMPHASIS_MODES, RNG_SOURCES, GenerationRequest
-from voidprompt.sampling.compat import backcompat_overrides
 from voidprompt.sampling.registry import resolve, sampler_labels
 from voidprompt.sampling.rng import fixed_seed
 from voidprompt.server.checkpoints import CheckpointEntry, ModelRegistry, NotFoundError, VaeEntry
@@ -50,9 +44,6 @@ from voidprompt.server.networks import NetworkFolders
 from voidprompt.server.queue import State
 
 log = logging.getLogger(__name__)
-
-_REQUEST_FIELDS = frozenset(f.name for f in fields(GenerationRequest))
-
 
 # ----------------------------------------------------------------------------------------- options
 
@@ -251,14 +242,7 @@ def build_request(
     merged = request_fields_from_options(options.snapshot())
     merged.update({k: v for k, v in api.items() if k not in explicit})
     if body.infotext:
-        params = parse_generation_parameters(body.infotext)
-        from_text = {k: v for k, v in request_fields_from_params(params).items() if k in _REQUEST_FIELDS}
-        from_text.update(
-            backcompat_overrides(
-                params.get("Version"), str(from_text.get("prompt", "")), from_text.get("sampler_name")
-            )
-        )
-        merged.update(from_text)
+        merged.update(request_fields_from_infotext(body.infotext))
     merged.update({k: v for k, v in api.items() if k in explicit or _always_from_api(k, explicit)})
     if not img2img and not merged.get("enable_hr"):
         # txt2img without hires: clients (webuiapi) send denoising_strength anyway; A1111 ignores it.
