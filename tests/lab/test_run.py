@@ -2,6 +2,7 @@
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -225,3 +226,88 @@ def test_resume_refuses_a_replaced_model_file(tiny_checkpoint: Path, tmp_path: P
     shutil.copy(tiny_checkpoint, model)  # the original file back: the study resumes
     report = run_study(study, quiet(study, batch_size=2))
     assert (report.skipped, report.generated) == (2, 2)
+
+
+def test_a_batch_the_engine_rejects_is_counted_failed_and_retried(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch whose generation raises fails as a whole (A1111's one generation), the study goes on
+    with the other batches, the catalog and the summaries count it, and a rerun retries it."""
+    from voidprompt.errors import InvalidRequestError
+    from voidprompt.lab.cli import main
+
+    study_file = tmp_path / "t.toml"
+    study_file.write_text(study_text(tiny_checkpoint, sizes="16x16, 32x16", seeds="2 random"))
+    study = load_study(study_file)
+    jobs = study.expand()  # 2 sizes x 2 W x 2 seeds; batches of 2 share size and W
+    bad = jobs[0]
+    sibling = next(j for j in jobs[1:] if j.request.replace(seed=0) == bad.request.replace(seed=0))
+    generate = Engine.generate
+
+    def rejecting(self: Engine, request: GenerationRequest, *args: Any, **kwargs: Any) -> Any:
+        shape_and_prompt = (request.width, request.negative_prompt)
+        if (
+            shape_and_prompt == (bad.request.width, bad.request.negative_prompt)
+            and bad.request.seed in kwargs["seeds"]
+        ):
+            raise InvalidRequestError(f"seed {bad.request.seed} is rejected by this engine")
+        return generate(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", rejecting)
+    report = run_study(study, quiet(study, batch_size=2))
+    assert (report.generated, report.batches) == (6, 3)
+    assert set(report.failed) == {bad.job_id, sibling.job_id}
+    assert report.failed[bad.job_id] == f"seed {bad.request.seed} is rejected by this engine"
+    assert "6 images in 3 batches" in report.format() and "; 2 failed;" in report.format()
+    path = tmp_path / "runs" / "t" / "catalog.sqlite"
+    with Catalog.open(path, readonly=True) as catalog:
+        status = {r.job_id: r.status for r in catalog.jobs()}
+        summary = catalog.summary()
+    assert {j for j, s in status.items() if s == "failed"} == {bad.job_id, sibling.job_id}
+    assert sum(s == "done" for s in status.values()) == 6
+    assert (summary.done, summary.pending, summary.failed, summary.images) == (6, 0, 2, 6)
+    assert main(["ls", str(study_file), "--limit", "0"]) == 0
+    assert "jobs: 8 (6 done, 0 pending, 2 failed)" in capsys.readouterr().out
+    # Still rejected: `study run` says so and exits 1; nothing else is generated again.
+    assert main(["run", str(study_file), "--no-progress", "--batch-size", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "0 images in 0 batches" in out and "6 were already done; 2 failed" in out
+    assert "rejected by this engine" in out and "run the study again" in out
+
+    monkeypatch.setattr(Engine, "generate", generate)  # the cause fixed: the rerun retries the two
+    again = run_study(study, quiet(study, batch_size=2))
+    assert (again.skipped, again.generated, again.failed) == (6, 2, {})
+    with Catalog.open(path, readonly=True) as catalog:
+        assert {r.status for r in catalog.jobs()} == {"done"}
+        assert (catalog.summary().failed, catalog.summary().images) == (0, 8)
+
+
+def test_a_picture_that_cannot_be_labelled_fails_its_job_only(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from voidprompt.lab.labels import Label
+
+    calls = []
+
+    class Picky:
+        name, classes = "picky", ("a",)
+
+        def label(self, image: Image.Image) -> Label:
+            calls.append(image.size)
+            if len(calls) == 2:
+                raise StudyError("this picture cannot be read")
+            return Label("a")
+
+    plugins = Plugins(labelers={"picky": Picky})
+    text = study_text(tiny_checkpoint, sizes="16x16", seeds="2 random", labels='labeler = "picky"')
+    study = parse_study(text, tmp_path / "t.toml")
+    report = run_study(study, quiet(study, batch_size=4), plugins)
+    assert (report.generated, report.batches, len(report.failed)) == (3, 2, 1)  # two W values
+    failed = next(iter(report.failed))
+    path = tmp_path / "runs" / "t" / "catalog.sqlite"
+    with Catalog.open(path, readonly=True) as catalog:
+        assert {r.job_id for r in catalog.jobs() if r.status == "failed"} == {failed}
+        assert failed not in {i["job_id"] for i in catalog.images()} and catalog.summary().failed == 1
+    again = run_study(study, quiet(study, batch_size=4), plugins)
+    assert (again.skipped, again.generated, again.failed) == (3, 1, {})
+    rows, files, measured = _state(path)
+    assert rows == sorted(j.job_id for j in study.expand()) and measured == 4
+    assert files == [f"{j}.png" for j in rows]  # the failed job's first file was swept, not kept
