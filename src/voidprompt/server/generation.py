@@ -7,8 +7,8 @@ The flow of one txt2img/img2img call:
    thread, so bad values are answered at once (400) without waiting in the queue. Precedence, as
    in A1111: server settings < API defaults < ``infotext`` < fields the client set < ``override_settings``.
 2. :meth:`ModelHost.generate` runs on the queue's worker: it loads the model if needed, applies the
-   one-request model override, and runs the request one ``n_iter`` iteration at a time so that
-   "skip" drops the current iteration and "interrupt" returns what is done, like A1111.
+   one-request model override, and runs the request through the Engine, whose iteration hooks let
+   "skip" drop the current iteration and "interrupt" return what is done, like A1111.
 3. :func:`processed_info` builds the ``info`` JSON with A1111's ``Processed.js()`` keys.
 """
 
@@ -31,12 +31,11 @@ from voidprompt import __version__
 from voidprompt.errors import InvalidRequestError
 from voidprompt.imagemeta import open_image_safely
 from voidprompt.infotext import KEY_ORDER, TRAILING_KEYS, request_fields_from_infotext
-from voidprompt.pipeline.engine import Engine, Interrupted, Progress
+from voidprompt.pipeline.engine import Engine, GenerationHooks, Progress
 from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
 from voidprompt.pipeline.result import Result
 from voidprompt.request import EMPHASIS_MODES, RNG_SOURCES, GenerationRequest
 from voidprompt.sampling.registry import resolve, sampler_labels
-from voidprompt.sampling.rng import fixed_seed
 from voidprompt.server.checkpoints import CheckpointEntry, ModelRegistry, NotFoundError, VaeEntry
 from voidprompt.server.limits import LimitError, Limits
 from voidprompt.server.models import Img2ImgRequest, Txt2ImgRequest
@@ -475,7 +474,7 @@ class ModelHost:
         return self.engine
 
     def generate(self, job: str, built: BuiltRequest) -> Generated:
-        """Run ``built`` (on the worker thread). Iterations run one by one for skip / interrupt."""
+        """Run ``built`` (on the worker thread); A1111's skip and interrupt act per iteration."""
         entry = self.registry.find(built.model) if built.model else self.require_selected()
         vae_name = built.vae if built.vae is not None else self.selected_vae
         vae = self.registry.find_vae(vae_name)
@@ -491,11 +490,6 @@ class ModelHost:
         state = self.state
         state.begin(job, request.n_iter)
         try:
-            seed = fixed_seed(request.seed)
-            subseed = fixed_seed(request.subseed)
-            # A1111: seeds advance by one per image unless a variation seed is mixed in.
-            seed_step = 1 if request.subseed_strength == 0 else 0
-            batch = request.batch_size
 
             def on_progress(event: Progress) -> None:
                 with state.lock:
@@ -505,62 +499,30 @@ class ModelHost:
                     # The first image of the batch, on the CPU, for the live preview.
                     state.latent = event.latent[:1].detach().to("cpu", copy=True)
 
-            def should_stop() -> bool:
-                return state.interrupted or state.skipped
-
-            parts: list[Result] = []
-            interrupted = False
-            for n in range(request.n_iter):
+            def before_iteration(n: int) -> bool:
                 with state.lock:
                     state.job_no = n
                     state.sampling_step = 0
-                if state.interrupted:
-                    interrupted = True
-                    break
-                part = request.replace(
-                    seed=seed + seed_step * n * batch, subseed=subseed + n * batch, n_iter=1
-                )
-                try:
-                    parts.append(engine.generate(part, progress=on_progress, should_stop=should_stop))
-                except Interrupted:
-                    if state.interrupted:
-                        interrupted = True
-                        break
-                    with state.lock:
-                        state.skipped = False  # skip drops this iteration only
-            result = _concat(parts)
-            result.interrupted = interrupted
-            # The canonical sampler/scheduler names, as the engine records them.
-            spec, scheduler = resolve(request.sampler_name, request.scheduler)
-            final = request.replace(
-                seed=seed, subseed=subseed, sampler_name=spec.label, scheduler=scheduler.label
-            )
+                    state.skipped = False  # skip drops one iteration only, as A1111's
+                    return not state.interrupted
+
+            def should_stop() -> bool:
+                return state.interrupted or state.skipped
+
+            hooks = GenerationHooks(on_progress, should_stop, before_iteration)
+            result = engine.generate(request, hooks)
+            assert result.request is not None
             return Generated(
                 result=result,
-                request=final,
+                request=result.request,
                 checkpoint=entry,
                 vae=vae,
                 job_timestamp=state.job_timestamp,
                 is_inpainting=engine.components.is_inpainting,
-                interrupted=interrupted,
+                interrupted=result.interrupted,
             )
         finally:
             state.end()
-
-
-def _concat(parts: list[Result]) -> Result:
-    out = Result([], [], [], [], [], [], [])
-    for part in parts:
-        out.images += part.images
-        out.infotexts += part.infotexts
-        out.seeds += part.seeds
-        out.subseeds += part.subseeds
-        out.prompts += part.prompts
-        out.negative_prompts += part.negative_prompts
-        out.params += part.params
-        for key, value in part.timings.items():
-            out.timings[key] = out.timings.get(key, 0.0) + value
-    return out
 
 
 # Keys A1111 writes from fixed attributes; the rest of an image's params are extra_generation_params.
