@@ -26,7 +26,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import warnings
 import zlib
 from collections.abc import Callable, Mapping
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from voidprompt.errors import InfotextError
+from voidprompt.files import atomic_write
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -357,33 +357,18 @@ def _novelai_or_none(items: Mapping[str, Any], width: int, height: int, fallback
 # --------------------------------------------------------------------------------------------------
 # Writing
 
-def _write_new_file(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through ``write`` into a temporary file beside ``path`` and link it into place.
+def _write_new_file(path: Path, write: Callable[[Path], object]) -> Path:
+    """Fill a temporary file beside ``path`` through ``write`` and link it into place.
 
-    ``os.link`` fails when ``path`` exists, so a file is never replaced, even by a racing writer.
+    A file that exists is never replaced, even by a racing writer.
     """
     directory = path.parent
     if not directory.is_dir():
         raise ImageFileError(f"{directory}: no such directory; create it first")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise ImageFileError(f"{path}: already exists; voidprompt never overwrites images") from None
-        except OSError:
-            # Filesystems without hard links: check, then rename (a narrow race remains).
-            if path.exists():
-                raise ImageFileError(f"{path}: already exists; voidprompt never overwrites images") from None
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return atomic_write(path, write, overwrite=False)
+    except FileExistsError:
+        raise ImageFileError(f"{path}: already exists; voidprompt never overwrites images") from None
 
 
 def save_png(
@@ -404,7 +389,7 @@ def save_png(
         info.add_text("parameters", infotext)
     for key, value in (extra_text or {}).items():
         info.add_text(key, str(value))
-    return _write_new_file(target, lambda fh: image.save(fh, format="PNG", pnginfo=info))
+    return _write_new_file(target, lambda temp: image.save(temp, format="PNG", pnginfo=info))
 
 
 def _exif_bytes(infotext: str) -> bytes:
@@ -437,7 +422,7 @@ def save_image(
     kwargs: dict[str, Any] = {"format": formats[suffix], "quality": quality}
     if infotext is not None:
         kwargs["exif"] = _exif_bytes(infotext)
-    return _write_new_file(target, lambda fh: image.save(fh, **kwargs))
+    return _write_new_file(target, lambda temp: image.save(temp, **kwargs))
 
 
 _COUNTER = re.compile(r"[0-9]+")

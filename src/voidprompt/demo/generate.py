@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from voidprompt.files import atomic_write_text
 from voidprompt.prompts.nai import NOVELAI_NEGATIVE
 
 __all__ = ["GALLERY", "GalleryItem", "demo_request", "load_engine", "native_size", "write_gallery"]
@@ -126,7 +127,4 @@ def write_gallery(
         f"<main>\n{rows}\n</main>\n"
     )
     index = out / "index.html"
-    tmp = index.with_name(index.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(index)
-    return index
+    return atomic_write_text(index, page)

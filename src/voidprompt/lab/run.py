@@ -124,9 +124,8 @@ def store(
         fault("before_write", job.job_id)
 
     def write(temp: Path) -> None:
-        # The infotext goes where A1111 puts it (the PNG "parameters" text chunk). Saved straight
-        # to the sweepable temp name, not via imagemeta.save_png, whose own temporary file a
-        # crash would leave under a name the catalog's sweep does not know.
+        # The infotext goes where A1111 puts it (the PNG "parameters" text chunk). Saved here, not
+        # via imagemeta.save_png, so a test's fault can strike between the write and the rename.
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", generated.infotext)
         generated.image.save(temp, format="PNG", pnginfo=info)

@@ -4,7 +4,7 @@
 * :func:`sha256_file` / :func:`short_hash` - sha256 of the whole file; A1111's current "Model hash"
   and "VAE hash" are its first 10 hex digits. Hashing a 2-7 GB file takes seconds, so results are
   cached by (absolute path, size, mtime_ns) in ``$VOIDPROMPT_CACHE_DIR/hashes.json`` (default
-  ``~/.cache/voidprompt/hashes.json``), written atomically (temporary file + rename).
+  ``~/.cache/voidprompt/hashes.json``), written atomically (:func:`voidprompt.files.atomic_write`).
 * :func:`addnet_hash_safetensors` - sha256 of a ``.safetensors`` file's tensor data (everything after
   the 8-byte length and the JSON header), so editing metadata keeps the hash; A1111 writes its first
   12 hex digits as the LoRA hash in infotexts.
@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from voidprompt.files import atomic_write_text
 
 __all__ = [
     "addnet_hash_safetensors",
@@ -81,10 +82,7 @@ def sha256_file(path: str | Path, *, use_cache: bool = True) -> str:
     cache[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".hashes.", suffix=".tmp", dir=cache_file.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f, indent=0, sort_keys=True)
-        os.replace(tmp, cache_file)
+        atomic_write_text(cache_file, json.dumps(cache, indent=0, sort_keys=True))
     except OSError:
         pass  # an unwritable cache directory must not stop loading a model
     return digest

@@ -7,9 +7,9 @@ resident until the mapping goes away.)
 
 * :class:`SafetensorsStreamWriter` takes every output name, dtype and shape up front, writes the
   header, then accepts the tensors one by one in that order, checking each against its declaration.
-  It writes to a temporary file next to the target and renames it on :meth:`commit`; :meth:`abort`
-  (or leaving the ``with`` block by an exception) removes the temporary file, so no partial output is
-  ever left under the target name.
+  It writes to a :class:`voidprompt.files.PendingFile` and renames it into place on :meth:`commit`;
+  :meth:`abort` (or leaving the ``with`` block by an exception) removes the temporary file, so no
+  partial output is ever left under the target name.
 
 File format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N, N bytes
 of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`` padded
@@ -20,14 +20,14 @@ of the header and must tile the data region without gaps.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import torch
+
+from voidprompt.files import PendingFile
 
 __all__ = [
     "DTYPE_TO_ST",
@@ -100,9 +100,12 @@ class SafetensorsStreamWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # align the data region to 8 bytes, as safetensors does
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        self._tmp = Path(tmp)
-        self._f = os.fdopen(fd, "wb")
+        self._pending = PendingFile(self.path)
+        try:
+            self._f = self._pending.temp.open("wb")
+        except BaseException:
+            self._pending.discard()
+            raise
         self._f.write(len(raw).to_bytes(8, "little"))
         self._f.write(raw)
         self._next = 0
@@ -130,17 +133,14 @@ class SafetensorsStreamWriter:
         if self._next != len(self._specs):
             missing = [s.name for s in self._specs[self._next :]]
             raise ValueError(f"{len(missing)} declared tensors were not written, e.g. {missing[:3]}")
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self._tmp, self.path)
         self._done = True
-        return self.path
+        return self._pending.commit()
 
     def abort(self) -> None:
         if not self._done:
             self._f.close()
-            self._tmp.unlink(missing_ok=True)
+            self._pending.discard()
             self._done = True
 
     def __enter__(self) -> SafetensorsStreamWriter:

@@ -41,6 +41,7 @@ from typing import IO, Any
 
 from voidprompt import __version__
 from voidprompt.errors import StudyError
+from voidprompt.files import atomic_write_text
 from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.labels import HUMAN, effective_label, label_scheme
 from voidprompt.lab.study import Study, load_study, parse_study
@@ -387,9 +388,7 @@ def _read_stamp(path: Path) -> dict[str, Any] | None:
 
 
 def _write_stamp(path: Path, stamp: dict[str, Any]) -> None:
-    temp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    temp.write_text(json.dumps(stamp, indent=1), encoding="utf-8")
-    os.replace(temp, path)
+    atomic_write_text(path, json.dumps(stamp, indent=1))
 
 
 def human_labeled(catalog: Catalog) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from voidprompt.files import atomic_write
 from voidprompt.models.arch import (
     ArchConstants,
     ClipArch,
@@ -271,7 +272,5 @@ def write_random_full_size_sd15(path: str | Path, dtype: torch.dtype = torch.flo
             sd[key] = sd1_alphas_cumprod()
         else:
             sd[key] = (torch.randn(meta.shape, generator=gen) * 0.02).to(dtype)
-    tmp = p.with_name(p.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"voidprompt.note": json.dumps("random weights for benchmarks")})
-    tmp.replace(p)
-    return p
+    metadata = {"voidprompt.note": json.dumps("random weights for benchmarks")}
+    return atomic_write(p, lambda temp: save_file(sd, str(temp), metadata=metadata))
