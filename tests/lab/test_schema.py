@@ -20,7 +20,7 @@ def test_an_empty_study_has_every_default(tmp_path: Path) -> None:
     # The master seed derives from the name: sha256("voidprompt study <name>"), first 4 bytes.
     digest = hashlib.sha256(b"voidprompt study empty").digest()
     assert study.master_seed == int.from_bytes(digest[:4], "big") % 4294967294
-    assert study.model == ModelRef(None, None) and study.model.is_default
+    assert study.model == ModelRef(None, None)  # the installed default model, its own VAE
     assert study.run == RunOptions(batch_size=16, threads=None)
     assert study.labels == LabelOptions(classes=None, labeler=None)
     assert study.report == ReportOptions(base=512, grids=None, outcomes_by=None, plots=None)

@@ -39,7 +39,7 @@ def test_expand_grid() -> None:
     assert first.request.negative_prompt == "(lowres:0.9), (bad anatomy:0.9)"
     assert first.request.prompt == ""
     assert (first.request.steps, first.request.clip_skip, first.request.seed) == (28, 2, 1)
-    assert first.model.is_default  # no [model]: the installed default model
+    assert first.model.checkpoint is None  # no [model]: the installed default model
     # the first axis is the outermost loop, the last the innermost
     assert [j.axis_values["W"] for j in jobs[:3]] == [0.9, 1.0, 1.1]
     assert jobs[9].axis_values["seed"] == 2

@@ -89,10 +89,6 @@ class ModelRef:
     checkpoint: str | None = None
     vae: str | None = None
 
-    @property
-    def is_default(self) -> bool:
-        return self.checkpoint is None
-
 
 @dataclass(frozen=True)
 class Axis:
