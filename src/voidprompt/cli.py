@@ -18,6 +18,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from voidprompt import __version__
+from voidprompt.demo.miniature import miniature_model_path
 from voidprompt.errors import VoidpromptError
 
 # Subcommands implemented by their subsystem: name -> "module:function" taking argv, returning an exit code.
@@ -86,16 +87,6 @@ def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _default_model() -> Path:
-    try:
-        from voidprompt.demo.miniature import miniature_model_path
-    except ImportError as exc:
-        raise VoidpromptError(
-            "no --model given and the miniature model is not installed; pass --model FILE"
-        ) from exc
-    return miniature_model_path()
-
-
 def _engine(args: argparse.Namespace) -> Any:
     import torch
 
@@ -104,7 +95,7 @@ def _engine(args: argparse.Namespace) -> Any:
     from voidprompt.prompts.embeddings import EmbeddingDatabase
     from voidprompt.prompts.styles import StyleDatabase
 
-    model = Path(args.model) if args.model else _default_model()
+    model = Path(args.model) if args.model else miniature_model_path()
     components = load_model(model, vae_path=args.vae, device=torch.device(args.device))
     embeddings = None
     if args.embeddings_dir:
