@@ -105,7 +105,8 @@ class RayExecutor:
             # errors fail a batch here as in the local executor.
             generated: list[Generated] = self.ray.get(ref)
         except BATCH_ERRORS as error:
-            return BatchResult(batch, error=describe(error))
+            # The worker's own exception (``cause``) says why, without Ray's traceback text.
+            return BatchResult(batch, error=describe(getattr(error, "cause", None) or error))
         return BatchResult(batch, generated)
 
     def close(self) -> None:
