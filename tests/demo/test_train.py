@@ -14,9 +14,9 @@ from voidprompt.demo.train import (
     CaptionBatcher,
     TrainConfig,
     TrainError,
-    _fresh_modules,
     blind_padding,
     encode_tokens,
+    fresh_modules,
     text_condition,
     train,
 )
@@ -40,7 +40,7 @@ def test_text_condition_is_a1111_clip_skip_2() -> None:
     """The trainer's context equals what PromptEncoder (the inference path) gives at Clip skip 2."""
     from voidprompt.prompts.encode import PromptEncoder
 
-    _, _, te = _fresh_modules(seed=3)
+    _, _, te = fresh_modules(seed=3)
     te.eval()
     tok = load_clip_tokenizer()
     text = "blue square, white background, solo"
@@ -52,7 +52,7 @@ def test_text_condition_is_a1111_clip_skip_2() -> None:
 
 
 def test_final_layer_norm_bias_keeps_the_mean_away_from_zero() -> None:
-    _, _, te = _fresh_modules(seed=0)
+    _, _, te = fresh_modules(seed=0)
     inner = getattr(te, "text_model", te)
     bias = inner.final_layer_norm.bias
     assert not bias.requires_grad
@@ -66,7 +66,7 @@ def test_final_layer_norm_bias_keeps_the_mean_away_from_zero() -> None:
 
 
 def test_arch_is_sd1_layout_and_narrow() -> None:
-    unet, vae, te = _fresh_modules(seed=0)
+    unet, vae, te = fresh_modules(seed=0)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert 2.5e6 < n(unet) < 5e6
     assert te.config.vocab_size == 49408 and te.config.max_position_embeddings == 77
