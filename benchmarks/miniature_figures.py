@@ -1,8 +1,8 @@
-"""Measure the miniature model's figures for MODEL_CARD.md (issue 6) and print them as markdown.
+"""Measure the miniature model's figures for its MODEL_CARD.md and print them as markdown.
 
     python benchmarks/miniature_figures.py [--model PATH] [--n 200] [--per-prompt 25] [--json OUT]
 
-Paired seeds across the conditions of each figure; the model's native size (64x64 for the shipped
+Paired seeds across the conditions of each figure; the model's native size (128x128 for the shipped
 model, read from its ``voidprompt.arch`` metadata), Euler a, 20 steps, Clip skip 2, CFG 7 unless
 stated; world pictures are drawn, and every picture read, at that size. Takes tens of minutes on two
 CPU cores at the default sizes.

@@ -1,7 +1,8 @@
 """Images/min of ``voidprompt study run`` against a naive per-image diffusers loop on the same weights.
 
-The sweep: the miniature model at its native 64x64, Euler a, 20 steps, CFG 7, Clip skip 2, empty
-prompt, the NovelAI negative list weighted by W; W in 4 values x 16 seeds = 64 images.
+The sweep: the miniature model at 64x64 (``--size``; the shipped model's native size is 128), Euler a,
+20 steps, CFG 7, Clip skip 2, empty prompt, the NovelAI negative list weighted by W; W in 4 values x
+16 seeds = 64 images.
 
 - voidprompt: ``run_study`` exactly as ``voidprompt study run`` calls it (default batch size, the
   detector pre-labels every image because the study is on the miniature model), timed from the
