@@ -1,13 +1,14 @@
 """``voidprompt demo ...``: the demo study (no subcommand), the gallery and the training command.
 
 ``voidprompt demo [--out DIR] [--study FILE] [--threads N] [--batch-size N]`` runs the demo study
-(``studies/pure-negative.toml``: the seed's pure-negative-prompt study on the miniature model, pre-labelled
-by its detector), resumably, then writes its report and prints where it is (see
+(``studies/pure-negative.toml``: the study brief's pure-negative-prompt study on the miniature model,
+pre-labelled by its detector), resumably, then writes its report and prints where it is (see
 :mod:`voidprompt.demo.study`). ``voidprompt demo gallery [--out DIR] [--model PATH]`` generates a small
 gallery on the miniature model. ``voidprompt demo train [--out DIR] [--resume] [--minutes N] ...``
-trains the miniature model (see :mod:`voidprompt.demo.train`); the defaults reproduce the committed
-weights. ``voidprompt demo tune-decoder [--model PATH] [--out DIR] [--steps N] ...`` continues a
-checkpoint's VAE decoder on fresh world pictures, encoder frozen (see :mod:`voidprompt.demo.decoder_tune`).
+trains the miniature model (see :mod:`voidprompt.demo.train`); the model card gives the options the
+shipped weights were trained with. ``voidprompt demo tune-decoder [--model PATH] [--out DIR]
+[--steps N] ...`` continues a checkpoint's VAE decoder on fresh world pictures, encoder frozen (see
+:mod:`voidprompt.demo.decoder_tune`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``voidprompt demo tune-decoder``: continue a checkpoint's VAE decoder on fresh world pictures.
 
 The miniature model's adherence is capped by its VAE: a round trip alone turns small stars and squares
-into blobs (MODEL_CARD.md, "Session 7"). The training run's decoder phase sees the run's 3000 pictures
+into blobs (docs/miniature-history.md). The training run's decoder phase sees the run's 3000 pictures
 only; this command keeps training the decoder on pictures it has never seen - every step draws
 ``batch_size`` new ones from the world (picture ``i`` of seed ``world_seed``, so the stream is
 reproducible and resumes where it stopped) - with the encoder frozen, so the latent space the UNet

@@ -46,7 +46,7 @@ defect P / R           lowres 1.00/0.74            lowres -/0.00
 =====================  ==========================  ==================================
 
 The JPEG threshold (1.18) was fitted on seed 777 (400 pictures: clean at most 1.11, JPEG at least
-1.24). An earlier period-8 phase-energy score (precision 0.33) fired on flat generated pictures,
+1.24). Why a ghost: a period-8 phase-energy score (precision 0.33) fires on flat generated pictures,
 whose faint 8 px latent grid looks like JPEG blocking to it; the ghost needs the block quantisation.
 Known weak spot: the overlay and pixel-level defects do not survive an f=8 VAE round trip at 64 px,
 so on generated pictures their rates stay near zero whatever the prompt.

@@ -7,7 +7,7 @@ exports it with :func:`voidprompt.demo.train.export_model`, so the file has the 
 ``voidprompt.arch`` metadata. The text encoder stays frozen: the UNet alone carries the change, and
 ``extract_lora`` then leaves the text encoder out (kohya's min_diff rule), as for most real LoRAs.
 
-:func:`lora_colour_sweep` is the issue's end-to-end check: extract a LoRA from (base, fine-tuned),
+:func:`lora_colour_sweep` is the end-to-end check of LoRA extraction: extract a LoRA from (base, fine-tuned),
 generate paired-seed pictures with a neutral prompt at several multipliers and measure, with the
 detector, how many pictures have a shape of the colour and what share of the detected shapes has it.
 Measured figures: docs/networks.md.

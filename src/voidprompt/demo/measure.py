@@ -1,4 +1,4 @@
-"""What the miniature model does, measured with the detector on fixed seed sets (issue 6's figures).
+"""What the miniature model does, measured with the detector on fixed seed sets (the model card's figures).
 
 Every condition of one figure uses the same seeds (paired), the model's native size (128x128 for the
 shipped model, :func:`voidprompt.demo.generate.native_size`), Euler a, 20 steps, Clip skip 2 and CFG 7
@@ -214,7 +214,7 @@ def colour_adherence(
 ) -> Proportion:
     """Share of ``<colour> <shape>`` pictures with a shape of the asked colour, of any kind.
 
-    The kind is the part an f=8 VAE at 64 px loses first (see the model card's detector figures), so
+    The kind is the part an f=8 VAE at 64 px loses first (docs/miniature-history.md), so
     this separates "the prompt's colour reached the picture" from "the shape survived the decoder".
     """
     k = n = 0
@@ -342,9 +342,9 @@ def latent_spectrum(vae: Any, images: torch.Tensor) -> tuple[list[float], float]
     """How many of its latent channels a VAE uses: the standard deviations of the principal components
     of the per-pixel channel vectors of its posterior means over ``images`` ((N, 3, H, W) in [-1, 1]),
     strongest first, and the mean posterior std - both in unit-variance latents (divided by the std of
-    all the means). A component no larger than the posterior std carries only noise: the shipped
-    miniature VAE's four channels give 1.69 / 0.78 / 0.13 / 0.016 against 0.014 (see MODEL_CARD.md,
-    session 9)."""
+    all the means). A component no larger than the posterior std carries only noise: the 64 px
+    miniature model's VAE's four channels give 1.69 / 0.78 / 0.13 / 0.016 against 0.014 (see
+    docs/miniature-history.md)."""
     with torch.no_grad():
         posterior = vae.encode(images.float()).latent_dist
     mean = posterior.mean.double()

@@ -236,9 +236,9 @@ class WorldConfig:
     # Circumradius ranges (fraction of the side) by object count: fewer objects, bigger ones.
     radius_ranges: tuple[tuple[float, float], ...] = ((0.17, 0.30), (0.13, 0.22), (0.11, 0.18))
     # The smallest circumradius per kind, whatever the count, e.g. {"star": 0.22, "square": 0.15}:
-    # the miniature model's VAE reads smaller stars and squares back as blobs (its model card's size
-    # table). Empty by default: the world the shipped model was trained on. A model trained on the
-    # floored world (session 5, at commit e2fa09c) drew stars no better (its card, "Tried").
+    # a 64 px miniature model's VAE reads smaller stars and squares back as blobs. Empty by default:
+    # the world the shipped model was trained on. A model trained on the floored world drew stars no
+    # better (docs/miniature-history.md).
     min_radius: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     gap: float = 0.04
     supersample: int = 4
