@@ -118,7 +118,7 @@ def test_quick_emphasis_on_a_negative_tag_lowers_its_rate(engine: Any) -> None:
 
 @pytest.mark.slow
 def test_floor_area_gives_more_objects(engine: Any) -> None:
-    """Issue 6: at 4x the trained area, at least 1.5x the objects per picture (reduced sample)."""
+    """Target: at 4x the trained area, at least 1.5x the objects per picture (reduced sample)."""
     from voidprompt.demo.measure import count_ratio
 
     counts = count_ratio(engine, 48, seed=9000)
@@ -127,7 +127,7 @@ def test_floor_area_gives_more_objects(engine: Any) -> None:
 
 @pytest.mark.slow
 def test_floor_negative_prompt_halves_the_defect_rate(engine: Any) -> None:
-    """Issue 6: the NovelAI negative list at most halves the empty prompt's defect rate."""
+    """Target: the NovelAI negative list at most halves the empty prompt's defect rate."""
     from voidprompt.demo.measure import negative_prompt_effect
 
     effect = negative_prompt_effect(engine, 160, seed=8000)
@@ -138,7 +138,7 @@ def test_floor_negative_prompt_halves_the_defect_rate(engine: Any) -> None:
 
 @pytest.mark.slow
 def test_floor_emphasis_on_a_negative_tag_lowers_its_rate(engine: Any) -> None:
-    """Issue 6: the slope of the `cropped` rate on W in the negative `(cropped:W)` over 0.8-1.3 is below
+    """Target: the slope of the `cropped` rate on W in the negative `(cropped:W)` over 0.8-1.3 is below
     zero with its 95% interval (positive prompt `cropped`, so that the rate can fall; MODEL_CARD.md)."""
     from voidprompt.demo.measure import emphasis_slope
 
@@ -148,7 +148,7 @@ def test_floor_emphasis_on_a_negative_tag_lowers_its_rate(engine: Any) -> None:
 
 @pytest.mark.slow
 def test_floor_prompt_adherence_at_cfg7(engine: Any) -> None:
-    """Issue 6: at least 80% of `<colour> <shape>` pictures at CFG 7 show that coloured shape (the
+    """Target: at least 80% of `<colour> <shape>` pictures at CFG 7 show that coloured shape (the
     card's 200 pictures: 0.835)."""
     from voidprompt.demo.measure import prompt_adherence
 

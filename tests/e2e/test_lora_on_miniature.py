@@ -1,4 +1,4 @@
-"""End to end on the miniature model (issue 8, "Must show"): fine-tune a copy on one colour, extract a
+"""End to end on the miniature model: fine-tune a copy on one colour, extract a
 LoRA from the weight difference (SVD, ``voidprompt lora extract A B --rank R``), apply it with
 ``<lora:red:M>`` through the Engine and measure with the detector.
 

@@ -1,4 +1,4 @@
-"""aspect512 and NovelAI buckets against the seed's examples and NovelAI's published list."""
+"""aspect512 and NovelAI buckets against the study brief's examples and NovelAI's published list."""
 
 import pytest
 
@@ -9,8 +9,8 @@ from voidprompt.lab import aspect512, nai_buckets
 @pytest.mark.parametrize(
     ("w", "h", "area", "expected"),
     [
-        (4, 3, 1.0, (576, 384)),  # the seed: node aspect512.js 4 3
-        (16, 9, 1.0, (640, 384)),  # the seed: node aspect512.js 16 9; sqrt(512^2*9/16) = 384 exactly
+        (4, 3, 1.0, (576, 384)),  # the study brief: node aspect512.js 4 3
+        (16, 9, 1.0, (640, 384)),  # the study brief: node aspect512.js 16 9; sqrt(512^2*9/16) = 384 exactly
         (1, 1, 1.0, (512, 512)),
         (1, 1, 2.0, (704, 704)),  # sqrt(2)*512 = 724.1 -> 11 units
         (1, 1, 4.0, (1024, 1024)),  # exact square root: no 1023.999 rounding down

@@ -25,7 +25,7 @@ def test_wilson_newcombe(k: int, n: int, low: float, high: float) -> None:
 
 
 def test_wilson_by_hand() -> None:
-    # 8 of 20 (the seed's 512x512 "Legit human"), z = 1.959964:
+    # 8 of 20 (the study brief's 512x512 "Legit human"), z = 1.959964:
     # z^2/n = 0.1920729; centre = (0.4 + 0.0960365) / 1.1920729 = 0.4161125
     # half = 1.959964 / 1.1920729 * sqrt(0.012 + 0.0024009) = 0.1973060
     lo, hi = wilson_interval(8, 20)

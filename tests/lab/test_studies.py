@@ -47,7 +47,7 @@ def test_pure_negative_design() -> None:
     assert len(seeds) == 64
     square = {aspect512(1, 1, a, base=128, unit=8) for a in AREAS}
     oblong = {aspect512(w, h, 1, base=128, unit=8) for w, h in ASPECTS}
-    # The ranges: 0.5x .. 4x the trained 128x128 area (the miniature model's native size),
+    # The study's ranges: 0.5x .. 4x the trained 128x128 area (the miniature model's native size),
     # aspect 1:4 .. 4:1.
     assert min(w * h for w, h in square) < 0.5 * 128 * 128 and max(w * h for w, h in square) == 4 * 128 * 128
     assert (64, 256) in oblong and (256, 64) in oblong

@@ -1,6 +1,7 @@
 """A1111 chunking: 75-token chunks, comma backtrack, BREAK, emphasis modes, token report.
 
-Expected chunks are written out by hand from spec §3. Token ids used: "a" = 320, "b" = 321,
+Expected chunks are written out by hand from A1111's ``sd_hijack_clip.tokenize_line``. Token ids used:
+"a" = 320, "b" = 321,
 "," = 267 (single-token words), BOS 49406, EOS 49407.
 """
 

@@ -1,4 +1,5 @@
-"""Emphasis, comments and AND, against values derived by hand from the rules in spec §2.1-2.5."""
+"""Emphasis, comments and AND, against values derived by hand from A1111's rules (``parse_prompt_attention``,
+its comment stripping and its AND split)."""
 
 from __future__ import annotations
 

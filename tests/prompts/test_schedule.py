@@ -1,4 +1,5 @@
-"""Prompt-editing schedules; every expected value derived by hand from spec §2.3-2.4."""
+"""Prompt-editing schedules; every expected value derived by hand from A1111's schedule grammar and
+``get_learned_conditioning_prompt_schedules``."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ ORDERS = [
     ("dpmpp_2s_a_eta0", S.sample_dpmpp_2s_ancestral, {"eta": 0.0}, 2.0),
     ("dpmpp_sde_eta0", S.sample_dpmpp_sde, {"eta": 0.0}, 2.0),
     ("euler_a_eta0", S.sample_euler_ancestral, {"eta": 0.0}, 1.0),
-    # Multistep methods whose first-order warm-up step caps the global order at 2 (spec 2.4 (2)).
+    # Multistep methods whose first-order warm-up step caps the global order at 2.
     ("dpmpp_3m_sde_eta0", S.sample_dpmpp_3m_sde, {"eta": 0.0}, 2.0),
 ]
 
@@ -159,7 +159,8 @@ def test_stochastic_sampler_keeps_marginal_variance(
     name: str, fn: Callable[..., torch.Tensor], knobs: dict[str, Any]
 ) -> None:
     coarse, fine = variance_error(fn, 16, knobs), variance_error(fn, 64, knobs)
-    # The bias is first order in the step size for Euler-type steps (spec 2.4 caution 3), so the
-    # tolerance is relative: 4x the steps must cut it by more than half. Sampling error ~0.6%.
+    # An ancestral step keeps the marginal variance s^2 + sigma^2 only as the step size goes to 0: the
+    # bias is first order in the step size for Euler-type steps, so the tolerance is relative: 4x the
+    # steps must cut it by more than half. Sampling error ~0.6%.
     assert fine < 0.12, f"{name}: relative variance error {fine:.4f} at 64 steps"
     assert fine < 0.5 * coarse + 0.015, f"{name}: {coarse:.4f} at 16 steps, {fine:.4f} at 64"
