@@ -1,9 +1,9 @@
 """Image sizes for studies: the seed's aspect512 helper and NovelAI's aspect-ratio buckets.
 
 ``aspect512`` is the study author's ``node aspect512.js [w] [h]`` generalised to any area, base side
-and unit (the miniature model lives in a 64 px world: ``base=64, unit=8``). ``nai_buckets`` follows
-the bucket list of NovelAI/novelai-aspect-ratio-bucketing (MIT, ``BucketManager.gen_buckets``),
-re-derived from its README and description, quirks included.
+and unit (the demo study sizes the 128 px miniature model's pictures with ``base=128, unit=8``).
+``nai_buckets`` follows the bucket list of NovelAI/novelai-aspect-ratio-bucketing (MIT,
+``BucketManager.gen_buckets``), re-derived from its README and description, quirks included.
 """
 
 from __future__ import annotations
