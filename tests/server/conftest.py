@@ -40,7 +40,8 @@ def free_port() -> int:
 def start_server(config: object) -> Iterator[RunningServer]:
     import uvicorn
 
-    from voidprompt.server.api import ServerConfig, create_app
+    from voidprompt.server.api import create_app
+    from voidprompt.server.state import ServerConfig
 
     assert isinstance(config, ServerConfig)
     app = create_app(config)
@@ -62,8 +63,8 @@ def start_server(config: object) -> Iterator[RunningServer]:
 def make_config(root: Path, checkpoint: Path | None, **changes: object) -> object:
     """A test server's config under ``root``: ``checkpoint`` copied in as tiny.safetensors (None:
     no checkpoint folder content; pass extra_checkpoints / default_model instead)."""
-    from voidprompt.server.api import ServerConfig
     from voidprompt.server.limits import Limits
+    from voidprompt.server.state import ServerConfig
 
     ckpt_dir = root / "models" / "Stable-diffusion"
     ckpt_dir.mkdir(parents=True, exist_ok=True)

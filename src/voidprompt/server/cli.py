@@ -75,9 +75,9 @@ def _parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace) -> object:
     from dataclasses import replace
 
-    from voidprompt.server.api import ServerConfig
     from voidprompt.server.auth import parse_credentials
     from voidprompt.server.limits import Limits
+    from voidprompt.server.state import ServerConfig
 
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     auth_text = args.api_auth
@@ -141,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from voidprompt.server.api import ServerConfig, create_app
+        from voidprompt.server.api import create_app
+        from voidprompt.server.state import ServerConfig
 
         config = build_config(args)
         assert isinstance(config, ServerConfig)

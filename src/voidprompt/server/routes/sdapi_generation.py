@@ -1,0 +1,149 @@
+"""A1111's generation routes: ``txt2img``, ``img2img``, ``png-info``, ``progress``, ``interrupt`` and
+``skip``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from enum import Enum
+from typing import Any
+
+import torch
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image
+
+from voidprompt.imagemeta import read_infotext, save_numbered
+from voidprompt.infotext import parse_generation_parameters
+from voidprompt.server import models as m
+from voidprompt.server.generation import (
+    BuiltRequest,
+    Generated,
+    build_request,
+    decode_image,
+    encode_png,
+    processed_info,
+)
+from voidprompt.server.routes import SDAPI
+from voidprompt.server.state import App
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+
+
+def router(state: App) -> APIRouter:
+    router = APIRouter()
+    prefix = SDAPI
+    tags: list[str | Enum] = ["sdapi"]
+
+    async def run_generation(kind: str, body: m.Txt2ImgRequest, img2img: bool) -> m.GenerationResponse:
+        built: BuiltRequest = await run_in_threadpool(
+            build_request, body, state.options, state.config.limits, img2img=img2img
+        )
+        generated: Generated = await state.queue.run(kind, lambda: state.host.generate(kind, built))
+        info = processed_info(generated)
+        images: list[str] | None = None
+        if body.send_images:
+            images = await run_in_threadpool(
+                lambda: [
+                    encode_png(image, text)
+                    for image, text in zip(generated.result.images, generated.result.infotexts, strict=True)
+                ]
+            )
+        if body.save_images:
+            await run_in_threadpool(_save_images, state, kind, generated)
+        parameters = body.model_dump()
+        if isinstance(body, m.Img2ImgRequest) and not body.include_init_images:
+            # A1111 leaves the (large) input images out of the echo unless asked.
+            parameters["init_images"] = None
+            parameters["mask"] = None
+        return m.GenerationResponse(
+            images=images if images is not None else [], parameters=parameters, info=json.dumps(info)
+        )
+
+    @router.post(f"{prefix}/txt2img", tags=tags, response_model=m.GenerationResponse)
+    async def txt2img(body: m.Txt2ImgRequest) -> m.GenerationResponse:
+        return await run_generation("txt2img", body, img2img=False)
+
+    @router.post(f"{prefix}/img2img", tags=tags, response_model=m.GenerationResponse)
+    async def img2img(body: m.Img2ImgRequest) -> m.GenerationResponse:
+        return await run_generation("img2img", body, img2img=True)
+
+    @router.post(f"{prefix}/png-info", tags=tags, response_model=m.PngInfoResponse)
+    def png_info(body: m.PngInfoRequest) -> m.PngInfoResponse:
+        if not body.image.strip():
+            return m.PngInfoResponse(info="")
+        image = decode_image(body.image, "image", state.config.limits.max_input_pixels)
+        try:
+            geninfo, items = read_infotext(image)
+        finally:
+            image.close()
+        text = geninfo or ""
+        # Only JSON-safe items go back (A1111 returns image.info; binary chunks would not serialise).
+        safe = {k: v for k, v in items.items() if isinstance(v, str | int | float | bool)}
+        return m.PngInfoResponse(
+            info=text, items=safe, parameters=parse_generation_parameters(text) if text else {}
+        )
+
+    @router.get(f"{prefix}/progress", tags=tags, response_model=m.ProgressResponse)
+    def progress(skip_current_image: bool = False) -> m.ProgressResponse:
+        st = state.queue.state
+        value, eta = st.progress()
+        current_image = None
+        latent = st.latent
+        if not skip_current_image and latent is not None:
+            current_image = _preview(latent)
+        with st.lock:
+            snapshot = m.ProgressState(
+                skipped=st.skipped,
+                interrupted=st.interrupted,
+                job=st.job,
+                job_count=st.job_count,
+                job_timestamp=st.job_timestamp,
+                job_no=st.job_no,
+                sampling_step=st.sampling_step,
+                sampling_steps=st.sampling_steps,
+                queued=max(0, state.queue.pending - (1 if st.job else 0)),
+            )
+            textinfo = st.textinfo
+        return m.ProgressResponse(
+            progress=value, eta_relative=eta, state=snapshot, current_image=current_image, textinfo=textinfo
+        )
+
+    @router.post(f"{prefix}/interrupt", tags=tags)
+    def interrupt() -> dict[str, Any]:
+        state.queue.interrupt()
+        return {}
+
+    @router.post(f"{prefix}/skip", tags=tags)
+    def skip() -> dict[str, Any]:
+        state.queue.skip()
+        return {}
+
+    return router
+
+
+def _preview(latent: torch.Tensor) -> str | None:
+    """A1111's "Approx cheap" live preview: a fixed linear map from the 4 SD1 latent channels to RGB."""
+    if latent.ndim != 4 or latent.shape[1] != 4:
+        return None
+    # The widely used SD1 latent->RGB factors (one row per latent channel).
+    coefs = torch.tensor(
+        [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
+    )
+    rgb = torch.einsum("chw,cr->hwr", latent[0].float(), coefs)
+    pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    return encode_png(Image.fromarray(pixels), None)
+
+
+def _save_images(state: App, kind: str, generated: Generated) -> None:
+    if state.config.outdir is None:
+        log.info("save_images ignored: start the server with --outdir to save images")
+        return
+    folder = state.config.outdir / f"{kind}-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, text, seed in zip(
+        generated.result.images, generated.result.infotexts, generated.result.seeds, strict=True
+    ):
+        save_numbered(image, folder, str(seed), text)

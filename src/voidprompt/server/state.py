@@ -1,0 +1,95 @@
+"""The server's settings and state: what ``voidprompt serve`` was started with, the model host, the
+generation queue, the network folders and the studies. Every route reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from voidprompt.models.tokenizer import load_clip_tokenizer
+from voidprompt.server.checkpoints import ModelRegistry
+from voidprompt.server.generation import ModelHost, Options
+from voidprompt.server.limits import Limits
+from voidprompt.server.networks import NetworkFolders, checkpoint_text_width
+from voidprompt.server.queue import GenerationQueue
+from voidprompt.server.studies import StudyRegistry
+
+__all__ = ["App", "ServerConfig"]
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    ckpt_dirs: list[Path] = field(default_factory=lambda: [Path("models/Stable-diffusion")])
+    extra_checkpoints: list[Path] = field(default_factory=list)
+    vae_dirs: list[Path] = field(default_factory=lambda: [Path("models/VAE")])
+    # A1111's default folders (--lora-dir, --embeddings-dir, --hypernetwork-dir); None: no folder.
+    lora_dir: Path | None = Path("models/Lora")
+    embeddings_dir: Path | None = Path("embeddings")
+    hypernetwork_dir: Path | None = Path("models/hypernetworks")
+    default_model: str | None = None
+    studies_dir: Path | None = None
+    outdir: Path | None = None
+    credentials: dict[str, str] = field(default_factory=dict)
+    cors_allow_origins: list[str] = field(default_factory=list)
+    cors_allow_origin_regex: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    device: str = "cpu"
+    threads: int | None = None
+    ui: bool = True
+
+
+class App:
+    """Server state: settings, the model host, the queue and the studies."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.options = Options()
+        self.queue = GenerationQueue(max_queued=config.limits.max_queued)
+        self.registry = ModelRegistry(config.ckpt_dirs, config.extra_checkpoints, config.vae_dirs)
+        self.registry.refresh()
+        self.networks = NetworkFolders(config.lora_dir, config.embeddings_dir, config.hypernetwork_dir)
+        self.networks.refresh()
+        self.host = ModelHost(
+            self.registry, self.options, self.queue.state, device=config.device, networks=self.networks
+        )
+        if config.default_model:
+            self.host.select(config.default_model)
+        self.studies = StudyRegistry(config.studies_dir)
+        self._tokenizer: Any = None
+        self._widths: dict[tuple[str, int, int], int | None] = {}
+
+    def tokenizer(self) -> Any:
+        if self.host.engine is not None:
+            return self.host.engine.components.tokenizer
+        if self._tokenizer is None:
+            self._tokenizer = load_clip_tokenizer()
+        return self._tokenizer
+
+    def text_width(self) -> int | None:
+        """The current model's text-encoder width (None when there is no checkpoint): from the
+        model in memory, else from the selected checkpoint's tensor shapes (header only)."""
+        selected = self.host.selected
+        engine, loaded = self.host.engine, self.host.loaded
+        if engine is not None and loaded is not None and (selected is None or loaded[0] is selected):
+            return int(engine.encoder.width)
+        if selected is None:
+            return None
+        try:
+            stat = selected.path.stat()
+        except OSError:
+            return None
+        key = (str(selected.path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._widths:
+            self._widths[key] = checkpoint_text_width(selected.path)
+        return self._widths[key]
+
+    def options_dict(self) -> dict[str, Any]:
+        values: dict[str, Any] = self.options.snapshot()
+        selected = self.host.selected
+        values["sd_model_checkpoint"] = selected.title if selected is not None else None
+        values["sd_checkpoint_hash"] = selected.sha256 if selected is not None else None
+        values["sd_vae"] = self.host.selected_vae
+        return values
