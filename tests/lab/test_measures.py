@@ -74,15 +74,6 @@ def test_salient_regions() -> None:
     assert m.salient_regions(diagonal) == 2.0
 
 
-def test_bfs_fallback_matches() -> None:
-    rng = np.random.default_rng(0)
-    mask = rng.random((40, 40)) > 0.55
-    labels, count = m._label_components_bfs(mask)
-    _, expected = m.label_components(mask)
-    assert count == expected
-    assert set(np.unique(labels[mask])) == set(range(1, count + 1))
-
-
 def test_registry_and_inputs() -> None:
     registry = m.default_measures()
     registry["mean_red"] = lambda rgb: float(rgb[..., 0].mean())

@@ -2,19 +2,19 @@
 
 Every measure takes an RGB float array in 0..1 (height x width x 3) and returns a float.
 Luminance here is Rec. 709 luma on the sRGB-encoded values (no linearisation): it tracks the
-brightness a viewer reports and is what the seed's "CFG -> brightness" is about; it is not
+brightness a viewer reports and is what the study brief's "CFG -> brightness" is about; it is not
 photometric luminance. ``measure_image`` accepts PIL images and uint8 arrays too.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import ndimage
 
 from voidprompt.errors import VoidpromptError
 
@@ -123,32 +123,8 @@ def background_colour(rgb: FloatImage) -> NDArray[np.float64]:
 
 def label_components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int64], int]:
     """4-connected components of ``mask``: (labels, count), labels 1..count and 0 for background."""
-    try:
-        from scipy import ndimage
-    except ImportError:
-        return _label_components_bfs(mask)
     labels, count = ndimage.label(mask)
     return np.asarray(labels, dtype=np.int64), int(count)
-
-
-def _label_components_bfs(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int64], int]:
-    # The fallback without scipy: breadth-first flood fill, fine at study image sizes.
-    height, width = mask.shape
-    labels = np.zeros(mask.shape, dtype=np.int64)
-    count = 0
-    for start_y, start_x in zip(*np.nonzero(mask), strict=True):
-        if labels[start_y, start_x]:
-            continue
-        count += 1
-        labels[start_y, start_x] = count
-        queue = deque([(int(start_y), int(start_x))])
-        while queue:
-            y, x = queue.popleft()
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not labels[ny, nx]:
-                    labels[ny, nx] = count
-                    queue.append((ny, nx))
-    return labels, count
 
 
 def salient_regions(rgb: FloatImage, threshold: float = 0.25, min_area: int | None = None) -> float:

@@ -1,4 +1,4 @@
-"""Image sizes for studies: the seed's aspect512 helper and NovelAI's aspect-ratio buckets.
+"""Image sizes for studies: the study brief's aspect512 helper and NovelAI's aspect-ratio buckets.
 
 ``aspect512`` is the study author's ``node aspect512.js [w] [h]`` generalised to any area, base side
 and unit (the demo study sizes the 128 px miniature model's pictures with ``base=128, unit=8``).

@@ -1,6 +1,6 @@
 """Small statistics for study reports: Wilson intervals, outcome tables, a slope with its CI.
 
-Wilson intervals instead of the normal approximation because the seed's batches are small
+Wilson intervals instead of the normal approximation because the study brief's batches are small
 (20 images) and its proportions often sit at 0 or near 1, where p +- z*sqrt(p(1-p)/n) collapses
 to a zero-width interval or leaves [0, 1].
 """
@@ -11,6 +11,8 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+
+from scipy.stats import t as student_t
 
 from voidprompt.errors import VoidpromptError
 
@@ -57,7 +59,7 @@ def proportion_table(
 ) -> list[ProportionRow]:
     """Rows of (group, outcome, count, total, proportion, Wilson interval).
 
-    ``counts[group][outcome]`` like the seed's table (size -> Pattern / Object or Scenery / ...);
+    ``counts[group][outcome]`` like the study brief's table (size -> Pattern / Object or Scenery / ...);
     ``outcomes`` fixes the column order and adds zero rows for outcomes a group never had.
     """
     if outcomes is None:
@@ -103,8 +105,5 @@ def linear_slope(x: Sequence[float], y: Sequence[float], confidence: float = 0.9
     intercept = my - slope * mx
     sse = sum((yi - intercept - slope * xi) ** 2 for xi, yi in zip(x, y, strict=True))
     stderr = math.sqrt(sse / (n - 2) / sxx)
-    # scipy only here: the t quantile has no closed form and the stdlib has none.
-    from scipy.stats import t as student_t
-
     half = float(student_t.ppf(1.0 - (1.0 - confidence) / 2.0, n - 2)) * stderr
     return SlopeFit(slope, intercept, stderr, slope - half, slope + half, n)

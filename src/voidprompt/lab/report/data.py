@@ -7,6 +7,8 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from scipy.stats import t as student_t
+
 from voidprompt.errors import StudyError
 from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.labels import effective_label
@@ -98,8 +100,6 @@ def mean_ci(values: Sequence[float | None], confidence: float = 0.95) -> tuple[f
     if n < 2:
         return mean, mean, mean, n
     sd = math.sqrt(sum((v - mean) ** 2 for v in clean) / (n - 1))
-    from scipy.stats import t as student_t
-
     half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     return mean, mean - half, mean + half, n
 
