@@ -43,7 +43,8 @@ def test_write_gets_a_temporary_name_beside_the_target(tmp_path: Path) -> None:
     atomic_write(tmp_path / "t.png", write)
     (temp,) = seen
     assert temp.parent == tmp_path
-    assert temp.name.startswith(TEMP_PREFIX) and temp.name.endswith("-t.png")
+    # The catalog's sweep knows the prefix; a folder scan for .png (or .safetensors) skips the suffix.
+    assert temp.name.startswith(TEMP_PREFIX) and temp.name.endswith("-t.png.tmp")
     assert not temp.exists()
 
 

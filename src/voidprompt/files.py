@@ -4,8 +4,9 @@ Every file voidprompt writes for a reader to find later (models, state files, im
 exports, reports, caches) goes through :func:`atomic_write` or :class:`PendingFile`:
 
 1. the content goes to a temporary file beside the target (same directory, so the rename below
-   stays on one filesystem), named ``.partial-<random>-<name>``, which the lab's catalog sweep
-   recognises and removes after a crash;
+   stays on one filesystem), named ``.partial-<random>-<name>.tmp``: the lab's catalog sweep removes
+   such files after a crash, and folder scans that look for ``.safetensors`` or ``.png`` files
+   (checkpoint, LoRA and VAE lists) never see one half-written;
 2. the temporary file is flushed and fsynced, so the rename can never publish an empty or partial
    file after a power cut;
 3. it is renamed over the target (``os.replace``, atomic on POSIX and Windows), or, when the
@@ -50,7 +51,7 @@ _SYNC = os.O_RDONLY if os.name == "posix" else os.O_RDWR
 
 def temp_path_for(target: Path) -> Path:
     """A fresh temporary name beside ``target``, starting with :data:`TEMP_PREFIX`."""
-    return target.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}-{target.name}")
+    return target.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}-{target.name}.tmp")
 
 
 def fsync_directory(directory: Path) -> None:
