@@ -8,6 +8,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> None:
+    # Every test starts with one intra-op thread, whatever an earlier test set (the trainer and the
+    # gallery set their own): the models here are tiny, and on a shared 2-core machine a second thread
+    # that waits for a busy core makes a generation ten times slower, not faster.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +33,27 @@ def tiny_engine(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
     from voidprompt.pipeline.engine import Engine
 
     return Engine(load_model(tiny_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def tiny_miniature(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of the miniature model's layout (its trainer's architecture, fp16 export and
+    ``voidprompt.*`` metadata) trained one step on 32 px pictures: what the demo's tools (fine-tune,
+    gallery, measurements) need from a miniature checkpoint, in seconds. Nothing it draws is
+    meaningful; tests that need a trained model's pictures are in the slow suite."""
+    from voidprompt.demo.train import TrainConfig, train
+
+    config = TrainConfig(
+        out_dir=tmp_path_factory.mktemp("tiny-miniature"),
+        image_size=32,
+        vae_crop=32,
+        n_images=4,
+        vae_steps=1,
+        vae_batch=4,
+        diffusion_steps=1,
+        batch_size=4,
+        warmup_steps=1,
+        decoder_steps=0,
+        checkpoint_minutes=1000.0,
+    )
+    return train(config, log_fn=lambda _: None)
