@@ -12,7 +12,7 @@ The package, by role:
 - :mod:`.captions`: caption token ids and the Clip-skip-2 context the UNet learns from;
 - :mod:`.data`: the world's pictures and the encoder's posterior of them, cached in ``out_dir``;
 - :mod:`.checkpoint`: the exported model file, the state files, ``--init-from``;
-- :mod:`.session`: the run in progress (modules, optimisers, EMA, phase, clock);
+- :mod:`.state`: the run in progress (modules, optimisers, EMA, phase, clock);
 - :mod:`.phases` and :mod:`.decoder`: one function per phase;
 - :mod:`.runner`: ``train``, the phases in order.
 """

@@ -30,7 +30,7 @@ from voidprompt.demo.train.captions import CaptionBatcher, blind_padding, text_c
 from voidprompt.demo.train.checkpoint import atomic_save
 from voidprompt.demo.train.data import Latents, cached_posterior, encode_posterior, to_unit, upright_images
 from voidprompt.demo.train.modules import ema_update, reconstruction_losses
-from voidprompt.demo.train.session import Session
+from voidprompt.demo.train.state import Run
 from voidprompt.models.load import sd1_alphas_cumprod
 
 __all__ = ["diffusion_phase", "latent_phase", "vae_phase"]
@@ -43,7 +43,7 @@ def _cpu_randn(like: torch.Tensor) -> torch.Tensor:
     return torch.randn_like(like, device="cpu").to(like.device)
 
 
-def vae_phase(run: Session, images: torch.Tensor) -> bool:
+def vae_phase(run: Run, images: torch.Tensor) -> bool:
     """Phase 1 on ``images`` (uint8, (N, 3, H, W)); True when the time cap stopped it (run saved)."""
     config, state, vae = run.config, run.state, run.vae
     vae.train()
@@ -80,7 +80,7 @@ def vae_phase(run: Session, images: torch.Tensor) -> bool:
     return False
 
 
-def latent_phase(run: Session, images: torch.Tensor) -> Latents:
+def latent_phase(run: Run, images: torch.Tensor) -> Latents:
     """Phase 2: the posterior of ``images`` (the native pictures), cached in ``latents.pt``; computed
     in this phase, or whenever the cache is missing. Sets the scaling factor unless ``--init-from``
     gave one."""
@@ -108,7 +108,7 @@ def latent_phase(run: Session, images: torch.Tensor) -> Latents:
 
 
 def diffusion_phase(
-    run: Session, captions: list[str], latents: Latents, half_latents: Latents | None
+    run: Run, captions: list[str], latents: Latents, half_latents: Latents | None
 ) -> bool:
     """Phase 3: text encoder and UNet on the cached ``latents`` of the pictures ``captions`` describe
     (``half_latents``: the same scenes at half the side, for the first ``half_size_until`` steps);

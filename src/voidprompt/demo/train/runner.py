@@ -12,7 +12,7 @@ from voidprompt.demo.train.config import TrainConfig, TrainError
 from voidprompt.demo.train.data import cached_posterior, world_images
 from voidprompt.demo.train.decoder import DecoderProcess, finetune_decoder
 from voidprompt.demo.train.phases import diffusion_phase, latent_phase, vae_phase
-from voidprompt.demo.train.session import start
+from voidprompt.demo.train.state import start
 
 __all__ = ["train"]
 

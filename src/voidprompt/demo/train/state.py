@@ -20,7 +20,7 @@ from voidprompt.demo.train.checkpoint import atomic_save, export_model, load_ini
 from voidprompt.demo.train.config import TrainConfig, TrainError
 from voidprompt.demo.train.modules import adamw, fresh_modules, swapped
 
-__all__ = ["Session", "TrainState", "start"]
+__all__ = ["Run", "TrainState", "start"]
 
 
 @dataclass
@@ -32,7 +32,7 @@ class TrainState:
 
 
 @dataclass
-class Session:
+class Run:
     """The live run the phases advance; :meth:`checkpoint` saves it, :meth:`tick` keeps its clock."""
 
     config: TrainConfig
@@ -111,7 +111,7 @@ class Session:
         return False
 
 
-def start(config: TrainConfig, *, resume: bool, log_fn: Callable[[str], None]) -> Session:
+def start(config: TrainConfig, *, resume: bool, log_fn: Callable[[str], None]) -> Run:
     """A fresh run of ``config`` (from ``--init-from``'s weights when given), or the one saved in its
     ``out_dir`` when ``resume``. Seeds torch's global generator, or restores it on resume."""
     out = config.out_dir
@@ -160,5 +160,5 @@ def start(config: TrainConfig, *, resume: bool, log_fn: Callable[[str], None]) -
     if init_scaling is not None:
         # The UNet learnt its latents at the file's scale: keep it rather than measure a new one.
         state = TrainState("latents", 0, init_scaling)
-    return Session(config, device, unet, vae, text_encoder, ema_unet, ema_te, vae_opt, opt, state, log_fn,
+    return Run(config, device, unet, vae, text_encoder, ema_unet, ema_te, vae_opt, opt, state, log_fn,
                    deadline)
