@@ -90,6 +90,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
 
 
 def _model_card(study: Study, plugins: Plugins) -> str | None:
+    """The summary of the model's card (see :func:`card_summary`) and where the whole card is."""
     try:
         checkpoint = plugins.resolve_model(study.model, study.path.parent).checkpoint
     except VoidpromptError as error:
@@ -100,8 +101,19 @@ def _model_card(study: Study, plugins: Plugins) -> str | None:
         checkpoint.parent / "README.md",
     ):
         if candidate.is_file():
-            return candidate.read_text(encoding="utf-8", errors="replace")
+            summary = card_summary(candidate.read_text(encoding="utf-8", errors="replace"))
+            return f"{summary}\n\n(the whole card: {candidate})\n"
     return None
+
+
+def card_summary(text: str) -> str:
+    """A model card's head: its title, summary and figures, up to the first ``## `` section.
+
+    A report records which model made its pictures; the card's full sections (training, history,
+    limits) stay in the card."""
+    lines = text.splitlines()
+    end = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+    return "\n".join(lines[:end]).rstrip()
 
 
 def build_report(
