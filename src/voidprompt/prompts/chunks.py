@@ -1,4 +1,4 @@
-"""A1111's prompt chunking (``sd_hijack_clip.tokenize_line``, spec §3).
+"""A1111's prompt chunking (``sd_hijack_clip.tokenize_line``).
 
 A prompt line becomes 77-token chunks ``[BOS] + 75 + [EOS]`` with one multiplier per token. The
 comma backtrack, BREAK, textual-inversion placement and the token counter follow A1111 exactly,

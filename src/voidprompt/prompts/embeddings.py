@@ -1,6 +1,6 @@
 """Textual-inversion embeddings: loading a folder and finding trigger words in token ids.
 
-Behaviour follows A1111's ``EmbeddingDatabase`` (spec §9): the trigger word is the file stem, it is
+Behaviour follows A1111's ``EmbeddingDatabase``: the trigger word is the file stem, it is
 tokenized like prompt text and matched by token-id sequence (longest first). Accepted files: A1111
 ``.pt``/``.bin`` (``string_to_param``), diffusers single-key ``.bin``, and ``.safetensors`` (e.g.
 EasyNegative's ``emb_params``). Files whose vector width does not fit the text encoder are skipped

@@ -1,6 +1,6 @@
 """A1111's CLIP conditioning: chunks -> text encoder -> weighted, mean-restored, hstacked tensors.
 
-Follows ``FrozenCLIPEmbedderWithCustomWords.forward`` (spec §3): every chunk index of a batch of texts
+Follows ``FrozenCLIPEmbedderWithCustomWords.forward``: every chunk index of a batch of texts
 is one text-encoder call; textual-inversion vectors overwrite token-embedding rows before the
 transformer; clip skip takes ``hidden_states[-N]`` through ``final_layer_norm``; emphasis "Original"
 restores the mean of the whole chunk batch. A prompt's schedule is encoded as one batch (A1111 does

@@ -1,6 +1,6 @@
 """A1111's emphasis language (``(x)``, ``[x]``, ``(x:w)``, escapes, ``BREAK``), ``#`` comments and ``AND``.
 
-This is the parser the CLIP encoder runs on every scheduled text (spec §2.5). It is a hand-written
+This is the parser the CLIP encoder runs on every scheduled text. It is a hand-written
 scanner that accepts the same token language as A1111's ``parse_prompt_attention`` and applies the
 same arithmetic, in the same order, so weights are bit-identical - including float noise such as
 ``1.1 * 1.1 * 1.3 == 1.5730000000000004``.

@@ -1,4 +1,5 @@
-"""From the user's prompt texts to what the encoder needs, in A1111's order (spec §2.1).
+"""From the user's prompt texts to what the encoder needs, in the order of A1111's
+``StableDiffusionProcessing.setup_prompts`` and ``setup_conds``.
 
 1. styles (``{prompt}`` placeholder or appended with ", ");
 2. ``#`` comments stripped (when enabled) - the infotext shows the text from here on;

@@ -1,6 +1,6 @@
 """Prompt editing ``[from:to:when]`` and alternation ``[a|b]``: one prompt -> a schedule of texts.
 
-Reproduces A1111's ``get_learned_conditioning_prompt_schedules`` for a single prompt (spec §2.3-2.4)
+Reproduces A1111's ``get_learned_conditioning_prompt_schedules`` for a single prompt
 with a hand-written recursive-descent parser that accepts the same language as A1111's grammar:
 
 * at the top level, any of ``[ ] ( ) :`` may stand alone as text ("stray" brackets);
