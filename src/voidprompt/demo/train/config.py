@@ -72,8 +72,9 @@ class TrainConfig:
     # learn from the same scenes drawn at half the side (8x8 latents for a 128 px model), which cost
     # about 40% of a native step on CPU; a convolutional UNet and text encoder carry what they learnt
     # there over to the native size. The VAE phase then trains on the half-size pictures too (a VAE
-    # trained at 64 px reads 128 px pictures nearly as well; see MODEL_CARD.md). The decoder phase
-    # and the exported model are native. None: every step at the native size.
+    # trained at 64 px reads 128 px pictures nearly as well; see docs/miniature-history.md, "128 px:
+    # past the VAE's limit"). The decoder phase and the exported model are native. None: every step
+    # at the native size.
     half_size_until: int | None = None
     grad_clip: float = 1.0
     # Decoder fine-tune phase (encoder frozen, on the cached latents, whole pictures).

@@ -100,7 +100,7 @@ def reconstruction_losses(
     Built in this order on purpose: the graph's order sets the order in which backward sums
     gradients, and the shipped VAE phase was trained with this one. (The shipped decoder phase built
     L2 after the edge term, so a rerun of that phase differs from the shipped decoder by float
-    rounding only; see MODEL_CARD.md.)"""
+    rounding only; see docs/miniature-history.md, "Reproducibility".)"""
     l1 = (rec - x).abs().mean()
     l2 = (rec - x).square().mean()
     edge = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean()
