@@ -99,8 +99,13 @@ def _json(value: Any) -> str:
 
 
 def default_catalog_path(study: StudyFile) -> Path:
+    """Where ``study``'s catalog lives unless told otherwise: :func:`catalog_path_beside`."""
+    return catalog_path_beside(study.path)
+
+
+def catalog_path_beside(study_file: Path) -> Path:
     """``<study folder>/runs/<study file stem>/catalog.sqlite`` (images in ``catalog-images``)."""
-    return study.path.parent / "runs" / study.path.stem / "catalog.sqlite"
+    return study_file.parent / "runs" / study_file.stem / "catalog.sqlite"
 
 
 def sha256_file(path: Path) -> str:

@@ -42,14 +42,12 @@ from typing import IO, Any
 from voidprompt import __version__
 from voidprompt.errors import StudyError
 from voidprompt.files import atomic_write_text
-from voidprompt.lab.catalog import Catalog
-from voidprompt.lab.labels import HUMAN, effective_label, label_scheme
+from voidprompt.lab.catalog import Catalog, catalog_path_beside
+from voidprompt.lab.labels import DEFAULT_CLASSES, HUMAN, effective_label, label_scheme
 from voidprompt.lab.study import Study, load_study, parse_study
 from voidprompt.server.checkpoints import NotFoundError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CLASSES = ("Pattern", "Object or Scenery", "Malformed human", "Legit human")
 
 
 class CatalogBusyError(StudyError):
@@ -73,7 +71,7 @@ class StudyEntry:
         if self.catalog is not None:
             return self.catalog
         assert self.study_file is not None
-        return self.study_file.parent / "runs" / self.study_file.stem / "catalog.sqlite"
+        return catalog_path_beside(self.study_file)
 
 
 @dataclass
