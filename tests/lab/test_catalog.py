@@ -1,6 +1,5 @@
 """Catalog: schema, WAL, the resumable protocol under simulated crashes, queries, export."""
 
-import csv
 import hashlib
 import sqlite3
 import subprocess
@@ -28,13 +27,13 @@ def new_catalog(tmp_path: Path) -> Catalog:
     return catalog
 
 
-def finish(catalog: Catalog, job: Job, data: bytes = b"png") -> int:
+def finish(catalog: Catalog, job: Job, data: bytes = b"png", measures: dict[str, float] | None = None) -> int:
     """The runner's protocol: temp -> rename -> commit."""
     final = catalog.images_dir / f"{job.job_id}.png"
     atomic_write(final, lambda temp: temp.write_bytes(data))
     return catalog.record_image(
         job.job_id, final, hashlib.sha256(data).hexdigest(), "infotext",
-        seed=job.request.seed, width=64, height=64, timings={"sample": 0.5},
+        seed=job.request.seed, width=64, height=64, timings={"sample": 0.5}, measures=measures,
     )  # fmt: skip
 
 
@@ -134,25 +133,19 @@ def test_one_writer(tmp_path: Path) -> None:
         reader.close()
 
 
-def test_measures_labels_export(tmp_path: Path) -> None:
+def test_measures_and_labels(tmp_path: Path) -> None:
     with new_catalog(tmp_path) as catalog:
-        image_id = finish(catalog, jobs()[0])
-        catalog.add_measures(image_id, {"luminance": 0.5, "regions": 2})
-        catalog.add_measures(image_id, {"luminance": 0.25})
+        image_id = finish(catalog, jobs()[0], measures={"regions": 2, "luminance": 0.25})
         catalog.set_label(image_id, "Pattern", ["stripes"])
         catalog.set_label(image_id, "Object or Scenery", source="detector")
         assert catalog.measures(image_id) == {"luminance": 0.25, "regions": 2.0}
+        assert catalog.all_measures() == {image_id: {"luminance": 0.25, "regions": 2.0}}
         assert catalog.labels(image_id) == {
             "human": ("Pattern", ["stripes"]),
             "detector": ("Object or Scenery", []),
         }
         images = catalog.images()
         assert images[0]["axis_values"] == {"seed": 1} and images[0]["timings"] == {"sample": 0.5}
-        assert catalog.export_csv("measures", tmp_path / "m.csv") == 2
-        rows = list(csv.reader((tmp_path / "m.csv").open(encoding="utf-8")))
-        assert rows == [["image_id", "name", "value"], ["1", "luminance", "0.25"], ["1", "regions", "2.0"]]
-        with pytest.raises(StudyError, match="choose one of"):
-            catalog.export_csv("sqlite_master", tmp_path / "x.csv")
         summary = catalog.summary()
         assert (summary.name, summary.measured, summary.labelled) == ("t", 1, 1)
         assert "1 done, 3 pending" in summary.format()

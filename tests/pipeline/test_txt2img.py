@@ -159,7 +159,8 @@ def test_skip_abandons_one_iteration_and_the_rest_are_unchanged(tiny_engine: Eng
     assert not skipped.interrupted and state["iteration"] == 2
     assert skipped.seeds == [40, 41, 44, 45] == full.seeds[:2] + full.seeds[4:]
     kept = full.images[:2] + full.images[4:]
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(skipped.images, kept, strict=True))
+    for a, b in zip(skipped.images, kept, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
     assert skipped.infotexts == full.infotexts[:2] + full.infotexts[4:]
 
 

@@ -15,7 +15,6 @@ sweep can never remove the file of a run that is still going; readers open with 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import os
@@ -28,20 +27,11 @@ from typing import IO, Any
 
 from voidprompt import __version__
 from voidprompt.errors import StudyError
-from voidprompt.files import TEMP_PREFIX, atomic_write
+from voidprompt.files import TEMP_PREFIX
 from voidprompt.lab.schema import StudyFile
 from voidprompt.lab.study import Job, request_to_dict
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-# Each table with the order its exports use, so a CSV diff between two runs means a data change.
-TABLES = {
-    "study": "id",
-    "jobs": "position",
-    "images": "id",
-    "measures": "image_id, name",
-    "labels": "image_id, source",
-}
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS study (
     id INTEGER PRIMARY KEY,
@@ -371,15 +361,6 @@ class Catalog:
         with self._transaction() as db:
             db.execute("UPDATE jobs SET status = 'failed' WHERE job_id = ? AND status = 'pending'", (job_id,))
 
-    def add_measures(self, image_id: int, values: Mapping[str, float]) -> None:
-        self._require_writer()
-        with self._transaction() as db:
-            db.executemany(
-                "INSERT INTO measures (image_id, name, value) VALUES (?, ?, ?) "
-                "ON CONFLICT (image_id, name) DO UPDATE SET value = excluded.value",
-                [(image_id, name, float(value)) for name, value in values.items()],
-            )
-
     def set_label(
         self, image_id: int, label_class: str | None, tags: Sequence[str] = (), source: str = "human"
     ) -> None:
@@ -486,24 +467,6 @@ class Catalog:
 
     def journal_mode(self) -> str:
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
-
-    def export_csv(self, table: str, path: str | Path) -> int:
-        """Write one table as CSV (JSON columns stay JSON text); returns the row count."""
-        if table not in TABLES:
-            raise StudyError(f"table {table!r}: choose one of {', '.join(TABLES)}")
-        cursor = self._db.execute(f"SELECT * FROM {table} ORDER BY {TABLES[table]}")
-        names = [d[0] for d in cursor.description]
-        rows = cursor.fetchall()
-        target = Path(path)
-
-        def write(temp: Path) -> None:
-            with temp.open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(names)
-                writer.writerows(rows)
-
-        atomic_write(target, write)
-        return len(rows)
 
 
 def _take_lock(path: Path) -> IO[str]:

@@ -531,8 +531,8 @@ class Engine:
         def on_step(info: dict[str, Any]) -> None:
             if hooks.progress is not None:
                 step = int(info["i"]) + 1
-                denoised = info.get("denoised")
-                hooks.progress(Progress(iteration.index, request.n_iter, step, run.steps, info["x"], denoised))
+                latent, denoised = info["x"], info.get("denoised")
+                hooks.progress(Progress(iteration.index, request.n_iter, step, run.steps, latent, denoised))
 
         model = SamplingModel(cfg, schedule_model, components.alphas_cumprod)
         return run_sampler(SamplerPass(spec, run.scheduler, run.steps), model, start, request, on_step)
