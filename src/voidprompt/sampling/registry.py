@@ -293,12 +293,6 @@ def infotext_names(sampler_name: str, scheduler_name: str | None = None) -> dict
     return {"Sampler": sampler.label, "Schedule type": label}
 
 
-def parse_infotext_names(fields: Mapping[str, str]) -> tuple[str, str]:
-    """(sampler label, scheduler label) for a request, from infotext "Sampler" / "Schedule type"."""
-    sampler, scheduler = resolve(fields.get("Sampler"), fields.get("Schedule type"))
-    return sampler.label, scheduler.label
-
-
 def compute_sigmas(
     sampler: SamplerSpec,
     scheduler: SchedulerSpec,
