@@ -57,3 +57,27 @@ def tiny_miniature(tmp_path_factory: pytest.TempPathFactory) -> Path:
         checkpoint_minutes=1000.0,
     )
     return train(config, log_fn=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_f8_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint's UNet and text encoder with a narrow VAE that downsamples by 8, as SD's
+    does (the tiny VAE downsamples by 2). The tiny UNet attends at the latent's full size, so with
+    this VAE a 256x256 picture costs a 32x32 latent instead of 128x128 (a hundred times less
+    attention): for studies of big pictures."""
+    import dataclasses
+
+    from voidprompt.models.arch import build_modules
+    from voidprompt.models.convert import modules_to_compvis
+    from voidprompt.models.load import sd1_alphas_cumprod
+    from voidprompt.testing.fake_checkpoints import TINY_ARCH, tiny_sd1_modules, write_tiny_checkpoint
+
+    unet, _, text_encoder = tiny_sd1_modules(seed=0)
+    arch = dataclasses.replace(
+        TINY_ARCH, vae=dataclasses.replace(TINY_ARCH.vae, channels=8, channel_mult=(1, 1, 2, 2))
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        _, vae, _ = build_modules(arch, device="cpu")
+    state = modules_to_compvis(unet, vae.eval(), text_encoder, alphas_cumprod=sd1_alphas_cumprod())
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt-f8") / "tiny-f8.safetensors", state_dict=state)

@@ -84,11 +84,12 @@ def test_pure_negative_design() -> None:
 
 @pytest.fixture(scope="module")
 def demo_on_tiny(
-    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_f8_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Study, ReportResult]:
-    """The demo study with 2 seeds and 2 steps on a tiny random checkpoint with a model card."""
+    """The demo study with 2 seeds and 2 steps on a tiny random checkpoint with a model card (its VAE
+    downsamples by 8, so the study's 256x256 pictures are cheap)."""
     folder = tmp_path_factory.mktemp("demo")
-    checkpoint = shutil.copy(tiny_checkpoint, folder / "tiny.safetensors")
+    checkpoint = shutil.copy(tiny_f8_checkpoint, folder / "tiny.safetensors")
     (folder / "tiny.md").write_text("# Tiny card\nA random <model> for tests.\n")
     text = (STUDIES / "pure-negative.toml").read_text()
     text = text.replace("steps = 20", "steps = 2").replace('seed = "64 random"', 'seed = "2 random"')
