@@ -150,6 +150,12 @@ def test_size_table_for_the_miniature_world() -> None:
         ("[axes]\nsize = '4:3 @ big'", r"\[axes\] size: '4:3 @ big' is not a size"),
         ("[prompt]\nnegative = '(a:{w})'\n[variables]\nW = 1", r"\{w\} has no value; did you mean \{W\}"),
         ("[settings]\nwidth = 500", r"not a valid request: width=500 is not a multiple of 8"),
+        ("[axes]\nsampler = 'Euler, Euler b'", r"not a valid request: .*Euler b.*Euler a"),
+        ("[settings]\nscheduler = 'Cosine'", r"not a valid request: .*Cosine.*Karras"),
+        (
+            "[settings]\nenable_hr = true\ndenoising_strength = 0.5\nhr_sampler_name = 'DDIM z'",
+            r"not a valid request: .*DDIM z",
+        ),
         ("[settings]\ncfg_scale = 7\n[cfg_by_area]\npoints = [[1, 7]]", r"\[cfg_by_area\]: .*remove one"),
         ("[cfg_by_area]\npoints = [[2, 7], [1, 9]]", r"areas must increase"),
         ("[settings]\nsteps = 20\n[axes]\nsteps = '1, 2'", r"\[settings\] steps: is also swept"),

@@ -47,6 +47,7 @@ from voidprompt.errors import InvalidRequestError, StudyError
 from voidprompt.lab import axes as ax
 from voidprompt.lab.schema import PLACEHOLDER, Axis, ModelRef, StudyFile, format_value, read_study_file
 from voidprompt.request import GenerationRequest
+from voidprompt.sampling.registry import resolve
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,12 @@ class Study(StudyFile):
         request = GenerationRequest(prompt=prompt, negative_prompt=negative, **fields)
         try:
             request.validate()
+            # Unknown sampler or schedule names fail here, before any weights load (as A1111's X/Y/Z
+            # plot confirms its samplers before the first image).
+            resolve(request.sampler_name, request.scheduler)
+            if request.enable_hr:
+                hr_sampler = request.hr_sampler_name or request.sampler_name
+                resolve(hr_sampler, request.hr_scheduler or request.scheduler)
         except InvalidRequestError as error:
             raise StudyError(f"{self.path}: the job {record} is not a valid request: {error}") from None
         model = ModelRef(checkpoint, vae)
