@@ -163,6 +163,7 @@ def test_decoder_phase_changes_only_the_decoder_and_is_independent_of_the_diffus
     assert any(k.startswith("first_stage_model.decoder.up.") for k in changed)
 
 
+@pytest.mark.slow  # a second process; the phases' independence is checked quick in one process above
 def test_two_cores_run_the_decoder_phase_beside_and_give_the_one_core_weights(tmp_path: Path) -> None:
     base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_batch=4,
                 diffusion_steps=2, checkpoint_minutes=1000.0)

@@ -29,6 +29,7 @@ def _catalog(folder: Path) -> dict[str, tuple[np.ndarray, str, dict[str, float],
     return out
 
 
+@pytest.mark.slow  # a Ray cluster of worker processes
 def test_ray_matches_local(tiny_checkpoint: Path, tmp_path: Path) -> None:
     text = study_text(tiny_checkpoint, sizes="16x16, 32x16", seeds="2 random")
     local = parse_study(text, tmp_path / "local" / "t.toml")

@@ -33,6 +33,7 @@ def _txt2img(url: str, seed: int, **extra: object) -> httpx.Response:
 LOAD_STEPS = 4
 
 
+@pytest.mark.slow  # 100 requests from 20 concurrent clients on the shipped model
 def test_twenty_clients_five_requests_each(mini_server) -> None:  # type: ignore[no-untyped-def]
     """20 concurrent clients x 5 txt2img requests on the miniature model: all succeed, and every
     image carries its own seed - in the info JSON, in its PNG infotext, and in its pixels (a seed
