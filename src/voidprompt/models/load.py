@@ -36,6 +36,7 @@ from voidprompt.models.convert import POSITION_IDS_KEY, CheckpointKeyMap, fit_sh
 from voidprompt.models.detect import detect_family, require_supported
 from voidprompt.models.safe_pickle import LazyTensor, PickleCheckpoint, load_pickle_checkpoint
 from voidprompt.models.safetensors_stream import ST_TO_DTYPE
+from voidprompt.models.tokenizer import load_clip_tokenizer
 
 __all__ = [
     "CheckpointReader",
@@ -447,8 +448,6 @@ def load_model(
             report.notes.append("stored alphas_cumprod is not a valid 1000-step schedule; using SD1's")
 
     if tokenizer is None:
-        from voidprompt.models.tokenizer import load_clip_tokenizer
-
         tokenizer = load_clip_tokenizer()
 
     for module in modules.values():

@@ -49,6 +49,7 @@ from voidprompt.errors import ModelLoadError, VoidpromptError
 from voidprompt.models.arch import ARCH_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
 from voidprompt.models.convert import POSITION_IDS_KEY
 from voidprompt.models.detect import ModelFamily, detect_family
+from voidprompt.models.hashes import old_model_hash, sha256_file
 from voidprompt.models.load import open_checkpoint
 from voidprompt.models.safetensors_stream import SafetensorsStreamWriter, TensorSpec
 
@@ -521,8 +522,6 @@ def merge_checkpoints(
     Raises :class:`MergeError` (bad options, mismatched families, missing keys, unreadable inputs)
     before anything is written; an error while writing removes the partial file.
     """
-    from voidprompt.models.hashes import old_model_hash, sha256_file
-
     out_path = Path(out)
     if out_path.suffix.lower() != ".safetensors":
         raise MergeError(f"{out_path}: the merger writes .safetensors only; name the output '*.safetensors'.")

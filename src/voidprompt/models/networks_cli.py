@@ -14,6 +14,14 @@ import sys
 import torch
 
 from voidprompt.errors import VoidpromptError
+from voidprompt.models.merge import (
+    BLOCK_PRESETS,
+    MergeMethod,
+    MergeOptions,
+    merge_checkpoints,
+    parse_block_weights,
+)
+from voidprompt.models.networks.extract import extract_lora
 
 __all__ = ["main"]
 
@@ -54,14 +62,6 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 
 def _merge(argv: list[str]) -> int:
-    from voidprompt.models.merge import (
-        BLOCK_PRESETS,
-        MergeMethod,
-        MergeOptions,
-        merge_checkpoints,
-        parse_block_weights,
-    )
-
     args = _merge_parser().parse_args(argv)
     method = MergeMethod(args.method)
     weights = None
@@ -116,8 +116,6 @@ def _lora(argv: list[str]) -> int:
     ex.add_argument("--fp16", action="store_true", help="save the LoRA in float16")
     ex.add_argument("--out", required=True, help="output .safetensors file")
     args = p.parse_args(argv)
-    from voidprompt.models.networks.extract import extract_lora
-
     result = extract_lora(
         args.a,
         args.b,

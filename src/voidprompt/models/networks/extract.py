@@ -27,6 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from voidprompt.errors import ModelLoadError
+from voidprompt.models.arch import ArchConstants, build_modules, infer_arch
+from voidprompt.models.convert import CheckpointKeyMap, fit_shape
+from voidprompt.models.load import open_checkpoint
 from voidprompt.models.safetensors_stream import SafetensorsStreamWriter, TensorSpec
 
 __all__ = ["ExtractResult", "extract_lora", "kohya_targets"]
@@ -98,10 +101,6 @@ def extract_lora(
     dtype: torch.dtype = torch.float32,
 ) -> ExtractResult:
     """Write ``out`` (kohya LoRA ``.safetensors``) approximating B - A; see the module docstring."""
-    from voidprompt.models.arch import ArchConstants, build_modules, infer_arch
-    from voidprompt.models.convert import CheckpointKeyMap, fit_shape
-    from voidprompt.models.load import open_checkpoint
-
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise ModelLoadError(f"rank {rank} / conv rank {conv_rank}: ranks must be at least 1.")
     out_path = Path(out)

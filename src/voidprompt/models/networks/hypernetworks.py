@@ -33,6 +33,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from voidprompt.errors import ModelLoadError
+from voidprompt.models.hashes import sha256_file
+from voidprompt.models.safe_pickle import LazyTensor, load_pickle_checkpoint
 
 __all__ = [
     "Hypernetwork",
@@ -143,8 +145,6 @@ class Hypernetwork:
 
 
 def _materialize(obj: Any, ck: Any) -> Any:
-    from voidprompt.models.safe_pickle import LazyTensor
-
     if isinstance(obj, LazyTensor):
         return ck.materialize(obj)
     if isinstance(obj, dict):
@@ -156,9 +156,6 @@ def _materialize(obj: Any, ck: Any) -> Any:
 
 def load_hypernetwork(path: str | Path, *, device: torch.device | str = "cpu") -> Hypernetwork:
     """Read a hypernetwork ``.pt`` through :mod:`voidprompt.models.safe_pickle`; MLPs in float32."""
-    from voidprompt.models.hashes import sha256_file
-    from voidprompt.models.safe_pickle import load_pickle_checkpoint
-
     p = Path(path)
     with load_pickle_checkpoint(p) as ck:
         if not isinstance(ck.obj, dict):

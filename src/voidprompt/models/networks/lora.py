@@ -29,6 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from voidprompt.errors import ModelLoadError
+from voidprompt.models.convert import CheckpointKeyMap
+from voidprompt.models.hashes import addnet_hash_safetensors, sha256_file
+from voidprompt.models.load import open_checkpoint
 from voidprompt.models.networks import lycoris
 
 __all__ = [
@@ -72,8 +75,6 @@ def build_layer_map(unet: nn.Module | None, text_encoder: nn.Module | None) -> d
     if unet is not None:
         compvis: dict[str, str] = {}
         try:
-            from voidprompt.models.convert import CheckpointKeyMap
-
             keymap = CheckpointKeyMap(unet=unet)
             prefix = "model.diffusion_model."
             for (_, key), cv in keymap.reverse.items():
@@ -204,8 +205,6 @@ class LoraNetwork:
 def lora_hash(path: Path, metadata: Mapping[str, str]) -> str:
     """A1111's LoRA hash: the ``sshs_model_hash`` kohya's scripts store in the metadata if present,
     else the addnet hash (sha256 of the tensor data) for safetensors, else the file's sha256."""
-    from voidprompt.models.hashes import addnet_hash_safetensors, sha256_file
-
     stored = metadata.get("sshs_model_hash")
     if isinstance(stored, str) and stored:
         return stored
@@ -235,8 +234,6 @@ def find_network_file(folder: str | Path, name: str, suffixes: tuple[str, ...] =
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from voidprompt.models.load import open_checkpoint
-
     with open_checkpoint(path) as reader:
         return {k: reader.get(k).clone() for k in reader.shapes}, dict(reader.metadata)
 
