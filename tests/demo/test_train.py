@@ -136,8 +136,9 @@ def test_decoder_phase_changes_only_the_decoder_and_is_independent_of_the_diffus
     import shutil
 
     quiet = lambda _: None  # noqa: E731
+    # threads=1: the decoder phase runs in line (beside, in a second process, is the slow test below).
     base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_batch=4,
-                checkpoint_minutes=1000.0, partial_captions_from=1)
+                checkpoint_minutes=1000.0, partial_captions_from=1, threads=1)
     sequential = train(TrainConfig(out_dir=tmp_path / "seq", diffusion_steps=2, decoder_steps=2, **base),
                        log_fn=quiet)  # type: ignore[arg-type]
 
