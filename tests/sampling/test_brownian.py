@@ -18,12 +18,24 @@ import torch
 import torchsde
 
 from voidprompt.errors import InvalidRequestError
-from voidprompt.sampling.brownian import brownian_noise_sampler, brownian_noise_sampler_for_sigmas
+from voidprompt.sampling.brownian import BrownianTreeNoiseSampler, brownian_noise_sampler_for_sigmas
 from voidprompt.sampling.philox import PhiloxGenerator
 from voidprompt.sampling.rng import ImageRNG
 
 SHAPE = (4, 6, 5)
 SIGMA_MIN, SIGMA_MAX = 0.5, 8.0  # exact in float32 and in torchsde's 6-digit time rounding
+
+
+def tree_noise(
+    x: torch.Tensor,
+    seeds: list[int],
+    source: Any = "CPU",
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+) -> BrownianTreeNoiseSampler:
+    """The SDE samplers' noise as the Engine builds it: from a schedule whose positive sigmas span
+    [sigma_min, sigma_max] and that ends at 0."""
+    return brownian_noise_sampler_for_sigmas(x, torch.tensor([sigma_max, sigma_min, 0.0]), seeds, source)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +76,7 @@ def test_cpu_source_equals_kdiffusion_with_seed_list(kdiffusion_sampling: Any) -
 
 def test_cpu_source_equals_hand_built_torchsde_trees() -> None:
     x = torch.zeros(2, *SHAPE)
-    ours = brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, [3, 4], "CPU")
+    ours = tree_noise(x, [3, 4], "CPU")
     for i, seed in enumerate([3, 4]):
         tree = torchsde.BrownianTree(
             torch.tensor(SIGMA_MIN), torch.zeros(SHAPE), torch.tensor(SIGMA_MAX), entropy=seed
@@ -82,12 +94,12 @@ def _top_level_normals(seed: int) -> int:
 @pytest.mark.parametrize("seed", [0, 77])
 def test_nv_source_draws_tree_noise_from_philox(seed: int) -> None:
     x = torch.zeros(1, *SHAPE)
-    sampler = brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, [seed], "NV")
+    sampler = tree_noise(x, [seed], "NV")
     # The whole interval: W = randn(top seed) * sqrt(7.5); the step downwards negates it.
     expected = -torch.from_numpy(PhiloxGenerator(_top_level_normals(seed)).randn(SHAPE))
     got = sampler(torch.tensor(SIGMA_MAX), torch.tensor(SIGMA_MIN))[0]
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    cpu = brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, [seed], "CPU")
+    cpu = tree_noise(x, [seed], "CPU")
     assert not torch.equal(cpu(torch.tensor(SIGMA_MAX), torch.tensor(SIGMA_MIN)), got[None])
 
 
@@ -97,7 +109,7 @@ def test_hook_leaves_other_torchsde_users_alone() -> None:
         return tree(0.0, 1.0)
 
     before = plain()
-    brownian_noise_sampler(torch.zeros(1, 3), 0.1, 1.0, [5], "NV")(1.0, 0.1)
+    tree_noise(torch.zeros(1, 3), [5], "NV", 0.1, 1.0)(1.0, 0.1)
     assert torch.equal(plain(), before)
     gen = torch.Generator().manual_seed(_top_level_normals(5))
     assert torch.equal(before, torch.randn(3, generator=gen))
@@ -108,8 +120,8 @@ def test_same_path_for_any_step_count(source: str) -> None:
     x = torch.zeros(2, *SHAPE)
     coarse_sigmas = [8.0, 6.0, 4.0, 2.0, 0.5]
     fine_sigmas = [8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.25, 0.5]
-    coarse = brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, [21, 22], source)  # type: ignore[arg-type]
-    fine = brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, [21, 22], source)  # type: ignore[arg-type]
+    coarse = tree_noise(x, [21, 22], source)
+    fine = tree_noise(x, [21, 22], source)
 
     def increment(sampler: Any, a: float, b: float) -> torch.Tensor:
         # Undo the unit-variance scaling: W(b) - W(a).
@@ -123,7 +135,7 @@ def test_same_path_for_any_step_count(source: str) -> None:
 
 def test_noise_is_unit_variance_and_direction_flips_sign() -> None:
     x = torch.zeros(1, 4, 64, 64)
-    sampler = brownian_noise_sampler(x, 0.03, 14.6, [123])
+    sampler = tree_noise(x, [123], "CPU", 0.03, 14.6)
     down = sampler(torch.tensor(3.0), torch.tensor(2.0))
     assert abs(down.double().mean().item()) < 0.05 and abs(down.double().var().item() - 1) < 0.06
     torch.testing.assert_close(sampler(torch.tensor(2.0), torch.tensor(3.0)), -down)
@@ -133,10 +145,10 @@ def test_noise_is_unit_variance_and_direction_flips_sign() -> None:
 def test_batch_images_are_independent_and_match_single(source: str) -> None:
     x = torch.zeros(3, *SHAPE)
     seeds = [5, 6, 7]
-    batch = brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, seeds, source)  # type: ignore[arg-type]
+    batch = tree_noise(x, seeds, source)
     noise = batch(torch.tensor(7.0), torch.tensor(3.0))
     for i, seed in enumerate(seeds):
-        alone = brownian_noise_sampler(x[:1], SIGMA_MIN, SIGMA_MAX, [seed], source)  # type: ignore[arg-type]
+        alone = tree_noise(x[:1], [seed], source)
         assert torch.equal(noise[i], alone(torch.tensor(7.0), torch.tensor(3.0))[0])
     flat = noise.reshape(3, -1).double()
     correlation = torch.corrcoef(flat)
@@ -145,14 +157,12 @@ def test_batch_images_are_independent_and_match_single(source: str) -> None:
 
 def test_ensd_plays_no_part() -> None:
     x = torch.zeros(1, *SHAPE)
-    before = brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, [40])(torch.tensor(8.0), torch.tensor(4.0))
+    before = tree_noise(x, [40])(torch.tensor(8.0), torch.tensor(4.0))
     rng = ImageRNG(SHAPE, [40], eta_noise_seed_delta=31337)
     rng.next()
     rng.next()
-    after = brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, [40])(torch.tensor(8.0), torch.tensor(4.0))
-    shifted = brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, [40 + 31337])(
-        torch.tensor(8.0), torch.tensor(4.0)
-    )
+    after = tree_noise(x, [40])(torch.tensor(8.0), torch.tensor(4.0))
+    shifted = tree_noise(x, [40 + 31337])(torch.tensor(8.0), torch.tensor(4.0))
     assert torch.equal(before, after)
     assert not torch.equal(before, shifted)
 
@@ -161,7 +171,7 @@ def test_float_sigmas_and_sigma_schedule() -> None:
     x = torch.zeros(1, *SHAPE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # queries inside the interval must not warn
-        a = brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, [1])(6.0, 2.0)
+        a = tree_noise(x, [1])(6.0, 2.0)
         b = brownian_noise_sampler_for_sigmas(x, torch.tensor([8.0, 2.0, 0.5, 0.0]), [1])(6.0, 2.0)
     assert torch.equal(a, b)
 
@@ -169,8 +179,8 @@ def test_float_sigmas_and_sigma_schedule() -> None:
 def test_bad_arguments_raise() -> None:
     x = torch.zeros(2, *SHAPE)
     with pytest.raises(InvalidRequestError, match="one seed per image"):
-        brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, [1])
+        tree_noise(x, [1])
     with pytest.raises(InvalidRequestError, match="randn_source"):
-        brownian_noise_sampler(x, SIGMA_MIN, SIGMA_MAX, [1, 2], "TPU")  # type: ignore[arg-type]
+        tree_noise(x, [1, 2], "TPU")
     with pytest.raises(InvalidRequestError, match="positive sigma"):
         brownian_noise_sampler_for_sigmas(x, torch.zeros(3), [1, 2])
