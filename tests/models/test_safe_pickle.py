@@ -6,7 +6,9 @@ import collections
 import pickle
 import sys
 import types
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,8 +19,17 @@ from voidprompt.models.safe_pickle import (
     InertObject,
     iter_lazy_tensors,
     load_pickle_checkpoint,
-    safe_unpickle_bytes,
 )
+
+
+def _unpickle(folder: Path, data: bytes) -> Any:
+    """``data`` loaded as a checkpoint's pickle: written as the ``data.pkl`` of a torch zip file, which
+    :func:`load_pickle_checkpoint` opens as it opens any ``.ckpt``."""
+    path = folder / "crafted.ckpt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", data)
+    with load_pickle_checkpoint(path) as ck:
+        return ck.obj
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -89,7 +100,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path: Path, payload:
 def test_malicious_plain_pickle_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     with pytest.raises(UnsafePickleError):
-        safe_unpickle_bytes(pickle.dumps(_Payload(marker)))
+        _unpickle(tmp_path, pickle.dumps(_Payload(marker)))
     assert not marker.exists()
 
 
@@ -97,7 +108,7 @@ def _global(module: str, name: str) -> bytes:
     return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
 
 
-def test_lightning_callback_state_and_numpy_scalars_load() -> None:
+def test_lightning_callback_state_and_numpy_scalars_load(tmp_path: Path) -> None:
     # Hand-written protocol-2 pickle like sd-v1-4.ckpt's: {"callbacks": {ModelCheckpoint: {...}},
     # "step": numpy.int64(5)} - the classes are referenced by name only and must not be imported.
     cls = _global("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
@@ -114,7 +125,7 @@ def test_lightning_callback_state_and_numpy_scalars_load() -> None:
         b"\x80\x02}(X\x09\x00\x00\x00callbacks}" + cls + b"}X\x04\x00\x00\x00best"
         b"G?\xe0\x00\x00\x00\x00\x00\x00ss" + b"X\x04\x00\x00\x00step" + scalar + b"u."
     )
-    obj = safe_unpickle_bytes(data)
+    obj = _unpickle(tmp_path, data)
     (key,) = obj["callbacks"].keys()
     assert repr(key) == "<inert class pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint>"
     assert obj["callbacks"][key] == {"best": 0.5}
@@ -155,9 +166,9 @@ def test_checkpoint_with_fake_lightning_global_loads(tmp_path: Path, monkeypatch
     assert "pytorch_lightning" not in sys.modules
 
 
-def test_inert_object_swallows_state() -> None:
+def test_inert_object_swallows_state(tmp_path: Path) -> None:
     cls = _global("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
-    obj = safe_unpickle_bytes(b"\x80\x02" + cls + b")\x81}X\x01\x00\x00\x00kK\x01sb.")
+    obj = _unpickle(tmp_path, b"\x80\x02" + cls + b")\x81}X\x01\x00\x00\x00kK\x01sb.")
     assert isinstance(obj, InertObject)
     assert obj.state == {"k": 1}
 
@@ -165,9 +176,9 @@ def test_inert_object_swallows_state() -> None:
 @pytest.mark.parametrize(
     "module,name", [("os", "system"), ("subprocess", "Popen"), ("builtins", "eval"), ("torch", "load")]
 )
-def test_any_other_global_is_refused(module: str, name: str) -> None:
+def test_any_other_global_is_refused(tmp_path: Path, module: str, name: str) -> None:
     with pytest.raises(UnsafePickleError, match=f"{module}.{name}"):
-        safe_unpickle_bytes(b"\x80\x02" + _global(module, name) + b".")
+        _unpickle(tmp_path, b"\x80\x02" + _global(module, name) + b".")
 
 
 def test_truncated_zip_checkpoint(tmp_path: Path) -> None:
