@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from voidprompt.errors import ModelLoadError, UnsupportedModelError
-from voidprompt.models import ModelFamily, load_model, read_state_dict
+from voidprompt.models import ModelFamily, load_model
 from voidprompt.models.convert import POSITION_IDS_KEY
 from voidprompt.testing.fake_checkpoints import (
     tiny_sd1_modules,
@@ -193,14 +193,6 @@ def test_full_checkpoint_as_vae_source(tmp_path: Path, stub_tokenizer: object) -
     _, ref_vae, _ = tiny_sd1_modules(1)
     assert torch.equal(c.vae.encoder.conv_in.weight, ref_vae.encoder.conv_in.weight)
     assert any("unknown keys ignored" in n for n in c.report.notes)
-
-
-def test_read_state_dict_unwraps_and_drops_ema(tmp_path: Path) -> None:
-    path = write_tiny_checkpoint(tmp_path / "m.ckpt", fmt="ckpt")
-    sd = read_state_dict(path)
-    ref = tiny_sd1_state_dict(0)
-    assert set(sd) == set(ref) - {"model_ema.decay", "model_ema.num_updates"}
-    assert all(torch.equal(sd[k], ref[k]) for k in sd)
 
 
 def test_real_tokenizer_is_loaded_by_default(tmp_path: Path) -> None:

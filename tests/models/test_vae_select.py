@@ -1,38 +1,14 @@
-"""VAE listing / choice and the fp16 NaN fallback decode."""
+"""The fp16 NaN fallback decode."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 
-from voidprompt.errors import ModelLoadError
-from voidprompt.models.vae_select import choose_vae, decode_with_nan_fallback, list_vaes
+from voidprompt.models.vae_select import decode_with_nan_fallback
 from voidprompt.testing.fake_checkpoints import tiny_sd1_modules
-
-
-def test_list_and_choose(tmp_path: Path) -> None:
-    vdir, cdir = tmp_path / "VAE", tmp_path / "Stable-diffusion"
-    (vdir / "sub").mkdir(parents=True)
-    cdir.mkdir()
-    for p in (
-        vdir / "animevae.pt",
-        vdir / "sub" / "vae-ft-mse.safetensors",
-        vdir / "notes.txt",
-        cdir / "model.vae.ckpt",
-        cdir / "model.safetensors",
-    ):
-        p.write_bytes(b"x")
-    names = [e.name for e in list_vaes(vdir, cdir)]
-    assert names == ["animevae.pt", "model.vae.ckpt", "vae-ft-mse.safetensors"]
-    assert choose_vae("animevae.pt", vdir, cdir) == vdir / "animevae.pt"
-    assert choose_vae("vae-ft-mse", vdir, cdir) == vdir / "sub" / "vae-ft-mse.safetensors"
-    assert choose_vae("model", vdir, cdir) == cdir / "model.vae.ckpt"
-    assert choose_vae("Automatic", vdir) is None and choose_vae("None", vdir) is None
-    with pytest.raises(ModelLoadError, match=r"animevae\.pt"):
-        choose_vae("nope", vdir, cdir)
 
 
 def test_nan_fallback_on_a_vae_that_overflows_fp16(caplog: pytest.LogCaptureFixture) -> None:

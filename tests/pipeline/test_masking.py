@@ -140,12 +140,3 @@ def test_latent_mask_downsamples_and_rounds() -> None:
     small = masking.latent_mask(Image.fromarray(values), 16, 16, round_mask=True)
     assert small.shape == (16, 16)
     assert (small[:, :8] == 0).all() and (small[:, 8:] == 1).all()
-
-
-def test_outpainting_mask_marks_filled_bands() -> None:
-    # 32x16 into 32x32 with resize mode 2: the original covers rows 8..23.
-    mask = np.asarray(masking.outpainting_mask((32, 16), 32, 32))
-    assert (mask[8:24] == 0).all() and (mask[:8] == 255).all() and (mask[24:] == 255).all()
-    # 16x32 into 32x32: columns 8..23.
-    mask = np.asarray(masking.outpainting_mask((16, 32), 32, 32))
-    assert (mask[:, 8:24] == 0).all() and (mask[:, :8] == 255).all() and (mask[:, 24:] == 255).all()
