@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from voidprompt.errors import InvalidRequestError
+from voidprompt.pipeline.images import resize_image
 
 CropRegion = tuple[int, int, int, int]  # x1, y1, x2, y2 (x2, y2 exclusive)
 
@@ -142,9 +143,6 @@ def apply_overlay(
     if overlay is None:
         return image
     if paste_to is not None:
-        # Local import: images imports nothing from here, but keep the module graph one-way.
-        from voidprompt.pipeline.images import resize_image
-
         x, y, w, h = paste_to
         canvas = Image.new("RGBA", overlay.size)
         canvas.paste(resize_image(1, image, w, h), (x, y))

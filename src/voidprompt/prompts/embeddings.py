@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from voidprompt.errors import PromptError
+from voidprompt.models.safe_pickle import LazyTensor, load_pickle_checkpoint
 from voidprompt.models.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -72,13 +74,7 @@ def file_sha256(path: Path) -> str:
 def _load_raw(path: Path) -> Any:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    # Imported here: voidprompt.models imports the tokenizer from this package at load time, so a
-    # top-level import would make a cycle.
-    from voidprompt.models.safe_pickle import load_pickle_checkpoint
-
+        return safetensors.torch.load_file(str(path), device="cpu")
     # Never plain pickle: the project's restricted unpickler executes nothing the file asks for.
     with load_pickle_checkpoint(path) as ckpt:
         return _materialize(ckpt, ckpt.obj)
@@ -86,8 +82,6 @@ def _load_raw(path: Path) -> Any:
 
 def _materialize(ckpt: Any, obj: Any) -> Any:
     """Read every lazy tensor in a nested dict/list (embedding files are tiny)."""
-    from voidprompt.models.safe_pickle import LazyTensor
-
     if isinstance(obj, LazyTensor):
         return ckpt.materialize(obj)
     if isinstance(obj, Mapping):
