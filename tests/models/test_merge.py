@@ -1,10 +1,12 @@
 """Checkpoint merger: per-key formulas, self-merge exactness, block assignment on a full-size layout,
-presets, inpainting, options, streamed output vs in-memory merge, errors leave no file behind."""
+presets, inpainting, options and the recipe, errors leave no file behind. Every merge goes through
+merge_checkpoints, the streaming file merge that ``voidprompt merge`` runs."""
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,6 @@ from voidprompt.models.merge import (
     MergeOptions,
     block_index,
     merge_checkpoints,
-    merge_state_dicts,
     parse_block_weights,
 )
 from voidprompt.models.networks_cli import main as cli_main
@@ -50,15 +51,42 @@ def sds() -> tuple[dict[str, torch.Tensor], ...]:
     return tiny_sd1_state_dict(0), tiny_sd1_state_dict(1), tiny_sd1_state_dict(2)
 
 
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The merger hashes its inputs; keep the hash cache out of the user's cache directory.
+    monkeypatch.setenv("VOIDPROMPT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def merged(
+    folder: Path,
+    *state_dicts: dict[str, torch.Tensor],
+    options: MergeOptions,
+    vae: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The merge of in-memory CompVis state dicts (A, B, C) through :func:`merge_checkpoints`: each
+    written to a .safetensors file, the merged file read back."""
+    work = Path(tempfile.mkdtemp(dir=folder))
+    paths = []
+    for label, sd in zip("abc", state_dicts, strict=False):
+        save_file(sd, str(work / f"{label}.safetensors"))
+        paths.append(work / f"{label}.safetensors")
+    bake = None
+    if vae is not None:
+        bake = work / "x.vae.safetensors"
+        save_file(vae, str(bake))
+    result = merge_checkpoints(*paths, out=work / "out.safetensors", options=options, bake_vae=bake)
+    return load_file(str(result.path))
+
+
 def _is_model_weight(key: str) -> bool:
     return "model" in key and not key.startswith("model_ema.") and key != POSITION_IDS_KEY
 
 
-def test_weighted_sum_and_add_difference_match_formulas(sds) -> None:  # type: ignore[no-untyped-def]
+def test_weighted_sum_and_add_difference_match_formulas(tmp_path: Path, sds) -> None:  # type: ignore[no-untyped-def]
     a, b, c = sds
     for m in (0.3, 1.0):
-        ws = merge_state_dicts(a, b, options=MergeOptions(WS, multiplier=m))
-        ad = merge_state_dicts(a, b, c, options=MergeOptions(MergeMethod.ADD_DIFFERENCE, multiplier=m))
+        ws = merged(tmp_path, a, b, options=MergeOptions(WS, multiplier=m))
+        ad = merged(tmp_path, a, b, c, options=MergeOptions(MergeMethod.ADD_DIFFERENCE, multiplier=m))
         for k in a:
             if k.startswith("model_ema."):
                 assert k not in ws and k not in ad
@@ -71,30 +99,30 @@ def test_weighted_sum_and_add_difference_match_formulas(sds) -> None:  # type: i
             torch.testing.assert_close(ws[k].double(), (1 - m) * ea + m * eb, rtol=1.2e-7, atol=1e-12)
             torch.testing.assert_close(ad[k].double(), ea + m * (eb - ec), rtol=1.2e-7, atol=1e-9)
     assert torch.equal(
-        merge_state_dicts(a, b, options=MergeOptions(WS, multiplier=0.0))[
+        merged(tmp_path, a, b, options=MergeOptions(WS, multiplier=0.0))[
             "model.diffusion_model.out.2.weight"
         ],
         a["model.diffusion_model.out.2.weight"],
     )
     assert torch.equal(
-        merge_state_dicts(a, b, options=MergeOptions(WS, multiplier=1.0))[
+        merged(tmp_path, a, b, options=MergeOptions(WS, multiplier=1.0))[
             "model.diffusion_model.out.2.weight"
         ],
         b["model.diffusion_model.out.2.weight"],
     )
-    ni = merge_state_dicts(a, b, options=MergeOptions(MergeMethod.NO_INTERPOLATION))
+    ni = merged(tmp_path, a, b, options=MergeOptions(MergeMethod.NO_INTERPOLATION))
     assert all(torch.equal(ni[k], a[k]) for k in ni)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_self_merge_returns_the_model_within_one_ulp(sds, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+def test_self_merge_returns_the_model_within_one_ulp(tmp_path: Path, sds, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
     a = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sds[0].items()}
     # A1111's (1-M)A + M B is not exact: show that the naive formula moves some elements
     k0 = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
     naive = (1 - 0.3) * a[k0] + 0.3 * a[k0]
     assert not torch.equal(naive, a[k0])
     for m in (0.1, 1 / 3, 0.7, 0.123456):
-        out = merge_state_dicts(a, a, options=MergeOptions(WS, multiplier=m))
+        out = merged(tmp_path, a, a, options=MergeOptions(WS, multiplier=m))
         for k, v in out.items():
             assert v.dtype == a[k].dtype
             if v.is_floating_point():
@@ -154,11 +182,14 @@ def test_presets_and_weight_parsing() -> None:
         parse_block_weights("0.1,0.2")
 
 
-def test_block_weighted_uses_block_weights_and_base_alpha(sds) -> None:  # type: ignore[no-untyped-def]
+def test_block_weighted_uses_block_weights_and_base_alpha(tmp_path: Path, sds) -> None:  # type: ignore[no-untyped-def]
     a, b, _ = sds
     weights = tuple(i / 24 for i in range(25))
-    out = merge_state_dicts(
-        a, b, options=MergeOptions(MergeMethod.BLOCK_WEIGHTED, block_weights=weights, base_alpha=0.25)
+    out = merged(
+        tmp_path,
+        a,
+        b,
+        options=MergeOptions(MergeMethod.BLOCK_WEIGHTED, block_weights=weights, base_alpha=0.25),
     )
     for k in a:
         if not _is_model_weight(k):
@@ -186,11 +217,11 @@ def test_block_weighted_uses_block_weights_and_base_alpha(sds) -> None:  # type:
         )
 
 
-def test_inpainting_a_merges_first_four_channels(sds) -> None:  # type: ignore[no-untyped-def]
+def test_inpainting_a_merges_first_four_channels(tmp_path: Path, sds) -> None:  # type: ignore[no-untyped-def]
     a = tiny_sd1_state_dict(3, inpainting=True)
     b = sds[1]
     key = "model.diffusion_model.input_blocks.0.0.weight"
-    out = merge_state_dicts(a, b, options=MergeOptions(WS, multiplier=0.5))
+    out = merged(tmp_path, a, b, options=MergeOptions(WS, multiplier=0.5))
     assert out[key].shape == a[key].shape
     torch.testing.assert_close(
         out[key][:, :4].double(),
@@ -200,24 +231,24 @@ def test_inpainting_a_merges_first_four_channels(sds) -> None:  # type: ignore[n
     )
     assert torch.equal(out[key][:, 4:], a[key][:, 4:])
     with pytest.raises(MergeError, match="A must be the inpainting model"):
-        merge_state_dicts(b, a, options=MergeOptions(WS))
+        merged(tmp_path, b, a, options=MergeOptions(WS))
 
 
-def test_family_mismatch_and_missing_keys_are_errors(sds) -> None:  # type: ignore[no-untyped-def]
+def test_family_mismatch_and_missing_keys_are_errors(tmp_path: Path, sds) -> None:  # type: ignore[no-untyped-def]
     a, b, _ = sds
     sd2 = {k.replace("cond_stage_model.transformer.", "cond_stage_model.model."): v for k, v in b.items()}
     with pytest.raises(MergeError, match=r"cannot merge SD1\.x"):
-        merge_state_dicts(a, sd2, options=MergeOptions(WS))
+        merged(tmp_path, a, sd2, options=MergeOptions(WS))
     pruned = {k: v for k, v in b.items() if not k.startswith("first_stage_model.")}
     with pytest.raises(MergeError, match="missing from the other input"):
-        merge_state_dicts(a, pruned, options=MergeOptions(WS))
-    out = merge_state_dicts(a, pruned, options=MergeOptions(WS, allow_missing=True))
+        merged(tmp_path, a, pruned, options=MergeOptions(WS))
+    out = merged(tmp_path, a, pruned, options=MergeOptions(WS, allow_missing=True))
     assert torch.equal(
         out["first_stage_model.decoder.conv_out.weight"], a["first_stage_model.decoder.conv_out.weight"]
     )
 
 
-def test_streamed_file_equals_in_memory_merge_with_options(tmp_path: Path, sds) -> None:  # type: ignore[no-untyped-def]
+def test_options_fp16_discard_and_baked_vae_and_the_recipe(tmp_path: Path, sds) -> None:  # type: ignore[no-untyped-def]
     a, b, _ = sds
     pa = write_tiny_checkpoint(tmp_path / "a.safetensors", state_dict=a)
     pb = write_tiny_checkpoint(tmp_path / "b.ckpt", fmt="ckpt", state_dict=b)  # pickles stream too
@@ -228,16 +259,17 @@ def test_streamed_file_equals_in_memory_merge_with_options(tmp_path: Path, sds) 
         pa, pb, out=tmp_path / "out.safetensors", options=opts, bake_vae=tmp_path / "x.vae.safetensors"
     )
     got = load_file(str(res.path))
-    ref = merge_state_dicts(a, b, options=opts, vae=vae)
-    assert set(got) == set(ref)
-    assert not any(k.startswith("model.diffusion_model.out.") for k in got)
-    for k in ref:
-        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
-    assert got["first_stage_model.decoder.conv_out.weight"].dtype == torch.float16
-    assert torch.equal(
-        got["first_stage_model.decoder.conv_out.weight"], vae["decoder.conv_out.weight"].half()
-    )
-    assert got["alphas_cumprod"].dtype == torch.float32  # not a model key: not halved
+    assert set(got) == {k for k in a if not k.startswith(("model_ema.", "model.diffusion_model.out."))}
+    for k, v in got.items():
+        if k.startswith("first_stage_model."):  # the baked VAE, halved
+            assert torch.equal(v, vae[k.removeprefix("first_stage_model.")].half()), k
+        elif _is_model_weight(k):  # weighted sum in float64, rounded once to fp16
+            exact = 0.7 * a[k].double() + 0.3 * b[k].double()
+            assert v.dtype == torch.float16, k
+            torch.testing.assert_close(v.double(), exact, rtol=2**-11, atol=2**-25)
+        else:
+            assert torch.equal(v, a[k]), k  # not a model key: A's, not halved
+    assert got["alphas_cumprod"].dtype == torch.float32
     with safe_open(str(res.path), "pt") as f:
         meta = f.metadata()
     recipe = json.loads(meta["sd_merge_recipe"])
