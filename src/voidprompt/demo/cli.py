@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,8 +85,6 @@ _text_or_none = _or_none(str, "")
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from dataclasses import fields
-
     from voidprompt.demo.train import TrainConfig
 
     d = TrainConfig(out_dir=Path("."))

@@ -24,10 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import t as student_t
 
-from voidprompt.demo.generate import native_size
+from voidprompt.demo.detector import DetectorConfig, detect
+from voidprompt.demo.generate import demo_request, load_engine, native_size
 from voidprompt.demo.train import CaptionBatcher, adamw, export_model, text_condition
+from voidprompt.demo.world import WorldConfig, caption, render, sample_scene
 from voidprompt.errors import VoidpromptError
+from voidprompt.lab.stats import SlopeFit, linear_slope, wilson_interval
+from voidprompt.models.load import load_model, open_checkpoint, sd1_alphas_cumprod
+from voidprompt.models.networks.extract import extract_lora, kohya_targets
+from voidprompt.pipeline.engine import Engine
 
 __all__ = [
     "ColourSweep",
@@ -44,8 +51,6 @@ def colour_scenes(colour: str, n: int, seed: int, size: int = 64) -> tuple[torch
     Scenes and captions come from the same per-index generators as ``world.make_dataset``; scenes are
     drawn first and only the matching ones rendered (rendering is the expensive part, and roughly one
     scene in ten matches)."""
-    from voidprompt.demo.world import WorldConfig, caption, render, sample_scene
-
     config = WorldConfig(size=size)
     images: list[torch.Tensor] = []
     captions: list[str] = []
@@ -89,9 +94,6 @@ def finetune(
     Plain weights at the end, no EMA: a few hundred steps are too few for an EMA to settle, and the
     LoRA is meant to carry exactly what the steps changed. Deterministic for a given seed on one
     machine (CPU, fixed thread count)."""
-    from voidprompt.models.load import load_model, sd1_alphas_cumprod
-    from voidprompt.models.networks.extract import kohya_targets
-
     if trainable not in ("unet", "lora_targets"):
         raise VoidpromptError(f"trainable={trainable!r}: use 'unet' or 'lora_targets'")
 
@@ -151,8 +153,6 @@ def finetune(
                 log_fn(f"finetune {step + 1}/{steps} loss {sum(losses[-25:]) / 25:.4f}")
 
     unet.eval()
-    from voidprompt.models.load import open_checkpoint
-
     with open_checkpoint(base_model_path) as reader:
         base_info = json.loads(reader.metadata.get("voidprompt.training", "{}"))
     info = {
@@ -194,8 +194,6 @@ class SweepPoint:
     def interval(self) -> tuple[float, float]:
         """Wilson interval of :attr:`share`. Shapes of one picture are not independent trials, so this
         interval is somewhat too narrow; :meth:`picture_interval` is the one to compare."""
-        from voidprompt.lab.stats import wilson_interval
-
         return wilson_interval(self.coloured, self.shapes)
 
     @property
@@ -213,8 +211,6 @@ class SweepPoint:
 
     def picture_interval(self) -> tuple[float, float]:
         """Wilson interval of :attr:`picture_share` (pictures are independent: one seed each)."""
-        from voidprompt.lab.stats import wilson_interval
-
         return wilson_interval(self.pictures_with_colour, self.pictures)
 
 
@@ -230,8 +226,6 @@ class ColourSweep:
     def slope(self) -> Any:
         """Least-squares slope of the per-picture coloured share on the multiplier (lab.stats), pooled
         over the pictures that have shapes (unpaired: ignores that the seeds repeat)."""
-        from voidprompt.lab.stats import linear_slope
-
         xs = [p.multiplier for p in self.points for _ in p.per_image]
         ys = [y for p in self.points for y in p.per_image]
         return linear_slope(xs, ys)
@@ -241,10 +235,6 @@ class ColourSweep:
         least-squares slope of each seed's pictures across the multipliers, then the mean of those
         slopes with a t interval (n_seeds - 1 dof). Seeds are independent, so this interval is honest;
         the seed's own effect (some seeds give red shapes at every multiplier) cancels out."""
-        from scipy.stats import t as student_t
-
-        from voidprompt.lab.stats import SlopeFit
-
         xs = np.array([p.multiplier for p in self.points], dtype=np.float64)
         ys = np.array([p.has_colour for p in self.points], dtype=np.float64)  # (multipliers, seeds)
         if ys.ndim != 2 or ys.shape[1] < 2 or len(set(xs.tolist())) < 2:
@@ -303,11 +293,6 @@ def lora_colour_sweep(
     prediction, which the fine-tune's caption dropout trains directly. A prompt that names a shape
     without a colour moves much less (the fine-tune teaches "red" where the caption says red, and CFG
     subtracts what the unconditional branch picked up)."""
-    from voidprompt.demo.detector import DetectorConfig, detect
-    from voidprompt.demo.generate import demo_request, load_engine
-    from voidprompt.models.networks.extract import extract_lora
-    from voidprompt.pipeline.engine import Engine
-
     lora_dir = Path(work_dir) / "lora"
     lora_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

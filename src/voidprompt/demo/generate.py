@@ -17,8 +17,14 @@ from typing import Any
 
 import torch
 
+from voidprompt.demo.miniature import miniature_model_path
 from voidprompt.files import atomic_write_text
+from voidprompt.imagemeta import save_numbered
+from voidprompt.models.components import Components
+from voidprompt.models.load import load_model
+from voidprompt.pipeline.engine import Engine
 from voidprompt.prompts.nai import NOVELAI_NEGATIVE
+from voidprompt.request import GenerationRequest
 
 __all__ = ["GALLERY", "GalleryItem", "demo_request", "load_engine", "native_size", "write_gallery"]
 
@@ -41,19 +47,15 @@ GALLERY: tuple[GalleryItem, ...] = (
 )
 
 
-def load_engine(model: Path | None = None, *, threads: int | None = None) -> Any:
+def load_engine(model: Path | None = None, *, threads: int | None = None) -> Engine:
     """An Engine on ``model`` (default: the shipped miniature model), fp32 on the CPU."""
-    from voidprompt.demo.miniature import miniature_model_path
-    from voidprompt.models.load import load_model
-    from voidprompt.pipeline.engine import Engine
-
     if threads is not None:
         torch.set_num_threads(threads)
     components = load_model(model or miniature_model_path(), device="cpu", dtype=torch.float32)
     return Engine(components)
 
 
-def native_size(components: Any) -> int:
+def native_size(components: Components) -> int:
     """The picture side a model was trained at: the ``vae_sample_size`` of its ``voidprompt.arch``
     metadata (128 for the shipped miniature model; SD1's 512 for a checkpoint without it). The
     miniature model paints its shapes at this pixel scale whatever size it is asked for, so the
@@ -61,11 +63,11 @@ def native_size(components: Any) -> int:
     return int(components.arch.constants.vae_sample_size)
 
 
-def demo_request(prompt: str, negative_prompt: str = "", *, size: int = 64, **changes: Any) -> Any:
+def demo_request(
+    prompt: str, negative_prompt: str = "", *, size: int = 64, **changes: Any
+) -> GenerationRequest:
     """The miniature model's standard request: ``size`` square (its native size), Euler a, 20 steps,
     Clip skip 2, CFG 7."""
-    from voidprompt.request import GenerationRequest
-
     base = GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -89,8 +91,6 @@ def write_gallery(
     items: tuple[GalleryItem, ...] = GALLERY,
 ) -> Path:
     """Generate the gallery into ``out_dir`` (numbered PNGs with infotext, index.html); returns the index."""
-    from voidprompt.imagemeta import save_numbered
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -20,7 +20,9 @@ from PIL import Image
 
 from voidprompt.demo.detector import Detection, DetectorConfig, detect
 from voidprompt.demo.generate import demo_request, native_size
+from voidprompt.demo.world import DEFECTS, Background, Scene, ShapeObject, make_dataset, render
 from voidprompt.lab.stats import SlopeFit, linear_slope, wilson_interval
+from voidprompt.pipeline.engine import GenerationHooks, decode_latents, to_pil_images
 from voidprompt.prompts.nai import NOVELAI_NEGATIVE
 
 __all__ = [
@@ -98,8 +100,6 @@ def denoising_trajectory(
 
     Shows when a picture's layout is decided: on the miniature model a square is laid down as a
     round blob in the first few high-noise steps and the later steps never sharpen it."""
-    from voidprompt.pipeline.engine import GenerationHooks, decode_latents, to_pil_images
-
     request = demo_request(prompt, negative_prompt, size=native_size(engine.components), seed=seed, **changes)
     if request.n_iter != 1:
         raise ValueError(f"n_iter={request.n_iter}: one batch per trajectory; use batch_size instead")
@@ -178,8 +178,6 @@ def prompt_adherence_ceiling(
     ``transform`` (:func:`vae_round_trip`). A UNet that drew exactly the world's pictures for a bare
     ``<colour> <shape>`` prompt would score the transformed share; no UNet scores more with this VAE.
     ``size``: the side the world is drawn (and read) at, the model's native size."""
-    from voidprompt.demo.world import make_dataset
-
     wanted: dict[str, list[Image.Image]] = {prompt: [] for prompt in prompts}
     for image, text, _ in make_dataset(max_pictures, seed, size):
         tags = set(text.split(", "))
@@ -230,8 +228,6 @@ def defect_rates(
     detections: Sequence[Detection],
 ) -> tuple[Proportion, dict[str, Proportion]]:
     """Share of pictures with any defect flag, and per defect."""
-    from voidprompt.demo.world import DEFECTS
-
     n = len(detections)
     any_defect = Proportion(sum(bool(d.defect_flags) for d in detections), n)
     return any_defect, {x: Proportion(sum(x in d.defect_flags for d in detections), n) for x in DEFECTS}
@@ -304,8 +300,6 @@ def kind_survival_by_size(
     at random on white, is still read as that kind after ``transform`` (a VAE round trip): the size
     below which the VAE rounds a kind away, i.e. the ceiling it puts on prompt adherence. ``size``:
     the picture side, the model's native size."""
-    from voidprompt.demo.world import Background, Scene, ShapeObject, render
-
     rng = np.random.default_rng(seed)
     detector = DetectorConfig(native_size=size)
     out: dict[str, dict[float, Proportion]] = {}
@@ -325,8 +319,6 @@ def kind_survival_by_size(
 def vae_round_trip(components: Any) -> Callable[[Image.Image], Image.Image]:
     """Encode (posterior mean) and decode a picture with the model's VAE, as the detector evaluation's
     ``transform``."""
-    from voidprompt.pipeline.engine import decode_latents, to_pil_images
-
     vae = components.vae
 
     def transform(image: Image.Image) -> Image.Image:

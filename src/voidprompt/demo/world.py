@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -639,8 +640,6 @@ def draw_pixels(
     if workers <= 1:
         parts = [_draw_chunk(seed, start, stop, config) for start, stop in bounds]
     else:
-        import multiprocessing
-
         # spawn, not fork: the caller (the trainer) holds torch's thread pools, which a fork copies
         # in whatever state they are.
         context = multiprocessing.get_context("spawn")
