@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import csv as csv_module
 import io
+import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from voidprompt.lab.catalog import Catalog
+from voidprompt.lab.run import run_study
+from voidprompt.lab.study import load_study
+from voidprompt.server.api import _status_for
+from voidprompt.server.studies import ReportUnavailableError, StudyRegistry
 
 
 def test_list_filter_label_measure(study_server) -> None:  # type: ignore[no-untyped-def]
@@ -172,3 +178,18 @@ def test_report_of_a_study_without_images_is_a_clear_error(study_server, study_w
         assert http.get("/voidprompt/v1/studies").status_code == 200
         r = http.get("/voidprompt/v1/studies/unrun/report")
         assert r.status_code == 404 and "start a run first" in r.json()["detail"]
+
+
+def test_report_without_matplotlib_is_a_501_naming_the_lab_extra(  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny_checkpoint: Path, study_writer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = load_study(study_writer(tmp_path, tiny_checkpoint, seeds=1, steps=1))
+    run_study(study, study.run.override(progress=False))
+    registry = StudyRegistry(tmp_path)
+    # As if the lab extra were not installed: the report imports matplotlib when it draws a plot.
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    missing = r"\(matplotlib is missing\).*voidprompt\[lab\]"
+    with pytest.raises(ReportUnavailableError, match=missing) as caught:
+        registry.report(registry.get("smoke"))
+    assert _status_for(caught.value) == 501

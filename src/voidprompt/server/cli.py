@@ -7,9 +7,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from voidprompt.errors import VoidpromptError
+from voidprompt.server.auth import parse_credentials
+from voidprompt.server.limits import Limits
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -73,10 +76,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> object:
-    from dataclasses import replace
-
-    from voidprompt.server.auth import parse_credentials
-    from voidprompt.server.limits import Limits
     from voidprompt.server.state import ServerConfig
 
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")

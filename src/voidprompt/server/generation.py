@@ -31,6 +31,7 @@ from voidprompt import __version__
 from voidprompt.errors import InvalidRequestError
 from voidprompt.imagemeta import open_image_safely
 from voidprompt.infotext import KEY_ORDER, TRAILING_KEYS, request_fields_from_infotext
+from voidprompt.models.load import load_model
 from voidprompt.pipeline.engine import Engine, GenerationHooks, Progress
 from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
 from voidprompt.pipeline.result import Result
@@ -455,8 +456,6 @@ class ModelHost:
 
     def ensure_loaded(self, entry: CheckpointEntry, vae: VaeEntry | None) -> Engine:
         """Load ``entry`` (with ``vae``) unless it is already the model in memory."""
-        from voidprompt.models.load import load_model
-
         if self.engine is not None and self.loaded == (entry, vae):
             return self.engine
         # Drop the old model first: one model in memory at a time, never two.

@@ -33,8 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from voidprompt.errors import VoidpromptError
+from voidprompt.models.arch import clip_prefix_of
+from voidprompt.models.load import open_checkpoint
 from voidprompt.models.networks.lora import LORA_SUFFIXES
-from voidprompt.prompts.embeddings import EMBEDDING_SUFFIXES
+from voidprompt.models.safe_pickle import load_pickle_checkpoint
+from voidprompt.models.tokenizer import ClipTokenizer
+from voidprompt.prompts.embeddings import EMBEDDING_SUFFIXES, EmbeddingDatabase
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +244,6 @@ def read_embedding_info(name: str, path: Path) -> EmbeddingInfo:
                 raise VoidpromptError(f"embedding {path}: tensor {key!r} has no valid shape")
             data[key] = _Shape(tuple(shape))
     else:
-        from voidprompt.models.safe_pickle import load_pickle_checkpoint
-
         # The restricted unpickler: tensors stay lazy (shape only), no class outside its allow-list
         # is ever loaded, so nothing in the file runs.
         with load_pickle_checkpoint(path) as checkpoint:
@@ -346,11 +348,9 @@ class NetworkFolders:
             if name != "None"
         ]
 
-    def embedding_database(self, tokenizer: Any, width: int) -> Any:
+    def embedding_database(self, tokenizer: ClipTokenizer, width: int) -> EmbeddingDatabase:
         """An :class:`EmbeddingDatabase` of every scanned embedding file for a text encoder of
         ``width`` (wrong widths become its skipped entries, which name the reason when used)."""
-        from voidprompt.prompts.embeddings import EmbeddingDatabase
-
         database = EmbeddingDatabase(tokenizer, width=width)
         with self._lock:
             paths = list(self.embedding_paths)
@@ -361,9 +361,6 @@ class NetworkFolders:
 
 def checkpoint_text_width(path: Path) -> int | None:
     """The CLIP width of a checkpoint from its tensor shapes (header / lazy pickle only)."""
-    from voidprompt.models.arch import clip_prefix_of
-    from voidprompt.models.load import open_checkpoint
-
     try:
         with open_checkpoint(path) as reader:
             shape = reader.shapes.get(clip_prefix_of(reader.shapes) + "embeddings.token_embedding.weight")

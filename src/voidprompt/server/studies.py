@@ -44,6 +44,7 @@ from voidprompt.errors import StudyError
 from voidprompt.files import atomic_write_text
 from voidprompt.lab.catalog import Catalog, catalog_path_beside
 from voidprompt.lab.labels import DEFAULT_CLASSES, HUMAN, effective_label, label_scheme
+from voidprompt.lab.report import build_report
 from voidprompt.lab.study import Study, load_study, parse_study
 from voidprompt.server.checkpoints import NotFoundError
 
@@ -242,15 +243,18 @@ class StudyRegistry:
             if current and not rebuild:
                 assert stamp is not None
                 return {**stamp, "built": False}
-            try:
-                from voidprompt.lab.report import build_report
-            except ImportError as error:
-                raise ReportUnavailableError(
-                    f"study reports need the lab extras ({error.name} is missing): "
-                    "pip install 'voidprompt[lab]'"
-                ) from None
             with self._build_lock:
-                result = build_report(study, catalog_path=entry.catalog_path(), out_dir=out)
+                try:
+                    result = build_report(study, catalog_path=entry.catalog_path(), out_dir=out)
+                except ModuleNotFoundError as error:
+                    # The report imports matplotlib (the lab extra) only when it draws a figure.
+                    missing = (error.name or "").partition(".")[0]
+                    if missing != "matplotlib":
+                        raise
+                    raise ReportUnavailableError(
+                        f"study reports need the lab extras ({missing} is missing): "
+                        "pip install 'voidprompt[lab]'"
+                    ) from None
             figures_dir = out / "figures"
             files = [result.html, *result.csvs, *([result.parquet] if result.parquet else [])]
             stamp = {
