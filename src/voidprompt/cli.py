@@ -17,9 +17,12 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tqdm import tqdm
+
 from voidprompt import __version__
-from voidprompt.demo.miniature import miniature_model_path
 from voidprompt.errors import VoidpromptError
+from voidprompt.imagemeta import open_image_safely, save_numbered
+from voidprompt.request import GenerationRequest
 
 # Subcommands implemented by their subsystem: name -> "module:function" taking argv, returning an exit code.
 DELEGATED: dict[str, str] = {
@@ -90,6 +93,7 @@ def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
 def _engine(args: argparse.Namespace) -> Any:
     import torch
 
+    from voidprompt.demo.miniature import miniature_model_path
     from voidprompt.models.load import load_model
     from voidprompt.pipeline.engine import Engine
     from voidprompt.prompts.embeddings import EmbeddingDatabase
@@ -112,10 +116,7 @@ def _engine(args: argparse.Namespace) -> Any:
     )
 
 
-def _generate_and_save(args: argparse.Namespace, request: Any) -> int:
-    from tqdm import tqdm
-
-    from voidprompt.imagemeta import save_numbered
+def _generate_and_save(args: argparse.Namespace, request: GenerationRequest) -> int:
     from voidprompt.pipeline.engine import GenerationHooks
 
     engine = _engine(args)
@@ -137,17 +138,12 @@ def _generate_and_save(args: argparse.Namespace, request: Any) -> int:
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
-    from voidprompt.request import GenerationRequest
-
     request = GenerationRequest(**_request_fields(args))
     request.validate()  # fail on bad sizes before loading a model
     return _generate_and_save(args, request)
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
-    from voidprompt.imagemeta import open_image_safely
-    from voidprompt.request import GenerationRequest
-
     fields = _request_fields(args)
     init = open_image_safely(args.init_image).convert("RGB")
     fields.update(
