@@ -145,13 +145,13 @@ def write_study(
 
 
 @pytest.fixture(scope="session")
-def study_server(mini_server):  # type: ignore[no-untyped-def]
-    """The miniature-model server with the smoke study (on the miniature model, 2 steps) run to
+def study_server(mini_server, tiny_checkpoint):  # type: ignore[no-untyped-def]
+    """The miniature-model server with the smoke study (on the tiny checkpoint, 2 steps) run to
     completion through the API: 12 images."""
     import httpx
 
     server = mini_server
-    write_study(server.root / "studies", None, steps=2)
+    write_study(server.root / "studies", tiny_checkpoint, steps=2)
     with httpx.Client(base_url=server.url, timeout=60) as http:
         studies = http.get("/voidprompt/v1/studies").json()
         assert [s["id"] for s in studies] == ["smoke"]

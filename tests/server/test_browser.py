@@ -55,6 +55,7 @@ def loaded_images(driver, selector: str) -> list[dict[str, object]]:  # type: ig
     return result
 
 
+@pytest.mark.slow  # a browser driving the web UI, generating on the shipped model
 def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  # type: ignore[no-untyped-def]
     """On the miniature model: generate an image, open a study (grid and the report's plots), label
     ten images with the keyboard, and find those labels in the catalog."""
