@@ -5,8 +5,9 @@ LoRA from the weight difference (SVD, ``voidprompt lora extract A B --rank R``),
 Quick tests (CI), on a miniature-layout checkpoint trained one step (``tiny_miniature``): the
 fine-tune's file contract, and the user's command-line path: ``voidprompt lora extract`` writes a LoRA
 that ``voidprompt txt2img --lora-dir`` applies with ``<lora:red:1>``; at full rank on a fine-tune of the
-LoRA-targetable weights only, that reproduces the fine-tuned model's picture. Neither needs a model
-that draws well.
+LoRA-targetable weights only, that reproduces the fine-tuned model's picture; the sweep runs each
+multiplier on the same seeds, and its statistics are checked on hand-made points. None of them needs a
+model that draws well.
 
 Slow test (the must-show): one 300-step fine-tune on red-only world pictures, a rank-8 LoRA (ResNet
 convs included), 64 paired seeds at each of M = 0, 0.5, 1, 1.5 (multiplier 0 = the base model, no
@@ -179,6 +180,73 @@ def test_quick_cli_extract_then_lora_tag_reproduces_the_finetune(
     # Measured: 0 levels apart from the fine-tuned picture, 16 on average from the base picture.
     assert np.abs(base - tuned).mean() > 5.0, "the fine-tune must visibly change the picture"
     assert np.abs(with_lora - tuned).max() <= 1, np.abs(with_lora - tuned).max()
+
+
+def test_quick_sweep_statistics_on_known_points() -> None:
+    """The sweep's figures on hand-made points: pooled shares and Wilson intervals, the unpaired slope
+    (scipy's linregress as the oracle) and the paired slope (each seed's least-squares slope, then a t
+    interval over the seeds)."""
+    from scipy import stats
+
+    from voidprompt.demo.finetune import SweepPoint
+    from voidprompt.errors import VoidpromptError
+    from voidprompt.lab.stats import wilson_interval
+
+    has = {0.0: [False, False, True, False], 1.0: [True, False, True, False], 2.0: [True, True, True, False]}
+    per_image = {0.0: [0.0, 0.5], 1.0: [1.0, 0.5, 0.0], 2.0: [1.0, 1.0, 0.5]}
+    points = [
+        SweepPoint(m, shapes=6, coloured=k, images_with_shapes=len(per_image[m]), per_image=per_image[m],
+                   has_colour=has[m])
+        for m, k in ((0.0, 1), (1.0, 3), (2.0, 5))
+    ]  # fmt: skip
+    sweep = ColourSweep("red", "", points, 0.0, 0.0, 3)
+    assert [p.share for p in points] == [1 / 6, 3 / 6, 5 / 6]
+    assert [p.picture_share for p in points] == [0.25, 0.5, 0.75]
+    assert points[1].picture_interval() == wilson_interval(2, 4) and points[2].interval() == wilson_interval(
+        5, 6
+    )
+    fit = sweep.slope()
+    oracle = stats.linregress(
+        [m for m in per_image for _ in per_image[m]], [y for v in per_image.values() for y in v]
+    )
+    assert (
+        fit.n == 8 and fit.slope == pytest.approx(oracle.slope) and fit.stderr == pytest.approx(oracle.stderr)
+    )
+    # Per seed, the 0/1 outcomes at M = 0, 1, 2: seed 0 (0, 1, 1) slope 0.5, seed 1 (0, 0, 1) 0.5,
+    # seed 2 (1, 1, 1) 0, seed 3 (0, 0, 0) 0.
+    per_seed = np.array([0.5, 0.5, 0.0, 0.0])
+    paired = sweep.paired_slope()
+    half = stats.t.ppf(0.975, 3) * per_seed.std(ddof=1) / 2.0
+    assert paired.n == 4 and paired.slope == pytest.approx(0.25)
+    assert (paired.low, paired.high) == pytest.approx((0.25 - half, 0.25 + half))
+    assert "| 1 | 2/4 = 0.500" in sweep.table() and "3/6 = 0.500" in sweep.table()
+    with pytest.raises(VoidpromptError, match="two or more multipliers and seeds"):
+        ColourSweep("red", "", points[:1], 0.0, 0.0, 3).paired_slope()
+
+
+def test_quick_sweep_generates_each_multiplier_on_the_same_seeds(
+    tmp_path: Path, tiny_miniature: Path
+) -> None:
+    """``lora_colour_sweep`` on a one-step checkpoint: it extracts the LoRA, and at multiplier 0 the
+    pictures are the base model's for the same seeds (no tag), read by the detector at the model's size."""
+    from voidprompt.demo.detector import DetectorConfig, detect
+    from voidprompt.demo.generate import demo_request, load_engine
+
+    tuned = finetune(
+        tiny_miniature, tmp_path / "red.safetensors", steps=2, n_images=4, batch_size=2, threads=1
+    )
+    sweep = lora_colour_sweep(
+        tiny_miniature, tuned, tmp_path, multipliers=(0.0, 1.0), n_images=3, steps=2, rank=2, conv_rank=2,
+        batch=2, threads=1,
+    )  # fmt: skip
+    assert (tmp_path / "lora" / "red.safetensors").is_file() and sweep.lora_layers > 0
+    assert [p.multiplier for p in sweep.points] == [0.0, 1.0] and [p.pictures for p in sweep.points] == [3, 3]
+    for point in sweep.points:
+        assert point.coloured <= point.shapes and point.images_with_shapes == len(point.per_image)
+    base = load_engine(tiny_miniature).generate(demo_request("", size=32, seed=1000, batch_size=3, steps=2))
+    found = [detect(image, DetectorConfig(native_size=32)).shapes for image in base.images]
+    assert sweep.points[0].has_colour == [any(s.colour == "red" for s in shapes) for shapes in found]
+    assert sweep.points[0].shapes == sum(len(shapes) for shapes in found)
 
 
 @pytest.fixture(scope="module")
