@@ -175,6 +175,34 @@ def test_negative_prompt_effect_pairs_seeds_and_counts_defective_pictures() -> N
     ]  # fmt: skip
 
 
+def test_count_ratio_compares_objects_at_the_native_side_and_at_twice_it() -> None:
+    from voidprompt.demo.measure import count_ratio
+
+    spots = [(0.25, 0.25), (0.75, 0.75), (0.25, 0.75)]
+
+    def paint(request: GenerationRequest, seed: int) -> Scene:
+        # One shape at the native side; at twice the side two shapes on even seeds, three on odd ones.
+        n = 1 if request.width == 64 else 2 + seed % 2
+        shapes = tuple(ShapeObject("circle", "red", spot, 0.12) for spot in spots[:n])
+        return Scene(shapes, Background("solid", ("white",)), (), 1)
+
+    engine = PaintingEngine(paint)
+    counts = count_ratio(engine, 4, seed=10, prompt="solo")
+    assert counts == pytest.approx(
+        {
+            "side": 64.0,
+            "mean_native": 1.0,
+            "sem_native": 0.0,
+            "mean_4x": 2.5,
+            "sem_4x": 3**-0.5 / 2,
+            "ratio": 2.5,
+        }
+    )  # sem of (2, 3, 2, 3): sample std sqrt(1/3), over sqrt(4)
+    assert [(r.prompt, r.width, r.height, r.seed, r.batch_size) for r in engine.requests] == [
+        ("solo", 64, 64, 10, 4), ("solo", 128, 128, 10, 4)
+    ]  # fmt: skip
+
+
 def test_emphasis_slope_puts_the_weighted_tag_in_the_negative_and_fits_the_rates() -> None:
     from voidprompt.demo.measure import emphasis_slope
 
