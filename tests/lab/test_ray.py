@@ -39,17 +39,18 @@ def test_ray_matches_local(tiny_checkpoint: Path, tmp_path: Path) -> None:
     try:
         report = run_study(distributed, quiet(distributed, executor="ray", batch_size=2, threads=1))
         # A batch a worker's Engine rejects fails as a whole there too; the other batches go on.
-        # The sampler the innermost axis: the first four jobs are two batches, one of each sampler.
-        sampler_axis = text.replace('sampler_name = "Euler a"\n', "").replace(
-            "[labels]", 'sampler_name = "Euler a, Nope"\n[labels]'
+        # The strength is the innermost axis: the first four jobs are two batches, one of each
+        # strength, and a hires pass with strength 0 has no schedule (the Engine refuses it).
+        hires_axis = text.replace("[settings]\n", "[settings]\nenable_hr = true\n").replace(
+            "[labels]", 'denoising_strength = "0.5, 0"\n[labels]'
         )
-        rejected = parse_study(sampler_axis, tmp_path / "rejected" / "t.toml")
+        rejected = parse_study(hires_axis, tmp_path / "rejected" / "t.toml")
         partial = run_study(rejected, quiet(rejected, executor="ray", batch_size=2, threads=1, max_jobs=4))
     finally:
         ray.shutdown()
     assert (partial.generated, len(partial.failed)) == (2, 2)
     assert set(partial.failed.values()) == {next(iter(partial.failed.values()))}
-    assert next(iter(partial.failed.values())).startswith("sampler_name='Nope' is not known")
+    assert next(iter(partial.failed.values())).startswith("denoising_strength=0 with enable_hr")
     assert (report.generated, report.batches) == (8, 4)
     a, b = _catalog(tmp_path / "local"), _catalog(tmp_path / "ray")
     assert sorted(a) == sorted(b) == sorted(j.job_id for j in local.expand())
