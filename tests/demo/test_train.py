@@ -29,7 +29,7 @@ def test_encode_tokens_equals_tokenizing_the_joined_caption() -> None:
     comma = tok.encode(",")[0]
     ids = encode_tokens([tok.encode(t) for t in tags], tok.bos_id, tok.eos_id, comma)
     # Oracle: the tokenizer on the whole caption, padded with EOS as SD1 does.
-    whole = tok.encode_with_specials(", ".join(tags))
+    whole = [tok.bos_id, *tok.encode(", ".join(tags)), tok.eos_id]
     assert len(ids) == 77
     assert ids[: len(whole)] == whole
     assert set(ids[len(whole):]) == {tok.eos_id}
@@ -44,7 +44,7 @@ def test_text_condition_is_a1111_clip_skip_2() -> None:
     te.eval()
     tok = load_clip_tokenizer()
     text = "blue square, white background, solo"
-    ids = torch.tensor([tok.encode_with_specials(text) + [tok.eos_id] * (77 - 9)])
+    ids = torch.tensor([[tok.bos_id, *tok.encode(text), tok.eos_id] + [tok.eos_id] * (77 - 9)])
     with torch.no_grad():
         ours = text_condition(te, ids)
     theirs = PromptEncoder(te, tok).encode_texts([text], clip_skip=2)
@@ -58,7 +58,7 @@ def test_final_layer_norm_bias_keeps_the_mean_away_from_zero() -> None:
     assert not bias.requires_grad
     assert abs(float(bias.mean()) - FINAL_LN_BIAS_MEAN) < 0.05
     tok = load_clip_tokenizer()
-    ids = torch.tensor([tok.encode_with_specials("") + [tok.eos_id] * 75])
+    ids = torch.tensor([[tok.bos_id, *tok.encode(""), tok.eos_id] + [tok.eos_id] * 75])
     with torch.no_grad():
         z = text_condition(te, ids)
     # A1111's mean restoration divides by this mean.

@@ -191,7 +191,6 @@ def test_cache_exact_and_keyed(model: CLIPTextModel, tok: ClipTokenizer) -> None
     assert enc.encode_schedule([(19, "a (cat:1.2), zzneg")], clip_skip=1, model_key="m1") is not first
 
     # A new embedding whose name is in the prompt must change the result and miss the cache.
-    enc.clear_cache()
     before = enc.encode_schedule(schedule, clip_skip=1)
     db.add(Embedding("zzneg", torch.randn(2, WIDTH)))
     after = enc.encode_schedule(schedule, clip_skip=1)
@@ -199,7 +198,7 @@ def test_cache_exact_and_keyed(model: CLIPTextModel, tok: ClipTokenizer) -> None
     assert not torch.equal(after[0].cond, before[0].cond)
 
     # LRU bound: size 3, the oldest entry is evicted.
-    enc.clear_cache()
+    enc = PromptEncoder(model, tok, db, cache_size=3)
     for text in ["p1", "p2", "p3", "p4"]:
         enc.encode_schedule([(20, text)], clip_skip=1)
     hits = enc.cache_hits

@@ -5,7 +5,7 @@ Public entry point: :func:`load_model` (returns :class:`Components`).
 
 from voidprompt.models.components import CheckpointInfo, Components, LoadReport, VaeInfo
 from voidprompt.models.detect import ModelFamily, detect_family
-from voidprompt.models.load import load_model, open_checkpoint, read_state_dict
+from voidprompt.models.load import load_model, open_checkpoint
 
 __all__ = [
     "CheckpointInfo",
@@ -16,5 +16,4 @@ __all__ = [
     "detect_family",
     "load_model",
     "open_checkpoint",
-    "read_state_dict",
 ]

@@ -43,7 +43,6 @@ __all__ = [
     "find_paired_vae",
     "load_model",
     "open_checkpoint",
-    "read_state_dict",
     "sd1_alphas_cumprod",
 ]
 
@@ -230,15 +229,6 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
         ) from exc
     reader.format = "safetensors"
     return reader
-
-
-def read_state_dict(path: str | Path, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The whole state dict of a file (``state_dict`` wrapper removed, ``model_ema.*`` dropped).
-
-    For merging and tools; :func:`load_model` does not use it, to avoid holding two copies.
-    """
-    with open_checkpoint(path) as reader:
-        return {k: reader.get(k).to(device) for k in reader.tensor_names() if not k.startswith("model_ema.")}
 
 
 def find_paired_vae(checkpoint: str | Path) -> Path | None:

@@ -38,7 +38,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,6 @@ __all__ = [
     "MergeResult",
     "block_index",
     "merge_checkpoints",
-    "merge_state_dicts",
     "parse_block_weights",
 ]
 
@@ -227,18 +226,6 @@ class _Source:
 
     def get(self, key: str) -> torch.Tensor:
         raise NotImplementedError
-
-
-class _DictSource(_Source):
-    def __init__(self, sd: Mapping[str, torch.Tensor], name: str) -> None:
-        self.name = name
-        self._sd = sd
-        self.shapes = {k: tuple(v.shape) for k, v in sd.items()}
-        self.dtypes = {k: v.dtype for k, v in sd.items()}
-        self.metadata: dict[str, str] = {}
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._sd[key]
 
 
 class _FileSource(_Source):
@@ -486,26 +473,6 @@ def _run(
                 c.get(step.key) if c is not None else None,
             )
         sink(step.spec.name, t.to(step.spec.dtype))
-
-
-def merge_state_dicts(
-    a: Mapping[str, torch.Tensor],
-    b: Mapping[str, torch.Tensor] | None = None,
-    c: Mapping[str, torch.Tensor] | None = None,
-    *,
-    options: MergeOptions,
-    vae: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """The merge of in-memory CompVis state dicts (same rules as :func:`merge_checkpoints`)."""
-    options.validate(b is not None, c is not None)
-    sa = _DictSource(a, "A")
-    sb = _DictSource(b, "B") if b is not None else None
-    sc = _DictSource(c, "C") if c is not None else None
-    sv = _DictSource(vae, "VAE") if vae is not None else None
-    steps, _ = _plan(sa, sb, sc, sv, options)
-    out: dict[str, torch.Tensor] = {}
-    _run(steps, options.method, sa, sb, sc, sv, lambda k, t: out.__setitem__(k, t))
-    return out
 
 
 def merge_checkpoints(

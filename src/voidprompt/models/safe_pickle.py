@@ -22,7 +22,6 @@ list, then each storage's bytes preceded by an int64 element count). The even ol
 from __future__ import annotations
 
 import collections
-import io
 import os
 import pickle
 import struct
@@ -43,7 +42,6 @@ __all__ = [
     "LazyTensor",
     "PickleCheckpoint",
     "load_pickle_checkpoint",
-    "safe_unpickle_bytes",
 ]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -284,11 +282,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if self._persistent is None:
             raise pickle.UnpicklingError("persistent id in a pickle that has no storages")
         return self._persistent(pid)
-
-
-def safe_unpickle_bytes(data: bytes, *, source: str = "<bytes>") -> Any:
-    """Unpickle plain data (no storages) through the allow-list; mostly for tests and small files."""
-    return _RestrictedUnpickler(io.BytesIO(data), source).load()
 
 
 def _decode(value: Any) -> Any:

@@ -159,10 +159,6 @@ class ClipTokenizer:
         """Token ids of ``text`` without BOS/EOS and without truncation."""
         return [self.encoder[s] for s in self.tokenize(text)]
 
-    def encode_with_specials(self, text: str) -> list[int]:
-        """``[BOS] + encode(text) + [EOS]`` (untruncated)."""
-        return [self.bos_id, *self.encode(text), self.eos_id]
-
     def token_text(self, token_id: int) -> str:
         """The vocabulary symbol for one id, e.g. ``"cat</w>"``; for reports."""
         if token_id not in self.decoder:

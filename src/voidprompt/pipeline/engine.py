@@ -30,7 +30,7 @@ from voidprompt.errors import InvalidRequestError, VoidpromptError
 from voidprompt.infotext import ImageFacts, ModelFacts, RunFacts, create_infotext, generation_params
 from voidprompt.models.components import Components
 from voidprompt.models.networks.manager import AppliedNetworks, NetworkManager
-from voidprompt.models.vae_select import decode_with_nan_fallback
+from voidprompt.models.vae_decode import decode_with_nan_fallback
 from voidprompt.pipeline import hires as hires_fix
 from voidprompt.pipeline.images import pil_to_tensor, resize_image
 from voidprompt.pipeline.img2img import (

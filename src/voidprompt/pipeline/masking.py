@@ -158,20 +158,3 @@ def latent_mask(mask: Image.Image, latent_width: int, latent_height: int, round_
     small = mask.convert("RGB").resize((latent_width, latent_height))
     values = np.asarray(small, dtype=np.float32)[:, :, 0] / 255.0
     return np.around(values) if round_mask else values
-
-
-def outpainting_mask(source_size: tuple[int, int], width: int, height: int) -> Image.Image:
-    """The mask for outpainting with resize mode 2 ("resize and fill"): white over the bands that
-    resize mode fills with stretched edges, black over the resized original.
-
-    Outpainting is plain inpainting: send the original with ``resize_mode=2`` and this mask (with
-    ``inpainting_fill=0`` "fill" or 2 "latent noise" for new content in the bands).
-    """
-    src_w0, src_h0 = source_size
-    ratio, src_ratio = width / height, src_w0 / src_h0
-    src_w = width if ratio < src_ratio else src_w0 * height // src_h0
-    src_h = height if ratio >= src_ratio else src_h0 * width // src_w0
-    x0, y0 = width // 2 - src_w // 2, height // 2 - src_h // 2
-    values = np.full((height, width), 255, dtype=np.uint8)
-    values[max(y0, 0) : y0 + src_h, max(x0, 0) : x0 + src_w] = 0
-    return Image.fromarray(values, mode="L")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,10 +230,6 @@ class EmbeddingDatabase:
         )
         skip = tuple((n, "skipped", 0) for n in self.skipped)
         return tuple(sorted(emb + skip))
-
-    def hashes_for(self, names: Iterable[str]) -> dict[str, str]:
-        """``{name: shorthash}`` for infotext ``TI hashes``."""
-        return {n: self.embeddings[n].shorthash for n in names if n in self.embeddings}
 
 
 def _tensor_digest(t: torch.Tensor) -> str:

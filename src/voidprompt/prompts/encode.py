@@ -245,10 +245,6 @@ class PromptEncoder:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 
-    def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
-
     def encode_schedule(
         self,
         schedule: Sequence[tuple[int, str]],

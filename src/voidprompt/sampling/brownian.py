@@ -115,18 +115,6 @@ def _sort(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return (a, b, 1) if a < b else (b, a, -1)
 
 
-def brownian_noise_sampler(
-    x: torch.Tensor,
-    sigma_min: float | torch.Tensor,
-    sigma_max: float | torch.Tensor,
-    seeds: Sequence[int],
-    source: RandnSource = "CPU",
-) -> BrownianTreeNoiseSampler:
-    """The SDE samplers' noise for the batch ``x`` with per-image ``seeds`` (this iteration's
-    slice of the run's seeds), over [sigma_min, sigma_max]."""
-    return BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seeds, source)
-
-
 def brownian_noise_sampler_for_sigmas(
     x: torch.Tensor, sigmas: torch.Tensor, seeds: Sequence[int], source: RandnSource = "CPU"
 ) -> BrownianTreeNoiseSampler:

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from voidprompt.models.vae_select import decode_with_nan_fallback
+from voidprompt.models.vae_decode import decode_with_nan_fallback
 from voidprompt.testing.fake_checkpoints import tiny_sd1_modules
 
 
