@@ -31,3 +31,7 @@ class InfotextError(VoidpromptError):
 
 class StudyError(VoidpromptError):
     """A study file is invalid; the message names the file, the field and the fix."""
+
+
+class DeviceError(VoidpromptError):
+    """A device or precision that this machine, or its build of torch, cannot provide."""

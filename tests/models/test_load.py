@@ -219,3 +219,33 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pic
     with open_checkpoint(path) as reader:
         assert reader.format == "safetensors"
         assert torch.equal(reader.get("t"), tensor)
+
+
+def test_a_precision_policy_sets_each_modules_dtype(
+    tmp_path: Path, tiny_sd: dict[str, torch.Tensor], stub_tokenizer: object
+) -> None:
+    from voidprompt.models.placement import resolve_precision
+
+    path = write_tiny_checkpoint(tmp_path / "m.safetensors")
+    policy = resolve_precision("bf16", torch.device("cpu")).with_vae(torch.float32)
+    c = load_model(path, precision=policy, tokenizer=stub_tokenizer)
+    assert c.precision is policy and c.dtype == torch.bfloat16
+    assert {p.dtype for p in c.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in c.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in c.vae.parameters()} == {torch.float32}
+    # Cast from the file's float32 values, nothing else.
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(c.unet.conv_in.weight, tiny_sd[key].to(torch.bfloat16))
+    with pytest.raises(ModelLoadError, match="contradicts precision bf16"):
+        load_model(path, precision=policy, dtype=torch.float32, tokenizer=stub_tokenizer)
+
+
+def test_channels_last_is_off_on_the_cpu_unless_asked(tmp_path: Path, stub_tokenizer: object) -> None:
+    path = write_tiny_checkpoint(tmp_path / "m.safetensors")
+    plain = load_model(path, tokenizer=stub_tokenizer)
+    weight = plain.unet.conv_in.weight
+    assert weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.precision.name == "fp32" and plain.precision.autocast is None
+    fast = load_model(path, channels_last=True, tokenizer=stub_tokenizer)
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fast.unet.conv_in.weight, weight)

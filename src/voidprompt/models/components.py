@@ -12,6 +12,7 @@ import torch
 from voidprompt.models.arch import SD1Arch
 from voidprompt.models.detect import ModelFamily
 from voidprompt.models.hashes import old_model_hash, sha256_file
+from voidprompt.models.placement import PrecisionPolicy
 
 __all__ = ["CheckpointInfo", "Components", "LoadReport", "VaeInfo"]
 
@@ -110,8 +111,11 @@ class Components:
     vae_info: VaeInfo | None
     report: LoadReport
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the UNet's and text encoder's weights (precision.weights)
     arch: SD1Arch
+    # How the modules compute. The Engine replaces it with a float32-VAE policy when a half
+    # decode overflows (A1111's auto_vae_precision): the VAE stays float32 from then on.
+    precision: PrecisionPolicy
 
     @property
     def unet_in_channels(self) -> int:

@@ -34,6 +34,7 @@ from voidprompt.models.arch import (
 from voidprompt.models.components import CheckpointInfo, Components, LoadReport, VaeInfo
 from voidprompt.models.convert import POSITION_IDS_KEY, CheckpointKeyMap, fit_shape
 from voidprompt.models.detect import detect_family, require_supported
+from voidprompt.models.placement import PrecisionPolicy
 from voidprompt.models.safe_pickle import LazyTensor, PickleCheckpoint, load_pickle_checkpoint
 from voidprompt.models.safetensors_stream import ST_TO_DTYPE
 from voidprompt.models.tokenizer import load_clip_tokenizer
@@ -344,19 +345,33 @@ def load_model(
     *,
     vae_path: str | Path | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    precision: PrecisionPolicy | None = None,
+    dtype: torch.dtype | None = None,
+    channels_last: bool | None = None,
     tokenizer: Any = None,
 ) -> Components:
     """Load an SD1.x / SD1.x-inpainting checkpoint into diffusers/transformers modules.
 
     ``vae_path`` replaces the checkpoint's VAE; without it, a ``<stem>.vae.pt`` /
     ``.vae.safetensors`` / ``.vae.ckpt`` next to the checkpoint is used as A1111 does.
+    ``device`` and ``precision`` come from :mod:`voidprompt.models.placement` (resolved at the
+    edge): the UNet and text encoder are loaded in ``precision.weights``, the VAE in
+    ``precision.vae``. Without a policy, ``dtype`` (default float32) is used for all three with no
+    autocast. ``channels_last`` (default: on CUDA only) stores the UNet's convolution weights
+    channels-last, the layout cuDNN's fastest kernels use; CPU results stay as they were.
     ``tokenizer`` defaults to :func:`voidprompt.models.tokenizer.load_clip_tokenizer`.
     Raises :class:`ModelLoadError` (missing, damaged or foreign file; missing tensors),
     :class:`UnsafePickleError` and :class:`UnsupportedModelError` (SD2, SDXL).
     """
     p = Path(path)
     dev = torch.device(device)
+    if precision is None:
+        precision = PrecisionPolicy.uniform(torch.float32 if dtype is None else dtype, dev)
+    elif dtype is not None and dtype != precision.weights:
+        raise ModelLoadError(
+            f"load_model: dtype={dtype} contradicts precision {precision.name}; pass one of the two"
+        )
+    dtypes = {"unet": precision.weights, "text_encoder": precision.weights, "vae": precision.vae}
     report = LoadReport(source=str(p))
     with open_checkpoint(p) as reader:
         shapes = reader.shapes
@@ -403,7 +418,9 @@ def load_model(
                     f"the file wants {tuple(target.shape)}; the checkpoint is inconsistent (a bad merge?)."
                 )
             tensor = fit_shape(reader.get(key), target.shape, what=f"{p}: {key}")
-            _assign(modules[target.component], target.module_key, _prepare(tensor, dev, dtype))
+            _assign(
+                modules[target.component], target.module_key, _prepare(tensor, dev, dtypes[target.component])
+            )
             report.consumed += 1
         if reader.non_tensor_keys:
             report.ignored.extend(reader.non_tensor_keys)
@@ -427,7 +444,7 @@ def load_model(
 
     vae_info = None
     if external_vae is not None:
-        _load_external_vae(vae, external_vae, dev, dtype, report)
+        _load_external_vae(vae, external_vae, dev, precision.vae, report)
         vae_info = VaeInfo(path=external_vae, name=external_vae.name, paired=vae_path is None)
 
     if stored_alphas is not None and _valid_schedule(stored_alphas):
@@ -442,6 +459,10 @@ def load_model(
 
     for module in modules.values():
         module.eval()
+    if channels_last is None:
+        channels_last = dev.type == "cuda"
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
     if not math.isclose(constants.scaling_factor, float(vae.config.scaling_factor)):
         raise ModelLoadError("internal: VAE scaling factor differs from the architecture's")
     return Components(
@@ -456,6 +477,7 @@ def load_model(
         vae_info=vae_info,
         report=report,
         device=dev,
-        dtype=dtype,
+        dtype=precision.weights,
         arch=arch,
+        precision=precision,
     )
