@@ -60,7 +60,7 @@ def test_cuda_on_a_cpu_only_torch_names_the_build_and_what_exists(monkeypatch: p
 def test_cuda_build_without_a_visible_gpu_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     _no_cuda(monkeypatch)
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    with pytest.raises(DeviceError, match="sees no CUDA GPU.*CUDA_VISIBLE_DEVICES"):
+    with pytest.raises(DeviceError, match=r"sees no CUDA GPU.*CUDA_VISIBLE_DEVICES"):
         resolve_device("cuda:0")
 
 
@@ -69,8 +69,7 @@ def test_a_cuda_index_past_the_last_gpu_lists_the_gpus(monkeypatch: pytest.Monke
     with pytest.raises(DeviceError) as info:
         resolve_device("cuda:3")
     assert str(info.value) == (
-        "--device 'cuda:3': there is only 1 CUDA device. "
-        "Available here: cpu, cuda:0 (NVIDIA H100 80GB HBM3)."
+        "--device 'cuda:3': there is only 1 CUDA device. Available here: cpu, cuda:0 (NVIDIA H100 80GB HBM3)."
     )
 
 

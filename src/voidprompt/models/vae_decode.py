@@ -1,56 +1,89 @@
-"""The VAE decode with A1111's fp16 NaN fallback.
+"""The VAE decode with A1111's half-precision NaN fallback (its ``auto_vae_precision``).
 
-Some VAEs (SD1's original one among them) overflow fp16 in the decoder's last blocks,
-and the image comes out black. A1111 offers ``--no-half-vae`` and "automatically revert VAE to
-32-bit floats"; here it is the default: :func:`decode_with_nan_fallback` decodes in the VAE's dtype,
-and if any value is NaN or inf, logs a warning and decodes again in float32.
+Some VAEs (SD1's original one among them) overflow fp16 in the decoder's last blocks, and the
+image comes out black. A1111 decodes in the VAE's dtype outside autocast, tests each image, and on
+NaN converts the VAE to float32, decodes that image again, and keeps the VAE in float32 for the rest
+of the process (the rest of its batch included). :func:`decode_with_nan_fallback` does the same:
+the VAE module itself stays float32 afterwards, so every later decode (and encode) of that model
+runs in float32; nothing global changes.
+
+Which values are tested is a choice. A1111 1.10 looks at one value per image, the first
+(``x[0, 0, 0]``): it costs nothing on the GPU, but a decode that overflows only in part of the
+picture (a black or speckled patch, or inf, which the clamp turns white) passes. Here every value
+is tested, for NaN and for inf: one reduction over the decoded batch, small beside the decode
+itself, and no damaged picture is ever stored. Pictures A1111 redoes are redone here too; a few
+that A1111 would keep damaged are repaired.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["VaeDecode", "decode_with_nan_fallback"]
+__all__ = ["VaeDecode", "decode_with_nan_fallback", "vae_dtype"]
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class VaeDecode:
     sample: Tensor  # float32 decoder output (in [-1, 1] for a working VAE)
-    upcast: bool  # True when the half-precision decode overflowed and float32 was used
+    upcast: bool  # True when a half-precision decode overflowed and float32 was used from then on
     message: str | None = None
+    first_redone: int | None = None  # the first image of the batch decoded again in float32
+
+
+def vae_dtype(vae: Any) -> torch.dtype:
+    """The dtype the VAE computes in: its parameters' (float32 after a fallback)."""
+    dtype: torch.dtype = next(vae.parameters()).dtype
+    return dtype
+
+
+@contextlib.contextmanager
+def _without_autocast(device_type: str) -> Iterator[None]:
+    # A1111's devices.without_autocast around the decode: the VAE runs in its own dtype throughout.
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        yield
 
 
 @torch.no_grad()
-def decode_with_nan_fallback(vae: Any, z: Tensor, *, keep_fp32: bool = False) -> VaeDecode:
-    """``vae.decode(z).sample`` in float32, redone in float32 when a half-precision decode gives
-    NaN/inf. ``z`` is the VAE's input (latents already divided by the scaling factor).
+def decode_with_nan_fallback(vae: Any, z: Tensor) -> VaeDecode:
+    """``vae.decode(z).sample`` as float32; ``z`` is the VAE's input (latents already divided by the
+    scaling factor), a batch.
 
-    The fallback casts the VAE to float32 in place for the second decode and back afterwards (exact:
-    fp16 -> fp32 -> fp16 returns the same bits) unless ``keep_fp32``, which leaves it in float32 as
-    A1111 does for the rest of the session.
+    A half-precision VAE (fp16 or bf16) whose decode of image ``i`` has any NaN or inf is converted
+    to float32 in place and images ``i`` onwards are decoded again, as A1111's per-image loop
+    switches at the first failing image; images before ``i`` keep their half-precision decode. The
+    VAE stays float32 (sticky).
     """
-    dtype = next(vae.parameters()).dtype
-    out = vae.decode(z.to(dtype)).sample
-    if dtype == torch.float32 or bool(torch.isfinite(out).all()):
+    dtype = vae_dtype(vae)
+    with _without_autocast(z.device.type):
+        out = vae.decode(z.to(dtype)).sample
+    if dtype == torch.float32:
         return VaeDecode(out.float(), False)
-    # A1111 quirk: A1111 only reacts when *all* values are NaN; any NaN/inf already spoils the image.
-    bad = int((~torch.isfinite(out)).sum())
+    finite = torch.isfinite(out).flatten(1).all(dim=1)
+    if bool(finite.all()):
+        return VaeDecode(out.float(), False)
+    first = int((~finite).nonzero()[0, 0])
+    bad = int((~torch.isfinite(out[first])).sum())
     message = (
-        f"VAE decode in {str(dtype).removeprefix('torch.')} produced {bad} NaN/inf values of {out.numel()} "
-        "(the VAE overflows half precision); decoded again in float32. Use a fixed VAE (such as "
-        "vae-ft-mse-840000-ema-pruned) or run the VAE in float32 to avoid the extra decode."
+        f"VAE decode in {str(dtype).removeprefix('torch.')} produced {bad} NaN/inf values in image {first} "
+        "of the batch (the VAE overflows half precision); converted the VAE to float32 for the rest of "
+        "this run and decoded again. Use a VAE that is stable in half precision (such as "
+        "vae-ft-mse-840000-ema-pruned) to keep it fast."
     )
     log.warning(message)
-    vae.to(torch.float32)
-    try:
-        out32 = vae.decode(z.to(torch.float32)).sample
-    finally:
-        if not keep_fp32:
-            vae.to(dtype)
-    return VaeDecode(out32.float(), True, message)
+    vae.float()  # not .to(float32): diffusers' .to() warns about fp32 modules on every dtype change
+    with _without_autocast(z.device.type):
+        redone = vae.decode(z[first:].to(torch.float32)).sample
+    sample = torch.cat([out[:first].float(), redone.float()])
+    return VaeDecode(sample, True, message, first)

@@ -5,6 +5,13 @@ conditioning (once per distinct prompt, cached), then per iteration of ``n_iter`
 that iteration's seeds, the sampler over a CFG denoiser, the VAE decode, 8-bit conversion and the
 infotext of each image.
 
+Precision (the components' :class:`~voidprompt.models.placement.PrecisionPolicy`): prompt encoding
+and sampling (UNet calls, and the VAE encodes of img2img and hires fix) run under the policy's
+autocast, as A1111's ``devices.autocast()`` blocks; the final VAE decode runs outside it in the
+VAE's own dtype, with A1111's float32 fallback (:func:`decode_latents`). On CUDA the UNet is fed
+channels-last when its weights are stored so; ``Engine(..., compile=True)`` runs it through
+``torch.compile`` (graphs are cached per input shape, so same-shape batches reuse them).
+
 img2img / inpainting (``request.init_images``): the image-space preparation runs once
 (:mod:`voidprompt.pipeline.img2img`), then per batch the VAE encode, the latent mask, the img2img
 start part-way down the schedule, and the final composite over the original. Hires fix
@@ -14,6 +21,7 @@ start part-way down the schedule, and the final composite over the original. Hir
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +34,7 @@ from PIL import Image
 from torch import Tensor
 
 from voidprompt.conditioning import CondSchedule, MultiCond
-from voidprompt.errors import InvalidRequestError, VoidpromptError
+from voidprompt.errors import DeviceError, InvalidRequestError, VoidpromptError
 from voidprompt.infotext import ImageFacts, ModelFacts, RunFacts, create_infotext, generation_params
 from voidprompt.models.components import Components
 from voidprompt.models.networks.manager import AppliedNetworks, NetworkManager
@@ -72,6 +80,8 @@ from voidprompt.sampling.rng import ImageRNG, batch_seeds, create_random_tensors
 
 LATENT_CHANNELS = 4
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -116,11 +126,14 @@ class Engine:
         hypernet_dir: str | Path | None = None,
         lora_functional: bool = False,
         missing_networks: str = "warn",
+        compile: bool = False,
     ) -> None:
         """``lora_dir`` / ``hypernet_dir`` are where ``<lora:name:...>`` / ``<hypernet:name:...>``
         tags are looked up. ``lora_functional`` applies LoRAs as forward hooks instead of merging
         them into the weights. ``missing_networks="warn"`` is A1111's behaviour for a tag whose file
-        is not found (generate without it); ``"error"`` refuses the request instead."""
+        is not found (generate without it); ``"error"`` refuses the request instead. ``compile``
+        runs the UNet through ``torch.compile`` (off by default: the first batch of each shape
+        pays for compiling it)."""
         self.components = components
         self.style_db = style_db
         self.encoder = PromptEncoder(components.text_encoder, components.tokenizer, embeddings)
@@ -129,6 +142,15 @@ class Engine:
         self.hypernet_dir = hypernet_dir
         self.lora_functional = lora_functional
         self.missing_networks = missing_networks
+        self.compile = compile
+        self._compiled_unet: Any = None
+        # The UNet module the current sampler pass calls (eager or compiled), chosen in _run.
+        self._pass_unet: Any = components.unet
+        # The loader stores the UNet channels-last on CUDA; its input then goes in the same layout.
+        weight = components.unet.conv_in.weight
+        self._channels_last = not weight.is_contiguous() and weight.is_contiguous(
+            memory_format=torch.channels_last
+        )
 
     # ------------------------------------------------------------------ public
 
@@ -181,7 +203,8 @@ class Engine:
             iteration = _Iteration(n, all_seeds[batch], all_subseeds[batch], all_seeds[: request.batch_size])
             t0 = time.perf_counter()
             try:
-                latents = self._sample(plan, iteration)
+                with self.components.precision.autocast_context():
+                    latents = self._sample(plan, iteration)
             except Interrupted:
                 # The iteration is abandoned; proceed() decides whether the next one runs.
                 timings["sample"] += time.perf_counter() - t0
@@ -316,8 +339,9 @@ class Engine:
             "model_key": networks.model_key or self.components.checkpoint.short_hash,
             "context": context,
         }
-        cond = self.encoder.encode_multicond(prepared.positive, **options)
-        uncond = self.encoder.encode_schedule(prepared.negative, **options)
+        with self.components.precision.autocast_context():
+            cond = self.encoder.encode_multicond(prepared.positive, **options)
+            uncond = self.encoder.encode_schedule(prepared.negative, **options)
         texts = [text for schedule, _ in prepared.positive for _, text in schedule]
         texts += [text for _, text in prepared.negative]
         ti_hashes = self.encoder.embeddings_used(
@@ -328,18 +352,37 @@ class Engine:
     def _empty_prompt_cond(self, request: GenerationRequest, conditioning: _Conditioning) -> Tensor:
         # "Pad conds" pads with the encoded empty prompt (A1111's cond_stage_model_empty_prompt).
         # Through the cache, keyed like the prompts: once per model state, not once per batch.
-        schedule = self.encoder.encode_schedule(
-            [(1, "")],
-            clip_skip=request.clip_skip,
-            model_key=conditioning.networks.model_key or self.components.checkpoint.short_hash,
-        )
+        with self.components.precision.autocast_context():
+            schedule = self.encoder.encode_schedule(
+                [(1, "")],
+                clip_skip=request.clip_skip,
+                model_key=conditioning.networks.model_key or self.components.checkpoint.short_hash,
+            )
         return schedule[0].cond
 
     def _unet_eps(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        unet = self.components.unet
         dtype = self.components.dtype
-        out = unet(x.to(dtype), t.to(x.device), encoder_hidden_states=context.to(dtype)).sample
+        sample = x.to(dtype)
+        if self._channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        out = self._pass_unet(sample, t.to(x.device), encoder_hidden_states=context.to(dtype)).sample
         return out.to(x.dtype)
+
+    def _unet_for_pass(self) -> Any:
+        """The UNet module this sampler pass calls: the compiled one when ``compile`` is on, except
+        while networks hang hooks on it (functional LoRAs, hypernetworks). Dynamo does not guard on
+        module hooks, so a graph traced with hooks would keep them after they are removed, and one
+        traced without them would ignore hooks added later: such passes run eagerly."""
+        unet = self.components.unet
+        if not self.compile:
+            return unet
+        if _has_hooks(unet):
+            log.info("torch.compile: this pass has hook-based networks; the UNet runs uncompiled")
+            return unet
+        if self._compiled_unet is None:
+            # dynamic=False: one static graph per input shape, reused by every later batch of that shape.
+            self._compiled_unet = torch.compile(unet, dynamic=False)
+        return self._compiled_unet
 
     def _sample_txt2img(self, plan: _Plan, iteration: _Iteration) -> Tensor:
         request = plan.request
@@ -494,6 +537,7 @@ class Engine:
         request = plan.request
         components = self.components
         spec = run.spec
+        self._pass_unet = self._unet_for_pass()
         alphas_cumprod = components.alphas_cumprod.to(self.device)
         schedule_model: DiscreteEpsDenoiser
         if spec.label == "LCM":
@@ -651,11 +695,31 @@ def latent_factor(components: Components) -> int:
 
 @torch.no_grad()
 def decode_latents(components: Components, latents: Tensor) -> Tensor:
-    """VAE decode to pixels in [0, 1], (B, 3, H, W) float32 on the CPU (A1111's decode + clamp)."""
+    """VAE decode to pixels in [0, 1], (B, 3, H, W) float32 on the CPU (A1111's decode + clamp).
+
+    A half-precision run first checks the latents, as A1111's ``test_for_nans(..., "unet")``: NaN or
+    inf there is the UNet overflowing, which no VAE can fix, so the batch fails with a
+    :class:`DeviceError` naming the precisions to use. Then a VAE decode that overflows is redone in
+    float32 and the VAE stays float32 from then on (``components.precision`` records it).
+    """
+    policy = components.precision
+    if policy.is_half:
+        bad = int((~torch.isfinite(latents)).sum())
+        if bad:
+            raise DeviceError(
+                f"the UNet produced {bad} NaN/inf values of {latents.numel()} in {policy.name} (it "
+                "overflows half precision with this model or these settings); run with --precision fp32"
+                + (" or bf16" if policy.name != "bf16" else "")
+            )
     z = latents / components.scaling_factor
-    # Half-precision VAEs that overflow (A1111's black images) are decoded again in float32.
-    pixels = decode_with_nan_fallback(components.vae, z).sample
-    return torch.clamp((pixels + 1.0) / 2.0, min=0.0, max=1.0).cpu()
+    decoded = decode_with_nan_fallback(components.vae, z)
+    if decoded.upcast and policy.vae != torch.float32:
+        components.precision = policy.with_vae(torch.float32)
+    return torch.clamp((decoded.sample + 1.0) / 2.0, min=0.0, max=1.0).cpu()
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def to_pil_images(pixels: Tensor) -> list[Image.Image]:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from voidprompt.errors import InvalidRequestError
 from voidprompt.models.components import Components
+from voidprompt.models.vae_decode import vae_dtype
 from voidprompt.pipeline import masking
 from voidprompt.pipeline.images import flatten, pil_to_tensor, resize_image
 from voidprompt.request import GenerationRequest
@@ -134,7 +135,7 @@ def encode_images(components: Components, images: Tensor, seeds: Sequence[int]) 
     if len(seeds) != images.shape[0]:
         raise InvalidRequestError(f"{images.shape[0]} images but {len(seeds)} seeds: need one seed per image")
     vae = components.vae
-    dist = vae.encode(images.to(components.device, components.dtype)).latent_dist
+    dist = vae.encode(images.to(components.device, vae_dtype(vae))).latent_dist
     mean, std = dist.mean.float(), dist.std.float()
     noise = torch.stack(
         [torch.randn(mean.shape[1:], generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
