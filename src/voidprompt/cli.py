@@ -60,13 +60,35 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--ensd", type=int, default=0, help="eta noise seed delta (NovelAI used 31337)")
-    p.add_argument("--rng", default="CPU", choices=["CPU", "GPU", "NV"])
+    p.add_argument(
+        "--rng",
+        default=None,
+        choices=["CPU", "GPU", "NV"],
+        help="noise source (default: GPU on a CUDA device, as A1111; CPU elsewhere)",
+    )
     p.add_argument("--emphasis", default="Original", choices=["Original", "No norm", "Ignore", "None"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="auto: fp16 under autocast on CUDA (A1111's), fp32 elsewhere; bf16 only when asked",
+    )
+    p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile")
     p.add_argument("--out", default="outputs/txt2img", help="output folder (files are never overwritten)")
 
 
-def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
+def _placement(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The device and precision policy the flags name, refused (DeviceError) before anything runs."""
+    from voidprompt.models.placement import resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    return device, resolve_precision(args.precision, device)
+
+
+def _request_fields(args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    from voidprompt.models.placement import default_randn_source
+
     return {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -85,14 +107,12 @@ def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "clip_skip": args.clip_skip,
         "eta": args.eta,
         "eta_noise_seed_delta": args.ensd,
-        "randn_source": args.rng,
+        "randn_source": args.rng or default_randn_source(device),
         "emphasis": args.emphasis,
     }
 
 
-def _engine(args: argparse.Namespace) -> Any:
-    import torch
-
+def _engine(args: argparse.Namespace, device: Any, precision: Any) -> Any:
     from voidprompt.demo.miniature import miniature_model_path
     from voidprompt.models.load import load_model
     from voidprompt.pipeline.engine import Engine
@@ -100,7 +120,7 @@ def _engine(args: argparse.Namespace) -> Any:
     from voidprompt.prompts.styles import StyleDatabase
 
     model = Path(args.model) if args.model else miniature_model_path()
-    components = load_model(model, vae_path=args.vae, device=torch.device(args.device))
+    components = load_model(model, vae_path=args.vae, device=device, precision=precision)
     embeddings = None
     if args.embeddings_dir:
         width = int(components.text_encoder.config.hidden_size)
@@ -113,13 +133,16 @@ def _engine(args: argparse.Namespace) -> Any:
         style_db=style_db,
         lora_dir=args.lora_dir,
         hypernet_dir=args.hypernet_dir,
+        compile=args.compile,
     )
 
 
-def _generate_and_save(args: argparse.Namespace, request: GenerationRequest) -> int:
+def _generate_and_save(
+    args: argparse.Namespace, request: GenerationRequest, device: Any, precision: Any
+) -> int:
     from voidprompt.pipeline.engine import GenerationHooks
 
-    engine = _engine(args)
+    engine = _engine(args, device, precision)
     bar = tqdm(total=request.steps * request.n_iter, unit="step", disable=None)
 
     def on_progress(p: Any) -> None:
@@ -138,13 +161,15 @@ def _generate_and_save(args: argparse.Namespace, request: GenerationRequest) -> 
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
-    request = GenerationRequest(**_request_fields(args))
+    device, precision = _placement(args)
+    request = GenerationRequest(**_request_fields(args, device))
     request.validate()  # fail on bad sizes before loading a model
-    return _generate_and_save(args, request)
+    return _generate_and_save(args, request, device, precision)
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
-    fields = _request_fields(args)
+    device, precision = _placement(args)
+    fields = _request_fields(args, device)
     init = open_image_safely(args.init_image).convert("RGB")
     fields.update(
         init_images=(init,),
@@ -164,7 +189,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
         )
     request = GenerationRequest(**fields)
     request.validate()
-    return _generate_and_save(args, request)
+    return _generate_and_save(args, request, device, precision)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
