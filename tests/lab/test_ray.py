@@ -59,3 +59,52 @@ def test_ray_matches_local(tiny_checkpoint: Path, tmp_path: Path) -> None:
         assert int(np.abs(pixels - other[0]).max()) <= TOLERANCE
         assert infotext == other[1] and path == other[3]
         assert measures == pytest.approx(other[2], abs=2 / 255)
+
+
+@pytest.mark.slow  # a Ray cluster of worker processes, one of them killed
+def test_one_worker_per_gpu_and_a_killed_workers_batches_run_again(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A local Ray that declares two GPUs places one worker on each (they compute on the CPU
+    here: --device cpu); killing one worker's process while it holds batches sends those batches
+    to its replacement, and every job comes back exactly once with the local executor's pixels."""
+    import os
+    import signal
+
+    from voidprompt.lab.execution import LocalExecutor, Placement
+    from voidprompt.lab.plugins import ModelFiles
+    from voidprompt.lab.ray_executor import RayExecutor
+    from voidprompt.lab.run import plan_batches
+
+    # Slow enough batches (20 steps, 32x32) that the killed worker is still busy when it dies.
+    text = study_text(tiny_checkpoint, sizes="32x32", seeds="4 random", steps=20)
+    jobs = parse_study(text, tmp_path / "t.toml").expand()
+    files = {jobs[0].model: ModelFiles(tiny_checkpoint, None)}
+    batches = plan_batches(jobs, 2)
+    assert len(batches) == 4
+    local = LocalExecutor(files, threads=1)
+    expected = {
+        g.job_id: np.asarray(g.image, dtype=np.int16) for r in local.run(batches) for g in r.generated
+    }
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        executor = RayExecutor(files, threads=1, placement=Placement("cpu"))
+        assert (executor.gpus, executor.workers) == (1.0, 2)
+        got: dict[str, list[np.ndarray]] = {}
+        for result in executor.run(batches):
+            assert result.error is None
+            if not got:  # the first batch is back; each worker still holds one or two
+                assert sorted(tuple(p["gpu_ids"]) for p in executor.placed) == [("0",), ("1",)]
+                assert len({p["pid"] for p in executor.placed}) == 2
+                assert {p["device"] for p in executor.placed} == {"cpu"}
+                os.kill(executor.placed[1]["pid"], signal.SIGKILL)
+            for generated in result.generated:
+                got.setdefault(generated.job_id, []).append(np.asarray(generated.image, dtype=np.int16))
+        assert executor.lost == 1
+        executor.close()
+    finally:
+        ray.shutdown()
+    assert sorted(got) == sorted(j.job_id for j in jobs) and all(len(v) == 1 for v in got.values())
+    for job_id, (pixels,) in got.items():
+        assert int(np.abs(pixels - expected[job_id]).max()) <= TOLERANCE

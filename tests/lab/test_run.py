@@ -178,6 +178,137 @@ def test_resume_after_crash(tiny_checkpoint: Path, tmp_path: Path, stage: str) -
     assert measured == 4
 
 
+# Runs a study in a process of its own and kills it (SIGKILL: no cleanup, no finally) when the
+# run reaches ``stage`` for the ``count``-th time; the stages are run.Fault's.
+KILLED_RUN = """
+import os, signal, sys
+from voidprompt.lab.run import run_study
+from voidprompt.lab.study import load_study
+
+study = load_study(sys.argv[1])
+stage, count, seen = sys.argv[2], int(sys.argv[3]), []
+
+def fault(at, job_id):
+    if at == stage:
+        seen.append(job_id)
+        if len(seen) == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run_study(study, study.run.override(progress=False, batch_size=2, threads=1), fault=fault)
+sys.exit(3)  # the kill never came
+"""
+
+
+def _kill_and_resume(tiny_checkpoint: Path, tmp_path: Path, stage: str, count: int) -> int:
+    """Kill a run of 8 jobs (4 batches of 2) at ``stage`` #``count``, resume it, check that every job
+    has exactly one image, the same file an uninterrupted run writes; returns the images committed
+    before the kill."""
+    import signal
+    import subprocess
+    import sys
+
+    text = study_text(tiny_checkpoint, sizes="16x16, 32x16", seeds="2 random")
+    (tmp_path / "t.toml").write_text(text)
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path / "t.toml"), stage, str(count)])
+    assert killed.returncode == -signal.SIGKILL
+    path = tmp_path / "runs" / "t" / "catalog.sqlite"
+    committed, files, _ = _state(path)
+    # At most the batches in flight are lost: the one being sampled, WRITER_QUEUE waiting and the
+    # one being written; what is on disk beyond the rows is at most the image being written.
+    assert len([f for f in files if f.startswith(TEMP_PREFIX) or f[:-4] not in committed]) <= 1
+    study = load_study(tmp_path / "t.toml")
+    report = run_study(study, quiet(study, batch_size=2, threads=1))
+    assert (report.skipped, report.generated, report.failed) == (len(committed), 8 - len(committed), {})
+    rows, files, measured = _state(path)
+    jobs = sorted(j.job_id for j in study.expand())
+    assert rows == jobs and measured == 8  # no loss, no duplicate (job_id is UNIQUE in images)
+    assert files == [f"{j}.png" for j in jobs]  # no temp file, no orphan
+    reference = parse_study(text, tmp_path / "reference" / "t.toml")
+    run_study(reference, quiet(reference, batch_size=2, threads=1))
+    with (
+        Catalog.open(path, readonly=True) as catalog,
+        Catalog.open(tmp_path / "reference" / "runs" / "t" / "catalog.sqlite", readonly=True) as whole,
+    ):
+        assert {i["job_id"]: i["sha256"] for i in catalog.images()} == {
+            i["job_id"]: i["sha256"] for i in whole.images()
+        }  # no half-written file: each is the uninterrupted run's, byte for byte
+        for image in catalog.images():
+            assert sha256_file(path.parent / image["path"]) == image["sha256"]
+    return len(committed)
+
+
+def test_kill_9_while_the_writer_holds_a_renamed_image(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # The third image (the second batch's first) renamed but not committed, the next batch sampling.
+    assert _kill_and_resume(tiny_checkpoint, tmp_path, "renamed", 3) == 2
+
+
+@pytest.mark.slow  # one process per kill point
+@pytest.mark.parametrize(
+    ("stage", "count", "committed"),
+    [
+        ("before_write", 1, 0),
+        ("temp_written", 3, 2),
+        ("recorded", 3, 3),
+        ("recorded", 8, 8),
+        ("before_write", 7, 6),
+    ],
+)
+def test_kill_9_at_each_writer_stage(
+    tiny_checkpoint: Path, tmp_path: Path, stage: str, count: int, committed: int
+) -> None:
+    assert _kill_and_resume(tiny_checkpoint, tmp_path, stage, count) == committed
+
+
+@pytest.mark.slow  # one process per kill point
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_kill_9_as_a_batch_comes_back_from_sampling(
+    tiny_checkpoint: Path, tmp_path: Path, count: int
+) -> None:
+    # The writer may be anywhere in the earlier batches: whatever it committed stays, the rest is redone.
+    committed = _kill_and_resume(tiny_checkpoint, tmp_path, "sampled", count)
+    assert 0 <= committed <= 2 * (count - 1)
+
+
+def test_writing_overlaps_the_next_batchs_sampling(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first batch's pictures are labelled (on the writer's thread) while the second batch
+    samples (on the caller's): the labeler waits for that sampling to start, which a run that
+    wrote before sampling again would never reach."""
+    import threading
+
+    from voidprompt.lab.labels import Label
+
+    second_sampling = threading.Event()
+    sampled_on: list[str] = []
+    labelled_on: list[str] = []
+    overlapped: list[bool] = []
+    generate = Engine.generate
+
+    def watching(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        sampled_on.append(threading.current_thread().name)
+        if len(sampled_on) == 2:
+            second_sampling.set()
+        return generate(self, *args, **kwargs)
+
+    class Waiting:
+        name, classes = "waiting", ("a",)
+
+        def label(self, image: Image.Image) -> Label:
+            labelled_on.append(threading.current_thread().name)
+            overlapped.append(second_sampling.wait(timeout=60))
+            return Label("a")
+
+    monkeypatch.setattr(Engine, "generate", watching)
+    text = study_text(tiny_checkpoint, sizes="16x16", seeds="2 random", labels='labeler = "waiting"')
+    study = parse_study(text, tmp_path / "t.toml")
+    report = run_study(study, quiet(study, batch_size=2), Plugins(labelers={"waiting": Waiting}))
+    assert (report.generated, report.batches) == (4, 2)
+    assert overlapped == [True] * 4
+    assert set(sampled_on) == {threading.current_thread().name}
+    assert set(labelled_on) == {"voidprompt-catalog-writer"}
+
+
 def test_crash_in_a_batch_loses_only_that_batch(tiny_checkpoint: Path, tmp_path: Path) -> None:
     study = parse_study(study_text(tiny_checkpoint, sizes="16x16", seeds="2 random"), tmp_path / "t.toml")
 

@@ -21,7 +21,9 @@ def test_an_empty_study_has_every_default(tmp_path: Path) -> None:
     digest = hashlib.sha256(b"voidprompt study empty").digest()
     assert study.master_seed == int.from_bytes(digest[:4], "big") % 4294967294
     assert study.model == ModelRef(None, None)  # the installed default model, its own VAE
-    assert study.run == RunOptions(batch_size=16, threads=None)
+    # No batch size: 16 on the CPU, free memory's choice on a GPU (RunOptions.batch_cap).
+    assert study.run == RunOptions(batch_size=None, threads=None, device=None, precision="auto")
+    assert (study.run.compile, study.run.deterministic) == (False, False)
     assert study.labels == LabelOptions(classes=None, labeler=None)
     assert study.report == ReportOptions(base=512, grids=None, outcomes_by=None, plots=None)
     assert (study.positive, study.negative, study.cfg_by_area) == ("", "", None)
@@ -61,13 +63,20 @@ def test_run_options_take_the_callers_flags_over_the_file() -> None:
     assert from_file.override(batch_size=4, executor="ray").batch_size == 4
     with pytest.raises(StudyError, match=r"executor='dask': choose one of local, ray"):
         from_file.override(executor="dask")
+    with pytest.raises(StudyError, match=r"precision='half': choose one of auto, fp32, fp16, bf16"):
+        from_file.override(precision="half")
+    with pytest.raises(StudyError, match=r"batch_size=0: must be at least 1"):
+        from_file.override(batch_size=0)
 
 
 @pytest.mark.parametrize(
     ("text", "pattern"),
     [
-        ("[run]\nbatch_sise = 4", r"s\.toml: \[run\] batch_sise: unknown key; allowed: batch_size, threads; "
-         r"did you mean 'batch_size'\?"),
+        ("[run]\nbatch_sise = 4", r"s\.toml: \[run\] batch_sise: unknown key; allowed: batch_size, threads, "
+         r"device, precision, compile, deterministic; did you mean 'batch_size'\?"),
+        ("[run]\nprecision = 'fp8'", r"\[run\] precision: 'fp8': choose auto or fp32 or fp16 or bf16"),
+        ("[run]\ndeterministic = 'yes'", r"\[run\] deterministic: 'yes': write true or false"),
+        ("[run]\ndevice = 0", r"\[run\] device: write a torch device name"),
         ("[run]\nthreads = 0", r"\[run\] threads: 0: write a whole number of at least 1"),
         ("[run]\nbatch_size = 2.5", r"\[run\] batch_size: 2\.5: write a whole number"),
         ("[labels]\nlabler = 'none'", r"\[labels\] labler: unknown key.*did you mean 'labeler'"),

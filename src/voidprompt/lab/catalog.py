@@ -10,6 +10,11 @@ A crash leaves at most a temporary file (before 2) or an image without a row (be
 writer's ``Catalog.open`` sweeps both away, so the job is pending again and is generated once
 more: no loss, no duplicate. Only one writer may hold a catalog (an exclusive lock file), so the
 sweep can never remove the file of a run that is still going; readers open with ``readonly=True``.
+
+Provenance: each image row names the batch size it was generated in (GPU kernels pick algorithms
+per shape, so pixels can change with it) and its ``runs`` row: the device, precision, GPU name and
+torch and CUDA versions that made it. A catalog written before these columns existed gains them
+when a writer opens it (its old images keep NULL there); readers open it as it is.
 """
 
 from __future__ import annotations
@@ -60,7 +65,22 @@ CREATE TABLE IF NOT EXISTS images (
     height INTEGER NOT NULL,
     model_hash TEXT,
     timings TEXT NOT NULL,
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    batch_size INTEGER,
+    run_id INTEGER REFERENCES runs(id)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    started TEXT NOT NULL,
+    executor TEXT NOT NULL,
+    device TEXT NOT NULL,
+    precision TEXT NOT NULL,
+    compile INTEGER NOT NULL,
+    deterministic INTEGER NOT NULL,
+    gpu_name TEXT,
+    torch_version TEXT NOT NULL,
+    cuda_version TEXT,
+    voidprompt_version TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS measures (
     image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -78,6 +98,11 @@ CREATE TABLE IF NOT EXISTS labels (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, position);
 """
+# Columns added to tables of catalogs that predate them: (table, column, declaration).
+_ADDED_COLUMNS = (
+    ("images", "batch_size", "INTEGER"),
+    ("images", "run_id", "INTEGER REFERENCES runs(id)"),
+)
 
 
 def _now() -> str:
@@ -104,6 +129,19 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where and how images were computed; the runner records one ``runs`` row per distinct value."""
+
+    device: str  # the torch device the model ran on, e.g. "cpu" or "cuda:0"
+    precision: str  # the precision policy that ran, e.g. "fp32" or "fp16"
+    torch_version: str
+    cuda_version: str | None = None  # torch.version.cuda: the CUDA torch was built with
+    gpu_name: str | None = None  # torch.cuda.get_device_name, on CUDA
+    compile: bool = False
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,13 +215,16 @@ class Catalog:
         folder.mkdir(parents=True, exist_ok=True)
         lock = _take_lock(path)
         try:
-            connection = sqlite3.connect(path, isolation_level=None)
+            # The runner's writer thread commits through this connection while the main thread
+            # samples; only one thread uses it at a time (the runner hands it every write).
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             connection.execute("PRAGMA journal_mode = WAL")
             # NORMAL is crash-safe in WAL mode; a power cut may lose the last commits, which then
             # look like renamed-but-uncommitted images and are swept and regenerated.
             connection.execute("PRAGMA synchronous = NORMAL")
             connection.execute("PRAGMA foreign_keys = ON")
             connection.executescript(_SCHEMA)
+            _add_missing_columns(connection)
         except BaseException:
             lock.close()
             raise
@@ -251,6 +292,19 @@ class Catalog:
             )
         return int(cursor.lastrowid or 0)
 
+    def register_run(self, provenance: Provenance, executor: str) -> int:
+        """Add a ``runs`` row for images made under ``provenance``; returns its id."""
+        self._require_writer()
+        p = provenance
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO runs (started, executor, device, precision, compile, deterministic, gpu_name, "
+                "torch_version, cuda_version, voidprompt_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (_now(), executor, p.device, p.precision, int(p.compile), int(p.deterministic), p.gpu_name,
+                 p.torch_version, p.cuda_version, __version__),
+            )  # fmt: skip
+        return int(cursor.lastrowid or 0)
+
     def register_jobs(self, jobs: Iterable[Job]) -> int:
         """Add jobs not yet known (by ``job_id``); returns how many were new."""
         self._require_writer()
@@ -286,11 +340,14 @@ class Catalog:
         timings: Mapping[str, float] | None = None,
         measures: Mapping[str, float] | None = None,
         labels: Mapping[str, tuple[str | None, Sequence[str]]] | None = None,
+        batch_size: int | None = None,
+        run_id: int | None = None,
     ) -> int:
         """Commit the row of an image already renamed into place; marks its job done. Returns its id.
 
         ``measures`` and ``labels`` (source -> (class, tags)) go into the same transaction, so a
-        done job never lacks the measurements and pre-labels taken with it.
+        done job never lacks the measurements and pre-labels taken with it. ``batch_size`` is the
+        size of the sampler run that made it; ``run_id`` its :meth:`register_run` row.
         """
         self._require_writer()
         file = Path(path)
@@ -322,7 +379,8 @@ class Catalog:
             try:
                 cursor = db.execute(
                     "INSERT INTO images (job_id, path, sha256, infotext, settings, seed, width, height, "
-                    "model_hash, timings, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "model_hash, timings, created, batch_size, run_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         job_id,
                         self._relative(file),
@@ -335,6 +393,8 @@ class Catalog:
                         model_hash,
                         _json(dict(timings or {})),
                         _now(),
+                        batch_size,
+                        run_id,
                     ),
                 )
             except sqlite3.IntegrityError as error:
@@ -406,6 +466,20 @@ class Catalog:
             out.append(record)
         return out
 
+    def runs(self) -> dict[int, dict[str, Any]]:
+        """run id -> its provenance row (empty for a catalog written before runs were recorded)."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone():
+            return {}
+        cursor = self._db.execute("SELECT * FROM runs ORDER BY id")
+        names = [d[0] for d in cursor.description]
+        out = {}
+        for row in cursor:
+            record = dict(zip(names, row, strict=True))
+            for flag in ("compile", "deterministic"):
+                record[flag] = bool(record[flag])
+            out[int(record["id"])] = record
+        return out
+
     def image_id_for(self, *, job_id: str | None = None, path: str | None = None) -> int | None:
         """The image id of a job, or of an image path relative to the catalog's folder."""
         if job_id is not None:
@@ -467,6 +541,12 @@ class Catalog:
 
     def journal_mode(self) -> str:
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 def _take_lock(path: Path) -> IO[str]:

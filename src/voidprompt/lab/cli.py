@@ -15,7 +15,9 @@ from voidprompt.lab.labels import export_labels, import_labels, label_scheme
 from voidprompt.lab.plugins import installed_plugins
 from voidprompt.lab.report import build_report
 from voidprompt.lab.run import model_files, run_study
+from voidprompt.lab.schema import GPU_BATCH_CAP
 from voidprompt.lab.study import load_study, summarize
+from voidprompt.models.placement import PRECISIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,10 +37,37 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="images per sampler run (default: [run] batch_size, else 16)",
+        help="most images per sampler run (default: [run] batch_size, else 16 on the CPU and what free "
+        f"memory holds, up to {GPU_BATCH_CAP}, on a GPU)",
+    )
+    run.add_argument(
+        "--device", help="where the model runs: cpu, cuda, cuda:N, mps (default: [run] device, else cpu)"
+    )
+    run.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="auto (fp16 under autocast on CUDA, fp32 on the CPU), fp32, fp16 or bf16 "
+        "(default: [run] precision, else auto)",
+    )
+    run.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the UNet, once per shape (default: [run] compile, else off)",
+    )
+    run.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fixed batch size and deterministic algorithms: reruns reproduce bit for bit",
     )
     run.add_argument("--executor", choices=("local", "ray"), default="local")
     run.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local one")
+    run.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="Ray: GPUs each worker holds (default: 1 when the cluster has GPUs, else 0)",
+    )
     run.add_argument(
         "--threads",
         type=int,
@@ -97,8 +126,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         options = study.run.override(
             batch_size=args.batch_size,
             threads=args.threads,
+            device=args.device,
+            precision=args.precision,
+            compile=args.compile,
+            deterministic=args.deterministic,
             executor=args.executor,
             address=args.address,
+            gpus_per_worker=args.gpus_per_worker,
             max_jobs=args.max_jobs,
             catalog=catalog_path,
             progress=not args.no_progress,
@@ -139,8 +173,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         if image is None:
             print(f"error: no image {key!r} in {catalog_path}; see `voidprompt study ls`", file=sys.stderr)
             return 2
-        print(json.dumps({**image, "measures": catalog.measures(image["id"]),
-                          "labels": catalog.labels(image["id"])}, indent=2, default=str))  # fmt: skip
+        details = {
+            **image,
+            "measures": catalog.measures(image["id"]),
+            "labels": catalog.labels(image["id"]),
+            "run": catalog.runs().get(image.get("run_id") or 0),  # device, precision, GPU, versions
+        }
+        print(json.dumps(details, indent=2, default=str))
         return 0
 
 

@@ -2,8 +2,13 @@
 
 Per image, in this order (the catalog's resumable protocol): generate, write to a temporary name,
 rename into place, then commit one transaction holding its row, its measures and its pre-label.
-A rerun skips every committed job; killing the process at any moment loses at most the batch in
+A rerun skips every committed job; killing the process at any moment loses at most the batches in
 flight (its renamed-but-uncommitted files are swept by the next ``Catalog.open``).
+
+Overlap: the main thread only samples; a writer thread (:class:`CatalogWriter`, the catalog's one
+writer) encodes, hashes, measures, labels and commits each batch while the next one samples. At
+most :data:`WRITER_QUEUE` sampled batches wait for it, so the batches in flight are those, the one
+being written and the one being sampled: a kill loses at most these, and duplicates nothing.
 
 Batching: jobs that differ only in their seeds share one sampler run (one UNet call per step for
 the whole batch), each image with its own seed. A1111 gives image ``i`` of a batch the seed
@@ -12,8 +17,9 @@ the whole batch), each image with its own seed. A1111 gives image ``i`` of a bat
 once each by the Engine's ``PromptEncoder`` cache and never together with another prompt (A1111's
 mean restoration spans the encoded batch).
 
-Failures: a batch the Engine rejects (or that runs out of memory) fails as a whole, as one A1111
-generation does: its jobs are marked failed in the catalog and the study goes on; so does a job
+Failures: a batch the Engine rejects fails as a whole, as one A1111 generation does (a batch that
+runs out of GPU memory is halved and retried instead, see :mod:`voidprompt.lab.execution`): its
+jobs are marked failed in the catalog and the study goes on; so does a job
 whose picture cannot be saved, measured or labelled (a ``VoidpromptError``). The run report and
 ``study ls`` count them, and a rerun retries them. Every model file is checked before the first
 batch, as A1111's X/Y/Z plot checks its checkpoints before generating.
@@ -22,6 +28,8 @@ batch, as A1111's X/Y/Z plot checks its checkpoints before generating.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +40,8 @@ from tqdm import tqdm
 
 from voidprompt.errors import StudyError, VoidpromptError
 from voidprompt.files import atomic_write
-from voidprompt.lab.catalog import Catalog, default_catalog_path, sha256_file
-from voidprompt.lab.execution import Batch, Executor, Generated, LocalExecutor
+from voidprompt.lab.catalog import Catalog, Provenance, default_catalog_path, sha256_file
+from voidprompt.lab.execution import Batch, BatchResult, Executor, Generated, LocalExecutor, Placement
 from voidprompt.lab.labels import Labeler, label_image, label_scheme
 from voidprompt.lab.measures import measure_image
 from voidprompt.lab.plugins import ModelFiles, Plugins, installed_plugins
@@ -43,6 +51,10 @@ from voidprompt.lab.study import Job, Study, request_to_dict
 from voidprompt.request import GenerationRequest
 
 log = logging.getLogger(__name__)
+
+# Sampled batches that may wait for the writer: enough to keep sampling going through a slow
+# write, few enough that a kill loses little.
+WRITER_QUEUE = 2
 
 
 @dataclass
@@ -107,7 +119,10 @@ def model_files(study: StudyFile, models: Sequence[ModelRef], plugins: Plugins) 
 
 # ---------------------------------------------------------------------------------------- writer
 
-Fault = Callable[[str, str], None]  # (stage, job_id): tests raise here to simulate a crash
+# (stage, job_id): tests raise (or kill the process) here to simulate a crash. The writer's stages
+# are before_write, temp_written, renamed and recorded; "sampled" is the main thread's, when a
+# batch comes back from the executor (the writer may be busy with an earlier one).
+Fault = Callable[[str, str], None]
 
 
 def store(
@@ -117,6 +132,7 @@ def store(
     *,
     labeler: Labeler | None = None,
     fault: Fault | None = None,
+    run_id: int | None = None,
 ) -> int:
     """Write one image by the resumable protocol and commit it with its measures and pre-label."""
     final = catalog.images_dir / f"{job.job_id}.png"
@@ -156,10 +172,112 @@ def store(
         timings=generated.timings,
         measures=values,
         labels=labels,
+        batch_size=generated.batch_size,
+        run_id=run_id,
     )
     if fault:
         fault("recorded", job.job_id)
     return image_id
+
+
+_STOP = object()
+
+
+class CatalogWriter:
+    """The catalog's one writer, on a thread of its own: stores each :class:`BatchResult` handed
+    to it (or marks its jobs failed), in order, while the caller samples the next batch.
+
+    An error here (a crash, a bug) stops the writer; the caller's next :meth:`put` or
+    :meth:`finish` raises it. Until :meth:`finish` or :meth:`stop`, only this thread touches the
+    catalog.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        report: RunReport,
+        *,
+        executor: str,
+        labeler: Labeler | None = None,
+        fault: Fault | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.report = report
+        self.executor = executor
+        self.labeler = labeler
+        self.fault = fault
+        self.progress = progress
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=WRITER_QUEUE)
+        self._runs: dict[Provenance, int] = {}
+        self._thread = threading.Thread(target=self._loop, name="voidprompt-catalog-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, result: BatchResult) -> None:
+        """Hand a result over; waits while the queue is full, raises the writer's error."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            if not self._thread.is_alive():
+                raise StudyError("the catalog writer was stopped before the run ended")  # a caller's bug
+            try:
+                self._queue.put(result, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Wait for everything handed over to be written; raises the writer's error."""
+        self.stop()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """End the thread after what is queued (at once if it failed)."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, BatchResult)
+            try:
+                self._write(item)
+            except BaseException as error:  # handed to the caller, which stops the run
+                self.error = error
+                return
+
+    def _run_id(self, provenance: Provenance | None) -> int | None:
+        if provenance is None:
+            return None
+        if provenance not in self._runs:
+            self._runs[provenance] = self.catalog.register_run(provenance, self.executor)
+        return self._runs[provenance]
+
+    def _write(self, result: BatchResult) -> None:
+        batch, report = result.batch, self.report
+        if result.error is not None:
+            _fail(self.catalog, report, batch.jobs, result.error)
+        else:
+            for job, generated in zip(batch.jobs, result.generated, strict=True):
+                try:
+                    run_id = self._run_id(generated.provenance)
+                    store(self.catalog, generated, job, labeler=self.labeler, fault=self.fault, run_id=run_id)
+                except VoidpromptError as error:
+                    _fail(self.catalog, report, (job,), str(error))
+                else:
+                    report.generated += 1
+            report.batches += 1
+        if self.progress is not None:
+            self.progress(len(batch.jobs))
 
 
 def run_study(
@@ -181,6 +299,11 @@ def run_study(
     jobs = study.expand()
     scheme = label_scheme(study, plugins)
     labeler = None if scheme.labeler is None else plugins.labeler(scheme.labeler)
+    placement = Placement.from_options(options)
+    on_gpu = False
+    if options.executor == "local":
+        # A device or precision this machine lacks is refused before the catalog is touched.
+        on_gpu = placement.resolve()[0].type == "cuda"
     path = options.catalog if options.catalog is not None else default_catalog_path(study)
     by_id = {job.job_id: job for job in jobs}
     with Catalog.open(path) as catalog:
@@ -190,21 +313,24 @@ def run_study(
         skipped = len(jobs) - len(pending)
         if options.max_jobs is not None:
             pending = pending[: max(0, options.max_jobs)]
-        batches = plan_batches(pending, options.batch_size)
         report = RunReport(path, len(jobs), skipped, 0, 0, 0.0)
-        if not batches:
+        if not pending:
             report.seconds = time.perf_counter() - started
             return report
-        files = model_files(study, [b.model for b in batches], plugins)
+        files = model_files(study, [job.model for job in pending], plugins)
         executor: Executor
         if options.executor == "ray":
-            executor = RayExecutor(files, address=options.address, threads=options.threads)
+            ray_executor = RayExecutor(
+                files,
+                address=options.address,
+                threads=options.threads,
+                gpus_per_worker=options.gpus_per_worker,
+                placement=placement,
+            )
+            on_gpu, executor = ray_executor.on_gpu, ray_executor
         else:
-            executor = LocalExecutor(files, threads=options.threads)
-        bar = None
-        if options.progress:
-            bar = tqdm(total=len(pending), unit="img", desc=study.name, dynamic_ncols=True)
-        sampling_started = time.perf_counter()
+            executor = LocalExecutor(files, threads=options.threads, placement=placement)
+        batches = plan_batches(pending, options.batch_cap(on_gpu))
         # The model hash each model reference already has images of: a resumed study must not mix
         # pictures of two different files that went by the same name (a retrained or replaced model).
         recorded: dict[ModelRef, str] = {}
@@ -212,27 +338,36 @@ def run_study(
             done = by_id.get(row["job_id"])
             if done is not None and row["model_hash"]:
                 recorded.setdefault(done.model, row["model_hash"])
+        bar = None
+        if options.progress:
+            bar = tqdm(total=len(pending), unit="img", desc=study.name, dynamic_ncols=True)
+        sampling_started = time.perf_counter()
+
+        def progress(count: int) -> None:
+            assert bar is not None
+            # tqdm's ETA comes from its smoothed rate; images/min is the postfix.
+            bar.update(count)
+            elapsed = time.perf_counter() - sampling_started
+            bar.set_postfix_str(f"{60.0 * report.generated / elapsed:.1f} img/min")
+
+        writer = CatalogWriter(
+            catalog,
+            report,
+            executor=options.executor,
+            labeler=labeler,
+            fault=fault,
+            progress=progress if bar is not None else None,
+        )
         try:
             for result in executor.run(batches):
-                batch = result.batch
-                if result.error is not None:
-                    _fail(catalog, report, batch.jobs, result.error)
-                else:
-                    _check_same_model(recorded, batch, result.generated, path)
-                    for job, generated in zip(batch.jobs, result.generated, strict=True):
-                        try:
-                            store(catalog, generated, job, labeler=labeler, fault=fault)
-                        except VoidpromptError as error:
-                            _fail(catalog, report, (job,), str(error))
-                        else:
-                            report.generated += 1
-                    report.batches += 1
-                if bar is not None:
-                    # tqdm's ETA comes from its smoothed rate; images/min is the postfix.
-                    bar.update(len(batch.jobs))
-                    elapsed = time.perf_counter() - sampling_started
-                    bar.set_postfix_str(f"{60.0 * report.generated / elapsed:.1f} img/min")
+                if fault:
+                    fault("sampled", result.batch.jobs[0].job_id)
+                if result.error is None:
+                    _check_same_model(recorded, result.batch, result.generated, path)
+                writer.put(result)
+            writer.finish()
         finally:
+            writer.stop()  # after an error here: what was handed over is still written
             if bar is not None:
                 bar.close()
             executor.close()

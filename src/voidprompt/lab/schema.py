@@ -29,11 +29,15 @@ from typing import Any
 
 from voidprompt.errors import StudyError
 from voidprompt.lab import axes as ax
+from voidprompt.models.placement import PRECISIONS
 from voidprompt.request import GenerationRequest
 
 # Images per sampler run. 16 rather than 8: on the miniature model at 64x64 (1 thread) a batch of
 # 16 costs about 23% less CPU per image than 8; beyond that the gain is small and a kill loses more.
 DEFAULT_BATCH_SIZE = 16
+# On a GPU the batch size follows free memory; a planned batch is at most this many images, so a
+# kill loses at most this many (diffusers' batched SD1.5 runs reach 64 at 512x512 on an 80 GB card).
+GPU_BATCH_CAP = 64
 EXECUTORS = ("local", "ray")
 # The outcome classes of a study that names none and has no labeler: the study brief's four.
 DEFAULT_CLASSES = ("Pattern", "Object or Scenery", "Malformed human", "Legit human")
@@ -132,11 +136,19 @@ class CfgByArea:
 class RunOptions:
     """How a study runs: its ``[run]`` table, then the caller's choices over it (:meth:`override`)."""
 
-    batch_size: int = DEFAULT_BATCH_SIZE  # same-shape jobs per sampler run
+    # Most same-shape jobs per sampler run; None: DEFAULT_BATCH_SIZE on the CPU, free memory's
+    # choice (up to GPU_BATCH_CAP) on a GPU. See :meth:`batch_cap`.
+    batch_size: int | None = None
     threads: int | None = None  # torch intra-op threads; None: torch's own choice (Ray: 1 per worker)
+    device: str | None = None  # torch device name; None: cpu (a Ray cluster's GPU workers: cuda)
+    precision: str = "auto"  # one of placement.PRECISIONS; what each means per device is its rule
+    compile: bool = False  # torch.compile the UNet, once per shape
+    # Fixed batch sizes and deterministic algorithms: the same batch gives the same pixels bit for bit.
+    deterministic: bool = False
     # Chosen by the caller (command-line flags), not by the study file:
     executor: str = "local"
     address: str | None = None  # Ray cluster address; None: join or start a local one
+    gpus_per_worker: float | None = None  # Ray: GPUs per worker; None: 1 if the cluster has GPUs, else 0
     max_jobs: int | None = None  # stop after this many images
     catalog: Path | None = None  # None: runs/<study file stem>/catalog.sqlite beside the study
     progress: bool = True
@@ -144,6 +156,19 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise StudyError(f"executor={self.executor!r}: choose one of {', '.join(EXECUTORS)}")
+        if self.precision not in PRECISIONS:
+            raise StudyError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise StudyError(f"batch_size={self.batch_size}: must be at least 1")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise StudyError(f"gpus_per_worker={self.gpus_per_worker}: must be 0 or more")
+
+    def batch_cap(self, on_gpu: bool) -> int:
+        """The most images one planned batch holds: the file's (or flag's) batch_size, else the
+        default for the device. Deterministic runs keep it on a GPU too (no sizing from memory)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return GPU_BATCH_CAP if on_gpu and not self.deterministic else DEFAULT_BATCH_SIZE
 
     def override(self, **changes: Any) -> RunOptions:
         """These options with every change that is not None: a flag left out keeps the file's value."""
@@ -402,6 +427,22 @@ def _plots(value: Any) -> tuple[PlotSpec, ...]:
     return tuple(specs)
 
 
+def _flag(example: str) -> Read:
+    def read(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise _Invalid(f"{value!r}: write true or false, e.g. {example}")
+        return value
+
+    return read
+
+
+def _device_name(value: Any) -> str:
+    # Only the form here: whether the device exists is known where the model loads.
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid('write a torch device name, e.g. device = "cuda" (or "cpu", "cuda:1", "mps")')
+    return value.strip()
+
+
 def _optional_file(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise _Invalid('write a file name, e.g. checkpoint = "model.safetensors"')
@@ -429,8 +470,12 @@ CFG_BY_AREA_KEYS = (
     Key("base", _whole(1, "base = 512 (a side in pixels)"), 512),
 )
 RUN_KEYS = (
-    Key("batch_size", _whole(1, "batch_size = 16"), DEFAULT_BATCH_SIZE),
+    Key("batch_size", _whole(1, "batch_size = 16")),
     Key("threads", _whole(1, "threads = 1")),
+    Key("device", _device_name),
+    Key("precision", _choice(*PRECISIONS), "auto"),
+    Key("compile", _flag("compile = true"), False),
+    Key("deterministic", _flag("deterministic = true"), False),
 )
 LABELS_KEYS = (Key("classes", _classes), Key("labeler", _labeler_name))
 REPORT_KEYS = (
