@@ -63,7 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         "--studies-dir", type=Path, help="folder of study files and catalogs for /voidprompt/v1/studies"
     )
     p.add_argument("--outdir", type=Path, help="where save_images=true writes images (default: not saved)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="auto: fp16 under autocast on CUDA (A1111's), fp32 elsewhere; bf16 only when asked",
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--nowebui", action="store_true", help="API only, no web UI")
     p.add_argument("--max-pixels", type=int, help="max width*height per image")
@@ -76,8 +82,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> object:
+    from voidprompt.models.placement import resolve_device, resolve_precision
     from voidprompt.server.state import ServerConfig
 
+    # Refused here, before anything is read or bound: a device or precision this machine lacks.
+    resolve_precision(args.precision, resolve_device(args.device))
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     auth_text = args.api_auth
     if args.api_auth_file is not None:
@@ -126,6 +135,7 @@ def build_config(args: argparse.Namespace) -> object:
         cors_allow_origin_regex=args.cors_allow_origins_regex,
         limits=limits,
         device=args.device,
+        precision=args.precision,
         threads=args.threads,
         ui=not args.nowebui,
     )

@@ -32,6 +32,7 @@ from voidprompt.errors import InvalidRequestError
 from voidprompt.imagemeta import open_image_safely
 from voidprompt.infotext import KEY_ORDER, TRAILING_KEYS, request_fields_from_infotext
 from voidprompt.models.load import load_model
+from voidprompt.models.placement import PrecisionPolicy, resolve_device, resolve_precision
 from voidprompt.pipeline.engine import Engine, GenerationHooks, Progress
 from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
 from voidprompt.pipeline.result import Result
@@ -61,7 +62,8 @@ class OptionSpec:
 OPTION_SPECS: dict[str, OptionSpec] = {
     "CLIP_stop_at_last_layers": OptionSpec(1, int, "clip_skip"),
     "eta_noise_seed_delta": OptionSpec(0, int, "eta_noise_seed_delta"),
-    # voidprompt's default is CPU (A1111's is GPU): CPU noise is the same on every machine.
+    # The server sets the device's default (models.placement.default_randn_source): GPU on CUDA, as
+    # A1111; CPU elsewhere, where the two are the same numbers and "RNG: CPU" regenerates anywhere.
     "randn_source": OptionSpec("CPU", str, "randn_source", RNG_SOURCES),
     "emphasis": OptionSpec("Original", str, "emphasis", EMPHASIS_MODES),
     "comma_padding_backtrack": OptionSpec(20, int, "comma_padding_backtrack"),
@@ -99,8 +101,10 @@ MODEL_OPTIONS = ("sd_model_checkpoint", "sd_vae", "sd_checkpoint_hash")
 class Options:
     """The server's current settings (A1111's ``shared.opts`` for the keys above)."""
 
-    def __init__(self) -> None:
+    def __init__(self, defaults: Mapping[str, Any] | None = None) -> None:
+        """``defaults`` replaces some keys' defaults (checked like a client's change)."""
         self.values: dict[str, Any] = {key: spec.default for key, spec in OPTION_SPECS.items()}
+        self.values.update(self.normalise(defaults or {}))
         self.lock = threading.Lock()
 
     @staticmethod
@@ -406,16 +410,18 @@ class ModelHost:
         options: Options,
         state: State,
         *,
-        device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        precision: PrecisionPolicy | None = None,
         engine_factory: Callable[[Any], Engine] | None = None,
         networks: NetworkFolders | None = None,
     ) -> None:
+        """``device`` is resolved here (:class:`~voidprompt.errors.DeviceError` when it does not
+        exist); ``precision`` defaults to ``auto`` on it."""
         self.registry = registry
         self.options = options
         self.state = state
-        self.device = device
-        self.dtype = dtype
+        self.device = resolve_device(device)
+        self.precision = precision or resolve_precision("auto", self.device)
         self.networks = networks or NetworkFolders()
         self.engine_factory = engine_factory or self.make_engine
         self.selected: CheckpointEntry | None = registry.checkpoints[0] if registry.checkpoints else None
@@ -458,6 +464,10 @@ class ModelHost:
         """Load ``entry`` (with ``vae``) unless it is already the model in memory."""
         if self.engine is not None and self.loaded == (entry, vae):
             return self.engine
+        if self.engine is not None:
+            # A1111's auto_vae_precision: once a half decode overflowed, VAEs stay float32 for the
+            # rest of the process, the next model's included.
+            self.precision = self.precision.with_vae(self.engine.components.precision.vae)
         # Drop the old model first: one model in memory at a time, never two.
         self.engine = None
         self.loaded = None
@@ -465,7 +475,7 @@ class ModelHost:
             entry.path,
             vae_path=vae.path if vae is not None else None,
             device=self.device,
-            dtype=self.dtype,
+            precision=self.precision,
         )
         self.engine = self.engine_factory(components)
         self.loaded = (entry, vae)

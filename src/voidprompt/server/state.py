@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from voidprompt.models.placement import default_randn_source, resolve_device, resolve_precision
 from voidprompt.models.tokenizer import load_clip_tokenizer
 from voidprompt.server.checkpoints import ModelRegistry
 from voidprompt.server.generation import ModelHost, Options
@@ -37,6 +38,7 @@ class ServerConfig:
     cors_allow_origin_regex: str | None = None
     limits: Limits = field(default_factory=Limits)
     device: str = "cpu"
+    precision: str = "auto"  # models.placement.resolve_precision's names
     threads: int | None = None
     ui: bool = True
 
@@ -46,14 +48,20 @@ class App:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.options = Options()
+        device = resolve_device(config.device)
+        self.options = Options({"randn_source": default_randn_source(device)})
         self.queue = GenerationQueue(max_queued=config.limits.max_queued)
         self.registry = ModelRegistry(config.ckpt_dirs, config.extra_checkpoints, config.vae_dirs)
         self.registry.refresh()
         self.networks = NetworkFolders(config.lora_dir, config.embeddings_dir, config.hypernetwork_dir)
         self.networks.refresh()
         self.host = ModelHost(
-            self.registry, self.options, self.queue.state, device=config.device, networks=self.networks
+            self.registry,
+            self.options,
+            self.queue.state,
+            device=device,
+            precision=resolve_precision(config.precision, device),
+            networks=self.networks,
         )
         if config.default_model:
             self.host.select(config.default_model)
