@@ -249,3 +249,16 @@ def test_channels_last_is_off_on_the_cpu_unless_asked(tmp_path: Path, stub_token
     fast = load_model(path, channels_last=True, tokenizer=stub_tokenizer)
     assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(fast.unet.conv_in.weight, weight)
+
+
+def test_attention_is_scaled_dot_product_attention(tmp_path: Path, stub_tokenizer: object) -> None:
+    # diffusers picks AttnProcessor2_0 (F.scaled_dot_product_attention) under torch 2 and
+    # transformers picks "sdpa" for CLIP; the loader must keep both (flash / memory-efficient
+    # kernels on CUDA).
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    c = load_model(write_tiny_checkpoint(tmp_path / "m.safetensors"), tokenizer=stub_tokenizer)
+    for module in (c.unet, c.vae):
+        processors = module.attn_processors
+        assert processors and all(type(p) is AttnProcessor2_0 for p in processors.values())
+    assert c.text_encoder.config._attn_implementation == "sdpa"
