@@ -33,11 +33,11 @@ def pixels(result: Any) -> np.ndarray:
 def test_bf16_on_the_cpu_stays_within_a_few_levels_of_fp32_on_the_miniature_model() -> None:
     """bf16 keeps 8 significant bits (relative rounding 2**-9), so each UNet call differs from fp32
     by about 1%, and sampling carries that into the picture. Measured here (the demo study's centre
-    point: 128 px, empty prompt, the NovelAI negative list, CFG 7, clip skip 2; Euler, 6-8 steps,
-    8 batches of 16 seeds): the median picture differs from fp32 by 1.4-2.4 levels of 255 on
-    average per pixel; the tail is chaotic - in a few seeds of 16 the sampler's path forks and a
-    shape appears or goes (up to 96 levels on average), at most 3 of 16 above 16 levels. So the
-    tolerance is on the median picture (4 levels) and on how many may fork (4 of 16)."""
+    point: 128 px, empty prompt, the NovelAI negative list, CFG 7, clip skip 2; Euler, 6 steps; 10
+    batches of 8 seeds): the median picture of a batch differs from fp32 by 1.2-2.7 levels of 255
+    on average per pixel. The tail is chaotic: in some seeds the sampler's path forks and a shape
+    appears or goes (up to 90 levels on average), at most 2 of 8 above 16 levels. So the tolerance
+    is on the median picture (4 levels) and on how many may fork (3 of 8)."""
     policy = resolve_precision("bf16", CPU)
     full = Engine(load_model(miniature_model_path()))
     half = Engine(load_model(miniature_model_path(), precision=policy))
@@ -52,13 +52,13 @@ def test_bf16_on_the_cpu_stays_within_a_few_levels_of_fp32_on_the_miniature_mode
         cfg_scale=7.0,
         sampler_name="Euler",
         clip_skip=2,
-        batch_size=16,
+        batch_size=8,
     )
     a, b = pixels(full.generate(request)), pixels(half.generate(request))
-    per_image = np.abs(a - b).reshape(16, -1).mean(axis=1)
+    per_image = np.abs(a - b).reshape(8, -1).mean(axis=1)
     assert (per_image > 0).all()  # bf16 really ran: no picture is the fp32 one
     assert np.median(per_image) <= 4.0
-    assert (per_image > 16.0).sum() <= 4
+    assert (per_image > 16.0).sum() <= 3
 
 
 def _blow_up_decoder(vae: Any) -> None:
