@@ -8,9 +8,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from lab_helpers import quiet, study_text
+from PIL import Image
 
 from voidprompt.errors import DeviceError
 from voidprompt.lab.catalog import Catalog, Provenance
@@ -332,3 +334,25 @@ def test_show_prints_the_images_run(
 def test_a_missing_device_is_refused_before_loading(tmp_path: Path) -> None:
     with pytest.raises(DeviceError, match="--device 'cuda'"):
         Placement("cuda").resolve()
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels for the CPU: about 30 s
+def test_a_compiled_run_gives_the_eager_runs_pictures(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    eager = _study(tiny_checkpoint, tmp_path / "eager", seeds="4 random")
+    run_study(eager, quiet(eager, batch_size=2))
+    study = _study(tiny_checkpoint, tmp_path / "compiled", seeds="4 random", run="compile = true")
+    report = run_study(study, quiet(study, batch_size=2))
+    assert (report.generated, report.failed) == (8, {})
+    root = tmp_path / "compiled" / "runs" / "t"
+    with Catalog.open(root / "catalog.sqlite", readonly=True) as catalog:
+        (run,) = catalog.runs().values()
+        compiled = {
+            i["job_id"]: np.asarray(Image.open(root / i["path"]), dtype=int) for i in catalog.images()
+        }
+    assert run["compile"] is True
+    with Catalog.open(tmp_path / "eager" / "runs" / "t" / "catalog.sqlite", readonly=True) as catalog:
+        base = tmp_path / "eager" / "runs" / "t"
+        for image in catalog.images():
+            pixels = np.asarray(Image.open(base / image["path"]), dtype=int)
+            # Inductor may fuse and reorder float sums: a level out of 255 at most.
+            assert int(np.abs(pixels - compiled[image["job_id"]]).max()) <= 1

@@ -162,11 +162,8 @@ def load_engine(files: ModelFiles, placement: Placement) -> LoadedModel:
     """Load a model once where ``placement`` says, for every batch an executor runs on it."""
     device, policy = placement.resolve()
     components = load_model(files.checkpoint, vae_path=files.vae, device=device, precision=policy)
-    if placement.compile:
-        # In place, so the Engine's calls go through it; dynamo keeps one graph per shape, and the
-        # runner plans same-shape batches back to back, so each shape compiles once.
-        components.unet.compile()
-    return LoadedModel(Engine(components), provenance(device, policy, placement))
+    # A compiled Engine keeps one graph per shape; the runner plans same-shape batches back to back.
+    return LoadedModel(Engine(components, compile=placement.compile), provenance(device, policy, placement))
 
 
 @contextlib.contextmanager

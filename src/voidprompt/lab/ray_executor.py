@@ -149,8 +149,11 @@ class RayExecutor:
             by_model.setdefault(batch.model, []).append(batch)
         remote = ray.remote(num_cpus=self.threads, num_gpus=self.gpus, max_restarts=0)(_Worker)
         for model, work in by_model.items():
+            # Absolute paths: a worker's working directory is not the driver's.
+            files = self.files[model]
+            files = ModelFiles(files.checkpoint.absolute(), files.vae.absolute() if files.vae else None)
 
-            def start(files: ModelFiles = self.files[model]) -> Any:
+            def start(files: ModelFiles = files) -> Any:
                 return remote.remote(files, self.threads, self.placement)
 
             actors = [start() for _ in range(min(self.workers, len(work)))]
