@@ -37,3 +37,29 @@ def test_cli_reports_study_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     bad.write_text("[axes]\ncfg = 'x-y'\n")
     assert main(["check", str(bad)]) == 2
     assert "bad.toml" in capsys.readouterr().err
+
+
+def test_run_flags_win_over_the_study_files_run_table(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voidprompt.lab import cli
+    from voidprompt.lab.run import RunReport
+    from voidprompt.lab.schema import RunOptions
+
+    seen: list[RunOptions] = []
+
+    def capture(study: object, options: RunOptions, plugins: object) -> RunReport:
+        seen.append(options)
+        return RunReport(tmp_path / "c.sqlite", 0, 0, 0, 0, 0.0)
+
+    monkeypatch.setattr(cli, "run_study", capture)
+    study = tmp_path / "t.toml"
+    run_table = '[run]\ndevice = "cuda"\nprecision = "fp16"\ncompile = true\ndeterministic = true\n[labels]'
+    study.write_text(study_text(tiny_checkpoint, sizes="16x16", seeds="1").replace("[labels]", run_table))
+    assert main(["run", str(study), "--no-progress"]) == 0
+    assert main(["run", str(study), "--no-progress", "--device", "cpu", "--precision", "bf16", "--no-compile",
+                 "--no-deterministic", "--executor", "ray", "--gpus-per-worker", "0.5"]) == 0  # fmt: skip
+    file, flags = ((o.device, o.precision, o.compile, o.deterministic) for o in seen)
+    assert file == ("cuda", "fp16", True, True)
+    assert flags == ("cpu", "bf16", False, False)
+    assert (seen[1].executor, seen[1].gpus_per_worker) == ("ray", 0.5)

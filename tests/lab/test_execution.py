@@ -195,7 +195,7 @@ def test_the_catalog_records_each_images_batch_size_and_its_run(
     run_study(study, quiet(study, batch_size=2))
     images = _images(tmp_path)
     # Groups of 3 seeds cut at 2: batches of 2 and 1.
-    assert sorted(size for _, size, _ in images.values()) == [1, 1, 2, 2, 2, 2]
+    assert sorted(size or 0 for _, size, _ in images.values()) == [1, 1, 2, 2, 2, 2]
     with Catalog.open(tmp_path / "runs" / "t" / "catalog.sqlite", readonly=True) as catalog:
         runs = catalog.runs()
         rows = catalog.images()
