@@ -282,20 +282,29 @@ def _line_profile_residual(rgb: np.ndarray, usable: np.ndarray) -> np.ndarray:
     for key in (xx, yy, xx + yy, xx - yy):
         lines, inverse = np.unique(key.ravel(), return_inverse=True)
         keep = usable.ravel()
-        order = np.argsort(inverse[keep], kind="stable")
-        members = inverse[keep][order]
-        pixels = rgb.reshape(-1, 3)[keep][order]
-        starts = np.flatnonzero(np.diff(members)) + 1
-        profile = np.full((len(lines), 3), np.nan)
-        for group, chunk in zip(np.split(members, starts), np.split(pixels, starts), strict=True):
-            if len(group):
-                profile[group[0]] = np.median(chunk, axis=0)
+        profile = _line_medians(inverse[keep], rgb.reshape(-1, 3)[keep], len(lines))
         residual = np.linalg.norm(rgb.reshape(-1, 3) - profile[inverse], axis=-1).reshape(h, w)
         residual = np.nan_to_num(residual, nan=math.inf)  # a line with no usable pixel explains nothing
         score = float(np.median(residual[usable])) if usable.any() else math.inf
         if score < best_score:
             best, best_score = residual, score
     return best if best is not None else np.full((h, w), math.inf)
+
+
+def _line_medians(members: np.ndarray, pixels: np.ndarray, count: int) -> np.ndarray:
+    """Per line (``members`` gives each pixel's line, 0..count-1) the median of every channel,
+    NaN for a line without pixels: the value ``np.median`` gives (the middle value, or the mean of
+    the two middle ones), for all lines at once instead of one call per line."""
+    sizes = np.bincount(members, minlength=count)
+    present = sizes > 0
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])[present]
+    low = starts + (sizes[present] - 1) // 2
+    high = starts + sizes[present] // 2
+    profile = np.full((count, pixels.shape[1]), np.nan)
+    for channel in range(pixels.shape[1]):
+        values = pixels[np.lexsort((pixels[:, channel], members)), channel]
+        profile[present, channel] = (values[low] + values[high]) / 2
+    return profile
 
 
 # --- shapes ------------------------------------------------------------------------------------------
