@@ -57,21 +57,33 @@ def test_an_overflowing_fp16_decode_is_redone_in_fp32_and_the_vae_stays_fp32(
 
 
 def test_a_batch_switches_at_its_first_failing_image_as_a1111s_per_image_loop() -> None:
-    # Image 0 and 2 fit fp16, image 1 overflows: A1111 keeps image 0's fp16 decode and decodes
-    # images 1 and 2 in float32, having converted the VAE on image 1.
+    # Image 0 and 2 fit fp16, image 1 overflows: A1111 decodes one image at a time, keeps image 0's
+    # fp16 decode and decodes images 1 and 2 in float32, having converted the VAE on image 1.
     vae = overflowing_vae().half()
     z = _latents() * torch.tensor([0.1, 1.0, 0.1]).view(3, 1, 1, 1)
     with torch.no_grad():
-        half = vae.decode(z.half()).sample
-    assert torch.isfinite(half).flatten(1).all(1).tolist() == [True, False, True]
+        half = [vae.decode(z[i : i + 1].half()).sample for i in range(3)]
+    assert [bool(torch.isfinite(h).all()) for h in half] == [True, False, True]
     res = decode_with_nan_fallback(vae, z)
     assert res.upcast and res.first_redone == 1 and "image 1" in str(res.message)
     with torch.no_grad():
-        full = vae.decode(z[1:]).sample
-    assert torch.equal(res.sample[0], half[0].float())
-    assert torch.equal(res.sample[1:], full)
+        full = [vae.decode(z[i : i + 1]).sample for i in (1, 2)]
+    assert torch.equal(res.sample[0:1], half[0].float())
+    assert torch.equal(res.sample[1:2], full[0]) and torch.equal(res.sample[2:3], full[1])
     # The fp16 and fp32 decodes of the image that fitted differ: the switch point is visible.
-    assert not torch.equal(half[2].float(), res.sample[2])
+    assert not torch.equal(half[2].float(), res.sample[2:3])
+
+
+def test_each_image_is_decoded_alone_as_a1111s_decode_latent_batch() -> None:
+    _, vae, _ = tiny_sd1_modules(0)
+    z = _latents()
+    with torch.no_grad():
+        alone = torch.cat([vae.decode(z[i : i + 1]).sample for i in range(3)])
+    batches: list[int] = []
+    vae.decoder.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    res = decode_with_nan_fallback(vae, z)
+    assert batches == [1, 1, 1]
+    assert torch.equal(res.sample, alone) and not res.upcast
 
 
 def test_every_value_is_tested_not_only_the_first() -> None:

@@ -57,33 +57,36 @@ def _without_autocast(device_type: str) -> Iterator[None]:
 
 @torch.no_grad()
 def decode_with_nan_fallback(vae: Any, z: Tensor) -> VaeDecode:
-    """``vae.decode(z).sample`` as float32; ``z`` is the VAE's input (latents already divided by the
-    scaling factor), a batch.
+    """``vae.decode(z).sample`` as float32, one image at a time as A1111's ``decode_latent_batch``;
+    ``z`` is the VAE's input (latents already divided by the scaling factor), a batch.
 
     A half-precision VAE (fp16 or bf16) whose decode of image ``i`` has any NaN or inf is converted
-    to float32 in place and images ``i`` onwards are decoded again, as A1111's per-image loop
-    switches at the first failing image; images before ``i`` keep their half-precision decode. The
-    VAE stays float32 (sticky).
+    to float32 in place and image ``i`` is decoded again; the VAE stays float32 (sticky), so the
+    images after it decode in float32 too, and images before ``i`` keep their half-precision decode.
+
+    One image per decode is A1111's rule, and on a CPU also the faster one: a whole batch's
+    full-resolution activations do not fit in the caches (measured on the miniature model at 128 px:
+    58 ms per picture against 85 ms with two threads, 91 against 120 with one).
     """
-    dtype = vae_dtype(vae)
-    with _without_autocast(z.device.type):
-        out = vae.decode(z.to(dtype)).sample
-    if dtype == torch.float32:
-        return VaeDecode(out.float(), False)
-    finite = torch.isfinite(out).flatten(1).all(dim=1)
-    if bool(finite.all()):
-        return VaeDecode(out.float(), False)
-    first = int((~finite).nonzero()[0, 0])
-    bad = int((~torch.isfinite(out[first])).sum())
-    message = (
-        f"VAE decode in {str(dtype).removeprefix('torch.')} produced {bad} NaN/inf values in image {first} "
-        "of the batch (the VAE overflows half precision); converted the VAE to float32 for the rest of "
-        "this run and decoded again. Use a VAE that is stable in half precision (such as "
-        "vae-ft-mse-840000-ema-pruned) to keep it fast."
-    )
-    log.warning(message)
-    vae.float()  # not .to(float32): diffusers' .to() warns about fp32 modules on every dtype change
-    with _without_autocast(z.device.type):
-        redone = vae.decode(z[first:].to(torch.float32)).sample
-    sample = torch.cat([out[:first].float(), redone.float()])
-    return VaeDecode(sample, True, message, first)
+    samples: list[Tensor] = []
+    first_redone: int | None = None
+    message: str | None = None
+    for index in range(z.shape[0]):
+        dtype = vae_dtype(vae)
+        with _without_autocast(z.device.type):
+            out = vae.decode(z[index : index + 1].to(dtype)).sample
+        if dtype != torch.float32 and not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            message = (
+                f"VAE decode in {str(dtype).removeprefix('torch.')} produced {bad} NaN/inf values in image "
+                f"{index} of the batch (the VAE overflows half precision); converted the VAE to float32 for "
+                "the rest of this run and decoded again. Use a VAE that is stable in half precision (such "
+                "as vae-ft-mse-840000-ema-pruned) to keep it fast."
+            )
+            log.warning(message)
+            vae.float()  # not .to(float32): diffusers' .to() warns about fp32 modules on every dtype change
+            first_redone = index
+            with _without_autocast(z.device.type):
+                out = vae.decode(z[index : index + 1].to(torch.float32)).sample
+        samples.append(out.float())
+    return VaeDecode(torch.cat(samples), first_redone is not None, message, first_redone)
