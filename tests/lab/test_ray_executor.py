@@ -269,7 +269,7 @@ def test_a_lost_workers_batches_run_elsewhere_once(
 def test_a_batch_that_takes_every_worker_down_fails_alone(
     ray: StandInRay, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    from voidprompt.lab.ray_executor import MAX_ATTEMPTS
+    from voidprompt.lab.execution import MAX_ATTEMPTS
 
     study = parse_study(
         study_text(tiny_checkpoint, sizes="16x16, 32x16", seeds="2 random"), tmp_path / "t.toml"

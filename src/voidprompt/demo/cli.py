@@ -1,14 +1,14 @@
 """``voidprompt demo ...``: the demo study (no subcommand), the gallery and the training command.
 
-``voidprompt demo [--out DIR] [--study FILE] [--threads N] [--batch-size N]`` runs the demo study
-(``studies/pure-negative.toml``: the study brief's pure-negative-prompt study on the miniature model,
-pre-labelled by its detector), resumably, then writes its report and prints where it is (see
-:mod:`voidprompt.demo.study`). ``voidprompt demo gallery [--out DIR] [--model PATH]`` generates a small
-gallery on the miniature model. ``voidprompt demo train [--out DIR] [--resume] [--minutes N] ...``
-trains the miniature model (see :mod:`voidprompt.demo.train`); the model card gives the options the
-shipped weights were trained with. ``voidprompt demo tune-decoder [--model PATH] [--out DIR]
-[--steps N] ...`` continues a checkpoint's VAE decoder on fresh world pictures, encoder frozen (see
-:mod:`voidprompt.demo.decoder_tune`).
+``voidprompt demo [--out DIR] [--study FILE] [--threads N] [--workers N] [--batch-size N]`` runs the
+demo study (``studies/pure-negative.toml``: the study brief's pure-negative-prompt study on the
+miniature model, pre-labelled by its detector), resumably, then writes its report and prints where
+it is (see :mod:`voidprompt.demo.study`). ``voidprompt demo gallery [--out DIR] [--model PATH]``
+generates a small gallery on the miniature model. ``voidprompt demo train [--out DIR] [--resume]
+[--minutes N] ...`` trains the miniature model (see :mod:`voidprompt.demo.train`); the model card
+gives the options the shipped weights were trained with. ``voidprompt demo tune-decoder [--model
+PATH] [--out DIR] [--steps N] ...`` continues a checkpoint's VAE decoder on fresh world pictures,
+encoder frozen (see :mod:`voidprompt.demo.decoder_tune`).
 """
 
 from __future__ import annotations
@@ -195,6 +195,7 @@ def _gallery(argv: list[str]) -> int:
 
 def _study(argv: list[str]) -> int:
     from voidprompt.demo.study import DEFAULT_OUT, run_demo
+    from voidprompt.lab.schema import workers_arg
 
     p = argparse.ArgumentParser(
         prog="voidprompt demo",
@@ -211,12 +212,23 @@ def _study(argv: list[str]) -> int:
         "--threads", type=int, default=None, help="torch threads (default: the study's [run] threads)"
     )
     p.add_argument(
+        "--workers",
+        type=workers_arg,
+        default=None,
+        help="worker processes, a number or auto: one per core (default: the study's [run] workers)",
+    )
+    p.add_argument(
         "--batch-size", type=int, default=None, help="images per sampler run (default: the study's)"
     )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     result = run_demo(
-        args.study, args.out, batch_size=args.batch_size, threads=args.threads, progress=not args.no_progress
+        args.study,
+        args.out,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        workers=args.workers,
+        progress=not args.no_progress,
     )
     print(result.format())
     return 0

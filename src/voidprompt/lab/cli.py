@@ -15,7 +15,7 @@ from voidprompt.lab.labels import export_labels, import_labels, label_scheme
 from voidprompt.lab.plugins import installed_plugins
 from voidprompt.lab.report import build_report
 from voidprompt.lab.run import model_files, run_study
-from voidprompt.lab.schema import GPU_BATCH_CAP
+from voidprompt.lab.schema import GPU_BATCH_CAP, workers_arg
 from voidprompt.lab.study import load_study, summarize
 from voidprompt.models.placement import PRECISIONS
 
@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="torch threads per process/worker (default: [run] threads; pins float order)",
     )
+    run.add_argument(
+        "--workers",
+        type=workers_arg,
+        help="worker processes: local: N > 1 runs N processes on the CPU (auto: one per core); "
+        "Ray: how many workers (default: [run] workers, else 1 locally)",
+    )
     run.add_argument("--max-jobs", type=int, help="stop after this many images")
     run.add_argument("--no-progress", action="store_true")
 
@@ -126,6 +132,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         options = study.run.override(
             batch_size=args.batch_size,
             threads=args.threads,
+            workers=args.workers,
             device=args.device,
             precision=args.precision,
             compile=args.compile,

@@ -33,6 +33,7 @@ from voidprompt.lab.study import Job
 from voidprompt.models.load import load_model
 from voidprompt.models.placement import PrecisionPolicy, resolve_device, resolve_precision
 from voidprompt.pipeline.engine import Engine
+from voidprompt.pipeline.hires import hires_target
 from voidprompt.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ CUBLAS_WORKSPACE = ":4096:8"
 # The share of free GPU memory a sampler run may plan to use (allocator fragmentation and the
 # estimate's error take the rest).
 MEMORY_SHARE = 0.85
+# Executors with worker processes: batches sent ahead to each worker, so it never waits for the
+# driver, and the workers one batch may take down (a batch that kills every worker it meets is not
+# retried forever).
+QUEUED_PER_WORKER = 2
+MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,22 @@ class Executor(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def batch_cost(batch: Batch) -> int:
+    """Pixel-steps of a batch's sampler runs (its hires pass included): what its time grows with."""
+    r = batch.request
+    cost = r.width * r.height * r.steps
+    if r.enable_hr:
+        target = hires_target(r)
+        cost += target.upscale_width * target.upscale_height * (r.hr_second_pass_steps or r.steps)
+    return cost * len(batch.jobs)
+
+
+def longest_first(batches: Sequence[Batch]) -> list[Batch]:
+    """``batches``, the most expensive first (equal costs keep their order, so same-shape batches
+    stay back to back): workers running in parallel then finish together, on cheap batches."""
+    return sorted(batches, key=batch_cost, reverse=True)
 
 
 def describe(error: BaseException) -> str:

@@ -12,8 +12,8 @@ summation order, so CPU results match a local run pinned the same way bit for bi
 
 A worker lost mid-batch (its process killed, its node gone) fails the batches it held with Ray's
 actor error; the driver starts a replacement and queues those batches again. Nothing of them was
-written, so nothing is duplicated; a batch that takes :data:`MAX_ATTEMPTS` workers down with it
-fails instead.
+written, so nothing is duplicated; a batch that takes
+:data:`~voidprompt.lab.execution.MAX_ATTEMPTS` workers down with it fails instead.
 
 ``address=None`` joins the Ray instance this process already started (``ray.init``) or starts a
 local one with every CPU (and GPU); ``"auto"`` joins a running cluster.
@@ -33,6 +33,8 @@ import torch
 from voidprompt.errors import StudyError
 from voidprompt.lab.execution import (
     BATCH_ERRORS,
+    MAX_ATTEMPTS,
+    QUEUED_PER_WORKER,
     Batch,
     BatchResult,
     BatchSizer,
@@ -41,6 +43,7 @@ from voidprompt.lab.execution import (
     describe,
     deterministic_algorithms,
     load_engine,
+    longest_first,
     memory_probe,
     run_sized,
 )
@@ -48,10 +51,6 @@ from voidprompt.lab.plugins import ModelFiles
 from voidprompt.lab.schema import ModelRef
 
 log = logging.getLogger(__name__)
-
-# Workers one batch may take down (a batch that kills every worker it meets is not retried forever).
-MAX_ATTEMPTS = 3
-QUEUED_PER_WORKER = 2  # batches sent ahead to each worker, so it never waits for the driver
 
 
 class _Worker:
@@ -173,7 +172,7 @@ class RayExecutor:
         ray = self.ray
         # Keep every worker busy with a few batches queued each; results are written as they
         # complete, so a kill of the driver loses only the batches in flight.
-        queue = list(work)
+        queue = longest_first(work)
         # ref -> (batch, the actor it was sent to), in the order sent: an actor runs its calls in
         # that order, so its oldest unfinished call is the one it was running.
         in_flight: dict[Any, tuple[Batch, Any]] = {}

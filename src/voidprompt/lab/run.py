@@ -45,6 +45,7 @@ from voidprompt.lab.execution import Batch, BatchResult, Executor, Generated, Lo
 from voidprompt.lab.labels import Labeler, label_image, label_scheme
 from voidprompt.lab.measures import measure_image
 from voidprompt.lab.plugins import ModelFiles, Plugins, installed_plugins
+from voidprompt.lab.process_executor import ProcessExecutor, local_workers
 from voidprompt.lab.ray_executor import RayExecutor
 from voidprompt.lab.schema import ModelRef, RunOptions, StudyFile
 from voidprompt.lab.study import Job, Study, request_to_dict
@@ -300,10 +301,12 @@ def run_study(
     scheme = label_scheme(study, plugins)
     labeler = None if scheme.labeler is None else plugins.labeler(scheme.labeler)
     placement = Placement.from_options(options)
-    on_gpu = False
+    on_gpu, workers = False, 1
     if options.executor == "local":
-        # A device or precision this machine lacks is refused before the catalog is touched.
+        # A device, precision or worker count this machine cannot run is refused before the
+        # catalog is touched.
         on_gpu = placement.resolve()[0].type == "cuda"
+        workers = local_workers(options.workers, placement)
     path = options.catalog if options.catalog is not None else default_catalog_path(study)
     by_id = {job.job_id: job for job in jobs}
     with Catalog.open(path) as catalog:
@@ -324,10 +327,13 @@ def run_study(
                 files,
                 address=options.address,
                 threads=options.threads,
+                workers=options.workers if isinstance(options.workers, int) else None,
                 gpus_per_worker=options.gpus_per_worker,
                 placement=placement,
             )
             on_gpu, executor = ray_executor.on_gpu, ray_executor
+        elif workers > 1:
+            executor = ProcessExecutor(files, workers=workers, threads=options.threads, placement=placement)
         else:
             executor = LocalExecutor(files, threads=options.threads, placement=placement)
         batches = plan_batches(pending, options.batch_cap(on_gpu))

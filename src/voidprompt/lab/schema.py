@@ -39,6 +39,7 @@ DEFAULT_BATCH_SIZE = 16
 # kill loses at most this many (diffusers' batched SD1.5 runs reach 64 at 512x512 on an 80 GB card).
 GPU_BATCH_CAP = 64
 EXECUTORS = ("local", "ray")
+WORKERS_AUTO = "auto"  # [run] workers: one worker process per CPU core this process may use
 # The outcome classes of a study that names none and has no labeler: the study brief's four.
 DEFAULT_CLASSES = ("Pattern", "Object or Scenery", "Malformed human", "Legit human")
 NO_LABELER = "none"
@@ -139,7 +140,10 @@ class RunOptions:
     # Most same-shape jobs per sampler run; None: DEFAULT_BATCH_SIZE on the CPU, free memory's
     # choice (up to GPU_BATCH_CAP) on a GPU. See :meth:`batch_cap`.
     batch_size: int | None = None
-    threads: int | None = None  # torch intra-op threads; None: torch's own choice (Ray: 1 per worker)
+    threads: int | None = None  # torch intra-op threads; None: torch's own choice (worker processes: 1)
+    # Worker processes: an int, or WORKERS_AUTO (one per CPU core on the CPU); None: the executor's
+    # default (local: this process alone; Ray: as many as the cluster's CPUs or GPUs hold).
+    workers: int | str | None = None
     device: str | None = None  # torch device name; None: cpu (a Ray cluster's GPU workers: cuda)
     precision: str = "auto"  # one of placement.PRECISIONS; what each means per device is its rule
     compile: bool = False  # torch.compile the UNet, once per shape
@@ -160,6 +164,14 @@ class RunOptions:
             raise StudyError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise StudyError(f"batch_size={self.batch_size}: must be at least 1")
+        if (
+            self.workers is not None
+            and self.workers != WORKERS_AUTO
+            and (not isinstance(self.workers, int) or self.workers < 1)
+        ):
+            raise StudyError(
+                f"workers={self.workers!r}: write a whole number of at least 1, or {WORKERS_AUTO!r}"
+            )
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise StudyError(f"gpus_per_worker={self.gpus_per_worker}: must be 0 or more")
 
@@ -427,6 +439,19 @@ def _plots(value: Any) -> tuple[PlotSpec, ...]:
     return tuple(specs)
 
 
+def workers_arg(text: str) -> int | str:
+    """A command line's ``--workers`` value: a number, or a word that RunOptions checks (auto)."""
+    return int(text) if text.strip().isdigit() else text
+
+
+def _workers(value: Any) -> int | str:
+    if value == WORKERS_AUTO or (_is_int(value) and value >= 1):
+        return value if isinstance(value, str) else int(value)
+    raise _Invalid(
+        f'{value!r}: write a whole number of at least 1, e.g. workers = 2, or workers = "{WORKERS_AUTO}"'
+    )
+
+
 def _flag(example: str) -> Read:
     def read(value: Any) -> bool:
         if not isinstance(value, bool):
@@ -472,6 +497,7 @@ CFG_BY_AREA_KEYS = (
 RUN_KEYS = (
     Key("batch_size", _whole(1, "batch_size = 16")),
     Key("threads", _whole(1, "threads = 1")),
+    Key("workers", _workers),
     Key("device", _device_name),
     Key("precision", _choice(*PRECISIONS), "auto"),
     Key("compile", _flag("compile = true"), False),
