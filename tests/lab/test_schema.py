@@ -8,7 +8,15 @@ import pytest
 
 from voidprompt.errors import StudyError
 from voidprompt.lab import schema
-from voidprompt.lab.schema import GridSpec, LabelOptions, ModelRef, PlotSpec, ReportOptions, RunOptions
+from voidprompt.lab.schema import (
+    GridSpec,
+    LabelOptions,
+    ModelRef,
+    PlotSpec,
+    ReportOptions,
+    RunOptions,
+    workers_arg,
+)
 from voidprompt.lab.study import parse_study
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "study-format.md"
@@ -34,6 +42,7 @@ def test_sections_become_typed_options(tmp_path: Path) -> None:
 [run]
 batch_size = 4
 threads = 2
+workers = "auto"
 [labels]
 classes = ["a", "b"]
 labeler = "none"
@@ -46,7 +55,8 @@ x = "W"
 measures = ["luminance"]
 """
     study = parse_study(text, tmp_path / "s.toml")
-    assert study.run == RunOptions(batch_size=4, threads=2)
+    assert study.run == RunOptions(batch_size=4, threads=2, workers="auto")
+    assert parse_study("[run]\nworkers = 3", tmp_path / "s.toml").run.workers == 3
     assert study.labels == LabelOptions(("a", "b"), "none")
     assert study.report == ReportOptions(
         64,
@@ -67,13 +77,22 @@ def test_run_options_take_the_callers_flags_over_the_file() -> None:
         from_file.override(precision="half")
     with pytest.raises(StudyError, match=r"batch_size=0: must be at least 1"):
         from_file.override(batch_size=0)
+    assert from_file.override(workers=workers_arg("4")).workers == 4
+    assert from_file.override(workers=workers_arg("auto")).workers == "auto"
+    with pytest.raises(StudyError, match=r"workers='many': write a whole number of at least 1, or 'auto'"):
+        from_file.override(workers=workers_arg("many"))
+    with pytest.raises(StudyError, match=r"workers=0: write a whole number of at least 1"):
+        from_file.override(workers=workers_arg("0"))
 
 
 @pytest.mark.parametrize(
     ("text", "pattern"),
     [
         ("[run]\nbatch_sise = 4", r"s\.toml: \[run\] batch_sise: unknown key; allowed: batch_size, threads, "
-         r"device, precision, compile, deterministic; did you mean 'batch_size'\?"),
+         r"workers, device, precision, compile, deterministic; did you mean 'batch_size'\?"),
+        ("[run]\nworkers = 0",
+         r'\[run\] workers: 0: write a whole number of at least 1, e\.g\. workers = 2, or workers = "auto"'),
+        ("[run]\nworkers = 'all'", r"\[run\] workers: 'all': write a whole number"),
         ("[run]\nprecision = 'fp8'", r"\[run\] precision: 'fp8': choose auto or fp32 or fp16 or bf16"),
         ("[run]\ndeterministic = 'yes'", r"\[run\] deterministic: 'yes': write true or false"),
         ("[run]\ndevice = 0", r"\[run\] device: write a torch device name"),

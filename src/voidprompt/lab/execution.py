@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from voidprompt.allocator import keep_freed_memory
 from voidprompt.errors import StudyError, VoidpromptError
 from voidprompt.lab.catalog import Provenance
 from voidprompt.lab.plugins import ModelFiles
@@ -395,6 +396,9 @@ class LocalExecutor:
         self._loaded: dict[ModelRef, LoadedModel] = {}
         self._broken: dict[ModelRef, str] = {}  # a model that did not load fails its batches at once
         self._sizer: BatchSizer | None = None
+        if self.placement.device_name == "cpu":
+            # Sampling on the CPU re-allocates the same activations every step; see voidprompt.allocator.
+            keep_freed_memory()
 
     def loaded(self, model: ModelRef) -> LoadedModel:
         if model not in self._loaded:

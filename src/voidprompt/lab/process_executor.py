@@ -13,7 +13,7 @@ those of a single-process run with ``threads = 1``.
 Scheduling: the most expensive batches go first (:func:`~voidprompt.lab.execution.longest_first`),
 so the last batch to finish is a cheap one and no worker idles long at the end. A worker that dies
 (killed, or ended by the out-of-memory killer) takes the pool down with it: the batches in flight go
-back to the queue in a fresh pool, nothing of them having been written; a batch in flight through
+back to the queue for a fresh pool, nothing of them having been written; a batch in flight through
 :data:`~voidprompt.lab.execution.MAX_ATTEMPTS` lost pools fails instead.
 """
 
@@ -115,39 +115,38 @@ class ProcessExecutor:
         queue = longest_first(batches)
         attempts: dict[int, int] = {}  # id(batch) -> pools lost while it was in flight
         workers = min(self.workers, len(queue)) or 1
-        pool = self._pool or self._start(workers)
         in_flight: dict[Future[list[BatchResult]], Batch] = {}
         while queue or in_flight:
             while queue and len(in_flight) < workers * QUEUED_PER_WORKER:
+                pool = self._pool or self._start(workers)
                 batch = queue.pop(0)
                 in_flight[pool.submit(_run_batch, batch)] = batch
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            lost: list[Batch] = []
+            orphans: list[Batch] = []
             for future in done:
                 batch = in_flight.pop(future)
                 try:
                     results = future.result()
                 except BrokenProcessPool:
-                    lost.append(batch)
+                    orphans.append(batch)
                     continue
                 yield from results
-            if not lost:
+            if not orphans:
                 continue
-            # Every batch still in flight died with the pool: all go back, in the order they were sent.
-            lost += list(in_flight.values())
+            # Every batch still in flight died with the pool: all go back to the queue.
+            orphans += list(in_flight.values())
             in_flight.clear()
-            pool.shutdown(wait=True, cancel_futures=True)
+            self.close()
             self.lost += 1
-            log.warning("a worker process died; starting the workers again for %d batch(es)", len(lost))
+            log.warning("a worker process died; starting the workers again for %d batch(es)", len(orphans))
             retry = []
-            for batch in longest_first(lost):
+            for batch in longest_first(orphans):
                 attempts[id(batch)] = attempts.get(id(batch), 0) + 1
                 if attempts[id(batch)] >= MAX_ATTEMPTS:
                     yield BatchResult(batch, error=f"{MAX_ATTEMPTS} worker processes died running this batch")
                 else:
                     retry.append(batch)
             queue[:0] = retry
-            pool = self._start(workers)
 
     def close(self) -> None:
         if self._pool is not None:
