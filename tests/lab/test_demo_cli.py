@@ -41,6 +41,18 @@ def test_demo_errors_and_subcommands(tmp_path: Path, capsys: pytest.CaptureFixtu
     bad.write_text(study_text(tmp_path / "none.safetensors") + "[run]\nbatch_sise = 4\n")
     assert main(["--study", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "[run] batch_sise: unknown key" in capsys.readouterr().err
+    # A device this machine lacks, or a worker count that is no number, is refused before anything
+    # is written, in one line.
+    good = tmp_path / "good.toml"
+    good.write_text(study_text(tmp_path / "none.safetensors"))
+    for flags, says in (
+        (["--device", "cuda:7"], "--device 'cuda:7': "),
+        (["--workers", "many"], "workers='many': write a whole number of at least 1, or 'auto'"),
+    ):
+        assert main(["--study", str(good), "--out", str(tmp_path / "o"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"voidprompt demo: {says}") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
     # The gallery and the trainer keep their own subcommands.
     for sub in ("gallery", "train"):
         with pytest.raises(SystemExit) as exit_info:

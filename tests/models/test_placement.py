@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ from voidprompt.models.placement import (
     default_randn_source,
     resolve_device,
     resolve_precision,
+    use_a1111_cuda_settings,
 )
 
 CPU = torch.device("cpu")
@@ -160,3 +162,37 @@ def test_default_rng_source_is_gpu_on_cuda_only() -> None:
     assert default_randn_source(CPU) == "CPU"
     assert default_randn_source(torch.device("cuda", 0)) == "GPU"
     assert default_randn_source(torch.device("mps")) == "CPU"
+
+
+@pytest.fixture
+def cuda_switches() -> Iterator[None]:
+    """All three switches off while the test runs, and as they were afterwards (torch's backend
+    modules take plain assignment, not monkeypatch's attribute protocol)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
+    matmul.allow_tf32 = cudnn.allow_tf32 = cudnn.benchmark = False
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = before
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "autotuned"),
+    [([(8, 0)], False), ([(8, 6), (7, 5)], True), ([(7, 0)], False)],
+)
+@pytest.mark.usefixtures("cuda_switches")
+def test_a1111s_cuda_settings_tf32_always_and_the_autotuner_for_turing(
+    capabilities: list[tuple[int, int]], autotuned: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+    use_a1111_cuda_settings()
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.backends.cudnn.benchmark == autotuned
+
+
+@pytest.mark.usefixtures("cuda_switches")
+def test_a1111s_cuda_settings_leave_a_machine_without_cuda_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    use_a1111_cuda_settings()
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32

@@ -196,6 +196,7 @@ def _gallery(argv: list[str]) -> int:
 def _study(argv: list[str]) -> int:
     from voidprompt.demo.study import DEFAULT_OUT, run_demo
     from voidprompt.lab.schema import workers_arg
+    from voidprompt.models.placement import PRECISIONS
 
     p = argparse.ArgumentParser(
         prog="voidprompt demo",
@@ -210,6 +211,10 @@ def _study(argv: list[str]) -> int:
     )
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: the study's [run] threads)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the study's, else cpu)")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default=None, help="default: the study's, else auto (A1111's)"
     )
     p.add_argument(
         "--workers",
@@ -228,6 +233,8 @@ def _study(argv: list[str]) -> int:
         batch_size=args.batch_size,
         threads=args.threads,
         workers=args.workers,
+        device=args.device,
+        precision=args.precision,
         progress=not args.no_progress,
     )
     print(result.format())

@@ -61,16 +61,25 @@ def run_demo(
     batch_size: int | None = None,
     threads: int | None = None,
     workers: int | str | None = None,
+    device: str | None = None,
+    precision: str | None = None,
     progress: bool = True,
 ) -> DemoResult:
     """Run ``study_path`` (default: the demo study) into ``out_dir``/catalog.sqlite, report into
-    ``out_dir``/report. ``batch_size`` / ``threads`` / ``workers`` default to the study's ``[run]`` table."""
+    ``out_dir``/report. ``batch_size``, ``threads``, ``workers``, ``device`` and ``precision``
+    default to the study's ``[run]`` table."""
     started = time.perf_counter()
     study = load_study(study_path if study_path is not None else default_demo_study())
     out = Path(out_dir)
     catalog = out / "catalog.sqlite"
     options = study.run.override(
-        batch_size=batch_size, threads=threads, workers=workers, catalog=catalog, progress=progress
+        batch_size=batch_size,
+        threads=threads,
+        workers=workers,
+        device=device,
+        precision=precision,
+        catalog=catalog,
+        progress=progress,
     )
     run = run_study(study, options)
     report = build_report(study, catalog_path=catalog, out_dir=out / "report")

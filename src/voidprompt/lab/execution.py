@@ -198,12 +198,16 @@ def deterministic_algorithms(enabled: bool, device: str) -> Iterator[None]:
         return
     if device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    before = torch.are_deterministic_algorithms_enabled()
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     torch.use_deterministic_algorithms(True)
+    # cuDNN's autotuner (A1111 turns it on for compute-capability 7.5 cards) may pick another
+    # algorithm each run.
+    torch.backends.cudnn.benchmark = False
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
 
 
 # ------------------------------------------------------------------------------- generation

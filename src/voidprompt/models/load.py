@@ -34,7 +34,7 @@ from voidprompt.models.arch import (
 from voidprompt.models.components import CheckpointInfo, Components, LoadReport, VaeInfo
 from voidprompt.models.convert import POSITION_IDS_KEY, CheckpointKeyMap, fit_shape
 from voidprompt.models.detect import detect_family, require_supported
-from voidprompt.models.placement import PrecisionPolicy
+from voidprompt.models.placement import PrecisionPolicy, use_a1111_cuda_settings
 from voidprompt.models.safe_pickle import LazyTensor, PickleCheckpoint, load_pickle_checkpoint
 from voidprompt.models.safetensors_stream import ST_TO_DTYPE
 from voidprompt.models.tokenizer import load_clip_tokenizer
@@ -459,6 +459,8 @@ def load_model(
 
     for module in modules.values():
         module.eval()
+    if dev.type == "cuda":
+        use_a1111_cuda_settings()
     if channels_last is None:
         channels_last = dev.type == "cuda"
     if channels_last:

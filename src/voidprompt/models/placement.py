@@ -23,6 +23,12 @@ fp16 on the CPU is refused by choice: A1111 has no such path (it needs ``--no-ha
 and CPU half-precision kernels are slow and overflow where fp32 does not. bf16 has float32's
 range and runs on the CPU under CPU autocast.
 
+:func:`use_a1111_cuda_settings` sets torch's CUDA switches as A1111 does when it starts on a GPU:
+TF32 for float32 matrix products and cuDNN convolutions (what float32 work remains under autocast -
+the fp32 list, an fp32 VAE retry, ``--precision fp32`` - runs on tensor cores, with TF32's 10-bit
+mantissa), and cuDNN's autotuner only when a card of compute capability 7.5 (Turing, the GTX 16xx
+among them) is present, which A1111 turns on so that those cards run fp16 at all.
+
 :func:`default_randn_source` is the RNG source a front end uses when the user names none: A1111's
 default "GPU" on CUDA, "CPU" elsewhere (on a CPU device the two give the same numbers; voidprompt
 writes "CPU" so that the infotext regenerates the image on a GPU machine too).
@@ -45,6 +51,7 @@ __all__ = [
     "default_randn_source",
     "resolve_device",
     "resolve_precision",
+    "use_a1111_cuda_settings",
 ]
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
@@ -179,6 +186,22 @@ def resolve_precision(name: str, device: torch.device) -> PrecisionPolicy:
         )
     autocast = torch.bfloat16 if kind in ("cuda", "cpu") else None
     return PrecisionPolicy("bf16", torch.bfloat16, autocast, torch.bfloat16, kind)
+
+
+# The compute capability whose cards A1111 runs with cuDNN's autotuner (devices.enable_tf32).
+_AUTOTUNED_CAPABILITY = (7, 5)
+
+
+def use_a1111_cuda_settings() -> None:
+    """Turn on TF32 for float32 matmuls and cuDNN, and the cuDNN autotuner when a compute-capability
+    7.5 card is present, as A1111 does at start-up; nothing without CUDA. Process-wide, like A1111's."""
+    if not torch.cuda.is_available():
+        return
+    capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    if _AUTOTUNED_CAPABILITY in capabilities:
+        torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def default_randn_source(device: torch.device) -> str:
