@@ -133,6 +133,20 @@ def test_one_writer(tmp_path: Path) -> None:
         reader.close()
 
 
+def test_one_writer_through_symlinks(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "folder-link").symlink_to(real, target_is_directory=True)
+    (tmp_path / "file-link.sqlite").symlink_to(real / "t.sqlite")
+    with new_catalog(real):
+        for other in (tmp_path / "folder-link" / "t.sqlite", tmp_path / "file-link.sqlite"):
+            with pytest.raises(StudyError, match="another process is writing"):
+                Catalog.open(other)
+    # Once the writer is gone, the same catalog opens through either link.
+    with Catalog.open(tmp_path / "folder-link" / "t.sqlite") as catalog:
+        assert catalog.summary().jobs == 4
+
+
 def test_measures_and_labels(tmp_path: Path) -> None:
     with new_catalog(tmp_path) as catalog:
         image_id = finish(catalog, jobs()[0], measures={"regions": 2, "luminance": 0.25})

@@ -550,7 +550,10 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
 
 
 def _take_lock(path: Path) -> IO[str]:
-    lock = path.with_name(f"{path.name}.lock").open("a+", encoding="utf-8")
+    # The lock file sits beside the real file: a symlink to the catalog (or to its folder) names
+    # the same catalog and must meet the same lock.
+    real = path.resolve()
+    lock = real.with_name(f"{real.name}.lock").open("a+", encoding="utf-8")
     try:
         import fcntl
 
