@@ -67,8 +67,11 @@ def test_list_filter_label_measure(study_server) -> None:  # type: ignore[no-unt
         assert http.get("/voidprompt/v1/studies/smoke/images", params={"where": "nope=1"}).status_code == 400
 
 
-def test_start_and_stop_a_run(study_server, tiny_checkpoint, study_writer) -> None:  # type: ignore[no-untyped-def]
+def test_start_and_stop_a_run(study_server, tiny_checkpoint, study_writer, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
     import time
+
+    caplog.set_level(logging.INFO, logger="voidprompt.server.studies")
 
     # 2400 images of 2 steps: far more than a fast machine makes in the 3 s before the stop (240 of 1
     # step once finished in time, and the test failed on a free machine).
@@ -79,6 +82,13 @@ def test_start_and_stop_a_run(study_server, tiny_checkpoint, study_writer) -> No
         time.sleep(3)
         stopped = http.post("/voidprompt/v1/studies/long/stop").json()
         assert stopped["running"] is False
+        # Stopping is an ordinary end: one line from the run and one in the server's log, no traceback.
+        assert stopped["returncode"] == 130
+        assert "Traceback" not in stopped["log_tail"] and "KeyboardInterrupt" not in stopped["log_tail"]
+        assert stopped["log_tail"].strip().splitlines()[-1] == "voidprompt: interrupted"
+        stop_lines = [r.getMessage() for r in caplog.records if "run stopped" in r.getMessage()]
+        assert stop_lines == ["study long: run stopped (exit code 130); its finished images are kept, run "
+                              "it again to resume"]  # fmt: skip
         assert http.get("/voidprompt/v1/studies/long/run").json()["running"] is False
         study = http.get("/voidprompt/v1/studies/long").json()
         assert study["jobs"] in (0, 2400) and study["images"] < 2400

@@ -318,14 +318,7 @@ class StudyRegistry:
         with self._lock:
             if self.is_running(entry.id):
                 raise CatalogBusyError(f"study {entry.id!r} is already running")
-            argv = [
-                sys.executable,
-                "-c",
-                "import sys; from voidprompt.lab.cli import main; sys.exit(main(sys.argv[1:]))",
-                "run",
-                str(entry.study_file),
-                "--no-progress",
-            ]
+            argv = [sys.executable, "-c", _RUN_CHILD, "run", str(entry.study_file), "--no-progress"]
             if max_jobs is not None:
                 argv += ["--max-jobs", str(max_jobs)]
             if batch_size is not None:
@@ -336,6 +329,9 @@ class StudyRegistry:
                 stderr=subprocess.STDOUT,
                 text=True,
                 env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                # Its own session: a Ctrl-C at the server's terminal stops the server, whose shutdown
+                # then stops the run once (stop_all), instead of the terminal interrupting both.
+                start_new_session=True,
             )
             handle = RunHandle(process)
             handle.reader = threading.Thread(target=_pump, args=(process.stdout, handle.log), daemon=True)
@@ -350,10 +346,18 @@ class StudyRegistry:
         # SIGINT first: the runner commits each image in its own transaction, so it can stop anywhere.
         handle.process.send_signal(signal.SIGINT)
         try:
-            handle.process.wait(timeout)
+            code = handle.process.wait(timeout)
+            how = "stopped"
         except subprocess.TimeoutExpired:
             handle.process.terminate()
-            handle.process.wait(timeout)
+            code = handle.process.wait(timeout)
+            how = f"did not stop within {timeout:g} s of SIGINT and was terminated"
+        log.info(
+            "study %s: run %s (exit code %s); its finished images are kept, run it again to resume",
+            entry.id,
+            how,
+            code,
+        )
         return handle
 
     def stop_all(self) -> None:
@@ -361,6 +365,20 @@ class StudyRegistry:
             entry = self.entries.get(study_id)
             if entry is not None:
                 self.stop_run(entry, timeout=5.0)
+
+
+# The child of a study run: `voidprompt study run ...`, whose command line answers an interrupt
+# with one line and exit code 130. An interrupt that lands while it is still importing gets the same.
+_RUN_CHILD = """\
+import sys
+try:
+    from voidprompt.cli import main
+    code = main(["study", *sys.argv[1:]])
+except KeyboardInterrupt:
+    print("voidprompt: interrupted", file=sys.stderr)
+    code = 130
+sys.exit(code)
+"""
 
 
 def _pump(stream: IO[str] | None, sink: deque[str]) -> None:
