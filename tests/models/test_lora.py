@@ -219,7 +219,7 @@ def test_shape_mismatch_names_lora_layer_and_shapes(tmp_path: Path, comps) -> No
 
 
 def test_missing_lora_file_is_a_clear_error_when_strict(tmp_path: Path, comps) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ModelLoadError, match="no network named 'nothere'"):
+    with pytest.raises(ModelLoadError, match="unknown network 'nothere'"):
         NetworkManager().apply(
             comps,
             extract_extra_networks("<lora:nothere:1>")[1],

@@ -4,10 +4,10 @@ What ``/sdapi/v1/loras``, ``/embeddings`` and ``/hypernetworks`` list, in A1111'
 the server's Engine is given so prompts can use them (``<lora:...>``, ``<hypernet:...>``, embedding
 trigger words).
 
-Names follow the engine's own lookup (:func:`voidprompt.models.networks.lora.find_network_file`):
-the file stem; when two files share a stem, a file directly in the folder wins over one in a
-subfolder, then the earlier suffix, then sorted path order, so the listed file is the one a prompt
-tag would load. Files reached through a symlink that points outside the folder are skipped.
+Names are the engine's own list (:mod:`voidprompt.models.networks.names`, which owns the rules: the
+file stem; when two files share a stem, a file directly in the folder wins over one in a subfolder,
+then the earlier suffix, then sorted path order; links out of the folder are skipped), so the listed
+file is the one a prompt tag would load, and a prompt can load nothing this listing does not show.
 
 Reading is metadata only and never runs code from a file:
 
@@ -36,13 +36,12 @@ from voidprompt.errors import VoidpromptError
 from voidprompt.models.arch import clip_prefix_of
 from voidprompt.models.load import open_checkpoint
 from voidprompt.models.networks.lora import LORA_SUFFIXES
+from voidprompt.models.networks.names import HYPERNETWORK, alias_from_metadata, scan_network_folder
 from voidprompt.models.safe_pickle import load_pickle_checkpoint
 from voidprompt.models.tokenizer import ClipTokenizer
 from voidprompt.prompts.embeddings import EMBEDDING_SUFFIXES, EmbeddingDatabase
 
 log = logging.getLogger(__name__)
-
-HYPERNETWORK_SUFFIXES = (".pt",)
 
 
 @dataclass(frozen=True)
@@ -81,39 +80,14 @@ class HypernetworkEntry:
     path: Path
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(folder.resolve())
-    except OSError:
-        return False
-
-
 def scan_named_files(
     folder: Path | None, suffixes: Sequence[str], *, ignore_case: bool = False
 ) -> list[tuple[str, Path]]:
-    """``(stem, path)`` per name under ``folder``, the file picked as ``find_network_file`` picks it;
-    sorted by name (case-insensitive, as A1111 lists them). Suffixes match exactly, as the engine's
-    network lookup does, or in any case with ``ignore_case`` (as its embedding loader does)."""
-    if folder is None or not folder.is_dir():
-        return []
-    candidates: dict[str, tuple[tuple[int, int, int], Path]] = {}
-    for order, path in enumerate(sorted(folder.rglob("*"))):
-        file_name = path.name.lower() if ignore_case else path.name
-        suffix = next((s for s in suffixes if file_name.endswith(s)), None)
-        if suffix is None or not path.is_file():
-            continue
-        if not _inside(path, folder):
-            log.warning("%s: a link out of %s; skipped", path, folder)
-            continue
-        name = path.name[: -len(suffix)]
-        if not name:
-            continue
-        direct = path.parent == folder
-        key = (0 if direct else 1, suffixes.index(suffix), order)
-        best = candidates.get(name)
-        if best is None or key < best[0]:
-            candidates[name] = (key, path)
-    return sorted(((name, path) for name, (_key, path) in candidates.items()), key=lambda x: x[0].lower())
+    """``(name, path)`` per name under ``folder``, sorted by name: the list a prompt's network names
+    are looked up in (:func:`voidprompt.models.networks.names.scan_network_folder`). Suffixes match
+    exactly, as the engine's network lookup does, or in any case with ``ignore_case`` (as its
+    embedding loader does)."""
+    return list(scan_network_folder(folder, suffixes, ignore_case=ignore_case).items())
 
 
 def _file_key(path: Path) -> tuple[str, int, int]:
@@ -168,8 +142,7 @@ def read_lora_entry(name: str, path: Path) -> LoraEntry:
             metadata = safetensors_metadata(path)
         except (VoidpromptError, OSError) as error:
             log.warning("LoRA %s: metadata not readable: %s", path, error)
-    alias = metadata.get("ss_output_name", name)
-    return LoraEntry(name, str(alias) if alias is not None else name, path, metadata)
+    return LoraEntry(name, alias_from_metadata(name, metadata), path, metadata)
 
 
 # ------------------------------------------------------------------------------------ embeddings
@@ -342,11 +315,8 @@ class NetworkFolders:
 
     def hypernetworks(self) -> list[HypernetworkEntry]:
         """Scanned on every call: names only, nothing is read (A1111 hides one named "None")."""
-        return [
-            HypernetworkEntry(name, path)
-            for name, path in scan_named_files(self.hypernetwork_dir, HYPERNETWORK_SUFFIXES)
-            if name != "None"
-        ]
+        listed = scan_network_folder(self.hypernetwork_dir, HYPERNETWORK.suffixes, hidden=HYPERNETWORK.hidden)
+        return [HypernetworkEntry(name, path) for name, path in listed.items()]
 
     def embedding_database(self, tokenizer: ClipTokenizer, width: int) -> EmbeddingDatabase:
         """An :class:`EmbeddingDatabase` of every scanned embedding file for a text encoder of

@@ -39,7 +39,6 @@ __all__ = [
     "LoraModule",
     "LoraNetwork",
     "build_layer_map",
-    "find_network_file",
     "fit_delta",
     "load_lora",
     "lora_hash",
@@ -211,26 +210,6 @@ def lora_hash(path: Path, metadata: Mapping[str, str]) -> str:
     if path.suffix.lower() == ".safetensors":
         return addnet_hash_safetensors(path)
     return sha256_file(path)
-
-
-def find_network_file(folder: str | Path, name: str, suffixes: tuple[str, ...] = LORA_SUFFIXES) -> Path:
-    """``<name><suffix>`` in ``folder`` or its subfolders (first suffix wins)."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise ModelLoadError(f"network folder {root} does not exist; create it or pass the right folder.")
-    for suffix in suffixes:
-        direct = root / f"{name}{suffix}"
-        if direct.is_file():
-            return direct
-    for suffix in suffixes:
-        for hit in sorted(root.rglob(f"*{suffix}")):
-            if hit.name[: -len(suffix)] == name:
-                return hit
-    available = sorted({p.name[: -len(s)] for s in suffixes for p in root.rglob(f"*{s}")})
-    raise ModelLoadError(
-        f"no network named '{name}' in {root} (looked for {', '.join(name + s for s in suffixes)}); "
-        f"available: {', '.join(available[:20]) or 'none'}. Fix the name in the prompt or add the file."
-    )
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

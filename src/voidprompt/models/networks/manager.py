@@ -33,10 +33,10 @@ from voidprompt.models.networks.lora import (
     LoraModule,
     LoraNetwork,
     build_layer_map,
-    find_network_file,
     load_lora,
     lora_call_params,
 )
+from voidprompt.models.networks.names import HYPERNETWORK, LORA, NetworkKind, NetworkList, read_lora_alias
 
 __all__ = ["AppliedLora", "AppliedNetworks", "NetworkManager"]
 
@@ -82,6 +82,8 @@ class NetworkManager:
         self._lora_cache: dict[Path, tuple[int, LoraNetwork]] = {}
         self._hyper_cache: dict[Path, tuple[int, Hypernetwork]] = {}
         self._layer_map: dict[str, LayerTarget] | None = None
+        self._lists: dict[tuple[str, NetworkKind], NetworkList] = {}
+        self._aliases: dict[tuple[str, int, int], str] = {}
 
     # ------------------------------------------------------------------ public
 
@@ -107,15 +109,10 @@ class NetworkManager:
         hypers = [c for c in calls if c.kind == "hypernet"]
         not_found: list[str] = []
         lora_specs, lora_paths = self._locate(
-            [lora_call_params(c) for c in loras],
-            lora_dir,
-            "LoRA",
-            (".safetensors", ".pt", ".ckpt"),
-            missing,
-            not_found,
+            [lora_call_params(c) for c in loras], lora_dir, LORA, missing, not_found
         )
         hyper_specs, hyper_paths = self._locate(
-            [_hyper_params(c) for c in hypers], hypernet_dir, "hypernetwork", (".pt",), missing, not_found
+            [_hyper_params(c) for c in hypers], hypernet_dir, HYPERNETWORK, missing, not_found
         )
         state = (
             id(components),
@@ -170,13 +167,11 @@ class NetworkManager:
 
     # ------------------------------------------------------------------ internals
 
-    @classmethod
     def _locate(
-        cls,
+        self,
         specs: list[Any],
         folder: str | Path | None,
-        what: str,
-        suffixes: tuple[str, ...],
+        kind: NetworkKind,
         missing: str,
         not_found: list[str],
     ) -> tuple[list[Any], list[Path]]:
@@ -184,7 +179,7 @@ class NetworkManager:
         paths: list[Path] = []
         for spec in specs:
             try:
-                paths.append(cls._find(folder, spec[0], what, suffixes))
+                paths.append(self._find(folder, spec[0], kind))
             except ModelLoadError as exc:
                 if missing == "error":
                     raise
@@ -196,13 +191,34 @@ class NetworkManager:
             kept.append(spec)
         return kept, paths
 
-    @staticmethod
-    def _find(folder: str | Path | None, name: str, what: str, suffixes: tuple[str, ...]) -> Path:
+    def _find(self, folder: str | Path | None, name: str, kind: NetworkKind) -> Path:
+        """The listed file of ``name`` (see :mod:`voidprompt.models.networks.names`). As A1111, the
+        last scan answers first; a name it lacks, or whose file has gone, scans the folder again."""
         if folder is None:
             raise ModelLoadError(
-                f"the prompt uses {what} '{name}' but no {what} folder is configured; set one."
+                f"the prompt uses {kind.label} '{name}' but no {kind.label} folder is configured; set one."
             )
-        return find_network_file(folder, name, suffixes)
+        key = (str(folder), kind)
+        listing = self._lists.get(key)
+        hit = listing.find(name) if listing is not None else None
+        if listing is not None and hit is not None and hit.is_file():
+            return hit
+        listing = NetworkList.scan(kind, folder)
+        listing.read_alias = self._alias
+        self._lists[key] = listing
+        return listing.resolve(name)
+
+    def _alias(self, name: str, path: Path) -> str:
+        """A LoRA's alias, read once per file version: an unknown name in every request must not
+        re-read every header in the folder."""
+        try:
+            st = path.stat()
+        except OSError:
+            return name
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._aliases:
+            self._aliases[key] = read_lora_alias(name, path)
+        return self._aliases[key]
 
     def _lora(self, path: Path, name: str) -> LoraNetwork:
         mtime = path.stat().st_mtime_ns
