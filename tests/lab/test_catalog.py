@@ -147,6 +147,35 @@ def test_one_writer_through_symlinks(tmp_path: Path) -> None:
         assert catalog.summary().jobs == 4
 
 
+class _FullAtCommit:
+    """A connection whose COMMITs fail as SQLite's do when the disk is full (while ``full``)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+        self.full = True
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if self.full and sql == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._connection.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._connection, name)
+
+
+def test_a_failed_commit_is_rolled_back(tmp_path: Path) -> None:
+    with new_catalog(tmp_path) as catalog:
+        real = catalog._db
+        catalog._db = full = _FullAtCommit(real)  # type: ignore[assignment]
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            finish(catalog, jobs()[0])
+        assert not real.in_transaction
+        assert real.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 0
+        full.full = False  # space freed: the same catalog goes on writing
+        finish(catalog, jobs()[1])
+        assert catalog.summary().images == 1
+
+
 def test_measures_and_labels(tmp_path: Path) -> None:
     with new_catalog(tmp_path) as catalog:
         image_id = finish(catalog, jobs()[0], measures={"regions": 2, "luminance": 0.25})

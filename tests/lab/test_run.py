@@ -1,5 +1,7 @@
 """run_study: batching, per-image seeds, catalog rows, measures, labels, resume after crashes."""
 
+import errno
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from PIL import Image
 
 from voidprompt.demo.labeler import WORLD_CLASSES
 from voidprompt.errors import StudyError
-from voidprompt.lab.catalog import TEMP_PREFIX, Catalog, sha256_file
+from voidprompt.lab.catalog import TEMP_PREFIX, Catalog, DiskFullError, sha256_file
 from voidprompt.lab.execution import generate_batch
 from voidprompt.lab.measures import MEASURES, measure_image
 from voidprompt.lab.plugins import Plugins, installed_plugins
@@ -320,6 +322,103 @@ def test_crash_in_a_batch_loses_only_that_batch(tiny_checkpoint: Path, tmp_path:
         run_study(study, quiet(study, batch_size=2), fault=fault)
     rows, _, _ = _state(tmp_path / "runs" / "t" / "catalog.sqlite")
     assert rows == sorted(j.job_id for j in study.expand()[:2])
+
+
+def _png_saves_fill_the_disk(monkeypatch: pytest.MonkeyPatch, after: int) -> None:
+    """The runner's PNG writes (into temporary files) fail as on a full disk after ``after`` of
+    them, each having written part of its file first."""
+    real_save = Image.Image.save
+    saves: list[str] = []
+
+    def save(self: Image.Image, fp: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(fp, str | Path) and Path(fp).name.startswith(TEMP_PREFIX):
+            saves.append(str(fp))
+            if len(saves) > after:
+                Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
+        real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+def _resumes_completely(study: Study, catalog_path: Path, committed: int) -> None:
+    report = run_study(study, quiet(study, batch_size=2))
+    assert (report.skipped, report.generated, report.failed) == (committed, 4 - committed, {})
+    rows, files, measured = _state(catalog_path)
+    jobs = sorted(j.job_id for j in study.expand())
+    assert rows == jobs  # no loss, no duplicate
+    assert files == [f"{j}.png" for j in jobs]  # no half-written or orphaned file
+    assert measured == 4
+
+
+def test_a_full_disk_while_saving_a_picture_is_one_clear_error_and_the_run_resumes(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = parse_study(study_text(tiny_checkpoint, sizes="16x16", seeds="2 random"), tmp_path / "t.toml")
+    path = tmp_path / "runs" / "t" / "catalog.sqlite"
+    _png_saves_fill_the_disk(monkeypatch, after=2)  # the first image of the second batch
+    with pytest.raises(DiskFullError) as caught:
+        run_study(study, quiet(study, batch_size=2))
+    images = path.parent / "catalog-images"
+    assert str(caught.value) == f"disk full at {images}; free space and run again to resume"
+    rows, files, _ = _state(path)
+    assert len(rows) == 2 and files == [f"{job}.png" for job in rows]  # the half-written file is gone
+    monkeypatch.undo()  # space freed
+    _resumes_completely(study, path, committed=2)
+
+
+class _FullAtCommit:
+    """A catalog's connection whose COMMITs fail as SQLite's do when the disk is full."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._connection.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+
+def test_a_full_disk_at_the_catalogs_commit_is_one_clear_error_and_the_run_resumes(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = parse_study(study_text(tiny_checkpoint, sizes="16x16", seeds="2 random"), tmp_path / "t.toml")
+    path = tmp_path / "runs" / "t" / "catalog.sqlite"
+    real_record = Catalog.record_image
+    recorded: list[str] = []
+
+    def record_image(self: Catalog, job_id: str, *args: Any, **kwargs: Any) -> int:
+        recorded.append(job_id)
+        if len(recorded) == 3:  # the disk fills up under the third image's row
+            self._db = _FullAtCommit(self._db)  # type: ignore[assignment]
+        return real_record(self, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(Catalog, "record_image", record_image)
+    with pytest.raises(DiskFullError) as caught:
+        run_study(study, quiet(study, batch_size=2))
+    assert str(caught.value) == f"disk full at {path}; free space and run again to resume"
+    rows, files, _ = _state(path)
+    assert len(rows) == 2 and len(files) == 3  # the third picture was renamed into place, not recorded
+    monkeypatch.undo()
+    _resumes_completely(study, path, committed=2)
+
+
+def test_study_run_on_a_full_disk_says_so_in_one_line_with_exit_code_2(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from voidprompt.cli import main
+
+    study_file = tmp_path / "t.toml"
+    study_file.write_text(study_text(tiny_checkpoint, sizes="16x16", seeds="1"))
+    _png_saves_fill_the_disk(monkeypatch, after=0)
+    assert main(["study", "run", str(study_file), "--no-progress"]) == 2
+    images = tmp_path / "runs" / "t" / "catalog-images"
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: disk full at {images}; free space and run again to resume"
+    assert "Traceback" not in err
 
 
 def test_model_resolution_errors(tmp_path: Path) -> None:

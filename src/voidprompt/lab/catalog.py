@@ -20,6 +20,7 @@ when a writer opens it (its old images keep NULL there); readers open it as it i
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -103,6 +104,36 @@ _ADDED_COLUMNS = (
     ("images", "batch_size", "INTEGER"),
     ("images", "run_id", "INTEGER REFERENCES runs(id)"),
 )
+
+
+class DiskFullError(StudyError):
+    """A write of the catalog or its images found no space left on the disk (or in the quota)."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """An OSError of a full disk or quota, or SQLite's "database or disk is full"."""
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+            "database or disk is full" in str(error)
+        )
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_full_stops(catalog_path: Path) -> Iterator[None]:
+    """Turn a full disk met while writing a catalog (or its images) into one :class:`DiskFullError`.
+
+    Nothing needs repairing afterwards: whichever write failed, the resumable protocol leaves the
+    catalog consistent, so freeing space and running again is all there is to do.
+    """
+    try:
+        yield
+    except (OSError, sqlite3.Error) as error:
+        if not is_disk_full(error):
+            raise
+        filename = error.filename if isinstance(error, OSError) else None
+        where = Path(os.fsdecode(filename)).parent if filename else catalog_path
+        raise DiskFullError(f"disk full at {where}; free space and run again to resume") from error
 
 
 def _now() -> str:
@@ -249,10 +280,12 @@ class Catalog:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # Also after a failed COMMIT (a full disk), where SQLite may keep the transaction open.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def sweep(self) -> SweepReport:
         """Remove temporary files and image files that have no committed row."""

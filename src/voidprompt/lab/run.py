@@ -17,6 +17,9 @@ the whole batch), each image with its own seed. A1111 gives image ``i`` of a bat
 once each by the Engine's ``PromptEncoder`` cache and never together with another prompt (A1111's
 mean restoration spans the encoded batch).
 
+A full disk stops the run with :class:`voidprompt.lab.catalog.DiskFullError` ("disk full at
+PATH; free space and run again to resume"): what was committed stays, and the rerun makes the rest.
+
 Failures: a batch the Engine rejects fails as a whole, as one A1111 generation does (a batch that
 runs out of GPU memory is halved and retried instead, see :mod:`voidprompt.lab.execution`): its
 jobs are marked failed in the catalog and the study goes on; so does a job
@@ -40,7 +43,7 @@ from tqdm import tqdm
 
 from voidprompt.errors import StudyError, VoidpromptError
 from voidprompt.files import atomic_write
-from voidprompt.lab.catalog import Catalog, Provenance, default_catalog_path, sha256_file
+from voidprompt.lab.catalog import Catalog, Provenance, default_catalog_path, disk_full_stops, sha256_file
 from voidprompt.lab.execution import Batch, BatchResult, Executor, Generated, LocalExecutor, Placement
 from voidprompt.lab.labels import Labeler, label_image, label_scheme
 from voidprompt.lab.measures import measure_image
@@ -309,7 +312,8 @@ def run_study(
         workers = local_workers(options.workers, placement)
     path = options.catalog if options.catalog is not None else default_catalog_path(study)
     by_id = {job.job_id: job for job in jobs}
-    with Catalog.open(path) as catalog:
+    # A full disk ends the run with one clear error; what was committed stays, and a rerun resumes.
+    with disk_full_stops(path.absolute()), Catalog.open(path) as catalog:
         catalog.register_study(study.name, study.toml_text)
         catalog.register_jobs(jobs)
         pending = [by_id[r.job_id] for r in catalog.pending_jobs() if r.job_id in by_id]
