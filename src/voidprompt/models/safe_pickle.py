@@ -17,11 +17,19 @@ at a time, so a loader never holds the whole checkpoint and the model at once.
 Both container formats are handled: the zip format (torch >= 1.6, ``archive/data.pkl`` plus one zip member
 per storage) and the legacy stream format (magic number, protocol, sys info, the pickle, the storage key
 list, then each storage's bytes preceded by an int64 element count). The even older tar format is refused.
+
+Bounded cost: a pickle is also a tiny program that can ask for a lot of memory or time (a 1 KB view
+with stride 0 over a 2 GB shape, a memo "billion laughs", a zip bomb, a list that contains itself).
+Every file is checked against the limits below before a caller sees its object, and each refusal
+names the limit it hit. The limits sit far above what real checkpoints need: an SD1.5 ``.ckpt`` with
+its EMA copy has about 2,300 tensors, a pickle of well under 1 MiB, nesting depth below 10, and every
+tensor inside its own storage.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import os
 import pickle
 import struct
@@ -29,7 +37,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 import torch
@@ -43,6 +51,21 @@ __all__ = [
     "PickleCheckpoint",
     "load_pickle_checkpoint",
 ]
+
+# The pickle program itself (data.pkl, or the pickles at the head of a legacy file).
+MAX_PICKLE_BYTES = 32 * 1024 * 1024
+# Memo entries: a real checkpoint memoises about 10 per tensor.
+MAX_MEMO_ENTRIES = 1_000_000
+# Containers inside containers; Lightning checkpoints nest about 6 deep.
+MAX_NESTING_DEPTH = 100
+# Objects counted as a tree: a structure that reuses one list many times (the memo "billion laughs")
+# counts every use, since that is what any walk over it does.
+MAX_OBJECTS = 2_000_000
+# Deflated zip members may expand at most this much in total (torch itself stores them uncompressed).
+MAX_COMPRESSION_RATIO = 32
+# Bytes of all tensor references over the bytes of the storages they view: tied weights count twice,
+# a million keys naming one tensor would make every reader copy it a million times.
+MAX_TENSOR_REUSE = 4
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -162,10 +185,34 @@ _INERT_CLASSES = frozenset(
 )
 
 
+def _int_list(value: Any, what: str) -> list[int]:
+    if not isinstance(value, tuple | list | torch.Size) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise pickle.UnpicklingError(f"tensor {what} {value!r} is not a list of non-negative integers")
+    return [int(v) for v in value]
+
+
 def _rebuild_tensor(storage: LazyStorage, offset: int, size: Any, stride: Any, *_rest: Any) -> LazyTensor:
     if not isinstance(storage, LazyStorage):
         raise pickle.UnpicklingError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
-    return LazyTensor(storage, int(offset), torch.Size(size), tuple(int(s) for s in stride), storage.dtype)
+    shape = _int_list(size, "shape")
+    strides = _int_list(stride, "stride")
+    if len(shape) != len(strides) or not isinstance(offset, int) or offset < 0:
+        raise pickle.UnpicklingError(f"tensor shape {shape}, stride {strides}, offset {offset!r} do not fit")
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel:
+        span = 1 + sum((n - 1) * st for n, st in zip(shape, strides, strict=True))
+        # A tensor holds no more elements than its storage: a view that repeats elements (stride 0)
+        # would turn a few stored bytes into an allocation of any size.
+        if numel > storage.numel or offset + span > storage.numel:
+            raise _TensorOutsideStorage(
+                f"a tensor of shape {tuple(shape)} (stride {tuple(strides)}, offset {offset}) needs more "
+                f"than its storage {storage.key} holds ({storage.numel} elements)"
+            )
+    return LazyTensor(storage, offset, torch.Size(shape), tuple(strides), storage.dtype)
 
 
 def _rebuild_tensor_v3(
@@ -206,7 +253,9 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
 def _numpy_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype[Any]:
     if not isinstance(spec, str):
         raise pickle.UnpicklingError(f"numpy dtype spec {spec!r}")
-    dt = np.dtype(spec)
+    # A copy: numpy pickles a dtype as a call plus BUILD, and BUILD on the shared built-in dtype would
+    # change it for the whole process.
+    dt = np.dtype(spec, copy=True)
     if dt.hasobject:
         raise pickle.UnpicklingError(f"numpy object dtype {spec!r}")
     return dt
@@ -240,7 +289,9 @@ def _allowed(module: str, name: str) -> Any:
     if module == "torch.nn.parameter" and name == "Parameter":
         return _rebuild_parameter
     if module == "torch._tensor" and name == "Tensor":
-        return torch.Tensor  # only ever an argument of _rebuild_from_type_v2, which ignores it
+        # Only ever an argument of _rebuild_from_type_v2, which ignores it; the real class would let
+        # NEWOBJ allocate an uninitialised tensor of any size.
+        return _inert_class(qual)
     if module == "collections" and name == "OrderedDict":
         return collections.OrderedDict
     if module in ("builtins", "__builtin__") and name in ("set", "frozenset", "slice", "complex"):
@@ -256,12 +307,62 @@ def _allowed(module: str, name: str) -> Any:
     return None
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _TensorOutsideStorage(pickle.UnpicklingError):
+    """A tensor declared larger than the bytes behind it."""
+
+
+def _limit_error(source: str, what: str, name: str, limit: int) -> ModelLoadError:
+    return ModelLoadError(
+        f"{source}: {what}, over voidprompt's limit {name} = {limit:,}; the file is malformed or "
+        "hostile, so it was not loaded. A real checkpoint stays far below this limit; get the file "
+        "again from its source."
+    )
+
+
+def _memo_checked(load_op: Callable[[Any], None]) -> Callable[[Any], None]:
+    def op(self: _RestrictedUnpickler) -> None:
+        load_op(self)
+        if len(self.memo) > MAX_MEMO_ENTRIES:
+            raise _limit_error(
+                self._source, "the pickle's memo grew too large", "MAX_MEMO_ENTRIES", MAX_MEMO_ENTRIES
+            )
+
+    return op
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, so that BUILD and the memo can be watched opcode by opcode (the C
+    unpickler offers no hook for either). A checkpoint's pickle is small, so its speed is enough."""
+
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
+    memo: dict[int, Any]  # the pure-Python unpickler's own state, read by the checks below
+    stack: list[Any]
+
     def __init__(self, file: BinaryIO, source: str, persistent: Callable[[Any], Any] | None = None) -> None:
         super().__init__(file, encoding="utf-8")
         self._source = source
         self._persistent = persistent
         self._inert: dict[str, Any] = {}  # one stand-in class per name, so equal names stay equal
+
+    def load_build(self) -> None:
+        # BUILD sets attributes on the object below the state. Allowed only on objects the pickle made
+        # itself and that expect it: an OrderedDict (torch stores the state dict's ``_metadata`` so),
+        # a numpy dtype copy and the inert stand-ins. Anything else - an allow-listed function or
+        # class - would keep the attributes for the rest of the process.
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        fresh_dtype = isinstance(target, np.dtype) and not target.isbuiltin
+        if not (type(target) is collections.OrderedDict or isinstance(target, InertObject) or fresh_dtype):
+            raise UnsafePickleError(
+                f"{self._source}: the pickle tries to set attributes on {target!r:.80} (BUILD), which only "
+                "a state dict or a plain-data object may receive; the file was not loaded and nothing in "
+                "it was run."
+            )
+        super().load_build()  # type: ignore[misc]
+
+    dispatch[pickle.BUILD[0]] = load_build
+    for _code in (pickle.PUT, pickle.BINPUT, pickle.LONG_BINPUT, pickle.MEMOIZE):
+        dispatch[_code[0]] = _memo_checked(dispatch[_code[0]])
+    del _code
 
     def find_class(self, module: str, name: str) -> Any:
         qual = f"{module}.{name}"
@@ -282,6 +383,106 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if self._persistent is None:
             raise pickle.UnpicklingError("persistent id in a pickle that has no storages")
         return self._persistent(pid)
+
+
+def _children(obj: Any) -> Iterator[Any] | None:
+    """The objects a container holds, or None for a leaf."""
+    if isinstance(obj, dict):
+        return iter([*obj.keys(), *obj.values()])
+    if isinstance(obj, list | tuple | set | frozenset) and not isinstance(obj, torch.Size):
+        return iter(obj)
+    if isinstance(obj, InertObject):
+        return iter([getattr(obj, "args", ()), getattr(obj, "state", None)])
+    return None
+
+
+def _check_structure(obj: Any, source: str) -> None:
+    """Refuse a cycle, nesting past MAX_NESTING_DEPTH, more than MAX_OBJECTS objects counted as a tree,
+    and tensor references over MAX_TENSOR_REUSE times the bytes of their storages.
+
+    Iterative (a 100,000-deep list must not exhaust the interpreter's stack) and linear in the objects
+    the pickle really made: a shared container's totals are computed once and reused."""
+    done: dict[int, tuple[int, int]] = {}  # id -> (objects, tensor bytes) of a finished container
+    on_path: set[int] = set()
+    storages: dict[int, int] = {}
+    # Each frame: the container, its children still to visit, objects so far, tensor bytes so far.
+    root_children = _children(obj)
+    if root_children is None:
+        return
+    stack: list[list[Any]] = [[obj, root_children, 1, 0]]
+    on_path.add(id(obj))
+    while stack:
+        frame = stack[-1]
+        child = next(frame[1], _END)
+        if child is _END:
+            stack.pop()
+            on_path.discard(id(frame[0]))
+            done[id(frame[0])] = (frame[2], frame[3])
+            if stack:
+                stack[-1][2] += frame[2]
+                stack[-1][3] += frame[3]
+                if stack[-1][2] > MAX_OBJECTS:
+                    raise _limit_error(
+                        source,
+                        "the pickle holds too many objects (counting each reuse)",
+                        "MAX_OBJECTS",
+                        MAX_OBJECTS,
+                    )
+            continue
+        if isinstance(child, LazyTensor):
+            elem = _element_size(child.dtype)
+            frame[2] += 1
+            frame[3] += child.shape.numel() * elem
+            storages[id(child.storage)] = child.storage.numel * elem
+            continue
+        key = id(child)
+        if key in done:
+            frame[2] += done[key][0]
+            frame[3] += done[key][1]
+            continue
+        grandchildren = _children(child)
+        if grandchildren is None:
+            frame[2] += 1
+            continue
+        if key in on_path:
+            raise ModelLoadError(
+                f"{source}: the pickle holds a {type(child).__name__} that contains itself; no checkpoint "
+                "is built that way, so the file was not loaded (it is malformed or hostile)."
+            )
+        if len(stack) >= MAX_NESTING_DEPTH:
+            raise _limit_error(
+                source, "the pickle nests containers too deeply", "MAX_NESTING_DEPTH", MAX_NESTING_DEPTH
+            )
+        on_path.add(key)
+        stack.append([child, grandchildren, 1, 0])
+    objects, tensor_bytes = done[id(obj)]
+    if objects > MAX_OBJECTS:
+        raise _limit_error(
+            source, "the pickle holds too many objects (counting each reuse)", "MAX_OBJECTS", MAX_OBJECTS
+        )
+    stored = sum(storages.values())
+    if tensor_bytes > MAX_TENSOR_REUSE * stored:
+        raise _limit_error(
+            source,
+            f"its tensors name {tensor_bytes:,} bytes but their storages hold {stored:,} (times reused)",
+            "MAX_TENSOR_REUSE",
+            MAX_TENSOR_REUSE,
+        )
+
+
+_END = object()
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _read_pickle_head(f: BinaryIO, source: str, what: str) -> io.BytesIO:
+    """At most MAX_PICKLE_BYTES of ``f``; the limit is reported only if the pickle needs more."""
+    data = f.read(MAX_PICKLE_BYTES + 1)
+    if len(data) > MAX_PICKLE_BYTES and what:
+        raise _limit_error(source, f"{what} is larger than the limit", "MAX_PICKLE_BYTES", MAX_PICKLE_BYTES)
+    return io.BytesIO(data[:MAX_PICKLE_BYTES])
 
 
 def _decode(value: Any) -> Any:
@@ -390,6 +591,12 @@ def _load_zip(path: Path) -> PickleCheckpoint:
         )
     prefix = pkl[0][: -len("data.pkl")]
     source = str(path)
+    try:
+        _check_zip_sizes(zf, path)
+    except ModelLoadError:
+        zf.close()
+        raise
+    members = {info.filename: info for info in zf.infolist()}
 
     storages: dict[str, LazyStorage] = {}
 
@@ -399,17 +606,30 @@ def _load_zip(path: Path) -> PickleCheckpoint:
         _, storage_type, key, _location, numel = pid[:5]
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"storage type {storage_type!r}")
+        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+            raise pickle.UnpicklingError(f"storage size {numel!r}")
         key = str(_decode(key))
         if key not in storages:
             member = f"{prefix}data/{key}"
-            if member not in names:
+            if member not in members:
                 raise ModelLoadError(f"{path}: storage {key} is missing from the zip; the file is damaged.")
-            storages[key] = LazyStorage(key, storage_type.dtype, int(numel), zip_member=member)
+            nbytes = numel * _element_size(storage_type.dtype)
+            if nbytes > members[member].file_size:
+                # Reading it would run on into the next member's bytes.
+                raise ModelLoadError(
+                    f"{path}: storage {key} is declared as {nbytes:,} bytes but its zip member holds "
+                    f"{members[member].file_size:,}; the file is damaged or hostile, so it was not loaded."
+                )
+            storages[key] = LazyStorage(key, storage_type.dtype, numel, zip_member=member)
+        elif storages[key].dtype != storage_type.dtype or storages[key].numel != numel:
+            raise pickle.UnpicklingError(f"storage {key} declared twice with different types or sizes")
         return storages[key]
 
     try:
         with zf.open(pkl[0]) as pf:
-            obj = _RestrictedUnpickler(pf, source, persistent).load()  # type: ignore[arg-type]
+            data = _read_pickle_head(pf, source, "the checkpoint's data.pkl")  # type: ignore[arg-type]
+        obj = _RestrictedUnpickler(data, source, persistent).load()
+        _check_structure(obj, source)
     except UnsafePickleError:
         zf.close()
         raise
@@ -424,8 +644,30 @@ def _load_zip(path: Path) -> PickleCheckpoint:
     return PickleCheckpoint(path, obj, zip_file=zf)
 
 
-def _load_legacy(path: Path, f: BinaryIO) -> PickleCheckpoint:
+def _check_zip_sizes(zf: zipfile.ZipFile, path: Path) -> None:
+    """Uncompressed members must fit in the file; deflated ones may expand MAX_COMPRESSION_RATIO times."""
+    size = path.stat().st_size
+    stored = sum(i.file_size for i in zf.infolist() if i.compress_type == zipfile.ZIP_STORED)
+    if stored > size:
+        raise ModelLoadError(
+            f"{path}: its uncompressed zip members claim {stored:,} bytes in a file of {size:,}; the file "
+            "is damaged or hostile, so it was not loaded."
+        )
+    packed = [i for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    expanded = sum(i.file_size for i in packed)
+    if expanded > MAX_COMPRESSION_RATIO * max(size, 1):
+        raise _limit_error(
+            str(path),
+            f"its compressed zip members expand to {expanded:,} bytes from a file of {size:,}",
+            "MAX_COMPRESSION_RATIO",
+            MAX_COMPRESSION_RATIO,
+        )
+
+
+def _load_legacy(path: Path, file: BinaryIO) -> PickleCheckpoint:
     source = str(path)
+    # The pickles sit at the head of the file, the storages' bytes after them.
+    f = _read_pickle_head(file, source, "")
     magic = _RestrictedUnpickler(f, source).load()
     if magic != _LEGACY_MAGIC:
         raise ModelLoadError(f"{path}: a pickle but not a torch checkpoint (no torch magic number).")
@@ -444,38 +686,60 @@ def _load_legacy(path: Path, f: BinaryIO) -> PickleCheckpoint:
         _, storage_type, root_key, _location, numel, view = pid
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"storage type {storage_type!r}")
+        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+            raise pickle.UnpicklingError(f"storage size {numel!r}")
         root_key = str(_decode(root_key))
-        root = roots.setdefault(root_key, LazyStorage(root_key, storage_type.dtype, int(numel)))
+        root = roots.setdefault(root_key, LazyStorage(root_key, storage_type.dtype, numel))
+        if root.numel != numel or root.dtype != storage_type.dtype:
+            raise pickle.UnpicklingError(f"storage {root_key} declared twice with different types or sizes")
         if view is None:
             return root
         view_key, offset, view_numel = view
-        elem = torch.empty((), dtype=root.dtype).element_size()
+        elem = _element_size(root.dtype)
         key = (str(_decode(view_key)), int(offset), int(view_numel))
+        if key[1] < 0 or key[2] < 0 or key[1] + key[2] > root.numel:
+            raise pickle.UnpicklingError(f"storage view {key} reaches past its root storage {root_key}")
         if key not in placeholders:
             placeholders[key] = LazyStorage(key[0], root.dtype, key[2], byte_offset=key[1] * elem)
             views.append((placeholders[key], root_key))
         return placeholders[key]
 
-    obj = _RestrictedUnpickler(f, source, persistent).load()
-    keys = _RestrictedUnpickler(f, source).load()
+    try:
+        obj = _RestrictedUnpickler(f, source, persistent).load()
+        _check_structure(obj, source)
+        keys = _RestrictedUnpickler(f, source).load()
+    except EOFError as exc:
+        if len(f.getbuffer()) >= MAX_PICKLE_BYTES:
+            raise _limit_error(
+                source,
+                "the pickle at the head of the file is larger than the limit",
+                "MAX_PICKLE_BYTES",
+                MAX_PICKLE_BYTES,
+            ) from exc
+        raise
     if not isinstance(keys, list):
         raise ModelLoadError(f"{path}: damaged legacy torch file (storage key list missing).")
     # Storages follow in key order, each as an int64 element count and the raw bytes.
     offsets: dict[str, int] = {}
     pos = f.tell()
-    size = os.fstat(f.fileno()).st_size
+    size = os.fstat(file.fileno()).st_size
     for key in keys:
         key = str(_decode(key))
         if key not in roots:
             raise ModelLoadError(f"{path}: damaged legacy torch file (unknown storage {key}).")
-        f.seek(pos)
-        header = f.read(8)
+        file.seek(pos)
+        header = file.read(8)
         if len(header) != 8:
             raise ModelLoadError(f"{path}: the file ends inside tensor data; it is truncated.")
         (count,) = struct.unpack("<q", header)
+        if count < roots[key].numel:
+            raise ModelLoadError(
+                f"{path}: storage {key} is declared as {roots[key].numel:,} elements but the file holds "
+                f"{count:,}; the file is damaged or hostile, so it was not loaded."
+            )
         offsets[key] = pos + 8
-        pos += 8 + count * torch.empty((), dtype=roots[key].dtype).element_size()
-        if pos > size:
+        pos += 8 + count * _element_size(roots[key].dtype)
+        if count < 0 or pos > size:
             raise ModelLoadError(f"{path}: the file ends inside tensor data; it is truncated.")
     fixed: dict[int, LazyStorage] = {}
     for key, root in roots.items():
