@@ -13,7 +13,7 @@ import torch
 from voidprompt.errors import ModelLoadError
 from voidprompt.models.hashes import sha256_file
 from voidprompt.models.load import load_model
-from voidprompt.models.networks import NetworkManager, load_hypernetwork
+from voidprompt.models.networks import NetworkManager, hypernetworks, load_hypernetwork
 from voidprompt.models.networks.hypernetworks import parse_dropout_structure
 from voidprompt.prompts.extra_networks import extract_extra_networks
 from voidprompt.testing.fake_checkpoints import write_tiny_checkpoint
@@ -163,3 +163,65 @@ def test_context_changed_exactly_on_k_and_v_in_cross_and_self_attention(tmp_path
         mgr2.restore()
     assert (hooked - plain).abs().max() > 1e-3
     assert torch.equal(zero, plain)  # multiplier 0: x + mlp(x) * 0 == x exactly
+
+
+def _small_file(path: Path, **options: object) -> Path:
+    g = torch.Generator().manual_seed(3)
+    pair = []
+    for _ in range(2):
+        w0, b0 = _lin(g, 8, 16)
+        w1, b1 = _lin(g, 16, 8)
+        pair.append({"linear.0.weight": w0, "linear.0.bias": b0, "linear.1.weight": w1, "linear.1.bias": b1})
+    torch.save({8: tuple(pair), **options}, path)
+    return path
+
+
+def test_layer_structure_is_checked_against_saved_tensors_before_any_module_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # [1, 1000000, 1] over tensors saved for [1, 2, 1]: building the MLPs first would allocate
+    # 2 x 8 x 8,000,000 floats per MLP before load_state_dict could notice.
+    path = _small_file(tmp_path / "huge.pt", layer_structure=[1, 1000000, 1])
+    assert path.stat().st_size < 8 * 1024
+
+    def no_build(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a module was built before the shapes were checked")
+
+    monkeypatch.setattr(hypernetworks, "HypernetworkMLP", no_build)
+    with pytest.raises(
+        ModelLoadError,
+        match=r"k-MLP for width 8 does not fit layer_structure \[1.0, 1000000.0, 1.0\]: it needs Linear "
+        r"weights of shapes \[\(8000000, 8\), \(8, 8000000\)\] but the file holds \[\(16, 8\), \(8, 16\)\]",
+    ):
+        load_hypernetwork(path)
+
+
+def test_matching_layer_structure_still_loads(tmp_path: Path) -> None:
+    net = load_hypernetwork(_small_file(tmp_path / "ok.pt", layer_structure=[1, 2, 1]))
+    assert [tuple(m.weight.shape) for m in net.layers[8][0].linear if isinstance(m, torch.nn.Linear)] == [
+        (16, 8),
+        (8, 16),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"layer_structure": [2, 1]}, "starts and ends with 1"),
+        ({"layer_structure": [1, -3, 1]}, "list of positive numbers"),
+        ({"layer_structure": "1,2,1"}, "list of positive numbers"),
+        ({"dropout_structure": [0, 0.3]}, "one probability in \\[0, 1\\) per layer_structure entry \\(3\\)"),
+        ({"activation_func": ["relu"]}, "activation_func \\['relu'\\] is not a name"),
+    ],
+)
+def test_malformed_options_are_clear_errors(tmp_path: Path, options: dict[str, object], message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        load_hypernetwork(_small_file(tmp_path / "bad.pt", **options))
+
+
+def test_recursive_hypernetwork_file_is_a_clear_error(tmp_path: Path) -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    torch.save({8: (loop, {}), "layer_structure": [1, 2, 1]}, tmp_path / "loop.pt")
+    with pytest.raises(ModelLoadError, match="a list that contains itself"):
+        load_hypernetwork(tmp_path / "loop.pt")

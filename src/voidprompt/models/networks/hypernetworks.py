@@ -144,56 +144,127 @@ class Hypernetwork:
         return self.sha256[:10]
 
 
-def _materialize(obj: Any, ck: Any) -> Any:
-    if isinstance(obj, LazyTensor):
-        return ck.materialize(obj)
-    if isinstance(obj, dict):
-        return {k: _materialize(v, ck) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(v, ck) for v in obj)
-    return obj
+def _layer_structure(value: Any, path: Path) -> list[float]:
+    """A1111's layer_structure: width multipliers that start and end with 1 (default [1, 2, 1])."""
+    if value is None:
+        return [1.0, 2.0, 1.0]
+    ok = isinstance(value, list | tuple) and len(value) >= 2
+    if ok:
+        ok = all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf") for v in value
+        )
+    if not ok or value[0] != 1 or value[-1] != 1:
+        raise ModelLoadError(
+            f"{path}: hypernetwork layer_structure {value!r:.200} must be a list of positive numbers that "
+            "starts and ends with 1 (A1111's default is [1, 2, 1]); the file is damaged."
+        )
+    return [float(v) for v in value]
+
+
+def _check_options(path: Path, layer_structure: Sequence[float], activation: Any, dropout: Any) -> None:
+    if activation is not None and not isinstance(activation, str):
+        raise ModelLoadError(
+            f"{path}: hypernetwork activation_func {activation!r:.100} is not a name; the file is damaged."
+        )
+    numbers = isinstance(dropout, list | tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1 for v in dropout
+    )
+    if not numbers or len(dropout) != len(layer_structure):
+        raise ModelLoadError(
+            f"{path}: hypernetwork dropout_structure {dropout!r:.200} must hold one probability in [0, 1) "
+            f"per layer_structure entry ({len(layer_structure)}); the file is damaged."
+        )
+
+
+def _linear_index(key: str) -> int | None:
+    """N of ``linear.N.weight``, or None for any other key."""
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "linear" and parts[1].isdigit() and parts[2] == "weight":
+        return int(parts[1])
+    return None
+
+
+def _check_saved_shapes(
+    path: Path, width: int, which: str, state: dict[str, Any], layer_structure: Sequence[float]
+) -> None:
+    """The Linear weights saved for one MLP must have exactly the shapes layer_structure gives them,
+    checked on the file's declared shapes before any module exists: a layer_structure of
+    [1, 1000000, 1] over a small file would otherwise allocate gigabytes for modules that can
+    never be filled."""
+    bad = [k for k, v in state.items() if not isinstance(v, LazyTensor)]
+    if bad:
+        raise ModelLoadError(
+            f"{path}: the {which}-MLP for width {width} has entries that are not tensors ({bad[:3]}); "
+            "the file is damaged or from an unknown trainer."
+        )
+    linears = sorted(
+        (index, tuple(v.shape))
+        for k, v in state.items()
+        if (index := _linear_index(k)) is not None and len(v.shape) == 2
+    )
+    saved = [shape for _, shape in linears]
+    expected = [
+        (int(width * layer_structure[i + 1]), int(width * layer_structure[i]))
+        for i in range(len(layer_structure) - 1)
+    ]
+    if saved != expected:
+        raise ModelLoadError(
+            f"{path}: the {which}-MLP for width {width} does not fit layer_structure "
+            f"{list(layer_structure)}: it needs Linear weights of shapes {expected[:8]} but the file "
+            f"holds {saved[:8]}; the file is damaged or from an unknown trainer."
+        )
 
 
 def load_hypernetwork(path: str | Path, *, device: torch.device | str = "cpu") -> Hypernetwork:
     """Read a hypernetwork ``.pt`` through :mod:`voidprompt.models.safe_pickle`; MLPs in float32."""
     p = Path(path)
     with load_pickle_checkpoint(p) as ck:
-        if not isinstance(ck.obj, dict):
-            raise ModelLoadError(f"{p}: not a hypernetwork (the pickle holds a {type(ck.obj).__name__}).")
-        sd = _materialize(ck.obj, ck)
-    layer_structure = [float(v) for v in (sd.get("layer_structure") or [1, 2, 1])]
-    activation = sd.get("activation_func")
-    add_ln = bool(sd.get("is_layer_norm", False))
-    dropout = sd.get("dropout_structure")
-    use_dropout = True if dropout is not None and any(dropout) else bool(sd.get("use_dropout", False))
-    activate_output = bool(sd.get("activate_output", True))
-    last_layer_dropout = bool(sd.get("last_layer_dropout", False))
-    if dropout is None:
-        dropout = parse_dropout_structure(layer_structure, use_dropout, last_layer_dropout)
-    layers: dict[int, tuple[HypernetworkMLP, HypernetworkMLP]] = {}
-    for size, pair in sd.items():
-        if not isinstance(size, int) or isinstance(size, bool):
-            continue
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ModelLoadError(f"{p}: entry {size} is not a (k, v) pair of state dicts.")
-        mlps = []
-        for which, state in zip("kv", pair, strict=True):
-            mlp = HypernetworkMLP(size, layer_structure, activation, add_ln, activate_output, dropout)
-            fixed = {_OLD_KEYS.get(str(k), str(k)): v for k, v in dict(state).items()}
-            try:
-                mlp.load_state_dict(fixed, strict=True)
-            except RuntimeError as exc:
-                raise ModelLoadError(
-                    f"{p}: the {which}-MLP for width {size} does not fit layer_structure {layer_structure}, "
-                    f"activation {activation!r}, layer norm {add_ln}, dropout {list(dropout)} ({exc}); "
-                    "the file "
-                    "is damaged or from an unknown trainer."
-                ) from exc
-            mlps.append(mlp.to(device=device, dtype=torch.float32).eval().requires_grad_(False))
-        layers[size] = (mlps[0], mlps[1])
-    if not layers:
-        raise ModelLoadError(f"{p}: no int-keyed (context width) entries; it is not a hypernetwork file.")
-    info = {k: v for k, v in sd.items() if isinstance(k, str) and not isinstance(v, torch.Tensor)}
+        sd = ck.obj
+        if not isinstance(sd, dict):
+            raise ModelLoadError(f"{p}: not a hypernetwork (the pickle holds a {type(sd).__name__}).")
+        layer_structure = _layer_structure(sd.get("layer_structure") or None, p)
+        activation = sd.get("activation_func")
+        add_ln = bool(sd.get("is_layer_norm", False))
+        dropout = sd.get("dropout_structure")
+        use_dropout = True if dropout is not None and any(dropout) else bool(sd.get("use_dropout", False))
+        activate_output = bool(sd.get("activate_output", True))
+        last_layer_dropout = bool(sd.get("last_layer_dropout", False))
+        if dropout is None:
+            dropout = parse_dropout_structure(layer_structure, use_dropout, last_layer_dropout)
+        _check_options(p, layer_structure, activation, dropout)
+        states: dict[int, list[dict[str, Any]]] = {}
+        for size, pair in sd.items():
+            if not isinstance(size, int) or isinstance(size, bool):
+                continue
+            if (
+                not isinstance(pair, (list, tuple))
+                or len(pair) != 2
+                or not all(isinstance(x, dict) for x in pair)
+            ):
+                raise ModelLoadError(f"{p}: entry {size} is not a (k, v) pair of state dicts.")
+            if size <= 0:
+                raise ModelLoadError(f"{p}: entry {size} is not a context width; the file is damaged.")
+            states[size] = [{_OLD_KEYS.get(str(k), str(k)): v for k, v in state.items()} for state in pair]
+            for which, state in zip("kv", states[size], strict=True):
+                _check_saved_shapes(p, size, which, state, layer_structure)
+        layers: dict[int, tuple[HypernetworkMLP, HypernetworkMLP]] = {}
+        for size, pair_states in states.items():
+            mlps = []
+            for which, lazy in zip("kv", pair_states, strict=True):
+                mlp = HypernetworkMLP(size, layer_structure, activation, add_ln, activate_output, dropout)
+                try:
+                    mlp.load_state_dict({k: ck.materialize(v) for k, v in lazy.items()}, strict=True)
+                except RuntimeError as exc:
+                    raise ModelLoadError(
+                        f"{p}: the {which}-MLP for width {size} does not fit layer_structure "
+                        f"{layer_structure}, activation {activation!r}, layer norm {add_ln}, "
+                        f"dropout {list(dropout)} ({exc}); the file is damaged or from an unknown trainer."
+                    ) from exc
+                mlps.append(mlp.to(device=device, dtype=torch.float32).eval().requires_grad_(False))
+            layers[size] = (mlps[0], mlps[1])
+        if not layers:
+            raise ModelLoadError(f"{p}: no int-keyed (context width) entries; it is not a hypernetwork file.")
+        info = {k: v for k, v in sd.items() if isinstance(k, str) and not isinstance(v, LazyTensor)}
     return Hypernetwork(str(sd.get("name") or p.stem), p, layers, info, sha256_file(p))
 
 
