@@ -384,3 +384,23 @@ def test_extract_recovers_low_rank_difference(tmp_path: Path) -> None:
     )
     for k, v in cb.unet.state_dict().items():
         torch.testing.assert_close(ca.unet.state_dict()[k], v, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_rank_zero_lora_is_a_clear_error_naming_file_and_tensor(tmp_path: Path, fmt: str) -> None:
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    tensors = {
+        f"{layer}.lora_down.weight": torch.zeros(0, 32),
+        f"{layer}.lora_up.weight": torch.zeros(32, 0),
+        f"{layer}.alpha": torch.tensor(1.0),
+    }
+    path = tmp_path / f"rank0.{fmt}"
+    if fmt == "safetensors":
+        save_file(tensors, str(path))
+    else:
+        torch.save(tensors, path)
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"rank0\.{fmt}: tensor '{layer}\.lora_(down|up)\.weight' has shape \((0, 32|32, 0)\)",
+    ):
+        load_lora(path)

@@ -237,6 +237,15 @@ def load_lora(path: str | Path, name: str | None = None) -> LoraNetwork:
             f"{p}: no LoRA modules in the file (keys e.g. {list(tensors)[:3]}); is it a LoRA?"
         )
     for mod in modules.values():
+        empty = [suffix for suffix, t in mod.tensors.items() if t.numel() == 0]
+        if empty:
+            # A rank-0 factor has no elements: its scale alpha / rank divides by zero and it changes
+            # nothing, so the file is broken rather than merely unusual.
+            tensor = f"{mod.name}.{empty[0]}"
+            raise ModelLoadError(
+                f"{p}: tensor '{tensor}' has shape {tuple(mod.tensors[empty[0]].shape)} - rank 0, no "
+                "elements; the LoRA is damaged. Extract or train it again with a rank of at least 1."
+            )
         if "dora_scale" in mod.tensors:
             raise ModelLoadError(
                 f"LoRA '{net_name}': layer {mod.name} is a DoRA module (dora_scale), "
