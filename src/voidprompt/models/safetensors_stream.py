@@ -102,12 +102,12 @@ class SafetensorsStreamWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._pending = PendingFile(self.path)
         try:
-            self._f = self._pending.temp.open("wb")
+            self._f = self._pending.open()
+            self._f.write(len(raw).to_bytes(8, "little"))
+            self._f.write(raw)
         except BaseException:
             self._pending.discard()
             raise
-        self._f.write(len(raw).to_bytes(8, "little"))
-        self._f.write(raw)
         self._next = 0
         self._done = False
 
@@ -139,8 +139,7 @@ class SafetensorsStreamWriter:
 
     def abort(self) -> None:
         if not self._done:
-            self._f.close()
-            self._pending.discard()
+            self._pending.discard()  # closes the file without letting a failed flush stop the unlink
             self._done = True
 
     def __enter__(self) -> SafetensorsStreamWriter:
