@@ -28,7 +28,13 @@ Output: ``.safetensors`` written key by key through :class:`SafetensorsStreamWri
 name, dtype and shape is derived from the inputs' headers first, the header is written, then each
 tensor is computed from one tensor of each input and written at once. Peak memory is a few tensors,
 not a state dict (see ``benchmarks/merge_memory.py``). The file appears under its name only when
-complete.
+complete; the temporary files of merges that were killed outright are swept from the output folder
+first (:func:`voidprompt.files.sweep_stale_partials`).
+
+NaN and inf: every input tensor the output is made of, and every output tensor, is checked as it
+streams by. Non-finite values are reported in :attr:`MergeResult.warnings` (and logged), naming the
+first few tensors and the count: a model holding them gives black images. With ``strict`` the first
+one stops the merge with :class:`MergeError` and nothing is written. (A1111's merger does not check.)
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import Any
 import torch
 
 from voidprompt.errors import ModelLoadError, VoidpromptError
+from voidprompt.files import sweep_stale_partials
 from voidprompt.models.arch import ARCH_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
 from voidprompt.models.convert import POSITION_IDS_KEY
 from voidprompt.models.detect import ModelFamily, detect_family
@@ -187,6 +194,7 @@ class MergeOptions:
     fp16: bool = False
     discard: str | None = None
     allow_missing: bool = False
+    strict: bool = False  # refuse inputs (or results) holding NaN or inf
 
     def validate(self, has_b: bool, has_c: bool) -> None:
         if self.method is not MergeMethod.NO_INTERPOLATION and not has_b:
@@ -214,6 +222,7 @@ class MergeResult:
     keys_written: int
     merged_keys: int
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 class _Source:
@@ -446,33 +455,71 @@ def _combine(
     return out
 
 
+_SHOWN_NONFINITE = 5
+
+
+@dataclass
+class _FiniteCheck:
+    """Counts the NaN / inf values of each tensor that streams through the merge."""
+
+    strict: bool
+    found: list[str] = field(default_factory=list)  # "A 'key' (n of m values)"
+
+    def __call__(self, label: str, key: str, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            where = f"{label} '{key}' ({bad} of {t.numel()} values)"
+            if self.strict:
+                raise MergeError(
+                    f"{where} is NaN or inf; --strict refuses non-finite weights and nothing was "
+                    "written (fix or replace that input, or merge without --strict)."
+                )
+            self.found.append(where)
+        return t
+
+    def warning(self) -> str | None:
+        if not self.found:
+            return None
+        more = len(self.found) - _SHOWN_NONFINITE
+        shown = ", ".join(self.found[:_SHOWN_NONFINITE]) + (f" and {more} more" if more > 0 else "")
+        count = f"{len(self.found)} tensor{'s hold' if len(self.found) > 1 else ' holds'}"
+        return (
+            f"{count} NaN or inf values: {shown}; a model with them makes black images (--strict "
+            "refuses to write it)."
+        )
+
+
 def _run(
     steps: Sequence[_Step],
     method: MergeMethod,
-    a: _Source,
-    b: _Source | None,
-    c: _Source | None,
-    vae: _Source | None,
+    sources: dict[str, _Source],
     sink: Callable[[str, torch.Tensor], None],
+    check: _FiniteCheck,
 ) -> None:
+    def read(label: str, key: str) -> torch.Tensor:
+        return check(label, key, sources[label].get(key))
+
     for step in steps:
+        known = len(check.found)
         if step.kind == "copy_a":
-            t = a.get(step.key)
+            t = read("A", step.key)
         elif step.kind == "copy_b":
-            assert b is not None
-            t = b.get(step.key)
+            t = read("B", step.key)
         elif step.kind == "vae":
-            assert vae is not None
-            t = vae.get(step.key).reshape(step.spec.shape)
+            t = read("VAE", step.key).reshape(step.spec.shape)
         else:
             t = _combine(
                 step,
                 method,
-                a.get(step.key),
-                b.get(step.key) if b is not None else None,
-                c.get(step.key) if c is not None else None,
+                read("A", step.key),
+                read("B", step.key) if "B" in sources else None,
+                read("C", step.key) if "C" in sources else None,
             )
-        sink(step.spec.name, t.to(step.spec.dtype))
+        out = t.to(step.spec.dtype)
+        if len(check.found) == known and (step.kind == "merge" or out.dtype != t.dtype):
+            # Finite inputs can still overflow: a sum, or float16 (largest 65504).
+            check("output", step.spec.name, out)
+        sink(step.spec.name, out)
 
 
 def merge_checkpoints(
@@ -493,6 +540,7 @@ def merge_checkpoints(
     if out_path.suffix.lower() != ".safetensors":
         raise MergeError(f"{out_path}: the merger writes .safetensors only; name the output '*.safetensors'.")
     options.validate(b is not None, c is not None)
+    sweep_stale_partials(out_path.parent)
     paths = {
         "A": Path(a),
         "B": Path(b) if b is not None else None,
@@ -541,13 +589,19 @@ def merge_checkpoints(
         }
         if ARCH_METADATA_KEY in sa.metadata:
             metadata[ARCH_METADATA_KEY] = sa.metadata[ARCH_METADATA_KEY]  # needed to load A's architecture
+        check = _FiniteCheck(options.strict)
         with SafetensorsStreamWriter(out_path, [s.spec for s in steps], metadata) as writer:
-            _run(steps, options.method, sa, sb, sc, sv, writer.write)
+            _run(steps, options.method, dict(sources), writer.write, check)
             writer.commit()
         notes = []
         if facts["missing"]:
             notes.append(f"{len(facts['missing'])} keys missing from B/C kept from A")
-        return MergeResult(out_path, recipe, len(steps), facts["merged_keys"], notes)
+        warning = check.warning()
+        if warning is not None:
+            log.warning("%s: %s", out_path, warning)
+        return MergeResult(
+            out_path, recipe, len(steps), facts["merged_keys"], notes, [warning] if warning else []
+        )
     finally:
         for s in sources.values():
             s.close()

@@ -2,14 +2,25 @@
 
 voidprompt merge --a A --b B [--c C] --method weighted_sum|add_difference|no_interpolation|block_weighted
                  [--multiplier M] [--weights "25 values" | --preset NAME] [--base-alpha X]
-                 [--fp16] [--bake-vae FILE] [--discard REGEX] [--allow-missing] --out FILE.safetensors
+                 [--fp16] [--bake-vae FILE] [--discard REGEX] [--allow-missing] [--strict]
+                 --out FILE.safetensors
 voidprompt lora extract A B --rank R [--conv-rank R] [--min-diff D] [--clamp-quantile Q] [--fp16] --out FILE
+
+Both write their output through a temporary file that becomes the output only when complete. An
+error, Ctrl-C or SIGTERM removes it (SIGTERM is turned into a normal exit so that the cleanup runs);
+a ``kill -9`` cannot, and the next merge or extraction into that folder sweeps it away. A full disk
+is one line naming the file, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import signal
 import sys
+from collections.abc import Iterator
+from types import FrameType
 
 import torch
 
@@ -57,8 +68,28 @@ def _merge_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep A's value for model keys missing from B/C (A1111's silent behaviour)",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse inputs holding NaN or inf weights (by default the merge warns and names them)",
+    )
     p.add_argument("--out", required=True, help="output .safetensors file")
     return p
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(out: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise VoidpromptError(
+            f"disk full writing {out}; nothing was written. Free space and run again."
+        ) from exc
 
 
 def _merge(argv: list[str]) -> int:
@@ -85,14 +116,20 @@ def _merge(argv: list[str]) -> int:
         fp16=args.fp16,
         discard=args.discard,
         allow_missing=args.allow_missing,
+        strict=args.strict,
     )
-    result = merge_checkpoints(args.a, args.b, args.c, out=args.out, options=options, bake_vae=args.bake_vae)
+    with _disk_full_is_an_error(args.out):
+        result = merge_checkpoints(
+            args.a, args.b, args.c, out=args.out, options=options, bake_vae=args.bake_vae
+        )
     print(
         f"wrote {result.path}: {result.keys_written} tensors, {result.merged_keys} merged "
         f"({options.method.a1111_label}, M={options.multiplier})"
     )
     for note in result.notes:
         print(f"note: {note}")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -116,16 +153,17 @@ def _lora(argv: list[str]) -> int:
     ex.add_argument("--fp16", action="store_true", help="save the LoRA in float16")
     ex.add_argument("--out", required=True, help="output .safetensors file")
     args = p.parse_args(argv)
-    result = extract_lora(
-        args.a,
-        args.b,
-        args.out,
-        rank=args.rank,
-        conv_rank=args.conv_rank,
-        min_diff=args.min_diff,
-        clamp_quantile=args.clamp_quantile,
-        dtype=torch.float16 if args.fp16 else torch.float32,
-    )
+    with _disk_full_is_an_error(args.out):
+        result = extract_lora(
+            args.a,
+            args.b,
+            args.out,
+            rank=args.rank,
+            conv_rank=args.conv_rank,
+            min_diff=args.min_diff,
+            clamp_quantile=args.clamp_quantile,
+            dtype=torch.float16 if args.fp16 else torch.float32,
+        )
     te = "included" if result.text_encoder_included else "unchanged, left out"
     print(
         f"wrote {result.path}: {result.layers} layers (text encoder {te}), "
@@ -134,12 +172,19 @@ def _lora(argv: list[str]) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("merge", "lora"):
         print("usage: voidprompt merge ... | voidprompt lora extract ...", file=sys.stderr)
         return 2
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return _merge(argv[1:]) if argv[0] == "merge" else _lora(argv[1:])
     except VoidpromptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)

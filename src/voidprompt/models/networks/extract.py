@@ -14,7 +14,10 @@ Differences from kohya, on purpose: no clamping of U/V^T to their 0.99 quantile 
 ``clamp_quantile=0.99`` for kohya's numbers; clamping makes the LoRA inexact even for an exactly
 low-rank difference), and layers whose difference is exactly zero are not written.
 
-Only the targeted tensors are read from each file, one layer at a time.
+Only the targeted tensors are read from each file, one layer at a time. The output appears under its
+name only when complete (an error, a full disk included, removes the temporary file); temporary files
+left in the output folder by extractions or merges that were killed outright are swept first
+(:func:`voidprompt.files.sweep_stale_partials`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from voidprompt.errors import ModelLoadError
+from voidprompt.files import sweep_stale_partials
 from voidprompt.models.arch import ArchConstants, build_modules, infer_arch
 from voidprompt.models.convert import CheckpointKeyMap, fit_shape
 from voidprompt.models.load import open_checkpoint
@@ -104,6 +108,7 @@ def extract_lora(
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise ModelLoadError(f"rank {rank} / conv rank {conv_rank}: ranks must be at least 1.")
     out_path = Path(out)
+    sweep_stale_partials(out_path.parent)
     with open_checkpoint(a) as ra, open_checkpoint(b) as rb:
         arch = infer_arch(ra.shapes, ArchConstants.from_metadata(ra.metadata, source=str(a)))
         unet, vae, te = build_modules(arch, device="meta")
