@@ -11,7 +11,6 @@ The container format is read from the file's first bytes, not its extension: ``P
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from voidprompt.models.convert import POSITION_IDS_KEY, CheckpointKeyMap, fit_sh
 from voidprompt.models.detect import detect_family, require_supported
 from voidprompt.models.placement import PrecisionPolicy, use_a1111_cuda_settings
 from voidprompt.models.safe_pickle import LazyTensor, PickleCheckpoint, load_pickle_checkpoint
-from voidprompt.models.safetensors_stream import ST_TO_DTYPE
+from voidprompt.models.safetensors_stream import read_safetensors_header
 from voidprompt.models.tokenizer import load_clip_tokenizer
 
 __all__ = [
@@ -197,37 +196,12 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
             f"{p}: not a checkpoint - neither a .safetensors file nor a torch .ckpt/.pt (starts with "
             f"{head[:8]!r}). If it is a truncated download, download it again."
         )
-    try:
-        with open(p, "rb") as f:
-            f.seek(8)
-            header = json.loads(f.read(header_len))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        raw_meta = header.pop("__metadata__", None) or {}
-        reader.metadata = {str(k): str(v) for k, v in raw_meta.items()}
-        data_start = 8 + header_len
-        for key, info in header.items():
-            dt = info["dtype"]
-            if dt not in ST_TO_DTYPE:
-                raise ModelLoadError(f"{p}: tensor '{key}' has dtype {dt}, which voidprompt cannot load.")
-            dtype = ST_TO_DTYPE[dt]
-            shape = torch.Size(int(n) for n in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-            if end - begin != shape.numel() * torch.empty((), dtype=dtype).element_size():
-                raise ValueError(f"tensor '{key}' has {end - begin} bytes for shape {tuple(shape)} {dt}")
-            if data_start + end > size:
-                raise ValueError(
-                    f"tensor '{key}' ends at byte {data_start + end}, past the end of the file ({size})"
-                )
-            reader.shapes[key] = shape
-            reader.dtypes[key] = dtype
-            reader._spans[key] = (data_start + begin, end - begin)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{p}: damaged .safetensors file ({exc}); it is probably truncated - download or copy it again."
-        ) from exc
+    header = read_safetensors_header(p)
+    reader.metadata = dict(header.metadata)
+    for key, entry in header.tensors.items():
+        reader.shapes[key] = entry.shape
+        reader.dtypes[key] = entry.dtype
+        reader._spans[key] = (entry.offset, entry.nbytes)
     reader.format = "safetensors"
     return reader
 
