@@ -41,11 +41,16 @@ def start_server(config: object) -> Iterator[RunningServer]:
     import uvicorn
 
     from voidprompt.server.api import create_app
+    from voidprompt.server.serving import uvicorn_config
     from voidprompt.server.state import ServerConfig
 
     assert isinstance(config, ServerConfig)
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning"))
+    # `voidprompt serve`'s own uvicorn settings, connection bounds included.
+    settings = uvicorn_config(
+        app, host="127.0.0.1", port=config.port, limits=config.limits, log_level="warning"
+    )
+    server = uvicorn.Server(settings)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

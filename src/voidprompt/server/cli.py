@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -77,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-body-bytes", type=int)
     p.add_argument("--max-queued", type=int, help="jobs allowed to wait (more get HTTP 503)")
+    p.add_argument(
+        "--max-connections", type=int, help="open connections at once (more are answered 503; default 256)"
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        help="seconds a client has to send a request's head; slower ones are disconnected (default 10)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -112,7 +121,13 @@ def build_config(args: argparse.Namespace) -> object:
         "max_batch_size": args.max_batch_size,
         "max_body_bytes": args.max_body_bytes,
         "max_queued": args.max_queued,
+        "max_connections": args.max_connections,
+        "header_timeout": args.header_timeout,
     }
+    positive = {"--max-connections": args.max_connections, "--header-timeout": args.header_timeout}
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise VoidpromptError(f"{flag} {value}: give a positive number")
     limits = replace(limits, **{k: v for k, v in changes.items() if v is not None})
     origins = [o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()]
     default_model = args.model
@@ -151,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvicorn
 
         from voidprompt.server.api import create_app
+        from voidprompt.server.serving import uvicorn_config
         from voidprompt.server.state import ServerConfig
 
         config = build_config(args)
@@ -163,9 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"voidprompt: serving on http://{config.host}:{config.port}/ (API at /sdapi/v1, docs at /docs)",
         file=sys.stderr,
     )
-    uvicorn.run(
-        app, host=config.host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=5
+    settings = uvicorn_config(
+        app, host=config.host, port=config.port, limits=config.limits, log_level=args.log_level
     )
+    server = uvicorn.Server(settings)
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while shutting down
+        server.run()
+    if not server.started:
+        where = f"{config.host}:{config.port}"
+        print(f"voidprompt serve: could not serve on {where} (see the error above)", file=sys.stderr)
+        return 2
     return 0
 
 

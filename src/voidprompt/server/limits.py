@@ -32,6 +32,14 @@ class Limits:
     max_queued: int = 64
     # A1111's slider stops at 30; far beyond 100 the output is saturated noise and inf/NaN poison it.
     max_cfg_scale: float = 100.0
+    # Connections (voidprompt.server.serving): open sockets at once; seconds a client has to send a
+    # request's head (from connecting, or from the previous response); the slowest request body
+    # accepted, in bytes per second after that grace; seconds an idle keep-alive connection stays.
+    max_connections: int = 256
+    header_timeout: float = 10.0
+    min_body_rate: int = 16 * 1024
+    keep_alive_timeout: int = 5
+    max_header_bytes: int = 16 * 1024  # h11's own default, stated so it is one of these limits
 
     def check_generation(
         self, *, width: int, height: int, steps: int, batch_size: int, n_iter: int, hr_pixels: int = 0

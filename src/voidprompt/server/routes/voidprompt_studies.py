@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse
 
 from voidprompt.errors import InvalidRequestError
@@ -16,6 +16,13 @@ from voidprompt.server.state import App
 from voidprompt.server.studies import human_labeled, image_record
 
 __all__ = ["router"]
+
+# Image ids are SQLite row ids: larger numbers cannot even be asked of the catalog.
+SQLITE_MAX_INT = 2**63 - 1
+
+
+def _image_id() -> Any:
+    return Path(ge=1, le=SQLITE_MAX_INT, description="the image's id in the study's catalog")
 
 
 def router(state: App) -> APIRouter:
@@ -90,7 +97,7 @@ def router(state: App) -> APIRouter:
     @router.get(
         f"{prefix}/studies/{{study_id}}/images/{{image_id}}", tags=tags, response_model=m.StudyImageDetail
     )
-    def study_image(study_id: str, image_id: int) -> m.StudyImageDetail:
+    def study_image(study_id: str, image_id: int = _image_id()) -> m.StudyImageDetail:
         entry = state.studies.get(study_id)
         with state.studies.open_readonly(entry) as catalog:
             rows = [r for r in catalog.images() if r["id"] == image_id]
@@ -107,7 +114,7 @@ def router(state: App) -> APIRouter:
     @router.get(
         f"{prefix}/studies/{{study_id}}/images/{{image_id}}/file", tags=tags, response_class=FileResponse
     )
-    def study_image_file(study_id: str, image_id: int) -> FileResponse:
+    def study_image_file(study_id: str, image_id: int = _image_id()) -> FileResponse:
         entry = state.studies.get(study_id)
         return FileResponse(state.studies.image_file(entry, image_id))
 
@@ -128,7 +135,7 @@ def router(state: App) -> APIRouter:
         }
 
     @router.put(f"{prefix}/studies/{{study_id}}/labels/{{image_id}}", tags=tags, response_model=m.LabelValue)
-    def put_label(study_id: str, image_id: int, body: m.LabelPut) -> m.LabelValue:
+    def put_label(study_id: str, body: m.LabelPut, image_id: int = _image_id()) -> m.LabelValue:
         entry = state.studies.get(study_id)
         if not body.source or len(body.source) > 64:
             raise InvalidRequestError("source: 1 to 64 characters, e.g. human")
@@ -204,7 +211,11 @@ def router(state: App) -> APIRouter:
         )
 
     @router.post(f"{prefix}/studies/{{study_id}}/run", tags=tags, response_model=m.RunStatus)
-    def start_run(study_id: str, max_jobs: int | None = None, batch_size: int | None = None) -> m.RunStatus:
+    def start_run(
+        study_id: str,
+        max_jobs: int | None = Query(None, ge=0, le=SQLITE_MAX_INT),
+        batch_size: int | None = Query(None, ge=1, le=4096),
+    ) -> m.RunStatus:
         entry = state.studies.get(study_id)
         state.studies.start_run(entry, max_jobs=max_jobs, batch_size=batch_size)
         return m.RunStatus(study=study_id, running=True)
