@@ -19,6 +19,7 @@ import contextlib
 import errno
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from types import FrameType
 
@@ -180,11 +181,14 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("merge", "lora"):
         print("usage: voidprompt merge ... | voidprompt lora extract ...", file=sys.stderr)
         return 2
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # Only the main thread may set handlers (a caller running main() in a thread keeps its own).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         return _merge(argv[1:]) if argv[0] == "merge" else _lora(argv[1:])
     except VoidpromptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
