@@ -189,3 +189,16 @@ def test_a_file_added_or_removed_after_a_scan_is_found_on_the_next_lookup(comps,
     )
     assert [(a.name, a.unet) for a in applied.loras] == [("late", 0.5)]
     manager.restore()
+
+
+def test_the_manager_finds_a_lora_by_its_alias(comps, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lora = tmp_path / "Lora"
+    _lora(lora / "sub" / "file_name.safetensors", alias="ShownName")
+    manager = NetworkManager()
+    for tag in ("<lora:ShownName:1>", "<lora:file_name:1>"):
+        applied = manager.apply(comps, extract_extra_networks(tag)[1], lora_dir=lora, hypernet_dir=None)
+        assert len(applied.loras) == 1 and applied.notes == []
+    assert _error(comps, "<lora:sub/file_name:1>", lora_dir=lora).startswith(
+        "unknown network 'sub/file_name'"
+    )
+    manager.restore()
