@@ -8,7 +8,10 @@ import io
 import pickle
 import struct
 import time
+import tracemalloc
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,23 @@ def _binget(i: int) -> bytes:
     return pickle.BINGET + bytes([i])
 
 
+@contextmanager
+def _peak_python_memory_below(limit: int) -> Iterator[None]:
+    """Python's own allocations (objects, bytes, zip buffers) stay below ``limit`` bytes in the block."""
+    tracemalloc.start()
+    try:
+        yield
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < limit, f"peak {peak:,} bytes"
+
+
+def _refused(call: Callable[[], object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
 def _billion_laughs(levels: int, width: int) -> bytes:
     """A dict whose value is a list of ``width`` copies of a list of ``width`` copies ... ``levels``
     deep, every copy a memo reference: width**levels leaves from a few hundred bytes."""
@@ -120,11 +140,10 @@ def test_memo_billion_laughs_is_refused_quickly(tmp_path: Path) -> None:
     assert len(data) < 1500
     path = _raw_zip(tmp_path / "laughs.ckpt", data)
     start = time.perf_counter()
-    with pytest.raises(ModelLoadError, match="MAX_OBJECTS = 2,000,000"):
-        load_pickle_checkpoint(path)
-    # The same file as a hypernetwork, whose loader walks the whole object.
-    with pytest.raises(ModelLoadError, match="MAX_OBJECTS"):
-        load_hypernetwork(path)
+    with _peak_python_memory_below(4 * 1024 * 1024):
+        _refused(lambda: load_pickle_checkpoint(path), ModelLoadError, "MAX_OBJECTS = 2,000,000")
+        # The same file as a hypernetwork, whose loader walks the whole object.
+        _refused(lambda: load_hypernetwork(path), ModelLoadError, "MAX_OBJECTS")
     assert time.perf_counter() - start < 5.0
 
 
@@ -193,8 +212,12 @@ def test_100000_deep_nesting_is_a_clear_error(tmp_path: Path, legacy: bool) -> N
         path.write_bytes(head + pickle.PROTO + b"\x02" + body + pickle.STOP + pickle.dumps([], protocol=2))
     else:
         path = _raw_zip(tmp_path / "deep.ckpt", pickle.PROTO + b"\x02" + body + pickle.STOP)
-    with pytest.raises(ModelLoadError, match=r"nests containers too deeply.*MAX_NESTING_DEPTH = 100"):
-        load_pickle_checkpoint(path)
+    with _peak_python_memory_below(64 * 1024 * 1024):
+        _refused(
+            lambda: load_pickle_checkpoint(path),
+            ModelLoadError,
+            r"nests containers too deeply.*MAX_NESTING_DEPTH = 100",
+        )
 
 
 def test_nesting_within_the_limit_loads(tmp_path: Path) -> None:
@@ -263,6 +286,18 @@ def test_zip_bomb_storage_is_refused(tmp_path: Path) -> None:
         ModelLoadError, match=r"compressed zip members expand to 8,388,608 bytes.*MAX_COMPRESSION_RATIO"
     ):
         load_pickle_checkpoint(path)
+
+
+def test_zip_bomb_pickle_is_refused_before_it_is_inflated(tmp_path: Path) -> None:
+    blob = bytes(16 * 1024 * 1024)  # 16 MiB of zeros inside the pickle itself
+    data = pickle.PROTO + b"\x04" + pickle.BINBYTES8 + struct.pack("<Q", len(blob)) + blob + pickle.STOP
+    path = tmp_path / "bomb_pkl.ckpt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", data)
+    del blob, data
+    assert path.stat().st_size < 64 * 1024
+    with _peak_python_memory_below(2 * 1024 * 1024):
+        _refused(lambda: load_pickle_checkpoint(path), ModelLoadError, "MAX_COMPRESSION_RATIO = 32")
 
 
 def test_deflated_members_within_the_ratio_load(tmp_path: Path) -> None:
