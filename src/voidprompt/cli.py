@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tqdm import tqdm
 
 from voidprompt import __version__
-from voidprompt.errors import VoidpromptError
+from voidprompt.errors import NansError, VoidpromptError
 from voidprompt.imagemeta import open_image_safely, save_numbered
 from voidprompt.request import GenerationRequest
 
@@ -75,6 +75,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         help="auto: fp16 under autocast on CUDA (A1111's), fp32 elsewhere; bf16 only when asked",
     )
     p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile")
+    p.add_argument(
+        "--disable-nan-check",
+        action="store_true",
+        help="keep NaN output (a black picture) instead of failing, as A1111's flag; the VAE's fp32 "
+        "fallback is off with it",
+    )
     p.add_argument("--out", default="outputs/txt2img", help="output folder (files are never overwritten)")
 
 
@@ -134,6 +140,7 @@ def _engine(args: argparse.Namespace, device: Any, precision: Any) -> Any:
         lora_dir=args.lora_dir,
         hypernet_dir=args.hypernet_dir,
         compile=args.compile,
+        disable_nan_check=args.disable_nan_check,
     )
 
 
@@ -306,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except VoidpromptError as exc:
         print(f"voidprompt: error: {exc}", file=sys.stderr)
-        return 1
+        # A generation the model broke (nothing saved) exits 2, as `study`, `demo` and `serve` do on errors.
+        return 2 if isinstance(exc, NansError) else 1
     except KeyboardInterrupt:
         print("voidprompt: interrupted", file=sys.stderr)
         return 130

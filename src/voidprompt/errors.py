@@ -35,3 +35,7 @@ class StudyError(VoidpromptError):
 
 class DeviceError(VoidpromptError):
     """A device or precision that this machine, or its build of torch, cannot provide."""
+
+
+class NansError(VoidpromptError):
+    """A model produced a tensor of NaNs (A1111's ``NansException``); the generation is abandoned."""

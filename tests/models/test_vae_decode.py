@@ -1,4 +1,5 @@
-"""The half-precision NaN fallback decode (A1111's auto_vae_precision) and that it sticks."""
+"""The half-precision NaN fallback decode (A1111's auto_vae_precision) and that it sticks, then
+A1111's NaN check on each decoded image."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from voidprompt.errors import NansError
 from voidprompt.models.vae_decode import decode_with_nan_fallback, vae_dtype
 from voidprompt.testing.fake_checkpoints import tiny_sd1_modules
 
@@ -122,3 +124,42 @@ def test_the_decode_runs_in_the_vae_dtype_even_under_autocast() -> None:
             res = decode_with_nan_fallback(vae, z)
     assert not torch.equal(cast.float(), plain)  # autocast would have changed it
     assert torch.equal(res.sample, plain)
+
+
+def _nan_vae() -> Any:
+    _, vae, _ = tiny_sd1_modules(0)
+    with torch.no_grad():
+        vae.decoder.conv_in.weight[0, 0, 0, 0] = float("nan")
+    return vae
+
+
+def test_a_vae_that_decodes_nan_fails_with_a1111s_message() -> None:
+    with pytest.raises(NansError) as error:
+        decode_with_nan_fallback(_nan_vae(), _latents())
+    message = str(error.value)
+    assert message.startswith("A tensor with NaNs was produced in VAE. It decoded in fp32")
+    assert "\n" not in message and message.endswith("Use --disable-nan-check to turn this check off.")
+
+
+def test_a_half_vae_that_decodes_nan_falls_back_first_then_fails(caplog: pytest.LogCaptureFixture) -> None:
+    # A1111's order: the float32 fallback first. A1111 keeps the image it redid without testing it
+    # (one black picture); here the redone image is tested too and the generation fails.
+    vae = _nan_vae().half()
+    with caplog.at_level(logging.WARNING), pytest.raises(NansError, match=r"in VAE\. It decoded in fp32"):
+        decode_with_nan_fallback(vae, _latents())
+    assert vae_dtype(vae) == torch.float32
+    assert ["VAE decode in float16" in r.message for r in caplog.records] == [True]
+
+
+def test_without_the_nan_check_there_is_no_fallback_either() -> None:
+    # A1111 quirk: its fallback starts from the NaN check's exception, so --disable-nan-check keeps
+    # the half-precision decode that overflowed, and a NaN VAE's output is returned as it is.
+    vae = overflowing_vae().half()
+    z = _latents()[:1] * 4
+    with torch.no_grad():
+        expect = vae.decode(z.half()).sample.float()
+    res = decode_with_nan_fallback(vae, z, nan_check=False)
+    assert not res.upcast and vae_dtype(vae) == torch.float16
+    assert not torch.isfinite(res.sample).all()
+    torch.testing.assert_close(res.sample, expect, rtol=0, atol=0, equal_nan=True)
+    assert decode_with_nan_fallback(_nan_vae(), _latents(), nan_check=False).sample.isnan().all()

@@ -68,9 +68,9 @@ def _our_latents(engine: Engine, request: GenerationRequest, monkeypatch: pytest
     captured: dict[str, torch.Tensor] = {}
     original = engine_module.decode_latents
 
-    def spy(components: Any, latents: torch.Tensor) -> torch.Tensor:
+    def spy(components: Any, latents: torch.Tensor, **options: Any) -> torch.Tensor:
         captured["latents"] = latents.clone()
-        return original(components, latents)
+        return original(components, latents, **options)
 
     monkeypatch.setattr(engine_module, "decode_latents", spy)
     engine.generate(request)

@@ -13,6 +13,11 @@ picture (a black or speckled patch, or inf, which the clamp turns white) passes.
 is tested, for NaN and for inf: one reduction over the decoded batch, small beside the decode
 itself, and no damaged picture is ever stored. Pictures A1111 redoes are redone here too; a few
 that A1111 would keep damaged are repaired.
+
+Then A1111's VAE check (:func:`voidprompt.models.nans.check_for_nans`, on that same first value):
+a NaN image stops the generation with its "A tensor with NaNs was produced in VAE" error. A1111 does
+not test the image it redid in float32 (a VAE whose weights are NaN then gives one black picture
+before its next decode fails); here the redone image is tested too, so that picture is not stored.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from voidprompt.models.nans import check_for_nans
 
 __all__ = ["VaeDecode", "decode_with_nan_fallback", "vae_dtype"]
 
@@ -56,13 +63,16 @@ def _without_autocast(device_type: str) -> Iterator[None]:
 
 
 @torch.no_grad()
-def decode_with_nan_fallback(vae: Any, z: Tensor) -> VaeDecode:
+def decode_with_nan_fallback(vae: Any, z: Tensor, *, nan_check: bool = True) -> VaeDecode:
     """``vae.decode(z).sample`` as float32, one image at a time as A1111's ``decode_latent_batch``;
     ``z`` is the VAE's input (latents already divided by the scaling factor), a batch.
 
     A half-precision VAE (fp16 or bf16) whose decode of image ``i`` has any NaN or inf is converted
     to float32 in place and image ``i`` is decoded again; the VAE stays float32 (sticky), so the
     images after it decode in float32 too, and images before ``i`` keep their half-precision decode.
+    Then an image whose first value is NaN raises :class:`~voidprompt.errors.NansError`.
+
+    ``nan_check=False`` is A1111's ``--disable-nan-check``: neither the fallback nor the check runs.
 
     One image per decode is A1111's rule, and on a CPU also the faster one: a whole batch's
     full-resolution activations do not fit in the caches (measured on the miniature model at 128 px:
@@ -75,7 +85,11 @@ def decode_with_nan_fallback(vae: Any, z: Tensor) -> VaeDecode:
         dtype = vae_dtype(vae)
         with _without_autocast(z.device.type):
             out = vae.decode(z[index : index + 1].to(dtype)).sample
-        if dtype != torch.float32 and not bool(torch.isfinite(out).all()):
+        # A1111 quirk: its fallback is started by the NaN check's exception, so --disable-nan-check
+        # turns the fallback off too, and a half-precision VAE that overflows gives its black picture.
+        half = nan_check and dtype != torch.float32
+        finite = half and bool(torch.isfinite(out).all())
+        if half and not finite:
             bad = int((~torch.isfinite(out)).sum())
             message = (
                 f"VAE decode in {str(dtype).removeprefix('torch.')} produced {bad} NaN/inf values in image "
@@ -88,5 +102,7 @@ def decode_with_nan_fallback(vae: Any, z: Tensor) -> VaeDecode:
             first_redone = index
             with _without_autocast(z.device.type):
                 out = vae.decode(z[index : index + 1].to(torch.float32)).sample
+        if nan_check and not finite:  # an all-finite half decode has no NaN to find
+            check_for_nans(out, "vae", dtype=vae_dtype(vae))
         samples.append(out.float())
     return VaeDecode(torch.cat(samples), first_redone is not None, message, first_redone)

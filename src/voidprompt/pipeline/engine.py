@@ -8,7 +8,9 @@ infotext of each image.
 Precision (the components' :class:`~voidprompt.models.placement.PrecisionPolicy`): prompt encoding
 and sampling (UNet calls, and the VAE encodes of img2img and hires fix) run under the policy's
 autocast, as A1111's ``devices.autocast()`` blocks; the final VAE decode runs outside it in the
-VAE's own dtype, with A1111's float32 fallback (:func:`decode_latents`). On CUDA the UNet is fed
+VAE's own dtype, with A1111's float32 fallback (:func:`decode_latents`). As in A1111, NaN in the
+sampled latents or in a decoded image stops the request with :class:`~voidprompt.errors.NansError`
+unless ``disable_nan_check``. On CUDA the UNet is fed
 channels-last when its weights are stored so; ``Engine(..., compile=True)`` runs it through
 ``torch.compile`` (graphs are cached per input shape, so same-shape batches reuse them).
 
@@ -34,9 +36,10 @@ from PIL import Image
 from torch import Tensor
 
 from voidprompt.conditioning import CondSchedule, MultiCond
-from voidprompt.errors import DeviceError, InvalidRequestError, VoidpromptError
+from voidprompt.errors import InvalidRequestError, VoidpromptError
 from voidprompt.infotext import ImageFacts, ModelFacts, RunFacts, create_infotext, generation_params
 from voidprompt.models.components import Components
+from voidprompt.models.nans import check_for_nans
 from voidprompt.models.networks.manager import AppliedNetworks, NetworkManager
 from voidprompt.models.vae_decode import decode_with_nan_fallback
 from voidprompt.pipeline import hires as hires_fix
@@ -127,13 +130,15 @@ class Engine:
         lora_functional: bool = False,
         missing_networks: str = "warn",
         compile: bool = False,
+        disable_nan_check: bool = False,
     ) -> None:
         """``lora_dir`` / ``hypernet_dir`` are where ``<lora:name:...>`` / ``<hypernet:name:...>``
         tags are looked up. ``lora_functional`` applies LoRAs as forward hooks instead of merging
         them into the weights. ``missing_networks="warn"`` is A1111's behaviour for a tag whose file
         is not found (generate without it); ``"error"`` refuses the request instead. ``compile``
         runs the UNet through ``torch.compile`` (off by default: the first batch of each shape
-        pays for compiling it)."""
+        pays for compiling it). ``disable_nan_check`` is A1111's ``--disable-nan-check``: NaN outputs
+        are kept (black pictures), and the VAE's float32 fallback is off with the check."""
         self.components = components
         self.style_db = style_db
         self.encoder = PromptEncoder(components.text_encoder, components.tokenizer, embeddings)
@@ -143,6 +148,7 @@ class Engine:
         self.lora_functional = lora_functional
         self.missing_networks = missing_networks
         self.compile = compile
+        self.disable_nan_check = disable_nan_check
         self._compiled_unet: Any = None
         # The UNet module the current sampler pass calls (eager or compiled), chosen in _run.
         self._pass_unet: Any = components.unet
@@ -210,7 +216,7 @@ class Engine:
                 timings["sample"] += time.perf_counter() - t0
                 continue
             t1 = time.perf_counter()
-            pixels = decode_latents(self.components, latents)
+            pixels = decode_latents(self.components, latents, nan_check=not self.disable_nan_check)
             timings["sample"] += t1 - t0
             timings["decode"] += time.perf_counter() - t1
             self._add_images(result, plan, iteration, to_pil_images(pixels))
@@ -488,7 +494,7 @@ class Engine:
                 latents, request.hr_upscaler, target.upscale_height // factor, target.upscale_width // factor
             )
         else:
-            lowres = to_pil_images(decode_latents(components, latents))
+            lowres = to_pil_images(decode_latents(components, latents, nan_check=not self.disable_nan_check))
             upscaled = [
                 resize_image(0, im, target.upscale_width, target.upscale_height, upscaler=request.hr_upscaler)
                 for im in lowres
@@ -510,7 +516,8 @@ class Engine:
                     components, source, samples, seeds, mask_weight=request.inpainting_mask_weight
                 )
             elif request.inpainting_mask_weight < 1.0:
-                source = decode_latents(components, samples).to(self.device) * 2.0 - 1.0
+                nan_check = not self.disable_nan_check
+                source = decode_latents(components, samples, nan_check=nan_check).to(self.device) * 2.0 - 1.0
                 image_cond = inpainting_conditioning(
                     components, source, samples, seeds, mask_weight=request.inpainting_mask_weight
                 )
@@ -694,25 +701,21 @@ def latent_factor(components: Components) -> int:
 
 
 @torch.no_grad()
-def decode_latents(components: Components, latents: Tensor) -> Tensor:
+def decode_latents(components: Components, latents: Tensor, *, nan_check: bool = True) -> Tensor:
     """VAE decode to pixels in [0, 1], (B, 3, H, W) float32 on the CPU (A1111's decode + clamp).
 
-    A half-precision run first checks the latents, as A1111's ``test_for_nans(..., "unet")``: NaN or
-    inf there is the UNet overflowing, which no VAE can fix, so the batch fails with a
-    :class:`DeviceError` naming the precisions to use. Then a VAE decode that overflows is redone in
-    float32 and the VAE stays float32 from then on (``components.precision`` records it).
+    With ``nan_check`` (A1111's ``test_for_nans(samples, "unet")`` after sampling and its
+    ``decode_latent_batch(..., check_for_nans=True)``), NaN latents fail with A1111's Unet
+    :class:`~voidprompt.errors.NansError`, which no VAE can fix; then a VAE decode that overflows
+    half precision is redone in float32 and the VAE stays float32 from then on
+    (``components.precision`` records it), and a NaN decoded image fails with the VAE one. Without
+    it, the latents decode as they are.
     """
     policy = components.precision
-    if policy.is_half:
-        bad = int((~torch.isfinite(latents)).sum())
-        if bad:
-            raise DeviceError(
-                f"the UNet produced {bad} NaN/inf values of {latents.numel()} in {policy.name} (it "
-                "overflows half precision with this model or these settings); run with --precision fp32"
-                + (" or bf16" if policy.name != "bf16" else "")
-            )
+    if nan_check:
+        check_for_nans(latents, "unet", dtype=policy.weights)
     z = latents / components.scaling_factor
-    decoded = decode_with_nan_fallback(components.vae, z)
+    decoded = decode_with_nan_fallback(components.vae, z, nan_check=nan_check)
     if decoded.upcast and policy.vae != torch.float32:
         components.precision = policy.with_vae(torch.float32)
     return torch.clamp((decoded.sample + 1.0) / 2.0, min=0.0, max=1.0).cpu()
