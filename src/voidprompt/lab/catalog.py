@@ -120,11 +120,12 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def disk_full_stops(catalog_path: Path) -> Iterator[None]:
-    """Turn a full disk met while writing a catalog (or its images) into one :class:`DiskFullError`.
+def disk_full_stops(catalog_path: Path, retry: str = "run again to resume") -> Iterator[None]:
+    """Turn a full disk met while writing a catalog (or its images) into one :class:`DiskFullError`
+    ("disk full at PATH; free space and ``retry``").
 
     Nothing needs repairing afterwards: whichever write failed, the resumable protocol leaves the
-    catalog consistent, so freeing space and running again is all there is to do.
+    catalog consistent, so freeing space and trying again is all there is to do.
     """
     try:
         yield
@@ -133,7 +134,7 @@ def disk_full_stops(catalog_path: Path) -> Iterator[None]:
             raise
         filename = error.filename if isinstance(error, OSError) else None
         where = Path(os.fsdecode(filename)).parent if filename else catalog_path
-        raise DiskFullError(f"disk full at {where}; free space and run again to resume") from error
+        raise DiskFullError(f"disk full at {where}; free space and {retry}") from error
 
 
 def _now() -> str:

@@ -30,6 +30,7 @@ from voidprompt.errors import (
     VoidpromptError,
 )
 from voidprompt.imagemeta import ImageTooLargeError
+from voidprompt.lab.catalog import DiskFullError
 from voidprompt.server.auth import BasicAuthMiddleware
 from voidprompt.server.checkpoints import NotFoundError
 from voidprompt.server.limits import BodySizeLimitMiddleware, LimitError
@@ -59,6 +60,8 @@ def _status_for(error: Exception) -> int:
         return 404
     if isinstance(error, ReportUnavailableError):
         return 501
+    if isinstance(error, DiskFullError):
+        return 507
     if isinstance(error, CatalogBusyError | QueueFullError):
         return 409 if isinstance(error, CatalogBusyError) else 503
     if isinstance(error, ModelLoadError):
@@ -77,6 +80,7 @@ def _error_response(status: int, error: Exception) -> JSONResponse:
         422: "Unprocessable",
         501: "NotImplemented",
         503: "ServiceUnavailable",
+        507: "InsufficientStorage",
     }.get(status, type(error).__name__)
     # A1111's shape for errors raised in its API handlers; "detail" also satisfies FastAPI clients.
     return JSONResponse(

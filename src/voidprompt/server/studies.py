@@ -42,7 +42,7 @@ from typing import IO, Any
 from voidprompt import __version__
 from voidprompt.errors import StudyError
 from voidprompt.files import atomic_write_text
-from voidprompt.lab.catalog import Catalog, catalog_path_beside
+from voidprompt.lab.catalog import Catalog, catalog_path_beside, disk_full_stops
 from voidprompt.lab.labels import DEFAULT_CLASSES, HUMAN, effective_label, label_scheme
 from voidprompt.lab.report import build_report
 from voidprompt.lab.study import Study, load_study, parse_study
@@ -299,12 +299,13 @@ class StudyRegistry:
             raise StudyError(
                 f"label_class={label_class!r}: choose one of {', '.join(classes)} (or null to clear)"
             )
-        try:
-            catalog = Catalog.open(entry.catalog_path())
-        except StudyError as error:
-            raise CatalogBusyError(str(error)) from None
-        with catalog:
-            catalog.set_label(image_id, label_class, tags, source=source)
+        with disk_full_stops(entry.catalog_path(), retry="set the label again"):
+            try:
+                catalog = Catalog.open(entry.catalog_path())
+            except StudyError as error:
+                raise CatalogBusyError(str(error)) from None
+            with catalog:
+                catalog.set_label(image_id, label_class, tags, source=source)
 
     # --------------------------------------------------------------------------------------- runs
 
