@@ -261,3 +261,41 @@ def test_the_cli_with_disable_nan_check_saves_the_black_picture(
     with Image.open(saved[0]) as image:
         assert image.size == (32, 32) and not np.asarray(image).any()
         assert image.info["parameters"].startswith("a cat\n")
+
+
+# --------------------------------------------------------------------------------------------- lab
+
+
+def test_a_study_on_a_nan_model_marks_its_jobs_failed_and_stores_no_picture(
+    nan_checkpoint: Path, tmp_path: Path
+) -> None:
+    from voidprompt.lab.catalog import Catalog
+    from voidprompt.lab.run import run_study
+    from voidprompt.lab.study import parse_study
+
+    text = f"""
+[study]
+name = "nan"
+master_seed = 11
+[model]
+checkpoint = "{nan_checkpoint}"
+[settings]
+sampler_name = "Euler"
+steps = 2
+[prompt]
+positive = "a cat"
+[axes]
+size = "16x16, 32x16"
+seed = "2 random"
+[labels]
+labeler = "none"
+"""
+    study = parse_study(text, tmp_path / "nan.toml")
+    report = run_study(study, study.run.override(progress=False, batch_size=2))
+    assert (report.total, report.generated, report.batches) == (4, 0, 0)
+    assert len(report.failed) == 4
+    assert all(reason.startswith(UNET_MESSAGE) for reason in report.failed.values())
+    with Catalog.open(report.catalog_path, readonly=True) as catalog:
+        summary = catalog.summary()
+        assert (summary.jobs, summary.failed, summary.images) == (4, 4, 0)
+    assert not list(report.catalog_path.parent.rglob("*.png"))
