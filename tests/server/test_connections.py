@@ -142,3 +142,17 @@ def test_run_parameters_out_of_range_are_a_422(guarded: Any) -> None:
     with httpx.Client(base_url=guarded.url, timeout=5) as http:
         for params in ({"max_jobs": 10**30}, {"max_jobs": -1}, {"batch_size": 0}, {"batch_size": 10**30}):
             assert http.post("/voidprompt/v1/studies/ids/run", params=params).status_code == 422, params
+
+
+def test_serve_flags_set_the_connection_limits_and_refuse_non_positive_values() -> None:
+    from voidprompt.errors import VoidpromptError
+    from voidprompt.server.cli import _parser, build_config
+
+    config = build_config(
+        _parser().parse_args(["--no-miniature", "--max-connections", "32", "--header-timeout", "2.5"])
+    )
+    limits = config.limits  # type: ignore[attr-defined]
+    assert (limits.max_connections, limits.header_timeout) == (32, 2.5)
+    for argv in (["--max-connections", "0"], ["--header-timeout", "-1"], ["--header-timeout", "nan"]):
+        with pytest.raises(VoidpromptError, match=f"^{argv[0]} .*: give a positive number$"):
+            build_config(_parser().parse_args(["--no-miniature", *argv]))

@@ -19,6 +19,7 @@ keep-alive connection. A request being handled (a generation that takes minutes)
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import uvicorn
@@ -60,6 +61,7 @@ def uvicorn_config(
 
 def guarded_protocol(limits: Limits) -> type[H11Protocol]:
     """uvicorn's h11 protocol with the deadlines and the connection cap of ``limits``."""
+    refused = itertools.count(1)  # per server: a flood is logged once per thousand refusals
 
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -69,7 +71,13 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
             over = len(self.connections) >= limits.max_connections
             super().connection_made(transport)
             if over:
-                self.logger.warning("refused a connection: %d are open already", limits.max_connections)
+                count = next(refused)
+                if count % 1000 == 1:
+                    self.logger.warning(
+                        "refused a connection (%d so far): %d are open already (--max-connections)",
+                        count,
+                        limits.max_connections,
+                    )
                 self.transport.write(_BUSY)
                 self.transport.close()
                 return
