@@ -8,6 +8,7 @@ one to one. A request is frozen: derive variants with :func:`dataclasses.replace
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,19 @@ RNG_SOURCES = ("GPU", "CPU", "NV")
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 # Inpainting masked content (A1111 API inpainting_fill 0..3).
 INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
+
+# Hard limits on any request, whichever front end it comes from (a server may set lower ones).
+# A1111's UI sliders stop at 2048 pixels and 150 steps and its API has no limits; these leave room
+# for studies beyond the sliders while keeping one request's memory and time finite.
+
+# Characters in the prompt and the negative prompt together (and in the hires pair together).
+MAX_PROMPT_CHARS = 20_000
+# Pixels per side: an 8192x8192 picture has a 1024x1024 latent, far beyond what SD1 or SDXL can
+# draw.
+MAX_SIDE = 8192
+# Sampling steps, first and hires pass each: the model has 1000 training timesteps, so more steps
+# than that only repeat them.
+MAX_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -117,10 +131,21 @@ class GenerationRequest:
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the bad field, its value and the fix."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # NaN slips through every range check below (each comparison is False).
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidRequestError(f"{f.name}={value}: must be a finite number")
+        for pair in (("prompt", "negative_prompt"), ("hr_prompt", "hr_negative_prompt")):
+            check_prompt_chars(*(getattr(self, name) for name in pair), names=pair)
         for name in ("width", "height"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise InvalidRequestError(f"{name}={value!r}: must be a positive whole number of pixels")
+            if value > MAX_SIDE:
+                raise InvalidRequestError(
+                    f"{name}={value} is over the limit of {MAX_SIDE} pixels per side; use {MAX_SIDE} or less"
+                )
             if value % 8:
                 lower, upper = value - value % 8, value - value % 8 + 8
                 raise InvalidRequestError(
@@ -129,6 +154,12 @@ class GenerationRequest:
                 )
         if self.steps < 1:
             raise InvalidRequestError(f"steps={self.steps}: need at least 1 sampling step")
+        for name in ("steps", "hr_second_pass_steps"):
+            if getattr(self, name) > MAX_STEPS:
+                raise InvalidRequestError(
+                    f"{name}={getattr(self, name)} is over the limit of {MAX_STEPS} sampling steps; "
+                    f"use {MAX_STEPS} or fewer"
+                )
         if self.batch_size < 1 or self.n_iter < 1:
             raise InvalidRequestError(
                 f"batch_size={self.batch_size}, n_iter={self.n_iter}: both must be at least 1"
@@ -157,3 +188,20 @@ class GenerationRequest:
             raise InvalidRequestError(
                 f"comma_padding_backtrack={self.comma_padding_backtrack}: must be within 0..74"
             )
+
+
+def check_prompt_chars(
+    prompt: str,
+    negative_prompt: str,
+    *,
+    limit: int = MAX_PROMPT_CHARS,
+    names: tuple[str, str] = ("prompt", "negative_prompt"),
+) -> None:
+    """Refuse a prompt pair over ``limit`` characters together: every way a prompt arrives (a
+    request, an infotext, a study) is held to the same count, and a server may pass a lower limit."""
+    total = len(prompt) + len(negative_prompt)
+    if total > limit:
+        raise InvalidRequestError(
+            f"{names[0]} and {names[1]} are {total} characters together, over the limit of {limit}; "
+            "shorten them"
+        )

@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
+from voidprompt.errors import InfotextError
 from voidprompt.infotext import request_fields_from_infotext
 from voidprompt.request import GenerationRequest
 from voidprompt.server.generation import Options, build_request
-from voidprompt.server.limits import Limits
+from voidprompt.server.limits import LimitError, Limits
 from voidprompt.server.models import Txt2ImgRequest
 
 OLD = (
@@ -49,3 +50,20 @@ def test_version_switches_reach_the_request(version: str, on: set[str]) -> None:
     # The server takes exactly what the infotext mapping gives.
     fields = request_fields_from_infotext(text)
     assert {name for name in SWITCHES if fields.get(name)} == on
+
+
+def test_a_huge_infotext_is_refused_before_it_is_parsed() -> None:
+    with pytest.raises(InfotextError, match=r"^the infotext is 4000000 characters, over the limit of 80000"):
+        _built(infotext="a " * 2_000_000)
+
+
+def test_the_server_prompt_limit_holds_for_a_prompt_from_the_infotext() -> None:
+    limits = Limits(max_prompt_chars=50)
+    text = "x" * 40 + "\nNegative prompt: " + "y" * 11 + "\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64"
+    with pytest.raises(LimitError, match="over this server's limit of 50 characters"):
+        build_request(Txt2ImgRequest(infotext=text), Options(), limits)
+    with pytest.raises(LimitError, match="over this server's limit of 50 characters"):
+        build_request(Txt2ImgRequest(prompt="x" * 40, negative_prompt="y" * 11), Options(), limits)
+    # The client's own prompt replaces the infotext's, and the pair then fits.
+    built = build_request(Txt2ImgRequest(infotext=text, negative_prompt="short"), Options(), limits)
+    assert (built.request.prompt, built.request.negative_prompt) == ("x" * 40, "short")

@@ -17,16 +17,23 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from voidprompt.errors import PromptError
+from voidprompt.errors import InfotextError, InvalidRequestError, PromptError
 from voidprompt.infotext.versions import backcompat_flags
 from voidprompt.prompts.parse import is_break, parse_prompt_attention
+from voidprompt.request import MAX_PROMPT_CHARS, check_prompt_chars
 
 __all__ = [
+    "MAX_INFOTEXT_CHARS",
     "old_hires_fix_first_pass_dimensions",
     "parse_generation_parameters",
     "prompt_uses_emphasis",
     "unquote",
 ]
+
+# The longest infotext read, checked before any parsing. A request's infotext holds its prompt pair
+# (MAX_PROMPT_CHARS together, as written), the hires pair JSON-quoted (escaped quotes, backslashes
+# and newlines double at most) and the parameter line with its network hashes.
+MAX_INFOTEXT_CHARS = 4 * MAX_PROMPT_CHARS
 
 
 def unquote(text: str) -> str:
@@ -55,10 +62,30 @@ _PAIR = re.compile(
     re.VERBOSE,
 )
 _WXH = re.compile(r"(\d+)x(\d+)")
+# From a failed start: the white space and the run of key characters the key would have spanned.
+_KEY_RUN = re.compile(r"\s*\w[\w /-]*")
 
 
 def _pairs(line: str) -> list[tuple[str, str]]:
-    return [(m.group("key"), m.group("value")) for m in _PAIR.finditer(line)]
+    """The pairs ``_PAIR.finditer`` finds, in time linear in the line's length.
+
+    finditer retries a failed match one character later, and each try scans the whole run of key
+    characters again: quadratic on a long line without a colon (a 20,000-character prompt took
+    seconds). A try fails only when the run of key characters after its white space is one character
+    long or does not end in a colon (the value part always matches), and every later start inside
+    that run sees the same run end, so the next start worth trying is the run's end.
+    """
+    pairs = []
+    pos, end = 0, len(line)
+    while pos < end:
+        match = _PAIR.match(line, pos)
+        if match is not None:
+            pairs.append((match.group("key"), match.group("value")))
+            pos = match.end()
+            continue
+        run = _KEY_RUN.match(line, pos)
+        pos = max(pos + 1, run.end()) if run is not None else pos + 1
+    return pairs
 
 
 def parse_generation_parameters(
@@ -74,6 +101,11 @@ def parse_generation_parameters(
     of that name. Version-based compatibility flags are added as A1111 does (see
     :func:`voidprompt.infotext.versions.backcompat_flags`).
     """
+    if len(text) > MAX_INFOTEXT_CHARS:
+        raise InfotextError(
+            f"the infotext is {len(text)} characters, over the limit of {MAX_INFOTEXT_CHARS} "
+            f"(prompts are limited to {MAX_PROMPT_CHARS} characters); shorten its prompts"
+        )
     res: dict[str, Any] = {}
     *lines, last = text.strip().split("\n")
     # The last line is the parameter line only if it holds at least three pairs.
@@ -92,6 +124,11 @@ def parse_generation_parameters(
         (negative_lines if in_negative else prompt_lines).append(line)
     prompt = "\n".join(prompt_lines)
     negative_prompt = "\n".join(negative_lines)
+    try:
+        # Before the emphasis parser reads them: the same limit as a prompt sent any other way.
+        check_prompt_chars(prompt, negative_prompt)
+    except InvalidRequestError as error:
+        raise InfotextError(f"the infotext's {error}") from None
 
     for key, value in _pairs(last):
         # A1111 quirk: an empty unquoted value still counts; a value that merely starts and ends

@@ -237,17 +237,19 @@ def build_request(
         )
     if body.firstpass_image:
         raise InvalidRequestError("firstpass_image: not supported; send a plain txt2img request")
-    if len(body.prompt) + len(body.negative_prompt) > limits.max_prompt_chars:
-        raise LimitError(
-            f"prompt and negative prompt are over this server's limit of {limits.max_prompt_chars} characters"
-        )
 
     api = _api_fields(body, img2img)
     merged = request_fields_from_options(options.snapshot())
     merged.update({k: v for k, v in api.items() if k not in explicit})
     if body.infotext:
+        # The infotext parser refuses an over-long text before reading it.
         merged.update(request_fields_from_infotext(body.infotext))
     merged.update({k: v for k, v in api.items() if k in explicit or _always_from_api(k, explicit)})
+    # After the merge: the prompts may come from the fields or from the infotext.
+    if len(merged.get("prompt", "")) + len(merged.get("negative_prompt", "")) > limits.max_prompt_chars:
+        raise LimitError(
+            f"prompt and negative prompt are over this server's limit of {limits.max_prompt_chars} characters"
+        )
     if not img2img and not merged.get("enable_hr"):
         # txt2img without hires: clients (webuiapi) send denoising_strength anyway; A1111 ignores it.
         merged["denoising_strength"] = None
@@ -414,6 +416,7 @@ class ModelHost:
         precision: PrecisionPolicy | None = None,
         engine_factory: Callable[[Any], Engine] | None = None,
         networks: NetworkFolders | None = None,
+        disable_nan_check: bool = False,
     ) -> None:
         """``device`` is resolved here (:class:`~voidprompt.errors.DeviceError` when it does not
         exist); ``precision`` defaults to ``auto`` on it."""
@@ -423,6 +426,7 @@ class ModelHost:
         self.device = resolve_device(device)
         self.precision = precision or resolve_precision("auto", self.device)
         self.networks = networks or NetworkFolders()
+        self.disable_nan_check = disable_nan_check
         self.engine_factory = engine_factory or self.make_engine
         self.selected: CheckpointEntry | None = registry.checkpoints[0] if registry.checkpoints else None
         self.selected_vae: str = "Automatic"
@@ -438,6 +442,7 @@ class ModelHost:
             embeddings=networks.embedding_database(components.tokenizer, width),
             lora_dir=networks.lora_dir,
             hypernet_dir=networks.hypernetwork_dir,
+            disable_nan_check=self.disable_nan_check,
         )
 
     def reload_embeddings(self) -> None:

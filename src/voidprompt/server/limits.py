@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from voidprompt.request import MAX_PROMPT_CHARS
+
 __all__ = ["BodySizeLimitMiddleware", "LimitError", "Limits"]
 
 
@@ -28,7 +30,7 @@ class Limits:
     max_images: int = 100  # batch_size * n_iter
     max_body_bytes: int = 64 * 1024 * 1024  # a few base64 init images and a mask
     max_input_pixels: int = 4096 * 4096  # decoded init images / masks / png-info uploads
-    max_prompt_chars: int = 20_000
+    max_prompt_chars: int = MAX_PROMPT_CHARS  # a server may lower it; requests never exceed it
     max_queued: int = 64
     # A1111's slider stops at 30; far beyond 100 the output is saturated noise and inf/NaN poison it.
     max_cfg_scale: float = 100.0
