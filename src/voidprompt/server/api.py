@@ -5,7 +5,9 @@ surface; this module builds the app around them (error answers, middleware, the 
 Errors: every :class:`voidprompt.errors.VoidpromptError` becomes a 4xx JSON answer in A1111's
 error shape (``{"error", "detail", "body", "errors"}``) with the message naming the valid choices;
 pydantic validation errors stay FastAPI's 422. Nothing a client sends can produce a 500 on
-purpose; an unexpected exception is logged and answered 500 without internals.
+purpose; an unexpected exception is logged and answered 500 without internals. The one exception
+is A1111's own: a generation that produced NaN is its 500 ``"error": "NansException"``, which its
+clients recognise.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from voidprompt.errors import (
     InfotextError,
     InvalidRequestError,
     ModelLoadError,
+    NansError,
     PromptError,
     StudyError,
     VoidpromptError,
@@ -66,6 +69,8 @@ def _status_for(error: Exception) -> int:
         return 409 if isinstance(error, CatalogBusyError) else 503
     if isinstance(error, ModelLoadError):
         return 422
+    if isinstance(error, NansError):
+        return 500
     if isinstance(error, InvalidRequestError | PromptError | InfotextError | StudyError | VoidpromptError):
         return 400
     return 500
@@ -81,7 +86,7 @@ def _error_response(status: int, error: Exception) -> JSONResponse:
         501: "NotImplemented",
         503: "ServiceUnavailable",
         507: "InsufficientStorage",
-    }.get(status, type(error).__name__)
+    }.get(status, "NansException" if isinstance(error, NansError) else type(error).__name__)
     # A1111's shape for errors raised in its API handlers; "detail" also satisfies FastAPI clients.
     return JSONResponse(
         status_code=status, content={"error": kind, "detail": str(error), "body": "", "errors": str(error)}

@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         help="auto: fp16 under autocast on CUDA (A1111's), fp32 elsewhere; bf16 only when asked",
     )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--disable-nan-check",
+        action="store_true",
+        help="keep NaN output (a black picture) instead of failing, as A1111's flag; the VAE's fp32 "
+        "fallback is off with it",
+    )
     p.add_argument("--nowebui", action="store_true", help="API only, no web UI")
     p.add_argument("--max-pixels", type=int, help="max width*height per image")
     p.add_argument("--max-steps", type=int)
@@ -152,6 +158,7 @@ def build_config(args: argparse.Namespace) -> object:
         device=args.device,
         precision=args.precision,
         threads=args.threads,
+        disable_nan_check=args.disable_nan_check,
         ui=not args.nowebui,
     )
 

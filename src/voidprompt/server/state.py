@@ -40,6 +40,7 @@ class ServerConfig:
     device: str = "cpu"
     precision: str = "auto"  # models.placement.resolve_precision's names
     threads: int | None = None
+    disable_nan_check: bool = False  # A1111's --disable-nan-check: keep NaN output (black pictures)
     ui: bool = True
 
 
@@ -62,6 +63,7 @@ class App:
             device=device,
             precision=resolve_precision(config.precision, device),
             networks=self.networks,
+            disable_nan_check=config.disable_nan_check,
         )
         if config.default_model:
             self.host.select(config.default_model)
