@@ -1,17 +1,22 @@
-"""A full disk under the server's catalog writes: a 507 naming the place, not a 500."""
+"""A full disk under the server's writes (labels, --outdir images): a 507 naming the place, not a 500."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from voidprompt.files import atomic_write_bytes
-from voidprompt.lab.catalog import Catalog
+from voidprompt.lab.catalog import Catalog, DiskFullError
 from voidprompt.lab.study import parse_study
 
 
@@ -47,3 +52,23 @@ def test_a_label_write_on_a_full_disk_is_a_507_naming_the_catalog(
     assert answer.json()["detail"] == f"disk full at {catalog}; free space and set the label again"
     monkeypatch.undo()
     assert httpx.put(url, json={"label_class": "defective"}, timeout=10).status_code == 200
+
+
+def test_saving_generated_images_on_a_full_disk_is_a_disk_full_error_naming_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voidprompt.server.api import _status_for
+    from voidprompt.server.routes import sdapi_generation
+
+    folder = tmp_path / "txt2img-images"
+
+    def full(image: Any, where: Path, *_args: Any, **_kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where / ".partial-1-00000-7.png.tmp"))
+
+    monkeypatch.setattr(sdapi_generation, "save_numbered", full)
+    state = SimpleNamespace(config=SimpleNamespace(outdir=tmp_path))
+    result = SimpleNamespace(images=[Image.new("RGB", (8, 8))], infotexts=["a"], seeds=[7])
+    with pytest.raises(DiskFullError) as caught:
+        sdapi_generation._save_images(state, "txt2img", SimpleNamespace(result=result))  # type: ignore[arg-type]
+    assert str(caught.value) == f"disk full at {folder}; free space and generate again"
+    assert _status_for(caught.value) == 507

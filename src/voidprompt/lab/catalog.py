@@ -120,9 +120,10 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def disk_full_stops(catalog_path: Path, retry: str = "run again to resume") -> Iterator[None]:
+def disk_full_stops(path: Path, retry: str = "run again to resume") -> Iterator[None]:
     """Turn a full disk met while writing a catalog (or its images) into one :class:`DiskFullError`
-    ("disk full at PATH; free space and ``retry``").
+    ("disk full at PATH; free space and ``retry``"). PATH is the folder of the file that failed,
+    else ``path`` (SQLite's errors name no file).
 
     Nothing needs repairing afterwards: whichever write failed, the resumable protocol leaves the
     catalog consistent, so freeing space and trying again is all there is to do.
@@ -133,7 +134,7 @@ def disk_full_stops(catalog_path: Path, retry: str = "run again to resume") -> I
         if not is_disk_full(error):
             raise
         filename = error.filename if isinstance(error, OSError) else None
-        where = Path(os.fsdecode(filename)).parent if filename else catalog_path
+        where = Path(os.fsdecode(filename)).parent if filename else path
         raise DiskFullError(f"disk full at {where}; free space and {retry}") from error
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from voidprompt.imagemeta import read_infotext, save_numbered
 from voidprompt.infotext import parse_generation_parameters
+from voidprompt.lab.catalog import disk_full_stops
 from voidprompt.server import models as m
 from voidprompt.server.generation import (
     BuiltRequest,
@@ -142,8 +143,10 @@ def _save_images(state: App, kind: str, generated: Generated) -> None:
         log.info("save_images ignored: start the server with --outdir to save images")
         return
     folder = state.config.outdir / f"{kind}-images"
-    folder.mkdir(parents=True, exist_ok=True)
-    for image, text, seed in zip(
-        generated.result.images, generated.result.infotexts, generated.result.seeds, strict=True
-    ):
-        save_numbered(image, folder, str(seed), text)
+    # A full disk is a 507 naming the folder, not a 500.
+    with disk_full_stops(folder, retry="generate again"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for image, text, seed in zip(
+            generated.result.images, generated.result.infotexts, generated.result.seeds, strict=True
+        ):
+            save_numbered(image, folder, str(seed), text)
