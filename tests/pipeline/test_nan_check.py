@@ -113,6 +113,17 @@ def test_the_unet_is_checked_once_after_the_last_step(poisoned: Components) -> N
     assert fractions == [1.0] * 4
 
 
+def test_hires_fix_stops_at_the_first_pass_decode(poisoned: Components) -> None:
+    # A1111 decodes the first pass for a pixel upscaler with the check on: the hires pass never runs.
+    with torch.no_grad():
+        poisoned.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    request = REQUEST.replace(enable_hr=True, hr_upscaler="Lanczos", hr_scale=2, hr_second_pass_steps=3)
+    with nan_fractions(poisoned.unet) as fractions, pytest.raises(NansError) as error:
+        Engine(poisoned).generate(request)
+    assert _one_line(error).startswith(UNET_MESSAGE)
+    assert len(fractions) == REQUEST.steps
+
+
 def test_disable_nan_check_keeps_a1111s_black_picture(poisoned: Components) -> None:
     with torch.no_grad():
         poisoned.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
