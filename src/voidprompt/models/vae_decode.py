@@ -87,9 +87,9 @@ def decode_with_nan_fallback(vae: Any, z: Tensor, *, nan_check: bool = True) -> 
             out = vae.decode(z[index : index + 1].to(dtype)).sample
         # A1111 quirk: its fallback is started by the NaN check's exception, so --disable-nan-check
         # turns the fallback off too, and a half-precision VAE that overflows gives its black picture.
-        half = nan_check and dtype != torch.float32
-        finite = half and bool(torch.isfinite(out).all())
-        if half and not finite:
+        may_fall_back = nan_check and dtype != torch.float32
+        finite = may_fall_back and bool(torch.isfinite(out).all())
+        if may_fall_back and not finite:
             bad = int((~torch.isfinite(out)).sum())
             message = (
                 f"VAE decode in {str(dtype).removeprefix('torch.')} produced {bad} NaN/inf values in image "
