@@ -353,6 +353,10 @@ class StudyRegistry:
             handle.process.terminate()
             code = handle.process.wait(timeout)
             how = f"did not stop within {timeout:g} s of SIGINT and was terminated"
+        if handle.reader is not None:
+            # Its last lines are in the pipe still; a worker process it left behind may hold the
+            # pipe open, hence the bound.
+            handle.reader.join(2.0)
         log.info(
             "study %s: run %s (exit code %s); its finished images are kept, run it again to resume",
             entry.id,
