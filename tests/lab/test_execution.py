@@ -183,7 +183,7 @@ def test_run_sized_yields_each_sampler_run(tiny_checkpoint: Path, tmp_path: Path
 
 
 def test_planned_batches_follow_the_device() -> None:
-    study = parse_study("", "s.toml")
+    study = parse_study("[study]", "s.toml")
     assert study.run.batch_size is None
     assert study.run.batch_cap(on_gpu=False) == DEFAULT_BATCH_SIZE
     assert study.run.batch_cap(on_gpu=True) == GPU_BATCH_CAP  # free memory sizes the sampler runs
@@ -249,7 +249,7 @@ def test_device_keys_and_flags(tmp_path: Path) -> None:
     # Flags left out keep the file's values; given ones win.
     over = run.override(device=None, precision="fp32", compile=False, deterministic=None)
     assert (over.device, over.precision, over.compile, over.deterministic) == ("cuda:1", "fp32", False, True)
-    assert Placement.from_options(parse_study("", tmp_path / "e.toml").run).device_name == "cpu"
+    assert Placement.from_options(parse_study("[study]", tmp_path / "e.toml").run).device_name == "cpu"
     for bad, pattern in [
         ('precision = "half"', r"\[run\] precision: 'half': choose auto or fp32 or fp16 or bf16"),
         ("compile = 1", r"\[run\] compile: 1: write true or false, e\.g\. compile = true"),

@@ -48,10 +48,10 @@ def test_a_study_cannot_name_code_to_import(name: str) -> None:
 def test_a_named_models_labeler_and_classes_are_the_studys_defaults(tmp_path: Path) -> None:
     plugins = _plugins(tmp_path / "m.safetensors")
     # No [model]: the registered default model, pre-labelled by its labeler with its classes.
-    assert label_scheme(parse_study("", tmp_path / "s.toml"), plugins) == label_scheme(
+    assert label_scheme(parse_study("[study]", tmp_path / "s.toml"), plugins) == label_scheme(
         parse_study('[model]\ncheckpoint = "mine"', tmp_path / "s.toml"), plugins
     )
-    scheme = label_scheme(parse_study("", tmp_path / "s.toml"), plugins)
+    scheme = label_scheme(parse_study("[study]", tmp_path / "s.toml"), plugins)
     assert (scheme.classes, scheme.labeler) == (("one", "many"), "shapes")
     # A model given as a file has no labeler of its own: the study brief's classes, no pre-labels.
     on_file = parse_study('[model]\ncheckpoint = "other.safetensors"', tmp_path / "s.toml")

@@ -22,8 +22,8 @@ from voidprompt.lab.study import parse_study
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "study-format.md"
 
 
-def test_an_empty_study_has_every_default(tmp_path: Path) -> None:
-    study = parse_study("", tmp_path / "empty.toml")
+def test_a_study_of_one_empty_table_has_every_default(tmp_path: Path) -> None:
+    study = parse_study("[study]\n", tmp_path / "empty.toml")
     assert (study.name, study.description) == ("empty", "")
     # The master seed derives from the name: sha256("voidprompt study <name>"), first 4 bytes.
     digest = hashlib.sha256(b"voidprompt study empty").digest()

@@ -149,7 +149,8 @@ def test_size_table_for_the_miniature_world() -> None:
         ("[axes]\nsteps = '10-1'", r"gives no values .*negative step"),
         ("[axes]\nsize = '4:3 @ big'", r"\[axes\] size: '4:3 @ big' is not a size"),
         ("[prompt]\nnegative = '(a:{w})'\n[variables]\nW = 1", r"\{w\} has no value; did you mean \{W\}"),
-        ("[settings]\nwidth = 500", r"not a valid request: width=500 is not a multiple of 8"),
+        ("[settings]\nwidth = 500", r"s\.toml: \[settings\]: width=500 is not a multiple of 8"),
+        ("[axes]\nsize = '512x500'", r"not a valid request: height=500 is not a multiple of 8"),
         ("[axes]\nsampler = 'Euler, Euler b'", r"not a valid request: .*Euler b.*Euler a"),
         ("[settings]\nscheduler = 'Cosine'", r"not a valid request: .*Cosine.*Karras"),
         (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import random
 import re
 from collections.abc import Iterable
@@ -20,9 +21,13 @@ import numpy as np
 
 from voidprompt.errors import StudyError
 from voidprompt.lab.sizes import aspect512, nai_buckets
+from voidprompt.request import MAX_SIDE
 
 # A1111 draws random seeds with random.randrange(4294967294) (xyz_grid fix_axis_seeds).
 SEED_SPAN = 4294967294
+# The most jobs one study file expands to, and so the most values one axis may hold; counted from
+# the axes' lengths before any value list or job is built. Beyond it, split the study into files.
+MAX_JOBS = 100_000
 
 _INT = r"[+-]?\s*\d+"
 _FLOAT = r"[+-]?\s*\d+(?:\.\d*)?"
@@ -61,6 +66,28 @@ def _as_items(values: str | Iterable[object]) -> list[object]:
     return list(values)
 
 
+def _check_count(have: int, adding: int, text: object) -> None:
+    """Refuse an item that would take an axis past MAX_JOBS values, before its values are made."""
+    if have + adding > MAX_JOBS:
+        raise StudyError(
+            f"{text!r} makes {have + adding} values, over the limit of {MAX_JOBS} jobs per study file; "
+            "split the study into several files with fewer values each"
+        )
+
+
+def _range_length(start: int, stop: int, step: int) -> int:
+    # len(range(...)) without building it (and without len()'s OverflowError past sys.maxsize).
+    if step > 0:
+        return max(0, (stop - start + step - 1) // step)
+    return max(0, (start - stop - step - 1) // -step)
+
+
+def _finite(value: float, text: object) -> float:
+    if not math.isfinite(value):
+        raise StudyError(f"{text!r} is not a finite number; write an ordinary number such as 7.5")
+    return value
+
+
 def parse_int_values(values: str | Iterable[object]) -> list[int]:
     """Int axis: ``1-5`` (inclusive), ``1-10 (+2)``, ``10-1 (-3)``, ``1-10 [5]``, plain items."""
     out: list[int] = []
@@ -83,10 +110,12 @@ def parse_int_values(values: str | Iterable[object]) -> list[int]:
                 raise StudyError(f"{text!r}: a step of 0 never ends; use (+1) or (-1)")
             # A1111 quirk: the end is made inclusive with end+1 even for negative steps, so
             # "10-1 (-3)" gives 10, 7, 4 (not 1), and "10-1" with the default +1 gives nothing.
+            _check_count(len(out), _range_length(start, end + 1, step), text)
             out.extend(range(start, end + 1, step))
         elif count_match:
             start, end = int(_number(count_match[1])), int(_number(count_match[2]))
             count = int(count_match[3]) if count_match[3] else 1
+            _check_count(len(out), count, text)
             # A1111 quirk: linspace values are truncated with int(), not rounded.
             out.extend(int(v) for v in np.linspace(start, end, count).tolist())
         else:
@@ -106,30 +135,33 @@ def parse_float_values(values: str | Iterable[object]) -> list[float]:
         if isinstance(item, bool):
             raise StudyError(f"{item!r} is not a number")
         if isinstance(item, int | float):
-            out.append(float(item))
+            out.append(_finite(float(item), item))
             continue
         text = str(item)
         step_match = _FLOAT_STEP.fullmatch(text)
         count_match = _FLOAT_COUNT.fullmatch(text)
         if step_match:
-            start, end = float(_number(step_match[1])), float(_number(step_match[2]))
-            step = float(step_match[3]) if step_match[3] else 1.0
+            start, end = (_finite(float(_number(step_match[i])), text) for i in (1, 2))
+            step = _finite(float(step_match[3]), text) if step_match[3] else 1.0
             if step == 0:
                 raise StudyError(f"{text!r}: a step of 0 never ends; use e.g. (+0.1)")
             # A1111 quirk: np.arange(start, end + step, step) - float steps can overshoot the end
             # ("0.1-1.0 (+0.2)" ends at 1.1) and carry binary noise (0.30000000000000004).
+            _check_count(len(out), max(0, math.ceil((end + step - start) / step)), text)
             out.extend(np.arange(start, end + step, step).tolist())
         elif count_match:
-            start, end = float(_number(count_match[1])), float(_number(count_match[2]))
+            start, end = (_finite(float(_number(count_match[i])), text) for i in (1, 2))
             count = int(count_match[3]) if count_match[3] else 1
+            _check_count(len(out), count, text)
             out.extend(np.linspace(start, end, count).tolist())
         else:
             try:
-                out.append(float(text))
+                value = float(text)
             except ValueError:
                 raise StudyError(
                     f"{text!r} is not a number or a range; write e.g. 7.5, 0.5-1.5 [5] or 0.1-1.0 (+0.2)"
                 ) from None
+            out.append(_finite(value, text))
     return out
 
 
@@ -158,16 +190,21 @@ def parse_auto_values(values: str | Iterable[object]) -> list[object]:
     out: list[object] = []
     for item in _as_items(values):
         if isinstance(item, int | float) and not isinstance(item, bool):
-            out.append(item)
+            out.append(_finite(item, item) if isinstance(item, float) else item)
             continue
         text = str(item)
         if _FLOAT_STEP.fullmatch(text) or _FLOAT_COUNT.fullmatch(text):
-            out.extend(parse_float_values([text]))
+            numbers = parse_float_values([text])
+            _check_count(len(out), len(numbers), text)
+            out.extend(numbers)
         else:
             try:
-                out.append(float(text))
+                number = float(text)
             except ValueError:
                 out.append(text)
+            else:
+                # "nan" or "inf" read as a number would reach the prompt as "nan" or "inf".
+                out.append(_finite(number, text))
     return out
 
 
@@ -182,20 +219,41 @@ def parse_seed_values(values: str | Iterable[object], master_seed: int, purpose:
 
     A1111 replaces -1 and empty seeds with fresh random ones each run; drawing them from the
     study's recorded master seed instead keeps the expansion - and so resume - deterministic.
+    Random seeds never repeat a seed the axis already holds: a draw that does is dropped and the
+    next one taken, so axes whose draws were all distinct keep exactly the seeds they always had.
     """
     rng = derived_rng(master_seed, purpose)
     out: list[int] = []
+    seen: set[int] = set()
+
+    def draw() -> int:
+        if len(seen) >= SEED_SPAN:
+            raise StudyError(f"no unused seed is left among the {SEED_SPAN} random seeds")
+        seed = rng.randrange(SEED_SPAN)
+        while seed in seen:
+            seed = rng.randrange(SEED_SPAN)
+        return seed
+
+    def add(seed: int) -> None:
+        out.append(seed)
+        seen.add(seed)
+
     for item in _as_items(values):
         if isinstance(item, str):
             match = _RANDOM_SEEDS.fullmatch(item)
             if match:
-                out.extend(rng.randrange(SEED_SPAN) for _ in range(int(match[1])))
+                _check_count(len(out), int(match[1]), item)
+                for _ in range(int(match[1])):
+                    add(draw())
                 continue
             if item.strip() == "":
-                out.append(rng.randrange(SEED_SPAN))
+                _check_count(len(out), 1, item)
+                add(draw())
                 continue
-        for seed in parse_int_values([item]):
-            out.append(rng.randrange(SEED_SPAN) if seed == -1 else seed)
+        seeds = parse_int_values([item])
+        _check_count(len(out), len(seeds), item)
+        for seed in seeds:
+            add(draw() if seed == -1 else seed)
     return out
 
 
@@ -224,24 +282,35 @@ def parse_size_values(values: str | Iterable[object], base: int = 512, unit: int
         explicit = _EXPLICIT_SIZE.fullmatch(text)
         aspect = _ASPECT_SIZE.fullmatch(text)
         buckets = _NAI_BUCKETS.fullmatch(text)
+        sizes: list[tuple[int, int]]
         if explicit:
-            out.append(SizeValue(int(explicit[1]), int(explicit[2]), text))
+            sizes = [(int(explicit[1]), int(explicit[2]))]
         elif aspect:
             w, h = float(aspect[1]), float(aspect[2])
             area = float(aspect[3]) if aspect[3] else 1.0
-            width, height = aspect512(w, h, area=area, base=base, unit=unit)
-            out.append(SizeValue(width, height, text))
+            sizes = [aspect512(w, h, area=area, base=base, unit=unit)]
         elif buckets:
+            if base * 2 > MAX_SIDE or unit < 8:
+                # The bucket search walks every pair of sides from base/2 to 2 base in units.
+                raise StudyError(
+                    f"{text!r} with base={base}, unit={unit}: nai buckets need base <= {MAX_SIDE // 2} "
+                    f"(sides reach 2 x base, at most {MAX_SIDE} pixels) and unit >= 8"
+                )
             max_area = int(buckets[1]) * int(buckets[2]) if buckets[1] else base * base * 3 // 2
-            for width, height in nai_buckets(
-                max_area=max_area, min_dim=base // 2, max_dim=base * 2, step=unit
-            ):
-                out.append(SizeValue(width, height, text))
+            sizes = nai_buckets(max_area=max_area, min_dim=base // 2, max_dim=base * 2, step=unit)
         else:
             raise StudyError(
                 f"{text!r} is not a size; write 512x768, an aspect ratio and area like 4:3 @ 1.5, "
                 "or nai buckets"
             )
+        for width, height in sizes:
+            if max(width, height) > MAX_SIDE:
+                raise StudyError(
+                    f"{text!r} gives {width}x{height}: a side is over the limit of {MAX_SIDE} pixels; "
+                    "use a smaller size or area"
+                )
+        _check_count(len(out), len(sizes), text)
+        out.extend(SizeValue(width, height, text) for width, height in sizes)
     return out
 
 
@@ -265,6 +334,12 @@ def prompt_matrix(text: str, *, put_at_start: bool = False, delimiter: str = ", 
     """
     parts = text.split("|")
     first, optional = parts[0], parts[1:]
+    most = MAX_JOBS.bit_length() - 1  # 2**most <= MAX_JOBS
+    if len(optional) > most:
+        raise StudyError(
+            f"{len(optional)} optional parts make 2^{len(optional)} prompts, over the limit of {MAX_JOBS} "
+            f"jobs per study file; use at most {most} optional parts"
+        )
     prompts = []
     for combination in range(2 ** len(optional)):
         chosen = [part.strip().strip(",") for k, part in enumerate(optional) if combination & (1 << k)]
@@ -281,4 +356,5 @@ def read_prompts_file(path: Path) -> list[str]:
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise StudyError(f"the prompts file {str(path)!r} has no prompts; write one prompt per line")
+    _check_count(0, len(prompts), f"the prompts file {path}")
     return prompts

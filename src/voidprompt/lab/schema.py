@@ -17,6 +17,7 @@ import difflib
 import functools
 import hashlib
 import itertools
+import math
 import re
 import tomllib
 import types
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voidprompt.errors import StudyError
+from voidprompt.errors import InvalidRequestError, StudyError
 from voidprompt.lab import axes as ax
 from voidprompt.models.placement import PRECISIONS
 from voidprompt.request import GenerationRequest
@@ -44,6 +45,10 @@ WORKERS_AUTO = "auto"  # [run] workers: one worker process per CPU core this pro
 DEFAULT_CLASSES = ("Pattern", "Object or Scenery", "Malformed human", "Legit human")
 NO_LABELER = "none"
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A placeholder where the prompt language reads a number: an emphasis weight "(tag:{W})", a
+# schedule step "[a:b:{W}]" or a network multiplier "<lora:name:{W}>". A word there is no error in
+# the prompt language, just a different prompt ("(lowres:heavy)" is the text "lowres:heavy").
+NUMBER_PLACEHOLDER = re.compile(r":\s*\{([A-Za-z_][A-Za-z0-9_]*)\}\s*[)\]>]")
 
 # Request fields a study may not set: jobs are one image each (the runner batches them), the
 # prompts live in [prompt], and images / masks / free-form extras are not txt2img settings.
@@ -278,6 +283,20 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _reads_as_number(value: Any) -> bool:
+    """A number, or text that is one ("1.1"): what may stand where the prompt language reads one."""
+    if isinstance(value, str):
+        try:
+            return math.isfinite(float(value))
+        except ValueError:
+            return False
+    return _is_finite_number(value)
+
+
 def _whole(minimum: int, example: str) -> Read:
     def read(value: Any) -> int:
         if not _is_int(value) or value < minimum:
@@ -343,6 +362,8 @@ def _prompt_step(value: Any) -> str:
     tags, weight = value.get("tags"), value.get("weight", "{W}")
     if not isinstance(tags, str) or not isinstance(weight, str | int | float) or isinstance(weight, bool):
         raise _Invalid(fix)
+    if not (_reads_as_number(weight) or (isinstance(weight, str) and PLACEHOLDER.fullmatch(weight.strip()))):
+        raise _Invalid(f"weight={weight!r} is not a number; write a number or a {{variable}}, e.g. {fix}")
     return weight_tags(tags, format_value(weight))
 
 
@@ -352,7 +373,7 @@ def _area_points(value: Any) -> tuple[tuple[float, float], ...]:
         raise _Invalid(f"missing or empty; {fix}")
     points = []
     for pair in value:
-        if not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(v) for v in pair):
+        if not isinstance(pair, list) or len(pair) != 2 or not all(_is_finite_number(v) for v in pair):
             raise _Invalid(f"{pair!r} is not an [area, cfg] pair; {fix}")
         points.append((float(pair[0]), float(pair[1])))
     if any(b[0] <= a[0] for a, b in itertools.pairwise(points)):
@@ -596,10 +617,12 @@ class _Reader:
         ok = {
             "bool": isinstance(value, bool),
             "int": _is_int(value),
-            "float": _is_number(value),
+            "float": _is_finite_number(value),
             "str": isinstance(value, str),
             "styles": isinstance(value, list) and all(isinstance(v, str) for v in value),
         }[kind]
+        if kind == "float" and _is_number(value) and not ok:
+            raise self.fail(f"{where} {name}", f"{value!r} is not a finite number; write e.g. 7.5")
         if not ok:
             example = {
                 "bool": "true",
@@ -741,6 +764,66 @@ def default_master_seed(name: str) -> int:
     return int.from_bytes(digest[:4], "big") % ax.SEED_SPAN
 
 
+def job_count(grid_axes: Sequence[Axis], points: Sequence[Sequence[Axis]]) -> int:
+    """How many jobs the axes expand to, from their lengths alone: each point crossed with the grid."""
+    grid = math.prod(len(a.values) for a in grid_axes)
+    return grid * (sum(math.prod(len(a.values) for a in point) for point in points) if points else 1)
+
+
+def _check_job_count(reader: _Reader, grid_axes: Sequence[Axis], points: Sequence[Sequence[Axis]]) -> None:
+    count = job_count(grid_axes, points)
+    if count <= ax.MAX_JOBS:
+        return
+    named = [*grid_axes, *(a for point in points for a in point)]
+    largest = max(named, key=lambda a: len(a.values))
+    raise reader.fail(
+        "[axes]",
+        f"the study expands to {count} jobs, over the limit of {ax.MAX_JOBS} per study file; split it "
+        f"into several study files, e.g. one per part of its largest axis, {largest.name} "
+        f"({len(largest.values)} values)",
+    )
+
+
+def _check_number_placeholders(
+    reader: _Reader,
+    templates: Mapping[str, str],
+    variables: Mapping[str, Any],
+    grid_axes: Sequence[Axis],
+    points: Sequence[Sequence[Axis]],
+) -> None:
+    """A variable that stands where the prompt language reads a number takes only numbers."""
+    texts = [*templates.values()]
+    for axis in (*grid_axes, *(a for point in points for a in point)):
+        if axis.kind == "prompt":
+            texts += [v for v in axis.values if isinstance(v, str)]
+    # Each such variable with the prompt text around its first such use, for the message.
+    used = {
+        m[1]: text[max(0, m.start() - 20) : m.end()]
+        for text in texts
+        for m in reversed(list(NUMBER_PLACEHOLDER.finditer(text)))
+    }
+    if not used:
+        return
+    sources: list[tuple[str, str, Sequence[Any]]] = [
+        (f"[variables] {name}", name, [value]) for name, value in variables.items()
+    ]
+    sources += [(f"[axes] {a.name}", a.target, a.values) for a in grid_axes if a.kind == "variable"]
+    for i, point in enumerate(points):
+        sources += [
+            (f"[[points]] #{i + 1} {a.name}", a.target, a.values) for a in point if a.kind == "variable"
+        ]
+    for where, name, values in sources:
+        if name not in used:
+            continue
+        for value in values:
+            if not _reads_as_number(value):
+                raise reader.fail(
+                    where,
+                    f"{value!r} is not a number, but {{{name}}} stands where the prompt reads one "
+                    f'(in {used[name]!r}); write numbers, e.g. {name} = "0.9, 1.1"',
+                )
+
+
 def read_study_file(text: str, path: Path) -> StudyFile:
     """Validate study TOML ``text``; ``path`` names it in errors and anchors relative file names."""
     reader = _Reader(path)
@@ -748,6 +831,11 @@ def read_study_file(text: str, path: Path) -> StudyFile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise StudyError(f"{path}: not valid TOML: {error}") from None
+    if not data:
+        raise StudyError(
+            f'{path}: the study file is empty; write at least a [prompt] table with positive = "..." '
+            "(docs/study-format.md describes every section)"
+        )
     for section in data:
         if section not in SECTIONS:
             raise reader.fail(
@@ -759,6 +847,11 @@ def read_study_file(text: str, path: Path) -> StudyFile:
     master_seed = study["master_seed"] if study["master_seed"] is not None else default_master_seed(name)
     model = ModelRef(**reader.keyed(data, "model"))
     settings = {k: reader.setting(k, v, "[settings]") for k, v in reader.table(data, "settings").items()}
+    try:
+        # The request's own limits (steps, sides, finite numbers) for the fixed settings, once.
+        GenerationRequest(**settings).validate()
+    except InvalidRequestError as error:
+        raise reader.fail("[settings]", str(error)) from None
 
     prompt = reader.keyed(data, "prompt")
     templates = {}
@@ -772,6 +865,8 @@ def read_study_file(text: str, path: Path) -> StudyFile:
     for var, value in variables.items():
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise reader.fail(f"[variables] {var}", f"{value!r}: write a number or a string")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise reader.fail(f"[variables] {var}", f"{value!r} is not a finite number; write e.g. 1.1")
     placeholders = frozenset(m for t in templates.values() for m in PLACEHOLDER.findall(t))
     context = _AxisContext(path.parent, master_seed, frozenset(variables), placeholders)
 
@@ -798,6 +893,9 @@ def read_study_file(text: str, path: Path) -> StudyFile:
             raise reader.fail(f"[settings] {a.target}", f"is also swept by the axis {a.name}; remove one")
         if a.kind == "size" and ({"width", "height"} & set(settings)):
             raise reader.fail("[settings] width", f"the axis {a.name} sets the size; remove width/height")
+
+    _check_job_count(reader, grid_axes, points)
+    _check_number_placeholders(reader, templates, variables, grid_axes, points)
 
     # A variable typo like {w} for W would silently stay in the prompt; catch it by case.
     known_vars = set(variables) | {a.target for a in grid_axes if a.kind == "variable"}
