@@ -257,6 +257,7 @@ def hostile_requests() -> list[tuple[str, str, dict[str, object]]]:
     cases.append(("POST", t2i, {"json": {**ok, "tiling": True}}))
     cases.append(("POST", t2i, {"json": {**ok, "script_name": "x/y/z plot"}}))
     cases.append(("POST", t2i, {"json": {**ok, "prompt": "x" * 30_000}}))
+    cases.append(("POST", t2i, {"json": {**ok, "infotext": "a " * 2_000_000}}))  # refused before parsing
     cases.append(("POST", "/voidprompt/v1/tokens", {"json": {"text": "x", "emphasis": "Loud"}}))
     cases.append(("GET", "/sdapi/v1/no-such-route", {}))
     cases.append(("DELETE", "/sdapi/v1/txt2img", {}))
