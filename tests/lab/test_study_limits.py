@@ -174,6 +174,14 @@ def test_a_study_of_many_random_seeds_expands_without_duplicates(monkeypatch: py
             r"\[settings\]: steps=1000000000 is over the limit of 1000 sampling",
         ),
         ('[axes]\nsteps = "999, 1001"\n', r"not a valid request: steps=1001 is over the limit of 1000"),
+        (
+            "[settings]\nenable_hr = true\ndenoising_strength = 0.5\n[axes]\nhr_scale = '2, 100'\n",
+            r"not a valid request: the hires fix goes to 51200x51200: a side is over the limit of 8192",
+        ),
+        (
+            "[settings]\nenable_hr = true\nwidth = 64\nheight = 1024\nhr_resize_x = 1024\n",
+            r"the hires fix goes to 1024x16384: a side is over the limit of 8192",
+        ),
     ],
 )
 def test_sizes_and_steps_beyond_the_request_limits_are_refused(text: str, pattern: str) -> None:
@@ -182,6 +190,8 @@ def test_sizes_and_steps_beyond_the_request_limits_are_refused(text: str, patter
 
 
 def test_sizes_and_steps_at_the_limits_are_accepted() -> None:
+    hires = "[settings]\nenable_hr = true\nwidth = 512\nheight = 256\nhr_scale = 16\n"
+    assert parse_study(hires, "s.toml").expand()[0].request.hr_scale == 16  # 8192x4096
     jobs = parse_study('[settings]\nsteps = 1000\n[axes]\nsize = "8192x8, 8x8192"\n', "s.toml").expand()
     assert [(j.request.width, j.request.height, j.request.steps) for j in jobs] == [
         (8192, 8, 1000),

@@ -46,7 +46,8 @@ from typing import Any
 from voidprompt.errors import InvalidRequestError, StudyError
 from voidprompt.lab import axes as ax
 from voidprompt.lab.schema import PLACEHOLDER, Axis, ModelRef, StudyFile, format_value, read_study_file
-from voidprompt.request import GenerationRequest
+from voidprompt.pipeline.hires import hires_target
+from voidprompt.request import MAX_SIDE, GenerationRequest
 from voidprompt.sampling.registry import resolve
 
 
@@ -142,6 +143,12 @@ class Study(StudyFile):
             if request.enable_hr:
                 hr_sampler = request.hr_sampler_name or request.sampler_name
                 resolve(hr_sampler, request.hr_scheduler or request.scheduler)
+                target = hires_target(request)
+                if max(target.upscale_width, target.upscale_height) > MAX_SIDE:
+                    raise InvalidRequestError(
+                        f"the hires fix goes to {target.upscale_width}x{target.upscale_height}: a side "
+                        f"is over the limit of {MAX_SIDE} pixels; lower hr_scale or hr_resize_x/y"
+                    )
         except InvalidRequestError as error:
             raise StudyError(f"{self.path}: the job {record} is not a valid request: {error}") from None
         model = ModelRef(checkpoint, vae)
