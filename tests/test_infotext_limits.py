@@ -108,3 +108,10 @@ def test_the_linear_scan_finds_exactly_what_finditer_finds() -> None:
     assert [key for key, _ in infotext_parse._pairs(real)] == [
         "Steps", "Sampler", "Lora hashes", "Size", "Hires upscale"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_a_non_finite_number_in_an_infotext_names_its_key(value: str) -> None:
+    text = f"a cat\nSteps: 20, Sampler: Euler, CFG scale: {value}, Seed: 1, Size: 512x512"
+    with pytest.raises(InfotextError, match=rf"^CFG scale: '{value}' is not a finite number"):
+        request_fields_from_infotext(text)

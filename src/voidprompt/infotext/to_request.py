@@ -41,9 +41,12 @@ def _to_int(key: str, value: Any) -> int:
 
 def _to_float(key: str, value: Any) -> float:
     try:
-        return float(str(value).strip())
+        number = float(str(value).strip())
     except ValueError:
         raise InfotextError(f"{key}: {value!r} is not a number; fix the infotext value") from None
+    if not math.isfinite(number):
+        raise InfotextError(f"{key}: {value!r} is not a finite number; fix the infotext value")
+    return number
 
 
 def _to_bool(key: str, value: Any) -> bool:
