@@ -181,3 +181,22 @@ def test_a_killed_worker_process_loses_nothing_and_duplicates_nothing(
     assert sorted(got) == sorted(expected) and all(len(v) == 1 for v in got.values())
     for job_id, (pixels,) in got.items():
         assert np.array_equal(pixels, expected[job_id])
+
+
+@pytest.mark.slow  # two worker processes, abandoned mid-run
+def test_a_run_stopped_early_ends_its_workers_at_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The caller stops after the first batch (an error, a Ctrl-C): the workers still busy are
+    ended, not waited for, and leave no process behind."""
+    import time
+
+    text = study_text(tiny_checkpoint, sizes="32x32", seeds="6 random", steps=500)
+    jobs = parse_study(text, tmp_path / "t.toml").expand()
+    executor = ProcessExecutor({jobs[0].model: ModelFiles(tiny_checkpoint, None)}, workers=2)
+    results = executor.run(plan_batches(jobs, 2))
+    next(results)
+    assert len(multiprocessing.active_children()) == 2
+    started = time.perf_counter()
+    results.close()  # what run_study's finally does with an abandoned generator
+    executor.close()
+    assert time.perf_counter() - started < 5  # a 500-step batch takes about 20 s
+    assert multiprocessing.active_children() == []

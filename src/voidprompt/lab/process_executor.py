@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -75,6 +76,8 @@ def local_workers(workers: int | str | None, placement: Placement) -> int:
 
 def _start_worker(files: Mapping[ModelRef, ModelFiles], threads: int, placement: Placement) -> None:
     global _worker
+    # Ctrl-C is the driver's to handle: it ends the workers itself (close), so they print nothing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = LocalExecutor(files, threads=threads, placement=placement)
 
 
@@ -101,6 +104,7 @@ class ProcessExecutor:
         self.placement = placement or Placement()
         self.lost = 0  # pools lost to a dead worker and started again
         self._pool: ProcessPoolExecutor | None = None
+        self._in_flight: dict[Future[list[BatchResult]], Batch] = {}
 
     def _start(self, workers: int) -> ProcessPoolExecutor:
         self._pool = ProcessPoolExecutor(
@@ -115,7 +119,7 @@ class ProcessExecutor:
         queue = longest_first(batches)
         attempts: dict[int, int] = {}  # id(batch) -> pools lost while it was in flight
         workers = min(self.workers, len(queue)) or 1
-        in_flight: dict[Future[list[BatchResult]], Batch] = {}
+        in_flight = self._in_flight  # what close() finds here was abandoned by the caller
         while queue or in_flight:
             while queue and len(in_flight) < workers * QUEUED_PER_WORKER:
                 pool = self._pool or self._start(workers)
@@ -149,6 +153,15 @@ class ProcessExecutor:
             queue[:0] = retry
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Shut the workers down; batches still in flight (the caller stopped early: an error, a
+        Ctrl-C) are abandoned at once, their workers ended rather than waited for."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if self._in_flight:
+            self._in_flight.clear()
+            # ProcessPoolExecutor has no public way to end busy workers before Python 3.14.
+            processes = getattr(pool, "_processes", None) or {}
+            for process in list(processes.values()):
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
