@@ -404,3 +404,38 @@ def test_rank_zero_lora_is_a_clear_error_naming_file_and_tensor(tmp_path: Path, 
         match=rf"rank0\.{fmt}: tensor '{layer}\.lora_(down|up)\.weight' has shape \((0, 32|32, 0)\)",
     ):
         load_lora(path)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "shape"),
+    [
+        # rank-1 factors of 800 KB whose product would be 100000 x 100000 floats (40 GB)
+        (
+            {"lora_down.weight": torch.ones(1, 100000), "lora_up.weight": torch.ones(100000, 1)},
+            (100000, 100000),
+        ),
+        # a Kronecker product of two 300 x 300 factors (32 GB)
+        ({"lokr_w1": torch.ones(300, 300), "lokr_w2": torch.ones(300, 300)}, (90000, 90000)),
+    ],
+    ids=["lora", "lokr"],
+)
+def test_an_oversized_delta_is_refused_before_it_is_computed(
+    tensors: dict[str, torch.Tensor], shape: tuple[int, int]
+) -> None:
+    from voidprompt.models.networks.lora import LoraModule
+
+    module = LoraModule("big", "lora_unet_x", tensors)
+    with pytest.raises(
+        ModelLoadError, match=rf"weight change of shape \({shape[0]}, {shape[1]}\) but the model's"
+    ):
+        module.delta(torch.Size([320, 320]))
+
+
+def test_factors_that_do_not_combine_are_a_clear_error() -> None:
+    from voidprompt.models.networks.lora import LoraModule
+
+    module = LoraModule(
+        "odd", "lora_unet_x", {"lora_down.weight": torch.ones(4, 7), "lora_up.weight": torch.ones(8, 5)}
+    )
+    with pytest.raises(ModelLoadError, match=r"lora_down.weight \(4, 7\), lora_up.weight \(8, 5\).*damaged"):
+        module.delta(torch.Size([8, 7]))

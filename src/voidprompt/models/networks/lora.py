@@ -136,23 +136,40 @@ class LoraModule:
             return float(t["alpha"].item()) / dim
         return 1.0
 
-    def delta(self, target_shape: torch.Size, *, dyn_dim: int | None = None) -> Tensor:
-        """ΔW * scale (float32, no multiplier) in the target's shape; raises on a misfit."""
+    def _raw_delta(self, tensors: dict[str, Tensor], target_shape: torch.Size, dyn_dim: int | None) -> Tensor:
         kind = self.kind
         if kind == "lora":
-            raw = lycoris.delta_lora(self.tensors, dyn_dim)
-        elif kind == "loha":
-            raw = lycoris.delta_loha(self.tensors)
-        elif kind == "lokr":
-            raw = lycoris.delta_lokr(self.tensors, target_shape)
-        elif kind == "full":
-            raw = lycoris.delta_full(self.tensors)
-        else:
-            raise ModelLoadError(
-                f"LoRA '{self.network}': layer {self.name} has tensors {sorted(self.tensors)}, a module type "
-                "voidprompt does not support (LoRA, LoCon, LoHa, LoKr and full diff are); "
-                "remove it from the prompt."
+            return lycoris.delta_lora(tensors, dyn_dim)
+        if kind == "loha":
+            return lycoris.delta_loha(tensors)
+        if kind == "lokr":
+            return lycoris.delta_lokr(tensors, target_shape)
+        if kind == "full":
+            return lycoris.delta_full(tensors)
+        raise ModelLoadError(
+            f"LoRA '{self.network}': layer {self.name} has tensors {sorted(self.tensors)}, a module type "
+            "voidprompt does not support (LoRA, LoCon, LoHa, LoKr and full diff are); "
+            "remove it from the prompt."
+        )
+
+    def delta(self, target_shape: torch.Size, *, dyn_dim: int | None = None) -> Tensor:
+        """ΔW * scale (float32, no multiplier) in the target's shape; raises on a misfit.
+
+        The same arithmetic runs first on the meta device, which gives the delta's shape without
+        computing or allocating it: factors of a few KB can describe a product (``up @ down``, a
+        Kronecker product) of gigabytes, and a misfit must be refused before that is built."""
+        try:
+            planned = self._raw_delta(
+                {k: v.to("meta") for k, v in self.tensors.items()}, target_shape, dyn_dim
             )
+        except RuntimeError as exc:
+            raise ModelLoadError(
+                f"LoRA '{self.network}': layer {self.name} has factors whose shapes do not combine "
+                f"({', '.join(f'{k} {tuple(v.shape)}' for k, v in sorted(self.tensors.items()))}): {exc}; "
+                "the file is damaged."
+            ) from exc
+        fit_delta(planned, target_shape, network=self.network, layer=self.name)
+        raw = self._raw_delta(self.tensors, target_shape, dyn_dim)
         return fit_delta(raw, target_shape, network=self.network, layer=self.name) * self.scale
 
 
