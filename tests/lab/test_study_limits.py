@@ -254,6 +254,7 @@ def test_non_finite_numbers_are_study_errors(text: str, pattern: str) -> None:
         ('[prompt]\npositive = "[a:b:{S}]"\n[axes]\nS = "half"\n', r"\[axes\] S: 'half' is not a number"),
         # A prompt axis's values are prompts too.
         ('[axes]\nprompt = "x, (a:{W}), b"\n[variables]\nW = "heavy"\n', r"\[variables\] W: 'heavy' is not"),
+        ('[prompt]\npositive = "<lora:x:1:{U}>"\n[axes]\nU = "strong"\n', r"\[axes\] U: 'strong' is not"),
         (
             '[prompt]\npositive = "<lora:x:{M}>"\n[axes]\nM = "strong"\n',
             r"\[axes\] M: 'strong' is not a number",
@@ -284,6 +285,12 @@ def test_words_elsewhere_and_numbers_in_weights_are_fine() -> None:
     ]
     fixed = parse_study('[prompt]\npositive = "(a:{W})"\n[variables]\nW = "1.2"\n', "s.toml").expand()
     assert fixed[0].request.prompt == "(a:1.2)"
+    # A network's name is a word; its multipliers after the name are numbers.
+    text = (
+        '[prompt]\npositive = "<lora:{L}:{M}>, [{A}:{B}:0.5]"\n'
+        '[variables]\nL = "x"\nM = 0.5\nA = "cat"\nB = "dog"\n'
+    )
+    assert parse_study(text, "s.toml").expand()[0].request.prompt == "<lora:x:0.5>, [cat:dog:0.5]"
 
 
 # ------------------------------------------------------------------------------- empty files

@@ -45,10 +45,11 @@ WORKERS_AUTO = "auto"  # [run] workers: one worker process per CPU core this pro
 DEFAULT_CLASSES = ("Pattern", "Object or Scenery", "Malformed human", "Legit human")
 NO_LABELER = "none"
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# A placeholder where the prompt language reads a number: an emphasis weight "(tag:{W})", a
-# schedule step "[a:b:{W}]" or a network multiplier "<lora:name:{W}>". A word there is no error in
-# the prompt language, just a different prompt ("(lowres:heavy)" is the text "lowres:heavy").
-NUMBER_PLACEHOLDER = re.compile(r":\s*\{([A-Za-z_][A-Za-z0-9_]*)\}\s*[)\]>]")
+# A placeholder where the prompt language reads a number: an emphasis weight "(tag:{W})" or a
+# schedule step "[a:b:{W}]". A word there is no error in the prompt language, just a different
+# prompt ("(lowres:heavy)" is the text "lowres:heavy"). Network multipliers are the fields after
+# the name in "<lora:name:{W}>" (see _number_placeholders).
+NUMBER_PLACEHOLDER = re.compile(r":\s*\{([A-Za-z_][A-Za-z0-9_]*)\}\s*[)\]]")
 
 # Request fields a study may not set: jobs are one image each (the runner batches them), the
 # prompts live in [prompt], and images / masks / free-form extras are not txt2img settings.
@@ -784,6 +785,20 @@ def _check_job_count(reader: _Reader, grid_axes: Sequence[Axis], points: Sequenc
     )
 
 
+def _number_placeholders(text: str) -> list[tuple[str, str]]:
+    """(variable, the prompt text around it) for each placeholder that stands for a number."""
+    found = []
+    for m in PLACEHOLDER.finditer(text):
+        weight = NUMBER_PLACEHOLDER.match(text, text.rfind(":", 0, m.start()))
+        opening = text.rfind("<", 0, m.start())
+        in_network = opening >= 0 and ">" not in text[opening : m.start()]
+        # <lora:name:{W}> or <lora:name:{TE}:{UNET}>: every field after the name is a multiplier.
+        multiplier = in_network and text.count(":", opening, m.start()) >= 2
+        if multiplier or (weight is not None and weight.start(1) == m.start(1)):
+            found.append((m[1], text[max(0, m.start() - 20) : m.end() + 1]))
+    return found
+
+
 def _check_number_placeholders(
     reader: _Reader,
     templates: Mapping[str, str],
@@ -796,12 +811,10 @@ def _check_number_placeholders(
     for axis in (*grid_axes, *(a for point in points for a in point)):
         if axis.kind == "prompt":
             texts += [v for v in axis.values if isinstance(v, str)]
-    # Each such variable with the prompt text around its first such use, for the message.
-    used = {
-        m[1]: text[max(0, m.start() - 20) : m.end()]
-        for text in texts
-        for m in reversed(list(NUMBER_PLACEHOLDER.finditer(text)))
-    }
+    used: dict[str, str] = {}
+    for text in texts:
+        for name, snippet in _number_placeholders(text):
+            used.setdefault(name, snippet)
     if not used:
         return
     sources: list[tuple[str, str, Sequence[Any]]] = [
