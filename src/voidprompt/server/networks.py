@@ -38,6 +38,7 @@ from voidprompt.models.load import open_checkpoint
 from voidprompt.models.networks.lora import LORA_SUFFIXES
 from voidprompt.models.networks.names import HYPERNETWORK, alias_from_metadata, scan_network_folder
 from voidprompt.models.safe_pickle import load_pickle_checkpoint
+from voidprompt.models.safetensors_stream import read_safetensors_header
 from voidprompt.models.tokenizer import ClipTokenizer
 from voidprompt.prompts.embeddings import EMBEDDING_SUFFIXES, EmbeddingDatabase
 
@@ -98,36 +99,11 @@ def _file_key(path: Path) -> tuple[str, int, int]:
 # ------------------------------------------------------------------------------------------ LoRA
 
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a ``.safetensors`` file (8-byte little-endian length, then JSON); nothing
-    after it is read."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
-            raise VoidpromptError(f"{path}: not a .safetensors file (header length {length})")
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise VoidpromptError(f"{path}: damaged .safetensors header ({error})") from None
-    if not isinstance(header, dict):
-        raise VoidpromptError(f"{path}: damaged .safetensors header (not a JSON object)")
-    return header
-
-
 def safetensors_metadata(path: Path) -> dict[str, Any]:
     """The ``__metadata__`` of a safetensors header, values that start with ``{`` JSON-decoded
     (A1111's ``read_metadata_from_safetensors``). Only the header is read."""
-    raw = read_safetensors_header(path).get("__metadata__") or {}
     out: dict[str, Any] = {}
-    if not isinstance(raw, dict):
-        return out
-    for key, value in raw.items():
+    for key, value in read_safetensors_header(path).metadata.items():
         out[str(key)] = value
         if isinstance(value, str) and value[:1] == "{":
             with contextlib.suppress(ValueError):
@@ -207,15 +183,9 @@ def read_embedding_info(name: str, path: Path) -> EmbeddingInfo:
     """Shape and A1111's training fields of one embedding file, without reading its vectors."""
     extra: Mapping[str, Any] = {}
     if path.suffix.lower() == ".safetensors":
-        header = read_safetensors_header(path)
-        data: dict[str, Any] = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            shape = info.get("shape") if isinstance(info, dict) else None
-            if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
-                raise VoidpromptError(f"embedding {path}: tensor {key!r} has no valid shape")
-            data[key] = _Shape(tuple(shape))
+        data: dict[str, Any] = {
+            key: _Shape(tuple(entry.shape)) for key, entry in read_safetensors_header(path).tensors.items()
+        }
     else:
         # The restricted unpickler: tensors stay lazy (shape only), no class outside its allow-list
         # is ever loaded, so nothing in the file runs.
