@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="fixed batch size and deterministic algorithms: reruns reproduce bit for bit",
     )
+    run.add_argument(
+        "--disable-nan-check",
+        action="store_true",
+        default=None,
+        help="keep pictures whose UNet or VAE output is NaN (A1111's flag; they come out black)",
+    )
     run.add_argument("--executor", choices=("local", "ray"), default="local")
     run.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local one")
     run.add_argument(
@@ -137,6 +143,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             precision=args.precision,
             compile=args.compile,
             deterministic=args.deterministic,
+            disable_nan_check=args.disable_nan_check,
             executor=args.executor,
             address=args.address,
             gpus_per_worker=args.gpus_per_worker,

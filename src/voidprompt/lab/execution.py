@@ -147,10 +147,12 @@ class Placement:
     precision: str = "auto"
     compile: bool = False
     deterministic: bool = False
+    disable_nan_check: bool = False  # A1111's --disable-nan-check, for the Engine
 
     @classmethod
     def from_options(cls, options: RunOptions) -> Placement:
-        return cls(options.device, options.precision, options.compile, options.deterministic)
+        o = options
+        return cls(o.device, o.precision, o.compile, o.deterministic, o.disable_nan_check)
 
     @property
     def device_name(self) -> str:
@@ -186,7 +188,8 @@ def load_engine(files: ModelFiles, placement: Placement) -> LoadedModel:
     device, policy = placement.resolve()
     components = load_model(files.checkpoint, vae_path=files.vae, device=device, precision=policy)
     # A compiled Engine keeps one graph per shape; the runner plans same-shape batches back to back.
-    return LoadedModel(Engine(components, compile=placement.compile), provenance(device, policy, placement))
+    engine = Engine(components, compile=placement.compile, disable_nan_check=placement.disable_nan_check)
+    return LoadedModel(engine, provenance(device, policy, placement))
 
 
 @contextlib.contextmanager

@@ -156,6 +156,7 @@ class RunOptions:
     # Fixed batch sizes and deterministic algorithms: the same batch gives the same pixels bit for bit.
     deterministic: bool = False
     # Chosen by the caller (command-line flags), not by the study file:
+    disable_nan_check: bool = False  # A1111's --disable-nan-check: keep NaN output (black pictures)
     executor: str = "local"
     address: str | None = None  # Ray cluster address; None: join or start a local one
     gpus_per_worker: float | None = None  # Ray: GPUs per worker; None: 1 if the cluster has GPUs, else 0

@@ -726,6 +726,7 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 
 
 def to_pil_images(pixels: Tensor) -> list[Image.Image]:
-    """8-bit images exactly as A1111 makes them: x255 then truncation (not rounding)."""
-    arrays = (255.0 * pixels.permute(0, 2, 3, 1).numpy()).astype(np.uint8)
+    """8-bit images exactly as A1111 makes them: x255 then truncation (not rounding). NaN (kept
+    only with the NaN check off) becomes 0, what A1111's cast gives on x86, on every platform."""
+    arrays = (255.0 * torch.nan_to_num(pixels, nan=0.0).permute(0, 2, 3, 1).numpy()).astype(np.uint8)
     return [Image.fromarray(a, mode="RGB") for a in arrays]
