@@ -128,6 +128,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+@pytest.mark.slow  # about 10 s of training steps
 def test_decoder_phase_changes_only_the_decoder_and_is_independent_of_the_diffusion_phase(
     tmp_path: Path,
 ) -> None:
@@ -205,6 +206,7 @@ def test_a_run_at_another_picture_size_makes_that_the_models_native_size(tmp_pat
         train(TrainConfig(**{**config.__dict__, "image_size": 64}), resume=True, log_fn=lambda _: None)
 
 
+@pytest.mark.slow  # about 10 s of training steps
 def test_half_size_steps_learn_from_the_same_scenes_at_half_the_side_then_switch(tmp_path: Path) -> None:
     base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_steps=0,
                 checkpoint_minutes=1000.0, padding_blind_from=None, foreign_tags_from=None)
@@ -350,6 +352,7 @@ def test_foreign_tag_prob_is_validated(tmp_path: Path) -> None:
         TrainConfig(out_dir=tmp_path, foreign_tag_prob=-0.1)
 
 
+@pytest.mark.slow  # about 10 s of training steps
 def test_blind_padding_and_foreign_tags_act_from_their_step_only(tmp_path: Path) -> None:
     base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_steps=0,
                 checkpoint_minutes=1000.0)
@@ -367,6 +370,7 @@ def test_blind_padding_and_foreign_tags_act_from_their_step_only(tmp_path: Path)
     assert any(not torch.equal(after_on[k], after_off[k]) for k in unet)
 
 
+@pytest.mark.slow  # about 10 s of training steps
 def test_upright_pictures_replace_the_turned_ones_from_their_step_only(tmp_path: Path) -> None:
     base = dict(n_images=8, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, decoder_steps=0,
                 checkpoint_minutes=1000.0, padding_blind_from=None, foreign_tags_from=None)
