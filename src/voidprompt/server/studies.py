@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections import deque
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class ReportUnavailableError(StudyError):
 
 
 REPORT_STAMP = ".voidprompt-server-report.json"
+INTERRUPT_REPEAT_S = 2.0  # a study run that has not stopped yet gets SIGINT again this often
 
 
 @dataclass
@@ -345,11 +347,18 @@ class StudyRegistry:
         if handle is None or handle.process.poll() is not None:
             return handle
         # SIGINT first: the runner commits each image in its own transaction, so it can stop anywhere.
-        handle.process.send_signal(signal.SIGINT)
-        try:
-            code = handle.process.wait(timeout)
-            how = "stopped"
-        except subprocess.TimeoutExpired:
+        # Sent again every INTERRUPT_REPEAT_S: an interrupt that lands while the run is still importing
+        # its libraries can be swallowed by one of their catch-all handlers.
+        code: int | None = None
+        deadline = time.monotonic() + timeout
+        while code is None and time.monotonic() < deadline:
+            handle.process.send_signal(signal.SIGINT)
+            try:
+                code = handle.process.wait(min(INTERRUPT_REPEAT_S, max(0.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                continue
+        how = "stopped"
+        if code is None:
             handle.process.terminate()
             code = handle.process.wait(timeout)
             how = f"did not stop within {timeout:g} s of SIGINT and was terminated"
