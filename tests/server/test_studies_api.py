@@ -79,7 +79,12 @@ def test_start_and_stop_a_run(study_server, tiny_checkpoint, study_writer, caplo
     with httpx.Client(base_url=study_server.url, timeout=60) as http:
         assert http.post("/voidprompt/v1/studies/long/run").status_code == 200
         assert http.post("/voidprompt/v1/studies/long/run").status_code == 409  # already running
-        time.sleep(3)
+        # Stopped once it is generating (the interrupt that lands while it is still starting is
+        # test_a_swallowed_interrupt_is_sent_again's).
+        deadline = time.monotonic() + 60
+        while http.get("/voidprompt/v1/studies/long").json().get("images", 0) == 0:
+            assert time.monotonic() < deadline, "the run made no image in 60 s"
+            time.sleep(0.2)
         stopped = http.post("/voidprompt/v1/studies/long/stop").json()
         assert stopped["running"] is False
         # Stopping is an ordinary end: one line from the run and one in the server's log, no traceback.
@@ -93,6 +98,35 @@ def test_start_and_stop_a_run(study_server, tiny_checkpoint, study_writer, caplo
         study = http.get("/voidprompt/v1/studies/long").json()
         assert study["jobs"] in (0, 2400) and study["images"] < 2400
         assert http.post("/voidprompt/v1/studies/nope/run").status_code == 404
+
+
+def test_a_swallowed_interrupt_is_sent_again() -> None:
+    """A run that ignores its first SIGINT (a library's catch-all handler took it while the run was
+    starting) is interrupted again, and stops with its own exit code, not a terminate."""
+    import subprocess
+    import time
+
+    from voidprompt.server.studies import INTERRUPT_REPEAT_S, RunHandle, StudyEntry, StudyRegistry
+
+    child = (
+        "import signal, sys, time\n"
+        "hits = []\n"
+        "def on_int(*_):\n"
+        "    hits.append(1)\n"
+        "    if len(hits) == 2: sys.exit(130)\n"
+        "signal.signal(signal.SIGINT, on_int)\n"
+        "print('ready', flush=True)\n"
+        "while True: time.sleep(0.05)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    registry = StudyRegistry(None)
+    registry.runs["s"] = RunHandle(process)
+    started = time.monotonic()
+    handle = registry.stop_run(StudyEntry("s", None, None), timeout=10)
+    assert handle is not None and handle.process.returncode == 130
+    # Stopped by the second SIGINT, one repeat after the first.
+    assert INTERRUPT_REPEAT_S * 0.9 < time.monotonic() - started < INTERRUPT_REPEAT_S + 2
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
