@@ -347,8 +347,8 @@ class StudyRegistry:
         if handle is None or handle.process.poll() is not None:
             return handle
         # SIGINT first: the runner commits each image in its own transaction, so it can stop anywhere.
-        # Sent again every INTERRUPT_REPEAT_S: an interrupt that lands while the run is still importing
-        # its libraries can be swallowed by one of their catch-all handlers.
+        # Sent again every INTERRUPT_REPEAT_S: an interrupt taken by code that catches everything (a
+        # library's catch-all handler) would otherwise be lost, and a second one costs nothing.
         code: int | None = None
         deadline = time.monotonic() + timeout
         while code is None and time.monotonic() < deadline:
@@ -384,7 +384,10 @@ class StudyRegistry:
 # The child of a study run: `voidprompt study run ...`, whose command line answers an interrupt
 # with one line and exit code 130. An interrupt that lands while it is still importing gets the same.
 _RUN_CHILD = """\
-import sys
+import signal, sys
+# The server stops a run with SIGINT, whatever this process inherited: a server started in the
+# background of a non-interactive shell passes SIGINT on ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 try:
     from voidprompt.cli import main
     code = main(["study", *sys.argv[1:]])
