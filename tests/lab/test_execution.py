@@ -100,7 +100,7 @@ def test_a_deterministic_run_keeps_its_batch_size(
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "generate", watching)
-    torch.backends.cudnn.benchmark = True  # as A1111 leaves it on a GTX 16xx
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as A1111 leaves it on a GTX 16xx
     study = _study(tiny_checkpoint, tmp_path, seeds="4 random", run="deterministic = true")
     assert study.run.deterministic
     report = run_study(study, quiet(study, batch_size=4))
@@ -111,7 +111,6 @@ def test_a_deterministic_run_keeps_its_batch_size(
     )
     assert seen == [True, True]
     assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark  # restored
-    torch.backends.cudnn.benchmark = False
     report = run_study(study, quiet(study, batch_size=2))  # what the message says to do
     assert (report.generated, len(report.failed)) == (8, 0)
     assert {size for _, size, _ in _images(tmp_path).values()} == {2}

@@ -75,6 +75,10 @@ class ModelFiles:
     checkpoint: Path
     vae: Path | None
 
+    def absolute(self) -> ModelFiles:
+        """The same files by absolute paths: a worker process's working directory is not the driver's."""
+        return ModelFiles(self.checkpoint.absolute(), self.vae.absolute() if self.vae else None)
+
 
 @dataclass(frozen=True)
 class Plugins:

@@ -97,8 +97,7 @@ class ProcessExecutor:
         threads: int | None = None,
         placement: Placement | None = None,
     ) -> None:
-        self.files = {model: ModelFiles(f.checkpoint.absolute(), f.vae.absolute() if f.vae else None)
-                      for model, f in files.items()}  # fmt: skip
+        self.files = {model: f.absolute() for model, f in files.items()}
         self.workers = workers
         self.threads = threads or 1
         self.placement = placement or Placement()

@@ -148,9 +148,7 @@ class RayExecutor:
             by_model.setdefault(batch.model, []).append(batch)
         remote = ray.remote(num_cpus=self.threads, num_gpus=self.gpus, max_restarts=0)(_Worker)
         for model, work in by_model.items():
-            # Absolute paths: a worker's working directory is not the driver's.
-            files = self.files[model]
-            files = ModelFiles(files.checkpoint.absolute(), files.vae.absolute() if files.vae else None)
+            files = self.files[model].absolute()
 
             def start(files: ModelFiles = files) -> Any:
                 return remote.remote(files, self.threads, self.placement)
