@@ -17,11 +17,13 @@ import torch
 class ScheduledCond:
     """One entry of a prompt schedule: ``cond`` is used while the denoiser's call index <= end_at_step.
 
-    ``cond`` has shape (tokens, width), tokens a multiple of 77.
+    ``cond`` has shape (tokens, width), tokens a multiple of 77. ``pooled`` is SDXL's pooled text
+    vector (bigG's projected end-token state of the first chunk), None for SD1.
     """
 
     end_at_step: int
     cond: torch.Tensor
+    pooled: torch.Tensor | None = None
 
 
 CondSchedule = tuple[ScheduledCond, ...]
