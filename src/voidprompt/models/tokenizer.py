@@ -1,8 +1,10 @@
 """OpenAI CLIP byte-level BPE tokenizer, read from the shipped ``bpe_simple_vocab_16e6.txt.gz``.
 
-Written from the behaviour of OpenAI CLIP's ``simple_tokenizer`` (MIT): the same vocabulary layout,
-text cleaning and word-split regex, so SD1 text encoders see exactly the ids they were trained on.
-Nothing here touches the network; the vocabulary file ships inside the package.
+Written from the behaviour of OpenAI CLIP's ``simple_tokenizer`` (MIT): the same vocabulary layout
+and word-split regex, so the text encoders see exactly the ids they were trained on. Two dialects
+clean the text the way the two tokenizers A1111 runs do (see :func:`clean_text`): ``"transformers"``
+(SD1 and SDXL's CLIP ViT-L) and ``"open_clip"`` (SDXL's OpenCLIP ViT-bigG). Nothing here touches the
+network; the vocabulary file ships inside the package.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Final, Literal, get_args
 
 import ftfy
 import regex
@@ -22,6 +25,12 @@ from voidprompt.errors import PromptError
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
+# open_clip names the same two ids differently, and only its names are special in its word splitter.
+OPEN_CLIP_BOS_TOKEN = "<start_of_text>"
+OPEN_CLIP_EOS_TOKEN = "<end_of_text>"
+
+Dialect = Literal["transformers", "open_clip"]
+DIALECTS: Final[tuple[str, ...]] = get_args(Dialect)
 WORD_END = "</w>"
 VOCAB_SIZE = 49408
 # The gz file holds far more merges than CLIP uses; CLIP keeps the first 49152 - 256 - 2 of them
@@ -30,10 +39,12 @@ N_MERGES = VOCAB_SIZE - 2 * 256 - 2
 
 # OpenAI's word splitter: special tokens, English contractions, letter runs, single digits, and runs
 # of anything that is neither whitespace, letter nor digit (so "," is its own word but ",," is one).
-_WORD_RE = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-    regex.IGNORECASE,
-)
+_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_TRANSFORMERS_WORD_RE = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|" + _WORDS, regex.IGNORECASE)
+_OPEN_CLIP_WORD_RE = regex.compile(r"<start_of_text>|<end_of_text>|" + _WORDS, regex.IGNORECASE)
+# transformers' tokenizer cuts its added special tokens out (exact spelling) before cleaning the
+# pieces between them one by one.
+_TRANSFORMERS_SPECIALS_RE = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
 _WHITESPACE_RE = re.compile(r"\s+")
 
 
@@ -58,14 +69,30 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def clean_text(text: str) -> str:
-    """OpenAI CLIP's cleaning: ftfy, HTML unescape twice, fold whitespace, strip, lower case.
+def check_dialect(dialect: str) -> None:
+    if dialect not in DIALECTS:
+        raise PromptError(
+            f"unknown CLIP tokenizer dialect {dialect!r}; use one of {', '.join(map(repr, DIALECTS))}"
+        )
 
-    ftfy's default config also folds full-width characters ("，" -> ","), which matters for prompts
-    typed with a CJK input method.
+
+def clean_text(text: str, dialect: Dialect = "transformers") -> str:
+    """Text cleaning before the word split, as the tokenizer named by ``dialect`` does it.
+
+    - ``"transformers"``: transformers' CLIPTokenizer (4.x, with ftfy installed), which A1111 runs for
+      SD1 and for SDXL's CLIP ViT-L: ``ftfy.fix_text`` only. ftfy decodes HTML entities (repeatedly,
+      and only the unambiguous ones ending in ";") unless the line, or an earlier one, holds a "<".
+    - ``"open_clip"``: open_clip's (and OpenAI CLIP's) tokenizer, which A1111 runs for SDXL's ViT-bigG:
+      ``ftfy.fix_text`` then ``html.unescape`` twice, so "<x> &amp; y" reads "<x> & y" here and stays
+      "<x> &amp; y" above, and "a &amp b" (no ";") reads "a & b".
+
+    Both then fold whitespace, strip and lower-case. ftfy's default config also folds full-width
+    characters ("，" -> ","), which matters for prompts typed with a CJK input method.
     """
+    check_dialect(dialect)
     text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text))
+    if dialect == "open_clip":
+        text = html.unescape(html.unescape(text))
     text = _WHITESPACE_RE.sub(" ", text.strip()).strip()
     return text.lower()
 
@@ -75,9 +102,14 @@ def _pairs(word: Sequence[str]) -> set[tuple[str, str]]:
 
 
 class ClipTokenizer:
-    """CLIP BPE tokenizer. ``encode`` returns ids without BOS/EOS; ids are in [0, 49408)."""
+    """CLIP BPE tokenizer. ``encode`` returns ids without BOS/EOS; ids are in [0, 49408).
 
-    def __init__(self, merges: Sequence[tuple[str, str]]) -> None:
+    ``dialect`` picks whose text cleaning and special-token spelling it follows (see
+    :func:`clean_text`); the vocabulary and ids are the same for both.
+    """
+
+    def __init__(self, merges: Sequence[tuple[str, str]], *, dialect: Dialect = "transformers") -> None:
+        check_dialect(dialect)
         if len(merges) != N_MERGES:
             raise PromptError(
                 f"CLIP tokenizer needs exactly {N_MERGES} BPE merges, got {len(merges)}; "
@@ -88,7 +120,13 @@ class ClipTokenizer:
         symbols = list(self.byte_encoder.values())
         vocab = symbols + [s + WORD_END for s in symbols]
         vocab.extend("".join(m) for m in merges)
-        vocab.extend([BOS_TOKEN, EOS_TOKEN])
+        if dialect == "open_clip":
+            bos, eos = OPEN_CLIP_BOS_TOKEN, OPEN_CLIP_EOS_TOKEN
+        else:
+            bos, eos = BOS_TOKEN, EOS_TOKEN
+        vocab.extend([bos, eos])
+        self.dialect: Dialect = dialect
+        self._merges = tuple(merges)
         self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
         if len(self.encoder) != VOCAB_SIZE:
             raise PromptError(
@@ -98,16 +136,23 @@ class ClipTokenizer:
         self.decoder: dict[int, str] = dict(enumerate(vocab))
         self.bpe_ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
         # Per-instance cache: BPE of a word never changes for one vocabulary.
-        self._cache: dict[str, tuple[str, ...]] = {BOS_TOKEN: (BOS_TOKEN,), EOS_TOKEN: (EOS_TOKEN,)}
-        self.bos_id = self.encoder[BOS_TOKEN]
-        self.eos_id = self.encoder[EOS_TOKEN]
+        self._cache: dict[str, tuple[str, ...]] = {bos: (bos,), eos: (eos,)}
+        self.bos_id = self.encoder[bos]
+        self.eos_id = self.encoder[eos]
         # A1111 looks up ",</w>" in the vocabulary for comma backtracking: only a lone comma word counts.
         self.comma_id = self.encoder["," + WORD_END]
         self.vocab_size = VOCAB_SIZE
 
+    def with_dialect(self, dialect: Dialect) -> ClipTokenizer:
+        """The same vocabulary with another dialect's cleaning (``self`` when it already has it)."""
+        if dialect == self.dialect:
+            return self
+        return ClipTokenizer(self._merges, dialect=dialect)
+
     @classmethod
-    def from_file(cls, path: str | Path) -> ClipTokenizer:
+    def from_file(cls, path: str | Path, *, dialect: Dialect = "transformers") -> ClipTokenizer:
         """Read an OpenAI-format ``bpe_simple_vocab_16e6.txt.gz`` (first line is a version header)."""
+        check_dialect(dialect)
         try:
             with gzip.open(path, "rt", encoding="utf-8") as fh:
                 lines = fh.read().split("\n")
@@ -119,7 +164,7 @@ class ClipTokenizer:
             if len(parts) != 2:
                 raise PromptError(f"bad merge line {line!r} in {path}; expected two symbols")
             merges.append((parts[0], parts[1]))
-        return cls(merges)
+        return cls(merges, dialect=dialect)
 
     def bpe(self, word: str) -> tuple[str, ...]:
         """Split one byte-encoded word into vocabulary symbols; the last symbol carries ``</w>``."""
@@ -149,10 +194,20 @@ class ClipTokenizer:
 
     def tokenize(self, text: str) -> list[str]:
         """Vocabulary symbols of ``text`` after cleaning (no BOS/EOS)."""
+        if self.dialect == "transformers":
+            pieces = [p for p in _TRANSFORMERS_SPECIALS_RE.split(text) if p]
+            word_re = _TRANSFORMERS_WORD_RE
+        else:
+            pieces = [text]
+            word_re = _OPEN_CLIP_WORD_RE
         out: list[str] = []
-        for word in _WORD_RE.findall(clean_text(text)):
-            encoded = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-            out.extend(self.bpe(encoded))
+        for piece in pieces:
+            if piece in (BOS_TOKEN, EOS_TOKEN) and self.dialect == "transformers":
+                out.append(piece)
+                continue
+            for word in word_re.findall(clean_text(piece, self.dialect)):
+                encoded = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                out.extend(self.bpe(encoded))
         return out
 
     def encode(self, text: str) -> list[int]:
@@ -180,7 +235,11 @@ def default_vocab_path() -> Path:
     return Path(str(resources.files("voidprompt.models") / "clip_vocab" / "bpe_simple_vocab_16e6.txt.gz"))
 
 
-@functools.lru_cache(maxsize=1)
-def load_clip_tokenizer() -> ClipTokenizer:
-    """The SD1 CLIP tokenizer from the shipped vocabulary (built once; read-only afterwards)."""
-    return ClipTokenizer.from_file(default_vocab_path())
+@functools.lru_cache(maxsize=2)
+def load_clip_tokenizer(dialect: Dialect = "transformers") -> ClipTokenizer:
+    """The CLIP tokenizer from the shipped vocabulary (built once per dialect; read-only afterwards).
+
+    The default is the one A1111 runs for SD1 and SDXL's CLIP ViT-L; SDXL's ViT-bigG takes
+    ``"open_clip"``.
+    """
+    return ClipTokenizer.from_file(default_vocab_path(), dialect=dialect)
