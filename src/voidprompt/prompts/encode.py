@@ -43,6 +43,98 @@ def _text_model(text_encoder: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else text_encoder
 
 
+def clip_parts(text_encoder: nn.Module) -> tuple[nn.Embedding, nn.Module, int]:
+    """A transformers CLIP text model's token embedding, final LayerNorm and layer count."""
+    inner = _text_model(text_encoder)
+    token_embedding = getattr(getattr(inner, "embeddings", None), "token_embedding", None)
+    final_layer_norm = getattr(inner, "final_layer_norm", None)
+    if not isinstance(token_embedding, nn.Embedding) or not isinstance(final_layer_norm, nn.Module):
+        raise PromptError(
+            f"{type(text_encoder).__name__} is not a CLIP text model (no embeddings.token_embedding "
+            "or final_layer_norm); pass a transformers CLIPTextModel"
+        )
+    config = getattr(text_encoder, "config", None)
+    return token_embedding, final_layer_norm, int(getattr(config, "num_hidden_layers", 12))
+
+
+@contextmanager
+def embedding_fixes(token_embedding: nn.Embedding, chunks: Sequence[PromptChunk]) -> Iterator[None]:
+    """Overwrite token-embedding rows with textual-inversion vectors during one forward."""
+    fixes = [(row, fix) for row, chunk in enumerate(chunks) for fix in chunk.fixes]
+    if not fixes:
+        yield
+        return
+
+    def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        out = output.clone()
+        for row, fix in fixes:
+            start = fix.offset + 1  # +1: row 0 is BOS
+            # A1111 clips an embedding that runs past the chunk end instead of failing.
+            n = min(out.shape[1] - start, fix.embedding.n_vectors)
+            out[row, start : start + n] = fix.embedding.vectors[:n].to(out.device, out.dtype)
+        return out
+
+    handle = token_embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def apply_emphasis(z: torch.Tensor, chunks: Sequence[PromptChunk], emphasis: str) -> torch.Tensor:
+    """A1111's emphasis on one chunk index's hidden states ``z`` (B, 77, C) of one text encoder.
+
+    "Original" multiplies each token's row by its weight, then rescales the whole batch so that its
+    mean is the unweighted one; "No norm" only multiplies; "Ignore" and "None" leave ``z``.
+    """
+    if emphasis not in ("Original", "No norm"):
+        return z
+    multipliers = torch.tensor([c.multipliers for c in chunks], dtype=torch.float32, device=z.device)
+    original_mean = z.mean()
+    z = z * multipliers[..., None]
+    if emphasis == "Original":
+        # The mean spans every text of this chunk index (the whole encoded batch).
+        z = z * (original_mean / z.mean())
+    return z
+
+
+def chunk_batches(lines: Sequence[TokenizedLine], tokenizer: ClipTokenizer) -> list[list[PromptChunk]]:
+    """The chunks of every line per chunk index; a line with fewer chunks gets empty chunks."""
+    chunk_count = max(len(line.chunks) for line in lines)
+    pad = empty_chunk(tokenizer)
+    return [[line.chunks[i] if i < len(line.chunks) else pad for line in lines] for i in range(chunk_count)]
+
+
+class ConditioningCache:
+    """An exact-key LRU of encoded schedules, shared by threads; ``size`` 0 stores nothing."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[Hashable, CondSchedule] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> CondSchedule | None:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return hit
+
+    def put(self, key: Hashable, value: CondSchedule) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
 class PromptEncoder:
     """Encodes prompts for one SD1 text encoder, with an exact LRU conditioning cache.
 
@@ -61,28 +153,22 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.embeddings = embeddings
         self.cache_size = cache_size
-        inner = _text_model(text_encoder)
-        token_embedding = getattr(getattr(inner, "embeddings", None), "token_embedding", None)
-        final_layer_norm = getattr(inner, "final_layer_norm", None)
-        if not isinstance(token_embedding, nn.Embedding) or not isinstance(final_layer_norm, nn.Module):
-            raise PromptError(
-                f"{type(text_encoder).__name__} is not a CLIP text model (no embeddings.token_embedding "
-                "or final_layer_norm); pass a transformers CLIPTextModel"
-            )
-        self._token_embedding: nn.Embedding = token_embedding
-        self._final_layer_norm: nn.Module = final_layer_norm
-        config = getattr(text_encoder, "config", None)
-        self.num_layers = int(getattr(config, "num_hidden_layers", 12))
+        self._token_embedding, self._final_layer_norm, self.num_layers = clip_parts(text_encoder)
         self.width = int(self._token_embedding.weight.shape[1])
         if embeddings is not None and embeddings.width != self.width:
             raise PromptError(
                 f"the embedding database was built for width {embeddings.width} but the text encoder "
                 f"has width {self.width}; build EmbeddingDatabase(tokenizer, width={self.width})"
             )
-        self._cache: OrderedDict[Hashable, CondSchedule] = OrderedDict()
-        self._lock = threading.Lock()
-        self.cache_hits = 0
-        self.cache_misses = 0
+        self._cache = ConditioningCache(cache_size)
+
+    @property
+    def cache_hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def cache_misses(self) -> int:
+        return self._cache.misses
 
     # ------------------------------------------------------------------ chunking
     def tokenize(
@@ -126,29 +212,6 @@ class PromptEncoder:
                 f"({self.num_layers} layers), got {clip_skip}"
             )
 
-    @contextmanager
-    def _fixes_hook(self, chunks: Sequence[PromptChunk]) -> Iterator[None]:
-        """Overwrite token-embedding rows with textual-inversion vectors during one forward."""
-        fixes = [(row, fix) for row, chunk in enumerate(chunks) for fix in chunk.fixes]
-        if not fixes:
-            yield
-            return
-
-        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-            out = output.clone()
-            for row, fix in fixes:
-                start = fix.offset + 1  # +1: row 0 is BOS
-                # A1111 clips an embedding that runs past the chunk end instead of failing.
-                n = min(out.shape[1] - start, fix.embedding.n_vectors)
-                out[row, start : start + n] = fix.embedding.vectors[:n].to(out.device, out.dtype)
-            return out
-
-        handle = self._token_embedding.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-
     def _encode_chunk_batch(
         self, chunks: Sequence[PromptChunk], clip_skip: int, emphasis: str
     ) -> torch.Tensor:
@@ -156,22 +219,13 @@ class PromptEncoder:
         ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
         # Positions are always 0..76 as int64: merged checkpoints often carry a damaged buffer.
         positions = torch.arange(CHUNK_TOKENS, dtype=torch.long, device=device).expand(len(chunks), -1)
-        with torch.no_grad(), self._fixes_hook(chunks):
+        with torch.no_grad(), embedding_fixes(self._token_embedding, chunks):
             out = self.text_encoder(input_ids=ids, position_ids=positions, output_hidden_states=clip_skip > 1)
             if clip_skip > 1:
                 z = self._final_layer_norm(out.hidden_states[-clip_skip])
             else:
                 z = out.last_hidden_state
-            if emphasis in ("Original", "No norm"):
-                multipliers = torch.tensor(
-                    [c.multipliers for c in chunks], dtype=torch.float32, device=device
-                )
-                original_mean = z.mean()
-                z = z * multipliers[..., None]
-                if emphasis == "Original":
-                    # The mean spans every text of this chunk index (the whole encoded batch).
-                    z = z * (original_mean / z.mean())
-        return z
+            return apply_emphasis(z, chunks, emphasis)
 
     def encode_texts(
         self,
@@ -191,12 +245,10 @@ class PromptEncoder:
             self.tokenize(t, emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack)
             for t in texts
         ]
-        chunk_count = max(len(line.chunks) for line in lines)
-        pad = empty_chunk(self.tokenizer)
-        zs = []
-        for i in range(chunk_count):
-            batch = [line.chunks[i] if i < len(line.chunks) else pad for line in lines]
-            zs.append(self._encode_chunk_batch(batch, clip_skip, emphasis))
+        zs = [
+            self._encode_chunk_batch(batch, clip_skip, emphasis)
+            for batch in chunk_batches(lines, self.tokenizer)
+        ]
         return torch.hstack(zs)
 
     # ------------------------------------------------------------------ cache
@@ -226,25 +278,6 @@ class PromptEncoder:
             runtime,
         )
 
-    def _cache_get(self, key: Hashable) -> CondSchedule | None:
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                self.cache_hits += 1
-            else:
-                self.cache_misses += 1
-            return hit
-
-    def _cache_put(self, key: Hashable, value: CondSchedule) -> None:
-        if self.cache_size <= 0:
-            return
-        with self._lock:
-            self._cache[key] = value
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-
     def encode_schedule(
         self,
         schedule: Sequence[tuple[int, str]],
@@ -267,7 +300,7 @@ class PromptEncoder:
         key = self._cache_key(
             "schedule", sched, clip_skip, emphasis, comma_padding_backtrack, model_key, context
         )
-        hit = self._cache_get(key)
+        hit = self._cache.get(key)
         if hit is not None:
             return hit
         z = self.encode_texts(
@@ -277,7 +310,7 @@ class PromptEncoder:
             comma_padding_backtrack=comma_padding_backtrack,
         )
         result: CondSchedule = tuple(ScheduledCond(step, z[i]) for i, (step, _) in enumerate(sched))
-        self._cache_put(key, result)
+        self._cache.put(key, result)
         return result
 
     def encode_multicond(
