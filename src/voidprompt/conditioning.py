@@ -17,8 +17,10 @@ import torch
 class ScheduledCond:
     """One entry of a prompt schedule: ``cond`` is used while the denoiser's call index <= end_at_step.
 
-    ``cond`` has shape (tokens, width), tokens a multiple of 77. ``pooled`` is SDXL's pooled text
-    vector (bigG's projected end-token state of the first chunk), None for SD1.
+    ``cond`` has shape (tokens, width), tokens a multiple of 77. ``pooled`` is SDXL's vector
+    conditioning (A1111's ``vector``), None for SD1: the encoder gives bigG's pooled text vector, and
+    the Engine appends the pass's size numbers (original size, crop, target size; the refiner's
+    aesthetic score) before the schedule reaches the denoiser.
     """
 
     end_at_step: int
@@ -36,13 +38,18 @@ class MultiCond:
     parts: tuple[tuple[CondSchedule, float], ...]
 
 
-def cond_at_step(schedule: CondSchedule, step: int) -> torch.Tensor:
-    """The tensor A1111 uses at denoiser call ``step`` (0-based).
+def entry_at_step(schedule: CondSchedule, step: int) -> ScheduledCond:
+    """The schedule entry A1111 uses at denoiser call ``step`` (0-based).
 
     A1111 picks the first entry with ``step <= end_at_step``: an entry ending at step 3 serves calls
     0..3, four calls. This off-by-one is A1111's and is reproduced on purpose.
     """
     for entry in schedule:
         if step <= entry.end_at_step:
-            return entry.cond
-    return schedule[-1].cond
+            return entry
+    return schedule[-1]
+
+
+def cond_at_step(schedule: CondSchedule, step: int) -> torch.Tensor:
+    """The cross-attention tensor A1111 uses at denoiser call ``step`` (see :func:`entry_at_step`)."""
+    return entry_at_step(schedule, step).cond

@@ -87,6 +87,12 @@ class GenerationRequest:
     use_downcasted_alpha_bar: bool = False  # "Downcast alphas_cumprod"
     use_old_karras_scheduler_sigmas: bool = False
     batch_cond_uncond: bool = True
+    # SDXL settings (A1111 options; no infotext keys of their own).
+    sdxl_crop_top: int = 0
+    sdxl_crop_left: int = 0
+    sdxl_clip_l_skip: bool = False  # "Clip skip SDXL": Clip skip applies to CLIP-L
+    sdxl_refiner_low_aesthetic_score: float = 2.5  # the refiner's negative prompt
+    sdxl_refiner_high_aesthetic_score: float = 6.0  # the refiner's positive prompt
 
     # img2img / inpainting (A1111 Img2Img API fields). Images are PIL images or None.
     init_images: tuple[Any, ...] = ()
@@ -188,6 +194,15 @@ class GenerationRequest:
             raise InvalidRequestError(
                 f"comma_padding_backtrack={self.comma_padding_backtrack}: must be within 0..74"
             )
+        for name in ("sdxl_crop_top", "sdxl_crop_left"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= MAX_SIDE:
+                raise InvalidRequestError(
+                    f"{name}={value!r}: must be a whole number of pixels, 0..{MAX_SIDE}"
+                )
+        for name in ("sdxl_refiner_low_aesthetic_score", "sdxl_refiner_high_aesthetic_score"):
+            if not 0.0 <= getattr(self, name) <= 10.0:
+                raise InvalidRequestError(f"{name}={getattr(self, name)}: must be within 0..10")
 
 
 def check_prompt_chars(

@@ -64,6 +64,13 @@ from voidprompt.pipeline.run_sampler import (
     run_sampler,
     uses_ensd,
 )
+from voidprompt.pipeline.sdxl_vector import (
+    SizeConditioning,
+    size_numbers,
+    split_vector,
+    with_numbers,
+    with_numbers_multi,
+)
 from voidprompt.prompts.embeddings import EmbeddingDatabase
 from voidprompt.prompts.encode import PromptEncoder
 from voidprompt.prompts.prepare import PreparedPrompts, prepare_prompts
@@ -141,7 +148,19 @@ class Engine:
         are kept (black pictures), and the VAE's float32 fallback is off with the check."""
         self.components = components
         self.style_db = style_db
-        self.encoder = PromptEncoder(components.text_encoder, components.tokenizer, embeddings)
+        self.encoder: Any
+        # SDXL: two text encoders, and the UNet takes a vector (pooled text + size numbers) too.
+        self._size: SizeConditioning | None = None
+        text_encoder_2 = getattr(components, "text_encoder_2", None)
+        if text_encoder_2 is not None:
+            from voidprompt.prompts.encode_sdxl import SDXLPromptEncoder
+
+            self.encoder = SDXLPromptEncoder(
+                components.text_encoder, text_encoder_2, components.tokenizer, embeddings
+            )
+            self._size = SizeConditioning(components.unet, int(text_encoder_2.config.projection_dim))
+        else:
+            self.encoder = PromptEncoder(components.text_encoder, components.tokenizer, embeddings)
         self.networks = NetworkManager()
         self.lora_dir = lora_dir
         self.hypernet_dir = hypernet_dir
@@ -292,11 +311,14 @@ class Engine:
         request: GenerationRequest,
         spec: SamplerSpec,
         *,
+        size: tuple[int, int] | None = None,
         hires_spec: SamplerSpec | None = None,
         hires_steps: int | None = None,
     ) -> _Conditioning:
         """The first pass's conditioning, or with ``hires_spec`` the hires pass's: hr prompts (empty =
-        the first pass's), scheduled over A1111's first-pass and hires sampler totals."""
+        the first pass's), scheduled over A1111's first-pass and hires sampler totals. ``size``
+        (height, width; default the request's) is the pass's picture size, which SDXL's vector
+        conditioning carries."""
         if hires_spec is None:
             prepared = prepare_prompts(
                 request.prompt,
@@ -345,9 +367,21 @@ class Engine:
             "model_key": networks.model_key or self.components.checkpoint.short_hash,
             "context": context,
         }
+        negative_options: dict[str, Any] = {}
+        if self._size is not None:
+            options["sdxl_clip_l_skip"] = request.sdxl_clip_l_skip
+            negative_options["negative"] = True  # A1111 zeroes an empty negative prompt on SDXL
         with self.components.precision.autocast_context():
             cond = self.encoder.encode_multicond(prepared.positive, **options)
-            uncond = self.encoder.encode_schedule(prepared.negative, **options)
+            uncond = self.encoder.encode_schedule(prepared.negative, **options, **negative_options)
+        if self._size is not None:
+            height, width = size or (request.height, request.width)
+            numbers = {
+                negative: size_numbers(self._size, request, height=height, width=width, negative=negative)
+                for negative in (False, True)
+            }
+            cond = with_numbers_multi(cond, numbers[False])
+            uncond = with_numbers(uncond, numbers[True])
         texts = [text for schedule, _ in prepared.positive for _, text in schedule]
         texts += [text for _, text in prepared.negative]
         ti_hashes = self.encoder.embeddings_used(
@@ -358,20 +392,31 @@ class Engine:
     def _empty_prompt_cond(self, request: GenerationRequest, conditioning: _Conditioning) -> Tensor:
         # "Pad conds" pads with the encoded empty prompt (A1111's cond_stage_model_empty_prompt).
         # Through the cache, keyed like the prompts: once per model state, not once per batch.
+        options: dict[str, Any] = {}
+        if self._size is not None:
+            options["sdxl_clip_l_skip"] = request.sdxl_clip_l_skip
         with self.components.precision.autocast_context():
             schedule = self.encoder.encode_schedule(
                 [(1, "")],
                 clip_skip=request.clip_skip,
                 model_key=conditioning.networks.model_key or self.components.checkpoint.short_hash,
+                **options,
             )
         return schedule[0].cond
 
-    def _unet_eps(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def _unet_eps(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
         dtype = self.components.dtype
         sample = x.to(dtype)
         if self._channels_last:
             sample = sample.contiguous(memory_format=torch.channels_last)
-        out = self._pass_unet(sample, t.to(x.device), encoder_hidden_states=context.to(dtype)).sample
+        extra: dict[str, Any] = {}
+        if y is not None:
+            assert self._size is not None
+            text_embeds, time_ids = split_vector(y, self._size.pooled_width)
+            extra["added_cond_kwargs"] = {"text_embeds": text_embeds.to(dtype), "time_ids": time_ids}
+        out = self._pass_unet(
+            sample, t.to(x.device), encoder_hidden_states=context.to(dtype), **extra
+        ).sample
         return out.to(x.dtype)
 
     def _unet_for_pass(self) -> Any:
@@ -474,11 +519,16 @@ class Engine:
             request.hr_sampler_name or request.sampler_name, request.hr_scheduler or request.scheduler
         )
         steps = request.hr_second_pass_steps or request.steps
-        conditioning = self._conditioning(request, spec, hires_spec=hr_spec, hires_steps=steps)
-        return _Hires(
-            target=hires_fix.hires_target(request, latent_factor(self.components)),
-            run=_Pass(hr_spec, hr_scheduler, steps, conditioning),
+        target = hires_fix.hires_target(request, latent_factor(self.components))
+        # SDXL's size numbers in the second pass are the upscaled size (A1111's hr_upscale_to_x/y).
+        conditioning = self._conditioning(
+            request,
+            spec,
+            size=(target.upscale_height, target.upscale_width),
+            hires_spec=hr_spec,
+            hires_steps=steps,
         )
+        return _Hires(target=target, run=_Pass(hr_spec, hr_scheduler, steps, conditioning))
 
     def _sample_hires(self, plan: _Plan, iteration: _Iteration, hires: _Hires, latents: Tensor) -> Tensor:
         """A1111's ``sample_hr_pass``: upscale, new noise at the hires shape, img2img over exactly

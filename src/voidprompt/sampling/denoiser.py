@@ -15,11 +15,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from voidprompt.conditioning import CondSchedule, MultiCond, cond_at_step
+from voidprompt.conditioning import CondSchedule, MultiCond, ScheduledCond, entry_at_step
 from voidprompt.errors import InvalidRequestError
 
-UNetFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``unet_fn(x_in, t, context) -> eps``; x_in already scaled and, for inpainting models, 9-channel."""
+UNetFn = Callable[..., Tensor]
+"""``unet_fn(x_in, t, context) -> eps``; x_in already scaled and, for inpainting models, 9-channel.
+SDXL's vector conditioning comes as a fourth argument, ``unet_fn(x_in, t, context, y)``; a model
+without one is called with three."""
+
+
+def _unet(unet_fn: UNetFn, x_in: Tensor, t: Tensor, context: Tensor, y: Tensor | None) -> Tensor:
+    return unet_fn(x_in, t, context) if y is None else unet_fn(x_in, t, context, y)
 
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
@@ -92,14 +98,20 @@ class DiscreteEpsDenoiser:
         return -sigma, 1 / (sigma**2 + self.sigma_data**2) ** 0.5
 
     def __call__(
-        self, x: Tensor, sigma: Tensor, *, context: Tensor, image_cond: Tensor | None = None
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        *,
+        context: Tensor,
+        image_cond: Tensor | None = None,
+        y: Tensor | None = None,
     ) -> Tensor:
         c_out, c_in = (_bcast(v, x) for v in self.get_scalings(sigma))
         x_in = x * c_in
         if image_cond is not None:
             # Inpainting UNets take the masked image latents as extra (unscaled) input channels.
             x_in = torch.cat([x_in, image_cond], dim=1)
-        eps = self.unet_fn(x_in, self.sigma_to_t(sigma), context)
+        eps = _unet(self.unet_fn, x_in, self.sigma_to_t(sigma), context, y)
         return x + eps * c_out
 
 
@@ -129,13 +141,19 @@ class LCMDenoiser(DiscreteEpsDenoiser):
         return super().t_to_sigma(t)
 
     def __call__(
-        self, x: Tensor, sigma: Tensor, *, context: Tensor, image_cond: Tensor | None = None
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        *,
+        context: Tensor,
+        image_cond: Tensor | None = None,
+        y: Tensor | None = None,
     ) -> Tensor:
         c_out, c_in = (_bcast(v, x) for v in self.get_scalings(sigma))
         x_in = x * c_in
         if image_cond is not None:
             x_in = torch.cat([x_in, image_cond], dim=1)
-        eps = self.unet_fn(x_in, self.sigma_to_t(sigma), context)
+        eps = _unet(self.unet_fn, x_in, self.sigma_to_t(sigma), context, y)
         sigma_data = 0.5
         scaled_t = _bcast(self.sigma_to_t(sigma), x) * 10.0
         c_skip = sigma_data**2 / (scaled_t**2 + sigma_data**2)
@@ -151,9 +169,17 @@ class EpsTimestepModel:
         self.unet_fn = unet_fn
         self.alphas_cumprod = downcast_alphas_cumprod(alphas_cumprod) if downcast_alphas else alphas_cumprod
 
-    def __call__(self, x: Tensor, t: Tensor, *, context: Tensor, image_cond: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        context: Tensor,
+        image_cond: Tensor | None = None,
+        y: Tensor | None = None,
+    ) -> Tensor:
         x_in = x if image_cond is None else torch.cat([x, image_cond], dim=1)
-        return self.unet_fn(x_in, t, context)
+        return _unet(self.unet_fn, x_in, t, context, y)
 
 
 InnerModel = Callable[..., Tensor]
@@ -169,6 +195,18 @@ def stack_conds(tensors: Sequence[Tensor]) -> Tensor:
         t if t.shape[0] == count else torch.vstack([t, t[-1:].repeat(count - t.shape[0], 1)]) for t in tensors
     ]
     return torch.stack(padded)
+
+
+def stack_vectors(entries: Sequence[ScheduledCond]) -> Tensor | None:
+    """The rows' vector conditionings (SDXL's ``y``) stacked, or None when the model takes none."""
+    vectors = [e.pooled for e in entries]
+    if all(v is None for v in vectors):
+        return None
+    if any(v is None for v in vectors):
+        raise InvalidRequestError(
+            "conditionings mix SDXL (with a pooled vector) and SD1 (without) in one batch"
+        )
+    return torch.stack([v for v in vectors if v is not None])
 
 
 @dataclass(frozen=True)
@@ -268,20 +306,27 @@ class CFGDenoiser:
 
     def multicond_batch(self, step: int) -> tuple[list[list[tuple[int, float]]], Tensor]:
         """A1111's reconstruct_multicond_batch: per image, (row index, weight) of each sub-prompt."""
-        tensors: list[Tensor] = []
+        conds_list, entries = self._multicond_entries(step)
+        return conds_list, stack_conds([e.cond for e in entries])
+
+    def _multicond_entries(self, step: int) -> tuple[list[list[tuple[int, float]]], list[ScheduledCond]]:
+        entries: list[ScheduledCond] = []
         conds_list: list[list[tuple[int, float]]] = []
         for multi in self.conds:
-            entry = []
+            rows = []
             for schedule, weight in multi.parts:
-                entry.append((len(tensors), weight))
-                tensors.append(cond_at_step(schedule, step))
-            conds_list.append(entry)
-        return conds_list, stack_conds(tensors)
+                rows.append((len(entries), weight))
+                entries.append(entry_at_step(schedule, step))
+            conds_list.append(rows)
+        return conds_list, entries
 
     def uncond_batch(self, step: int) -> Tensor:
         # A1111 requires equal shapes here (its encoder pads a batch to one chunk count); repeating
         # the last vector, as for AND sub-prompts, keeps a mixed batch usable.
-        return stack_conds([cond_at_step(schedule, step) for schedule in self.unconds])
+        return stack_conds([e.cond for e in self._uncond_entries(step)])
+
+    def _uncond_entries(self, step: int) -> list[ScheduledCond]:
+        return [entry_at_step(schedule, step) for schedule in self.unconds]
 
     def _pad(self, cond: Tensor, uncond: Tensor) -> tuple[Tensor, Tensor]:
         if self.guidance.pad_cond_uncond_v0:
@@ -308,8 +353,12 @@ class CFGDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         step = self.step
-        conds_list, tensor = self.multicond_batch(step)
-        uncond = self.uncond_batch(step)
+        conds_list, cond_entries = self._multicond_entries(step)
+        uncond_entries = self._uncond_entries(step)
+        tensor = stack_conds([e.cond for e in cond_entries])
+        uncond = stack_conds([e.cond for e in uncond_entries])
+        # SDXL's vector conditioning: one row per UNet row, never padded (A1111 pads crossattn only).
+        y_cond, y_uncond = stack_vectors(cond_entries), stack_vectors(uncond_entries)
         guidance = self.guidance
         if self.blend is not None and self.blend.before_denoising:
             x = self.blend.apply(x)
@@ -349,9 +398,18 @@ class CFGDenoiser:
         if tensor.shape[1] != uncond.shape[1] and (guidance.pad_cond_uncond_v0 or guidance.pad_cond_uncond):
             tensor, uncond = self._pad(tensor, uncond)
 
+        if (y_cond is None) != (y_uncond is None):
+            raise InvalidRequestError(
+                "the positive and negative conditionings come from different model families"
+            )
+        y_in = None
+        if y_cond is not None and y_uncond is not None:
+            y_in = y_cond if skip_uncond else torch.cat([y_cond, y_uncond])
+
         def run(a: int, b: int, context: Tensor) -> Tensor:
             ic = None if image_cond_in is None else image_cond_in[a:b]
-            return self.inner(x_in[a:b], sigma_in[a:b], context=context, image_cond=ic)
+            extra = {} if y_in is None else {"y": y_in[a:b]}
+            return self.inner(x_in[a:b], sigma_in[a:b], context=context, image_cond=ic, **extra)
 
         n_in = x_in.shape[0]
         if tensor.shape[1] == uncond.shape[1] or skip_uncond:
