@@ -92,3 +92,39 @@ def test_a_float32_vae_carries_over_to_the_next_model(
     engine = host.ensure_loaded(second, None)
     assert next(engine.components.vae.parameters()).dtype == torch.float32
     assert host.precision.vae == torch.float32 and host.precision.weights == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("argv", "run_args"),
+    [
+        ([], ()),
+        (["--device", "cpu"], ("--device", "cpu")),
+        (["--precision", "fp32", "--device", "cpu"], ("--device", "cpu", "--precision", "fp32")),
+    ],
+)
+def test_study_runs_started_by_the_server_get_its_explicit_placement(
+    argv: list[str], run_args: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voidprompt.server import studies
+
+    config: Any = build_config(_parser().parse_args(["--no-miniature", *argv]))
+    assert config.study_run_args == run_args
+    registry = studies.StudyRegistry(None, run_args=config.study_run_args)
+    started: list[list[str]] = []
+
+    class FakeProcess:
+        stdout = None
+
+        def __init__(self, args: list[str], **_: Any) -> None:
+            started.append(list(args))
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(studies.subprocess, "Popen", FakeProcess)
+    study = tmp_path / "s.toml"
+    study.write_text('[study]\nname = "s"\n')
+    registry.start_run(studies.StudyEntry("s", study, None), max_jobs=3, batch_size=None)
+    argv_run = started[0][started[0].index("run") :]
+    # Without serve's flags the study file's [run] table decides; with them the server's choice wins.
+    assert argv_run == ["run", str(study), "--no-progress", *run_args, "--max-jobs", "3"]

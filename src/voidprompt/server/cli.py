@@ -64,12 +64,16 @@ def _parser() -> argparse.ArgumentParser:
         "--studies-dir", type=Path, help="folder of study files and catalogs for /voidprompt/v1/studies"
     )
     p.add_argument("--outdir", type=Path, help="where save_images=true writes images (default: not saved)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:N or mps (default cpu); study runs started from the web UI use it too "
+        "(without it, each study's [run] device)",
+    )
     p.add_argument(
         "--precision",
-        default="auto",
         choices=["auto", "fp32", "fp16", "bf16"],
-        help="auto: fp16 under autocast on CUDA (A1111's), fp32 elsewhere; bf16 only when asked",
+        help="auto (default): fp16 under autocast on CUDA (A1111's), fp32 elsewhere; bf16 only when "
+        "asked; study runs started from the web UI use it too (without it, each study's [run] precision)",
     )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument(
@@ -101,7 +105,7 @@ def build_config(args: argparse.Namespace) -> object:
     from voidprompt.server.state import ServerConfig
 
     # Refused here, before anything is read or bound: a device or precision this machine lacks.
-    resolve_precision(args.precision, resolve_device(args.device))
+    resolve_precision(args.precision or "auto", resolve_device(args.device or "cpu"))
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     auth_text = args.api_auth
     if args.api_auth_file is not None:
@@ -155,12 +159,23 @@ def build_config(args: argparse.Namespace) -> object:
         cors_allow_origins=origins,
         cors_allow_origin_regex=args.cors_allow_origins_regex,
         limits=limits,
-        device=args.device,
-        precision=args.precision,
+        device=args.device or "cpu",
+        precision=args.precision or "auto",
+        study_run_args=_study_run_args(args),
         threads=args.threads,
         disable_nan_check=args.disable_nan_check,
         ui=not args.nowebui,
     )
+
+
+def _study_run_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """What the server passes on to the study runs it starts: the placement it was given explicitly."""
+    out: list[str] = []
+    if args.device is not None:
+        out += ["--device", args.device]
+    if args.precision is not None:
+        out += ["--precision", args.precision]
+    return tuple(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

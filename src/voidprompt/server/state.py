@@ -39,6 +39,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     device: str = "cpu"
     precision: str = "auto"  # models.placement.resolve_precision's names
+    # Arguments every study run started from the web UI gets (serve's explicit --device/--precision).
+    study_run_args: tuple[str, ...] = ()
     threads: int | None = None
     disable_nan_check: bool = False  # A1111's --disable-nan-check: keep NaN output (black pictures)
     ui: bool = True
@@ -67,7 +69,7 @@ class App:
         )
         if config.default_model:
             self.host.select(config.default_model)
-        self.studies = StudyRegistry(config.studies_dir)
+        self.studies = StudyRegistry(config.studies_dir, run_args=config.study_run_args)
         self._tokenizer: Any = None
         self._widths: dict[tuple[str, int, int], int | None] = {}
 

@@ -35,6 +35,7 @@ import threading
 import time
 import tomllib
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -85,8 +86,11 @@ class RunHandle:
 
 
 class StudyRegistry:
-    def __init__(self, folder: Path | None) -> None:
+    def __init__(self, folder: Path | None, *, run_args: Sequence[str] = ()) -> None:
+        """``run_args`` go to every ``voidprompt study run`` this registry starts (the server's
+        explicit ``--device`` / ``--precision``)."""
         self.folder = folder
+        self.run_args = tuple(run_args)
         self.entries: dict[str, StudyEntry] = {}
         self.runs: dict[str, RunHandle] = {}
         self._lock = threading.Lock()
@@ -322,6 +326,7 @@ class StudyRegistry:
             if self.is_running(entry.id):
                 raise CatalogBusyError(f"study {entry.id!r} is already running")
             argv = [sys.executable, "-c", _RUN_CHILD, "run", str(entry.study_file), "--no-progress"]
+            argv += self.run_args
             if max_jobs is not None:
                 argv += ["--max-jobs", str(max_jobs)]
             if batch_size is not None:
