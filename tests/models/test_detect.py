@@ -23,6 +23,8 @@ def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
         (ModelFamily.SD2_EPS, ModelFamily.SD2_EPS),
         (ModelFamily.SD2_V, ModelFamily.SD2_EPS),
         (ModelFamily.SDXL, ModelFamily.SDXL),
+        (ModelFamily.SDXL_REFINER, ModelFamily.SDXL_REFINER),
+        (ModelFamily.SDXL_INPAINT, ModelFamily.SDXL_INPAINT),
     ],
 )
 def test_detect_each_family(family: ModelFamily, expected: ModelFamily) -> None:
@@ -59,15 +61,32 @@ def test_key_facts_of_the_fake_layouts() -> None:
     assert inp["model.diffusion_model.input_blocks.0.0.weight"].shape == (320, 9, 3, 3)
 
 
-@pytest.mark.parametrize("family", [ModelFamily.SD2_EPS, ModelFamily.SD2_V, ModelFamily.SDXL])
+@pytest.mark.parametrize("family", [ModelFamily.SD2_EPS, ModelFamily.SD2_V])
 def test_unsupported_families_raise(family: ModelFamily) -> None:
-    with pytest.raises(UnsupportedModelError, match=r"detected .*not supported yet"):
+    with pytest.raises(UnsupportedModelError, match=r"detected SD2.*not supported yet"):
         require_supported(family, source="x.safetensors")
 
 
-def test_sd1_families_are_supported() -> None:
-    require_supported(ModelFamily.SD1, source="x")
-    require_supported(ModelFamily.SD1_INPAINT, source="x")
+@pytest.mark.parametrize(
+    "family",
+    [
+        ModelFamily.SD1,
+        ModelFamily.SD1_INPAINT,
+        ModelFamily.SDXL,
+        ModelFamily.SDXL_REFINER,
+        ModelFamily.SDXL_INPAINT,
+    ],
+)
+def test_sd1_and_sdxl_families_are_supported(family: ModelFamily) -> None:
+    require_supported(family, source="x")
+
+
+def test_is_sdxl() -> None:
+    assert {f for f in ModelFamily if f.is_sdxl} == {
+        ModelFamily.SDXL,
+        ModelFamily.SDXL_REFINER,
+        ModelFamily.SDXL_INPAINT,
+    }
 
 
 def test_unknown_files_explain_what_they_look_like() -> None:

@@ -140,8 +140,15 @@ def test_incomplete_checkpoint_names_missing_tensors(tmp_path: Path) -> None:
 
 def test_unsupported_family_file(tmp_path: Path) -> None:
     sd = tiny_sd1_state_dict(0)
+    sd["cond_stage_model.model.ln_final.weight"] = torch.zeros(4)  # OpenCLIP ViT-H: SD2
+    with pytest.raises(UnsupportedModelError, match=r"detected SD2 .*not supported yet"):
+        load_model(write_tiny_checkpoint(tmp_path / "sd2.safetensors", state_dict=sd))
+
+
+def test_sd1_file_with_an_sdxl_key_is_an_incomplete_sdxl_file(tmp_path: Path) -> None:
+    sd = tiny_sd1_state_dict(0)
     sd["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(4, 4)
-    with pytest.raises(UnsupportedModelError, match="detected SDXL: not supported yet"):
+    with pytest.raises(ModelLoadError, match=r"conditioner\.embedders\.0.*not a complete"):
         load_model(write_tiny_checkpoint(tmp_path / "xl.safetensors", state_dict=sd))
 
 

@@ -6,21 +6,35 @@ CLIP text tower's width, layers, MLP width, vocabulary and positions. Shapes can
 below; they default to the SD1 values and a safetensors file may override them in its metadata under
 the key ``voidprompt.arch``, a JSON object (the miniature model uses it). Every key is optional:
 
-=========================  =============  ===================================================================
-key                        SD1 default    meaning
-=========================  =============  ===================================================================
-``unet_heads``             8              attention heads in every UNet transformer (SD1 fixes the count;
-                                          diffusers calls it ``attention_head_dim`` for historical reasons)
-``unet_norm_groups``       32             GroupNorm groups in the UNet (res blocks, transformers, output)
-``unet_norm_eps``          1e-5           GroupNorm eps of UNet res blocks and output norm
-``unet_sample_size``       64             nominal latent size (a config label only; any size runs)
-``vae_norm_groups``        32             GroupNorm groups in the VAE
-``vae_sample_size``        512            nominal image size (diffusers uses it as the VAE tiling size)
-``clip_head_dim``          64             CLIP head width; heads = hidden width / this
-``clip_hidden_act``        "quick_gelu"   CLIP MLP activation (transformers ACT2FN name)
-``clip_layer_norm_eps``    1e-5           CLIP LayerNorm eps
-``scaling_factor``         0.18215        VAE latent scaling factor
-=========================  =============  ===================================================================
+================================  ============  ==========================================================
+key                               SD1 default   meaning
+================================  ============  ==========================================================
+``unet_heads``                    8             attention heads in every UNet transformer (SD1 fixes the
+                                                count; diffusers calls it ``attention_head_dim`` for
+                                                historical reasons)
+``unet_norm_groups``              32            GroupNorm groups in the UNet (res blocks, transformers,
+                                                output)
+``unet_norm_eps``                 1e-5          GroupNorm eps of UNet res blocks and output norm
+``unet_sample_size``              64            nominal latent size (a config label only; any size runs)
+``vae_norm_groups``               32            GroupNorm groups in the VAE
+``vae_sample_size``               512           nominal image size (diffusers uses it as the VAE tiling
+                                                size)
+``clip_head_dim``                 64            CLIP head width; heads = hidden width / this
+``clip_hidden_act``               "quick_gelu"  CLIP MLP activation (transformers ACT2FN name)
+``clip_layer_norm_eps``           1e-5          CLIP LayerNorm eps
+``scaling_factor``                0.18215       VAE latent scaling factor
+``unet_head_dim``                 64            SDXL only: the width of every UNet attention head (SDXL
+                                                fixes the width: a level w wide has w / 64 heads)
+``unet_addition_time_embed_dim``  256           SDXL only: sinusoidal width of each size, crop and
+                                                aesthetic-score number fed to the UNet
+``clip_g_head_dim``               64            SDXL only: OpenCLIP ViT-bigG head width
+``clip_g_hidden_act``             "gelu"        SDXL only: OpenCLIP ViT-bigG MLP activation
+``clip_g_layer_norm_eps``         1e-5          SDXL only: OpenCLIP ViT-bigG LayerNorm eps
+================================  ============  ==========================================================
+
+An SDXL file starts from other defaults for three keys (``unet_sample_size`` 128, ``vae_sample_size``
+1024, ``scaling_factor`` 0.13025; see :mod:`voidprompt.models.arch_sdxl`); its metadata overrides
+those defaults, key by key, exactly as an SD1 file's overrides SD1's.
 
 A ``.ckpt`` has no metadata block; there the same JSON string may sit in the top-level pickled dict
 under the same key, next to ``state_dict``.
@@ -39,7 +53,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -87,14 +101,25 @@ class ArchConstants:
     clip_hidden_act: str = "quick_gelu"
     clip_layer_norm_eps: float = 1e-5
     scaling_factor: float = 0.18215
+    unet_head_dim: int = 64
+    unet_addition_time_embed_dim: int = 256
+    clip_g_head_dim: int = 64
+    clip_g_hidden_act: str = "gelu"
+    clip_g_layer_norm_eps: float = 1e-5
 
     @classmethod
     def from_metadata(
-        cls, metadata: Mapping[str, str] | None, *, source: str = "checkpoint"
+        cls,
+        metadata: Mapping[str, str] | None,
+        *,
+        source: str = "checkpoint",
+        defaults: ArchConstants | None = None,
     ) -> ArchConstants:
-        """Read the ``voidprompt.arch`` override from safetensors metadata (absent -> SD1 defaults)."""
+        """Read the ``voidprompt.arch`` override from safetensors metadata (absent -> ``defaults``,
+        which are SD1's unless the family has its own)."""
+        base = defaults if defaults is not None else cls()
         if not metadata or ARCH_METADATA_KEY not in metadata:
-            return cls()
+            return base
         try:
             data = json.loads(metadata[ARCH_METADATA_KEY])
         except json.JSONDecodeError as exc:
@@ -125,11 +150,12 @@ class ArchConstants:
                     f"expected a {type(default).__name__}."
                 )
             values[key] = float(value) if isinstance(default, float) else value
-        return cls(**values)
+        return replace(base, **values)
 
-    def to_metadata(self) -> dict[str, str]:
-        """Metadata entry that reproduces these constants; only keys that differ from SD1 are written."""
-        default = ArchConstants()
+    def to_metadata(self, defaults: ArchConstants | None = None) -> dict[str, str]:
+        """Metadata entry that reproduces these constants; only keys that differ from ``defaults``
+        (SD1's unless given) are written."""
+        default = defaults if defaults is not None else ArchConstants()
         diff = {k: v for k, v in asdict(self).items() if getattr(default, k) != v}
         return {ARCH_METADATA_KEY: json.dumps(diff, sort_keys=True)} if diff else {}
 
@@ -187,7 +213,9 @@ class SD1Arch:
 
 def _need(shapes: Shapes, key: str, what: str) -> torch.Size:
     if key not in shapes:
-        raise ModelLoadError(f"checkpoint has no '{key}' ({what}); it is not a complete SD1.x checkpoint.")
+        raise ModelLoadError(
+            f"checkpoint has no '{key}' ({what}); it is not a complete Stable Diffusion checkpoint."
+        )
     return shapes[key]
 
 

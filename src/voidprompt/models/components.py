@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from voidprompt.models.arch import SD1Arch
+from voidprompt.models.arch_sdxl import SDXLArch
 from voidprompt.models.detect import ModelFamily
 from voidprompt.models.hashes import old_model_hash, sha256_file
 from voidprompt.models.placement import PrecisionPolicy
@@ -98,11 +99,17 @@ class LoadReport:
 
 @dataclass
 class Components:
-    """A loaded SD1.x model: the three modules, the tokenizer and the facts about the file."""
+    """A loaded model: the modules, the tokenizer and the facts about the file.
+
+    SDXL adds ``text_encoder_2`` (OpenCLIP ViT-bigG); its refiner has no ``text_encoder`` (None).
+    ``prediction`` ("eps" or "v") and ``zero_terminal_snr`` come from the file's marker keys
+    (:func:`voidprompt.models.detect.detect_prediction`); ``alphas_cumprod`` is the schedule as
+    trained, before any zero-terminal-SNR rescaling, which is the sampling side's to apply.
+    """
 
     unet: Any  # diffusers.UNet2DConditionModel
     vae: Any  # diffusers.AutoencoderKL
-    text_encoder: Any  # transformers.CLIPTextModel
+    text_encoder: Any  # transformers.CLIPTextModel (CLIP ViT-L); None for the SDXL refiner
     tokenizer: Any  # voidprompt.models.tokenizer.ClipTokenizer
     family: ModelFamily
     alphas_cumprod: torch.Tensor  # float32, (1000,)
@@ -112,10 +119,13 @@ class Components:
     report: LoadReport
     device: torch.device
     dtype: torch.dtype  # the UNet's and text encoder's weights (precision.weights)
-    arch: SD1Arch
+    arch: SD1Arch | SDXLArch
     # How the modules compute. The Engine replaces it with a float32-VAE policy when a half
     # decode overflows (A1111's auto_vae_precision): the VAE stays float32 from then on.
     precision: PrecisionPolicy
+    text_encoder_2: Any = None  # transformers.CLIPTextModelWithProjection (SDXL's OpenCLIP ViT-bigG)
+    prediction: str = "eps"  # "eps" or "v"
+    zero_terminal_snr: bool = False
 
     @property
     def unet_in_channels(self) -> int:

@@ -7,6 +7,13 @@ tensor (plus, for safetensors, the file pages the OS keeps mapped).
 
 The container format is read from the file's first bytes, not its extension: ``PK`` is a torch zip,
 ``0x80`` a legacy torch pickle, and anything else must parse as a safetensors header.
+
+SD1.x and SDXL (base, refiner, inpainting) load through the same loop; the family decides the
+architecture reader (:mod:`~voidprompt.models.arch` or :mod:`~voidprompt.models.arch_sdxl`) and the
+key map. SDXL's noise schedule is sgm's ``LegacyDDPMDiscretization``, the same scaled-linear schedule
+as SD1's, and A1111 always computes it for SDXL: an ``alphas_cumprod`` stored in an SDXL file is
+ignored. The ``v_pred`` / ``ztsnr`` marker keys are recorded on the components
+(:func:`voidprompt.models.detect.detect_prediction`).
 """
 
 from __future__ import annotations
@@ -27,12 +34,23 @@ from voidprompt.models.arch import (
     CLIP_PREFIX_OLD,
     VAE_PREFIX,
     ArchConstants,
+    SD1Arch,
     build_modules,
     infer_arch,
 )
+from voidprompt.models.arch_sdxl import SDXL_DEFAULTS, SDXLArch, infer_sdxl_arch
 from voidprompt.models.components import CheckpointInfo, Components, LoadReport, VaeInfo
-from voidprompt.models.convert import POSITION_IDS_KEY, CheckpointKeyMap, fit_shape
-from voidprompt.models.detect import detect_family, require_supported
+from voidprompt.models.convert import POSITION_IDS_KEY, CheckpointKeyMap, fit_shape, to_module_tensors
+from voidprompt.models.convert_open_clip import IGNORED_OPEN_CLIP_KEYS
+from voidprompt.models.convert_sdxl import SDXL_POSITION_IDS_KEY, sdxl_key_map
+from voidprompt.models.detect import (
+    V_PRED_KEY,
+    ZTSNR_KEY,
+    ModelFamily,
+    detect_family,
+    detect_prediction,
+    require_supported,
+)
 from voidprompt.models.placement import PrecisionPolicy, use_a1111_cuda_settings
 from voidprompt.models.safe_pickle import LazyTensor, PickleCheckpoint, load_pickle_checkpoint
 from voidprompt.models.safetensors_stream import read_safetensors_header
@@ -75,6 +93,8 @@ def _is_ignored(key: str) -> bool:
         or key.startswith("model_ema.")
         or key.startswith(VAE_PREFIX + "loss.")
         or key.startswith("loss.")
+        # open_clip's contrastive-loss temperature (and an attention mask some saves carry)
+        or (key.startswith("conditioner.embedders.") and key.rsplit(".", 1)[-1] in IGNORED_OPEN_CLIP_KEYS)
     )
 
 
@@ -272,7 +292,12 @@ def _valid_schedule(value: torch.Tensor) -> bool:
 
 
 def _load_external_vae(
-    vae: nn.Module, vae_path: Path, device: torch.device, dtype: torch.dtype, report: LoadReport
+    vae: nn.Module,
+    vae_path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    report: LoadReport,
+    family: ModelFamily = ModelFamily.SD1,
 ) -> None:
     keymap = CheckpointKeyMap(vae=vae, vae_prefix="")
     mismatched: list[str] = []
@@ -304,10 +329,14 @@ def _load_external_vae(
             parts.append(f"{len(missing)} VAE tensors missing, e.g. {', '.join(missing[:3])}")
         if unknown:
             parts.append(f"{len(unknown)} keys that are not VAE keys, e.g. {', '.join(unknown[:3])}")
+        examples = (
+            "an SDXL VAE file (such as sdxl_vae.safetensors or sdxl-vae-fp16-fix)"
+            if family.is_sdxl
+            else "an SD1 VAE file (such as vae-ft-mse-840000-ema-pruned or NovelAI's animevae.pt)"
+        )
         raise ModelLoadError(
             f"{vae_path}: does not fit this model's VAE: {'; '.join(parts) or 'no VAE tensors'}. "
-            "Use an SD1 VAE file (such as vae-ft-mse-840000-ema-pruned or NovelAI's animevae.pt) "
-            "or load without a VAE."
+            f"Use {examples} or load without a VAE."
         )
     report.consumed += loaded
     if unknown:
@@ -324,7 +353,8 @@ def load_model(
     channels_last: bool | None = None,
     tokenizer: Any = None,
 ) -> Components:
-    """Load an SD1.x / SD1.x-inpainting checkpoint into diffusers/transformers modules.
+    """Load an SD1.x or SDXL checkpoint (and their inpainting variants, and the SDXL refiner) into
+    diffusers/transformers modules.
 
     ``vae_path`` replaces the checkpoint's VAE; without it, a ``<stem>.vae.pt`` /
     ``.vae.safetensors`` / ``.vae.ckpt`` next to the checkpoint is used as A1111 does.
@@ -335,7 +365,7 @@ def load_model(
     channels-last, the layout cuDNN's fastest kernels use; CPU results stay as they were.
     ``tokenizer`` defaults to :func:`voidprompt.models.tokenizer.load_clip_tokenizer`.
     Raises :class:`ModelLoadError` (missing, damaged or foreign file; missing tensors),
-    :class:`UnsafePickleError` and :class:`UnsupportedModelError` (SD2, SDXL).
+    :class:`UnsafePickleError` and :class:`UnsupportedModelError` (SD2).
     """
     p = Path(path)
     dev = torch.device(device)
@@ -345,19 +375,45 @@ def load_model(
         raise ModelLoadError(
             f"load_model: dtype={dtype} contradicts precision {precision.name}; pass one of the two"
         )
-    dtypes = {"unet": precision.weights, "text_encoder": precision.weights, "vae": precision.vae}
+    dtypes = {
+        "unet": precision.weights,
+        "text_encoder": precision.weights,
+        "text_encoder_2": precision.weights,
+        "vae": precision.vae,
+    }
     report = LoadReport(source=str(p))
     with open_checkpoint(p) as reader:
         shapes = reader.shapes
         family = detect_family(shapes)
         require_supported(family, source=str(p))
-        constants = ArchConstants.from_metadata(reader.metadata, source=str(p))
+        constants = ArchConstants.from_metadata(
+            reader.metadata, source=str(p), defaults=SDXL_DEFAULTS if family.is_sdxl else None
+        )
         if ARCH_METADATA_KEY in reader.metadata:
             report.notes.append(f"architecture constants from '{ARCH_METADATA_KEY}' metadata")
-        arch = infer_arch(shapes, constants)
-        unet, vae, text_encoder = build_modules(arch, device="meta")
-        keymap = CheckpointKeyMap(unet, vae, text_encoder)
-        modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+        arch: SD1Arch | SDXLArch
+        text_encoder_2: Any = None
+        if family.is_sdxl:
+            arch = infer_sdxl_arch(shapes, constants)
+            unet, vae, text_encoder, text_encoder_2 = arch.build(device="meta")
+            keymap = sdxl_key_map(unet, vae, text_encoder, text_encoder_2)
+            position_keys = {} if arch.clip_l is None else {SDXL_POSITION_IDS_KEY: arch.clip_l.max_positions}
+        else:
+            arch = infer_arch(shapes, constants)
+            unet, vae, text_encoder = build_modules(arch, device="meta")
+            keymap = CheckpointKeyMap(unet, vae, text_encoder)
+            position_keys = {
+                POSITION_IDS_KEY: arch.clip.max_positions,
+                CLIP_PREFIX_OLD + "embeddings.position_ids": arch.clip.max_positions,
+            }
+        candidates = {
+            "unet": unet,
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2,
+        }
+        modules: dict[str, nn.Module] = {name: m for name, m in candidates.items() if m is not None}
+        prediction, zero_terminal_snr = detect_prediction(shapes)
 
         external_vae = Path(vae_path) if vae_path is not None else find_paired_vae(p)
         if external_vae is not None and not external_vae.is_file():
@@ -368,16 +424,20 @@ def load_model(
             report.file_dtypes[str(reader.dtypes[key]).removeprefix("torch.")] = (
                 report.file_dtypes.get(str(reader.dtypes[key]).removeprefix("torch."), 0) + 1
             )
-            if key == POSITION_IDS_KEY or key == CLIP_PREFIX_OLD + "embeddings.position_ids":
-                damage = _check_position_ids(reader.get(key), arch.clip.max_positions)
+            if key in position_keys:
+                positions = position_keys[key]
+                damage = _check_position_ids(reader.get(key), positions)
                 report.position_ids_damage = damage
                 if damage:
-                    log.warning("%s: position_ids %s; using 0..%d", p, damage, arch.clip.max_positions - 1)
+                    log.warning("%s: position_ids %s; using 0..%d", p, damage, positions - 1)
                 report.consumed += 1
                 continue
-            if key == "alphas_cumprod":
+            if key == "alphas_cumprod" and not family.is_sdxl:
                 stored_alphas = reader.get(key)
                 report.consumed += 1
+                continue
+            if key in (V_PRED_KEY, ZTSNR_KEY):
+                report.consumed += 1  # a marker: its presence is the information
                 continue
             target = keymap.target(key)
             if target is None:
@@ -391,20 +451,23 @@ def load_model(
                     f"{p}: '{key}' has shape {tuple(reader.shapes[key])} but the architecture read from "
                     f"the file wants {tuple(target.shape)}; the checkpoint is inconsistent (a bad merge?)."
                 )
-            tensor = fit_shape(reader.get(key), target.shape, what=f"{p}: {key}")
-            _assign(
-                modules[target.component], target.module_key, _prepare(tensor, dev, dtypes[target.component])
-            )
+            module = modules[target.component]
+            dtype = dtypes[target.component]
+            for module_key, tensor in to_module_tensors(target, reader.get(key), what=f"{p}: {key}"):
+                _assign(module, module_key, _prepare(tensor, dev, dtype))
             report.consumed += 1
         if reader.non_tensor_keys:
             report.ignored.extend(reader.non_tensor_keys)
 
     # The CLIP position ids are a non-persistent buffer: always the clean 0..N-1, whatever the file had.
-    for name, buf in list(text_encoder.named_buffers()):
-        if name.endswith("position_ids"):
-            _assign(
-                text_encoder, name, torch.arange(buf.shape[-1], dtype=torch.int64, device=dev).expand(1, -1)
-            )
+    for encoder in (text_encoder, text_encoder_2):
+        if encoder is None:
+            continue
+        for name, buf in list(encoder.named_buffers()):
+            if name.endswith("position_ids"):
+                _assign(
+                    encoder, name, torch.arange(buf.shape[-1], dtype=torch.int64, device=dev).expand(1, -1)
+                )
 
     missing = [
         f"{c}.{k}" for c, m in modules.items() if not (c == "vae" and external_vae) for k in _meta_tensors(m)
@@ -418,9 +481,13 @@ def load_model(
 
     vae_info = None
     if external_vae is not None:
-        _load_external_vae(vae, external_vae, dev, precision.vae, report)
+        _load_external_vae(vae, external_vae, dev, precision.vae, report, family)
         vae_info = VaeInfo(path=external_vae, name=external_vae.name, paired=vae_path is None)
 
+    if prediction == "v":
+        report.notes.append(f"v-prediction ('{V_PRED_KEY}' key)")
+    if zero_terminal_snr:
+        report.notes.append(f"zero terminal SNR schedule asked for ('{ZTSNR_KEY}' key)")
     if stored_alphas is not None and _valid_schedule(stored_alphas):
         alphas = stored_alphas.to(torch.float32)
     else:
@@ -456,4 +523,7 @@ def load_model(
         dtype=precision.weights,
         arch=arch,
         precision=precision,
+        text_encoder_2=text_encoder_2,
+        prediction=prediction,
+        zero_terminal_snr=zero_terminal_snr,
     )

@@ -5,8 +5,13 @@
   one res block per level, a 32-wide two-layer CLIP text tower with the full 49408-token vocabulary and
   77 positions, and a two-level VAE. It is made by building the diffusers/transformers modules with
   seeded random weights and running the reverse conversion, so it round-trips exactly.
+* :func:`tiny_sdxl_state_dict` - the same for SDXL, in the original (sgm) layout: two UNet levels (32,
+  64 channels, two res blocks each; cross attention at the second level only, two transformer blocks
+  deep, as SDXL has none at its first), a small ``label_emb``, a 32-wide CLIP-L tower and a 32-wide
+  bigG tower with its projection (both with the full vocabulary and 77 positions), and the tiny VAE.
+  Refiner (bigG only, aesthetic score) and inpainting (9 input channels) variants.
 * :func:`fake_full_state_dict` - full-size key/shape layouts of each family on the meta device, for
-  detection tests (no memory used).
+  detection and key-coverage tests (no memory used).
 * :func:`write_random_full_size_sd15` - a real full-size SD1.5-layout file of random numbers for the
   loading benchmark.
 """
@@ -14,6 +19,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,20 +34,29 @@ from voidprompt.models.arch import (
     VaeArch,
     build_modules,
 )
+from voidprompt.models.arch_sdxl import OPEN_CLIP_PREFIX, SDXL_DEFAULTS, OpenClipArch, SDXLArch
 from voidprompt.models.convert import modules_to_compvis, unet_rules, vae_module_to_compvis
+from voidprompt.models.convert_sdxl import sdxl_modules_to_checkpoint
 from voidprompt.models.detect import ModelFamily
 from voidprompt.models.load import sd1_alphas_cumprod
 
 __all__ = [
     "SD15_ARCH",
+    "SDXL_BASE_ARCH",
+    "SDXL_REFINER_ARCH",
     "TINY_ARCH",
+    "TINY_SDXL_CONSTANTS",
     "fake_full_state_dict",
     "sd1_alphas_cumprod",
     "tiny_sd1_modules",
     "tiny_sd1_state_dict",
+    "tiny_sdxl_arch",
+    "tiny_sdxl_modules",
+    "tiny_sdxl_state_dict",
     "tiny_vae_state_dict",
     "write_random_full_size_sd15",
     "write_tiny_checkpoint",
+    "write_tiny_sdxl_checkpoint",
 ]
 
 # The tiny model's constants differ from SD1 (fewer heads and groups), so its files must carry them in
@@ -77,6 +92,61 @@ def _tiny_arch(in_channels: int) -> SD1Arch:
 
 TINY_ARCH = _tiny_arch(4)
 
+SDXL_BASE_ARCH = SDXLArch(
+    unet=UNetArch(
+        in_channels=4,
+        out_channels=4,
+        model_channels=320,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=2,
+        attention_levels=(False, True, True),
+        transformer_depth=(1, 2, 10),
+        context_dim=2048,
+        linear_projection=True,
+    ),
+    adm_in_channels=2816,
+    mid_depth=10,
+    vae=VaeArch(
+        in_channels=3,
+        out_channels=3,
+        channels=128,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        latent_channels=4,
+    ),
+    clip_l=ClipArch(
+        hidden_size=768, intermediate_size=3072, num_layers=12, vocab_size=49408, max_positions=77
+    ),
+    clip_g=OpenClipArch(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_layers=32,
+        vocab_size=49408,
+        max_positions=77,
+        projection_dim=1280,
+    ),
+    constants=SDXL_DEFAULTS,
+)
+
+# The shapes read back from a refiner: levels without attention report depth 1.
+SDXL_REFINER_ARCH = replace(
+    SDXL_BASE_ARCH,
+    unet=UNetArch(
+        in_channels=4,
+        out_channels=4,
+        model_channels=384,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(False, True, True, False),
+        transformer_depth=(1, 4, 4, 1),
+        context_dim=1280,
+        linear_projection=True,
+    ),
+    adm_in_channels=2560,
+    mid_depth=4,
+    clip_l=None,
+)
+
 SD15_ARCH = SD1Arch(
     unet=UNetArch(
         in_channels=4,
@@ -102,18 +172,144 @@ SD15_ARCH = SD1Arch(
 )
 
 
+_TINY_VAE = VaeArch(
+    in_channels=3, out_channels=3, channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4
+)
+_CLIP_VOCAB, _CLIP_POSITIONS = 49408, 77
+
+# Read through the file's ``voidprompt.arch`` metadata, relative to SDXL's own defaults.
+TINY_SDXL_CONSTANTS = replace(
+    SDXL_DEFAULTS,
+    unet_head_dim=16,
+    unet_norm_groups=8,
+    vae_norm_groups=8,
+    clip_head_dim=16,
+    clip_g_head_dim=16,
+)
+
+
+def tiny_sdxl_arch(*, refiner: bool = False, inpainting: bool = False) -> SDXLArch:
+    """The tiny SDXL architecture. The base's context is CLIP-L's and bigG's widths side by side
+    (32 + 32) and its ``label_emb`` takes the pooled vector plus 6 size numbers x 256; the refiner's
+    context is bigG's alone and its numbers are 5 (the aesthetic score replaces the target size)."""
+    width_g = 32
+    numbers = 5 if refiner else 6
+    return SDXLArch(
+        unet=UNetArch(
+            in_channels=9 if inpainting else 4,
+            out_channels=4,
+            model_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=2,
+            attention_levels=(False, True),
+            transformer_depth=(1, 2),
+            context_dim=width_g if refiner else 32 + width_g,
+            linear_projection=True,
+        ),
+        adm_in_channels=width_g + numbers * TINY_SDXL_CONSTANTS.unet_addition_time_embed_dim,
+        mid_depth=2,
+        vae=_TINY_VAE,
+        clip_l=None
+        if refiner
+        else ClipArch(
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=2,
+            vocab_size=_CLIP_VOCAB,
+            max_positions=_CLIP_POSITIONS,
+        ),
+        clip_g=OpenClipArch(
+            hidden_size=width_g,
+            intermediate_size=4 * width_g,
+            num_layers=2,
+            vocab_size=_CLIP_VOCAB,
+            max_positions=_CLIP_POSITIONS,
+            projection_dim=width_g,
+        ),
+        constants=TINY_SDXL_CONSTANTS,
+    )
+
+
+def _perturbed(modules: tuple[Any, ...]) -> None:
+    # Default inits leave norms at 1/0 and some biases at 0; perturb everything so a tensor
+    # loaded into the wrong place cannot go unnoticed.
+    with torch.no_grad():
+        for module in modules:
+            if module is not None:
+                for p in module.parameters():
+                    p.add_(torch.randn_like(p) * 0.02)
+
+
+def tiny_sdxl_modules(
+    seed: int = 0, *, refiner: bool = False, inpainting: bool = False
+) -> tuple[Any, Any, Any, Any]:
+    """(unet, vae, text_encoder or None for the refiner, text_encoder_2) of the tiny SDXL architecture
+    with seeded random weights, in fp32, eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        modules = tiny_sdxl_arch(refiner=refiner, inpainting=inpainting).build(device="cpu")
+        _perturbed(modules)
+    return tuple(m.eval() if m is not None else None for m in modules)  # type: ignore[return-value]
+
+
+def tiny_sdxl_state_dict(
+    seed: int = 0, *, refiner: bool = False, inpainting: bool = False, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """A tiny SDXL checkpoint with the original key names (about 4.5M parameters, most of them the two
+    token embeddings), plus the ``logit_scale`` that real files carry and no text encoder uses."""
+    sd = sdxl_modules_to_checkpoint(*tiny_sdxl_modules(seed, refiner=refiner, inpainting=inpainting))
+    prefix = "conditioner.embedders.0.model." if refiner else OPEN_CLIP_PREFIX
+    sd[prefix + "logit_scale"] = torch.tensor(4.6052)
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in sd.items()}
+
+
+def write_tiny_sdxl_checkpoint(
+    path: str | Path,
+    *,
+    fmt: Literal["safetensors", "ckpt"] = "safetensors",
+    seed: int = 0,
+    refiner: bool = False,
+    inpainting: bool = False,
+    dtype: torch.dtype = torch.float32,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a tiny SDXL checkpoint with its ``voidprompt.arch`` metadata (``.ckpt``: beside the
+    ``state_dict``, as voidprompt writes it)."""
+    sd = (
+        state_dict
+        if state_dict is not None
+        else tiny_sdxl_state_dict(seed, refiner=refiner, inpainting=inpainting, dtype=dtype)
+    )
+    meta = TINY_SDXL_CONSTANTS.to_metadata(SDXL_DEFAULTS)
+    return _write(Path(path), sd, meta, fmt=fmt, wrap_state_dict=True)
+
+
+def _write(
+    p: Path,
+    sd: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    *,
+    fmt: Literal["safetensors", "ckpt"],
+    wrap_state_dict: bool,
+) -> Path:
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(p), metadata=meta or None)
+    else:
+        obj: Any = {"state_dict": sd, "global_step": 470000} if wrap_state_dict else dict(sd)
+        obj.update(meta)
+        torch.save(obj, p)
+    return p
+
+
 def tiny_sd1_modules(seed: int = 0, *, inpainting: bool = False) -> tuple[Any, Any, Any]:
     """(unet, vae, text_encoder) of the tiny architecture with seeded random weights, in fp32, eval mode."""
     arch = _tiny_arch(9 if inpainting else 4)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet, vae, text_encoder = build_modules(arch, device="cpu")
-        # Default inits leave norms at 1/0 and some biases at 0; perturb everything so a tensor
-        # loaded into the wrong place cannot go unnoticed.
-        with torch.no_grad():
-            for module in (unet, vae, text_encoder):
-                for p in module.parameters():
-                    p.add_(torch.randn_like(p) * 0.02)
+        _perturbed((unet, vae, text_encoder))
     return unet.eval(), vae.eval(), text_encoder.eval()
 
 
@@ -149,23 +345,13 @@ def write_tiny_checkpoint(
 ) -> Path:
     """Write a tiny checkpoint. ``.ckpt`` files get ldm's ``{"state_dict": ...}`` wrapper and a
     ``global_step`` like real ones (unless ``wrap_state_dict=False``)."""
-    p = Path(path)
     sd = (
         state_dict
         if state_dict is not None
         else tiny_sd1_state_dict(seed, inpainting=inpainting, dtype=dtype)
     )
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        meta = TINY_CONSTANTS.to_metadata() if arch_metadata else {}
-        save_file(sd, str(p), metadata=meta or None)
-    else:
-        obj: Any = {"state_dict": sd, "global_step": 470000} if wrap_state_dict else dict(sd)
-        if arch_metadata:
-            obj.update(TINY_CONSTANTS.to_metadata())
-        torch.save(obj, p)
-    return p
+    meta = TINY_CONSTANTS.to_metadata() if arch_metadata else {}
+    return _write(Path(path), sd, meta, fmt=fmt, wrap_state_dict=wrap_state_dict)
 
 
 def _meta_compvis_unet(config: dict[str, Any], attention: tuple[bool, ...]) -> dict[str, torch.Tensor]:
@@ -179,7 +365,7 @@ def _meta_compvis_unet(config: dict[str, Any], attention: tuple[bool, ...]) -> d
     out = {}
     for key, t in unet.state_dict().items():
         name = _module_to_compvis_name(key, rules)
-        if name is not None:  # SDXL's add_embedding is named label_emb in CompVis; added by the caller
+        if name is not None:
             out["model.diffusion_model." + name] = t
     return out
 
@@ -218,6 +404,16 @@ def fake_full_state_dict(family: ModelFamily) -> dict[str, torch.Tensor]:
         return {
             k: v if v.is_meta else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()
         }
+    if family.is_sdxl:
+        xl_arch = SDXL_REFINER_ARCH if family is ModelFamily.SDXL_REFINER else SDXL_BASE_ARCH
+        if family is ModelFamily.SDXL_INPAINT:
+            xl_arch = replace(xl_arch, unet=replace(xl_arch.unet, in_channels=9))
+        xl = sdxl_modules_to_checkpoint(*xl_arch.build(device="meta"))
+        prefix = "conditioner.embedders.0.model." if xl_arch.is_refiner else OPEN_CLIP_PREFIX
+        xl[prefix + "logit_scale"] = torch.empty((), device="meta")
+        return {
+            k: v if v.is_meta else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in xl.items()
+        }
     _, vae, _ = build_modules(SD15_ARCH, device="meta")
     sd = {"first_stage_model." + k: v for k, v in vae_module_to_compvis(vae).items()}
     if family in (ModelFamily.SD2_EPS, ModelFamily.SD2_V):
@@ -230,30 +426,6 @@ def fake_full_state_dict(family: ModelFamily) -> dict[str, torch.Tensor]:
         }
         sd.update(_meta_compvis_unet(cfg, (True, True, True, False)))
         sd.update(_open_clip_keys("cond_stage_model.model.", 1024, 24))
-        return sd
-    if family is ModelFamily.SDXL:
-        cfg = {
-            "block_out_channels": (320, 640, 1280),
-            "layers_per_block": 2,
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            "transformer_layers_per_block": (1, 2, 10),
-            "attention_head_dim": (5, 10, 20),
-            "cross_attention_dim": 2048,
-            "use_linear_projection": True,
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": 256,
-            "projection_class_embeddings_input_dim": 2816,
-        }
-        sd.update(_meta_compvis_unet(cfg, (False, True, True)))
-        sd["model.diffusion_model.label_emb.0.0.weight"] = _meta(1280, 2816)
-        sd["model.diffusion_model.label_emb.0.0.bias"] = _meta(1280)
-        sd["model.diffusion_model.label_emb.0.2.weight"] = _meta(1280, 1280)
-        sd["model.diffusion_model.label_emb.0.2.bias"] = _meta(1280)
-        sd["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = _meta(
-            49408, 768
-        )
-        sd.update(_open_clip_keys("conditioner.embedders.1.model.", 1280, 32))
         return sd
     raise ValueError(f"no fake layout for {family}")
 
