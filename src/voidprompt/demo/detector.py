@@ -54,6 +54,7 @@ so on generated pictures their rates stay near zero whatever the prompt.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable, Iterable
@@ -171,12 +172,43 @@ def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _palette_lab(names: tuple[str, ...]) -> np.ndarray:
+    lab = _srgb_to_lab(np.array([PALETTE[n] for n in names], dtype=np.float64) / 255.0)
+    lab.flags.writeable = False  # shared by every call
+    return lab
+
+
+def _nearest_in_lab(lab: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """Index into `names` of the nearest palette colour for each CIELAB colour of lab (..., 3)."""
+    d = np.linalg.norm(lab[..., None, :] - _palette_lab(names), axis=-1)
+    return np.asarray(np.argmin(d, axis=-1))
+
+
 def _nearest_colour(rgb: np.ndarray, names: Iterable[str]) -> tuple[np.ndarray, list[str]]:
     """Index into `names` of the nearest palette colour (CIELAB) for each pixel of rgb (..., 3)."""
     names = list(names)
-    lab_palette = _srgb_to_lab(np.array([PALETTE[n] for n in names], dtype=np.float64) / 255.0)
-    d = np.linalg.norm(_srgb_to_lab(rgb)[..., None, :] - lab_palette, axis=-1)
-    return np.argmin(d, axis=-1), names
+    return _nearest_in_lab(_srgb_to_lab(rgb), tuple(names)), names
+
+
+class _RowLab:
+    """CIELAB of a picture's rows, converted when first asked for. Whole rows, because the conversion's
+    matrix product runs row by row over an (h, w, 3) picture: a row converted here goes through the
+    same product, with the same operands, as in a conversion of the whole picture."""
+
+    def __init__(self, rgb: np.ndarray) -> None:
+        self._rgb = rgb
+        self._lab = np.empty(rgb.shape)
+        self._done = np.zeros(rgb.shape[0], dtype=bool)
+
+    def at(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """CIELAB (n, 3) of the pixels (ys, xs)."""
+        rows = np.unique(ys)
+        rows = rows[~self._done[rows]]
+        if len(rows):
+            self._lab[rows] = _srgb_to_lab(self._rgb[rows])
+            self._done[rows] = True
+        return np.asarray(self._lab[ys, xs])
 
 
 # --- background -------------------------------------------------------------------------------------
@@ -266,7 +298,9 @@ def _fit_background(rgb: np.ndarray) -> DetectedBackground:
     return DetectedBackground(kind, colour, ends)
 
 
-def _line_profile_residual(rgb: np.ndarray, usable: np.ndarray) -> np.ndarray:
+def _line_profile_residual(
+    rgb: np.ndarray, usable: np.ndarray, levels: np.ndarray | None = None
+) -> np.ndarray:
     """Distance of every pixel from the background's profile across its lines.
 
     The world draws stripes at 0, 45, 90 or 135 degrees, so every pixel lies on a line of constant x,
@@ -274,27 +308,56 @@ def _line_profile_residual(rgb: np.ndarray, usable: np.ndarray) -> np.ndarray:
     direction, the per-line median of the ``usable`` pixels (not shapes) is that line's background;
     the direction whose profile explains the picture best is kept. Whatever repeats along a whole
     line (edge ringing, a darker line inside each stripe) then has a small residual, while glyphs and
-    other overlays cover too little of a line to move its median."""
+    other overlays cover too little of a line to move its median.
+
+    ``levels``, when given, is the picture as uint8 levels with ``rgb == levels / 255.0``; the line
+    medians then come from counting levels instead of sorting values."""
     h, w = rgb.shape[:2]
-    yy, xx = np.mgrid[0:h, 0:w]
     best: np.ndarray | None = None
     best_score = math.inf
-    for key in (xx, yy, xx + yy, xx - yy):
-        lines, inverse = np.unique(key.ravel(), return_inverse=True)
-        keep = usable.ravel()
-        profile = _line_medians(inverse[keep], rgb.reshape(-1, 3)[keep], len(lines))
-        residual = np.linalg.norm(rgb.reshape(-1, 3) - profile[inverse], axis=-1).reshape(h, w)
+    pixels = rgb.reshape(-1, 3)
+    keep = usable.ravel()
+    kept = pixels[keep]
+    kept_levels = None if levels is None else levels.reshape(-1, 3)[keep]
+    any_usable = bool(keep.any())
+    for inverse, count in _line_indices(h, w):
+        profile = _line_medians(inverse[keep], kept, count, kept_levels)
+        residual = np.linalg.norm(pixels - profile[inverse], axis=-1).reshape(h, w)
         residual = np.nan_to_num(residual, nan=math.inf)  # a line with no usable pixel explains nothing
-        score = float(np.median(residual[usable])) if usable.any() else math.inf
+        score = float(np.median(residual[usable])) if any_usable else math.inf
         if score < best_score:
             best, best_score = residual, score
     return best if best is not None else np.full((h, w), math.inf)
 
 
-def _line_medians(members: np.ndarray, pixels: np.ndarray, count: int) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _line_indices(h: int, w: int) -> tuple[tuple[np.ndarray, int], ...]:
+    """For the lines of constant x, y, x + y and x - y of an h x w picture: each pixel's line
+    (raveled, numbered from 0 in the order of the key) and the number of lines. Every key between
+    the smallest and the largest occurs, so the key minus its minimum is its rank among the keys."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = []
+    for key in (xx, yy, xx + yy, xx - yy):
+        index = (key - key.min()).ravel()
+        index.flags.writeable = False  # cached, shared by every picture of this size
+        out.append((index, int(index.max()) + 1))
+    return tuple(out)
+
+
+# The value of each uint8 level, as `detect` computes its pixels (level / 255.0).
+_LEVEL_VALUES = np.arange(256, dtype=np.float64) / 255.0
+_LEVEL_VALUES.flags.writeable = False
+
+
+def _line_medians(
+    members: np.ndarray, pixels: np.ndarray, count: int, levels: np.ndarray | None = None
+) -> np.ndarray:
     """Per line (``members`` gives each pixel's line, 0..count-1) the median of every channel,
     NaN for a line without pixels: the value ``np.median`` gives (the middle value, or the mean of
-    the two middle ones), for all lines at once instead of one call per line."""
+    the two middle ones), for all lines at once instead of one call per line.
+
+    ``levels`` (uint8, the shape of ``pixels``), when given, must satisfy
+    ``pixels == levels / 255.0``; the sort is then a count of (line, level) pairs."""
     sizes = np.bincount(members, minlength=count)
     present = sizes > 0
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])[present]
@@ -302,8 +365,16 @@ def _line_medians(members: np.ndarray, pixels: np.ndarray, count: int) -> np.nda
     high = starts + sizes[present] // 2
     profile = np.full((count, pixels.shape[1]), np.nan)
     for channel in range(pixels.shape[1]):
-        values = pixels[np.lexsort((pixels[:, channel], members)), channel]
-        profile[present, channel] = (values[low] + values[high]) / 2
+        if levels is None:
+            values = pixels[np.lexsort((pixels[:, channel], members)), channel]
+            lo, hi = values[low], values[high]
+        else:
+            # In the order (line, value), the pixel of rank r has the first (line, level) pair
+            # whose running count exceeds r.
+            running = np.cumsum(np.bincount(members * 256 + levels[:, channel], minlength=count * 256))
+            lo = _LEVEL_VALUES[np.searchsorted(running, low, side="right") % 256]
+            hi = _LEVEL_VALUES[np.searchsorted(running, high, side="right") % 256]
+        profile[present, channel] = (lo + hi) / 2
     return profile
 
 
@@ -315,12 +386,21 @@ def _disk(radius: int) -> np.ndarray:
     return np.asarray(xx * xx + yy * yy <= radius * radius + radius)
 
 
-def _radial_harmonics(mask: np.ndarray) -> np.ndarray:
-    """|F_k| / F_0 for k = 0..6 of the boundary radius as a function of angle around the centroid."""
+def _nonzero_at(mask: np.ndarray, origin: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero of a picture that is empty outside the window ``mask`` whose top-left pixel is
+    ``origin`` (y, x): the same coordinates in the same (row-major) order."""
     ys, xs = np.nonzero(mask)
+    return ys + origin[0], xs + origin[1]
+
+
+def _radial_harmonics(mask: np.ndarray, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """|F_k| / F_0 for k = 0..6 of the boundary radius as a function of angle around the centroid.
+    ``mask`` is the window at ``origin`` of a picture-sized mask that is empty outside it."""
+    ys, xs = _nonzero_at(mask, origin)
     cy, cx = ys.mean(), xs.mean()
+    # The picture outside the window is empty, as is the erosion's border: the same boundary.
     boundary = mask & ~ndimage.binary_erosion(mask)
-    by, bx = np.nonzero(boundary)
+    by, bx = _nonzero_at(boundary, origin)
     angles = np.arctan2(by - cy, bx - cx)
     radii = np.hypot(by - cy, bx - cx) + 0.5
     bins = 48
@@ -336,8 +416,8 @@ def _radial_harmonics(mask: np.ndarray) -> np.ndarray:
     return np.asarray(spectrum[:7] / max(spectrum[0], 1e-9))
 
 
-def _solidity(mask: np.ndarray) -> float:
-    ys, xs = np.nonzero(mask)
+def _solidity(mask: np.ndarray, origin: tuple[int, int] = (0, 0)) -> float:
+    ys, xs = _nonzero_at(mask, origin)
     # Pixel corners, so the hull of a filled square of pixels has exactly its area.
     corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
     try:
@@ -347,9 +427,9 @@ def _solidity(mask: np.ndarray) -> float:
     return float(len(xs) / max(hull.volume, 1e-9))
 
 
-def _classify_kind(mask: np.ndarray) -> str:
-    solidity = _solidity(mask)
-    h = _radial_harmonics(mask)
+def _classify_kind(mask: np.ndarray, origin: tuple[int, int] = (0, 0)) -> str:
+    solidity = _solidity(mask, origin)
+    h = _radial_harmonics(mask, origin)
     if solidity < 0.80 and h[5] > 0.06:
         return "star"
     if h[3] > 0.05 and h[3] > h[4]:
@@ -359,6 +439,20 @@ def _classify_kind(mask: np.ndarray) -> str:
     if solidity < 0.80:
         return "star"
     return "circle"
+
+
+def _padded_box(mask: np.ndarray, pad: int, box: tuple[slice, ...] | None = None) -> tuple[slice, slice]:
+    """The bounding box of ``mask``'s pixels (or the given ``box``), ``pad`` pixels wider on every
+    side where the picture allows."""
+    if box is None:
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    h, w = mask.shape
+    ys, xs = box[0], box[1]
+    return (
+        slice(max(ys.start - pad, 0), min(ys.stop + pad, h)),
+        slice(max(xs.start - pad, 0), min(xs.stop + pad, w)),
+    )
 
 
 # --- defects -----------------------------------------------------------------------------------------
@@ -417,9 +511,15 @@ def _jpeg_ghost_score(rgb: np.ndarray) -> float:
 def _edge_width(rgb: np.ndarray, unit: float, where: np.ndarray) -> float:
     """Width of the sharpest strong edges near `where` (the shapes: overlays are drawn after the
     blur and stay sharp), in native px: ~2 when crisp, > 4 when strongly blurred."""
+    window = 2 * max(2, round(3 * unit)) + 1
+    if np.count_nonzero(where) < 4:
+        return 0.0  # fewer strong edges than that, whatever the picture
+    # Only pixels in `where` count; every filter below reads at most window // 2 pixels away, so
+    # the window around them, cut where the picture ends, gives them the same values.
+    box = _padded_box(where, window // 2)
+    rgb, where = rgb[box], where[box]
     grad = np.zeros(rgb.shape[:2])
     spread = np.zeros(rgb.shape[:2])
-    window = 2 * max(2, round(3 * unit)) + 1
     for c in range(3):
         channel = rgb[..., c]
         gx = ndimage.sobel(channel, axis=1) / 8.0
@@ -449,19 +549,22 @@ def _overlay_scores(
         norm = np.maximum((direction**2).sum(axis=-1), 1e-3)
         alpha = np.maximum(alpha, ((rgb - nearest_bg) * direction).sum(axis=-1) / norm)
     merged = ndimage.binary_dilation(thin, _disk(max(1, round(2.5 * unit))))
-    labels, n = ndimage.label(merged)
+    labels, _ = ndimage.label(merged)
     area = float(h * w)
-    for i in range(1, n + 1):
-        member = (labels == i) & thin
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        # The cluster lies inside its box: the picture-wide mask is empty outside it.
+        member = (labels[box] == i) & thin[box]
         share = 100.0 * member.sum() / area
         if share < 0.15:
             continue
-        ys, xs = np.nonzero(member)
+        ys, xs = _nonzero_at(member, (box[0].start, box[1].start))
         x0, x1 = np.percentile(xs, [3, 97])
         cy = ys.mean()
         cx = xs.mean()
         width = (x1 - x0 + 1) / w
-        opacity = float(np.percentile(alpha[member], 80))
+        opacity = float(np.percentile(alpha[box][member], 80))
         if opacity < 0.72:
             scores["watermark"] = max(scores["watermark"], share)
             continue
@@ -484,7 +587,8 @@ def detect(image: Image.Image, config: DetectorConfig | None = None) -> Detectio
     """Detect shapes, background and defects in an RGB picture of any size."""
     config = config or DetectorConfig()
     unit = config.unit
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    levels = np.asarray(image.convert("RGB"))
+    rgb = levels.astype(np.float64) / 255.0
     h, w = rgb.shape[:2]
     if min(h, w) < 16:
         raise WorldError(f"picture {w}x{h} is too small to analyse; give at least 16x16")
@@ -499,36 +603,46 @@ def detect(image: Image.Image, config: DetectorConfig | None = None) -> Detectio
     peak = ndimage.maximum_filter(dist, 2 * max(2, round(3 * unit)) + 1)
     strong = fg & (dist > 0.5 * peak)
     core = ndimage.binary_opening(strong, _disk(max(1, round(2 * unit))))
-    labels, n = ndimage.label(core)
+    labels, _ = ndimage.label(core)
     regrow = _disk(max(1, round(3 * unit)))
-    palette_idx, names = _nearest_colour(rgb, SHAPE_COLOURS)
+    names = tuple(SHAPE_COLOURS)
+    lab = _RowLab(rgb)
     shapes: list[DetectedShape] = []
     claimed = np.zeros_like(fg)
     min_area = config.min_shape_area * unit * unit
-    for i in range(1, n + 1):
-        seed = labels == i
+    for i, seed_box in enumerate(ndimage.find_objects(labels), start=1):
+        if seed_box is None:
+            continue
+        # Each shape's work happens in the seed's box widened by the regrowth radius: the dilation
+        # reaches no farther, and everything outside that window is empty in every mask below.
+        box = _padded_box(labels, regrow.shape[0] // 2, seed_box)
+        origin = (box[0].start, box[1].start)
+        seed = labels[box] == i
         if seed.sum() < min_area * 0.5:
             continue
-        region = fg & ndimage.binary_dilation(seed, regrow)
+        region = fg[box] & ndimage.binary_dilation(seed, regrow)
         # Keep only the part connected to the seed: the dilation may touch nearby strokes.
         region_labels, _ = ndimage.label(region)
         region = np.isin(region_labels, np.unique(region_labels[seed & region]))
         area = int(region.sum())
         if area < min_area:
             continue
-        claimed |= region
+        claimed[box] |= region
         inner = ndimage.binary_erosion(seed, _disk(1)) if seed.sum() > 30 * unit * unit else seed
-        votes = np.bincount(palette_idx[inner if inner.any() else seed], minlength=len(names))
-        ys, xs = np.nonzero(region)
+        vy, vx = _nonzero_at(inner if inner.any() else seed, origin)
+        votes = np.bincount(_nearest_in_lab(lab.at(vy, vx), names), minlength=len(names))
+        ys, xs = _nonzero_at(region, origin)
+        full = np.zeros_like(fg)
+        full[box] = region
         contact = max(
-            int(region[0, :].sum()),
-            int(region[-1, :].sum()),
-            int(region[:, 0].sum()),
-            int(region[:, -1].sum()),
+            int(full[0, :].sum()),
+            int(full[-1, :].sum()),
+            int(full[:, 0].sum()),
+            int(full[:, -1].sum()),
         )
         shapes.append(
             DetectedShape(
-                kind=_classify_kind(region),
+                kind=_classify_kind(region, origin),
                 colour=names[int(np.argmax(votes))],
                 bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
                 area=area,
@@ -542,7 +656,7 @@ def detect(image: Image.Image, config: DetectorConfig | None = None) -> Detectio
     # high CFG draws along stripe edges (or stripes the background fit took for a solid colour), is
     # background, not strokes: glyphs cover too little of any line to be that.
     if thin.any():  # the profile costs four sorts of the picture; skip it when there is nothing to clear
-        thin &= _line_profile_residual(rgb, ~claimed) > config.fg_threshold
+        thin &= _line_profile_residual(rgb, ~claimed, levels) > config.fg_threshold
     thin = ndimage.binary_opening(thin, np.ones((2, 2), dtype=bool)) if unit >= 1 else thin
 
     lowres = _lowres_score(rgb, unit)
