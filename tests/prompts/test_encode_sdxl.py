@@ -8,16 +8,19 @@ plain one-chunk prompts.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from voidprompt.conditioning import MultiCond
 from voidprompt.errors import InvalidRequestError, PromptError
 from voidprompt.models.tokenizer import ClipTokenizer, load_clip_tokenizer
+from voidprompt.prompts.embeddings import EmbeddingDatabase
 from voidprompt.prompts.encode_sdxl import SDXLPromptEncoder
 from voidprompt.prompts.schedule import prompt_schedules
 from voidprompt.testing.hf_tokenizer import write_hf_clip_tokenizer_files
@@ -335,3 +338,46 @@ def test_diffusers_peer_plain_prompt(model_l: Any, model_g: Any, tok: ClipTokeni
     torch.testing.assert_close(ours_neg.cond, neg_embeds[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(ours.pooled, pooled[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(ours_neg.pooled, neg_pooled[0], rtol=0, atol=1e-5)
+
+
+def _with_rows(model: Any, rows: dict[int, torch.Tensor]) -> Any:
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for token_id, vector in rows.items():
+            clone.get_input_embeddings().weight[token_id] = vector
+    return clone
+
+
+def test_sdxl_textual_inversion(model_l: Any, model_g: Any, tok: ClipTokenizer, tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    clip_l, clip_g = torch.randn(2, L_WIDTH), torch.randn(2, G_WIDTH)
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(tmp_path / "zzemb.safetensors"))
+    save_file({"emb_params": torch.randn(1, L_WIDTH)}, str(tmp_path / "zzsd.safetensors"))
+    save_file({"clip_l": clip_l, "clip_g": clip_g[:1]}, str(tmp_path / "zzodd.safetensors"))
+    db_l = EmbeddingDatabase(tok, width=L_WIDTH, sdxl_part="clip_l")
+    db_g = EmbeddingDatabase(tok, width=G_WIDTH, sdxl_part="clip_g")
+    for db in (db_l, db_g):
+        assert [e.name for e in db.load_folder(tmp_path)] == ["zzemb"]
+        assert set(db.skipped) == {"zzsd", "zzodd"}
+    assert torch.equal(db_l.embeddings["zzemb"].vectors, clip_l)
+    assert torch.equal(db_g.embeddings["zzemb"].vectors, clip_g)
+
+    enc = SDXLPromptEncoder(model_l, model_g, tok, db_l, embeddings_g=db_g)
+    cond, pooled = enc.encode_texts(["a zzemb cat"], clip_skip=1)
+    # By hand: two spare token ids whose embedding rows hold each encoder's own vectors.
+    spare = [49000, 49001]
+    ids = [*body(tok, "a"), *spare, *body(tok, "cat")]
+    zl = run_l(_with_rows(model_l, dict(zip(spare, clip_l, strict=True))), [l_ids(ids)])
+    zg, want_pooled = run_g(_with_rows(model_g, dict(zip(spare, clip_g, strict=True))), [g_ids(ids)])
+    torch.testing.assert_close(cond[0], torch.cat([zl[0], zg[0]], dim=1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, want_pooled, rtol=0, atol=1e-6)
+    assert enc.embeddings_used(["a zzemb cat"]) == {"zzemb": db_l.embeddings["zzemb"].shorthash}
+    assert len(db_l.embeddings["zzemb"].shorthash) == 12
+    with pytest.raises(PromptError, match="not an SDXL embedding"):
+        enc.encode_texts(["zzsd"], clip_skip=1)
+    with pytest.raises(PromptError, match="same count"):
+        enc.encode_texts(["zzodd"], clip_skip=1)
+    with pytest.raises(PromptError, match="width"):
+        SDXLPromptEncoder(model_l, model_g, tok, db_g)
+    with pytest.raises(PromptError, match="clip_x"):
+        EmbeddingDatabase(tok, width=L_WIDTH, sdxl_part="clip_x")

@@ -2,10 +2,12 @@
 
 Behaviour follows A1111's ``EmbeddingDatabase``: the trigger word is the file stem, it is
 tokenized like prompt text and matched by token-id sequence (longest first). Accepted files: A1111
-``.pt``/``.bin`` (``string_to_param``), diffusers single-key ``.bin``, and ``.safetensors`` (e.g.
-EasyNegative's ``emb_params``). Files whose vector width does not fit the text encoder are skipped
-at load with a warning; unlike A1111 (which silently treats them as text) using one raises
-PromptError, because a silently ignored negative embedding would corrupt a study.
+``.pt``/``.bin`` (``string_to_param``), diffusers single-key ``.bin``, ``.safetensors`` (e.g.
+EasyNegative's ``emb_params``), and SDXL's ``clip_l`` + ``clip_g`` pairs, each part for its own text
+encoder's database (``EmbeddingDatabase(sdxl_part=...)``). Files whose vector width does not fit
+the text encoder are skipped at load with a warning; unlike A1111 (which silently treats them as
+text) using one raises PromptError, because a silently ignored negative embedding would corrupt a
+study.
 """
 
 from __future__ import annotations
@@ -91,11 +93,39 @@ def _materialize(ckpt: Any, obj: Any) -> Any:
     return obj
 
 
-def vectors_from_data(data: Any, source: str) -> torch.Tensor:
+SDXL_PARTS = ("clip_l", "clip_g")
+
+
+def check_sdxl_part(sdxl_part: str | None) -> None:
+    if sdxl_part is not None and sdxl_part not in SDXL_PARTS:
+        raise PromptError(f"unknown SDXL embedding part {sdxl_part!r}; use 'clip_l' or 'clip_g'")
+
+
+def vectors_from_data(data: Any, source: str, sdxl_part: str | None = None) -> torch.Tensor:
     """Extract the (n, width) tensor from a loaded embedding file, in A1111's format order.
 
-    Raises PromptError naming ``source`` when the layout is not one A1111 accepts or is SDXL-only.
+    ``sdxl_part`` (``"clip_l"`` or ``"clip_g"``) asks for that tensor of an SDXL pair file, for one of
+    SDXL's two text encoders; such a database refuses single-tensor files (A1111 skips them on SDXL:
+    their width never equals clip_l's + clip_g's). Raises PromptError naming ``source`` when the
+    layout is not one A1111 accepts or belongs to the other family.
     """
+    check_sdxl_part(sdxl_part)
+    is_pair = isinstance(data, Mapping) and "clip_l" in data and "clip_g" in data
+    if sdxl_part is not None:
+        if not is_pair:
+            raise PromptError(
+                f"embedding {source} is not an SDXL embedding (no clip_l + clip_g tensors); an SDXL "
+                "model cannot use it"
+            )
+        parts = {k: _as_vectors(data[k], f"{source} ({k})") for k in SDXL_PARTS}
+        rows = {k: int(v.shape[0]) for k, v in parts.items()}
+        if rows["clip_l"] != rows["clip_g"]:
+            # A1111 places clip_g's count of placeholders in both encoders' chunks; refuse instead.
+            raise PromptError(
+                f"embedding {source}: clip_l has {rows['clip_l']} vectors but clip_g {rows['clip_g']}; "
+                "an SDXL embedding needs the same count in both"
+            )
+        return parts[sdxl_part]
     if isinstance(data, Mapping) and "string_to_param" in data:
         params = data["string_to_param"]
         # Files saved by torch 1.11 hold a ParameterDict; its tensors live in ``_parameters``.
@@ -103,7 +133,7 @@ def vectors_from_data(data: Any, source: str) -> torch.Tensor:
         if not isinstance(params, Mapping) or len(params) != 1:
             raise PromptError(f"embedding {source}: string_to_param must hold exactly one tensor")
         tensor = next(iter(params.values()))
-    elif isinstance(data, Mapping) and "clip_l" in data and "clip_g" in data:
+    elif is_pair:
         raise PromptError(f"embedding {source} is an SDXL embedding (clip_l + clip_g); SD1 cannot use it")
     elif isinstance(data, Mapping) and data and isinstance(next(iter(data.values())), torch.Tensor):
         if len(data) != 1:
@@ -114,6 +144,10 @@ def vectors_from_data(data: Any, source: str) -> torch.Tensor:
         tensor = next(iter(data.values()))
     else:
         raise PromptError(f"embedding {source}: unrecognised file layout (no string_to_param, no tensor)")
+    return _as_vectors(tensor, source)
+
+
+def _as_vectors(tensor: Any, source: str) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise PromptError(f"embedding {source}: expected a tensor, found {type(tensor).__name__}")
     vec = tensor.detach().to(device="cpu", dtype=torch.float32)
@@ -130,10 +164,15 @@ class EmbeddingDatabase:
 
     tokenizer: ClipTokenizer
     width: int = 768
+    # SDXL: which tensor of a clip_l + clip_g file this text encoder takes; None for SD1.
+    sdxl_part: str | None = None
     embeddings: dict[str, Embedding] = field(default_factory=dict)
     skipped: dict[str, SkippedEmbedding] = field(default_factory=dict)
     # first token id -> [(ids, name)] sorted longest first, for A1111's longest-match lookup.
     _lookup: dict[int, list[tuple[tuple[int, ...], str]]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        check_sdxl_part(self.sdxl_part)
 
     def _register_ids(self, name: str) -> None:
         ids = tuple(self.tokenizer.encode(name))
@@ -169,7 +208,7 @@ class EmbeddingDatabase:
         name = p.stem
         try:
             data = _load_raw(p)
-            vectors = vectors_from_data(data, str(p))
+            vectors = vectors_from_data(data, str(p), self.sdxl_part)
         except PromptError as exc:
             log.warning("skipping embedding: %s", exc)
             self.add_skipped(SkippedEmbedding(name, p, str(exc)))
