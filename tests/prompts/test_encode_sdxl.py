@@ -21,6 +21,7 @@ from voidprompt.conditioning import MultiCond
 from voidprompt.errors import InvalidRequestError, PromptError
 from voidprompt.models.tokenizer import ClipTokenizer, load_clip_tokenizer
 from voidprompt.prompts.embeddings import EmbeddingDatabase
+from voidprompt.prompts.encode import PromptEncoder
 from voidprompt.prompts.encode_sdxl import SDXLPromptEncoder
 from voidprompt.prompts.schedule import prompt_schedules
 from voidprompt.testing.hf_tokenizer import write_hf_clip_tokenizer_files
@@ -371,6 +372,12 @@ def test_sdxl_textual_inversion(model_l: Any, model_g: Any, tok: ClipTokenizer, 
     zg, want_pooled = run_g(_with_rows(model_g, dict(zip(spare, clip_g, strict=True))), [g_ids(ids)])
     torch.testing.assert_close(cond[0], torch.cat([zl[0], zg[0]], dim=1), rtol=0, atol=1e-6)
     torch.testing.assert_close(pooled, want_pooled, rtol=0, atol=1e-6)
+    # Databases set after construction count, and change the cache key.
+    late = SDXLPromptEncoder(model_l, model_g, tok)
+    (plain,) = late.encode_schedule([(20, "a zzemb cat")], clip_skip=1)
+    late.embeddings, late.embeddings_g = db_l, db_g
+    (with_ti,) = late.encode_schedule([(20, "a zzemb cat")], clip_skip=1)
+    assert torch.equal(with_ti.cond, cond[0]) and not torch.allclose(plain.cond, cond[0])
     assert enc.embeddings_used(["a zzemb cat"]) == {"zzemb": db_l.embeddings["zzemb"].shorthash}
     assert len(db_l.embeddings["zzemb"].shorthash) == 12
     with pytest.raises(PromptError, match="not an SDXL embedding"):
@@ -381,3 +388,10 @@ def test_sdxl_textual_inversion(model_l: Any, model_g: Any, tok: ClipTokenizer, 
         SDXLPromptEncoder(model_l, model_g, tok, db_g)
     with pytest.raises(PromptError, match="clip_x"):
         EmbeddingDatabase(tok, width=L_WIDTH, sdxl_part="clip_x")
+
+
+def test_sd1_encoder_takes_negative_and_ignores_it(model_l: Any, tok: ClipTokenizer) -> None:
+    sd1 = PromptEncoder(model_l, tok)
+    (empty,) = sd1.encode_schedule([(20, "")], clip_skip=1, negative=True)
+    assert torch.equal(empty.cond, sd1.encode_texts([""], clip_skip=1)[0])
+    assert empty.cond.abs().sum() > 0 and empty.pooled is None

@@ -287,12 +287,15 @@ class PromptEncoder:
         comma_padding_backtrack: int = 20,
         model_key: Hashable = None,
         context: Hashable = None,
+        negative: bool = False,
     ) -> CondSchedule:
         """Encode one prompt's schedule ``[(end_at_step, text), ...]`` as a single batch.
 
         ``model_key`` must identify the text encoder's current weights (checkpoint hash plus any
         LoRA applied to it); ``context`` may carry steps / hires steps / timeline mode. Both are part
         of the cache key, with every encoding option and the embedding database's signature.
+        ``negative`` changes nothing for SD1 (A1111 zeroes empty negative prompts on SDXL only); it
+        is accepted so that a caller treats both encoders alike.
         """
         if not schedule:
             raise PromptError("a prompt schedule needs at least one (end_at_step, text) entry")

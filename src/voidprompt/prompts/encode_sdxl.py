@@ -50,12 +50,11 @@ OPEN_CLIP_PAD_ID = 0
 
 @dataclass(frozen=True)
 class _Tower:
-    """One of SDXL's text encoders with the tokenizer and embeddings A1111 gives its wrapper."""
+    """One of SDXL's text encoders with the tokenizer A1111 gives its wrapper."""
 
     label: str
     model: nn.Module
     tokenizer: ClipTokenizer
-    embeddings: EmbeddingDatabase | None
     token_embedding: nn.Embedding
     num_layers: int
     pad_id: int | None  # None: the end token pads, as the tokenizer already did
@@ -64,12 +63,18 @@ class _Tower:
     def width(self) -> int:
         return int(self.token_embedding.weight.shape[1])
 
-    def lines(self, texts: Sequence[str], emphasis: str, comma_padding_backtrack: int) -> list[TokenizedLine]:
+    def lines(
+        self,
+        texts: Sequence[str],
+        embeddings: EmbeddingDatabase | None,
+        emphasis: str,
+        comma_padding_backtrack: int,
+    ) -> list[TokenizedLine]:
         return [
             tokenize_line(
                 t,
                 self.tokenizer,
-                self.embeddings,
+                embeddings,
                 emphasis=emphasis,
                 comma_padding_backtrack=comma_padding_backtrack,
             )
@@ -142,29 +147,17 @@ class SDXLPromptEncoder:
         _text_projection(text_encoder_g)
         g_embedding, _, g_layers = clip_parts(text_encoder_g)
         self._tower_g = _Tower(
-            "OpenCLIP ViT-bigG",
-            text_encoder_g,
-            self.tokenizer_g,
-            embeddings_g,
-            g_embedding,
-            g_layers,
-            OPEN_CLIP_PAD_ID,
+            "OpenCLIP ViT-bigG", text_encoder_g, self.tokenizer_g, g_embedding, g_layers, OPEN_CLIP_PAD_ID
         )
         self._tower_l: _Tower | None = None
         if text_encoder_l is not None:
             l_embedding, _, l_layers = clip_parts(text_encoder_l)
-            self._tower_l = _Tower(
-                "CLIP ViT-L", text_encoder_l, self.tokenizer, embeddings, l_embedding, l_layers, None
-            )
+            self._tower_l = _Tower("CLIP ViT-L", text_encoder_l, self.tokenizer, l_embedding, l_layers, None)
+        # Plain attributes, read at every call: a caller may swap in databases after a rescan.
         self.embeddings = embeddings
         self.embeddings_g = embeddings_g
         for tower in self._towers:
-            if tower.embeddings is not None and tower.embeddings.width != tower.width:
-                raise PromptError(
-                    f"the embedding database for {tower.label} was built for width {tower.embeddings.width} "
-                    f"but that text encoder has width {tower.width}; build EmbeddingDatabase(tokenizer, "
-                    f"width={tower.width})"
-                )
+            self._database(tower)
         self.width = sum(t.width for t in self._towers)
         self._cache = ConditioningCache(cache_size)
 
@@ -176,6 +169,22 @@ class SDXLPromptEncoder:
     def _first(self) -> _Tower:
         # A1111's token counter and TI hashes come from the first embedder: CLIP-L, or bigG alone.
         return self._towers[0]
+
+    def _database(self, tower: _Tower) -> EmbeddingDatabase | None:
+        database = self.embeddings_g if tower is self._tower_g else self.embeddings
+        if database is not None and database.width != tower.width:
+            part = "clip_g" if tower is self._tower_g else "clip_l"
+            raise PromptError(
+                f"the embedding database for {tower.label} was built for width {database.width} but "
+                f"that text encoder has width {tower.width}; build EmbeddingDatabase(tokenizer, "
+                f"width={tower.width}, sdxl_part={part!r})"
+            )
+        return database
+
+    def _lines(
+        self, tower: _Tower, texts: Sequence[str], emphasis: str, comma_padding_backtrack: int
+    ) -> list[TokenizedLine]:
+        return tower.lines(texts, self._database(tower), emphasis, comma_padding_backtrack)
 
     @property
     def cache_hits(self) -> int:
@@ -190,7 +199,7 @@ class SDXLPromptEncoder:
         self, text: str, *, emphasis: str = "Original", comma_padding_backtrack: int = 20
     ) -> TokenizedLine:
         """The first text encoder's chunks (CLIP-L's; bigG's for the refiner)."""
-        return self._first.lines([text], emphasis, comma_padding_backtrack)[0]
+        return self._lines(self._first, [text], emphasis, comma_padding_backtrack)[0]
 
     def token_report(
         self, text: str, *, emphasis: str = "Original", comma_padding_backtrack: int = 20
@@ -200,7 +209,7 @@ class SDXLPromptEncoder:
         return token_report(
             text,
             first.tokenizer,
-            first.embeddings,
+            self._database(first),
             emphasis=emphasis,
             comma_padding_backtrack=comma_padding_backtrack,
         )
@@ -210,7 +219,7 @@ class SDXLPromptEncoder:
     ) -> dict[str, str]:
         """``{name: shorthash}`` of embeddings the texts use, for infotext ``TI hashes``."""
         used: dict[str, str] = {}
-        for line in self._first.lines(texts, emphasis, comma_padding_backtrack):
+        for line in self._lines(self._first, texts, emphasis, comma_padding_backtrack):
             used.update({n: e.shorthash for n, e in line.embeddings_used.items()})
         return used
 
@@ -253,7 +262,7 @@ class SDXLPromptEncoder:
             raise InvalidRequestError(f"clip_skip must be 1 or more, got {clip_skip}")
         clip_l_skip = self._clip_l_skip(sdxl_clip_l_skip)
         layers = [self._layer(tower, clip_skip, clip_l_skip) for tower in self._towers]
-        per_tower = [tower.lines(texts, emphasis, comma_padding_backtrack) for tower in self._towers]
+        per_tower = [self._lines(tower, texts, emphasis, comma_padding_backtrack) for tower in self._towers]
         self._check_chunk_counts(texts, per_tower)
         hidden: list[torch.Tensor] = []
         pooled: torch.Tensor | None = None
@@ -379,14 +388,15 @@ class SDXLPromptEncoder:
         context: Hashable,
         negative: bool,
     ) -> Hashable:
+        databases = [self._database(tower) for tower in self._towers]
         towers = tuple(
             (
-                tower.embeddings.signature() if tower.embeddings is not None else (),
+                database.signature() if database is not None else (),
                 # Device and dtype change the numbers too, whatever the caller's model_key says.
                 str(tower.token_embedding.weight.device),
                 str(tower.token_embedding.weight.dtype),
             )
-            for tower in self._towers
+            for tower, database in zip(self._towers, databases, strict=True)
         )
         return (
             "sdxl-schedule",
