@@ -395,3 +395,13 @@ def test_sd1_encoder_takes_negative_and_ignores_it(model_l: Any, tok: ClipTokeni
     (empty,) = sd1.encode_schedule([(20, "")], clip_skip=1, negative=True)
     assert torch.equal(empty.cond, sd1.encode_texts([""], clip_skip=1)[0])
     assert empty.cond.abs().sum() > 0 and empty.pooled is None
+
+
+def test_shorter_text_gets_empty_chunks_padded_per_encoder(
+    enc: SDXLPromptEncoder, model_l: Any, model_g: Any, tok: ClipTokenizer
+) -> None:
+    cond, _ = enc.encode_texts(["dog", "cat " * 100], clip_skip=1)
+    assert cond.shape == (2, 154, L_WIDTH + G_WIDTH)
+    # The empty chunk: [BOS] + [EOS]*76 for CLIP-L, [BOS, EOS] + [0]*75 for bigG.
+    torch.testing.assert_close(cond[0, 77:, :L_WIDTH], run_l(model_l, [l_ids([])])[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(cond[0, 77:, L_WIDTH:], run_g(model_g, [g_ids([])])[0][0], rtol=0, atol=1e-6)
