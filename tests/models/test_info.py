@@ -77,3 +77,41 @@ def test_known_vae_file_is_named_by_its_published_sha256(tmp_path: Path, monkeyp
     assert info.KNOWN_VAE_FILES[
         "f921fb3f29891d2a77a6571e56b8b5052420d2884129517a333c60b1b4816cdf"
     ].startswith("animevae")
+
+
+def test_summary_of_tiny_sdxl_files(tmp_path: Path) -> None:
+    from voidprompt.testing.fake_checkpoints import tiny_sdxl_state_dict, write_tiny_sdxl_checkpoint
+
+    prefixes = {
+        "unet": "model.diffusion_model.",
+        "vae": "first_stage_model.",
+        "text_encoder": "conditioner.embedders.0.transformer.",
+        "text_encoder_2": "conditioner.embedders.1.model.",
+    }
+    sd = tiny_sdxl_state_dict(0)
+    sd["v_pred"] = torch.tensor([])
+    s = describe_checkpoint(write_tiny_sdxl_checkpoint(tmp_path / "xl.safetensors", state_dict=sd))
+    assert s.family is ModelFamily.SDXL and s.prediction == "v" and not s.zero_terminal_snr
+    want = {
+        part: sum(
+            v.numel()
+            for k, v in sd.items()
+            if k.startswith(prefix) and not k.endswith(("position_ids", "logit_scale"))
+        )
+        for part, prefix in prefixes.items()
+    }
+    assert s.parameters == want
+    assert s.position_ids_damage is None
+    text = s.format()
+    assert "family:        SDXL" in text and "prediction:    v-prediction" in text
+
+    refiner = tiny_sdxl_state_dict(0, refiner=True)
+    r = describe_checkpoint(write_tiny_sdxl_checkpoint(tmp_path / "refiner.safetensors", state_dict=refiner))
+    assert r.family is ModelFamily.SDXL_REFINER and r.prediction == "eps"
+    assert set(r.parameters) == {"unet", "vae", "text_encoder_2"}
+    assert r.parameters["text_encoder_2"] == sum(
+        v.numel()
+        for k, v in refiner.items()
+        if k.startswith("conditioner.embedders.0.model.") and not k.endswith("logit_scale")
+    )
+    assert "prediction" not in r.format()

@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from voidprompt.models.arch import CLIP_PREFIX_OLD, UNET_PREFIX, VAE_PREFIX
+from voidprompt.models.arch_sdxl import OPEN_CLIP_PREFIX, OPEN_CLIP_PREFIX_REFINER
 from voidprompt.models.convert import POSITION_IDS_KEY
-from voidprompt.models.detect import ModelFamily, detect_family
+from voidprompt.models.convert_sdxl import SDXL_POSITION_IDS_KEY
+from voidprompt.models.detect import V_PRED_KEY, ZTSNR_KEY, ModelFamily, detect_family, detect_prediction
 from voidprompt.models.hashes import old_model_hash, sha256_file
 from voidprompt.models.load import CheckpointReader, _check_position_ids, _is_ignored, open_checkpoint
 
@@ -49,7 +51,16 @@ KNOWN_VAE_FILES: dict[str, str] = {
     "df3c506e51b7ee1d7b5a6a2bb7142d47d488743c96aa778afb0f53a2cdc2d38d": "kl-f8-anime2",
 }
 
-_COMPONENTS = (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", "cond_stage_model."))
+# The names Components gives the modules: SDXL's CLIP ViT-L is ``text_encoder``, its OpenCLIP ViT-bigG
+# (the refiner's only text encoder) ``text_encoder_2``.
+_COMPONENTS = (
+    ("unet", UNET_PREFIX),
+    ("vae", VAE_PREFIX),
+    ("text_encoder", "cond_stage_model."),
+    ("text_encoder", "conditioner.embedders.0.transformer."),
+    ("text_encoder_2", OPEN_CLIP_PREFIX),
+    ("text_encoder_2", OPEN_CLIP_PREFIX_REFINER),
+)
 
 
 @dataclass
@@ -67,6 +78,8 @@ class CheckpointSummary:
     vae_name: str | None
     position_ids_damage: str | None
     metadata_keys: list[str] = field(default_factory=list)
+    prediction: str = "eps"  # from the v_pred / ztsnr marker keys (voidprompt.models.detect)
+    zero_terminal_snr: bool = False
 
     @property
     def short_hash(self) -> str:
@@ -84,6 +97,11 @@ class CheckpointSummary:
             "dtypes:        " + ", ".join(f"{k} x{v}" for k, v in sorted(self.dtypes.items())),
             "parameters:    " + ", ".join(f"{k} {v:,}" for k, v in self.parameters.items()),
         ]
+        if self.prediction != "eps" or self.zero_terminal_snr:
+            lines.append(
+                f"prediction:    {'v-prediction' if self.prediction == 'v' else 'eps'}"
+                + (", zero terminal SNR" if self.zero_terminal_snr else "")
+            )
         if self.vae_hash:
             lines.append(f"VAE weights:   {self.vae_hash}" + (f" ({self.vae_name})" if self.vae_name else ""))
         pos = self.position_ids_damage
@@ -125,14 +143,14 @@ def describe_checkpoint(path: str | Path) -> CheckpointSummary:
             error = str(exc)
         params: Counter[str] = Counter()
         for key, shape in shapes.items():
-            if _is_ignored(key) or key.endswith("position_ids"):
+            if _is_ignored(key) or key.endswith("position_ids") or key in (V_PRED_KEY, ZTSNR_KEY):
                 continue
             part = next((name for name, pre in _COMPONENTS if key.startswith(pre)), "other")
             params[part] += shape.numel()
         is_bare_vae = family is None and any(k.startswith("encoder.down.") for k in shapes)
         vae_hash = vae_weights_hash(reader, "" if is_bare_vae else VAE_PREFIX)
         damage = None
-        for key in (POSITION_IDS_KEY, CLIP_PREFIX_OLD + "embeddings.position_ids"):
+        for key in (POSITION_IDS_KEY, CLIP_PREFIX_OLD + "embeddings.position_ids", SDXL_POSITION_IDS_KEY):
             if key in shapes:
                 positions = int(shapes[key][-1]) if len(shapes[key]) else 77
                 damage = _check_position_ids(reader.get(key), max(positions, 1))
@@ -141,6 +159,7 @@ def describe_checkpoint(path: str | Path) -> CheckpointSummary:
         dtypes = Counter(str(d).removeprefix("torch.") for d in reader.dtypes.values())
         metadata_keys = sorted(reader.metadata)
         fmt = reader.format
+        prediction, zero_terminal_snr = detect_prediction(shapes)
     sha256 = sha256_file(p)
     vae_name = KNOWN_VAES.get(vae_hash) if vae_hash else None
     if vae_name is None and is_bare_vae:
@@ -159,4 +178,6 @@ def describe_checkpoint(path: str | Path) -> CheckpointSummary:
         vae_name=vae_name,
         position_ids_damage=damage,
         metadata_keys=metadata_keys,
+        prediction=prediction,
+        zero_terminal_snr=zero_terminal_snr,
     )
