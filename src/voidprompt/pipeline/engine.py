@@ -73,6 +73,7 @@ from voidprompt.pipeline.sdxl_vector import (
 )
 from voidprompt.prompts.embeddings import EmbeddingDatabase
 from voidprompt.prompts.encode import PromptEncoder
+from voidprompt.prompts.encode_sdxl import SDXLPromptEncoder
 from voidprompt.prompts.prepare import PreparedPrompts, prepare_prompts
 from voidprompt.prompts.styles import StyleDatabase
 from voidprompt.request import GenerationRequest
@@ -153,8 +154,6 @@ class Engine:
         self._size: SizeConditioning | None = None
         text_encoder_2 = getattr(components, "text_encoder_2", None)
         if text_encoder_2 is not None:
-            from voidprompt.prompts.encode_sdxl import SDXLPromptEncoder
-
             self.encoder = SDXLPromptEncoder(
                 components.text_encoder, text_encoder_2, components.tokenizer, embeddings
             )
