@@ -313,21 +313,21 @@ def _line_profile_residual(
     ``levels``, when given, is the picture as uint8 levels with ``rgb == levels / 255.0``; the line
     medians then come from counting levels instead of sorting values."""
     h, w = rgb.shape[:2]
-    best: np.ndarray | None = None
-    best_score = math.inf
     pixels = rgb.reshape(-1, 3)
     keep = usable.ravel()
+    if not keep.any():
+        return np.full((h, w), math.inf)
     kept = pixels[keep]
     kept_levels = None if levels is None else levels.reshape(-1, 3)[keep]
-    any_usable = bool(keep.any())
+    scored = []
     for inverse, count in _line_indices(h, w):
-        profile = _line_medians(inverse[keep], kept, count, kept_levels)
-        residual = np.linalg.norm(pixels - profile[inverse], axis=-1).reshape(h, w)
-        residual = np.nan_to_num(residual, nan=math.inf)  # a line with no usable pixel explains nothing
-        score = float(np.median(residual[usable])) if any_usable else math.inf
-        if score < best_score:
-            best, best_score = residual, score
-    return best if best is not None else np.full((h, w), math.inf)
+        members = inverse[keep]
+        profile = _line_medians(members, kept, count, kept_levels)
+        # The score needs the usable pixels' residuals only; their lines have a median.
+        scored.append((float(np.median(np.linalg.norm(kept - profile[members], axis=-1))), inverse, profile))
+    _, inverse, profile = min(scored, key=lambda item: item[0])  # the first of the best
+    residual = np.linalg.norm(pixels - profile[inverse], axis=-1).reshape(h, w)
+    return np.nan_to_num(residual, nan=math.inf)  # a line with no usable pixel explains nothing
 
 
 @functools.lru_cache(maxsize=16)
@@ -455,6 +455,27 @@ def _padded_box(mask: np.ndarray, pad: int, box: tuple[slice, ...] | None = None
     )
 
 
+def _dilated(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_dilation(mask, structure)``, worked out in the window around mask's pixels:
+    the dilation reaches no farther than the structure's size."""
+    out = np.zeros_like(mask)
+    if mask.any():
+        box = _padded_box(mask, max(structure.shape))
+        out[box] = ndimage.binary_dilation(mask[box], structure)
+    return out
+
+
+def _opened(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_opening(mask, structure)``, worked out in the window around mask's pixels:
+    the erosion keeps nothing outside the mask's box, the dilation reaches no farther than the
+    structure's size, and the picture is as empty outside the window as the border is."""
+    out = np.zeros_like(mask)
+    if mask.any():
+        box = _padded_box(mask, 2 * max(structure.shape))
+        out[box] = ndimage.binary_opening(mask[box], structure)
+    return out
+
+
 # --- defects -----------------------------------------------------------------------------------------
 
 
@@ -494,11 +515,12 @@ def _recompression_error(pixels: np.ndarray) -> np.ndarray:
     return np.abs(pixels.astype(np.float64) - again)
 
 
-def _jpeg_ghost_score(rgb: np.ndarray) -> float:
+def _jpeg_ghost_score(rgb: np.ndarray, levels: np.ndarray | None = None) -> float:
     """Recompression error with the 8x8 grid shifted by half a block over the error with it aligned
     (both on the same interior). ~1 for clean pictures, > 1.2 for pictures saved at JPEG quality
-    5-10. The +1 grey level keeps flat pictures (error ~0 both ways) at ~1."""
-    pixels = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    5-10. The +1 grey level keeps flat pictures (error ~0 both ways) at ~1. ``levels``, when given,
+    are the uint8 levels that rgb holds divided by 255, which is what rounding rgb gives back."""
+    pixels = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8) if levels is None else levels
     half = _JPEG_GRID // 2
     if min(pixels.shape[:2]) < 3 * _JPEG_GRID:
         return 1.0
@@ -535,20 +557,28 @@ def _edge_width(rgb: np.ndarray, unit: float, where: np.ndarray) -> float:
     return float(np.percentile(width, 10) / unit)
 
 
-def _overlay_scores(
-    rgb: np.ndarray, thin: np.ndarray, nearest_bg: np.ndarray, unit: float
-) -> dict[str, float]:
-    h, w = thin.shape
-    scores = {"text": 0.0, "watermark": 0.0, "signature": 0.0}
-    if not thin.any():
-        return scores
-    # Opacity of each stroke pixel against black or white ink, whichever explains it better.
-    alpha = np.zeros((h, w))
+def _opacity(rgb: np.ndarray, nearest_bg: np.ndarray) -> np.ndarray:
+    """Opacity of stroke pixels rgb (..., 3) over their background colours against black or white
+    ink, whichever explains them better."""
+    alpha = np.zeros(rgb.shape[:-1])
     for ink in (0.0, 1.0):
         direction = ink - nearest_bg
         norm = np.maximum((direction**2).sum(axis=-1), 1e-3)
         alpha = np.maximum(alpha, ((rgb - nearest_bg) * direction).sum(axis=-1) / norm)
-    merged = ndimage.binary_dilation(thin, _disk(max(1, round(2.5 * unit))))
+    return alpha
+
+
+def _overlay_scores(
+    rgb: np.ndarray, thin: np.ndarray, t: np.ndarray, ends: tuple[np.ndarray, np.ndarray], unit: float
+) -> dict[str, float]:
+    """Stroke-cluster scores; ``t`` places each pixel's nearest background colour on the fitted
+    segment ``ends``."""
+    h, w = thin.shape
+    scores = {"text": 0.0, "watermark": 0.0, "signature": 0.0}
+    if not thin.any():
+        return scores
+    a, b = ends
+    merged = _dilated(thin, _disk(max(1, round(2.5 * unit))))
     labels, _ = ndimage.label(merged)
     area = float(h * w)
     for i, box in enumerate(ndimage.find_objects(labels), start=1):
@@ -564,7 +594,8 @@ def _overlay_scores(
         cy = ys.mean()
         cx = xs.mean()
         width = (x1 - x0 + 1) / w
-        opacity = float(np.percentile(alpha[box][member], 80))
+        nearest_bg = a + t[ys, xs][:, None] * (b - a)
+        opacity = float(np.percentile(_opacity(rgb[ys, xs], nearest_bg), 80))
         if opacity < 0.72:
             scores["watermark"] = max(scores["watermark"], share)
             continue
@@ -595,14 +626,13 @@ def detect(image: Image.Image, config: DetectorConfig | None = None) -> Detectio
     background = _fit_background(rgb)
     a, b = np.array(background.ends[0]), np.array(background.ends[1])
     dist, t = _segment_distance(rgb, a, b)
-    nearest_bg = a + t[..., None] * (b - a)
     fg = dist > config.fg_threshold
 
     # Half-maximum of the local contrast: strokes keep their drawn width whatever their contrast, so
     # the opening below removes them; a plain threshold would fatten high-contrast strokes into blobs.
     peak = ndimage.maximum_filter(dist, 2 * max(2, round(3 * unit)) + 1)
     strong = fg & (dist > 0.5 * peak)
-    core = ndimage.binary_opening(strong, _disk(max(1, round(2 * unit))))
+    core = _opened(strong, _disk(max(1, round(2 * unit))))
     labels, _ = ndimage.label(core)
     regrow = _disk(max(1, round(3 * unit)))
     names = tuple(SHAPE_COLOURS)
@@ -657,15 +687,15 @@ def detect(image: Image.Image, config: DetectorConfig | None = None) -> Detectio
     # background, not strokes: glyphs cover too little of any line to be that.
     if thin.any():  # the profile costs four sorts of the picture; skip it when there is nothing to clear
         thin &= _line_profile_residual(rgb, ~claimed, levels) > config.fg_threshold
-    thin = ndimage.binary_opening(thin, np.ones((2, 2), dtype=bool)) if unit >= 1 else thin
+    thin = _opened(thin, np.ones((2, 2), dtype=bool)) if unit >= 1 else thin
 
     lowres = _lowres_score(rgb, unit)
     scores = {
-        "blurry": _edge_width(rgb, unit, ndimage.binary_dilation(claimed, _disk(max(1, round(3 * unit))))),
+        "blurry": _edge_width(rgb, unit, _dilated(claimed, _disk(max(1, round(3 * unit))))),
         "lowres": lowres,
-        "jpeg artifacts": _jpeg_ghost_score(rgb),
+        "jpeg artifacts": _jpeg_ghost_score(rgb, levels),
         "cropped": max((s.border_contact for s in shapes), default=0) / unit,
-        **_overlay_scores(rgb, thin, nearest_bg, unit),
+        **_overlay_scores(rgb, thin, t, (a, b), unit),
     }
     thresholds = {
         "blurry": config.blurry,
