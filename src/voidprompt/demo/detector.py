@@ -614,32 +614,16 @@ def _overlay_scores(
 # --- detect ------------------------------------------------------------------------------------------
 
 
-def detect(image: Image.Image, config: DetectorConfig | None = None) -> Detection:
-    """Detect shapes, background and defects in an RGB picture of any size."""
-    config = config or DetectorConfig()
-    unit = config.unit
-    levels = np.asarray(image.convert("RGB"))
-    rgb = levels.astype(np.float64) / 255.0
-    h, w = rgb.shape[:2]
-    if min(h, w) < 16:
-        raise WorldError(f"picture {w}x{h} is too small to analyse; give at least 16x16")
-    background = _fit_background(rgb)
-    a, b = np.array(background.ends[0]), np.array(background.ends[1])
-    dist, t = _segment_distance(rgb, a, b)
-    fg = dist > config.fg_threshold
-
-    # Half-maximum of the local contrast: strokes keep their drawn width whatever their contrast, so
-    # the opening below removes them; a plain threshold would fatten high-contrast strokes into blobs.
-    peak = ndimage.maximum_filter(dist, 2 * max(2, round(3 * unit)) + 1)
-    strong = fg & (dist > 0.5 * peak)
-    core = _opened(strong, _disk(max(1, round(2 * unit))))
-    labels, _ = ndimage.label(core)
+def _find_shapes(
+    rgb: np.ndarray, fg: np.ndarray, labels: np.ndarray, unit: float, min_area: float
+) -> tuple[list[DetectedShape], np.ndarray]:
+    """The shapes grown from the labelled ``labels`` seeds back into the foreground ``fg``, and the
+    pixels they claim."""
     regrow = _disk(max(1, round(3 * unit)))
     names = tuple(SHAPE_COLOURS)
     lab = _RowLab(rgb)
     shapes: list[DetectedShape] = []
     claimed = np.zeros_like(fg)
-    min_area = config.min_shape_area * unit * unit
     for i, seed_box in enumerate(ndimage.find_objects(labels), start=1):
         if seed_box is None:
             continue
@@ -680,6 +664,30 @@ def detect(image: Image.Image, config: DetectorConfig | None = None) -> Detectio
                 border_contact=contact,
             )
         )
+    return shapes, claimed
+
+
+def detect(image: Image.Image, config: DetectorConfig | None = None) -> Detection:
+    """Detect shapes, background and defects in an RGB picture of any size."""
+    config = config or DetectorConfig()
+    unit = config.unit
+    levels = np.asarray(image.convert("RGB"))
+    rgb = levels.astype(np.float64) / 255.0
+    h, w = rgb.shape[:2]
+    if min(h, w) < 16:
+        raise WorldError(f"picture {w}x{h} is too small to analyse; give at least 16x16")
+    background = _fit_background(rgb)
+    a, b = np.array(background.ends[0]), np.array(background.ends[1])
+    dist, t = _segment_distance(rgb, a, b)
+    fg = dist > config.fg_threshold
+
+    # Half-maximum of the local contrast: strokes keep their drawn width whatever their contrast, so
+    # the opening below removes them; a plain threshold would fatten high-contrast strokes into blobs.
+    peak = ndimage.maximum_filter(dist, 2 * max(2, round(3 * unit)) + 1)
+    strong = fg & (dist > 0.5 * peak)
+    core = _opened(strong, _disk(max(1, round(2 * unit))))
+    labels, _ = ndimage.label(core)
+    shapes, claimed = _find_shapes(rgb, fg, labels, unit, config.min_shape_area * unit * unit)
     # Specks of a few pixels are JPEG or VAE noise, not strokes.
     thin = fg & ~claimed
     # What runs the whole length of the picture, like the ringing a sharpening negative prompt or a
