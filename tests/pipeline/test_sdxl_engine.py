@@ -1,0 +1,135 @@
+"""What A1111 feeds an SDXL UNet besides the latent, seen at the UNet's door.
+
+The size numbers (sd_models_xl.get_learned_conditioning): original size = target size = the pass's
+picture size (height, width), crop from the sdxl_crop_top / sdxl_crop_left options; in hires fix's
+second pass the upscaled size. The refiner takes original size, crop and an aesthetic score, the high
+one for the prompt and the low one for the negative prompt. An empty negative prompt is zeroed, context
+and pooled vector, but not its size numbers. Clip skip has no effect on SDXL unless "Clip skip SDXL" is
+on, and the infotext writes it either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from voidprompt.models import load_model
+from voidprompt.pipeline.engine import Engine
+from voidprompt.request import GenerationRequest
+from voidprompt.testing.fake_checkpoints import write_tiny_sdxl_checkpoint
+
+BASE = GenerationRequest(
+    prompt="a red circle", negative_prompt="blurry", seed=5, steps=2, width=48, height=32,
+    sampler_name="Euler",
+)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    path = write_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("sdxl") / "base.safetensors")
+    return Engine(load_model(path))
+
+
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    path = write_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("sdxl") / "refiner.safetensors", refiner=True)
+    return Engine(load_model(path))
+
+
+class UNetCalls:
+    """Every UNet call's context, pooled vector and size numbers."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.calls: list[dict[str, torch.Tensor]] = []
+        self.pooled_width = int(engine.components.text_encoder_2.config.projection_dim)
+
+        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            added = kwargs["added_cond_kwargs"]
+            self.calls.append(
+                {
+                    "context": kwargs["encoder_hidden_states"].detach().clone(),
+                    "pooled": added["text_embeds"].detach().clone(),
+                    "numbers": added["time_ids"].detach().clone(),
+                    "latent": args[0].detach().clone(),
+                }
+            )
+
+        self.handle = engine.components.unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def __enter__(self) -> UNetCalls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def _rows(values: list[float], n: int) -> torch.Tensor:
+    return torch.tensor([values] * n)
+
+
+def test_size_numbers_are_height_width_crop_height_width(base: Engine) -> None:
+    with UNetCalls(base) as spy:
+        base.generate(BASE.replace(sdxl_crop_top=16, sdxl_crop_left=8))
+    assert len(spy.calls) == 2
+    for call in spy.calls:
+        # Rows: the prompt, then the negative prompt (A1111's cond-then-uncond batch).
+        assert torch.equal(call["numbers"], _rows([32.0, 48.0, 16.0, 8.0, 32.0, 48.0], 2))
+
+
+def test_hires_pass_carries_the_upscaled_size(base: Engine) -> None:
+    request = BASE.replace(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6)
+    with UNetCalls(base) as spy:
+        base.generate(request)
+    first = [c for c in spy.calls if c["latent"].shape[-2:] == spy.calls[0]["latent"].shape[-2:]]
+    second = spy.calls[len(first) :]
+    assert first and second
+    assert all(torch.equal(c["numbers"], _rows([32.0, 48.0, 0.0, 0.0, 32.0, 48.0], 2)) for c in first)
+    assert all(torch.equal(c["numbers"], _rows([48.0, 72.0, 0.0, 0.0, 48.0, 72.0], 2)) for c in second)
+
+
+@pytest.mark.parametrize(("negative", "zeroed"), [("", True), (" ", False), ("[:blurry:0.5]", False)])
+def test_an_empty_negative_prompt_is_zeroed_but_not_its_size(
+    base: Engine, negative: str, zeroed: bool
+) -> None:
+    with UNetCalls(base) as spy:
+        base.generate(BASE.replace(negative_prompt=negative))
+    uncond = spy.calls[0]
+    assert bool((uncond["context"][1] == 0).all()) == zeroed
+    assert bool((uncond["pooled"][1] == 0).all()) == zeroed
+    assert not (uncond["context"][0] == 0).all()
+    assert torch.equal(uncond["numbers"][1], torch.tensor([32.0, 48.0, 0.0, 0.0, 32.0, 48.0]))
+
+
+def test_refiner_numbers_carry_the_aesthetic_scores(refiner: Engine) -> None:
+    assert refiner.components.text_encoder is None
+    request = BASE.replace(sdxl_refiner_high_aesthetic_score=7.5, sdxl_refiner_low_aesthetic_score=1.5)
+    with UNetCalls(refiner) as spy:
+        result = refiner.generate(request)
+    assert result.images
+    for call in spy.calls:
+        expected = torch.tensor([[32.0, 48.0, 0.0, 0.0, 7.5], [32.0, 48.0, 0.0, 0.0, 1.5]])
+        assert torch.equal(call["numbers"], expected)
+    defaults = BASE
+    with UNetCalls(refiner) as spy:
+        refiner.generate(defaults)
+    assert spy.calls[0]["numbers"][:, -1].tolist() == [6.0, 2.5]  # A1111's defaults
+
+
+def test_clip_skip_acts_only_with_clip_skip_sdxl(base: Engine) -> None:
+    plain = base.generate(BASE)
+    skip2 = base.generate(BASE.replace(clip_skip=2))
+    assert plain.images[0].tobytes() == skip2.images[0].tobytes()
+    assert "Clip skip: 2" in skip2.infotexts[0]
+    # With the option, Clip skip 2 is the default layer and Clip skip 1 the last one.
+    opt2 = base.generate(BASE.replace(clip_skip=2, sdxl_clip_l_skip=True))
+    opt1 = base.generate(BASE.replace(clip_skip=1, sdxl_clip_l_skip=True))
+    assert opt2.images[0].tobytes() == plain.images[0].tobytes()
+    assert opt1.images[0].tobytes() != plain.images[0].tobytes()
+
+
+def test_a_different_crop_changes_the_picture(base: Engine) -> None:
+    a = base.generate(BASE)
+    b = base.generate(BASE.replace(sdxl_crop_top=256))
+    assert a.images[0].tobytes() != b.images[0].tobytes()
