@@ -343,3 +343,83 @@ def test_cli_merge_output_loads_and_self_merge_is_exact(tmp_path: Path, sds) -> 
         == 1
     )
     assert np.isfinite(1.0)
+
+
+@pytest.fixture(scope="module")
+def xl_sds() -> tuple[dict[str, torch.Tensor], ...]:
+    from voidprompt.testing.fake_checkpoints import tiny_sdxl_state_dict
+
+    return tiny_sdxl_state_dict(0), tiny_sdxl_state_dict(1), tiny_sdxl_state_dict(2, inpainting=True)
+
+
+def test_sdxl_weighted_sum_and_add_difference(tmp_path: Path, xl_sds) -> None:  # type: ignore[no-untyped-def]
+    from voidprompt.models.convert_sdxl import SDXL_POSITION_IDS_KEY
+    from voidprompt.testing.fake_checkpoints import write_tiny_sdxl_checkpoint
+
+    a, b, _ = xl_sds
+    c = {k: v * 0.5 if v.is_floating_point() else v for k, v in a.items()}
+    pa = write_tiny_sdxl_checkpoint(tmp_path / "a.safetensors", state_dict=a)
+    pb = write_tiny_sdxl_checkpoint(tmp_path / "b.safetensors", state_dict=b)
+    pc = write_tiny_sdxl_checkpoint(tmp_path / "c.safetensors", state_dict=c)
+    ws = merge_checkpoints(pa, pb, out=tmp_path / "ws.safetensors", options=MergeOptions(WS, 0.3))
+    ad = merge_checkpoints(
+        pa, pb, pc, out=tmp_path / "ad.safetensors", options=MergeOptions(MergeMethod.ADD_DIFFERENCE, 0.7)
+    )
+    out_ws, out_ad = load_file(str(ws.path)), load_file(str(ad.path))
+    assert set(out_ws) == set(a) == set(out_ad)
+    for key, x in a.items():
+        if key == SDXL_POSITION_IDS_KEY:
+            assert torch.equal(out_ws[key], x) and out_ws[key].dtype == torch.int64
+            continue
+        x64, b64 = x.double(), b[key].double()
+        assert torch.equal(out_ws[key], (x64 + 0.3 * (b64 - x64)).float()), key
+        assert torch.equal(out_ad[key], (x64 + 0.7 * (b64 - c[key].double())).float()), key
+    # Every SDXL part is merged: the two text encoders, the UNet's label_emb, the VAE.
+    assert ws.merged_keys == len(a) - 1
+    merged_model = load_model(ws.path, tokenizer=_Tok())
+    assert merged_model.family is ModelFamily.SDXL and merged_model.report.unused == []
+
+
+def test_sdxl_inpainting_a_merges_with_sdxl_b(tmp_path: Path, xl_sds) -> None:  # type: ignore[no-untyped-def]
+    from voidprompt.testing.fake_checkpoints import write_tiny_sdxl_checkpoint
+
+    base, _, inpaint = xl_sds
+    pa = write_tiny_sdxl_checkpoint(tmp_path / "a.safetensors", state_dict=inpaint)
+    pb = write_tiny_sdxl_checkpoint(tmp_path / "b.safetensors", state_dict=base)
+    result = merge_checkpoints(pa, pb, out=tmp_path / "m.safetensors", options=MergeOptions(WS, 0.5))
+    assert result.recipe["is_inpainting"] is True
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    out = load_file(str(result.path))[key]
+    a64, b64 = inpaint[key].double(), base[key].double()
+    assert torch.equal(out[:, :4], (a64[:, :4] + 0.5 * (b64 - a64[:, :4])).float())
+    assert torch.equal(out[:, 4:], inpaint[key][:, 4:])
+    with pytest.raises(MergeError, match="A must be the inpainting model"):
+        merge_checkpoints(pb, pa, out=tmp_path / "swapped.safetensors", options=MergeOptions(WS, 0.5))
+
+
+def test_cross_family_merges_are_refused_before_writing(tmp_path: Path, xl_sds, sds) -> None:  # type: ignore[no-untyped-def]
+    from voidprompt.testing.fake_checkpoints import tiny_sdxl_state_dict, write_tiny_sdxl_checkpoint
+
+    xl = write_tiny_sdxl_checkpoint(tmp_path / "xl.safetensors", state_dict=xl_sds[0])
+    refiner = write_tiny_sdxl_checkpoint(
+        tmp_path / "refiner.safetensors", state_dict=tiny_sdxl_state_dict(0, refiner=True)
+    )
+    sd1 = write_tiny_checkpoint(tmp_path / "sd1.safetensors", state_dict=sds[0])
+    cases = [
+        ((sd1, xl), r"cannot merge SD1\.x \(.*/sd1\.safetensors\) with SDXL \(.*/xl\.safetensors\)"),
+        ((xl, sd1), r"cannot merge SDXL \(.*/xl\.safetensors\) with SD1\.x \(.*/sd1\.safetensors\)"),
+        (
+            (xl, refiner),
+            r"cannot merge SDXL \(.*/xl\.safetensors\) with SDXL refiner \(.*/refiner\.safetensors\)",
+        ),
+    ]
+    for n, ((pa, pb), message) in enumerate(cases):
+        out = tmp_path / f"out{n}.safetensors"
+        with pytest.raises(MergeError, match=message):
+            merge_checkpoints(pa, pb, out=out, options=MergeOptions(WS, 0.5))
+        assert not out.exists()
+    block = MergeOptions(MergeMethod.BLOCK_WEIGHTED, block_weights=BLOCK_PRESETS["GRAD_V"])
+    with pytest.raises(MergeError, match="SD1's UNet blocks"):
+        merge_checkpoints(xl, xl, out=tmp_path / "bw.safetensors", options=block)
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name != "cache")
+    assert written == ["refiner.safetensors", "sd1.safetensors", "xl.safetensors"]

@@ -18,9 +18,12 @@ M = 0 / 1, and rounded once to the output dtype: every element is within half an
 value of A1111's formula.
 
 Key rules (A1111's unless marked): only keys containing ``model`` are merged; the CLIP ``position_ids``
-buffer is never merged (A's copy is kept); inpainting A (9 input channels) with a 4-channel B merges
-channels 0:4 only; keys without ``model`` (the schedule buffers) are copied from A; ``model_ema.*``
+buffer is never merged (A's copy is kept; SDXL's too, and only floating-point tensors are ever
+merged); inpainting A (9 input channels) with a 4-channel B merges channels 0:4 only; keys without ``model`` (the schedule buffers) are copied from A; ``model_ema.*``
 keys are dropped (voidprompt: EMA copies of A would not match the merged weights).
+SDXL merges with SDXL (its inpainting variant as SD1's does); models of different families - SD1
+with SDXL, the SDXL base with its refiner - are refused before anything is written, and so is the
+block-weighted merge of an SDXL model, whose 25 weights name SD1's blocks.
 A model key of A missing from B (or C) is an error unless ``allow_missing`` - A1111 silently keeps A's
 value there (and zeroes B - C for keys missing from C), which hides a wrong input file.
 
@@ -55,6 +58,7 @@ from voidprompt.errors import ModelLoadError, VoidpromptError
 from voidprompt.files import sweep_stale_partials
 from voidprompt.models.arch import ARCH_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
 from voidprompt.models.convert import POSITION_IDS_KEY
+from voidprompt.models.convert_sdxl import SDXL_POSITION_IDS_KEY
 from voidprompt.models.detect import ModelFamily, detect_family
 from voidprompt.models.hashes import old_model_hash, sha256_file
 from voidprompt.models.load import open_checkpoint
@@ -161,6 +165,11 @@ def block_index(key: str) -> int | None:
             f"'{key}' has block index {index}; an SD1 UNet has 25 blocks - is this an SDXL model?"
         )
     return index
+
+
+_POSITION_IDS_KEYS = frozenset({POSITION_IDS_KEY, SDXL_POSITION_IDS_KEY})
+# (inpainting A, normal B) pairs that merge channels 0:4 of the UNet's input convolution.
+_INPAINT_OF = {ModelFamily.SD1_INPAINT: ModelFamily.SD1, ModelFamily.SDXL_INPAINT: ModelFamily.SDXL}
 
 
 def parse_block_weights(text: str) -> tuple[float, ...]:
@@ -299,10 +308,10 @@ def _plan(
         fo = _family(other)
         if fo is fa:
             continue
-        if fa is ModelFamily.SD1_INPAINT and fo is ModelFamily.SD1:
+        if _INPAINT_OF.get(fa) is fo:
             facts["is_inpainting"] = True
             continue
-        if fa is ModelFamily.SD1 and fo is ModelFamily.SD1_INPAINT:
+        if _INPAINT_OF.get(fo) is fa:
             raise MergeError(
                 f"A ({a.name}) is a normal model and {other.name} an inpainting one: when merging an "
                 "inpainting model with a normal one, A must be the inpainting model (swap A and B)."
@@ -310,6 +319,11 @@ def _plan(
         raise MergeError(
             f"cannot merge {fa.label} ({a.name}) with {fo.label} ({other.name}): the "
             "architectures differ; use models of the same family."
+        )
+    if method is MergeMethod.BLOCK_WEIGHTED and fa.is_sdxl:
+        raise MergeError(
+            f"A ({a.name}) is {fa.label}: the block-weighted merge's 25 weights name SD1's UNet blocks, "
+            "and SDXL's UNet has other blocks; use weighted_sum or add_difference."
         )
 
     merging = method is not MergeMethod.NO_INTERPOLATION
@@ -322,7 +336,7 @@ def _plan(
             if "model" in k
             and not k.startswith("model_ema.")
             and k not in src.shapes
-            and k != POSITION_IDS_KEY
+            and k not in _POSITION_IDS_KEYS
         ]
         missing += [f"{k} (not in {src.name})" for k in gone]
     if missing and not options.allow_missing:
@@ -367,7 +381,7 @@ def _plan(
         mergeable = (
             merging
             and "model" in key
-            and key != POSITION_IDS_KEY
+            and key not in _POSITION_IDS_KEYS
             and dtype.is_floating_point
             and all(key in s.shapes for s in others)
         )
