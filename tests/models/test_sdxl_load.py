@@ -185,6 +185,11 @@ def test_tiny_sdxl_file_loads_exactly_and_round_trips(
             for key in want:
                 assert torch.equal(want[key], got[key]), key
                 assert not got[key].is_meta
+    # Each of bigG's q, k, v projections owns its storage (no views into the fused in_proj tensor).
+    attn = c.text_encoder_2.text_model.encoder.layers[0].self_attn
+    pointers = {p.weight.untyped_storage().data_ptr() for p in (attn.q_proj, attn.k_proj, attn.v_proj)}
+    assert len(pointers) == 3
+    assert attn.q_proj.weight.untyped_storage().nbytes() == attn.q_proj.weight.nbytes
     # ... and the reverse conversion gives back the file's tensors.
     back = sdxl_modules_to_checkpoint(c.unet, c.vae, c.text_encoder, c.text_encoder_2)
     assert set(back) == set(sd) - {LOGIT_SCALE[variant]}

@@ -196,7 +196,9 @@ def to_module_tensors(
         )
     if target.layout == "transposed":
         return [(target.module_key, tensor.t().contiguous())]
-    return [(key, part.contiguous()) for key, part in zip(target.parts, tensor.chunk(3, dim=0), strict=True)]
+    # Copies: views would keep the fused tensor alive behind three parameters sharing one storage,
+    # which safetensors refuses to save and in-place edits (LoRA) would have to know about.
+    return [(key, part.clone()) for key, part in zip(target.parts, tensor.chunk(3, dim=0), strict=True)]
 
 
 def from_module_tensors(target: KeyTarget, state: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -54,6 +54,7 @@ __all__ = [
     "tiny_sdxl_modules",
     "tiny_sdxl_state_dict",
     "tiny_vae_state_dict",
+    "write_random_full_size",
     "write_random_full_size_sd15",
     "write_tiny_checkpoint",
     "write_tiny_sdxl_checkpoint",
@@ -430,14 +431,17 @@ def fake_full_state_dict(family: ModelFamily) -> dict[str, torch.Tensor]:
     raise ValueError(f"no fake layout for {family}")
 
 
-def write_random_full_size_sd15(path: str | Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
-    """A full-size SD1.5-layout safetensors file of small random numbers (about 2 GB in fp16)."""
+def write_random_full_size(
+    path: str | Path, family: ModelFamily, dtype: torch.dtype = torch.float16, seed: int = 0
+) -> Path:
+    """A full-size safetensors file of ``family``'s layout holding small random numbers (SD1.5: about
+    2 GB in fp16; SDXL: about 7 GB), for the loading and merging benchmarks."""
     from safetensors.torch import save_file
 
     p = Path(path)
     gen = torch.Generator().manual_seed(seed)
     sd = {}
-    for key, meta in fake_full_state_dict(ModelFamily.SD1).items():
+    for key, meta in fake_full_state_dict(family).items():
         if key.endswith("position_ids"):
             sd[key] = torch.arange(77, dtype=torch.int64).unsqueeze(0)
         elif key == "alphas_cumprod":
@@ -446,3 +450,8 @@ def write_random_full_size_sd15(path: str | Path, dtype: torch.dtype = torch.flo
             sd[key] = (torch.randn(meta.shape, generator=gen) * 0.02).to(dtype)
     metadata = {"voidprompt.note": json.dumps("random weights for benchmarks")}
     return atomic_write(p, lambda temp: save_file(sd, str(temp), metadata=metadata))
+
+
+def write_random_full_size_sd15(path: str | Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+    """A full-size SD1.5-layout safetensors file of small random numbers (about 2 GB in fp16)."""
+    return write_random_full_size(path, ModelFamily.SD1, dtype, seed)
