@@ -35,6 +35,7 @@ from voidprompt.models.networks.lora import (
     build_layer_map,
     load_lora,
     lora_call_params,
+    lora_family,
 )
 from voidprompt.models.networks.names import HYPERNETWORK, LORA, NetworkKind, NetworkList, read_lora_alias
 
@@ -129,7 +130,9 @@ class NetworkManager:
             return self._applied
         self.restore()
         self._components = components
-        self._layer_map = build_layer_map(components.unet, components.text_encoder)
+        self._layer_map = build_layer_map(
+            components.unet, components.text_encoder, getattr(components, "text_encoder_2", None)
+        )
         applied = AppliedNetworks(functional=functional)
         try:
             self._apply_loras(components, lora_specs, lora_paths, functional, applied)
@@ -247,21 +250,51 @@ class NetworkManager:
         applied: AppliedNetworks,
     ) -> None:
         assert self._layer_map is not None
+        model = components.family.label
+        model_family = "SDXL" if components.family.is_sdxl else "SD1"
         # Per target layer: the (module, multiplier, dyn) list, so a layer's deltas are summed once.
         per_layer: dict[str, list[tuple[LoraModule, float, int | None]]] = {}
         for (name, te, unet, dyn), path in zip(specs, paths, strict=True):
             net = self._lora(path, name)
-            unmatched = []
-            count = 0
+            family = lora_family(net.modules)
+            foreign = family is not None and model_family not in family[0].split("/")
+            unmatched: list[str] = []
+            misfits: list[str] = []
+            matched: dict[str, tuple[LoraModule, LayerTarget]] = {}
             for mod in net.modules.values():
                 target = self._layer_map.get(mod.name)
                 if target is None:
                     unmatched.append(mod.name)
                     continue
-                mult = te if target.component == "text_encoder" else unet
+                weight = target.module.weight
+                assert isinstance(weight, Tensor)
+                try:
+                    mod.check(weight.shape, dyn_dim=dyn, model=model)
+                except ModelLoadError:
+                    if not foreign:
+                        raise
+                    # A1111 catches the failed update of a layer, counts it against the network
+                    # ("Networks with errors") and goes on with the others.
+                    misfits.append(mod.name)
+                    continue
+                matched[mod.name] = (mod, target)
+            partial = _incomplete_fused_groups(matched)
+            for kohya_name in partial:
+                del matched[kohya_name]
+            for mod, target in matched.values():
+                mult = unet if target.component == "unet" else te
                 per_layer.setdefault(mod.name, []).append((mod, mult, dyn))
-                count += 1
-            if unmatched:
+            if foreign:
+                assert family is not None
+                skipped = len(unmatched) + len(misfits) + len(partial)
+                msg = (
+                    f"LoRA '{name}' was made for {family[0]} ({family[1]}) and the model is {model}: "
+                    f"{skipped} of {len(net.modules)} layers skipped (no such layer, or another shape), as "
+                    f"A1111 skips them, {len(matched)} applied; use a LoRA made for {model}"
+                )
+                log.warning(msg)
+                applied.notes.append(msg)
+            elif unmatched:
                 # A1111 logs these and goes on ("Network X didn't match keys").
                 msg = (
                     f"LoRA '{name}': {len(unmatched)} layers match nothing in this model, "
@@ -269,19 +302,31 @@ class NetworkManager:
                 )
                 log.warning(msg)
                 applied.notes.append(msg)
+            if partial and not foreign:
+                groups = sorted({self._layer_map[n].fused or "" for n in partial})
+                msg = (
+                    f"LoRA '{name}': {len(partial)} bigG attention layers skipped, e.g. {partial[0]}: A1111 "
+                    "changes a text_encoder_2 attention's q, k, v and out projections only when the LoRA "
+                    f"has all four ({len(groups)} attentions lack some)"
+                )
+                log.warning(msg)
+                applied.notes.append(msg)
             if net.bundled_embeddings:
                 applied.notes.append(
                     f"LoRA '{name}': {len(net.bundled_embeddings)} bundled embedding tensors ignored"
                 )
-            applied.loras.append(AppliedLora(net.alias, te, unet, dyn, net.shorthash, count))
+            applied.loras.append(AppliedLora(net.alias, te, unet, dyn, net.shorthash, len(matched)))
 
         for kohya_name, items in per_layer.items():
             target = self._layer_map[kohya_name]
             module = target.module
             weight = module.weight
             assert isinstance(weight, nn.Parameter)
-            deltas = [(mod, mod.delta(weight.shape, dyn_dim=dyn) * mult) for mod, mult, dyn in items]
-            if functional:
+            deltas = [
+                (mod, mod.delta(weight.shape, dyn_dim=dyn, model=model) * mult) for mod, mult, dyn in items
+            ]
+            # A1111 has no functional path for open_clip's fused attention: it is always merged.
+            if functional and target.fused is None:
                 self._hooks.append(
                     _install_functional(
                         module,
@@ -306,6 +351,20 @@ class NetworkManager:
             return base
         mode = "f" if applied.functional else "m"
         return base + "+" + ",".join(f"{a.name}@{a.shorthash}*{a.te!r}/{a.dyn}" for a in te) + f";{mode}"
+
+
+_FUSED_ROLES = frozenset({"q_proj", "k_proj", "v_proj", "out_proj"})
+
+
+def _incomplete_fused_groups(matched: dict[str, tuple[LoraModule, LayerTarget]]) -> list[str]:
+    """The kohya names of one network's bigG attention modules that A1111 would not apply: those of
+    an attention for which the network lacks one of q, k, v and out (or one of them did not fit)."""
+    roles: dict[str, set[str]] = {}
+    for _, target in matched.values():
+        if target.fused is not None:
+            roles.setdefault(target.fused, set()).add(target.name.rsplit(".", 1)[-1])
+    incomplete = {group for group, have in roles.items() if have != _FUSED_ROLES}
+    return sorted(n for n, (_, target) in matched.items() if target.fused in incomplete)
 
 
 def _install_functional(
