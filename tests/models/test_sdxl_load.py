@@ -548,3 +548,19 @@ def test_big_g_matches_an_open_clip_forward(variant: str, tiny_xl: TinyXL) -> No
         out = te2(ids, output_hidden_states=True)
     torch.testing.assert_close(out.hidden_states[-2], want_hidden.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.text_embeds, want_pooled.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_damaged_sdxl_position_ids_are_reported_and_replaced(
+    tmp_path: Path, stub_tokenizer: object, tiny_xl: TinyXL
+) -> None:
+    sd = dict(tiny_xl("base")[0])
+    sd[SDXL_POSITION_IDS_KEY] = sd[SDXL_POSITION_IDS_KEY].float() + 0.5  # truncates back to 0..76
+    c = load_model(
+        write_tiny_sdxl_checkpoint(tmp_path / "p.safetensors", state_dict=sd), tokenizer=stub_tokenizer
+    )
+    assert c.report.position_ids_damage is not None and "float32" in c.report.position_ids_damage
+    for encoder in (c.text_encoder, c.text_encoder_2):
+        ids = dict(encoder.named_buffers())[
+            "embeddings.position_ids" if encoder is c.text_encoder else "text_model.embeddings.position_ids"
+        ]
+        assert torch.equal(ids, torch.arange(77).unsqueeze(0))

@@ -361,7 +361,7 @@ def _plan(
             if inner is not None:
                 vae_map[VAE_PREFIX + inner] = k
         if not any(k in a.shapes for k in vae_map):
-            raise MergeError(f"{vae.name}: none of its keys is a VAE key of A; it is not an SD1 VAE file.")
+            raise MergeError(f"{vae.name}: none of its keys is a VAE key of A; it is not a VAE file.")
 
     merged = 0
     for key, shape in a.shapes.items():
@@ -373,7 +373,7 @@ def _plan(
             vshape = vae.shapes[vkey] if vae is not None else shape
             if math.prod(vshape) != math.prod(shape):
                 raise MergeError(
-                    f"{key}: the VAE to bake has shape {vshape}, the model {shape}; not an SD1 VAE."
+                    f"{key}: the VAE to bake has shape {vshape}, the model {shape}; not a VAE of this model."
                 )
             vdt = vae.dtypes[vkey] if vae is not None else dtype
             steps.append(_Step(TensorSpec(key, out_dtype(vdt, key), shape), "vae", vkey))
