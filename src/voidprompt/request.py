@@ -18,6 +18,8 @@ from voidprompt.errors import InvalidRequestError
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 # A1111's RNG sources (setting randn_source, infotext "RNG").
 RNG_SOURCES = ("GPU", "CPU", "NV")
+# A1111's "Noise schedule for sampling" (setting sd_noise_schedule, infotext "Noise Schedule").
+NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")
 # img2img resize modes (A1111 API resize_mode 0..3).
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 # Inpainting masked content (A1111 API inpainting_fill 0..3).
@@ -85,6 +87,7 @@ class GenerationRequest:
     pad_cond_uncond_v0: bool = False
     use_old_scheduling: bool = False  # "Old prompt editing timelines"
     use_downcasted_alpha_bar: bool = False  # "Downcast alphas_cumprod"
+    sd_noise_schedule: str = "Default"  # "Noise Schedule"; a model marked ztsnr always runs ZTSNR
     use_old_karras_scheduler_sigmas: bool = False
     batch_cond_uncond: bool = True
     # SDXL settings (A1111 options; no infotext keys of their own).
@@ -175,6 +178,10 @@ class GenerationRequest:
         if self.emphasis not in EMPHASIS_MODES:
             raise InvalidRequestError(
                 f"emphasis={self.emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}"
+            )
+        if self.sd_noise_schedule not in NOISE_SCHEDULES:
+            raise InvalidRequestError(
+                f"sd_noise_schedule={self.sd_noise_schedule!r}: choose one of {', '.join(NOISE_SCHEDULES)}"
             )
         if self.randn_source not in RNG_SOURCES:
             raise InvalidRequestError(

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from voidprompt.errors import InvalidRequestError
 from voidprompt.models import load_model
 from voidprompt.pipeline.engine import Engine
 from voidprompt.request import GenerationRequest
@@ -133,3 +134,42 @@ def test_a_different_crop_changes_the_picture(base: Engine) -> None:
     a = base.generate(BASE)
     b = base.generate(BASE.replace(sdxl_crop_top=256))
     assert a.images[0].tobytes() != b.images[0].tobytes()
+
+
+@pytest.fixture(scope="module")
+def v_model(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    from voidprompt.testing.fake_checkpoints import tiny_sdxl_state_dict
+
+    state = tiny_sdxl_state_dict()
+    # NoobAI-XL V-Pred's markers (the reForge / later A1111 rule): v-prediction, zero terminal SNR.
+    state["v_pred"] = torch.tensor([])
+    state["ztsnr"] = torch.tensor([])
+    path = tmp_path_factory.mktemp("sdxl") / "vpred.safetensors"
+    return Engine(load_model(write_tiny_sdxl_checkpoint(path, state_dict=state)))
+
+
+def test_a_v_prediction_ztsnr_file_samples_v_on_the_rescaled_schedule(
+    v_model: Engine, base: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voidprompt.pipeline import engine as engine_module
+    from voidprompt.sampling.denoiser import DiscreteVDenoiser
+
+    components = v_model.components
+    assert (components.prediction, components.zero_terminal_snr) == ("v", True)
+    seen: list[Any] = []
+    real = engine_module.run_sampler
+
+    def spy(run: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(model.schedule_model)
+        return real(run, model, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "run_sampler", spy)
+    result = v_model.generate(BASE.replace(steps=3))
+    assert "Noise Schedule: Zero Terminal SNR" in result.infotexts[0]
+    # v denoiser, on the rescaled schedule: its top sigma is the stand-in's ~4519, not SD1's 14.6.
+    assert isinstance(seen[0], DiscreteVDenoiser)
+    assert 4500 < float(seen[0].sigma_max) < 4530
+    # Same weights, eps and the default schedule: a different picture.
+    assert result.images[0].tobytes() != base.generate(BASE.replace(steps=3)).images[0].tobytes()
+    with pytest.raises(InvalidRequestError, match="LCM sampler needs an eps-prediction model"):
+        v_model.generate(BASE.replace(sampler_name="LCM"))

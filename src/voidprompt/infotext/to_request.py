@@ -82,6 +82,7 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
     "Pad conds v0": ("pad_cond_uncond_v0", _to_bool),
     "Old prompt editing timelines": ("use_old_scheduling", _to_bool),
     "Downcast alphas_cumprod": ("use_downcasted_alpha_bar", _to_bool),
+    "Noise Schedule": ("sd_noise_schedule", lambda k, v: str(v)),
     "Sigma churn": ("s_churn", _to_float),
     "Sigma tmin": ("s_tmin", _to_float),
     "Sigma tmax": ("s_tmax", _to_float),

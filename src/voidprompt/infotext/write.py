@@ -263,6 +263,8 @@ def generation_params(
         params["Emphasis"] = r.emphasis
     if r.use_downcasted_alpha_bar:
         params["Downcast alphas_cumprod"] = True
+    if r.sd_noise_schedule != "Default":
+        params["Noise Schedule"] = r.sd_noise_schedule
     if r.sigma_min is not None:
         params["Schedule min sigma"] = r.sigma_min
     if r.sigma_max is not None:

@@ -81,10 +81,13 @@ from voidprompt.sampling.denoiser import (
     BatchConds,
     CFGDenoiser,
     DiscreteEpsDenoiser,
+    DiscreteVDenoiser,
     EpsTimestepModel,
     Guidance,
     LatentBlend,
     LCMDenoiser,
+    VTimestepModel,
+    zero_terminal_snr_alphas_cumprod,
 )
 from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, infotext_names, resolve
 from voidprompt.sampling.rng import ImageRNG, batch_seeds, create_random_tensors, fixed_seed, img2img_noise
@@ -152,6 +155,8 @@ class Engine:
         self.encoder: Any
         # SDXL: two text encoders, and the UNet takes a vector (pooled text + size numbers) too.
         self._size: SizeConditioning | None = None
+        # v-prediction checkpoints (marked by a ``v_pred`` key) go through the v denoisers.
+        self._v_prediction = getattr(components, "prediction", "eps") == "v"
         text_encoder_2 = getattr(components, "text_encoder_2", None)
         if text_encoder_2 is not None:
             self.encoder = SDXLPromptEncoder(
@@ -256,6 +261,16 @@ class Engine:
             seed=fixed_seed(request.seed),
             subseed=fixed_seed(request.subseed),
         )
+        if getattr(self.components, "zero_terminal_snr", False):
+            # A file marked ztsnr runs the Zero Terminal SNR schedule whatever the setting, and the
+            # request as it ran (and its infotext) says so.
+            request = request.replace(sd_noise_schedule="Zero Terminal SNR")
+        if self._v_prediction:
+            for name in (request.sampler_name, request.hr_sampler_name):
+                if name is not None and resolve(name, "Automatic")[0].label == "LCM":
+                    raise InvalidRequestError(
+                        "the LCM sampler needs an eps-prediction model; this checkpoint predicts v"
+                    )
         inputs: Img2ImgInputs | None = None
         hires: _Hires | None = None
         if request.is_img2img:
@@ -594,19 +609,25 @@ class Engine:
         components = self.components
         spec = run.spec
         self._pass_unet = self._unet_for_pass()
-        alphas_cumprod = components.alphas_cumprod.to(self.device)
+        table = components.alphas_cumprod
+        downcast = request.use_downcasted_alpha_bar
+        if request.sd_noise_schedule == "Zero Terminal SNR":
+            # A1111's order: the downcast first (the table then stays float16, so the rescale runs in
+            # float16 too), then the rescale, into the one table every sampler uses.
+            half = table.to(torch.float16) if downcast else table
+            table = zero_terminal_snr_alphas_cumprod(half).to(table.dtype)
+            downcast = False
+        alphas_cumprod = table.to(self.device)
         schedule_model: DiscreteEpsDenoiser
         if spec.label == "LCM":
             # LCM samples over its own 50 "original" timesteps (A1111's LCMCompVisDenoiser).
             schedule_model = LCMDenoiser(self._unet_eps, alphas_cumprod)
         else:
-            schedule_model = DiscreteEpsDenoiser(
-                self._unet_eps, alphas_cumprod, downcast_alphas=request.use_downcasted_alpha_bar
-            )
+            sigma_model = DiscreteVDenoiser if self._v_prediction else DiscreteEpsDenoiser
+            schedule_model = sigma_model(self._unet_eps, alphas_cumprod, downcast_alphas=downcast)
+        timestep_model = VTimestepModel if self._v_prediction else EpsTimestepModel
         inner: Any = (
-            EpsTimestepModel(
-                self._unet_eps, components.alphas_cumprod, downcast_alphas=request.use_downcasted_alpha_bar
-            )
+            timestep_model(self._unet_eps, table, downcast_alphas=downcast)
             if spec.is_timestep_sampler
             else schedule_model
         )
@@ -634,7 +655,7 @@ class Engine:
                 latent, denoised = info["x"], info.get("denoised")
                 hooks.progress(Progress(iteration.index, request.n_iter, step, run.steps, latent, denoised))
 
-        model = SamplingModel(cfg, schedule_model, components.alphas_cumprod)
+        model = SamplingModel(cfg, schedule_model, table)
         return run_sampler(SamplerPass(spec, run.scheduler, run.steps), model, start, request, on_step)
 
     def _params(

@@ -37,6 +37,24 @@ def downcast_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     return alphas_cumprod.to(torch.float16).to(alphas_cumprod.dtype)
 
 
+# A1111's stand-in for abar at the last timestep, which zero terminal SNR would make exactly 0 (an
+# infinite sigma); sqrt((1 - a) / a) of it is a sigma_max of about 4519.
+ZERO_TERMINAL_SNR_LAST_ABAR = 4.8973451890853435e-08
+
+
+def zero_terminal_snr_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """A1111's "Zero Terminal SNR" noise schedule (``rescale_zero_terminal_snr_abar``; Lin et al.
+    2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", algorithm 1): sqrt(abar)
+    shifted so that its last entry is 0 and scaled so that its first is unchanged, squared, with the
+    last entry then set to :data:`ZERO_TERMINAL_SNR_LAST_ABAR`."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    out = root**2
+    out[-1] = ZERO_TERMINAL_SNR_LAST_ABAR
+    return out
+
+
 class DiscreteEpsDenoiser:
     """D(x, sigma) for an eps-prediction UNet trained on discrete timesteps (SD1)."""
 
@@ -115,6 +133,36 @@ class DiscreteEpsDenoiser:
         return x + eps * c_out
 
 
+class DiscreteVDenoiser(DiscreteEpsDenoiser):
+    """D(x, sigma) for a v-prediction UNet (k-diffusion's CompVisVDenoiser, which A1111 uses for
+    v-prediction models): with s = sigma_data = 1, c_in = 1 / sqrt(sigma^2 + 1),
+    c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1), and
+    D = x * c_skip + v(x * c_in, t(sigma)) * c_out."""
+
+    def get_scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError("v-prediction has three scalings; see v_scalings")
+
+    def v_scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s2 = sigma**2 + self.sigma_data**2
+        return self.sigma_data**2 / s2, -sigma * self.sigma_data / s2**0.5, 1 / s2**0.5
+
+    def __call__(
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        *,
+        context: Tensor,
+        image_cond: Tensor | None = None,
+        y: Tensor | None = None,
+    ) -> Tensor:
+        c_skip, c_out, c_in = (_bcast(v, x) for v in self.v_scalings(sigma))
+        x_in = x * c_in
+        if image_cond is not None:
+            x_in = torch.cat([x_in, image_cond], dim=1)
+        v = _unet(self.unet_fn, x_in, self.sigma_to_t(sigma), context, y)
+        return v * c_out + x * c_skip
+
+
 class LCMDenoiser(DiscreteEpsDenoiser):
     """A1111's LCMCompVisDenoiser: 50 "original" timesteps 19, 39, ..., 999 and the consistency-model
     boundary scalings (sigma_data 0.5, timestep scaled by 10). Luo et al. (2023), Latent Consistency Models.
@@ -180,6 +228,24 @@ class EpsTimestepModel:
     ) -> Tensor:
         x_in = x if image_cond is None else torch.cat([x, image_cond], dim=1)
         return _unet(self.unet_fn, x_in, t, context, y)
+
+
+class VTimestepModel(EpsTimestepModel):
+    """A v-prediction UNet as the timestep samplers see it (A1111's CompVisTimestepsVDenoiser): its v
+    turned into eps at training timestep t, eps = sqrt(abar_t) * v + sqrt(1 - abar_t) * x."""
+
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        context: Tensor,
+        image_cond: Tensor | None = None,
+        y: Tensor | None = None,
+    ) -> Tensor:
+        v = super().__call__(x, t, context=context, image_cond=image_cond, y=y)
+        abar = self.alphas_cumprod.to(x.device)[t.to(torch.int)]
+        return _bcast(abar.sqrt(), x) * v + _bcast((1 - abar).sqrt(), x) * x
 
 
 InnerModel = Callable[..., Tensor]
