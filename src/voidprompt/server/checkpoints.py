@@ -1,5 +1,8 @@
 """The model folders: checkpoints and VAEs found by scanning, looked up by A1111's aliases.
 
+Each checkpoint's family (SD1, SDXL, ...) and text-encoder width are read from its tensor shapes
+(the header only, never the weights) on first use and cached by path, size and modification time.
+
 Names that clients send are only ever looked up in the scanned table, never joined onto a folder,
 so a name like ``../../etc/passwd`` cannot reach outside the folders: it is simply not found. Files
 reached through a symlink that points outside the folder are skipped when scanning.
@@ -13,9 +16,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from voidprompt.errors import VoidpromptError
+from voidprompt.models.arch import clip_prefix_of
+from voidprompt.models.arch_sdxl import CLIP_L_PREFIX, OPEN_CLIP_PREFIX, OPEN_CLIP_PREFIX_REFINER
+from voidprompt.models.detect import ModelFamily, detect_family
 from voidprompt.models.hashes import old_model_hash, sha256_file
+from voidprompt.models.load import open_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +91,46 @@ class VaeEntry:
         return sha256_file(self.path)
 
 
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What a checkpoint's tensor shapes say; None where the file could not be read."""
+
+    family: ModelFamily | None
+    # The width of a textual-inversion vector the model takes, as A1111 checks it: CLIP's for SD1;
+    # for SDXL the sum over its text encoders (CLIP-L + bigG; the refiner: bigG alone), which is the
+    # width A1111 gives an SDXL clip_l + clip_g embedding.
+    text_width: int | None
+
+
+def _width(shapes: dict[str, Any], key: str) -> int | None:
+    shape = shapes.get(key)
+    return int(shape[1]) if shape is not None and len(shape) == 2 else None
+
+
+def read_checkpoint_facts(path: Path) -> CheckpointFacts:
+    """The family and text width of the checkpoint at ``path``, from its header (or lazy pickle)."""
+    try:
+        with open_checkpoint(path) as reader:
+            shapes: dict[str, Any] = dict(reader.shapes)
+        family = detect_family(shapes)
+    except (VoidpromptError, OSError) as error:
+        log.warning("%s: model family unknown: %s", path, error)
+        return CheckpointFacts(None, None)
+    if family.is_sdxl:
+        if family is ModelFamily.SDXL_REFINER:
+            parts = [OPEN_CLIP_PREFIX_REFINER + "token_embedding.weight"]
+        else:
+            parts = [
+                CLIP_L_PREFIX + "embeddings.token_embedding.weight",
+                OPEN_CLIP_PREFIX + "token_embedding.weight",
+            ]
+        widths = [_width(shapes, key) for key in parts]
+        width = None if None in widths else sum(w for w in widths if w is not None)
+    else:
+        width = _width(shapes, clip_prefix_of(shapes) + "embeddings.token_embedding.weight")
+    return CheckpointFacts(family, width)
+
+
 def _inside(path: Path, folder: Path) -> bool:
     try:
         return path.resolve().is_relative_to(folder.resolve())
@@ -113,6 +161,18 @@ class ModelRegistry:
     vae_folders: Sequence[Path] = ()
     checkpoints: list[CheckpointEntry] = field(default_factory=list)
     vaes: list[VaeEntry] = field(default_factory=list)
+    _facts: dict[tuple[str, int, int], CheckpointFacts] = field(default_factory=dict, repr=False)
+
+    def facts(self, entry: CheckpointEntry) -> CheckpointFacts:
+        """``entry``'s family and text width, read once per file version (path, size, mtime)."""
+        try:
+            stat = entry.path.stat()
+        except OSError:
+            return CheckpointFacts(None, None)
+        key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._facts:
+            self._facts[key] = read_checkpoint_facts(entry.path)
+        return self._facts[key]
 
     def refresh(self) -> None:
         entries: list[CheckpointEntry] = []

@@ -87,6 +87,12 @@ OPTION_SPECS: dict[str, OptionSpec] = {
     "batch_cond_uncond": OptionSpec(True, bool, "batch_cond_uncond"),
     "initial_noise_multiplier": OptionSpec(1.0, float, "initial_noise_multiplier"),
     "inpainting_mask_weight": OptionSpec(1.0, float, "inpainting_mask_weight"),
+    # SDXL's settings, A1111's names and defaults; SD1 models ignore them.
+    "sdxl_crop_top": OptionSpec(0, int, "sdxl_crop_top"),
+    "sdxl_crop_left": OptionSpec(0, int, "sdxl_crop_left"),
+    "sdxl_clip_l_skip": OptionSpec(False, bool, "sdxl_clip_l_skip"),
+    "sdxl_refiner_low_aesthetic_score": OptionSpec(2.5, float, "sdxl_refiner_low_aesthetic_score"),
+    "sdxl_refiner_high_aesthetic_score": OptionSpec(6.0, float, "sdxl_refiner_high_aesthetic_score"),
     # Accepted and reported so clients that set them keep working; they change nothing here.
     "samples_format": OptionSpec("png", str, None, ("png",)),
     "return_grid": OptionSpec(False, bool),
@@ -124,6 +130,9 @@ class Options:
                     f"{', '.join([*MODEL_OPTIONS[:2], *OPTION_SPECS])}"
                 )
             out[key] = _coerce(key, value, spec)
+        # The request owns the ranges (crop within the picture limits, scores 0..10, ...): a value
+        # it would refuse is refused here, not in every later generation.
+        GenerationRequest(**request_fields_from_options(out)).validate()
         return out
 
     def update(self, normalised: Mapping[str, Any]) -> None:
@@ -435,22 +444,35 @@ class ModelHost:
 
     def make_engine(self, components: Any) -> Engine:
         """An Engine over ``components`` with the server's embeddings, LoRA and hypernetwork folders."""
-        width = int(components.text_encoder.config.hidden_size)
-        networks = self.networks
-        return Engine(
+        engine = Engine(
             components,
-            embeddings=networks.embedding_database(components.tokenizer, width),
-            lora_dir=networks.lora_dir,
-            hypernet_dir=networks.hypernetwork_dir,
+            lora_dir=self.networks.lora_dir,
+            hypernet_dir=self.networks.hypernetwork_dir,
             disable_nan_check=self.disable_nan_check,
         )
+        self._give_embeddings(engine)
+        return engine
+
+    def _give_embeddings(self, engine: Engine) -> None:
+        # SDXL's text encoders each take their own tensor of an SDXL embedding file (A1111's
+        # clip_l / clip_g); the refiner has bigG alone. SD1 takes the file's one tensor.
+        components, encoder = engine.components, engine.encoder
+        tokenizer = components.tokenizer
+        text_encoder_2 = getattr(components, "text_encoder_2", None)
+        if text_encoder_2 is None:
+            width = int(components.text_encoder.config.hidden_size)
+            encoder.embeddings = self.networks.embedding_database(tokenizer, width)
+            return
+        if components.text_encoder is not None:
+            width_l = int(components.text_encoder.config.hidden_size)
+            encoder.embeddings = self.networks.embedding_database(tokenizer, width_l, sdxl_part="clip_l")
+        width_g = int(text_encoder_2.config.hidden_size)
+        encoder.embeddings_g = self.networks.embedding_database(tokenizer, width_g, sdxl_part="clip_g")
 
     def reload_embeddings(self) -> None:
         """Give the model in memory the embeddings now on disk (run on the queue's worker)."""
-        engine = self.engine
-        if engine is not None:
-            width = engine.encoder.width
-            engine.encoder.embeddings = self.networks.embedding_database(engine.components.tokenizer, width)
+        if self.engine is not None:
+            self._give_embeddings(self.engine)
 
     def select(self, name: str) -> CheckpointEntry:
         """Pick the checkpoint by an A1111 alias (raises NotFoundError listing the titles)."""

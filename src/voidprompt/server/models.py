@@ -157,6 +157,11 @@ class SDModelItem(BaseModel):
     sha256: str | None
     filename: str
     config: str | None = None
+    family: str | None = Field(
+        None,
+        description="voidprompt: the model family read from the file's tensor shapes (sd1, sd1-inpaint, "
+        "sdxl, sdxl-refiner, sdxl-inpaint, sd2, sd2-v); null when the file cannot be read",
+    )
 
 
 class SDVaeItem(BaseModel):

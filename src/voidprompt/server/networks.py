@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from voidprompt.errors import VoidpromptError
-from voidprompt.models.arch import clip_prefix_of
-from voidprompt.models.load import open_checkpoint
 from voidprompt.models.networks.lora import LORA_SUFFIXES
 from voidprompt.models.networks.names import HYPERNETWORK, alias_from_metadata, scan_network_folder
 from voidprompt.models.safe_pickle import load_pickle_checkpoint
@@ -288,23 +286,15 @@ class NetworkFolders:
         listed = scan_network_folder(self.hypernetwork_dir, HYPERNETWORK.suffixes, hidden=HYPERNETWORK.hidden)
         return [HypernetworkEntry(name, path) for name, path in listed.items()]
 
-    def embedding_database(self, tokenizer: ClipTokenizer, width: int) -> EmbeddingDatabase:
+    def embedding_database(
+        self, tokenizer: ClipTokenizer, width: int, sdxl_part: str | None = None
+    ) -> EmbeddingDatabase:
         """An :class:`EmbeddingDatabase` of every scanned embedding file for a text encoder of
-        ``width`` (wrong widths become its skipped entries, which name the reason when used)."""
-        database = EmbeddingDatabase(tokenizer, width=width)
+        ``width`` (wrong widths become its skipped entries, which name the reason when used);
+        ``sdxl_part`` (``"clip_l"`` / ``"clip_g"``) picks that tensor of SDXL's pair files."""
+        database = EmbeddingDatabase(tokenizer, width=width, sdxl_part=sdxl_part)
         with self._lock:
             paths = list(self.embedding_paths)
         for path in paths:
             database.load_file(path)
         return database
-
-
-def checkpoint_text_width(path: Path) -> int | None:
-    """The CLIP width of a checkpoint from its tensor shapes (header / lazy pickle only)."""
-    try:
-        with open_checkpoint(path) as reader:
-            shape = reader.shapes.get(clip_prefix_of(reader.shapes) + "embeddings.token_embedding.weight")
-    except (VoidpromptError, OSError) as error:
-        log.warning("%s: text encoder width unknown: %s", path, error)
-        return None
-    return int(shape[1]) if shape is not None and len(shape) == 2 else None

@@ -12,7 +12,7 @@ from voidprompt.models.tokenizer import load_clip_tokenizer
 from voidprompt.server.checkpoints import ModelRegistry
 from voidprompt.server.generation import ModelHost, Options
 from voidprompt.server.limits import Limits
-from voidprompt.server.networks import NetworkFolders, checkpoint_text_width
+from voidprompt.server.networks import NetworkFolders
 from voidprompt.server.queue import GenerationQueue
 from voidprompt.server.studies import StudyRegistry
 
@@ -71,7 +71,6 @@ class App:
             self.host.select(config.default_model)
         self.studies = StudyRegistry(config.studies_dir, run_args=config.study_run_args)
         self._tokenizer: Any = None
-        self._widths: dict[tuple[str, int, int], int | None] = {}
 
     def tokenizer(self) -> Any:
         if self.host.engine is not None:
@@ -81,22 +80,16 @@ class App:
         return self._tokenizer
 
     def text_width(self) -> int | None:
-        """The current model's text-encoder width (None when there is no checkpoint): from the
-        model in memory, else from the selected checkpoint's tensor shapes (header only)."""
+        """The width of an embedding vector the current model takes (None when there is no
+        checkpoint): from the model in memory, else from the selected checkpoint's tensor shapes
+        (header only). SDXL's is CLIP-L's + bigG's, as A1111 measures an SDXL embedding."""
         selected = self.host.selected
         engine, loaded = self.host.engine, self.host.loaded
         if engine is not None and loaded is not None and (selected is None or loaded[0] is selected):
             return int(engine.encoder.width)
         if selected is None:
             return None
-        try:
-            stat = selected.path.stat()
-        except OSError:
-            return None
-        key = (str(selected.path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._widths:
-            self._widths[key] = checkpoint_text_width(selected.path)
-        return self._widths[key]
+        return self.registry.facts(selected).text_width
 
     def options_dict(self) -> dict[str, Any]:
         values: dict[str, Any] = self.options.snapshot()

@@ -108,17 +108,21 @@ def router(state: App) -> APIRouter:
 
     @router.get(f"{prefix}/sd-models", tags=tags, response_model=list[m.SDModelItem])
     def sd_models() -> list[m.SDModelItem]:
-        return [
-            m.SDModelItem(
-                title=e.title,
-                model_name=e.model_name,
-                hash=e.shorthash,
-                sha256=e.sha256,
-                filename=str(e.path),
-                config=None,
+        items = []
+        for e in state.registry.checkpoints:
+            family = state.registry.facts(e).family
+            items.append(
+                m.SDModelItem(
+                    title=e.title,
+                    model_name=e.model_name,
+                    hash=e.shorthash,
+                    sha256=e.sha256,
+                    filename=str(e.path),
+                    config=None,
+                    family=family.value if family is not None else None,
+                )
             )
-            for e in state.registry.checkpoints
-        ]
+        return items
 
     @router.get(f"{prefix}/sd-vae", tags=tags, response_model=list[m.SDVaeItem])
     def sd_vae() -> list[m.SDVaeItem]:
