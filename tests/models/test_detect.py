@@ -100,3 +100,30 @@ def test_unknown_files_explain_what_they_look_like() -> None:
     odd["model.diffusion_model.input_blocks.0.0.weight"] = torch.Size([320, 5, 3, 3])
     with pytest.raises(ModelLoadError, match="5 input channels"):
         detect_family(odd)
+
+
+def test_sdxl_variants_from_unet_shapes_alone() -> None:
+    # A UNet-only refiner (no text encoder keys) is told by its 1280-wide context.
+    refiner = {
+        k: v.shape
+        for k, v in fake_full_state_dict(ModelFamily.SDXL_REFINER).items()
+        if not k.startswith("conditioner.")
+    }
+    assert detect_family(refiner) is ModelFamily.SDXL_REFINER
+    base = {
+        k: v.shape
+        for k, v in fake_full_state_dict(ModelFamily.SDXL).items()
+        if not k.startswith("conditioner.")
+    }
+    assert detect_family(base) is ModelFamily.SDXL
+    base["model.diffusion_model.input_blocks.0.0.weight"] = torch.Size([320, 8, 3, 3])
+    with pytest.raises(ModelLoadError, match="SDXL checkpoint whose UNet takes 8 input channels"):
+        detect_family(base)
+
+
+def test_prediction_markers() -> None:
+    from voidprompt.models.detect import detect_prediction
+
+    assert detect_prediction(["model.diffusion_model.out.2.weight"]) == ("eps", False)
+    assert detect_prediction(["v_pred"]) == ("v", False)
+    assert detect_prediction(["v_pred", "ztsnr"]) == ("v", True)

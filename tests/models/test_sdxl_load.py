@@ -564,3 +564,22 @@ def test_damaged_sdxl_position_ids_are_reported_and_replaced(
             "embeddings.position_ids" if encoder is c.text_encoder else "text_model.embeddings.position_ids"
         ]
         assert torch.equal(ids, torch.arange(77).unsqueeze(0))
+
+
+def test_tiny_sdxl_unet_runs_with_its_size_conditioning(tiny_xl: TinyXL) -> None:
+    # label_emb's width fits what diffusers feeds it: the pooled bigG vector and 6 (refiner: 5)
+    # numbers, each embedded 256 wide.
+    for variant, numbers in (("base", 6), ("refiner", 5)):
+        _, (unet, _, _, te2) = tiny_xl(variant)
+        context = unet.config.cross_attention_dim
+        with torch.no_grad():
+            out = unet(
+                torch.randn(2, 4, 8, 8),
+                torch.tensor([10, 500]),
+                torch.randn(2, 77, context),
+                added_cond_kwargs={
+                    "text_embeds": torch.randn(2, te2.config.projection_dim),
+                    "time_ids": torch.rand(2, numbers) * 1024,
+                },
+            ).sample
+        assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
