@@ -19,6 +19,7 @@ from voidprompt.errors import InvalidRequestError
 from voidprompt.models import load_model
 from voidprompt.pipeline.engine import Engine
 from voidprompt.request import GenerationRequest
+from voidprompt.sampling.registry import sampler_labels
 from voidprompt.testing.fake_checkpoints import write_tiny_sdxl_checkpoint
 
 BASE = GenerationRequest(
@@ -173,3 +174,39 @@ def test_a_v_prediction_ztsnr_file_samples_v_on_the_rescaled_schedule(
     assert result.images[0].tobytes() != base.generate(BASE.replace(steps=3)).images[0].tobytes()
     with pytest.raises(InvalidRequestError, match="LCM sampler needs an eps-prediction model"):
         v_model.generate(BASE.replace(sampler_name="LCM"))
+
+
+@pytest.mark.parametrize("sampler", sampler_labels())
+def test_every_sampler_runs_on_sdxl(base: Engine, sampler: str) -> None:
+    request = BASE.replace(sampler_name=sampler, steps=3, width=16, height=16, seed=11)
+    with UNetCalls(base) as spy:
+        result = base.generate(request)
+    assert result.images[0].size == (16, 16)
+    # Every UNet call got the vector conditioning: the pooled part and this size's numbers.
+    assert spy.calls and all(
+        torch.equal(c["numbers"][0], torch.tensor([16.0, 16.0, 0.0, 0.0, 16.0, 16.0])) for c in spy.calls
+    )
+    assert all(torch.isfinite(c["pooled"]).all() for c in spy.calls)
+
+
+def test_img2img_and_an_sdxl_inpainting_model(base: Engine, tmp_path_factory: pytest.TempPathFactory) -> None:
+    import numpy as np
+    from PIL import Image
+
+    init = Image.fromarray((np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8))
+    mask = Image.new("L", (48, 32), 0)
+    mask.paste(255, (8, 8, 40, 24))
+    request = BASE.replace(init_images=(init,), denoising_strength=0.6, steps=3)
+    with UNetCalls(base) as spy:
+        result = base.generate(request)
+    # img2img at 0.6 of 3 steps runs the last 2 (A1111's t_enc = int(0.6 * 3) = 1 + 1 calls).
+    assert result.images[0].size == (48, 32) and len(spy.calls) == 2
+    path = tmp_path_factory.mktemp("sdxl") / "inpaint.safetensors"
+    inpaint = Engine(load_model(write_tiny_sdxl_checkpoint(path, inpainting=True)))
+    assert inpaint.components.is_inpainting
+    with UNetCalls(inpaint) as spy:
+        result = inpaint.generate(request.replace(mask=mask, mask_blur_x=0, mask_blur_y=0))
+    # 4 latent channels + mask + masked-image latents go in; outside the mask the picture is kept.
+    assert spy.calls[0]["latent"].shape[1] == 9
+    kept = np.asarray(result.images[0])[:2, :2].astype(int)
+    assert np.array_equal(kept, np.asarray(init)[:2, :2].astype(int))
