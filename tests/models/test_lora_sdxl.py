@@ -470,3 +470,72 @@ def test_engine_applies_an_sdxl_lora_and_takes_it_off(tmp_path: Path, xl_file: P
     digest = addnet_hash_safetensors(tmp_path / "xl_style.safetensors")[:12]
     assert f'Lora hashes: "xl_style: {digest}"' in styled.infotexts[0]
     assert np.array_equal(np.asarray(engine.generate(base).images[0], dtype=np.int16), plain)
+
+
+# ---------------------------------------------------------------- extraction
+
+
+def test_extract_from_sdxl_writes_kohyas_sdxl_names_and_recovers_the_difference(tmp_path: Path) -> None:
+    from voidprompt.models.load import open_checkpoint
+    from voidprompt.models.networks import load_lora
+    from voidprompt.models.networks.extract import extract_lora
+    from voidprompt.testing.fake_checkpoints import tiny_sdxl_state_dict
+
+    sd_a = tiny_sdxl_state_dict(0)
+    sd_b = {k: v.clone() for k, v in sd_a.items()}
+    g = torch.Generator().manual_seed(4)
+    unet = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_v.weight"
+    clip_l = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    in_proj = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
+    c_fc = "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight"
+    width = sd_a[in_proj].shape[1]
+    low_rank = {}
+    for key, rows in ((unet, None), (clip_l, None), (in_proj, slice(width, 2 * width)), (c_fc, None)):
+        w = sd_a[key] if rows is None else sd_a[key][rows]
+        d = torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g) * 0.05
+        if rows is None:
+            sd_b[key] = w + d
+        else:
+            sd_b[key][rows] = w + d
+        low_rank[key] = (sd_b[key] if rows is None else sd_b[key][rows]) - w
+    a = write_tiny_sdxl_checkpoint(tmp_path / "a.safetensors", state_dict=sd_a)
+    b = write_tiny_sdxl_checkpoint(tmp_path / "b.safetensors", state_dict=sd_b)
+    res = extract_lora(a, b, tmp_path / "lora" / "x.safetensors", rank=2)
+    names = {
+        unet: "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v",
+        clip_l: "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        in_proj: "lora_te2_text_model_encoder_layers_1_self_attn_k_proj",
+        c_fc: "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+    }
+    assert res.layers == 4 and res.text_encoder_included
+    net = load_lora(res.path)
+    assert set(net.modules) == set(names.values())
+    for key, kohya in names.items():
+        torch.testing.assert_close(
+            net.modules[kohya].delta(low_rank[key].shape), low_rank[key], rtol=0, atol=1e-5
+        )
+    with open_checkpoint(res.path) as reader:
+        assert reader.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    # Applied at multiplier 1 it turns A into (nearly) B, bigG's fused attention included: the LoRA
+    # has only k for that layer, so A1111's all-four rule leaves it out, as it does there.
+    ca = load_model(a, tokenizer=_Tok())
+    cb = load_model(b, tokenizer=_Tok())
+    applied = _apply(ca, tmp_path / "lora", "<lora:x:1>")
+    assert applied.loras[0].layers == 3 and "all four" in applied.notes[0]
+    for component in ("unet", "text_encoder"):
+        for k, v in getattr(cb, component).state_dict().items():
+            torch.testing.assert_close(getattr(ca, component).state_dict()[k], v, rtol=0, atol=1e-5)
+    fc1 = "text_model.encoder.layers.0.mlp.fc1.weight"
+    torch.testing.assert_close(
+        ca.text_encoder_2.state_dict()[fc1], cb.text_encoder_2.state_dict()[fc1], rtol=0, atol=1e-5
+    )
+
+
+def test_extract_refuses_two_families(tmp_path: Path) -> None:
+    from voidprompt.models.networks.extract import extract_lora
+
+    a = write_tiny_sdxl_checkpoint(tmp_path / "xl.safetensors")
+    b = write_tiny_checkpoint(tmp_path / "sd1.safetensors")
+    with pytest.raises(ModelLoadError, match=r"xl.safetensors is SDXL and .*sd1.safetensors is SD1.x"):
+        extract_lora(a, b, tmp_path / "x.safetensors", rank=2)
+    assert not (tmp_path / "x.safetensors").exists()

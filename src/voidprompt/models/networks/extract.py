@@ -7,8 +7,14 @@ approximation of the difference.
 Targets (kohya's ``LoRANetwork``): in the UNet every Linear and 1x1 conv inside ``Transformer2DModel``
 blocks; with ``conv_rank`` also the ResNet blocks' convs / time projections and the down/up-samplers
 (kxk convs at conv_rank, the rest at rank); in the text encoder the Linears of ``CLIPAttention`` and
-``CLIPMLP``. As kohya, the text encoder is left out when no element of its difference reaches
+``CLIPMLP``. As kohya, the text encoders are left out when no element of their difference reaches
 ``min_diff`` (its default 0.01): a fine-tune that froze CLIP differs there only by save noise.
+
+SDXL (kohya's ``--sdxl``): the same module kinds, named as kohya's SDXL LoRAs name them - the UNet by
+its original sgm paths (``lora_unet_input_blocks_4_1_...``, through the loader's key map), CLIP ViT-L
+as ``lora_te1_`` and bigG as ``lora_te2_`` with transformers' CLIP paths; bigG's q/k/v are the row
+thirds of open_clip's fused ``in_proj_weight``. The metadata's ``ss_base_model_version`` says SDXL, as
+A1111 reads it to list the LoRA under SDXL. Both files must be of one family.
 
 Differences from kohya, on purpose: no clamping of U/V^T to their 0.99 quantile by default (pass
 ``clamp_quantile=0.99`` for kohya's numbers; clamping makes the LoRA inexact even for an exactly
@@ -32,8 +38,12 @@ from torch import Tensor, nn
 from voidprompt.errors import ModelLoadError
 from voidprompt.files import sweep_stale_partials
 from voidprompt.models.arch import ArchConstants, build_modules, infer_arch
-from voidprompt.models.convert import CheckpointKeyMap, fit_shape
-from voidprompt.models.load import open_checkpoint
+from voidprompt.models.arch_sdxl import SDXL_DEFAULTS, infer_sdxl_arch
+from voidprompt.models.convert import CheckpointKeyMap, to_module_tensors
+from voidprompt.models.convert_sdxl import sdxl_key_map
+from voidprompt.models.detect import detect_family, require_supported
+from voidprompt.models.load import CheckpointReader, open_checkpoint
+from voidprompt.models.networks.lora import unet_compvis_names
 from voidprompt.models.safetensors_stream import SafetensorsStreamWriter, TensorSpec
 
 __all__ = ["ExtractResult", "extract_lora", "kohya_targets"]
@@ -52,9 +62,12 @@ class ExtractResult:
 
 
 def kohya_targets(
-    unet: nn.Module, text_encoder: nn.Module, *, conv: bool
+    unet: nn.Module, text_encoder: nn.Module | None, *, conv: bool, text_encoder_2: nn.Module | None = None
 ) -> list[tuple[str, str, str, nn.Module]]:
-    """(kohya name, component, module path, module) of every layer kohya's LoRA trains."""
+    """(kohya name, component, module path, module) of every layer kohya's LoRA trains; with
+    ``text_encoder_2`` (SDXL) under kohya's SDXL names (see the module docstring)."""
+    sdxl = text_encoder_2 is not None
+    compvis = unet_compvis_names(unet) if sdxl else {}
     out: list[tuple[str, str, str, nn.Module]] = []
     blocks = _UNET_BLOCKS + (_UNET_CONV_BLOCKS if conv else ())
     seen: set[str] = set()
@@ -68,16 +81,38 @@ def kohya_targets(
             is_1x1 = isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1)
             if isinstance(child, nn.Linear) or is_1x1 or (conv and isinstance(child, nn.Conv2d)):
                 seen.add(name)
-                out.append(("lora_unet_" + name.replace(".", "_"), "unet", name, child))
-    for parent_name, parent in text_encoder.named_modules():
-        if type(parent).__name__ not in _TE_BLOCKS:
+                kohya = compvis[name] if sdxl else name
+                out.append(("lora_unet_" + kohya.replace(".", "_"), "unet", name, child))
+    encoders = (
+        [("lora_te1_", "text_encoder", text_encoder), ("lora_te2_", "text_encoder_2", text_encoder_2)]
+        if sdxl
+        else [("lora_te_", "text_encoder", text_encoder)]
+    )
+    for prefix, component, encoder in encoders:
+        if encoder is None:
             continue
-        for child_name, child in parent.named_modules():
-            if isinstance(child, nn.Linear):
-                name = f"{parent_name}.{child_name}"
-                full = name if name.startswith("text_model.") else "text_model." + name
-                out.append(("lora_te_" + full.replace(".", "_"), "text_encoder", name, child))
+        for parent_name, parent in encoder.named_modules():
+            if type(parent).__name__ not in _TE_BLOCKS:
+                continue
+            for child_name, child in parent.named_modules():
+                if isinstance(child, nn.Linear):
+                    name = f"{parent_name}.{child_name}"
+                    full = name if name.startswith("text_model.") else "text_model." + name
+                    out.append((prefix + full.replace(".", "_"), component, name, child))
     return out
+
+
+def _module_weight(
+    reader: CheckpointReader, keymap: CheckpointKeyMap, component: str, name: str, what: str
+) -> Tensor:
+    """The weight of module ``name`` as stored in the file: the module's own tensor, or its part of a
+    fused one (bigG's q/k/v rows of ``in_proj_weight``)."""
+    module_key = name + ".weight"
+    key = keymap.reverse[(component, module_key)]  # type: ignore[index]
+    if key not in reader.shapes:
+        raise ModelLoadError(f"{what}: has no '{key}'; both must be checkpoints of the same model.")
+    parts = dict(to_module_tensors(keymap.forward[key], reader.get(key), what=f"{what}: {key}"))
+    return parts[module_key]
 
 
 def _svd_factors(diff: Tensor, rank: int, clamp_quantile: float | None) -> tuple[Tensor, Tensor]:
@@ -110,28 +145,33 @@ def extract_lora(
     out_path = Path(out)
     sweep_stale_partials(out_path.parent)
     with open_checkpoint(a) as ra, open_checkpoint(b) as rb:
-        arch = infer_arch(ra.shapes, ArchConstants.from_metadata(ra.metadata, source=str(a)))
-        unet, vae, te = build_modules(arch, device="meta")
-        keymap = CheckpointKeyMap(unet, vae, te)
-        targets = kohya_targets(unet, te, conv=conv_rank is not None)
+        family = detect_family(ra.shapes)
+        require_supported(family, source=str(a))
+        family_b = detect_family(rb.shapes)
+        if family_b.is_sdxl != family.is_sdxl:
+            raise ModelLoadError(
+                f"{a} is {family.label} and {b} is {family_b.label}; a LoRA is the difference of two "
+                "checkpoints of one family."
+            )
+        te2: nn.Module | None = None
+        if family.is_sdxl:
+            constants = ArchConstants.from_metadata(ra.metadata, source=str(a), defaults=SDXL_DEFAULTS)
+            unet, vae, te, te2 = infer_sdxl_arch(ra.shapes, constants).build(device="meta")
+            keymap = sdxl_key_map(unet, vae, te, te2)
+        else:
+            arch = infer_arch(ra.shapes, ArchConstants.from_metadata(ra.metadata, source=str(a)))
+            unet, vae, te = build_modules(arch, device="meta")
+            keymap = CheckpointKeyMap(unet, vae, te)
+        targets = kohya_targets(unet, te, conv=conv_rank is not None, text_encoder_2=te2)
         diffs: list[tuple[str, Tensor, int]] = []
         te_max = 0.0
         for kohya, component, name, module in targets:
             weight = module.weight
             assert isinstance(weight, Tensor)
-            key = keymap.reverse[(component, name + ".weight")]  # type: ignore[index]
-            if key not in rb.shapes:
-                raise ModelLoadError(
-                    f"{b}: has no '{key}' (A has it); both must be checkpoints of the same model."
-                )
-            wa = fit_shape(ra.get(key), weight.shape, what=f"{a}: {key}").to(torch.float32)
-            wb = fit_shape(rb.get(key), weight.shape, what=f"{b}: {key}").to(torch.float32)
-            if wa.shape != wb.shape:
-                raise ModelLoadError(
-                    f"'{key}': shape {tuple(wa.shape)} in A, {tuple(wb.shape)} in B; the models differ."
-                )
+            wa = _module_weight(ra, keymap, component, name, str(a)).to(torch.float32)
+            wb = _module_weight(rb, keymap, component, name, str(b)).to(torch.float32)
             diff = wb - wa
-            if component == "text_encoder":
+            if component != "unet":
                 te_max = max(te_max, float(diff.abs().max()))
             is_kxk = weight.ndim == 4 and tuple(weight.shape[2:]) != (1, 1)
             diffs.append((kohya, diff, (conv_rank or rank) if is_kxk else rank))
@@ -140,7 +180,7 @@ def extract_lora(
     worst = 0.0
     written = 0
     for kohya, diff, r in diffs:
-        if kohya.startswith("lora_te_") and not include_te:
+        if kohya.startswith("lora_te") and not include_te:
             continue
         if not bool(diff.any()):
             continue
@@ -163,6 +203,7 @@ def extract_lora(
         "ss_network_alpha": str(rank),
         "ss_network_args": json.dumps({"conv_dim": conv_rank, "conv_alpha": conv_rank} if conv_rank else {}),
         "ss_v2": "False",
+        **({"ss_base_model_version": "sdxl_base_v1-0"} if family.is_sdxl else {}),
         "voidprompt.extract": json.dumps(
             {
                 "a": Path(a).name,

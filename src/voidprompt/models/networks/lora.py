@@ -60,6 +60,7 @@ __all__ = [
     "load_lora",
     "lora_family",
     "lora_hash",
+    "unet_compvis_names",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def _a1111_reads_diffusers_name(name: str, compvis: str | None) -> bool:
     return True
 
 
-def _compvis_unet_names(unet: nn.Module) -> dict[str, str]:
+def unet_compvis_names(unet: nn.Module) -> dict[str, str]:
     """diffusers module path -> CompVis module path (without ``model.diffusion_model.``)."""
     try:
         keymap = CheckpointKeyMap(unet=unet)
@@ -138,7 +139,7 @@ def build_layer_map(
                     "text_encoder_2", name, mod, match.group(1)
                 )
     if unet is not None:
-        compvis = _compvis_unet_names(unet)
+        compvis = unet_compvis_names(unet)
         for name, mod in unet.named_modules():
             if isinstance(mod, (nn.Linear, nn.Conv2d)):
                 target = LayerTarget("unet", name, mod)
