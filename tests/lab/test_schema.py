@@ -102,7 +102,7 @@ def test_run_options_take_the_callers_flags_over_the_file() -> None:
         ("[labels]\nclasses = ['a', 'a']", r"\[labels\] classes: write distinct names"),
         ("[labels]\nlabeler = 3", r"\[labels\] labeler: write a name"),
         ("[report]\ngrdi = 1", r"\[report\] grdi: unknown key.*did you mean 'grid'"),
-        ("[report]\nbase = true", r"\[report\] base: True: write a whole number of at least 1"),
+        ("[report]\nbase = true", r"\[report\] base: base=True: write a whole number of pixels .* \"sdxl\""),
         ("[report]\nplots = [{ x = 'W' }, { y = 'W' }]", r"\[report\] plots #2: write \{ x = "),
         ("[report]\noutcomes_by = [3]", r"\[report\] outcomes_by: write axis names or tables"),
         ("[study]\nnmae = 'x'", r"\[study\] nmae: unknown key.*did you mean 'name'"),

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from voidprompt.errors import StudyError
-from voidprompt.lab.sizes import aspect512, nai_buckets
+from voidprompt.lab.sizes import SDXL_BUCKETS, aspect512, nai_buckets
 from voidprompt.request import MAX_SIDE
 
 # A1111 draws random seeds with random.randrange(4294967294) (xyz_grid fix_axis_seeds).
@@ -44,6 +44,7 @@ _ASPECT_SIZE = re.compile(
     r"\s*(\d+(?:\.\d*)?)\s*:\s*(\d+(?:\.\d*)?)\s*(?:@\s*(\d+(?:\.\d*)?|\.\d+)\s*)?", re.IGNORECASE
 )
 _NAI_BUCKETS = re.compile(r"\s*nai\s+buckets\s*(?:@\s*(\d+)\s*[xX×]\s*(\d+)\s*)?", re.IGNORECASE)
+_SDXL_BUCKETS = re.compile(r"\s*sdxl\s+buckets\s*", re.IGNORECASE)
 
 
 def split_csv(text: str) -> list[str]:
@@ -271,10 +272,13 @@ class SizeValue:
 
 
 def parse_size_values(values: str | Iterable[object], base: int = 512, unit: int = 64) -> list[SizeValue]:
-    """Sizes: ``512x768``; ``4:3`` or ``4:3 @ 1.5`` (aspect512 at 1.5 x base^2); ``nai buckets``.
+    """Sizes: ``512x768``; ``4:3`` or ``4:3 @ 1.5`` (aspect512 at 1.5 x base^2); ``nai buckets``;
+    ``sdxl buckets``.
 
     ``nai buckets`` uses NovelAI's defaults scaled to ``base`` (max area base x 1.5 base, sides
     base/2 .. 2 base, step ``unit``); ``nai buckets @ 512x768`` names the maximum area explicitly.
+    ``sdxl buckets`` is SDXL's fixed list at 1024 (:data:`~voidprompt.lab.sizes.SDXL_BUCKETS`),
+    whatever ``base`` is: its sizes are the ones SDXL was trained at.
     """
     out: list[SizeValue] = []
     for item in _as_items(values):
@@ -283,7 +287,9 @@ def parse_size_values(values: str | Iterable[object], base: int = 512, unit: int
         aspect = _ASPECT_SIZE.fullmatch(text)
         buckets = _NAI_BUCKETS.fullmatch(text)
         sizes: list[tuple[int, int]]
-        if explicit:
+        if _SDXL_BUCKETS.fullmatch(text):
+            sizes = list(SDXL_BUCKETS)
+        elif explicit:
             sizes = [(int(explicit[1]), int(explicit[2]))]
         elif aspect:
             w, h = float(aspect[1]), float(aspect[2])
@@ -301,7 +307,7 @@ def parse_size_values(values: str | Iterable[object], base: int = 512, unit: int
         else:
             raise StudyError(
                 f"{text!r} is not a size; write 512x768, an aspect ratio and area like 4:3 @ 1.5, "
-                "or nai buckets"
+                "nai buckets or sdxl buckets"
             )
         for width, height in sizes:
             if max(width, height) > MAX_SIDE:

@@ -30,6 +30,7 @@ from typing import Any
 
 from voidprompt.errors import InvalidRequestError, StudyError
 from voidprompt.lab import axes as ax
+from voidprompt.lab.sizes import named_base
 from voidprompt.models.placement import PRECISIONS
 from voidprompt.request import GenerationRequest
 
@@ -308,6 +309,13 @@ def _whole(minimum: int, example: str) -> Read:
     return read
 
 
+def _base(value: Any) -> int:
+    try:
+        return named_base(value)
+    except StudyError as error:
+        raise _Invalid(str(error)) from None
+
+
 def _text(fix: str) -> Read:
     def read(value: Any) -> str:
         if not isinstance(value, str):
@@ -343,6 +351,35 @@ def format_value(value: Any) -> str:
 def weight_tags(tags: str, weight: str) -> str:
     """The author's ``node step [ratio]``: ``a, b`` -> ``(a:W), (b:W)``; empty tags are dropped."""
     return ", ".join(f"({tag}:{weight})" for tag in (t.strip() for t in tags.split(",")) if tag)
+
+
+# Pony Diffusion V6 XL's quality prefix, in the order its model card writes it. The variable
+# pony_quality (an axis or a [variables] entry) is how many of these tags {pony_quality} stands for.
+PONY_QUALITY = "pony_quality"
+PONY_QUALITY_TAGS = ("score_9", "score_8_up", "score_7_up", "score_6_up", "score_5_up", "score_4_up")
+
+
+def pony_quality_prefix(count: object) -> str:
+    """The first ``count`` tags of Pony's quality prefix: 2 -> ``"score_9, score_8_up"``."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(PONY_QUALITY_TAGS):
+        raise StudyError(
+            f"{PONY_QUALITY}={count!r}: write how many of Pony's {len(PONY_QUALITY_TAGS)} quality tags to "
+            f'use, a whole number 0..{len(PONY_QUALITY_TAGS)} (e.g. {PONY_QUALITY} = "0-6")'
+        )
+    return ", ".join(PONY_QUALITY_TAGS[:count])
+
+
+def expand_pony_quality(template: str, count: int) -> str:
+    """``{pony_quality}`` in ``template`` replaced by :func:`pony_quality_prefix`. With no tags the
+    placeholder leaves with the comma that joins it to the prompt (the one after it, else the one
+    before it), so a count of 0 is exactly the prompt without the prefix: ``"{pony_quality}, 1girl"``
+    gives ``"1girl"``, not ``", 1girl"``."""
+    prefix = pony_quality_prefix(count)
+    name = re.escape("{" + PONY_QUALITY + "}")
+    if not prefix:
+        template = re.sub(name + r"\s*,\s*", "", template)
+        template = re.sub(r"\s*,\s*" + name, "", template)
+    return template.replace("{" + PONY_QUALITY + "}", prefix)
 
 
 def _close(name: str, choices: Sequence[str]) -> str:
@@ -515,7 +552,7 @@ CFG_BY_AREA_KEYS = (
     Key("points", _area_points, required="missing or empty; write points = [[area, cfg], ...]"),
     Key("mode", _choice("linear", "step"), "linear"),
     Key("unit", _choice("base", "megapixels", explain=" (multiples of base^2 or of 10^6 pixels)"), "base"),
-    Key("base", _whole(1, "base = 512 (a side in pixels)"), 512),
+    Key("base", _base, 512),
 )
 RUN_KEYS = (
     Key("batch_size", _whole(1, "batch_size = 16")),
@@ -528,7 +565,7 @@ RUN_KEYS = (
 )
 LABELS_KEYS = (Key("classes", _classes), Key("labeler", _labeler_name))
 REPORT_KEYS = (
-    Key("base", _whole(1, "base = 64 (the side of the unit area in pixels)"), 512),
+    Key("base", _base, 512),
     Key("grid", _grids),
     Key("outcomes_by", _outcomes_by),
     Key("plots", _plots),
@@ -698,6 +735,11 @@ def _axis(raw_name: str, name: str, spec: Any, context: _AxisContext) -> Axis:
         if parser is None:
             raise _Invalid("this setting cannot be swept; fix it in [settings] instead")
         axis = Axis(raw_name, "field", name, tuple(parser(_plain(spec))))
+    elif name == PONY_QUALITY and (name in context.variables or name in context.placeholders):
+        counts = ax.parse_int_values(_plain(spec))
+        for count in counts:
+            pony_quality_prefix(count)
+        axis = Axis(raw_name, "variable", name, tuple(counts))
     elif name in context.variables or name in context.placeholders:
         axis = Axis(raw_name, "variable", name, tuple(ax.parse_auto_values(_plain(spec))))
     else:
@@ -715,9 +757,9 @@ def _sizes(spec: Any) -> list[ax.SizeValue]:
     if not isinstance(spec, dict):
         return ax.parse_size_values(spec)
     _check_keys(spec, SIZE_TABLE_KEYS)
-    base, unit = spec.get("base", 512), spec.get("unit", 64)
-    if not (_is_int(base) and _is_int(unit)):
-        raise _Invalid(f"base={base!r}, unit={unit!r}: write whole numbers of pixels, e.g. base = 64")
+    base, unit = _base(spec.get("base", 512)), spec.get("unit", 64)
+    if not _is_int(unit):
+        raise _Invalid(f"unit={unit!r}: write a whole number of pixels, e.g. unit = 64")
     if "values" in spec:
         if "aspects" in spec or "areas" in spec:
             raise _Invalid("write either values or aspects and areas, not both")
@@ -881,6 +923,11 @@ def read_study_file(text: str, path: Path) -> StudyFile:
             raise reader.fail(f"[variables] {var}", f"{value!r}: write a number or a string")
         if isinstance(value, float) and not math.isfinite(value):
             raise reader.fail(f"[variables] {var}", f"{value!r} is not a finite number; write e.g. 1.1")
+        if var == PONY_QUALITY:
+            try:
+                pony_quality_prefix(value)
+            except StudyError as error:
+                raise reader.fail(f"[variables] {var}", str(error)) from None
     placeholders = frozenset(m for t in templates.values() for m in PLACEHOLDER.findall(t))
     context = _AxisContext(path.parent, master_seed, frozenset(variables), placeholders)
 

@@ -1,9 +1,11 @@
-"""Image sizes for studies: the study brief's aspect512 helper and NovelAI's aspect-ratio buckets.
+"""Image sizes for studies: the study brief's aspect512 helper, NovelAI's aspect-ratio buckets and
+SDXL's.
 
 ``aspect512`` is the study author's ``node aspect512.js [w] [h]`` generalised to any area, base side
-and unit (the demo study sizes the 128 px miniature model's pictures with ``base=128, unit=8``).
-``nai_buckets`` follows the bucket list of NovelAI/novelai-aspect-ratio-bucketing (MIT,
-``BucketManager.gen_buckets``), re-derived from its README and description, quirks included.
+and unit (the demo study sizes the 128 px miniature model's pictures with ``base=128, unit=8``; an
+SDXL study uses SDXL's 1024 base). ``nai_buckets`` follows the bucket list of
+NovelAI/novelai-aspect-ratio-bucketing (MIT, ``BucketManager.gen_buckets``), re-derived from its
+README and description, quirks included. :data:`SDXL_BUCKETS` is SDXL's list at 1024.
 """
 
 from __future__ import annotations
@@ -14,6 +16,37 @@ from fractions import Fraction
 from voidprompt.errors import StudyError
 
 Number = int | float | Fraction
+
+# The side of each family's trained square: the unit area of its size helpers.
+SD1_BASE = 512
+SDXL_BASE = 1024
+NAMED_BASES = {"sd1": SD1_BASE, "sdxl": SDXL_BASE}
+
+# SDXL's nine standard sizes at 1024, (width, height): the square, then each landscape bucket and its
+# portrait twin, aspect growing. Each is a bucket of SDXL's multi-aspect training (Podell et al. 2023,
+# "SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis", arXiv:2307.01952,
+# section 2.3 and the table of appendix I: sides in multiples of 64, about 1024^2 pixels), and they
+# are the nine sizes Stability's own SDXL 1.0 API accepted; UIs and trainers list them as "the SDXL
+# resolutions".
+SDXL_BUCKETS: tuple[tuple[int, int], ...] = (
+    (1024, 1024),
+    (1152, 896), (896, 1152),
+    (1216, 832), (832, 1216),
+    (1344, 768), (768, 1344),
+    (1536, 640), (640, 1536),
+)  # fmt: skip
+
+
+def named_base(value: object) -> int:
+    """A base side: a whole number of pixels, or a family's name (``"sd1"`` 512, ``"sdxl"`` 1024)."""
+    if isinstance(value, str) and value.strip().lower() in NAMED_BASES:
+        return NAMED_BASES[value.strip().lower()]
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise StudyError(
+        f"base={value!r}: write a whole number of pixels (e.g. base = 1024) or a model family: "
+        + ", ".join(f'"{name}" ({side})' for name, side in NAMED_BASES.items())
+    )
 
 
 def _exact(value: Number, what: str) -> Fraction:

@@ -45,7 +45,16 @@ from typing import Any
 
 from voidprompt.errors import InvalidRequestError, StudyError
 from voidprompt.lab import axes as ax
-from voidprompt.lab.schema import PLACEHOLDER, Axis, ModelRef, StudyFile, format_value, read_study_file
+from voidprompt.lab.schema import (
+    PLACEHOLDER,
+    PONY_QUALITY,
+    Axis,
+    ModelRef,
+    StudyFile,
+    expand_pony_quality,
+    format_value,
+    read_study_file,
+)
 from voidprompt.pipeline.hires import hires_target
 from voidprompt.request import MAX_SIDE, GenerationRequest
 from voidprompt.sampling.registry import resolve
@@ -176,6 +185,9 @@ def _grid(axes: Sequence[Axis]) -> list[tuple[tuple[Axis, Any], ...]]:
 
 
 def _substitute(template: str, variables: Mapping[str, Any]) -> str:
+    if PONY_QUALITY in variables:
+        template = expand_pony_quality(template, variables[PONY_QUALITY])
+
     # Only declared variables are replaced: NovelAI prompts use {tag} for emphasis.
     def replace(match: re.Match[str]) -> str:
         name = match[1]
