@@ -176,3 +176,43 @@ def study_server(mini_server, tiny_checkpoint):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def study_writer():  # type: ignore[no-untyped-def]
     return write_study
+
+
+# The tiny files' text encoders: SD1's CLIP is 32 wide; SDXL's CLIP-L and bigG are 32 wide each.
+SD1_WIDTH = 32
+SDXL_L_WIDTH = SDXL_G_WIDTH = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from voidprompt.testing.fake_checkpoints import write_tiny_sdxl_checkpoint
+
+    return write_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("sdxl") / "tiny-xl.safetensors")
+
+
+@pytest.fixture(scope="session")
+def xl_server(tmp_path_factory, tiny_checkpoint, tiny_sdxl, server_tools):  # type: ignore[no-untyped-def]
+    """A server whose folder holds the tiny SD1 file (selected) and the tiny SDXL file, with an SD1
+    embedding and an SDXL clip_l + clip_g one."""
+    import torch
+    from safetensors.torch import save_file
+
+    make_config, start_server = server_tools
+    root = tmp_path_factory.mktemp("xl-server")
+    (root / "studies").mkdir()
+    config = make_config(root, tiny_checkpoint)
+    shutil.copy(tiny_sdxl, root / "models" / "Stable-diffusion" / "tiny-xl.safetensors")
+    emb = root / "embeddings"
+    emb.mkdir()
+    g = torch.Generator().manual_seed(3)
+    save_file({"emb_params": torch.randn(2, SD1_WIDTH, generator=g)}, str(emb / "sdonestyle.safetensors"))
+    save_file(
+        {
+            "clip_l": torch.randn(3, SDXL_L_WIDTH, generator=g),
+            "clip_g": torch.randn(3, SDXL_G_WIDTH, generator=g),
+        },
+        str(emb / "xlstyle.safetensors"),
+    )
+    for running in start_server(config):
+        running.root = root
+        yield running

@@ -138,3 +138,43 @@ def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  #
 
     for name in ("01-generate.png", "02-study.png", "02-report.png", "03-label.png"):
         assert (artifacts / name).stat().st_size > 1000
+
+
+@pytest.mark.slow  # a browser driving the web UI
+def test_model_selector_lists_sdxl_and_switches(browser, xl_server, artifacts) -> None:  # type: ignore[no-untyped-def]
+    """SD1 and SDXL checkpoints side by side in the selector, each with its family; picking the
+    SDXL one loads it, and the next picture is made on it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    b = browser
+    b.get(xl_server.url + "/")
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#model-select option")) == 2)
+    options = {
+        o.get_attribute("value").split(" [")[0]: o.text
+        for o in b.find_elements(By.CSS_SELECTOR, "#model-select option")
+    }
+    assert options == {"tiny.safetensors": "tiny - SD1", "tiny-xl.safetensors": "tiny-xl - SDXL"}
+    assert b.find_element(By.CSS_SELECTOR, "#model-family").text == "SD1 - trained at 512x512"
+    xl_title = next(
+        v
+        for v in (o.get_attribute("value") for o in b.find_elements(By.CSS_SELECTOR, "#model-select option"))
+        if v.startswith("tiny-xl")
+    )
+    Select(b.find_element(By.CSS_SELECTOR, "#model-select")).select_by_value(xl_title)
+    wait_for(lambda: b.find_element(By.CSS_SELECTOR, "#model-name").text == xl_title)
+    assert b.find_element(By.CSS_SELECTOR, "#model-family").text == "SDXL - trained at 1024x1024"
+    try:
+        for field, value in (("#width", "64"), ("#height", "64"), ("#steps", "2"), ("#seed", "77")):
+            box = b.find_element(By.CSS_SELECTOR, field)
+            box.clear()
+            box.send_keys(value)
+        b.find_element(By.CSS_SELECTOR, "#generate").click()
+        infotext = wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#gallery .infotext"), 120)[0].text
+        assert "Model: tiny-xl," in infotext and "Size: 64x64" in infotext
+        b.save_screenshot(str(artifacts / "03-sdxl-model.png"))
+    finally:
+        # The server is shared by the other SDXL tests, which start from SD1.
+        import httpx
+
+        httpx.post(xl_server.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, timeout=60)

@@ -14,9 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from voidprompt.errors import InvalidRequestError
 from voidprompt.infotext import parse_generation_parameters
@@ -38,36 +36,6 @@ SDXL_OPTIONS = {
     "sdxl_refiner_low_aesthetic_score": 2.5,
     "sdxl_refiner_high_aesthetic_score": 6.0,
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("sdxl") / "tiny-xl.safetensors")
-
-
-@pytest.fixture(scope="module")
-def xl_server(tmp_path_factory, tiny_checkpoint, tiny_sdxl, server_tools):  # type: ignore[no-untyped-def]
-    """A server whose folder holds the tiny SD1 file (selected) and the tiny SDXL file, with an SD1
-    embedding and an SDXL clip_l + clip_g one."""
-    make_config, start_server = server_tools
-    root = tmp_path_factory.mktemp("xl-server")
-    (root / "studies").mkdir()
-    config = make_config(root, tiny_checkpoint)
-    shutil.copy(tiny_sdxl, root / "models" / "Stable-diffusion" / "tiny-xl.safetensors")
-    emb = root / "embeddings"
-    emb.mkdir()
-    g = torch.Generator().manual_seed(3)
-    save_file({"emb_params": torch.randn(2, SD1_WIDTH, generator=g)}, str(emb / "sdonestyle.safetensors"))
-    save_file(
-        {
-            "clip_l": torch.randn(3, SDXL_L_WIDTH, generator=g),
-            "clip_g": torch.randn(3, SDXL_G_WIDTH, generator=g),
-        },
-        str(emb / "xlstyle.safetensors"),
-    )
-    for running in start_server(config):
-        running.root = root
-        yield running
 
 
 def _txt2img(http: httpx.Client, **fields: Any) -> dict[str, Any]:

@@ -42,8 +42,47 @@ async function initGenerate() {
   $("#sampler").value = "Euler a";
   $("#scheduler").replaceChildren(...schedulers.map((s) => el("option", { value: s.label }, s.label)));
   $("#clip_skip").value = options.CLIP_stop_at_last_layers;
-  $("#model-name").textContent = options.sd_model_checkpoint || "no model";
+  await loadModels(options.sd_model_checkpoint);
 }
+
+// Checkpoints of every family side by side; the family comes from the file's tensor shapes.
+const FAMILIES = {
+  "sd1": ["SD1", 512], "sd1-inpaint": ["SD1 inpainting", 512],
+  "sdxl": ["SDXL", 1024], "sdxl-inpaint": ["SDXL inpainting", 1024], "sdxl-refiner": ["SDXL refiner", 1024],
+  "sd2": ["SD2 (not supported)", 768], "sd2-v": ["SD2 (not supported)", 768],
+};
+let models = [];
+function showModel(title) {
+  $("#model-name").textContent = title || "no model";
+  const model = models.find((m) => m.title === title);
+  const family = model && FAMILIES[model.family];
+  $("#model-family").textContent = family ? `${family[0]} - trained at ${family[1]}x${family[1]}` : (model && model.family) || "";
+  if (model) $("#model-select").value = model.title;
+}
+async function loadModels(current) {
+  models = await api("GET", "/sdapi/v1/sd-models");
+  $("#model-select").replaceChildren(...models.map((m) => {
+    const family = FAMILIES[m.family];
+    return el("option", { value: m.title, "data-family": m.family || "" }, `${m.model_name} - ${family ? family[0] : (m.family || "?")}`);
+  }));
+  showModel(current);
+}
+$("#model-select").addEventListener("change", async (e) => {
+  const select = e.target;
+  const previous = $("#model-name").textContent;
+  select.disabled = true;
+  $("#gen-error").textContent = "";
+  $("#model-name").textContent = "loading...";
+  try {
+    await api("POST", "/sdapi/v1/options", { sd_model_checkpoint: select.value });
+    showModel((await api("GET", "/sdapi/v1/options")).sd_model_checkpoint);
+  } catch (err) {
+    $("#gen-error").textContent = err.message;
+    showModel(previous);
+  } finally {
+    select.disabled = false;
+  }
+});
 
 document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", () => {
   $("#img2img-fields").hidden = mode() !== "img2img";
