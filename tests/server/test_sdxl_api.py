@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 
 from voidprompt.errors import InvalidRequestError
@@ -222,3 +223,16 @@ def test_switching_models_frees_the_previous_one(
 def test_refiner_checkpoint_refused_clearly() -> None:
     with pytest.raises(InvalidRequestError, match="refiner_checkpoint"):
         build_request(Txt2ImgRequest(refiner_checkpoint="sd_xl_refiner_1.0"), Options(), Limits())
+
+
+def test_live_preview_uses_sdxls_own_latent_colours() -> None:
+    """A1111's "Approx cheap" preview: SDXL's latents map to RGB through their own factors."""
+    from voidprompt.server.routes.sdapi_generation import _preview
+
+    latent = torch.zeros(1, 4, 2, 2)
+    latent[0, 0] = 1.0  # channel 0 alone: the first row of factors, (x + 1) * 127.5 truncated
+    for sdxl, rgb in ((False, (165, 153, 154)), (True, (171, 180, 183))):
+        data = _preview(latent, sdxl=sdxl)
+        assert data is not None
+        image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+        assert image.getpixel((1, 1)) == rgb

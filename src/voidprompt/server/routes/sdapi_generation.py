@@ -94,7 +94,8 @@ def router(state: App) -> APIRouter:
         current_image = None
         latent = st.latent
         if not skip_current_image and latent is not None:
-            current_image = _preview(latent)
+            engine = state.host.engine
+            current_image = _preview(latent, sdxl=engine is not None and engine.components.family.is_sdxl)
         with st.lock:
             snapshot = m.ProgressState(
                 skipped=st.skipped,
@@ -125,14 +126,22 @@ def router(state: App) -> APIRouter:
     return router
 
 
-def _preview(latent: torch.Tensor) -> str | None:
-    """A1111's "Approx cheap" live preview: a fixed linear map from the 4 SD1 latent channels to RGB."""
+# A1111's "Approx cheap" factors, one row per latent channel: the widely used SD1 ones, and SDXL's own
+# (its VAE's latents are another space; A1111's cheap_approximation switches on is_sdxl).
+CHEAP_PREVIEW_SD1 = (
+    (0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473),
+)  # fmt: skip
+CHEAP_PREVIEW_SDXL = (
+    (0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250),
+    (0.1074, 0.0886, -0.0163), (-0.3730, -0.2499, -0.2088),
+)  # fmt: skip
+
+
+def _preview(latent: torch.Tensor, *, sdxl: bool = False) -> str | None:
+    """A1111's "Approx cheap" live preview: a fixed linear map from the 4 latent channels to RGB."""
     if latent.ndim != 4 or latent.shape[1] != 4:
         return None
-    # The widely used SD1 latent->RGB factors (one row per latent channel).
-    coefs = torch.tensor(
-        [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
-    )
+    coefs = torch.tensor(CHEAP_PREVIEW_SDXL if sdxl else CHEAP_PREVIEW_SD1)
     rgb = torch.einsum("chw,cr->hwr", latent[0].float(), coefs)
     pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     return encode_png(Image.fromarray(pixels), None)
