@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from voidprompt.testing.fake_checkpoints import tiny_sd1_modules, tiny_sd1_state_dict
+from voidprompt.models.detect import ModelFamily
+from voidprompt.testing.fake_checkpoints import fake_full_state_dict, tiny_sd1_modules, tiny_sd1_state_dict
 
 
 class StubTokenizer:
@@ -27,6 +29,20 @@ def tiny_modules() -> tuple[object, object, object]:
 @pytest.fixture(scope="session")
 def tiny_sd() -> dict[str, torch.Tensor]:
     return tiny_sd1_state_dict(0)
+
+
+@pytest.fixture(scope="session")
+def fake_full() -> Callable[[ModelFamily], dict[str, torch.Tensor]]:
+    """fake_full_state_dict per family, built once per session (a full-size SDXL layout takes about
+    half a second even on the meta device). Callers must not modify the dict."""
+    made: dict[ModelFamily, dict[str, torch.Tensor]] = {}
+
+    def get(family: ModelFamily) -> dict[str, torch.Tensor]:
+        if family not in made:
+            made[family] = fake_full_state_dict(family)
+        return made[family]
+
+    return get
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from voidprompt.models.detect import detect_family, detect_prediction
 from voidprompt.models.load import sd1_alphas_cumprod
 from voidprompt.testing.fake_checkpoints import (
     TINY_SDXL_CONSTANTS,
-    fake_full_state_dict,
     tiny_sdxl_arch,
     tiny_sdxl_modules,
     tiny_sdxl_state_dict,
@@ -64,17 +63,9 @@ def tiny_xl() -> TinyXL:
     return TinyXL()
 
 
-@pytest.fixture(scope="module")
-def full_xl() -> Any:
-    """fake_full_state_dict per family, built once per module (about 0.5 s each)."""
-    made: dict[ModelFamily, dict[str, torch.Tensor]] = {}
-
-    def get(family: ModelFamily) -> dict[str, torch.Tensor]:
-        if family not in made:
-            made[family] = fake_full_state_dict(family)
-        return made[family]
-
-    return get
+@pytest.fixture
+def full_xl(fake_full: Any) -> Any:
+    return fake_full
 
 
 def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Size]:

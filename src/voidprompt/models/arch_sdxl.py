@@ -156,7 +156,6 @@ class SDXLArch:
             )
         depth[-1] = self.mid_depth
         cfg.update(
-            sample_size=c.unet_sample_size,
             # diffusers' legacy name: the number of heads of each level.
             attention_head_dim=tuple(max(1, w // c.unet_head_dim) for w in widths),
             transformer_layers_per_block=tuple(depth),
