@@ -574,3 +574,19 @@ def test_tiny_sdxl_unet_runs_with_its_size_conditioning(tiny_xl: TinyXL) -> None
                 },
             ).sample
         assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_clip_l_saved_without_text_model_level_loads(
+    tmp_path: Path, stub_tokenizer: object, tiny_xl: TinyXL
+) -> None:
+    # Checkpoints saved with pre-4.x transformers have no "text_model." level under the CLIP prefix.
+    sd, (_, _, te, _) = tiny_xl("base")
+    old = {k.replace("transformer.text_model.", "transformer."): v for k, v in sd.items()}
+    assert old.keys() != sd.keys()
+    c = load_model(
+        write_tiny_sdxl_checkpoint(tmp_path / "old.safetensors", state_dict=old), tokenizer=stub_tokenizer
+    )
+    assert c.report.unused == [] and c.report.consumed == len(sd) - 1
+    assert c.report.position_ids_damage is None
+    want = te.state_dict()
+    assert all(torch.equal(want[k], v) for k, v in c.text_encoder.state_dict().items())

@@ -227,6 +227,13 @@ def _check_symmetric_up_path(shapes: Shapes, arch: UNetArch) -> None:
                 )
 
 
+def _clip_l_prefix_of(shapes: Shapes) -> str:
+    """CLIP-L's prefix as saved: with ``text_model.``, or without it (pre-4.x transformers saves)."""
+    if any(k.startswith(CLIP_L_PREFIX) for k in shapes):
+        return CLIP_L_PREFIX
+    return CLIP_L_PREFIX.removesuffix("text_model.")
+
+
 def infer_sdxl_arch(shapes: Shapes, constants: ArchConstants | None = None) -> SDXLArch:
     """The whole architecture of an original-layout SDXL checkpoint."""
     unet = infer_unet_arch(shapes)
@@ -241,7 +248,7 @@ def infer_sdxl_arch(shapes: Shapes, constants: ArchConstants | None = None) -> S
         adm_in_channels=int(adm[1]),
         mid_depth=mid_depth,
         vae=infer_vae_arch(shapes),
-        clip_l=None if refiner else infer_clip_arch(shapes, CLIP_L_PREFIX),
+        clip_l=None if refiner else infer_clip_arch(shapes, _clip_l_prefix_of(shapes)),
         clip_g=infer_open_clip_arch(shapes, OPEN_CLIP_PREFIX_REFINER if refiner else OPEN_CLIP_PREFIX),
         constants=constants or SDXL_DEFAULTS,
     )

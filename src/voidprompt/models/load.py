@@ -397,7 +397,10 @@ def load_model(
             arch = infer_sdxl_arch(shapes, constants)
             unet, vae, text_encoder, text_encoder_2 = arch.build(device="meta")
             keymap = sdxl_key_map(unet, vae, text_encoder, text_encoder_2)
-            position_keys = {} if arch.clip_l is None else {SDXL_POSITION_IDS_KEY: arch.clip_l.max_positions}
+            position_keys = {}
+            if arch.clip_l is not None:
+                old_key = SDXL_POSITION_IDS_KEY.replace("text_model.", "")  # pre-4.x transformers saves
+                position_keys = dict.fromkeys((SDXL_POSITION_IDS_KEY, old_key), arch.clip_l.max_positions)
         else:
             arch = infer_arch(shapes, constants)
             unet, vae, text_encoder = build_modules(arch, device="meta")
