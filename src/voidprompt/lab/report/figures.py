@@ -82,6 +82,9 @@ def save_figure(figure: Any, stem: Path) -> tuple[Path, Path]:
     """Write ``stem``.png and ``stem``.svg; returns both paths."""
     png, svg = stem.with_suffix(".png"), stem.with_suffix(".svg")
     figure.savefig(png)
+    # The constrained layout was solved for the PNG; keep it for the SVG instead of solving it again
+    # (half of a figure's drawing time).
+    figure.set_layout_engine("none")
     figure.savefig(svg, metadata={"Date": None})  # no timestamp: reruns give the same file
     return png, svg
 
