@@ -127,21 +127,24 @@ def _engine(args: argparse.Namespace, device: Any, precision: Any) -> Any:
 
     model = Path(args.model) if args.model else miniature_model_path()
     components = load_model(model, vae_path=args.vae, device=device, precision=precision)
-    embeddings = None
-    if args.embeddings_dir:
-        width = int(components.text_encoder.config.hidden_size)
-        embeddings = EmbeddingDatabase(components.tokenizer, width=width)
-        embeddings.load_folder(args.embeddings_dir)
     style_db = StyleDatabase.from_csv(args.styles_file) if args.styles_file else None
-    return Engine(
+    engine = Engine(
         components,
-        embeddings=embeddings,
         style_db=style_db,
         lora_dir=args.lora_dir,
         hypernet_dir=args.hypernet_dir,
         compile=args.compile,
         disable_nan_check=args.disable_nan_check,
     )
+    if args.embeddings_dir:
+
+        def database_for(width: int, sdxl_part: str | None) -> EmbeddingDatabase:
+            database = EmbeddingDatabase(components.tokenizer, width=width, sdxl_part=sdxl_part)
+            database.load_folder(args.embeddings_dir)
+            return database
+
+        engine.give_embeddings(database_for)
+    return engine
 
 
 def _generate_and_save(

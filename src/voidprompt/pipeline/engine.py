@@ -187,6 +187,20 @@ class Engine:
     def device(self) -> torch.device:
         return self.components.device
 
+    def give_embeddings(self, database_for: Callable[[int, str | None], EmbeddingDatabase]) -> None:
+        """Give each text encoder its textual-inversion database, ``database_for(width, sdxl_part)``:
+        SD1's one encoder takes a file's one tensor (``sdxl_part`` None); SDXL's CLIP-L and bigG each
+        take their own tensor of an SDXL embedding file (A1111's ``clip_l`` / ``clip_g``), and the
+        refiner has bigG alone."""
+        components, encoder = self.components, self.encoder
+        text_encoder_2 = getattr(components, "text_encoder_2", None)
+        if text_encoder_2 is None:
+            encoder.embeddings = database_for(int(components.text_encoder.config.hidden_size), None)
+            return
+        if components.text_encoder is not None:
+            encoder.embeddings = database_for(int(components.text_encoder.config.hidden_size), "clip_l")
+        encoder.embeddings_g = database_for(int(text_encoder_2.config.hidden_size), "clip_g")
+
     def generate(
         self,
         request: GenerationRequest,
