@@ -1,4 +1,4 @@
-"""GPU throughput: ``voidprompt study run`` against diffusers' StableDiffusionPipeline, side by side.
+"""GPU throughput: ``voidprompt study run`` against diffusers' pipelines, side by side.
 
 One process, one GPU, the same weights on every side: a full-size SD1.5-layout checkpoint of small
 random numbers (:func:`voidprompt.testing.fake_checkpoints.write_random_full_size_sd15`, written on
@@ -44,9 +44,20 @@ they come: ``results.jsonl`` (one JSON object per record) and ``results.md`` (th
     python benchmarks/gpu_throughput.py --out outputs/gpu-throughput --compile --budget-s 420
     python benchmarks/gpu_throughput.py --smoke --out /tmp/gpu-smoke              # CPU, tiny model
 
-``--smoke`` runs every side on the CPU in float32 with the tiny test checkpoint, one 32x32 shape,
-2 images per side and 3 steps: it checks the script, not the speed. benchmarks/README.md has the
-command that runs this on the GPU machine (wheels: benchmarks/gpu_wheels.txt).
+SDXL (``--family sdxl``): the checkpoint is a full-size SDXL-base-layout file of random numbers
+(:func:`voidprompt.testing.fake_checkpoints.write_random_full_size`, about 6.5 GiB in fp16, written
+on the machine), the diffusers sides run StableDiffusionXLPipeline over the same loaded modules (its
+second tokenizer pads with "!" as bigG's does; the size numbers are its defaults, which are A1111's:
+original = target = the picture's size, crop 0, 0; its VAE stays in the policy's precision instead
+of diffusers' float32 upcast, as on the other sides), one 1024x1024 shape, 16 images on the batched
+and voidprompt sides. The per-image loop is off by default for SDXL (``--loop-images 8`` turns it on:
+its 8 images at 1024x1024, one a call, do not fit the default budget beside the other sides); the
+table says it was skipped.
+
+``--smoke`` runs every side on the CPU in float32 with the tiny test checkpoint (the tiny SDXL one
+with ``--family sdxl``), one 32x32 shape, 2 images per side and 3 steps: it checks the script, not
+the speed. benchmarks/README.md has the command that runs this on the GPU machine (wheels:
+benchmarks/gpu_wheels.txt).
 """
 
 from __future__ import annotations
@@ -82,6 +93,8 @@ from voidprompt.prompts.nai import NOVELAI_NEGATIVE
 NEGATIVE = NOVELAI_NEGATIVE
 CFG_SCALE = 7.0
 SHAPES = ((512, 512), (768, 512), (1408, 512))  # width x height
+SDXL_SHAPES = ((1024, 1024),)
+FAMILIES = ("sd1", "sdxl")
 
 # Dense (no structured sparsity) fp16/bf16 tensor-core peaks in TFLOP/s, NVIDIA's datasheet figures
 # (their headline numbers are twice these, with 2:4 sparsity). Matched against
@@ -122,6 +135,7 @@ class Config:
     labeler: str | None
     batch_size: int | None  # voidprompt's [run] batch_size; None: the lab's own choice
     smoke: bool
+    family: str = "sd1"  # "sd1" or "sdxl"
 
 
 def card_peak(name: str) -> tuple[str, float] | None:
@@ -167,16 +181,27 @@ def under_policy(policy: PrecisionPolicy, forward: Callable[..., Any]) -> Callab
     return call
 
 
-def write_checkpoint(folder: Path, smoke: bool) -> Path:
-    from voidprompt.testing.fake_checkpoints import write_random_full_size_sd15, write_tiny_checkpoint
+def write_checkpoint(folder: Path, smoke: bool, family: str = "sd1") -> Path:
+    from voidprompt.models.detect import ModelFamily
+    from voidprompt.testing.fake_checkpoints import (
+        write_random_full_size,
+        write_random_full_size_sd15,
+        write_tiny_checkpoint,
+        write_tiny_sdxl_checkpoint,
+    )
 
+    if family == "sdxl":
+        if smoke:
+            return write_tiny_sdxl_checkpoint(folder / "tiny-sdxl.safetensors")
+        return write_random_full_size(folder / "random-sdxl.safetensors", ModelFamily.SDXL)
     if smoke:
         return write_tiny_checkpoint(folder / "tiny.safetensors")
     return write_random_full_size_sd15(folder / "random-sd15.safetensors")
 
 
 def diffusers_pipeline(checkpoint: Path, cfg: Config, folder: Path) -> Any:
-    """StableDiffusionPipeline over modules voidprompt's loader made from ``checkpoint``."""
+    """StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) over modules voidprompt's loader
+    made from ``checkpoint``."""
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -185,21 +210,52 @@ def diffusers_pipeline(checkpoint: Path, cfg: Config, folder: Path) -> Any:
 
     components = load_model(checkpoint, device=cfg.device, precision=cfg.policy)
     _ = components.checkpoint.short_hash  # the sha256, cached for the voidprompt sides' loads
+    if components.family.is_sdxl != (cfg.family == "sdxl"):
+        raise SystemExit(
+            f"--checkpoint {checkpoint}: a {components.family.label} file, but --family is {cfg.family}"
+        )
     for module in (components.unet, components.vae):
         # diffusers' own defaults, whatever voidprompt's loader prefers for its Engine.
         module.to(memory_format=torch.contiguous_format)
         module.set_attn_processor(AttnProcessor2_0())
-    for module in (components.unet, components.text_encoder):
-        module.forward = under_policy(cfg.policy, module.forward)
+    for module in (components.unet, components.text_encoder, components.text_encoder_2):
+        if module is not None:
+            module.forward = under_policy(cfg.policy, module.forward)
     # steps_offset is unused by "linspace" spacing; 1 only silences diffusers' config warning.
     scheduler = EulerAncestralDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         timestep_spacing="linspace", steps_offset=1,
     )  # fmt: skip
+    if cfg.family == "sdxl":
+        return _sdxl_pipeline(components, scheduler, folder)
     pipe = StableDiffusionPipeline(
         vae=components.vae, text_encoder=components.text_encoder,
         tokenizer=hf_clip_tokenizer(folder / "tokenizer"), unet=components.unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
+    return pipe
+
+
+def _sdxl_pipeline(components: Any, scheduler: Any, folder: Path) -> Any:
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    from voidprompt.testing.hf_tokenizer import hf_clip_tokenizer, write_hf_clip_tokenizer_files
+
+    # bigG's tokenizer pads with id 0, "!" in the CLIP vocabulary; CLIP-L's pads with its end token.
+    tokenizer_2 = CLIPTokenizer.from_pretrained(
+        str(write_hf_clip_tokenizer_files(folder / "tokenizer_2")), local_files_only=True,
+        pad_token="!", model_max_length=77,
+    )  # fmt: skip
+    # diffusers decodes an fp16 SDXL VAE in float32 when force_upcast is set (its default, for the
+    # original SDXL VAE's overflow); every side here decodes in the policy's VAE precision instead,
+    # and a NaN on any side fails the run.
+    components.vae.register_to_config(force_upcast=False)
+    pipe = StableDiffusionXLPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
+        tokenizer=hf_clip_tokenizer(folder / "tokenizer"), tokenizer_2=tokenizer_2, unet=components.unet,
+        scheduler=scheduler, add_watermarker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
     return pipe
@@ -251,7 +307,7 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
             f"- device: {env['device_name']} ({env['device']}), peak used: {peak_text}",
             f"- precision: {env['precision']}; {env['steps']} steps Euler a, CFG {CFG_SCALE:g}, "
             "empty prompt, NovelAI negative list",
-            f"- checkpoint: {env['checkpoint']}",
+            f"- checkpoint: {env['checkpoint']}; diffusers sides: {env.get('pipeline', '-')}",
             f"- torch {env['torch']} (CUDA {env['cuda']}), diffusers {env['diffusers']}, "
             f"transformers {env['transformers']}, voidprompt {env['voidprompt']}, Python {env['python']}",
             "",
@@ -581,7 +637,11 @@ def _detector() -> Any:
 # -------------------------------------------------------------------------------------- UNet
 
 
-def unet_inputs(pipe: Any, cfg: Config, shape: tuple[int, int], rows: int) -> tuple[torch.Tensor, ...]:
+def unet_inputs(
+    pipe: Any, cfg: Config, shape: tuple[int, int], rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """A UNet call's latents, timesteps and context, and SDXL's added conditions (None for SD1):
+    bigG's pooled vector and the six size numbers (original size, crop 0, 0, target size)."""
     factor = latent_factor(pipe)
     generator = torch.Generator(cfg.device).manual_seed(0)
     unet = pipe.unet
@@ -595,30 +655,40 @@ def unet_inputs(pipe: Any, cfg: Config, shape: tuple[int, int], rows: int) -> tu
     ).to(cfg.policy.weights)
     t = torch.full((rows,), 999.0, device=cfg.device)
     context = torch.randn(rows, 77, unet.config.cross_attention_dim, generator=generator, device=cfg.device)
-    return x, t, context.to(cfg.policy.weights)
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        text_embeds = torch.randn(rows, pooled, generator=generator, device=cfg.device)
+        height, width = shape[1], shape[0]
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=cfg.device)
+        added = {
+            "text_embeds": text_embeds.to(cfg.policy.weights),
+            "time_ids": time_ids.repeat(rows, 1).to(cfg.policy.weights),
+        }
+    return x, t, context.to(cfg.policy.weights), added
 
 
 @torch.no_grad()
 def count_unet_flops(pipe: Any, cfg: Config, shape: tuple[int, int]) -> tuple[int, bool]:
     """FLOPs of one UNet call on 2 rows (one image's cond and uncond), and whether its output was finite."""
-    x, t, context = unet_inputs(pipe, cfg, shape, 2)
+    x, t, context, added = unet_inputs(pipe, cfg, shape, 2)
     # Attention through the math backend: its two matrix products are counted on every device
     # (the CPU's fused kernel has no FLOP formula), the same 4*b*h*n*n*d as the CUDA kernels' formulas.
     with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
-        out = pipe.unet(x, t, encoder_hidden_states=context).sample
+        out = pipe.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
     return int(counter.get_total_flops()), bool(torch.isfinite(out).all())
 
 
 @torch.no_grad()
 def time_unet(pipe: Any, cfg: Config, shape: tuple[int, int], rows: int, repeats: int) -> float:
     """Seconds per bare UNet call on ``rows`` rows (after two untimed calls)."""
-    x, t, context = unet_inputs(pipe, cfg, shape, rows)
+    x, t, context, added = unet_inputs(pipe, cfg, shape, rows)
     for _ in range(2):
-        pipe.unet(x, t, encoder_hidden_states=context)
+        pipe.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added)
     sync(cfg.device)
     started = time.perf_counter()
     for _ in range(repeats):
-        pipe.unet(x, t, encoder_hidden_states=context)
+        pipe.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added)
     sync(cfg.device)
     return (time.perf_counter() - started) / repeats
 
@@ -788,7 +858,17 @@ class Bench:
             prompt="", negative_prompt=NEGATIVE, num_inference_steps=2, guidance_scale=CFG_SCALE,
             width=shape[0], height=shape[1], output_type="np",
         )  # fmt: skip
-        loop = self.diffusers("diffusers loop", shape, cfg.loop_images, 1)
+        loop = None
+        if cfg.loop_images:
+            loop = self.diffusers("diffusers loop", shape, cfg.loop_images, 1)
+        else:
+            reason = "off (--loop-images 0)"
+            if cfg.family == "sdxl":
+                reason = "off by default for SDXL, to fit the budget (--loop-images 8 runs it)"
+            print(f"skip diffusers loop at {shape_name(shape)}: {reason}", flush=True)
+            self.results.add(
+                {"kind": "skip", "side": "diffusers loop", "shape": shape_name(shape), "reason": reason}
+            )
         if loop is not None:
             extrapolated = cfg.images * loop.seconds / loop.images
             print(f"  the loop would take {extrapolated:.1f} s for {cfg.images} images")
@@ -796,7 +876,7 @@ class Bench:
         self.voidprompt("voidprompt", shape, measures=True, labeler=cfg.labeler)
         if first:
             self.voidprompt("voidprompt lean", shape, measures=False, labeler=None, learn_as="voidprompt")
-        target = shape == (512, 512)
+        target = shape == (512, 512) and cfg.family == "sd1"
         self.ratio(shape, "voidprompt", "diffusers loop", ">= 2x" if target else "")
         self.ratio(shape, "voidprompt", "diffusers batched", ">= 1.0x" if target else "")
         self.ratio(shape, "voidprompt lean", "diffusers loop")
@@ -858,18 +938,27 @@ def make_config(args: argparse.Namespace) -> Config:
         raise SystemExit("--compile is not part of --smoke (compiling on the CPU takes minutes)")
     device = resolve_device(args.device or ("cpu" if args.smoke else "cuda"))
     policy = resolve_precision(args.precision or ("fp32" if args.smoke else "fp16"), device)
-    shapes = parse_shapes(args.shapes) if args.shapes else ((32, 32),) if args.smoke else SHAPES
+    sdxl = args.family == "sdxl"
+    if args.shapes:
+        shapes = parse_shapes(args.shapes)
+    else:
+        shapes = ((32, 32),) if args.smoke else SDXL_SHAPES if sdxl else SHAPES
+    # SDXL's loop is off unless asked for: one image a call at 1024x1024 does not fit the default
+    # budget beside the batched and voidprompt sides and the 6.5 GiB checkpoint's set-up.
+    default_loop = 0 if sdxl else 2 if args.smoke else 8
+    loop_images = default_loop if args.loop_images is None else args.loop_images
     return Config(
         device=device,
         policy=policy,
         shapes=shapes,
-        images=args.images or (2 if args.smoke else 64),
-        loop_images=args.loop_images or (2 if args.smoke else 8),
+        images=args.images or (2 if args.smoke else 16 if sdxl else 64),
+        loop_images=loop_images,
         steps=args.steps or (3 if args.smoke else 20),
         compile=args.compile,
         labeler=args.labeler,
         batch_size=args.batch_size,
         smoke=args.smoke,
+        family=args.family,
     )
 
 
@@ -906,14 +995,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, tiny checkpoint, one shape, 2 images a side"
     )
+    parser.add_argument("--family", choices=FAMILIES, default="sd1", help="model family (default sd1)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile at the first shape")
-    parser.add_argument("--shapes", help="WIDTHxHEIGHT list (default 512x512,768x512,1408x512)")
-    parser.add_argument("--images", type=int, help="images per batched and voidprompt side (default 64)")
-    parser.add_argument("--loop-images", type=int, help="images of the per-image loop (default 8)")
+    parser.add_argument(
+        "--shapes", help="WIDTHxHEIGHT list (default 512x512,768x512,1408x512; SDXL: 1024x1024)"
+    )
+    parser.add_argument(
+        "--images", type=int, help="images per batched and voidprompt side (default 64; SDXL: 16)"
+    )
+    parser.add_argument(
+        "--loop-images", type=int, help="images of the per-image loop, 0 skips it (default 8; SDXL: 0)"
+    )
     parser.add_argument("--steps", type=int, help="sampling steps (default 20)")
     parser.add_argument("--device", help="default cuda (cpu with --smoke)")
     parser.add_argument("--precision", help="auto, fp32, fp16, bf16 (default fp16; fp32 with --smoke)")
-    parser.add_argument("--checkpoint", type=Path, help="an SD1 checkpoint instead of random weights")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="a checkpoint of --family's instead of random weights"
+    )
     parser.add_argument("--labeler", help="a registered labeler for the voidprompt side (default none)")
     parser.add_argument("--batch-size", type=int, help="voidprompt's [run] batch_size (default: its own)")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense fp16 peak, if not in the table")
@@ -932,16 +1030,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        checkpoint = args.checkpoint or write_checkpoint(work, cfg.smoke)
+        checkpoint = args.checkpoint or write_checkpoint(work, cfg.smoke, cfg.family)
         written = time.perf_counter() - t0
         pipe = diffusers_pipeline(checkpoint, cfg, work)
         if args.checkpoint:
             described = str(args.checkpoint)
         elif cfg.smoke:
-            described = "tiny test checkpoint (random)"
+            described = f"tiny {'SDXL ' if cfg.family == 'sdxl' else ''}test checkpoint (random)"
+        elif cfg.family == "sdxl":
+            described = "full-size SDXL base layout, random weights (std 0.02)"
         else:
             described = "full-size SD1.5 layout, random weights (std 0.02)"
         env = environment(cfg, described, peak)
+        env["pipeline"] = type(pipe).__name__
         env["checkpoint_write_s"] = round(written, 2)
         env["setup_s"] = round(time.perf_counter() - started, 2)
         results.add(env)

@@ -1,6 +1,6 @@
 """benchmarks/gpu_throughput.py on the CPU: every side on the tiny checkpoint (``--smoke``, not timed),
-the budget, the out-of-memory halving and the NaN checks; the random full-size checkpoint it uses on
-the GPU stays far from fp16's range (slow)."""
+SD1 and SDXL, the budget, the out-of-memory halving and the NaN checks; the random full-size checkpoint
+it uses on the GPU stays far from fp16's range (slow)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,18 @@ def smoke(bench: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Simple
         patch.setenv("VOIDPROMPT_CACHE_DIR", str(root / "cache"))
         torch.set_num_threads(1)
         code = bench.main(["--smoke", "--out", str(out), "--work", str(work)])
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return SimpleNamespace(code=code, records=records, out=out, work=work / "32x32")
+
+
+@pytest.fixture(scope="module")
+def smoke_sdxl(bench: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("gpu-smoke-sdxl")
+    out, work = root / "out", root / "work"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VOIDPROMPT_CACHE_DIR", str(root / "cache"))
+        torch.set_num_threads(1)
+        code = bench.main(["--smoke", "--family", "sdxl", "--out", str(out), "--work", str(work)])
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     return SimpleNamespace(code=code, records=records, out=out, work=work / "32x32")
 
@@ -110,6 +122,62 @@ def test_smoke_numbers_follow_from_the_measurements(smoke: SimpleNamespace) -> N
     for side in SIDES:
         assert f"| 32x32 | {side} | 2 |" in table
     assert "| 32x32 | voidprompt / diffusers batched |" in table
+
+
+def test_sdxl_smoke_runs_the_xl_pipeline_against_the_lab_and_skips_the_loop(
+    smoke_sdxl: SimpleNamespace,
+) -> None:
+    assert smoke_sdxl.code == 0
+    env = of(smoke_sdxl.records, "env")[0]
+    assert env["pipeline"] == "StableDiffusionXLPipeline"
+    assert env["checkpoint"] == "tiny SDXL test checkpoint (random)"
+    sides = {r["side"]: r for r in of(smoke_sdxl.records, "side")}
+    assert tuple(sides) == SIDES[1:]
+    [skip] = of(smoke_sdxl.records, "skip")
+    assert skip["side"] == "diffusers loop" and "SDXL" in skip["reason"] and "--loop-images" in skip["reason"]
+    assert of(smoke_sdxl.records, "error") == []
+    for record in sides.values():
+        assert (record["shape"], record["images"], record["nan"]) == ("32x32", 2, False)
+    assert sides["diffusers batched"]["batch"] == 2 and sides["voidprompt"]["batch"] == "2"
+    pngs = sorted(p.name for p in (smoke_sdxl.work / "diffusers-batched").glob("*.png"))
+    assert pngs == ["00001.png", "00002.png"]
+    catalog_path = smoke_sdxl.work / "voidprompt" / "runs" / "study" / "catalog.sqlite"
+    with Catalog.open(catalog_path, readonly=True) as catalog:
+        rows = catalog.images()
+    assert sorted(row["seed"] for row in rows) == [1, 2]
+    for row in rows:
+        assert "Steps: 3, Sampler: Euler a" in row["infotext"] and "Model: tiny-sdxl" in row["infotext"]
+    # The UNet was counted and timed with SDXL's added conditions (it refuses a call without them).
+    flops = next(r for r in of(smoke_sdxl.records, "unet") if r["what"].startswith("FLOP count"))
+    timed = [r for r in of(smoke_sdxl.records, "unet") if "ms" in r]
+    assert flops["flops"] > 0 and [r["rows"] for r in timed] == [2, 4]
+    for record in sides.values():
+        assert record["unet_tflops"] == pytest.approx(flops["flops"] * 3 * record["images_per_s"] / 1e12)
+    ratios = {r["name"] for r in of(smoke_sdxl.records, "ratio")}
+    assert "voidprompt / diffusers batched" in ratios
+    assert not any("loop" in name for name in ratios)
+
+
+def test_sdxl_defaults_are_one_1024_shape_16_images_no_loop(bench: ModuleType) -> None:
+    parser_args = SimpleNamespace(
+        smoke=False, compile=False, device="cpu", precision="fp32", shapes=None, images=None,
+        loop_images=None, steps=None, labeler=None, batch_size=None, family="sdxl",
+    )  # fmt: skip
+    cfg = bench.make_config(parser_args)
+    assert (cfg.shapes, cfg.images, cfg.loop_images, cfg.steps) == (((1024, 1024),), 16, 0, 20)
+    sd1 = bench.make_config(SimpleNamespace(**{**vars(parser_args), "family": "sd1"}))
+    assert (sd1.shapes, sd1.images, sd1.loop_images) == (bench.SHAPES, 64, 8)
+    asked = bench.make_config(SimpleNamespace(**{**vars(parser_args), "loop_images": 8}))
+    assert asked.loop_images == 8
+
+
+def test_a_checkpoint_of_the_other_family_is_refused(
+    bench: ModuleType, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VOIDPROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["--smoke", "--family", "sdxl", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"SD1\.x file, but --family is sdxl"):
+        bench.main(args)
 
 
 @pytest.mark.parametrize(
