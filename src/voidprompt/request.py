@@ -20,6 +20,8 @@ EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 RNG_SOURCES = ("GPU", "CPU", "NV")
 # A1111's "Noise schedule for sampling" (setting sd_noise_schedule, infotext "Noise Schedule").
 NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")
+# A1111's "Hires fix: which pass to enable refiner for" (setting hires_fix_refiner_pass).
+HIRES_REFINER_PASSES = ("first pass", "second pass", "both passes")
 # img2img resize modes (A1111 API resize_mode 0..3).
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 # Inpainting masked content (A1111 API inpainting_fill 0..3).
@@ -124,6 +126,12 @@ class GenerationRequest:
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
 
+    # SDXL refiner switch (A1111's refiner_checkpoint / refiner_switch_at, and two settings).
+    refiner_checkpoint: str | None = None  # a checkpoint name the front end's loader resolves
+    refiner_switch_at: float | None = None  # the completed fraction at which the refiner takes over
+    hires_fix_refiner_pass: str = "second pass"
+    refiner_switch_by_sample_steps: bool = False
+
     # Free-form extras a front end wants recorded (kept in insertion order).
     extra_generation_params: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -178,6 +186,13 @@ class GenerationRequest:
         if self.emphasis not in EMPHASIS_MODES:
             raise InvalidRequestError(
                 f"emphasis={self.emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}"
+            )
+        if self.refiner_switch_at is not None and not 0.0 <= self.refiner_switch_at <= 1.0:
+            raise InvalidRequestError(f"refiner_switch_at={self.refiner_switch_at}: must be within 0..1")
+        if self.hires_fix_refiner_pass not in HIRES_REFINER_PASSES:
+            raise InvalidRequestError(
+                f"hires_fix_refiner_pass={self.hires_fix_refiner_pass!r}: choose one of "
+                f"{', '.join(HIRES_REFINER_PASSES)}"
             )
         if self.sd_noise_schedule not in NOISE_SCHEDULES:
             raise InvalidRequestError(

@@ -55,6 +55,7 @@ from voidprompt.pipeline.img2img import (
     txt2img_conditioning,
 )
 from voidprompt.pipeline.masking import apply_overlay
+from voidprompt.pipeline.refiner import completed_ratio, pass_takes_refiner, refiner_infotext, refiner_name
 from voidprompt.pipeline.result import Result
 from voidprompt.pipeline.run_sampler import (
     Img2ImgStart,
@@ -142,6 +143,7 @@ class Engine:
         missing_networks: str = "warn",
         compile: bool = False,
         disable_nan_check: bool = False,
+        refiner_loader: Callable[[str], Components] | None = None,
     ) -> None:
         """``lora_dir`` / ``hypernet_dir`` are where ``<lora:name:...>`` / ``<hypernet:name:...>``
         tags are looked up. ``lora_functional`` applies LoRAs as forward hooks instead of merging
@@ -149,7 +151,9 @@ class Engine:
         is not found (generate without it); ``"error"`` refuses the request instead. ``compile``
         runs the UNet through ``torch.compile`` (off by default: the first batch of each shape
         pays for compiling it). ``disable_nan_check`` is A1111's ``--disable-nan-check``: NaN outputs
-        are kept (black pictures), and the VAE's float32 fallback is off with the check."""
+        are kept (black pictures), and the VAE's float32 fallback is off with the check.
+        ``refiner_loader(name)`` loads the checkpoint a request names as ``refiner_checkpoint``
+        (:mod:`voidprompt.pipeline.refiner`); without it such a request is refused."""
         self.components = components
         self.style_db = style_db
         self.encoder: Any
@@ -172,6 +176,12 @@ class Engine:
         self.missing_networks = missing_networks
         self.compile = compile
         self.disable_nan_check = disable_nan_check
+        self.refiner_loader = refiner_loader
+        self._refiners: dict[str, Engine] = {}
+        # The engine sampling now: this one, or a refiner it handed the pass to (for the rest of the
+        # iteration), with the infotext keys of that switch.
+        self._active: Engine = self
+        self._switch_facts: dict[str, Any] = {}
         self._compiled_unet: Any = None
         # The UNet module the current sampler pass calls (eager or compiled), chosen in _run.
         self._pass_unet: Any = components.unet
@@ -244,6 +254,8 @@ class Engine:
             # A1111 quirk: the inpainting fill noise of every iteration is drawn with the FIRST
             # iteration's seeds (all_seeds[0:batch], in its init()).
             iteration = _Iteration(n, all_seeds[batch], all_subseeds[batch], all_seeds[: request.batch_size])
+            # Every iteration starts on the main model (A1111 reloads it at the top of its loop).
+            self._active, self._switch_facts = self, {}
             t0 = time.perf_counter()
             try:
                 with self.components.precision.autocast_context():
@@ -253,7 +265,9 @@ class Engine:
                 timings["sample"] += time.perf_counter() - t0
                 continue
             t1 = time.perf_counter()
-            pixels = decode_latents(self.components, latents, nan_check=not self.disable_nan_check)
+            # After a refiner switch the refiner's VAE decodes, as the model loaded at that point in A1111.
+            decoder = self._active.components
+            pixels = decode_latents(decoder, latents, nan_check=not self.disable_nan_check)
             timings["sample"] += t1 - t0
             timings["decode"] += time.perf_counter() - t1
             self._add_images(result, plan, iteration, to_pil_images(pixels))
@@ -298,7 +312,14 @@ class Engine:
                 request = request.replace(denoising_strength=hires_fix.DEFAULT_HIRES_DENOISING)
             hires = self._hires_setup(request, spec)
         conditioning = self._conditioning(request, spec)
-        first = _Pass(spec, scheduler, request.steps, conditioning)
+
+        def recondition(engine: Engine) -> _Conditioning:
+            return engine._conditioning(request, spec)
+
+        first = _Pass(spec, scheduler, request.steps, conditioning, recondition)
+        name = refiner_name(request)
+        if name is not None:
+            self._refiner(name)  # loaded now: a name that does not resolve fails before sampling
         return _Plan(request, first, hooks, inputs, hires)
 
     def _sample(self, plan: _Plan, iteration: _Iteration) -> Tensor:
@@ -549,14 +570,13 @@ class Engine:
         steps = request.hr_second_pass_steps or request.steps
         target = hires_fix.hires_target(request, latent_factor(self.components))
         # SDXL's size numbers in the second pass are the upscaled size (A1111's hr_upscale_to_x/y).
-        conditioning = self._conditioning(
-            request,
-            spec,
-            size=(target.upscale_height, target.upscale_width),
-            hires_spec=hr_spec,
-            hires_steps=steps,
+        def recondition(engine: Engine) -> _Conditioning:
+            size = (target.upscale_height, target.upscale_width)
+            return engine._conditioning(request, spec, size=size, hires_spec=hr_spec, hires_steps=steps)
+
+        return _Hires(
+            target=target, run=_Pass(hr_spec, hr_scheduler, steps, recondition(self), recondition)
         )
-        return _Hires(target=target, run=_Pass(hr_spec, hr_scheduler, steps, conditioning))
 
     def _sample_hires(self, plan: _Plan, iteration: _Iteration, hires: _Hires, latents: Tensor) -> Tensor:
         """A1111's ``sample_hr_pass``: upscale, new noise at the hires shape, img2img over exactly
@@ -618,10 +638,50 @@ class Engine:
         image_cond: Tensor | None = None,
         blend: LatentBlend | None = None,
     ) -> Tensor:
-        """One sampler pass over one batch: the denoiser stack, the sampler, progress and stops."""
+        """One sampler pass over one batch: the denoiser stack, the sampler, progress and stops. After
+        a refiner switch earlier in the iteration the refiner runs the whole pass."""
         request = plan.request
-        components = self.components
         spec = run.spec
+        engine = self._active
+        conditioning = run.conditioning if engine is self else run.recondition(engine)
+        schedule_model, inner, table = engine._denoisers(request, spec)
+        batch = start.noise.shape[0]
+        conds = engine._batch_conds(request, conditioning, batch)
+        guidance = Guidance(
+            request.cfg_scale,
+            s_min_uncond=request.s_min_uncond,
+            batch_cond_uncond=request.batch_cond_uncond,
+            pad_cond_uncond=request.pad_cond_uncond,
+            pad_cond_uncond_v0=request.pad_cond_uncond_v0,
+        )
+        hooks = plan.hooks
+        switch = None
+        if engine is self:
+            switch = self._refiner_switch(plan, run, schedule_model, batch)
+        cfg = CFGDenoiser(
+            _Interruptible(inner, hooks.should_stop),
+            conds,
+            guidance,
+            image_cond=image_cond,
+            blend=blend,
+            switch=switch,
+        )
+        if switch is not None:
+            switch.cfg = cfg
+
+        def on_step(info: dict[str, Any]) -> None:
+            if hooks.progress is not None:
+                step = int(info["i"]) + 1
+                latent, denoised = info["x"], info.get("denoised")
+                hooks.progress(Progress(iteration.index, request.n_iter, step, run.steps, latent, denoised))
+
+        model = SamplingModel(cfg, schedule_model, table)
+        return run_sampler(SamplerPass(spec, run.scheduler, run.steps), model, start, request, on_step)
+
+    def _denoisers(self, request: GenerationRequest, spec: SamplerSpec) -> tuple[Any, Any, Tensor]:
+        """(the sigma-schedule model, the inner model the CFG denoiser calls, the abar table) of this
+        engine's UNet for one pass; readies the UNet module the pass calls."""
+        components = self.components
         self._pass_unet = self._unet_for_pass()
         table = components.alphas_cumprod
         downcast = request.use_downcasted_alpha_bar
@@ -645,32 +705,44 @@ class Engine:
             if spec.is_timestep_sampler
             else schedule_model
         )
-        batch = start.noise.shape[0]
-        conds = BatchConds(
-            [run.conditioning.cond] * batch,
-            [run.conditioning.uncond] * batch,
-            self._empty_prompt_cond(request, run.conditioning) if request.pad_cond_uncond else None,
-        )
-        guidance = Guidance(
-            request.cfg_scale,
-            s_min_uncond=request.s_min_uncond,
-            batch_cond_uncond=request.batch_cond_uncond,
-            pad_cond_uncond=request.pad_cond_uncond,
-            pad_cond_uncond_v0=request.pad_cond_uncond_v0,
-        )
-        hooks = plan.hooks
-        cfg = CFGDenoiser(
-            _Interruptible(inner, hooks.should_stop), conds, guidance, image_cond=image_cond, blend=blend
+        return schedule_model, inner, table
+
+    def _batch_conds(self, request: GenerationRequest, conditioning: _Conditioning, batch: int) -> BatchConds:
+        return BatchConds(
+            [conditioning.cond] * batch,
+            [conditioning.uncond] * batch,
+            self._empty_prompt_cond(request, conditioning) if request.pad_cond_uncond else None,
         )
 
-        def on_step(info: dict[str, Any]) -> None:
-            if hooks.progress is not None:
-                step = int(info["i"]) + 1
-                latent, denoised = info["x"], info.get("denoised")
-                hooks.progress(Progress(iteration.index, request.n_iter, step, run.steps, latent, denoised))
+    def _refiner(self, name: str) -> Engine:
+        """The engine over the refiner checkpoint ``name``, loaded once and kept beside this one."""
+        if name not in self._refiners:
+            if self.refiner_loader is None:
+                raise InvalidRequestError(
+                    f"refiner_checkpoint={name!r}: this front end cannot load a refiner; leave it empty"
+                )
+            self._refiners[name] = Engine(
+                self.refiner_loader(name),
+                style_db=self.style_db,
+                lora_dir=self.lora_dir,
+                hypernet_dir=self.hypernet_dir,
+                lora_functional=self.lora_functional,
+                missing_networks=self.missing_networks,
+                compile=self.compile,
+                disable_nan_check=self.disable_nan_check,
+            )
+        return self._refiners[name]
 
-        model = SamplingModel(cfg, schedule_model, table)
-        return run_sampler(SamplerPass(spec, run.scheduler, run.steps), model, start, request, on_step)
+    def _refiner_switch(
+        self, plan: _Plan, run: _Pass, schedule_model: Any, batch: int
+    ) -> _RefinerSwitch | None:
+        request = plan.request
+        name = refiner_name(request)
+        hires = plan.hires is not None
+        second_pass = plan.hires is not None and run is plan.hires.run
+        if name is None or not pass_takes_refiner(request, hires=hires, second_pass=second_pass):
+            return None
+        return _RefinerSwitch(self, self._refiner(name), plan, run, schedule_model, batch)
 
     def _params(
         self,
@@ -689,6 +761,10 @@ class Engine:
         extra: dict[str, Any] = dict(conditioning.networks.infotext)
         if conditioning.ti_hashes:
             extra["TI hashes"] = ", ".join(f"{name}: {h}" for name, h in conditioning.ti_hashes.items())
+        if request.refiner_switch_by_sample_steps:
+            # A1111 quirk: recorded at every denoiser call, before it looks for a refiner at all.
+            extra["Refiner switch by sampling steps"] = True
+        extra.update(self._switch_facts)
         vae = components.vae_info
         model = ModelFacts(
             hash=components.checkpoint.short_hash,
@@ -729,12 +805,51 @@ class GenerationHooks:
 
 @dataclass(frozen=True)
 class _Pass:
-    """One sampler pass of a request: the first pass or the hires pass."""
+    """One sampler pass of a request: the first pass or the hires pass. ``recondition(engine)``
+    computes the pass's conditioning with another engine's model (the refiner's)."""
 
     spec: SamplerSpec
     scheduler: SchedulerSpec
     steps: int
     conditioning: _Conditioning
+    recondition: Callable[[Engine], _Conditioning]
+
+
+class _RefinerSwitch:
+    """The CFG denoiser's ``switch``: hands one pass over to the refiner once it has come far enough
+    (:mod:`voidprompt.pipeline.refiner`)."""
+
+    def __init__(
+        self, main: Engine, refiner: Engine, plan: _Plan, run: _Pass, schedule_model: Any, batch: int
+    ) -> None:
+        self.main, self.refiner, self.plan, self.run = main, refiner, plan, run
+        self.sigmas = None if run.spec.is_timestep_sampler else schedule_model.sigmas
+        self.batch = batch
+        self.cfg: CFGDenoiser | None = None
+
+    def __call__(self, sigma: Tensor) -> tuple[Any, BatchConds] | None:
+        main, request = self.main, self.plan.request
+        if main._active is not main or self.cfg is None:
+            return None
+        ratio = completed_ratio(
+            sigma,
+            sigmas=self.sigmas,
+            step=self.cfg.step,
+            total_steps=self.run.spec.total_steps(self.run.steps),
+            by_steps=request.refiner_switch_by_sample_steps,
+        )
+        if request.refiner_switch_at is not None and ratio < request.refiner_switch_at:
+            return None
+        refiner = self.refiner
+        checkpoint = refiner.components.checkpoint
+        main._active = refiner
+        main._switch_facts = refiner_infotext(
+            request, f"{checkpoint.name} [{checkpoint.short_hash}]", hires=self.plan.hires is not None
+        )
+        conditioning = self.run.recondition(refiner)
+        _, inner, _ = refiner._denoisers(request, self.run.spec)
+        conds = refiner._batch_conds(request, conditioning, self.batch)
+        return _Interruptible(inner, self.plan.hooks.should_stop), conds
 
 
 @dataclass(frozen=True)

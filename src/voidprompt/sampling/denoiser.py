@@ -338,7 +338,10 @@ class CFGDenoiser:
         *,
         image_cond: Tensor | None = None,
         blend: LatentBlend | None = None,
+        switch: Callable[[Tensor], tuple[InnerModel, BatchConds] | None] | None = None,
     ) -> None:
+        """``switch(sigma)``, asked before every call, may hand over another inner model and its
+        conditioning mid-run (A1111's refiner switch, ``apply_refiner``); None keeps the current."""
         if len(batch.conds) != len(batch.unconds):
             raise InvalidRequestError(
                 f"{len(batch.conds)} positive and {len(batch.unconds)} negative conditionings: "
@@ -357,6 +360,7 @@ class CFGDenoiser:
         self.guidance = guidance
         self.image_cond = image_cond
         self.blend = blend
+        self.switch = switch
         self.step = 0
         # DDIM CFG++ hooks (A1111's cond_scale_miltiplier / need_last_noise_uncond).
         self.cond_scale_multiplier = 1.0
@@ -418,6 +422,12 @@ class CFGDenoiser:
     # -- the call ---------------------------------------------------------------------------------
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        if self.switch is not None:
+            handed_over = self.switch(sigma)
+            if handed_over is not None:
+                self.inner, batch = handed_over
+                self.conds, self.unconds = list(batch.conds), list(batch.unconds)
+                self.empty_cond = batch.empty_cond
         step = self.step
         conds_list, cond_entries = self._multicond_entries(step)
         uncond_entries = self._uncond_entries(step)
