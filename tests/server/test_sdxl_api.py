@@ -72,6 +72,22 @@ def test_sdxl_listed_and_switched_next_to_sd1(xl_server) -> None:  # type: ignor
         assert r.status_code == 200, r.text
         assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == xl["title"]
         assert _txt2img(http)["info"]["sd_model_name"] == "tiny-xl"
+        # img2img on it too, from the picture it just made.
+        init = _txt2img(http)["images"][0]
+        r = http.post(
+            "/sdapi/v1/img2img",
+            json={
+                "init_images": [init],
+                "prompt": "a blue circle",
+                "steps": 2,
+                "width": 64,
+                "height": 64,
+                "denoising_strength": 0.5,
+            },
+        )
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert info["sd_model_name"] == "tiny-xl" and (info["width"], info["height"]) == (64, 64)
         r = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"})
         assert r.status_code == 200, r.text
         assert _txt2img(http)["info"]["sd_model_name"] == "tiny"
