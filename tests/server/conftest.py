@@ -192,16 +192,21 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def xl_server(tmp_path_factory, tiny_checkpoint, tiny_sdxl, server_tools):  # type: ignore[no-untyped-def]
-    """A server whose folder holds the tiny SD1 file (selected) and the tiny SDXL file, with an SD1
-    embedding and an SDXL clip_l + clip_g one."""
+    """A server whose folder holds the tiny SD1 file (selected), the tiny SDXL file and a tiny SDXL
+    refiner, with an SD1 embedding and an SDXL clip_l + clip_g one."""
     import torch
     from safetensors.torch import save_file
+
+    from voidprompt.testing.fake_checkpoints import write_tiny_sdxl_checkpoint
 
     make_config, start_server = server_tools
     root = tmp_path_factory.mktemp("xl-server")
     (root / "studies").mkdir()
     config = make_config(root, tiny_checkpoint)
     shutil.copy(tiny_sdxl, root / "models" / "Stable-diffusion" / "tiny-xl.safetensors")
+    write_tiny_sdxl_checkpoint(
+        root / "models" / "Stable-diffusion" / "tiny-refiner.safetensors", refiner=True
+    )
     emb = root / "embeddings"
     emb.mkdir()
     g = torch.Generator().manual_seed(3)

@@ -149,12 +149,16 @@ def test_model_selector_lists_sdxl_and_switches(browser, xl_server, artifacts) -
 
     b = browser
     b.get(xl_server.url + "/")
-    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#model-select option")) == 2)
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#model-select option")) == 3)
     options = {
         o.get_attribute("value").split(" [")[0]: o.text
         for o in b.find_elements(By.CSS_SELECTOR, "#model-select option")
     }
-    assert options == {"tiny.safetensors": "tiny - SD1", "tiny-xl.safetensors": "tiny-xl - SDXL"}
+    assert options == {
+        "tiny.safetensors": "tiny - SD1",
+        "tiny-refiner.safetensors": "tiny-refiner - SDXL refiner",
+        "tiny-xl.safetensors": "tiny-xl - SDXL",
+    }
     assert b.find_element(By.CSS_SELECTOR, "#model-family").text == "SD1 - trained at 512x512"
     xl_title = next(
         v

@@ -55,7 +55,8 @@ def _pixels(data: dict[str, Any]) -> bytes:
 def test_sdxl_listed_and_switched_next_to_sd1(xl_server) -> None:  # type: ignore[no-untyped-def]
     with httpx.Client(base_url=xl_server.url, timeout=120) as http:
         models = {m["model_name"]: m for m in http.get("/sdapi/v1/sd-models").json()}
-        assert {name: m["family"] for name, m in models.items()} == {"tiny": "sd1", "tiny-xl": "sdxl"}
+        families = {name: m["family"] for name, m in models.items()}
+        assert families == {"tiny": "sd1", "tiny-refiner": "sdxl-refiner", "tiny-xl": "sdxl"}
         xl = models["tiny-xl"]
         assert xl["title"] == f"tiny-xl.safetensors [{xl['hash']}]"
 
@@ -236,9 +237,52 @@ def test_switching_models_frees_the_previous_one(
     assert host.loaded is not None and host.loaded[0].name == "a.safetensors"
 
 
-def test_refiner_checkpoint_refused_clearly() -> None:
-    with pytest.raises(InvalidRequestError, match="refiner_checkpoint"):
-        build_request(Txt2ImgRequest(refiner_checkpoint="sd_xl_refiner_1.0"), Options(), Limits())
+def test_refiner_switch_over_the_api(xl_server) -> None:  # type: ignore[no-untyped-def]
+    """A1111's refiner_checkpoint / refiner_switch_at: the refiner, found by any of its aliases,
+    takes over the pass; its settings are options; an unknown name lists the checkpoints."""
+    with httpx.Client(base_url=xl_server.url, timeout=120) as http:
+        models = {m["model_name"]: m for m in http.get("/sdapi/v1/sd-models").json()}
+        xl = {"sd_model_checkpoint": "tiny-xl"}
+        fields = {"steps": 4, "override_settings": xl}
+        plain = _txt2img(http, **fields)
+        refined = _txt2img(http, **fields, refiner_checkpoint="tiny-refiner", refiner_switch_at=0.5)
+        params = parse_generation_parameters(refined["info"]["infotexts"][0])
+        assert params["Refiner switch at"] == "0.5"
+        assert models["tiny-refiner"]["hash"] in str(params["Refiner"])
+        assert "Refiner" not in parse_generation_parameters(plain["info"]["infotexts"][0])
+        assert _pixels(refined) != _pixels(plain)
+        # The same refiner by its title: the same picture.
+        by_title = _txt2img(
+            http, **fields, refiner_checkpoint=models["tiny-refiner"]["title"], refiner_switch_at=0.5
+        )
+        assert _pixels(by_title) == _pixels(refined)
+        r = http.post(
+            "/sdapi/v1/txt2img",
+            json={"prompt": "x", "steps": 2, "width": 64, "height": 64, "override_settings": xl,
+                  "refiner_checkpoint": "no-such-refiner"},
+        )  # fmt: skip
+        assert r.status_code == 404 and "no-such-refiner" in r.json()["detail"]
+        assert "tiny-refiner.safetensors [" in r.json()["detail"]
+        options = http.get("/sdapi/v1/options").json()
+        assert options["hires_fix_refiner_pass"] == "second pass"
+        assert options["refiner_switch_by_sample_steps"] is False
+        r = http.post("/sdapi/v1/options", json={"hires_fix_refiner_pass": "third pass"})
+        assert r.status_code == 400 and "both passes" in r.json()["detail"]
+
+
+def test_refiner_fields_and_settings_reach_the_request() -> None:
+    options = Options()
+    options.update(Options.normalise({"hires_fix_refiner_pass": "both passes"}))
+    body = Txt2ImgRequest(
+        refiner_checkpoint="sd_xl_refiner_1.0",
+        refiner_switch_at=0.8,
+        override_settings={"refiner_switch_by_sample_steps": True},
+    )
+    request = build_request(body, options, Limits()).request
+    assert (request.refiner_checkpoint, request.refiner_switch_at) == ("sd_xl_refiner_1.0", 0.8)
+    assert (request.hires_fix_refiner_pass, request.refiner_switch_by_sample_steps) == ("both passes", True)
+    with pytest.raises(InvalidRequestError, match="refiner_switch_at"):
+        build_request(Txt2ImgRequest(refiner_checkpoint="r", refiner_switch_at=1.5), options, Limits())
 
 
 def test_live_preview_uses_sdxls_own_latent_colours() -> None:

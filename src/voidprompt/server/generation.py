@@ -36,7 +36,7 @@ from voidprompt.models.placement import PrecisionPolicy, resolve_device, resolve
 from voidprompt.pipeline.engine import Engine, GenerationHooks, Progress
 from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
 from voidprompt.pipeline.result import Result
-from voidprompt.request import EMPHASIS_MODES, RNG_SOURCES, GenerationRequest
+from voidprompt.request import EMPHASIS_MODES, HIRES_REFINER_PASSES, RNG_SOURCES, GenerationRequest
 from voidprompt.sampling.registry import resolve, sampler_labels
 from voidprompt.server.checkpoints import CheckpointEntry, ModelRegistry, NotFoundError, VaeEntry
 from voidprompt.server.limits import LimitError, Limits
@@ -93,6 +93,9 @@ OPTION_SPECS: dict[str, OptionSpec] = {
     "sdxl_clip_l_skip": OptionSpec(False, bool, "sdxl_clip_l_skip"),
     "sdxl_refiner_low_aesthetic_score": OptionSpec(2.5, float, "sdxl_refiner_low_aesthetic_score"),
     "sdxl_refiner_high_aesthetic_score": OptionSpec(6.0, float, "sdxl_refiner_high_aesthetic_score"),
+    # The refiner switch's two settings (the checkpoint and the switch point are request fields).
+    "hires_fix_refiner_pass": OptionSpec("second pass", str, "hires_fix_refiner_pass", HIRES_REFINER_PASSES),
+    "refiner_switch_by_sample_steps": OptionSpec(False, bool, "refiner_switch_by_sample_steps"),
     # Accepted and reported so clients that set them keep working; they change nothing here.
     "samples_format": OptionSpec("png", str, None, ("png",)),
     "return_grid": OptionSpec(False, bool),
@@ -238,8 +241,6 @@ def build_request(
         log.info(
             "alwayson_scripts ignored (voidprompt has no extensions): %s", ", ".join(body.alwayson_scripts)
         )
-    if body.refiner_checkpoint not in (None, "", "None"):
-        raise InvalidRequestError("refiner_checkpoint: refiners (SDXL) are not supported; leave it empty")
     if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         raise InvalidRequestError(
             "hr_checkpoint_name: the hires pass uses the same checkpoint; leave it empty"
@@ -371,6 +372,9 @@ def _api_fields(body: Txt2ImgRequest, img2img: bool) -> dict[str, Any]:
         "hr_scheduler": None if body.hr_scheduler in (None, *_SAME_SCHEDULER) else body.hr_scheduler,
         "hr_prompt": body.hr_prompt,
         "hr_negative_prompt": body.hr_negative_prompt,
+        # The Engine switches to the refiner; the server's loader resolves the name (ModelHost).
+        "refiner_checkpoint": body.refiner_checkpoint,
+        "refiner_switch_at": body.refiner_switch_at,
     }
     # A1111's None / 0 mean "the setting's value": only values the client gave override settings.
     for name in ("s_churn", "s_tmin", "s_noise", "s_min_uncond"):
@@ -449,25 +453,23 @@ class ModelHost:
             lora_dir=self.networks.lora_dir,
             hypernet_dir=self.networks.hypernetwork_dir,
             disable_nan_check=self.disable_nan_check,
+            refiner_loader=self.load_refiner,
         )
         self._give_embeddings(engine)
         return engine
 
+    def load_refiner(self, name: str) -> Any:
+        """The components of the checkpoint a request names as ``refiner_checkpoint`` (any of A1111's
+        aliases; NotFoundError lists the titles), on the server's device and precision, with its own
+        VAE. The Engine keeps it beside the main model until the main model is replaced."""
+        entry = self.registry.find(name)
+        return load_model(entry.path, device=self.device, precision=self.precision)
+
     def _give_embeddings(self, engine: Engine) -> None:
-        # SDXL's text encoders each take their own tensor of an SDXL embedding file (A1111's
-        # clip_l / clip_g); the refiner has bigG alone. SD1 takes the file's one tensor.
-        components, encoder = engine.components, engine.encoder
-        tokenizer = components.tokenizer
-        text_encoder_2 = getattr(components, "text_encoder_2", None)
-        if text_encoder_2 is None:
-            width = int(components.text_encoder.config.hidden_size)
-            encoder.embeddings = self.networks.embedding_database(tokenizer, width)
-            return
-        if components.text_encoder is not None:
-            width_l = int(components.text_encoder.config.hidden_size)
-            encoder.embeddings = self.networks.embedding_database(tokenizer, width_l, sdxl_part="clip_l")
-        width_g = int(text_encoder_2.config.hidden_size)
-        encoder.embeddings_g = self.networks.embedding_database(tokenizer, width_g, sdxl_part="clip_g")
+        tokenizer = engine.components.tokenizer
+        engine.give_embeddings(
+            lambda width, part: self.networks.embedding_database(tokenizer, width, sdxl_part=part)
+        )
 
     def reload_embeddings(self) -> None:
         """Give the model in memory the embeddings now on disk (run on the queue's worker)."""
