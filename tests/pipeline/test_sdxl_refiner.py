@@ -131,3 +131,23 @@ def test_refusals_and_the_steps_quirk(files: dict[str, Path], engine: Engine) ->
     # A1111 quirk: the setting is written whether or not a refiner is set.
     result = bare.generate(BASE.replace(refiner_checkpoint="None", refiner_switch_by_sample_steps=True))
     assert "Refiner switch by sampling steps: True" in result.infotexts[0]
+
+
+def test_the_refiner_gets_its_embedding_database(
+    files: dict[str, Path], refiner_components: Components
+) -> None:
+    from voidprompt.prompts.embeddings import EmbeddingDatabase
+
+    engine = Engine(load_model(files["base"]), refiner_loader=lambda name: refiner_components)
+    asked: list[tuple[int, str | None]] = []
+
+    def database_for(width: int, part: str | None) -> EmbeddingDatabase:
+        asked.append((width, part))
+        return EmbeddingDatabase(engine.components.tokenizer, width=width, sdxl_part=part)
+
+    engine.give_embeddings(database_for)
+    assert asked == [(32, "clip_l"), (32, "clip_g")]
+    engine.generate(BASE.replace(refiner_switch_at=0.5))
+    # The refiner (bigG alone) asked for its clip_g database when it was first loaded.
+    assert asked == [(32, "clip_l"), (32, "clip_g"), (32, "clip_g")]
+    assert engine._refiners["tiny-refiner"].encoder.embeddings_g is not None

@@ -178,6 +178,7 @@ class Engine:
         self.disable_nan_check = disable_nan_check
         self.refiner_loader = refiner_loader
         self._refiners: dict[str, Engine] = {}
+        self._database_for: Callable[[int, str | None], EmbeddingDatabase] | None = None
         # The engine sampling now: this one, or a refiner it handed the pass to (for the rest of the
         # iteration), with the infotext keys of that switch.
         self._active: Engine = self
@@ -201,7 +202,10 @@ class Engine:
         """Give each text encoder its textual-inversion database, ``database_for(width, sdxl_part)``:
         SD1's one encoder takes a file's one tensor (``sdxl_part`` None); SDXL's CLIP-L and bigG each
         take their own tensor of an SDXL embedding file (A1111's ``clip_l`` / ``clip_g``), and the
-        refiner has bigG alone."""
+        refiner has bigG alone. Refiners this engine hands passes to get theirs the same way."""
+        self._database_for = database_for
+        for refiner in self._refiners.values():
+            refiner.give_embeddings(database_for)
         components, encoder = self.components, self.encoder
         text_encoder_2 = getattr(components, "text_encoder_2", None)
         if text_encoder_2 is None:
@@ -731,6 +735,8 @@ class Engine:
                 compile=self.compile,
                 disable_nan_check=self.disable_nan_check,
             )
+            if self._database_for is not None:
+                self._refiners[name].give_embeddings(self._database_for)
         return self._refiners[name]
 
     def _refiner_switch(
