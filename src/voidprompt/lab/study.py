@@ -207,11 +207,42 @@ def request_to_dict(request: GenerationRequest) -> dict[str, Any]:
     return out
 
 
+# The request fields every job id has hashed from the first catalog on. A field added to the request
+# later joins a job's identity only when it differs from its default, so adding one (with a default
+# that keeps today's pictures) leaves every existing catalog's job ids - and its resume - intact.
+JOB_ID_FIELDS_V1 = frozenset(
+    {
+        "prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "seed_resize_from_h",
+        "seed_resize_from_w", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height",
+        "batch_size", "n_iter", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond",
+        "sigma_min", "sigma_max", "rho", "always_discard_next_to_last_sigma", "sgm_noise_multiplier",
+        "clip_skip", "eta_noise_seed_delta", "randn_source", "emphasis", "comma_padding_backtrack",
+        "pad_cond_uncond", "pad_cond_uncond_v0", "use_old_scheduling", "use_downcasted_alpha_bar",
+        "use_old_karras_scheduler_sigmas", "batch_cond_uncond", "resize_mode", "denoising_strength",
+        "mask_blur_x", "mask_blur_y", "mask_round", "inpainting_fill", "inpaint_full_res",
+        "inpaint_full_res_padding", "inpainting_mask_invert", "initial_noise_multiplier",
+        "inpainting_mask_weight", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
+        "hr_resize_x", "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+        "extra_generation_params"
+    }
+)
+
+
+def _identity_fields(request: GenerationRequest) -> dict[str, Any]:
+    fields = request_to_dict(request)
+    defaults = request_to_dict(GenerationRequest())
+    return {
+        name: value
+        for name, value in fields.items()
+        if name in JOB_ID_FIELDS_V1 or value != defaults.get(name)
+    }
+
+
 def job_id(request: GenerationRequest, axis_values: Mapping[str, Any], model: ModelRef) -> str:
     """A hash of everything that determines the image and its place in the study."""
     identity = {
         "model": {"checkpoint": model.checkpoint, "vae": model.vae},
-        "request": request_to_dict(request),
+        "request": _identity_fields(request),
         "axes": dict(axis_values),
     }
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
