@@ -303,6 +303,20 @@ def test_specific_statuses_and_messages(server) -> None:  # type: ignore[no-unty
         assert "access-control-allow-origin" not in r.headers
 
 
+def test_a_missing_script_is_answered_as_a1111_does(server) -> None:  # type: ignore[no-untyped-def]
+    """A1111 without an extension answers its scripts with 422 "Script '<name>' not found" (its
+    script_name_to_index), selectable or always-on: ControlNet-LLLite's requests get that here too."""
+    body = {"prompt": "q", "seed": 8, "steps": 1, "width": 64, "height": 64}
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        for extra, name in (
+            ({"script_name": "x/y/z plot"}, "x/y/z plot"),
+            ({"alwayson_scripts": {"ControlNet": {"args": [{"model": "lllite"}]}}}, "ControlNet"),
+        ):
+            r = http.post("/sdapi/v1/txt2img", json={**body, **extra})
+            assert r.status_code == 422, r.text
+            assert r.json()["detail"] == f"Script '{name}' not found"
+
+
 def test_client_conventions(server) -> None:  # type: ignore[no-untyped-def]
     """scheduler "automatic" in any case, sampler_index, eta=1, unknown extra fields, infotext pre-fill."""
     with httpx.Client(base_url=server.url, timeout=120) as http:
@@ -316,7 +330,7 @@ def test_client_conventions(server) -> None:  # type: ignore[no-untyped-def]
             "sampler_index": "Euler a",
             "eta": 1,
             "some_extension_field": {"x": 1},
-            "alwayson_scripts": {"ADetailer": {"args": [False]}},
+            "alwayson_scripts": {},  # what webuiapi sends when no extension is used
             "seed_resize_from_h": 0,
             "seed_resize_from_w": 0,
             "s_tmax": 0,

@@ -36,6 +36,7 @@ from voidprompt.imagemeta import ImageTooLargeError
 from voidprompt.lab.catalog import DiskFullError
 from voidprompt.server.auth import BasicAuthMiddleware
 from voidprompt.server.checkpoints import NotFoundError
+from voidprompt.server.generation import ScriptNotFoundError
 from voidprompt.server.limits import BodySizeLimitMiddleware, LimitError
 from voidprompt.server.queue import QueueFullError
 from voidprompt.server.routes import (
@@ -67,7 +68,7 @@ def _status_for(error: Exception) -> int:
         return 507
     if isinstance(error, CatalogBusyError | QueueFullError):
         return 409 if isinstance(error, CatalogBusyError) else 503
-    if isinstance(error, ModelLoadError):
+    if isinstance(error, ModelLoadError | ScriptNotFoundError):
         return 422
     if isinstance(error, NansError):
         return 500

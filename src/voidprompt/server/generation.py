@@ -28,7 +28,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from voidprompt import __version__
-from voidprompt.errors import InvalidRequestError
+from voidprompt.errors import InvalidRequestError, VoidpromptError
 from voidprompt.imagemeta import open_image_safely
 from voidprompt.infotext import KEY_ORDER, TRAILING_KEYS, request_fields_from_infotext
 from voidprompt.models.load import load_model
@@ -47,6 +47,10 @@ from voidprompt.server.queue import State
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------- options
+
+
+class ScriptNotFoundError(VoidpromptError):
+    """A request names a script (or an extension's always-on script) voidprompt does not have."""
 
 
 @dataclass(frozen=True)
@@ -232,15 +236,11 @@ def build_request(
     for name in ("restore_faces", "tiling"):
         if getattr(body, name):
             raise InvalidRequestError(f"{name}=true: voidprompt has no {name.replace('_', ' ')}; send false")
-    if body.script_name:
-        raise InvalidRequestError(
-            f"script_name={body.script_name!r}: no scripts are installed in voidprompt "
-            "(GET /sdapi/v1/scripts)"
-        )
-    if body.alwayson_scripts:
-        log.info(
-            "alwayson_scripts ignored (voidprompt has no extensions): %s", ", ".join(body.alwayson_scripts)
-        )
+    # A1111 answers a script it does not have (ControlNet, ControlNet-LLLite, ADetailer, X/Y/Z plot
+    # without their extensions) with 422 "Script '<name>' not found", selectable or always-on alike;
+    # voidprompt has none (GET /sdapi/v1/scripts), so it answers every named one so.
+    for name in ([body.script_name] if body.script_name else []) + list(body.alwayson_scripts):
+        raise ScriptNotFoundError(f"Script '{name}' not found")
     if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         raise InvalidRequestError(
             "hr_checkpoint_name: the hires pass uses the same checkpoint; leave it empty"
