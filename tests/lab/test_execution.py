@@ -21,6 +21,7 @@ from voidprompt.lab.execution import MEMORY_SHARE, Batch, BatchSizer, Placement,
 from voidprompt.lab.run import plan_batches, run_study
 from voidprompt.lab.schema import DEFAULT_BATCH_SIZE, GPU_BATCH_CAP, ModelRef
 from voidprompt.lab.study import Study, parse_study
+from voidprompt.models import load_model
 from voidprompt.pipeline.engine import Engine
 from voidprompt.request import GenerationRequest
 
@@ -358,3 +359,35 @@ def test_a_compiled_run_gives_the_eager_runs_pictures(tiny_checkpoint: Path, tmp
             pixels = np.asarray(Image.open(base / image["path"]), dtype=int)
             # Inductor may fuse and reorder float sums: a level out of 255 at most.
             assert int(np.abs(pixels - compiled[image["job_id"]]).max()) <= 1
+
+
+def test_channels_last_is_a_study_choice_recorded_with_its_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    study = _study(tiny_checkpoint, tmp_path, seeds="2 random", run="channels_last = true")
+    assert study.run.channels_last is True
+    run_study(study, quiet(study, batch_size=2))
+    with Catalog.open(tmp_path / "runs" / "t" / "catalog.sqlite", readonly=True) as catalog:
+        (run,) = catalog.runs().values()
+        rows = catalog.images()
+    assert run["channels_last"] is True
+    # The same jobs in the plain layout: the same pictures up to the last bit of a channel.
+    plain = _study(tiny_checkpoint, tmp_path / "plain", seeds="2 random")
+    run_study(plain, quiet(plain, batch_size=2))
+    with Catalog.open(tmp_path / "plain" / "runs" / "t" / "catalog.sqlite", readonly=True) as catalog:
+        (plain_run,) = catalog.runs().values()
+        plain_rows = catalog.images()
+    assert plain_run["channels_last"] is False
+    by_job = sorted(rows, key=lambda r: r["job_id"]), sorted(plain_rows, key=lambda r: r["job_id"])
+    for a, b in zip(*by_job, strict=True):
+        assert a["job_id"] == b["job_id"]
+        pixels_a = np.asarray(Image.open(tmp_path / "runs" / "t" / a["path"]), dtype=int)
+        pixels_b = np.asarray(Image.open(tmp_path / "plain" / "runs" / "t" / b["path"]), dtype=int)
+        assert np.abs(pixels_a - pixels_b).max() <= 1
+
+
+def test_load_model_channels_last_stores_the_unet_and_the_vae_so(tiny_checkpoint: Path) -> None:
+    components = load_model(tiny_checkpoint, channels_last=True)
+    for module in (components.unet, components.vae.decoder):
+        weight = module.conv_in.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    plain = load_model(tiny_checkpoint)
+    assert plain.unet.conv_in.weight.is_contiguous() and plain.vae.decoder.conv_in.weight.is_contiguous()

@@ -103,6 +103,7 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, position);
 _ADDED_COLUMNS = (
     ("images", "batch_size", "INTEGER"),
     ("images", "run_id", "INTEGER REFERENCES runs(id)"),
+    ("runs", "channels_last", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -175,6 +176,7 @@ class Provenance:
     gpu_name: str | None = None  # torch.cuda.get_device_name, on CUDA
     compile: bool = False
     deterministic: bool = False
+    channels_last: bool = False  # UNet and VAE weights stored channels-last (last-bit numerics differ)
 
 
 @dataclass(frozen=True)
@@ -334,9 +336,10 @@ class Catalog:
         with self._transaction() as db:
             cursor = db.execute(
                 "INSERT INTO runs (started, executor, device, precision, compile, deterministic, gpu_name, "
-                "torch_version, cuda_version, voidprompt_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "torch_version, cuda_version, voidprompt_version, channels_last) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (_now(), executor, p.device, p.precision, int(p.compile), int(p.deterministic), p.gpu_name,
-                 p.torch_version, p.cuda_version, __version__),
+                 p.torch_version, p.cuda_version, __version__, int(p.channels_last)),
             )  # fmt: skip
         return int(cursor.lastrowid or 0)
 
@@ -510,7 +513,7 @@ class Catalog:
         out = {}
         for row in cursor:
             record = dict(zip(names, row, strict=True))
-            for flag in ("compile", "deterministic"):
+            for flag in ("compile", "deterministic", "channels_last"):
                 record[flag] = bool(record[flag])
             out[int(record["id"])] = record
         return out

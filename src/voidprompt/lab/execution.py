@@ -148,11 +148,12 @@ class Placement:
     compile: bool = False
     deterministic: bool = False
     disable_nan_check: bool = False  # A1111's --disable-nan-check, for the Engine
+    channels_last: bool | None = None  # None: load_model's device default
 
     @classmethod
     def from_options(cls, options: RunOptions) -> Placement:
         o = options
-        return cls(o.device, o.precision, o.compile, o.deterministic, o.disable_nan_check)
+        return cls(o.device, o.precision, o.compile, o.deterministic, o.disable_nan_check, o.channels_last)
 
     @property
     def device_name(self) -> str:
@@ -174,6 +175,7 @@ def provenance(device: torch.device, policy: PrecisionPolicy, placement: Placeme
         gpu_name=gpu,
         compile=placement.compile,
         deterministic=placement.deterministic,
+        channels_last=bool(placement.channels_last),
     )
 
 
@@ -186,7 +188,13 @@ class LoadedModel:
 def load_engine(files: ModelFiles, placement: Placement) -> LoadedModel:
     """Load a model once where ``placement`` says, for every batch an executor runs on it."""
     device, policy = placement.resolve()
-    components = load_model(files.checkpoint, vae_path=files.vae, device=device, precision=policy)
+    components = load_model(
+        files.checkpoint,
+        vae_path=files.vae,
+        device=device,
+        precision=policy,
+        channels_last=placement.channels_last,
+    )
     # A compiled Engine keeps one graph per shape; the runner plans same-shape batches back to back.
     engine = Engine(components, compile=placement.compile, disable_nan_check=placement.disable_nan_check)
     return LoadedModel(engine, provenance(device, policy, placement))

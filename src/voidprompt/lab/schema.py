@@ -154,6 +154,10 @@ class RunOptions:
     device: str | None = None  # torch device name; None: cpu (a Ray cluster's GPU workers: cuda)
     precision: str = "auto"  # one of placement.PRECISIONS; what each means per device is its rule
     compile: bool = False  # torch.compile the UNet, once per shape
+    # UNet and VAE weights stored channels-last: faster convolutions on a CPU (and CUDA's default
+    # for the UNet), results that differ from the plain layout in their last bits. None: the
+    # device's default (off on the CPU, where plain keeps A1111's numbers exactly).
+    channels_last: bool | None = None
     # Fixed batch sizes and deterministic algorithms: the same batch gives the same pixels bit for bit.
     deterministic: bool = False
     # Chosen by the caller (command-line flags), not by the study file:
@@ -561,6 +565,7 @@ RUN_KEYS = (
     Key("device", _device_name),
     Key("precision", _choice(*PRECISIONS), "auto"),
     Key("compile", _flag("compile = true"), False),
+    Key("channels_last", _flag("channels_last = true")),
     Key("deterministic", _flag("deterministic = true"), False),
 )
 LABELS_KEYS = (Key("classes", _classes), Key("labeler", _labeler_name))
