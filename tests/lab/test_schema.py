@@ -89,7 +89,7 @@ def test_run_options_take_the_callers_flags_over_the_file() -> None:
     ("text", "pattern"),
     [
         ("[run]\nbatch_sise = 4", r"s\.toml: \[run\] batch_sise: unknown key; allowed: batch_size, threads, "
-         r"workers, device, precision, compile, deterministic; did you mean 'batch_size'\?"),
+         r"workers, device, precision, compile, channels_last, deterministic; did you mean 'batch_size'\?"),
         ("[run]\nworkers = 0",
          r'\[run\] workers: 0: write a whole number of at least 1, e\.g\. workers = 2, or workers = "auto"'),
         ("[run]\nworkers = 'all'", r"\[run\] workers: 'all': write a whole number"),
