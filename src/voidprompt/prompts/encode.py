@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -327,21 +327,24 @@ class PromptEncoder:
         context: Hashable = None,
     ) -> MultiCond:
         """AND-ed sub-prompts: each schedule encoded (and cached) on its own, weights kept."""
-        if not parts:
-            raise PromptError("a positive prompt needs at least one sub-prompt")
-        return MultiCond(
-            tuple(
-                (
-                    self.encode_schedule(
-                        sched,
-                        clip_skip=clip_skip,
-                        emphasis=emphasis,
-                        comma_padding_backtrack=comma_padding_backtrack,
-                        model_key=model_key,
-                        context=context,
-                    ),
-                    float(weight),
-                )
-                for sched, weight in parts
-            )
+        return multicond(
+            self.encode_schedule,
+            parts,
+            clip_skip=clip_skip,
+            emphasis=emphasis,
+            comma_padding_backtrack=comma_padding_backtrack,
+            model_key=model_key,
+            context=context,
         )
+
+
+def multicond(
+    encode_schedule: Callable[..., CondSchedule],
+    parts: Sequence[tuple[Sequence[tuple[int, str]], float]],
+    **options: Any,
+) -> MultiCond:
+    """A positive prompt's AND-ed sub-prompts: each schedule through ``encode_schedule(schedule,
+    **options)`` on its own (so each is cached on its own), with its weight."""
+    if not parts:
+        raise PromptError("a positive prompt needs at least one sub-prompt")
+    return MultiCond(tuple((encode_schedule(sched, **options), float(weight)) for sched, weight in parts))

@@ -42,6 +42,7 @@ from voidprompt.prompts.encode import (
     chunk_batches,
     clip_parts,
     embedding_fixes,
+    multicond,
 )
 
 # A1111's open_clip wrapper: id_pad = 0 (the "!" token) after the first end token.
@@ -357,24 +358,15 @@ class SDXLPromptEncoder:
         sdxl_clip_l_skip: bool | None = None,
     ) -> MultiCond:
         """AND-ed sub-prompts of a positive prompt: each schedule encoded (and cached) on its own."""
-        if not parts:
-            raise PromptError("a positive prompt needs at least one sub-prompt")
-        return MultiCond(
-            tuple(
-                (
-                    self.encode_schedule(
-                        sched,
-                        clip_skip=clip_skip,
-                        emphasis=emphasis,
-                        comma_padding_backtrack=comma_padding_backtrack,
-                        model_key=model_key,
-                        context=context,
-                        sdxl_clip_l_skip=sdxl_clip_l_skip,
-                    ),
-                    float(weight),
-                )
-                for sched, weight in parts
-            )
+        return multicond(
+            self.encode_schedule,
+            parts,
+            clip_skip=clip_skip,
+            emphasis=emphasis,
+            comma_padding_backtrack=comma_padding_backtrack,
+            model_key=model_key,
+            context=context,
+            sdxl_clip_l_skip=sdxl_clip_l_skip,
         )
 
     def _cache_key(

@@ -125,12 +125,17 @@ class DiscreteEpsDenoiser:
         y: Tensor | None = None,
     ) -> Tensor:
         c_out, c_in = (_bcast(v, x) for v in self.get_scalings(sigma))
-        x_in = x * c_in
+        eps = self._model_output(x * c_in, sigma, context, image_cond, y)
+        return x + eps * c_out
+
+    def _model_output(
+        self, x_in: Tensor, sigma: Tensor, context: Tensor, image_cond: Tensor | None, y: Tensor | None
+    ) -> Tensor:
+        """The UNet on the scaled input at t(sigma)."""
         if image_cond is not None:
             # Inpainting UNets take the masked image latents as extra (unscaled) input channels.
             x_in = torch.cat([x_in, image_cond], dim=1)
-        eps = _unet(self.unet_fn, x_in, self.sigma_to_t(sigma), context, y)
-        return x + eps * c_out
+        return _unet(self.unet_fn, x_in, self.sigma_to_t(sigma), context, y)
 
 
 class DiscreteVDenoiser(DiscreteEpsDenoiser):
@@ -156,10 +161,7 @@ class DiscreteVDenoiser(DiscreteEpsDenoiser):
         y: Tensor | None = None,
     ) -> Tensor:
         c_skip, c_out, c_in = (_bcast(v, x) for v in self.v_scalings(sigma))
-        x_in = x * c_in
-        if image_cond is not None:
-            x_in = torch.cat([x_in, image_cond], dim=1)
-        v = _unet(self.unet_fn, x_in, self.sigma_to_t(sigma), context, y)
+        v = self._model_output(x * c_in, sigma, context, image_cond, y)
         return v * c_out + x * c_skip
 
 
@@ -198,10 +200,7 @@ class LCMDenoiser(DiscreteEpsDenoiser):
         y: Tensor | None = None,
     ) -> Tensor:
         c_out, c_in = (_bcast(v, x) for v in self.get_scalings(sigma))
-        x_in = x * c_in
-        if image_cond is not None:
-            x_in = torch.cat([x_in, image_cond], dim=1)
-        eps = _unet(self.unet_fn, x_in, self.sigma_to_t(sigma), context, y)
+        eps = self._model_output(x * c_in, sigma, context, image_cond, y)
         sigma_data = 0.5
         scaled_t = _bcast(self.sigma_to_t(sigma), x) * 10.0
         c_skip = sigma_data**2 / (scaled_t**2 + sigma_data**2)
