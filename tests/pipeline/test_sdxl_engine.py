@@ -210,3 +210,16 @@ def test_img2img_and_an_sdxl_inpainting_model(base: Engine, tmp_path_factory: py
     assert spy.calls[0]["latent"].shape[1] == 9
     kept = np.asarray(result.images[0])[:2, :2].astype(int)
     assert np.array_equal(kept, np.asarray(init)[:2, :2].astype(int))
+
+
+def test_variation_seeds_on_sdxl(base: Engine) -> None:
+    # Euler draws no noise after the first, so the slerp's ends are plain generations: strength 0
+    # is the seed's picture, strength 1 the variation seed's.
+    plain = BASE.replace(steps=3)
+    seed_only = base.generate(plain).images[0].tobytes()
+    subseed_only = base.generate(plain.replace(seed=77)).images[0].tobytes()
+    assert base.generate(plain.replace(subseed=77, subseed_strength=0.0)).images[0].tobytes() == seed_only
+    assert base.generate(plain.replace(subseed=77, subseed_strength=1.0)).images[0].tobytes() == subseed_only
+    half = base.generate(plain.replace(subseed=77, subseed_strength=0.5))
+    assert half.images[0].tobytes() not in (seed_only, subseed_only)
+    assert "Variation seed: 77, Variation seed strength: 0.5" in half.infotexts[0]
