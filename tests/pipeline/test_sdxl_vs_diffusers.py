@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from engine_spies import sampled_latents
 
 from voidprompt.models import load_model
 from voidprompt.pipeline import engine as engine_module
@@ -74,20 +74,6 @@ def _pipeline(engine: Engine, tmp_path: Path) -> Any:
     return pipe
 
 
-def _our_latents(engine: Engine, request: GenerationRequest, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
-    captured: dict[str, torch.Tensor] = {}
-    original = engine_module.decode_latents
-
-    def spy(components: Any, latents: torch.Tensor, **options: Any) -> torch.Tensor:
-        captured["latents"] = latents.clone()
-        return original(components, latents, **options)
-
-    monkeypatch.setattr(engine_module, "decode_latents", spy)
-    engine.generate(request)
-    monkeypatch.setattr(engine_module, "decode_latents", original)
-    return captured["latents"]
-
-
 def test_sdxl_euler_txt2img_matches_diffusers_up_to_the_schedule(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,7 +88,7 @@ def test_sdxl_euler_txt2img_matches_diffusers_up_to_the_schedule(
         cfg_scale=6.0,
         sampler_name="Euler",
     )
-    ours = _our_latents(engine, request, monkeypatch)
+    ours = sampled_latents(engine, request, monkeypatch)
     factor = engine_module.latent_factor(engine.components)
     noise = ImageRNG((4, height // factor, width // factor), [SEED]).first()
     pipe = _pipeline(engine, tmp_path)

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import torch
+from engine_spies import sampled_latents
 
 from voidprompt.pipeline import engine as engine_module
 from voidprompt.pipeline.engine import Engine
@@ -62,20 +63,6 @@ def _diffusers_pipeline(engine: Engine, tmp_path: Path) -> Any:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _our_latents(engine: Engine, request: GenerationRequest, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
-    captured: dict[str, torch.Tensor] = {}
-    original = engine_module.decode_latents
-
-    def spy(components: Any, latents: torch.Tensor, **options: Any) -> torch.Tensor:
-        captured["latents"] = latents.clone()
-        return original(components, latents, **options)
-
-    monkeypatch.setattr(engine_module, "decode_latents", spy)
-    engine.generate(request)
-    monkeypatch.setattr(engine_module, "decode_latents", original)
-    return captured["latents"]
 
 
 @torch.no_grad()
@@ -129,7 +116,7 @@ def test_euler_txt2img_matches_diffusers_up_to_the_schedule(
         sampler_name="Euler",
         clip_skip=clip_skip,
     )
-    ours = _our_latents(engine, request, monkeypatch)
+    ours = sampled_latents(engine, request, monkeypatch)
     theirs = _their_latents(pipe, noise, clip_skip)
     scale = theirs.abs().max()
     # Difference 1 only: the log-sigma vs linear-sigma interpolation of the schedule.
@@ -165,6 +152,6 @@ def test_with_diffusers_sigmas_the_trajectories_coincide(
         sampler_name="Euler",
         clip_skip=2,
     )
-    ours = _our_latents(engine, request, monkeypatch)
+    ours = sampled_latents(engine, request, monkeypatch)
     theirs = _their_latents(pipe, noise, 2)
     assert (ours - theirs).abs().max() <= 2e-5 * theirs.abs().max()

@@ -228,9 +228,12 @@ JOB_ID_FIELDS_V1 = frozenset(
 )
 
 
+_REQUEST_DEFAULTS = request_to_dict(GenerationRequest())
+
+
 def _identity_fields(request: GenerationRequest) -> dict[str, Any]:
     fields = request_to_dict(request)
-    defaults = request_to_dict(GenerationRequest())
+    defaults = _REQUEST_DEFAULTS
     return {
         name: value
         for name, value in fields.items()
