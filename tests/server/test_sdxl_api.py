@@ -287,12 +287,13 @@ def test_refiner_fields_and_settings_reach_the_request() -> None:
 
 def test_live_preview_uses_sdxls_own_latent_colours() -> None:
     """A1111's "Approx cheap" preview: SDXL's latents map to RGB through their own factors."""
+    from voidprompt.models.latent_rgb import CHEAP_SD1, CHEAP_SDXL
     from voidprompt.server.routes.sdapi_generation import _preview
 
     latent = torch.zeros(1, 4, 2, 2)
     latent[0, 0] = 1.0  # channel 0 alone: the first row of factors, (x + 1) * 127.5 truncated
-    for sdxl, rgb in ((False, (165, 153, 154)), (True, (171, 180, 183))):
-        data = _preview(latent, sdxl=sdxl)
+    for mapping, rgb in ((CHEAP_SD1, (165, 153, 154)), (CHEAP_SDXL, (171, 180, 183))):
+        data = _preview(latent, mapping)
         assert data is not None
         image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
         assert image.getpixel((1, 1)) == rgb

@@ -13,6 +13,7 @@ from voidprompt.models.arch import SD1Arch
 from voidprompt.models.arch_sdxl import SDXLArch
 from voidprompt.models.detect import ModelFamily
 from voidprompt.models.hashes import old_model_hash, sha256_file
+from voidprompt.models.latent_rgb import LatentRGB
 from voidprompt.models.placement import PrecisionPolicy
 
 __all__ = ["CheckpointInfo", "Components", "LoadReport", "VaeInfo"]
@@ -126,6 +127,8 @@ class Components:
     text_encoder_2: Any = None  # transformers.CLIPTextModelWithProjection (SDXL's OpenCLIP ViT-bigG)
     prediction: str = "eps"  # "eps" or "v"
     zero_terminal_snr: bool = False
+    # The file's own cheap-preview map (its ``voidprompt.latent_rgb`` metadata); None: the family's.
+    latent_rgb: LatentRGB | None = None
 
     @property
     def unet_in_channels(self) -> int:

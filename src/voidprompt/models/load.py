@@ -51,6 +51,7 @@ from voidprompt.models.detect import (
     detect_prediction,
     require_supported,
 )
+from voidprompt.models.latent_rgb import LATENT_RGB_METADATA_KEY, LatentRGB
 from voidprompt.models.placement import PrecisionPolicy, use_a1111_cuda_settings
 from voidprompt.models.safe_pickle import LazyTensor, PickleCheckpoint, load_pickle_checkpoint
 from voidprompt.models.safetensors_stream import read_safetensors_header
@@ -196,9 +197,10 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     reader = CheckpointReader(p)
     if not _looks_like_safetensors(head, size) and (head.startswith(b"PK") or head[:1] == b"\x80"):
         ck = load_pickle_checkpoint(p)
-        if isinstance(ck.obj, dict) and isinstance(ck.obj.get(ARCH_METADATA_KEY), str):
-            # Pickles have no metadata block; voidprompt writes the arch entry next to "state_dict".
-            reader.metadata[ARCH_METADATA_KEY] = ck.obj[ARCH_METADATA_KEY]
+        for meta_key in (ARCH_METADATA_KEY, LATENT_RGB_METADATA_KEY):
+            if isinstance(ck.obj, dict) and isinstance(ck.obj.get(meta_key), str):
+                # Pickles have no metadata block; voidprompt writes its entries next to "state_dict".
+                reader.metadata[meta_key] = ck.obj[meta_key]
         state = _unwrap(ck.obj, p)
         reader.format = "ckpt"
         reader._pickle = ck
@@ -418,6 +420,11 @@ def load_model(
             "text_encoder_2": text_encoder_2,
         }
         modules: dict[str, nn.Module] = {name: m for name, m in candidates.items() if m is not None}
+        latent_rgb = LatentRGB.from_metadata(
+            reader.metadata, source=str(p), channels=int(vae.config.latent_channels)
+        )
+        if latent_rgb is not None:
+            report.notes.append(f"cheap preview map from '{LATENT_RGB_METADATA_KEY}' metadata")
         prediction, zero_terminal_snr = detect_prediction(shapes)
 
         external_vae = Path(vae_path) if vae_path is not None else find_paired_vae(p)
@@ -534,4 +541,5 @@ def load_model(
         text_encoder_2=text_encoder_2,
         prediction=prediction,
         zero_terminal_snr=zero_terminal_snr,
+        latent_rgb=latent_rgb,
     )

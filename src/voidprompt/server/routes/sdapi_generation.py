@@ -16,6 +16,7 @@ from PIL import Image
 from voidprompt.imagemeta import read_infotext, save_numbered
 from voidprompt.infotext import parse_generation_parameters
 from voidprompt.lab.catalog import disk_full_stops
+from voidprompt.models.latent_rgb import CHEAP_SD1, LatentRGB, latent_rgb_for
 from voidprompt.server import models as m
 from voidprompt.server.generation import (
     BuiltRequest,
@@ -95,7 +96,8 @@ def router(state: App) -> APIRouter:
         latent = st.latent
         if not skip_current_image and latent is not None:
             engine = state.host.engine
-            current_image = _preview(latent, sdxl=engine is not None and engine.components.family.is_sdxl)
+            mapping = CHEAP_SD1 if engine is None else latent_rgb_for(engine.components)
+            current_image = _preview(latent, mapping)
         with st.lock:
             snapshot = m.ProgressState(
                 skipped=st.skipped,
@@ -126,24 +128,11 @@ def router(state: App) -> APIRouter:
     return router
 
 
-# A1111's "Approx cheap" factors, one row per latent channel: the widely used SD1 ones, and SDXL's own
-# (its VAE's latents are another space; A1111's cheap_approximation switches on is_sdxl).
-CHEAP_PREVIEW_SD1 = (
-    (0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473),
-)  # fmt: skip
-CHEAP_PREVIEW_SDXL = (
-    (0.3448, 0.4168, 0.4395), (-0.1953, -0.0290, 0.0250),
-    (0.1074, 0.0886, -0.0163), (-0.3730, -0.2499, -0.2088),
-)  # fmt: skip
-
-
-def _preview(latent: torch.Tensor, *, sdxl: bool = False) -> str | None:
-    """A1111's "Approx cheap" live preview: a fixed linear map from the 4 latent channels to RGB."""
-    if latent.ndim != 4 or latent.shape[1] != 4:
+def _preview(latent: torch.Tensor, mapping: LatentRGB) -> str | None:
+    """A1111's "Approx cheap" live preview of the batch's first latent (PNG, base64)."""
+    if latent.ndim != 4 or latent.shape[1] != mapping.channels:
         return None
-    coefs = torch.tensor(CHEAP_PREVIEW_SDXL if sdxl else CHEAP_PREVIEW_SD1)
-    rgb = torch.einsum("chw,cr->hwr", latent[0].float(), coefs)
-    pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    pixels = mapping.to_rgb(latent[:1])[0].numpy()
     return encode_png(Image.fromarray(pixels), None)
 
 
