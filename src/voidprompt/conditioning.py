@@ -44,10 +44,15 @@ def entry_at_step(schedule: CondSchedule, step: int) -> ScheduledCond:
     A1111 picks the first entry with ``step <= end_at_step``: an entry ending at step 3 serves calls
     0..3, four calls. This off-by-one is A1111's and is reproduced on purpose.
     """
-    for entry in schedule:
+    return schedule[entry_index_at_step(schedule, step)]
+
+
+def entry_index_at_step(schedule: CondSchedule, step: int) -> int:
+    """The index in ``schedule`` of :func:`entry_at_step`'s entry."""
+    for index, entry in enumerate(schedule):
         if step <= entry.end_at_step:
-            return entry
-    return schedule[-1]
+            return index
+    return len(schedule) - 1
 
 
 def cond_at_step(schedule: CondSchedule, step: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ start part-way down the schedule, and the final composite over the original. Hir
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -37,8 +38,13 @@ from torch import Tensor
 
 from voidprompt.conditioning import CondSchedule, MultiCond
 from voidprompt.errors import InvalidRequestError, VoidpromptError
+from voidprompt.explain.attention import AttentionProbe
+from voidprompt.explain.record import ExplainOptions
+from voidprompt.explain.recorder import ExplainRecorder, PromptKey
+from voidprompt.explain.tags import PromptTokens, prompt_tokens
 from voidprompt.infotext import ImageFacts, ModelFacts, RunFacts, create_infotext, generation_params
 from voidprompt.models.components import Components
+from voidprompt.models.latent_rgb import latent_rgb_for
 from voidprompt.models.nans import check_for_nans
 from voidprompt.models.networks.manager import AppliedNetworks, NetworkManager
 from voidprompt.models.vae_decode import decode_with_nan_fallback
@@ -222,17 +228,19 @@ class Engine:
         *,
         seeds: Sequence[int] | None = None,
         subseeds: Sequence[int] | None = None,
+        explain: ExplainOptions | None = None,
     ) -> Result:
         """Run ``request`` (txt2img, with hires fix when ``enable_hr``; img2img / inpainting when it
         carries init images), all ``n_iter`` iterations of it; ``hooks`` watch and steer the run.
 
         ``seeds`` / ``subseeds`` give every image its own seed (A1111 accepts a seed list in place of
         ``seed + i``); one per image of the request. The lab uses this to batch jobs that differ only
-        in their seed.
+        in their seed. ``explain`` turns the capture on (:mod:`voidprompt.explain`): one
+        ``Result.explanations`` entry per image, the same pictures; the UNet then runs uncompiled.
         """
         hooks = hooks or GenerationHooks()
         started = time.perf_counter()
-        plan = self._plan(request, hooks)
+        plan = self._plan(request, hooks, explain)
         request = plan.request
         all_seeds, all_subseeds = batch_seeds(
             request.seed, request.subseed, request.subseed_strength, request.total_images
@@ -261,8 +269,10 @@ class Engine:
             # Every iteration starts on the main model (A1111 reloads it at the top of its loop).
             self._active, self._switch_facts = self, {}
             t0 = time.perf_counter()
+            if explain is not None:
+                iteration.recorder = self._recorder(plan, explain)
             try:
-                with self.components.precision.autocast_context():
+                with self.components.precision.autocast_context(), self._probe(plan, iteration):
                     latents = self._sample(plan, iteration)
             except Interrupted:
                 # The iteration is abandoned; proceed() decides whether the next one runs.
@@ -275,13 +285,17 @@ class Engine:
             timings["sample"] += t1 - t0
             timings["decode"] += time.perf_counter() - t1
             self._add_images(result, plan, iteration, to_pil_images(pixels))
+            if iteration.recorder is not None:
+                result.explanations.extend(iteration.recorder.finish())
         timings["total"] = time.perf_counter() - started
         result.timings = timings
         return result
 
     # ------------------------------------------------------------------ steps
 
-    def _plan(self, request: GenerationRequest, hooks: GenerationHooks) -> _Plan:
+    def _plan(
+        self, request: GenerationRequest, hooks: GenerationHooks, explain: ExplainOptions | None = None
+    ) -> _Plan:
         """Everything the iterations share: the request as it runs (canonical sampler names, fixed
         seeds, img2img defaults), the prepared img2img inputs, the conditioning, the hires pass."""
         request.validate()
@@ -324,7 +338,45 @@ class Engine:
         name = refiner_name(request)
         if name is not None:
             self._refiner(name)  # loaded now: a name that does not resolve fails before sampling
-        return _Plan(request, first, hooks, inputs, hires)
+        return _Plan(request, first, hooks, inputs, hires, explain)
+
+    # ------------------------------------------------------------------ explain capture
+
+    def _recorder(self, plan: _Plan, options: ExplainOptions) -> ExplainRecorder:
+        components = self.components
+        nan_check = not self.disable_nan_check
+
+        def decode(latents: Tensor) -> Tensor:
+            return decode_latents(self._active.components, latents, nan_check=nan_check)
+
+        return ExplainRecorder(plan.request.batch_size, options, latent_rgb_for(components).to_rgb, decode)
+
+    def _probe(self, plan: _Plan, iteration: _Iteration) -> AttentionProbe | contextlib.nullcontext[None]:
+        """The attention probe over every UNet this iteration may run (the refiner's too)."""
+        recorder = iteration.recorder
+        if recorder is None:
+            return contextlib.nullcontext()
+        probe = AttentionProbe(recorder.add_probabilities)
+        probe.attach(self.components.unet)
+        name = refiner_name(plan.request)
+        if name is not None:
+            probe.attach(self._refiner(name).components.unet)
+        return probe
+
+    def _pass_prompts(
+        self, request: GenerationRequest, conditioning: _Conditioning
+    ) -> dict[PromptKey, PromptTokens]:
+        """Each (negative, sub-prompt, schedule entry)'s tokens and tags, as this model chunks them."""
+        comma = self.components.tokenizer.comma_id
+        options = {"emphasis": request.emphasis, "comma_padding_backtrack": request.comma_padding_backtrack}
+        prepared = conditioning.prepared
+        prompts: dict[PromptKey, PromptTokens] = {}
+        for part, (schedule, _) in enumerate(prepared.positive):
+            for entry, (_, text) in enumerate(schedule):
+                prompts[(False, part, entry)] = prompt_tokens(self.encoder.tokenize(text, **options), comma)
+        for entry, (_, text) in enumerate(prepared.negative):
+            prompts[(True, 0, entry)] = prompt_tokens(self.encoder.tokenize(text, **options), comma)
+        return prompts
 
     def _sample(self, plan: _Plan, iteration: _Iteration) -> Tensor:
         if plan.inputs is not None:
@@ -662,6 +714,10 @@ class Engine:
         switch = None
         if engine is self:
             switch = self._refiner_switch(plan, run, schedule_model, batch)
+        recorder = iteration.recorder
+        if recorder is not None:
+            name = "hires" if plan.hires is not None and run is plan.hires.run else "first"
+            recorder.begin_pass(name, self._pass_prompts(request, run.conditioning), inner.pred_x0)
         cfg = CFGDenoiser(
             _Interruptible(inner, hooks.should_stop),
             conds,
@@ -669,6 +725,7 @@ class Engine:
             image_cond=image_cond,
             blend=blend,
             switch=switch,
+            observer=recorder,
         )
         if switch is not None:
             switch.cfg = cfg
@@ -875,16 +932,19 @@ class _Plan:
     hooks: GenerationHooks
     inputs: Img2ImgInputs | None = None
     hires: _Hires | None = None
+    explain: ExplainOptions | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Iteration:
-    """Iteration ``index`` of ``n_iter``: its images' seeds, and the first iteration's seeds."""
+    """Iteration ``index`` of ``n_iter``: its images' seeds, the first iteration's seeds, and the
+    explain capture's recorder when it is on."""
 
     index: int
     seeds: Sequence[int]
     subseeds: Sequence[int]
     first_seeds: Sequence[int]
+    recorder: ExplainRecorder | None = None
 
 
 class _Interruptible:

@@ -7,6 +7,7 @@ from typing import Any
 
 from PIL import Image
 
+from voidprompt.explain.record import Explanation
 from voidprompt.request import GenerationRequest
 
 
@@ -26,6 +27,8 @@ class Result:
     interrupted: bool = False
     # The request as it ran: canonical sampler names, fixed seeds, img2img defaults filled in.
     request: GenerationRequest | None = None
+    # With the explain capture on: one per image, in image order.
+    explanations: list[Explanation] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)

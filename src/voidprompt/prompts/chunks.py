@@ -32,11 +32,29 @@ class ChunkFix:
 
 @dataclass
 class PromptChunk:
-    """77 token ids and multipliers once closed; ``fixes`` place textual-inversion vectors."""
+    """77 token ids and multipliers once closed; ``fixes`` place textual-inversion vectors.
+
+    ``sources[i]`` is the index into the line's ``pieces`` of the prompt token at row i, or -1 for
+    the start, end and padding rows (what attention maps read back to the prompt)."""
 
     tokens: list[int] = field(default_factory=list)
     multipliers: list[float] = field(default_factory=list)
     fixes: list[ChunkFix] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LinePiece:
+    """One prompt token of a line, in prompt order: its id (an embedding's vectors are one piece
+    each, id ``EMBEDDING_PLACEHOLDER_ID``), its emphasis weight, the parsed fragment it came from and
+    its text. ``embedding`` names the embedding a vector row belongs to (its first vector's text is
+    ``<name>``, the others' empty)."""
+
+    token: int
+    weight: float
+    fragment: int
+    text: str
+    embedding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,10 @@ class TokenizedLine:
     chunks: tuple[PromptChunk, ...]
     # A1111's counter: 75 for every full chunk plus the real length of the last one.
     token_count: int
+    # The prompt's own tokens in order; chunks' ``sources`` index into it.
+    pieces: tuple[LinePiece, ...] = ()
+    # The (text, weight) fragments the chunker saw (see parse_for_emphasis).
+    fragments: tuple[tuple[str, float], ...] = ()
 
     @property
     def embeddings_used(self) -> dict[str, Embedding]:
@@ -73,7 +95,7 @@ def target_token_count(token_count: int) -> int:
 def empty_chunk(tokenizer: ClipTokenizer) -> PromptChunk:
     """``[BOS] + [EOS]*76``: the chunk of an empty prompt, and the padding for shorter prompts."""
     n = CHUNK_LENGTH + 2
-    return PromptChunk([tokenizer.bos_id] + [tokenizer.eos_id] * (n - 1), [1.0] * n)
+    return PromptChunk([tokenizer.bos_id] + [tokenizer.eos_id] * (n - 1), [1.0] * n, sources=[-1] * n)
 
 
 def parse_for_emphasis(text: str, emphasis: str) -> list[tuple[str, float]]:
@@ -109,6 +131,7 @@ def tokenize_line(
     chunk = PromptChunk()
     token_count = 0
     last_comma = -1
+    pieces: list[LinePiece] = []
 
     def next_chunk(is_last: bool = False) -> None:
         nonlocal chunk, token_count, last_comma
@@ -117,13 +140,15 @@ def tokenize_line(
         if pad > 0:
             chunk.tokens += [tokenizer.eos_id] * pad
             chunk.multipliers += [1.0] * pad
+            chunk.sources += [-1] * pad
         chunk.tokens = [tokenizer.bos_id, *chunk.tokens, tokenizer.eos_id]
         chunk.multipliers = [1.0, *chunk.multipliers, 1.0]
+        chunk.sources = [-1, *chunk.sources, -1]
         last_comma = -1
         chunks.append(chunk)
         chunk = PromptChunk()
 
-    for frag_text, weight in parsed:
+    for fragment, (frag_text, weight) in enumerate(parsed):
         if _is_break(frag_text, weight):
             next_chunk()
             continue
@@ -143,12 +168,15 @@ def tokenize_line(
             ):
                 cut = last_comma + 1
                 moved_tokens, moved_mults = chunk.tokens[cut:], chunk.multipliers[cut:]
+                moved_sources = chunk.sources[cut:]
                 chunk.tokens, chunk.multipliers = chunk.tokens[:cut], chunk.multipliers[:cut]
+                chunk.sources = chunk.sources[:cut]
                 # A1111 quirk: fixes are not moved with their tokens. An embedding in the moved tail
                 # keeps writing into the old chunk's padding, and its placeholders in the new chunk
                 # stay plain id-0 tokens.
                 next_chunk()
                 chunk.tokens, chunk.multipliers = moved_tokens, moved_mults
+                chunk.sources = moved_sources
             if len(chunk.tokens) == CHUNK_LENGTH:
                 next_chunk()
 
@@ -156,6 +184,8 @@ def tokenize_line(
             if found is None:
                 chunk.tokens.append(token)
                 chunk.multipliers.append(weight)
+                chunk.sources.append(len(pieces))
+                pieces.append(LinePiece(token, weight, fragment, tokenizer.decode([token])))
                 position += 1
                 continue
             emb, n_trigger = found
@@ -164,11 +194,14 @@ def tokenize_line(
             chunk.fixes.append(ChunkFix(len(chunk.tokens), emb))
             chunk.tokens += [EMBEDDING_PLACEHOLDER_ID] * emb.n_vectors
             chunk.multipliers += [weight] * emb.n_vectors
+            chunk.sources += range(len(pieces), len(pieces) + emb.n_vectors)
+            texts = [f"<{emb.name}>"] + [""] * (emb.n_vectors - 1)
+            pieces += [LinePiece(EMBEDDING_PLACEHOLDER_ID, weight, fragment, t, emb.name) for t in texts]
             position += n_trigger
 
     if chunk.tokens or not chunks:
         next_chunk(is_last=True)
-    return TokenizedLine(tuple(chunks), token_count)
+    return TokenizedLine(tuple(chunks), token_count, tuple(pieces), tuple(parsed))
 
 
 def token_report(

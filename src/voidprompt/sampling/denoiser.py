@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from voidprompt.conditioning import CondSchedule, MultiCond, ScheduledCond, entry_at_step
+from voidprompt.conditioning import CondSchedule, MultiCond, ScheduledCond, entry_at_step, entry_index_at_step
 from voidprompt.errors import InvalidRequestError
 
 UNetFn = Callable[..., Tensor]
@@ -111,6 +112,10 @@ class DiscreteEpsDenoiser:
         t = t.float()
         low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
         return ((1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]).exp()
+
+    def pred_x0(self, x: Tensor, output: Tensor, sigma: Tensor) -> Tensor:
+        """The clean latent this model's ``output`` at (x, sigma) predicts: the output itself."""
+        return output
 
     def get_scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         return -sigma, 1 / (sigma**2 + self.sigma_data**2) ** 0.5
@@ -228,6 +233,12 @@ class EpsTimestepModel:
         x_in = x if image_cond is None else torch.cat([x, image_cond], dim=1)
         return _unet(self.unet_fn, x_in, t, context, y)
 
+    def pred_x0(self, x: Tensor, output: Tensor, t: Tensor) -> Tensor:
+        """The clean latent eps ``output`` at timestep t predicts, (x - sqrt(1 - abar) eps) / sqrt(abar)
+        (the timestep samplers' own ``pred_x0``)."""
+        abar = self.alphas_cumprod.to(x.device)[t.to(torch.int)].to(x.dtype)
+        return (x - _bcast((1 - abar).sqrt(), x) * output) / _bcast(abar.sqrt(), x)
+
 
 class VTimestepModel(EpsTimestepModel):
     """A v-prediction UNet as the timestep samplers see it (A1111's CompVisTimestepsVDenoiser): its v
@@ -320,6 +331,32 @@ class LatentBlend:
         return latent * nmask + self.init_latent * self.mask
 
 
+@dataclass(frozen=True)
+class UNetRow:
+    """What one row of a CFG denoiser call's UNet batch computes: image ``image``'s prediction for
+    its AND sub-prompt ``part`` (``negative`` False) or for its negative prompt, with the prompt
+    schedule's entry ``entry`` at this call."""
+
+    image: int
+    negative: bool
+    part: int
+    entry: int
+
+
+class DenoiserObserver(Protocol):
+    """Watches a CFG denoiser's calls without changing them (the explain capture): the rows of
+    each call, which rows each UNet call runs, and the branch predictions the call combined."""
+
+    def begin_call(self, step: int, x: Tensor, sigma: Tensor, rows: Sequence[UNetRow]) -> None: ...
+
+    def unet_rows(self, start: int, stop: int) -> None: ...
+
+    def end_call(self, cond: Tensor, uncond: Tensor | None, guided: Tensor) -> None:
+        """``cond`` / ``uncond``: per image, the inner model's output for its first sub-prompt and
+        for its negative prompt (None when the call skipped the uncond pass); ``guided`` what the
+        call returns. Outputs are what the inner model returns (x0, or eps for timestep models)."""
+
+
 class CFGDenoiser:
     """A1111's classifier-free guidance denoiser (``CFGDenoiser.forward``), as a plain class.
 
@@ -338,9 +375,11 @@ class CFGDenoiser:
         image_cond: Tensor | None = None,
         blend: LatentBlend | None = None,
         switch: Callable[[Tensor], tuple[InnerModel, BatchConds] | None] | None = None,
+        observer: DenoiserObserver | None = None,
     ) -> None:
         """``switch(sigma)``, asked before every call, may hand over another inner model and its
-        conditioning mid-run (A1111's refiner switch, ``apply_refiner``); None keeps the current."""
+        conditioning mid-run (A1111's refiner switch, ``apply_refiner``); None keeps the current.
+        ``observer`` hears every call (:class:`DenoiserObserver`)."""
         if len(batch.conds) != len(batch.unconds):
             raise InvalidRequestError(
                 f"{len(batch.conds)} positive and {len(batch.unconds)} negative conditionings: "
@@ -360,6 +399,7 @@ class CFGDenoiser:
         self.image_cond = image_cond
         self.blend = blend
         self.switch = switch
+        self.observer = observer
         self.step = 0
         # DDIM CFG++ hooks (A1111's cond_scale_miltiplier / need_last_noise_uncond).
         self.cond_scale_multiplier = 1.0
@@ -480,8 +520,13 @@ class CFGDenoiser:
         y_in = None
         if y_cond is not None and y_uncond is not None:
             y_in = y_cond if skip_uncond else torch.cat([y_cond, y_uncond])
+        observer = self.observer
+        if observer is not None:
+            observer.begin_call(step, x, sigma, self._rows(step, skip_uncond))
 
         def run(a: int, b: int, context: Tensor) -> Tensor:
+            if observer is not None:
+                observer.unet_rows(a, b)
             ic = None if image_cond_in is None else image_cond_in[a:b]
             extra = {} if y_in is None else {"y": y_in[a:b]}
             return self.inner(x_in[a:b], sigma_in[a:b], context=context, image_cond=ic, **extra)
@@ -504,9 +549,10 @@ class CFGDenoiser:
                 x_out[a:b] = run(a, b, tensor[a:b])
             x_out[-uncond.shape[0] :] = run(n_in - uncond.shape[0], n_in, uncond)
 
+        first = [c[0][0] for c in conds_list]
+        uncond_out = None if skip_uncond else x_out[-batch_size:]
         if skip_uncond:
             # The first sub-prompt's result stands in for the uncond, and the scale becomes 1.
-            first = [c[0][0] for c in conds_list]
             x_out = torch.cat([x_out, x_out[first]])
         if self.need_last_noise_uncond:
             self.last_noise_uncond = x_out[-batch_size:].clone()
@@ -515,8 +561,25 @@ class CFGDenoiser:
         denoised = combine_denoised(x_out, conds_list, batch_size, scale)
         if self.blend is not None and not self.blend.before_denoising:
             denoised = self.blend.apply(denoised)
+        if observer is not None:
+            observer.end_call(x_out[first], uncond_out, denoised)
         self.step += 1
         return denoised
+
+    def _rows(self, step: int, skip_uncond: bool) -> list[UNetRow]:
+        """The UNet rows of call ``step`` in batch order: every image's sub-prompts, then (unless
+        skipped) every image's negative prompt."""
+        rows = [
+            UNetRow(image, False, part, entry_index_at_step(schedule, step))
+            for image, multi in enumerate(self.conds)
+            for part, (schedule, _) in enumerate(multi.parts)
+        ]
+        if not skip_uncond:
+            rows += [
+                UNetRow(image, True, 0, entry_index_at_step(schedule, step))
+                for image, schedule in enumerate(self.unconds)
+            ]
+        return rows
 
 
 def combine_denoised(
