@@ -268,7 +268,7 @@ class ExplainRecorder:
                     sums[w] += share
                     counts[w] += 1
         tag_maps = _mean(tag_sum, tag_count)
-        token_maps = _mean(token_sum, token_count) if self.options.per_token else None
+        mean_token_maps = _mean(token_sum, token_count) if self.options.per_token else None
         content_share = {
             key: {
                 windows[w]: (sums[w] / share_count[key][w] if share_count[key][w] else float("nan"))
@@ -296,7 +296,7 @@ class ExplainRecorder:
             calls=infos,
             previews=self._previews(calls),
             tokens=tokens,
-            token_maps=token_maps,
+            token_maps=mean_token_maps,
             vae_previews=self._vae_previews(image),
         )
 
