@@ -248,14 +248,19 @@ class ExplainRecorder:
             ws = [w for w, name in enumerate(windows) if c in window_calls[name]]
             for row in call.rows:
                 prompt = self._prompt(call, row)
-                ids = torch.tensor([tag_of[(row.branch, row.part, tag.label)] for tag in prompt.tags])
+                # An empty prompt has no tags: the index must still be an integer tensor.
+                ids = torch.tensor(
+                    [tag_of[(row.branch, row.part, tag.label)] for tag in prompt.tags], dtype=torch.long
+                )
                 maps = _to_size(row.tag_maps, final).double().cpu()
                 for w in ws:
                     tag_sum[:, w].index_add_(0, ids, maps)
                     tag_count[ids, w] += 1
                 if row.token_maps is not None:
                     keys = range(row.token_maps.shape[0])
-                    ids = torch.tensor([token_of[(row.branch, row.part, row.entry, k)] for k in keys])
+                    ids = torch.tensor(
+                        [token_of[(row.branch, row.part, row.entry, k)] for k in keys], dtype=torch.long
+                    )
                     token_maps = _to_size(row.token_maps, final).double().cpu()
                     for w in ws:
                         token_sum[:, w].index_add_(0, ids, token_maps)
