@@ -52,11 +52,11 @@ def test_generate_batch_matches_engine(tiny_checkpoint: Path) -> None:
                                 sampler_name="Euler a", seed=100)  # fmt: skip
     # Consecutive seeds: exactly what Engine.generate does for a batch (A1111's seed + i).
     expected = engine.generate(request.replace(batch_size=2))
-    images, infotexts, _ = generate_batch(engine, request, [100, 101], [request.subseed] * 2)
+    images, infotexts, _, _ = generate_batch(engine, request, [100, 101], [request.subseed] * 2)
     assert [np.asarray(i).tobytes() for i in images] == [np.asarray(i).tobytes() for i in expected.images]
     assert infotexts == expected.infotexts
     # Arbitrary seeds: each image equals its own single-image generation (up to batch float order).
-    images, infotexts, _ = generate_batch(engine, request, [7, 100], [request.subseed] * 2)
+    images, infotexts, _, _ = generate_batch(engine, request, [7, 100], [request.subseed] * 2)
     alone = engine.generate(request.replace(seed=7)).images[0]
     diff = np.abs(np.asarray(images[0], dtype=int) - np.asarray(alone, dtype=int))
     assert diff.max() <= 2

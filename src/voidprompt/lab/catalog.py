@@ -15,6 +15,11 @@ Provenance: each image row names the batch size it was generated in (GPU kernels
 per shape, so pixels can change with it) and its ``runs`` row: the device, precision, GPU name and
 torch and CUDA versions that made it. A catalog written before these columns existed gains them
 when a writer opens it (its old images keep NULL there); readers open it as it is.
+
+Explanations: an image generated with the capture on has its ``NAME.explain.npz`` beside it, written
+(temp, rename) before the PNG, and named by the row's ``explanation`` column (NULL without capture);
+its per-tag attention measures go to the long ``tag_measures`` table in the image's transaction.
+The sweep removes an explanation file no row names, as it does an image.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from typing import IO, Any
 
 from voidprompt import __version__
 from voidprompt.errors import StudyError
+from voidprompt.explain.measures import TagMeasure
+from voidprompt.explain.store import SUFFIX as EXPLANATION_SUFFIX
 from voidprompt.files import TEMP_PREFIX
 from voidprompt.lab.schema import StudyFile
 from voidprompt.lab.study import Job, request_to_dict
@@ -68,7 +75,8 @@ CREATE TABLE IF NOT EXISTS images (
     timings TEXT NOT NULL,
     created TEXT NOT NULL,
     batch_size INTEGER,
-    run_id INTEGER REFERENCES runs(id)
+    run_id INTEGER REFERENCES runs(id),
+    explanation TEXT
 );
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
@@ -97,6 +105,20 @@ CREATE TABLE IF NOT EXISTS labels (
     updated TEXT NOT NULL,
     PRIMARY KEY (image_id, source)
 );
+CREATE TABLE IF NOT EXISTS tag_measures (
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    tag TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    part INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    weight REAL NOT NULL,
+    window TEXT NOT NULL,
+    mass_share REAL,
+    peak_y REAL,
+    peak_x REAL,
+    spread REAL,
+    PRIMARY KEY (image_id, tag, window)
+);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, position);
 """
 # Columns added to tables of catalogs that predate them: (table, column, declaration).
@@ -104,7 +126,15 @@ _ADDED_COLUMNS = (
     ("images", "batch_size", "INTEGER"),
     ("images", "run_id", "INTEGER REFERENCES runs(id)"),
     ("runs", "channels_last", "INTEGER NOT NULL DEFAULT 0"),
+    ("images", "explanation", "TEXT"),
 )
+# An explained image's measures "guidance_difference_<window>" (in the measures table): the mean
+# |cond - uncond| of the predicted clean latent over the window's denoiser calls.
+GUIDANCE_MEASURE = "guidance_difference"
+# Per-tag attention measures of an explanation, in the tag_measures table's column order.
+TAG_MEASURE_COLUMNS = (
+    "tag", "branch", "part", "label", "weight", "window", "mass_share", "peak_y", "peak_x", "spread"
+)  # fmt: skip
 
 
 class DiskFullError(StudyError):
@@ -295,6 +325,9 @@ class Catalog:
         """Remove temporary files and image files that have no committed row."""
         self._require_writer()
         known = {row[0] for row in self._db.execute("SELECT path FROM images")}
+        explained = {
+            row[0] for row in self._db.execute("SELECT explanation FROM images WHERE explanation IS NOT NULL")
+        }
         temp_files = orphans = 0
         for file in sorted(self.images_dir.rglob("*")):
             if not file.is_file():
@@ -302,7 +335,9 @@ class Catalog:
             if file.name.startswith(TEMP_PREFIX):
                 file.unlink()
                 temp_files += 1
-            elif file.suffix.lower() in IMAGE_SUFFIXES and self._relative(file) not in known:
+                continue
+            image = file.suffix.lower() in IMAGE_SUFFIXES and self._relative(file) not in known
+            if image or (file.name.endswith(EXPLANATION_SUFFIX) and self._relative(file) not in explained):
                 file.unlink()
                 orphans += 1
         return SweepReport(temp_files, orphans)
@@ -380,12 +415,16 @@ class Catalog:
         labels: Mapping[str, tuple[str | None, Sequence[str]]] | None = None,
         batch_size: int | None = None,
         run_id: int | None = None,
+        explanation: str | Path | None = None,
+        tag_measures: Sequence[TagMeasure] = (),
     ) -> int:
         """Commit the row of an image already renamed into place; marks its job done. Returns its id.
 
         ``measures`` and ``labels`` (source -> (class, tags)) go into the same transaction, so a
         done job never lacks the measurements and pre-labels taken with it. ``batch_size`` is the
         size of the sampler run that made it; ``run_id`` its :meth:`register_run` row.
+        ``explanation`` is its explanation file (already in place beside it) and ``tag_measures``
+        that file's per-tag measures, committed with it.
         """
         self._require_writer()
         file = Path(path)
@@ -405,6 +444,16 @@ class Catalog:
                 f"{self.path}: image {str(file)!r} is outside the catalog's image folder "
                 f"{str(self.images_dir)!r}; write images there so the sweep and exports find them"
             ) from None
+        explanation_path = None
+        if explanation is not None:
+            explained = Path(explanation)
+            explained = explained if explained.is_absolute() else self.path.parent / explained
+            if not explained.is_file() or explained.name.startswith(TEMP_PREFIX):
+                raise StudyError(
+                    f"{self.path}: explanation {str(explained)!r} for job {job_id} is not in place; write "
+                    "and rename it before recording its image"
+                )
+            explanation_path = self._relative(explained)
         actual = sha256_file(file)
         if actual != sha256:
             raise StudyError(
@@ -417,8 +466,8 @@ class Catalog:
             try:
                 cursor = db.execute(
                     "INSERT INTO images (job_id, path, sha256, infotext, settings, seed, width, height, "
-                    "model_hash, timings, created, batch_size, run_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "model_hash, timings, created, batch_size, run_id, explanation) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         job_id,
                         self._relative(file),
@@ -433,6 +482,7 @@ class Catalog:
                         _now(),
                         batch_size,
                         run_id,
+                        explanation_path,
                     ),
                 )
             except sqlite3.IntegrityError as error:
@@ -444,6 +494,12 @@ class Catalog:
                 db.executemany(
                     "INSERT INTO measures (image_id, name, value) VALUES (?, ?, ?)",
                     [(image_id, name, float(value)) for name, value in measures.items()],
+                )
+            if tag_measures:
+                db.executemany(
+                    f"INSERT INTO tag_measures (image_id, {', '.join(TAG_MEASURE_COLUMNS)}) "
+                    f"VALUES (?{', ?' * len(TAG_MEASURE_COLUMNS)})",
+                    [(image_id, *(_real(getattr(m, c)) for c in TAG_MEASURE_COLUMNS)) for m in tag_measures],
                 )
             for source, (label_class, tags) in (labels or {}).items():
                 db.execute(
@@ -533,6 +589,15 @@ class Catalog:
             out.setdefault(image_id, {})[name] = value
         return out
 
+    def all_tag_measures(self) -> list[dict[str, Any]]:
+        """Every image's per-tag attention measures, one dict per (image, tag, window) with
+        ``image_id`` and the :data:`TAG_MEASURE_COLUMNS` (empty for a catalog without captures)."""
+        columns = ("image_id", *TAG_MEASURE_COLUMNS)
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tag_measures'").fetchone():
+            return []
+        cursor = self._db.execute(f"SELECT {', '.join(columns)} FROM tag_measures ORDER BY image_id, rowid")
+        return [dict(zip(columns, row, strict=True)) for row in cursor]
+
     def all_labels(self) -> dict[int, dict[str, tuple[str | None, list[str]]]]:
         """image id -> {source: (class, tags)} for every labelled image."""
         out: dict[int, dict[str, tuple[str | None, list[str]]]] = {}
@@ -579,6 +644,11 @@ class Catalog:
 
     def journal_mode(self) -> str:
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
+
+
+def _real(value: Any) -> Any:
+    """A number as SQLite stores it: NaN (a branch that never ran) as NULL."""
+    return None if isinstance(value, float) and value != value else value
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from voidprompt.allocator import keep_freed_memory
 from voidprompt.errors import StudyError, VoidpromptError
+from voidprompt.explain.record import ExplainOptions, Explanation
 from voidprompt.lab.catalog import Provenance
 from voidprompt.lab.plugins import ModelFiles
 from voidprompt.lab.schema import ModelRef, RunOptions
@@ -65,6 +66,7 @@ class Batch:
     model: ModelRef
     request: GenerationRequest  # the first job's request; seeds come from ``jobs``
     jobs: tuple[Job, ...]
+    explain: ExplainOptions | None = None  # every job of the batch captures, or none does
 
     @property
     def seeds(self) -> list[int]:
@@ -76,7 +78,7 @@ class Batch:
 
     def part(self, start: int, stop: int | None = None) -> Batch:
         jobs = self.jobs[start:stop]
-        return Batch(self.model, jobs[0].request, jobs)
+        return Batch(self.model, jobs[0].request, jobs, self.explain)
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Generated:
     native_size: int | None = None
     batch_size: int = 1  # images in the sampler run that made it
     provenance: Provenance | None = None  # where and how it was computed
+    explanation: Explanation | None = None  # with the batch's capture on
 
 
 @dataclass
@@ -225,23 +228,34 @@ def deterministic_algorithms(enabled: bool, device: str) -> Iterator[None]:
 
 
 def generate_batch(
-    engine: Engine, request: GenerationRequest, seeds: Sequence[int], subseeds: Sequence[int]
-) -> tuple[list[Image.Image], list[str], dict[str, float]]:
-    """Generate ``len(seeds)`` images in one sampler run, image ``i`` with ``seeds[i]``.
+    engine: Engine,
+    request: GenerationRequest,
+    seeds: Sequence[int],
+    subseeds: Sequence[int],
+    explain: ExplainOptions | None = None,
+) -> tuple[list[Image.Image], list[str], dict[str, float], list[Explanation | None]]:
+    """Generate ``len(seeds)`` images in one sampler run, image ``i`` with ``seeds[i]``; with
+    ``explain``, each image's explanation too (the pictures are the same either way).
 
-    Returns (images, infotexts, timings).
+    Returns (images, infotexts, timings, explanations), explanations None without ``explain``.
     """
     result = engine.generate(
         request.replace(batch_size=len(seeds), n_iter=1, seed=int(seeds[0]), subseed=int(subseeds[0])),
         seeds=list(seeds),
         subseeds=list(subseeds),
+        explain=explain,
     )
-    return result.images, result.infotexts, result.timings
+    explanations: list[Explanation | None] = [None] * len(result.images)
+    if explain is not None:
+        explanations = list(result.explanations)
+    return result.images, result.infotexts, result.timings, explanations
 
 
 def run_batch(engine: Engine, batch: Batch, provenance: Provenance | None = None) -> list[Generated]:
     """One sampler run for the whole batch."""
-    images, infotexts, timings = generate_batch(engine, batch.request, batch.seeds, batch.subseeds)
+    images, infotexts, timings, explanations = generate_batch(
+        engine, batch.request, batch.seeds, batch.subseeds, batch.explain
+    )
     n = len(batch.jobs)
     # Per-image share of the batch's time, plus the batch size so throughput can be recomputed.
     per_image = {k: v / n for k, v in timings.items()} | {"batch_size": float(n)}
@@ -249,8 +263,8 @@ def run_batch(engine: Engine, batch: Batch, provenance: Provenance | None = None
     native = int(engine.components.arch.constants.vae_sample_size)
     return [
         Generated(job.job_id, image, info, job.request.seed, model_hash, dict(per_image), native, n,
-                  provenance)
-        for job, image, info in zip(batch.jobs, images, infotexts, strict=True)
+                  provenance, explanation)
+        for job, image, info, explanation in zip(batch.jobs, images, infotexts, explanations, strict=True)
     ]  # fmt: skip
 
 

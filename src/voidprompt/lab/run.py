@@ -17,6 +17,12 @@ the whole batch), each image with its own seed. A1111 gives image ``i`` of a bat
 once each by the Engine's ``PromptEncoder`` cache and never together with another prompt (A1111's
 mean restoration spans the encoded batch).
 
+Explanations: the jobs a study's ``[explain]`` selects (:meth:`voidprompt.lab.study.Study.captures`)
+run in batches of their own with the Engine's capture on; each image's explanation file is written
+(temp, rename) before its PNG, and its row names it, so a row never points at a missing file.
+Capture happens when a job is generated: a job already done without it stays as it is, and the run
+report says how many selected jobs lack one (a new catalog captures them).
+
 A full disk stops the run with :class:`voidprompt.lab.catalog.DiskFullError` ("disk full at
 PATH; free space and run again to resume"): what was committed stays, and the rerun makes the rest.
 
@@ -34,7 +40,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +48,18 @@ from PIL import PngImagePlugin
 from tqdm import tqdm
 
 from voidprompt.errors import StudyError, VoidpromptError
+from voidprompt.explain.measures import guidance_differences, tag_measures
+from voidprompt.explain.record import ExplainOptions
+from voidprompt.explain.store import DEFAULT_MAP_SIDE, explanation_path, load_explanation, save_explanation
 from voidprompt.files import atomic_write
-from voidprompt.lab.catalog import Catalog, Provenance, default_catalog_path, disk_full_stops, sha256_file
+from voidprompt.lab.catalog import (
+    GUIDANCE_MEASURE,
+    Catalog,
+    Provenance,
+    default_catalog_path,
+    disk_full_stops,
+    sha256_file,
+)
 from voidprompt.lab.execution import Batch, BatchResult, Executor, Generated, LocalExecutor, Placement
 from voidprompt.lab.labels import Labeler, label_image, label_scheme
 from voidprompt.lab.measures import measure_image
@@ -70,6 +86,8 @@ class RunReport:
     batches: int
     seconds: float
     failed: dict[str, str] = field(default_factory=dict)  # job id -> why, for this run's failures
+    # Jobs [explain] selects that were done before without capture (they keep their pictures).
+    uncaptured: int = 0
 
     @property
     def images_per_minute(self) -> float:
@@ -81,6 +99,12 @@ class RunReport:
             f"({self.images_per_minute:.1f} images/min); {self.skipped} were already done; "
             f"{len(self.failed)} failed; catalog {self.catalog_path}"
         )
+        if self.uncaptured:
+            text += (
+                f"\n{self.uncaptured} job(s) selected by [explain] were generated before without capture; "
+                "capture happens when a job is generated, so run the study into a new catalog "
+                "(--catalog NEW.sqlite) to capture them"
+            )
         if self.failed:
             job, reason = next(iter(self.failed.items()))
             text += f"\nfirst failure (job {job}): {reason}\nrun the study again to retry the failed jobs"
@@ -95,18 +119,29 @@ def batch_key(job: Job) -> tuple[ModelRef, GenerationRequest]:
     return job.model, job.request.replace(seed=0, subseed=0, extra_generation_params={})
 
 
-def plan_batches(jobs: Sequence[Job], batch_size: int) -> list[Batch]:
-    """Group jobs by :func:`batch_key` (in order of first appearance) and cut groups to ``batch_size``."""
+def plan_batches(
+    jobs: Sequence[Job],
+    batch_size: int,
+    *,
+    explain: ExplainOptions | None = None,
+    captures: Collection[str] = frozenset(),
+) -> list[Batch]:
+    """Group jobs by :func:`batch_key` (in order of first appearance) and cut groups to ``batch_size``.
+
+    The jobs in ``captures`` form groups of their own, whose batches capture ``explain``: the
+    Engine's capture is on or off for a whole sampler run."""
     if batch_size < 1:
         raise StudyError(f"batch_size={batch_size}: must be at least 1")
-    groups: dict[tuple[ModelRef, GenerationRequest], list[Job]] = {}
+    if captures and explain is None:
+        raise StudyError("jobs to capture were named without the explain options to capture them with")
+    groups: dict[tuple[ModelRef, GenerationRequest, bool], list[Job]] = {}
     for job in jobs:
-        groups.setdefault(batch_key(job), []).append(job)
+        groups.setdefault((*batch_key(job), job.job_id in captures), []).append(job)
     batches = []
-    for members in groups.values():
+    for (_, _, capture), members in groups.items():
         for start in range(0, len(members), batch_size):
             chunk = tuple(members[start : start + batch_size])
-            batches.append(Batch(chunk[0].model, chunk[0].request, chunk))
+            batches.append(Batch(chunk[0].model, chunk[0].request, chunk, explain if capture else None))
     return batches
 
 
@@ -137,11 +172,18 @@ def store(
     labeler: Labeler | None = None,
     fault: Fault | None = None,
     run_id: int | None = None,
+    map_side: int = DEFAULT_MAP_SIDE,
 ) -> int:
-    """Write one image by the resumable protocol and commit it with its measures and pre-label."""
+    """Write one image by the resumable protocol and commit it with its measures and pre-label;
+    an image with an explanation has it written first (``map_side``: its maps' stored cells)."""
     final = catalog.images_dir / f"{job.job_id}.png"
     if fault:
         fault("before_write", job.job_id)
+    explained = None
+    if generated.explanation is not None:
+        explained = save_explanation(explanation_path(final), generated.explanation, map_side=map_side)
+        if fault:
+            fault("explanation_written", job.job_id)
 
     def write(temp: Path) -> None:
         # The infotext goes where A1111 puts it (the PNG "parameters" text chunk). Saved here, not
@@ -162,6 +204,13 @@ def store(
         labels[labeler.name] = (label.label_class, list(label.tags))
         # A plugin's own Label-like class may carry no numbers.
         values.update({name: float(value) for name, value in getattr(label, "measures", {}).items()})
+    per_tag = []
+    if explained is not None:
+        # Measured on the maps as the file keeps them, so anyone can recompute the catalog's numbers
+        # from the file alone.
+        stored = load_explanation(explained)
+        per_tag = tag_measures(stored)
+        values.update({f"{GUIDANCE_MEASURE}_{w}": v for w, v in guidance_differences(stored).items()})
     settings = request_to_dict(job.request)
     image_id = catalog.record_image(
         job.job_id,
@@ -178,6 +227,8 @@ def store(
         labels=labels,
         batch_size=generated.batch_size,
         run_id=run_id,
+        explanation=explained,
+        tag_measures=per_tag,
     )
     if fault:
         fault("recorded", job.job_id)
@@ -205,8 +256,10 @@ class CatalogWriter:
         labeler: Labeler | None = None,
         fault: Fault | None = None,
         progress: Callable[[int], None] | None = None,
+        map_side: int = DEFAULT_MAP_SIDE,
     ) -> None:
         self.catalog = catalog
+        self.map_side = map_side
         self.report = report
         self.executor = executor
         self.labeler = labeler
@@ -274,7 +327,8 @@ class CatalogWriter:
             for job, generated in zip(batch.jobs, result.generated, strict=True):
                 try:
                     run_id = self._run_id(generated.provenance)
-                    store(self.catalog, generated, job, labeler=self.labeler, fault=self.fault, run_id=run_id)
+                    store(self.catalog, generated, job, labeler=self.labeler, fault=self.fault, run_id=run_id,
+                          map_side=self.map_side)  # fmt: skip
                 except VoidpromptError as error:
                     _fail(self.catalog, report, (job,), str(error))
                 else:
@@ -321,6 +375,17 @@ def run_study(
         if options.max_jobs is not None:
             pending = pending[: max(0, options.max_jobs)]
         report = RunReport(path, len(jobs), skipped, 0, 0, 0.0)
+        captures = study.captures(jobs)
+        if captures:
+            report.uncaptured = sum(
+                1 for row in catalog.images() if row["job_id"] in captures and not row.get("explanation")
+            )
+            if report.uncaptured:
+                log.warning(
+                    "%d job(s) selected by [explain] were generated before without capture; run the "
+                    "study into a new catalog to capture them",
+                    report.uncaptured,
+                )
         if not pending:
             report.seconds = time.perf_counter() - started
             return report
@@ -340,7 +405,8 @@ def run_study(
             executor = ProcessExecutor(files, workers=workers, threads=options.threads, placement=placement)
         else:
             executor = LocalExecutor(files, threads=options.threads, placement=placement)
-        batches = plan_batches(pending, options.batch_cap(on_gpu))
+        explain = None if study.explain is None else study.explain.options()
+        batches = plan_batches(pending, options.batch_cap(on_gpu), explain=explain, captures=captures)
         # The model hash each model reference already has images of: a resumed study must not mix
         # pictures of two different files that went by the same name (a retrained or replaced model).
         recorded: dict[ModelRef, str] = {}
@@ -367,6 +433,7 @@ def run_study(
             labeler=labeler,
             fault=fault,
             progress=progress if bar is not None else None,
+            map_side=DEFAULT_MAP_SIDE if study.explain is None else study.explain.map_side,
         )
         try:
             for result in executor.run(batches):

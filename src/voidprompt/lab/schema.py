@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from voidprompt.errors import InvalidRequestError, StudyError
+from voidprompt.explain.record import WINDOW_ALL, ExplainOptions
+from voidprompt.explain.store import DEFAULT_MAP_SIDE
 from voidprompt.lab import axes as ax
 from voidprompt.lab.sizes import named_base
 from voidprompt.models.placement import PRECISIONS
@@ -85,6 +87,11 @@ PROMPT_MATRIX_KEYS = ("text", "target", "put_at_start", "delimiter")
 PROMPTS_FILE_KEYS = ("path", "target")
 GRID_KEYS = ("x", "y", "where", "rows", "pages")
 PLOT_KEYS = ("x", "split", "where", "measures")
+EXPLAIN_VIEW_KEYS = ("x", "where", "tags", "window", "branch")
+# Columns a [explain] where may name besides the study's axes (the report's derived ones, area and
+# aspect, depend on [report] base and are not known to a job).
+JOB_COLUMNS = ("width", "height")
+BRANCHES = ("positive", "negative")
 
 
 # ------------------------------------------------------------------------------------ typed options
@@ -225,6 +232,19 @@ class GridSpec:
 
 
 @dataclass(frozen=True)
+class ExplainView:
+    """A report view of the captured explanations against one axis: a grid of tag heatmaps (the
+    ``tags`` tags with the largest mean attention share, per value of ``x``) and plots of the tags'
+    attention measures and of the guidance difference against ``x``."""
+
+    x: str
+    where: Mapping[str, Any] = field(default_factory=dict)
+    tags: int = 6
+    window: str = WINDOW_ALL
+    branch: str | None = None  # positive / negative; None: both
+
+
+@dataclass(frozen=True)
 class ReportOptions:
     """A study's ``[report]``; None for a view means the report's own default choice."""
 
@@ -232,6 +252,25 @@ class ReportOptions:
     grids: tuple[GridSpec, ...] | None = None
     outcomes_by: tuple[tuple[str, Mapping[str, Any]], ...] | None = None  # (axis, where)
     plots: tuple[PlotSpec, ...] | None = None
+    explain: tuple[ExplainView, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ExplainSpec:
+    """A study's ``[explain]``: which jobs capture an explanation when they are generated, and what
+    it keeps. A job captures when its axis values (and width / height) match ``where`` and, with
+    ``seeds`` set, its seed is among the first ``seeds`` values of its seed axis. Capture leaves the
+    pictures and the job ids as they are."""
+
+    where: Mapping[str, Any] = field(default_factory=dict)
+    seeds: int | None = None
+    per_token: bool = False
+    preview_every: int = ExplainOptions.preview_every
+    map_side: int = DEFAULT_MAP_SIDE
+
+    def options(self) -> ExplainOptions:
+        """What the Engine is asked to capture."""
+        return ExplainOptions(per_token=self.per_token, preview_every=self.preview_every)
 
 
 @dataclass(frozen=True)
@@ -254,6 +293,7 @@ class StudyFile:
     run: RunOptions = RunOptions()
     labels: LabelOptions = LabelOptions()
     report: ReportOptions = ReportOptions()
+    explain: ExplainSpec | None = None  # None: no [explain] section, nothing captures
 
 
 # ------------------------------------------------------------------------------------- key readers
@@ -503,6 +543,48 @@ def _plots(value: Any) -> tuple[PlotSpec, ...]:
     return tuple(specs)
 
 
+def _explain_views(value: Any) -> tuple[ExplainView, ...]:
+    fix = (
+        'write explain = [{ x = "W", where = {...}, tags = 6, window = "all", branch = "negative" }] '
+        "(only x is required)"
+    )
+    views = []
+    for i, view in enumerate(value if isinstance(value, list) else [value]):
+        at = f" #{i + 1}"
+        if not isinstance(view, dict) or "x" not in view or not isinstance(view["x"], str):
+            raise _Invalid(fix, at)
+        unknown = set(view) - set(EXPLAIN_VIEW_KEYS)
+        if unknown:
+            key = sorted(unknown)[0]
+            raise _Invalid(
+                f"unknown key; allowed: {', '.join(EXPLAIN_VIEW_KEYS)}{_close(key, EXPLAIN_VIEW_KEYS)}",
+                f"{at} {key}",
+            )
+        tags = view.get("tags", 6)
+        if not _is_int(tags) or tags < 1:
+            raise _Invalid(f"tags={tags!r}: write how many tags to show, a whole number >= 1, e.g. tags = 6",
+                           at)  # fmt: skip
+        window = view.get("window", WINDOW_ALL)
+        if not isinstance(window, str) or not window:
+            raise _Invalid(f'window={window!r}: write a step window, e.g. window = "all" (or early, middle, '
+                           'late, hires)', at)  # fmt: skip
+        branch = view.get("branch")
+        if branch is not None and branch not in BRANCHES:
+            raise _Invalid(f"branch={branch!r}: choose {' or '.join(BRANCHES)} (or leave it out for both)",
+                           at)  # fmt: skip
+        views.append(ExplainView(view["x"], _where(view.get("where", {}), fix), tags, window, branch))
+    return tuple(views)
+
+
+def _explain_where(value: Any) -> dict[str, Any]:
+    where = _where(value, 'write where = { size = "128x128", cfg_scale = 7.0 } (a list means any of)')
+    for key, wanted in where.items():
+        for item in wanted if isinstance(wanted, list) else [wanted]:
+            if isinstance(item, dict | list):
+                raise _Invalid(f"{item!r}: write a value or a list of values", f" {key}")
+    return where
+
+
 def workers_arg(text: str) -> int | str:
     """A command line's ``--workers`` value: a number, or a word that RunOptions checks (auto)."""
     return int(text) if text.strip().isdigit() else text
@@ -569,11 +651,19 @@ RUN_KEYS = (
     Key("deterministic", _flag("deterministic = true"), False),
 )
 LABELS_KEYS = (Key("classes", _classes), Key("labeler", _labeler_name))
+EXPLAIN_KEYS = (
+    Key("where", _explain_where, {}),
+    Key("seeds", _whole(1, "seeds = 32")),
+    Key("per_token", _flag("per_token = true"), False),
+    Key("preview_every", _whole(0, "preview_every = 4"), ExplainSpec.preview_every),
+    Key("map_side", _whole(1, "map_side = 32"), ExplainSpec.map_side),
+)
 REPORT_KEYS = (
     Key("base", _base, 512),
     Key("grid", _grids),
     Key("outcomes_by", _outcomes_by),
     Key("plots", _plots),
+    Key("explain", _explain_views),
 )
 KEYED_SECTIONS: Mapping[str, tuple[Key, ...]] = {
     "study": STUDY_KEYS,
@@ -582,11 +672,12 @@ KEYED_SECTIONS: Mapping[str, tuple[Key, ...]] = {
     "cfg_by_area": CFG_BY_AREA_KEYS,
     "run": RUN_KEYS,
     "labels": LABELS_KEYS,
+    "explain": EXPLAIN_KEYS,
     "report": REPORT_KEYS,
 }
 SECTIONS = (
     "study", "model", "settings", "prompt", "variables", "axes", "points", "cfg_by_area", "run", "labels",
-    "report",
+    "explain", "report",
 )  # fmt: skip
 
 
@@ -977,6 +1068,11 @@ def read_study_file(text: str, path: Path) -> StudyFile:
         if "cfg_scale" in settings:
             raise reader.fail("[cfg_by_area]", "[settings] cfg_scale also fixes CFG; remove one of them")
 
+    explain = None
+    if "explain" in data:
+        explain = ExplainSpec(**reader.keyed(data, "explain"))
+        _check_explain(reader, explain, grid_axes, points)
+
     report = reader.keyed(data, "report")
     return StudyFile(
         path=path,
@@ -994,5 +1090,42 @@ def read_study_file(text: str, path: Path) -> StudyFile:
         cfg_by_area=cfg_by_area,
         run=RunOptions(**reader.keyed(data, "run")),
         labels=LabelOptions(**reader.keyed(data, "labels")),
-        report=ReportOptions(report["base"], report["grid"], report["outcomes_by"], report["plots"]),
+        report=ReportOptions(
+            report["base"], report["grid"], report["outcomes_by"], report["plots"], report["explain"]
+        ),
+        explain=explain,
     )
+
+
+def seed_axes(grid_axes: Sequence[Axis], points: Sequence[Sequence[Axis]]) -> list[Axis]:
+    """The study's seed axes: the [axes] one and each [[points]] table's own."""
+    every = (*grid_axes, *(a for p in points for a in p))
+    return [a for a in every if a.kind == "field" and a.target == "seed"]
+
+
+def _check_explain(
+    reader: _Reader, explain: ExplainSpec, grid_axes: Sequence[Axis], points: Sequence[Sequence[Axis]]
+) -> None:
+    names = [*dict.fromkeys(a.name for a in (*grid_axes, *(a for p in points for a in p))), *JOB_COLUMNS]
+    for key in explain.where:
+        if key not in names:
+            raise reader.fail(
+                f"[explain] where {key}",
+                f"not an axis of this study; choose one of {', '.join(names)}{_close(key, names)}",
+            )
+    if explain.seeds is None:
+        return
+    seeds = seed_axes(grid_axes, points)
+    if not seeds:
+        raise reader.fail(
+            "[explain] seeds",
+            'the study has no seed axis to take the first seeds of; add one (e.g. seed = "32 random" in '
+            "[axes]) or remove seeds to capture every selected job",
+        )
+    longest = max(len(a.values) for a in seeds)
+    if explain.seeds > longest:
+        raise reader.fail(
+            "[explain] seeds",
+            f"{explain.seeds} is more than the {longest} values of the seed axis; write at most {longest}, "
+            "or remove seeds to capture every seed",
+        )

@@ -54,7 +54,9 @@ from voidprompt.lab.schema import (
     expand_pony_quality,
     format_value,
     read_study_file,
+    seed_axes,
 )
+from voidprompt.lab.selection import matches
 from voidprompt.pipeline.hires import hires_target
 from voidprompt.request import MAX_SIDE, GenerationRequest
 from voidprompt.sampling.registry import resolve
@@ -96,6 +98,23 @@ class Study(StudyFile):
                     seen.add(job.job_id)
                     jobs.append(job)
         return jobs
+
+    def captures(self, jobs: Sequence[Job]) -> frozenset[str]:
+        """The ids of ``jobs`` that capture an explanation when generated (see
+        :class:`voidprompt.lab.schema.ExplainSpec`); none without an ``[explain]`` section."""
+        spec = self.explain
+        if spec is None:
+            return frozenset()
+        seeds: set[Any] | None = None
+        if spec.seeds is not None:
+            axes = seed_axes(self.axes, self.points)
+            seeds = {value for axis in axes for value in axis.values[: spec.seeds]}
+        chosen = set()
+        for job in jobs:
+            row = {**job.axis_values, "width": job.request.width, "height": job.request.height}
+            if matches(row, spec.where) and (seeds is None or job.request.seed in seeds):
+                chosen.add(job.job_id)
+        return frozenset(chosen)
 
     def _resolve(self, choice: Sequence[tuple[Axis, Any]]) -> Job:
         fields: dict[str, Any] = dict(self.settings)

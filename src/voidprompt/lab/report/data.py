@@ -13,7 +13,10 @@ from voidprompt.errors import StudyError
 from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.labels import effective_label
 from voidprompt.lab.measures import MEASURES
+from voidprompt.lab.selection import select
 from voidprompt.lab.study import Study
+
+__all__ = ["DERIVED", "SEED_AXES", "ReportData", "collect", "mean_ci", "outcome_counts", "select"]
 
 SEED_AXES = ("seed", "seeds")
 DERIVED = ("area", "aspect")
@@ -72,22 +75,6 @@ def collect(catalog: Catalog, study: Study, base: int) -> ReportData:
     names = [m for m in MEASURES if any(m in r for r in rows)]
     names += sorted({k for m in measures.values() for k in m} - set(names))
     return ReportData(rows, list(axes), names, base)
-
-
-def select(rows: Sequence[Mapping[str, Any]], where: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """Rows whose columns equal ``where`` (numbers compared with a tolerance); a list means any of."""
-
-    def equal(a: Any, b: Any) -> bool:
-        if isinstance(a, int | float) and isinstance(b, int | float):
-            return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-        return bool(a == b)
-
-    def matches(a: Any, wanted: Any) -> bool:
-        if isinstance(wanted, list | tuple):
-            return any(equal(a, w) for w in wanted)
-        return equal(a, wanted)
-
-    return [r for r in rows if all(matches(r.get(k), v) for k, v in where.items())]
 
 
 def mean_ci(values: Sequence[float | None], confidence: float = 0.95) -> tuple[float, float, float, int]:
