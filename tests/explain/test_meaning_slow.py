@@ -1,0 +1,131 @@
+"""The captured maps mean something: on the shipped miniature model, the one model here whose
+pictures an independent reader (the world's detector) can check, a ``<colour> <shape>`` prompt's
+attention lands on the shape it drew, and the guidance difference is larger on that shape than
+around it.
+
+One set of pictures serves every check: the model card's eight chromatic ``<colour> <shape>``
+prompts x 32 seeds at its standard request (128 px, Euler a, 20 steps, Clip skip 2, CFG 7, no
+negative prompt), captured in batches of 16. A picture counts when the detector finds the prompted
+colour and kind in it (the shape's pixels are its mask; several such shapes are one mask). Each
+claim is a paired difference per picture with a 95% Student-t interval
+(:func:`voidprompt.lab.report.data.mean_ci`); the control of a picture is the next counted picture of
+the same prompt (another seed). ``pytest -m slow tests/explain/test_meaning_slow.py -s`` prints the
+numbers docs/explain.md quotes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from explain_meaning import inside_minus_outside, iou, partners, prompted_mask, to_picture, top_cells
+
+from voidprompt.demo.detector import DetectorConfig
+from voidprompt.demo.generate import demo_request, load_engine, native_size
+from voidprompt.demo.measure import ADHERENCE_PROMPTS
+from voidprompt.explain.record import ExplainOptions
+from voidprompt.lab.report.data import mean_ci
+
+pytestmark = pytest.mark.slow
+
+SEEDS = tuple(range(610000, 610032))
+BATCH = 16
+MIN_PICTURES = 200
+WINDOWS = ("all", "early", "middle", "late")
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str
+    seed: int
+    mask: np.ndarray  # the prompted shape's pixels
+    heat: dict[str, np.ndarray]  # the shape tag's map per window, at picture size
+    difference: np.ndarray  # mean over the calls of |cond - uncond| x0, at picture size
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[Sample]:
+    torch.set_num_threads(1)  # the module fixture runs before the per-test thread pin
+    engine = load_engine()
+    side = native_size(engine.components)
+    config = DetectorConfig(native_size=side)
+    out = []
+    for prompt in ADHERENCE_PROMPTS:
+        colour, kind = prompt.split()
+        for start in range(0, len(SEEDS), BATCH):
+            seeds = SEEDS[start : start + BATCH]
+            request = demo_request(prompt, "", size=side, seed=seeds[0], batch_size=len(seeds))
+            result = engine.generate(request, seeds=seeds, explain=ExplainOptions(preview_every=1))
+            for seed, image, explanation in zip(seeds, result.images, result.explanations, strict=True):
+                mask = prompted_mask(image, config, colour, kind)
+                if mask is None:
+                    continue
+                tag = explanation.tag_index(f"positive:{prompt}")
+                heat = {
+                    w: to_picture(explanation.tag_maps[tag, explanation.window_index(w)], mask.shape)
+                    for w in WINDOWS
+                }
+                differences = [p.difference for p in explanation.previews if p.difference is not None]
+                # Every call ran the uncond branch (CFG 7, no NGMS): one difference map per call.
+                assert len(differences) == len(explanation.calls) == request.steps
+                difference = to_picture(np.mean(differences, axis=0), mask.shape)
+                out.append(Sample(prompt, seed, mask, heat, difference))
+    print(f"\n{len(out)} of {len(ADHERENCE_PROMPTS) * len(SEEDS)} pictures show the prompted shape")
+    return out
+
+
+def _report(name: str, values: list[float]) -> tuple[float, float, float, int]:
+    mean, low, high, n = mean_ci(values)
+    print(f"{name}: mean {mean:.4f}, 95% CI {low:.4f} .. {high:.4f}, n {n}")
+    return mean, low, high, n
+
+
+def test_enough_pictures_show_the_prompted_shape(samples: list[Sample]) -> None:
+    assert len(samples) >= MIN_PICTURES
+    # Every prompt keeps at least two pictures, so every picture has a control of its own prompt.
+    assert {s.prompt for s in samples} == set(ADHERENCE_PROMPTS)
+
+
+def test_attention_lands_where_the_object_is(samples: list[Sample]) -> None:
+    """IoU of the shape tag's top 10% pixels with the shape's mask, minus the same IoU with the map
+    of another seed's picture of the same prompt: above 0 over the pictures."""
+    other = partners([s.prompt for s in samples])
+    lows = {}
+    for window in WINDOWS:
+        own = [iou(top_cells(s.heat[window]), s.mask) for s in samples]
+        control = [
+            iou(top_cells(samples[j].heat[window]), s.mask) for s, j in zip(samples, other, strict=True)
+        ]
+        _report(f"IoU top 10% / mask, window {window}: own map", own)
+        _report(f"IoU top 10% / mask, window {window}: another seed's map", control)
+        _, low, _, n = _report(
+            f"IoU top 10% / mask, window {window}: paired difference",
+            [a - b for a, b in zip(own, control, strict=True)],
+        )
+        lows[window] = low
+        assert n == len(samples)
+    assert lows["all"] > 0
+
+
+def test_guidance_difference_is_larger_inside_the_object(samples: list[Sample]) -> None:
+    """The mean |cond - uncond| map over the shape's pixels minus over the rest of the picture, per
+    picture: above 0. And more so than for another seed's map over this picture's shape: the map
+    follows this picture's object, not where shapes usually sit."""
+    other = partners([s.prompt for s in samples])
+    own = [inside_minus_outside(s.difference, s.mask) for s in samples]
+    control = [
+        inside_minus_outside(samples[j].difference, s.mask) for s, j in zip(samples, other, strict=True)
+    ]
+    _report("guidance difference, inside minus outside the shape: own map", own)
+    _report("guidance difference, inside minus outside the shape: another seed's map", control)
+    outside = [float(s.difference[~s.mask].mean()) for s in samples]
+    _report("guidance difference outside the shape (scale)", outside)
+    _, low_own, _, _ = mean_ci(own)
+    _, low_paired, _, _ = _report(
+        "guidance difference, inside minus outside: own minus another seed's",
+        [a - b for a, b in zip(own, control, strict=True)],
+    )
+    assert low_own > 0
+    assert low_paired > 0
