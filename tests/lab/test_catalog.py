@@ -43,7 +43,7 @@ def test_schema_and_wal(tmp_path: Path) -> None:
         assert catalog.register_jobs(jobs()) == 0  # known ids are ignored
     db = sqlite3.connect(tmp_path / "t.sqlite")
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"study", "jobs", "images", "measures", "labels", "runs"}
+    assert tables == {"study", "jobs", "images", "measures", "labels", "runs", "tag_measures"}
     with pytest.raises(sqlite3.IntegrityError):
         sql = "INSERT INTO jobs (job_id, position, axis_values, request, model) VALUES (?, 9, '', '', '')"
         db.execute(sql, (jobs()[0].job_id,))

@@ -20,6 +20,12 @@ Under each plot a table gives every mean with its 95% interval, and, for a numer
 least three values, the least-squares slope over the images with its 95% t interval; the
 "Trends" table at the top of the report collects those slopes and says which way each measure
 goes (up or down when the interval excludes 0).
+
+Images captured with ``[explain]`` add the "Explanations" section, one view per ``[report] explain``
+entry (default: each axis with several values among them): a grid of tag heatmaps (rows: the tags
+with the largest mean attention share, columns: the axis values), the tags' attention measures
+(mass share, spread) and the guidance difference per step window against the axis, plotted, tabled
+and trended like the measures above.
 """
 
 from __future__ import annotations
@@ -39,12 +45,13 @@ from typing import Any
 from voidprompt import __version__
 from voidprompt.errors import StudyError, VoidpromptError
 from voidprompt.files import atomic_write
-from voidprompt.lab.catalog import Catalog, default_catalog_path
+from voidprompt.lab.catalog import GUIDANCE_MEASURE, Catalog, default_catalog_path
 from voidprompt.lab.labels import label_scheme
 from voidprompt.lab.plugins import Plugins, installed_plugins
+from voidprompt.lab.report import explain as ex
 from voidprompt.lab.report.data import ReportData, collect, outcome_counts, select
 from voidprompt.lab.report.figures import image_grid, measure_plot, outcome_plot, save_figure
-from voidprompt.lab.schema import GridSpec, PlotSpec, ReportOptions
+from voidprompt.lab.schema import ExplainView, GridSpec, PlotSpec, ReportOptions
 from voidprompt.lab.stats import ProportionRow, linear_slope, proportion_table
 from voidprompt.lab.study import Study
 
@@ -237,6 +244,24 @@ def build_report(
         )
     header = ["plot", "measure", "x", "x_value", "split", "split_value", "n", "mean", "low", "high"]
     csvs.append(_write_csv(out / "measures-by-axis.csv", header, [[r[h] for h in header] for r in plot_rows]))
+    sections.append(
+        "<h2>Measures (mean ± 95% CI)</h2>"
+        + "".join(plot_html)
+        + "<p><a href='measures-by-axis.csv'>numbers (CSV)</a> · <a href='trends.csv'>trends (CSV)</a></p>"
+    )
+
+    # --- explanations (captured attention maps and guidance)
+    explain_html, explain_figures, explain_rows, explain_trends = _explain_section(
+        data, options.explain, path.parent, figures_dir
+    )
+    figures += explain_figures
+    trends += explain_trends
+    if explain_html:
+        csvs.append(
+            _write_csv(out / "explain-by-axis.csv", ["view", *header[1:]],
+                       [[r["plot"], *(r[h] for h in header[1:])] for r in explain_rows])
+        )  # fmt: skip
+        sections.append(explain_html + "<p><a href='explain-by-axis.csv'>numbers (CSV)</a></p>")
     trend_header = ["plot", "measure", "x", "split", "split_value", "where", "n", "slope", "low", "high",
                     "direction"]  # fmt: skip
     csvs.append(
@@ -245,11 +270,6 @@ def build_report(
             trend_header,
             [[r[h] if h != "where" else json.dumps(r[h], default=str) for h in trend_header] for r in trends],
         )
-    )
-    sections.append(
-        "<h2>Measures (mean ± 95% CI)</h2>"
-        + "".join(plot_html)
-        + "<p><a href='measures-by-axis.csv'>numbers (CSV)</a> · <a href='trends.csv'>trends (CSV)</a></p>"
     )
 
     # --- outcome tables
@@ -321,6 +341,87 @@ def build_report(
     for stale in {*figures_dir.glob("*.png"), *figures_dir.glob("*.svg")} - set(figures):
         stale.unlink()
     return ReportResult(report_html, figures, csvs, parquet, tables, trends)
+
+
+def _explain_section(
+    data: ReportData, views: Sequence[ExplainView] | None, folder: Path, figures_dir: Path
+) -> tuple[str, list[Path], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The report's "Explanations" section: (html, figures, plotted numbers, trends); empty when
+    no image has an explanation."""
+    captured = ex.captured_rows(data, {})
+    if not captured:
+        return "", [], [], []
+    if views is None:
+        views = tuple(ExplainView(f) for f in data.factors if len(data.values(f, captured)) > 1)[:3]
+    windows = list(dict.fromkeys(t["window"] for t in data.tag_rows))
+    parts = [
+        "<h2>Explanations</h2><p>From the images captured with [explain]: per tag, the share of the "
+        "attention its prompt's tags get (<b>mass_share</b>, start and padding tokens left out) and how "
+        "evenly it spreads over the picture (<b>spread</b>, normalised entropy, 1 = even); per step "
+        "window, the mean |cond - uncond| of the predicted clean latent (<b>guidance_difference</b>). "
+        "Heatmaps: the mean map over the seeds at each value, over the first of their pictures, one "
+        "colour scale per row.</p>"
+    ]
+    figures: list[Path] = []
+    numbers: list[dict[str, Any]] = []
+    trends: list[dict[str, Any]] = []
+    for number, view in enumerate(views, start=1):
+        data.check_column(view.x, f"explain #{number} x")
+        for key in view.where:
+            data.check_column(key, f"explain #{number} where")
+        if view.window not in windows:
+            raise StudyError(
+                f"[report] explain #{number} window = {view.window!r}: no captured image has that step "
+                f"window; choose one of {', '.join(windows)}"
+            )
+        images = ex.captured_rows(data, view.where)
+        tag_rows = ex.tag_rows(data, images, view)
+        tags = ex.top_tags(tag_rows, view.tags)
+        condition = ", ".join(f"{k}={v}" for k, v in view.where.items()) or "all captured images"
+        title = f"{view.x}, window {view.window}" + (f", {view.branch} prompt" if view.branch else "")
+        parts.append(f"<h3>{html.escape(title)} ({html.escape(condition)}, {len(images)} images)</h3>")
+        if not tags:
+            parts.append("<p>No captured image here has tags in this window.</p>")
+            continue
+        slug = f"explain-{number:02d}-{_slug(view.x)}"
+        grid = ex.heatmap_grid(data, folder, images, view, tags, f"{title}: {condition}")
+        png = figures_dir / f"{slug}-heatmaps.png"
+        grid.save(png, format="PNG")
+        figures.append(png)
+        parts.append(
+            f"<figure><img alt='tag heatmaps against {html.escape(view.x)}' src='{_b64_png(png)}'>"
+            f"<figcaption>tag × {html.escape(view.x)}: mean attention map over the seeds</figcaption>"
+            "</figure>"
+        )
+        table = ex.per_image_table(data, images, tag_rows, tags)
+        guidance = [
+            name for w in windows if any((name := f"{GUIDANCE_MEASURE}_{w}") in r for r in images)
+        ]
+        for stem, measures, source in (
+            ("tags", table.measures, table),
+            ("guidance", guidance, ReportData([dict(r) for r in images], data.axes, guidance, data.base)),
+        ):
+            if not measures:
+                continue
+            figure, rows = measure_plot(source, measures, view.x, None, {})
+            view_trends = measure_trends(source, measures, view.x, None, {})
+            for row in (*rows, *view_trends):
+                row["plot"] = f"explain {number}"
+            for row in view_trends:
+                row["where"] = dict(view.where)
+            numbers += rows
+            trends += view_trends
+            png, svg = save_figure(figure, figures_dir / f"{slug}-{stem}")
+            figures += [png, svg]
+            spec = PlotSpec(view.x, None, view.where, tuple(measures))
+            parts.append(
+                f"<section class='plot explain' data-x='{html.escape(view.x)}' data-kind='{stem}'>"
+                f"<figure><img alt='{stem} measures vs {html.escape(view.x)}' src='{_b64_png(png)}'>"
+                f"<figcaption><a href='figures/{svg.name}'>SVG</a></figcaption></figure>"
+                + _measure_table(rows, view_trends, spec, measures)
+                + "</section>"
+            )
+    return "".join(parts), figures, numbers, trends
 
 
 def measure_trends(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from scipy.stats import t as student_t
@@ -28,6 +28,8 @@ class ReportData:
     axes: list[str]  # the study's axis names in study order, seed included
     measures: list[str]
     base: int  # side of the unit area (area = width * height / base^2)
+    # Per-tag attention measures of the images with an explanation (Catalog.all_tag_measures).
+    tag_rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def factors(self) -> list[str]:
@@ -70,11 +72,12 @@ def collect(catalog: Catalog, study: Study, base: int) -> ReportData:
             **measures.get(image["id"], {}),
             "label": label,
             "label_source": source,
+            "explanation": image.get("explanation"),
         }
         rows.append(row)
     names = [m for m in MEASURES if any(m in r for r in rows)]
     names += sorted({k for m in measures.values() for k in m} - set(names))
-    return ReportData(rows, list(axes), names, base)
+    return ReportData(rows, list(axes), names, base, catalog.all_tag_measures())
 
 
 def mean_ci(values: Sequence[float | None], confidence: float = 0.95) -> tuple[float, float, float, int]:

@@ -1,0 +1,147 @@
+"""The report's view of captured explanations against one axis: which tags to show, a per-image
+table of their attention measures for the existing plots, and the grid of tag heatmaps.
+
+A heatmap cell is the mean of the tag's map over the images (seeds) at that axis value, drawn with
+:func:`voidprompt.explain.render.overlay` over the first of those pictures; a row shares one colour
+scale across its cells, so a tag that draws more attention at one value shows brighter there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from voidprompt.explain.record import Explanation
+from voidprompt.explain.render import overlay
+from voidprompt.explain.store import load_explanation
+from voidprompt.lab.report.data import ReportData, select
+from voidprompt.lab.report.figures import CELL, LABEL_H, _font
+from voidprompt.lab.schema import ExplainView
+
+# The per-tag measures a view plots against its axis.
+TAG_MEASURES = ("mass_share", "spread")
+TAG_LABEL_CHARS = 24
+
+
+def captured_rows(data: ReportData, where: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The images matching ``where`` that have an explanation file."""
+    return [r for r in select(data.rows, where) if r.get("explanation")]
+
+
+def tag_rows(
+    data: ReportData, images: Sequence[Mapping[str, Any]], view: ExplainView
+) -> list[dict[str, Any]]:
+    """The tag measures of ``images`` in the view's window (and branch)."""
+    ids = {r["image_id"] for r in images}
+    return [
+        t
+        for t in data.tag_rows
+        if t["image_id"] in ids and t["window"] == view.window and (view.branch in (None, t["branch"]))
+    ]
+
+
+def top_tags(rows: Sequence[Mapping[str, Any]], count: int) -> list[str]:
+    """The ``count`` tag keys with the largest mean mass share (ties: first seen first)."""
+    shares: dict[str, list[float]] = {}
+    for t in rows:
+        value = t["mass_share"]
+        shares.setdefault(t["tag"], [])
+        if value is not None and not math.isnan(value):
+            shares[t["tag"]].append(float(value))
+    means = {tag: (sum(v) / len(v) if v else -math.inf) for tag, v in shares.items()}
+    return sorted(means, key=lambda tag: -means[tag])[:count]
+
+
+def measure_name(measure: str, tag: str) -> str:
+    """The column of a tag's measure in :func:`per_image_table`: ``mass_share negative:lowres``."""
+    return f"{measure} {tag}"
+
+
+def per_image_table(
+    data: ReportData,
+    images: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
+    tags: Sequence[str],
+) -> ReportData:
+    """``images`` with one column per (measure, tag), so the measure plots and trends read them as
+    they read any measure."""
+    by_image: dict[int, dict[str, float | None]] = {}
+    wanted = set(tags)
+    for t in rows:
+        if t["tag"] in wanted:
+            values = by_image.setdefault(t["image_id"], {})
+            for measure in TAG_MEASURES:
+                values[measure_name(measure, t["tag"])] = t[measure]
+    columns = [measure_name(m, tag) for m in TAG_MEASURES for tag in tags]
+    table = [{**image, **by_image.get(image["image_id"], {})} for image in images]
+    return ReportData(table, data.axes, columns, data.base)
+
+
+def heatmap_grid(
+    data: ReportData,
+    folder: Path,
+    images: Sequence[Mapping[str, Any]],
+    view: ExplainView,
+    tags: Sequence[str],
+    title: str,
+) -> Image.Image:
+    """Rows = ``tags``, columns = values of ``view.x``: each cell the tag's mean map over the images
+    at that value, over the first of their pictures; an empty cell (no such map) is grey."""
+    xs = data.values(view.x, images)
+    loaded: dict[int, Explanation] = {}
+
+    def explanation(row: Mapping[str, Any]) -> Explanation:
+        if row["image_id"] not in loaded:
+            loaded[row["image_id"]] = load_explanation(folder / row["explanation"])
+        return loaded[row["image_id"]]
+
+    cells: dict[tuple[int, int], tuple[Path, np.ndarray]] = {}
+    for i, value in enumerate(xs):
+        at = select(images, {view.x: value})
+        first = explanation(at[0])
+        for j, tag in enumerate(tags):
+            maps = [m for row in at if (m := _tag_map(explanation(row), tag, view.window)) is not None]
+            shape = maps[0].shape if maps else None
+            same = [m for m in maps if m.shape == shape]  # a picture of another size does not average in
+            if same and _tag_map(first, tag, view.window) is not None:
+                cells[(i, j)] = (folder / at[0]["path"], np.nanmean(np.stack(same), axis=0))
+    left = max(80, min(TAG_LABEL_CHARS, max((len(t) for t in tags), default=4)) * 7 + 10)
+    top = LABEL_H * 3 + 4
+    canvas = Image.new("RGB", (left + CELL * len(xs), top + CELL * len(tags)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    draw.text((4, 2), title, fill="black", font=font)
+    draw.text((left, LABEL_H), f"{view.x} ->", fill="black", font=font)
+    for i, value in enumerate(xs):
+        draw.text((left + i * CELL + 4, LABEL_H * 2), str(value), fill="black", font=font)
+    for j, tag in enumerate(tags):
+        label = tag if len(tag) <= TAG_LABEL_CHARS else tag[: TAG_LABEL_CHARS - 3] + "..."
+        draw.text((4, top + j * CELL + 4), label, fill="black", font=font)
+        row_cells = [cells[(i, j)][1] for i in range(len(xs)) if (i, j) in cells]
+        vmax = max((float(np.nanmax(m)) for m in row_cells if np.isfinite(m).any()), default=0.0)
+        for i in range(len(xs)):
+            box = (left + i * CELL, top + j * CELL)
+            if (i, j) not in cells:
+                draw.rectangle((*box, box[0] + CELL - 2, box[1] + CELL - 2), fill=(200, 200, 200))
+                continue
+            picture_path, heat = cells[(i, j)]
+            with Image.open(picture_path) as picture:
+                shown = overlay(picture.convert("RGB"), heat, vmax=vmax if vmax > 0 else None)
+            scale = (CELL - 4) / max(shown.size)
+            size = (max(1, round(shown.width * scale)), max(1, round(shown.height * scale)))
+            shown = shown.resize(size, Image.Resampling.BILINEAR)
+            canvas.paste(shown, (box[0] + (CELL - size[0]) // 2, box[1] + (CELL - size[1]) // 2))
+    return canvas
+
+
+def _tag_map(explanation: Explanation, tag: str, window: str) -> np.ndarray | None:
+    try:
+        heat = explanation.tag_maps[explanation.tag_index(tag), explanation.window_index(window)]
+    except KeyError:
+        return None
+    return None if np.isnan(heat).all() else heat
