@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tqdm import tqdm
 
 from voidprompt import __version__
-from voidprompt.errors import NansError, VoidpromptError
+from voidprompt.errors import InfotextError, NansError, VoidpromptError
 from voidprompt.imagemeta import open_image_safely, save_numbered
 from voidprompt.request import GenerationRequest
 
@@ -36,16 +36,62 @@ DELEGATED: dict[str, str] = {
 KEEP_NAME = {"merge", "lora"}
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint (.safetensors/.ckpt); default: the miniature model")
+def _add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    """The model, its networks and where it runs: what builds the Engine."""
+    p.add_argument("--model", help=model_help)
     p.add_argument("--vae", help="external VAE file (default: <model>.vae.pt etc. next to the model)")
+    p.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings")
+    p.add_argument("--lora-dir", help="folder searched for <lora:name:...> tags")
+    p.add_argument("--hypernet-dir", help="folder searched for <hypernet:name:...> tags")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="auto: fp16 under autocast on CUDA (A1111's), fp32 elsewhere; bf16 only when asked",
+    )
+    p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile")
+    p.add_argument(
+        "--disable-nan-check",
+        action="store_true",
+        help="keep NaN output (a black picture) instead of failing, as A1111's flag; the VAE's fp32 "
+        "fallback is off with it",
+    )
+
+
+def _previews_every(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of steps, 0 for no previews")
+    return value
+
+
+def _add_explain_args(p: argparse.ArgumentParser, *, tokens_flag: str, previews_flag: str) -> None:
+    p.add_argument(
+        tokens_flag,
+        dest="explain_tokens",
+        action="store_true",
+        help="keep an attention map per prompt token too",
+    )
+    p.add_argument(
+        previews_flag,
+        dest="explain_previews",
+        type=_previews_every,
+        default=None,
+        metavar="K",
+        help="store the trajectory previews of every K-th step (default 4; 0: none)",
+    )
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p, "checkpoint (.safetensors/.ckpt); default: the miniature model")
     p.add_argument("--prompt", default="")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--style", action="append", default=[], help="style name from --styles-file (repeatable)")
     p.add_argument("--styles-file", help="A1111 styles.csv")
-    p.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings")
-    p.add_argument("--lora-dir", help="folder searched for <lora:name:...> tags")
-    p.add_argument("--hypernet-dir", help="folder searched for <hypernet:name:...> tags")
     p.add_argument("--seed", type=int, default=-1)
     p.add_argument("--subseed", type=int, default=-1)
     p.add_argument("--subseed-strength", type=float, default=0.0)
@@ -67,21 +113,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         help="noise source (default: GPU on a CUDA device, as A1111; CPU elsewhere)",
     )
     p.add_argument("--emphasis", default="Original", choices=["Original", "No norm", "Ignore", "None"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "fp16", "bf16"],
-        help="auto: fp16 under autocast on CUDA (A1111's), fp32 elsewhere; bf16 only when asked",
-    )
-    p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile")
-    p.add_argument(
-        "--disable-nan-check",
-        action="store_true",
-        help="keep NaN output (a black picture) instead of failing, as A1111's flag; the VAE's fp32 "
-        "fallback is off with it",
-    )
     p.add_argument("--out", default="outputs/txt2img", help="output folder (files are never overwritten)")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="capture what the model attends to and how the picture forms: NAME.explain.npz and the "
+        "sheet NAME.explain.html beside each picture (the pictures are the same)",
+    )
+    _add_explain_args(p, tokens_flag="--explain-tokens", previews_flag="--explain-previews")
 
 
 def _placement(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -127,7 +166,8 @@ def _engine(args: argparse.Namespace, device: Any, precision: Any) -> Any:
 
     model = Path(args.model) if args.model else miniature_model_path()
     components = load_model(model, vae_path=args.vae, device=device, precision=precision)
-    style_db = StyleDatabase.from_csv(args.styles_file) if args.styles_file else None
+    styles_file = getattr(args, "styles_file", None)
+    style_db = StyleDatabase.from_csv(styles_file) if styles_file else None
     engine = Engine(
         components,
         style_db=style_db,
@@ -147,26 +187,60 @@ def _engine(args: argparse.Namespace, device: Any, precision: Any) -> Any:
     return engine
 
 
-def _generate_and_save(
-    args: argparse.Namespace, request: GenerationRequest, device: Any, precision: Any
-) -> int:
+def _explain_options(args: argparse.Namespace, *, on: bool) -> Any:
+    """The capture the flags ask for (None: off); naming its tokens or previews turns it on too."""
+    from voidprompt.explain.record import ExplainOptions
+
+    if not (on or args.explain_tokens or args.explain_previews is not None):
+        return None
+    every = 4 if args.explain_previews is None else args.explain_previews
+    return ExplainOptions(per_token=args.explain_tokens, preview_every=every)
+
+
+def _run(engine: Any, request: GenerationRequest, explain: Any) -> Any:
     from voidprompt.pipeline.engine import GenerationHooks
 
-    engine = _engine(args, device, precision)
     bar = tqdm(total=request.steps * request.n_iter, unit="step", disable=None)
 
     def on_progress(p: Any) -> None:
         bar.update(1)
 
     try:
-        result = engine.generate(request, GenerationHooks(progress=on_progress))
+        return engine.generate(request, GenerationHooks(progress=on_progress), explain=explain)
     finally:
         bar.close()
+
+
+def _save_explanation(
+    image_path: Path, picture: Any, explanation: Any, infotext: str, notes: Sequence[str] = ()
+) -> list[Path]:
+    """``NAME.explain.npz`` and the sheet ``NAME.explain.html`` for the picture at ``image_path``."""
+    from voidprompt.explain.sheet import sheet_path, write_sheet
+    from voidprompt.explain.store import explanation_path, save_explanation
+
+    data = save_explanation(explanation_path(image_path), explanation)
+    sheet = write_sheet(
+        sheet_path(image_path), picture, explanation, title=image_path.name, infotext=infotext, notes=notes
+    )
+    return [data, sheet]
+
+
+def _generate_and_save(
+    args: argparse.Namespace, request: GenerationRequest, device: Any, precision: Any
+) -> int:
+    explain = _explain_options(args, on=args.explain)
+    result = _run(_engine(args, device, precision), request, explain)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for image, infotext, seed in zip(result.images, result.infotexts, result.seeds, strict=True):
+    explanations = result.explanations if explain is not None else [None] * len(result.images)
+    for image, infotext, seed, explanation in zip(
+        result.images, result.infotexts, result.seeds, explanations, strict=True
+    ):
         path = save_numbered(image, out, str(seed), infotext)
         print(path)
+        if explanation is not None:
+            for written in _save_explanation(path, image, explanation, infotext):
+                print(written)
     return 0
 
 
@@ -200,6 +274,114 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     request = GenerationRequest(**fields)
     request.validate()
     return _generate_and_save(args, request, device, precision)
+
+
+def _model_for(params: dict[str, Any], image: Path, folders: Sequence[Path]) -> Path:
+    """The checkpoint whose hash the infotext names, from ``folders`` and the miniature model."""
+    from voidprompt.demo.miniature import miniature_model_path
+    from voidprompt.errors import ModelLoadError
+    from voidprompt.server.checkpoints import ModelRegistry, NotFoundError
+
+    wanted = str(params.get("Model hash") or "").strip().lower()
+    if not wanted:
+        raise InfotextError(
+            f"{image}: the infotext names no model hash; give the checkpoint with --model PATH"
+        )
+    try:
+        extra = [miniature_model_path()]
+    except ModelLoadError:
+        extra = []
+    registry = ModelRegistry(folders, extra)
+    registry.refresh()
+    named = str(params.get("Model") or "").strip()
+    if named:
+        # The file the infotext names is hashed first: hashing a whole folder of big checkpoints is slow.
+        try:
+            entry = registry.find(named)
+        except NotFoundError:
+            pass
+        else:
+            if wanted in (entry.shorthash, entry.sha256, entry.old_hash):
+                return entry.path
+    try:
+        return registry.find(wanted).path
+    except NotFoundError:
+        searched = ", ".join(str(f) for f in [*folders, *extra]) or "(none)"
+        raise NotFoundError(
+            f"{image}: no checkpoint with the model hash {wanted} in {searched}; give it with --model PATH "
+            f"or its folder with --ckpt-dir"
+        ) from None
+
+
+def _largest_difference(picture: Any, regenerated: Any) -> int | None:
+    """The largest per-channel difference (0-255) between two pictures; None when their sizes differ."""
+    import numpy as np
+
+    a = np.asarray(picture.convert("RGB"), dtype=np.int16)
+    b = np.asarray(regenerated.convert("RGB"), dtype=np.int16)
+    if a.shape != b.shape:
+        return None
+    return int(np.abs(a - b).max()) if a.size else 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from voidprompt.imagemeta import read_infotext
+    from voidprompt.infotext import parse_generation_parameters, request_fields_from_params
+
+    image = Path(args.image)
+    picture = open_image_safely(image)
+    infotext, _items = read_infotext(picture)
+    if not infotext:
+        raise InfotextError(
+            f"{image}: no generation parameters (infotext) in the file; explain needs a picture saved "
+            f"with them (voidprompt and A1111 write them into the PNG)"
+        )
+    params = parse_generation_parameters(infotext)
+    fields = request_fields_from_params(params)
+    if fields.get("denoising_strength") is not None and not fields.get("enable_hr"):
+        raise InfotextError(
+            f"{image}: an img2img picture cannot be regenerated from its infotext (the init image is not "
+            f"in it); run `voidprompt img2img --explain` with the init image instead"
+        )
+    device, precision = _placement(args)
+    request = GenerationRequest(**fields)
+    request.validate()
+    if not args.model:
+        args.model = str(_model_for(params, image, args.ckpt_dir or [Path("models/Stable-diffusion")]))
+    explain = _explain_options(args, on=True)
+    result = _run(_engine(args, device, precision), request, explain)
+    regenerated, new_infotext, explanation = result.images[0], result.infotexts[0], result.explanations[0]
+
+    difference = _largest_difference(picture, regenerated)
+    notes = []
+    if difference is None:
+        summary = (
+            f"the regenerated picture is {regenerated.width}x{regenerated.height}, the file's "
+            f"{picture.width}x{picture.height}; the maps explain the regenerated one"
+        )
+    else:
+        summary = f"largest pixel difference from {image.name}: {difference}"
+    print(f"{image}: {summary}")
+    notes.append(summary)
+    if difference != 0:
+        warning = (
+            f"{image}: the regenerated picture is not the file's (made in a batch, or with another "
+            f"device, precision, model or version?); the maps explain the regenerated picture"
+        )
+        print(f"voidprompt: warning: {warning}", file=sys.stderr)
+        notes.append(warning)
+    written_hash = params.get("Model hash")
+    new_hash = parse_generation_parameters(new_infotext).get("Model hash")
+    if written_hash and new_hash and str(written_hash).lower() != str(new_hash).lower():
+        warning = f"{image}: the model's hash is {new_hash}, the infotext's {written_hash}"
+        print(f"voidprompt: warning: {warning}", file=sys.stderr)
+        notes.append(warning)
+
+    out = Path(args.out) if args.out else image.parent
+    out.mkdir(parents=True, exist_ok=True)
+    for written in _save_explanation(out / image.name, regenerated, explanation, new_infotext, notes):
+        print(written)
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -263,6 +445,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inpaint-padding", type=int, default=32)
     p.add_argument("--invert-mask", action="store_true")
     p.set_defaults(func=cmd_img2img)
+
+    p = sub.add_parser(
+        "explain",
+        help="regenerate a picture from its infotext with the capture on and write its explanation sheet",
+    )
+    p.add_argument("image", help="a PNG with its generation parameters (voidprompt's or A1111's)")
+    _add_model_args(p, "the checkpoint (default: the one whose hash the infotext names, from --ckpt-dir)")
+    p.add_argument(
+        "--ckpt-dir",
+        type=Path,
+        action="append",
+        help="folder searched for the model by its hash (repeatable; default models/Stable-diffusion; "
+        "the miniature model is always searched)",
+    )
+    p.add_argument("--out", help="folder for NAME.explain.npz and NAME.explain.html (default: the picture's)")
+    _add_explain_args(p, tokens_flag="--tokens", previews_flag="--previews")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("info", help="describe a checkpoint: family, dtypes, parameters, hashes")
     p.add_argument("file")
