@@ -32,6 +32,7 @@ from voidprompt.errors import (
     StudyError,
     VoidpromptError,
 )
+from voidprompt.explain.store import ExplanationFileError
 from voidprompt.imagemeta import ImageTooLargeError
 from voidprompt.lab.catalog import DiskFullError
 from voidprompt.server.auth import BasicAuthMiddleware
@@ -44,6 +45,8 @@ from voidprompt.server.routes import (
     sdapi_models,
     sdapi_networks,
     sdapi_system,
+    voidprompt_explain,
+    voidprompt_generation,
     voidprompt_studies,
     voidprompt_tokens,
 )
@@ -68,7 +71,7 @@ def _status_for(error: Exception) -> int:
         return 507
     if isinstance(error, CatalogBusyError | QueueFullError):
         return 409 if isinstance(error, CatalogBusyError) else 503
-    if isinstance(error, ModelLoadError | ScriptNotFoundError):
+    if isinstance(error, ModelLoadError | ScriptNotFoundError | ExplanationFileError):
         return 422
     if isinstance(error, NansError):
         return 500
@@ -111,8 +114,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         title="voidprompt",
         version=__version__,
         description=(
-            "A1111-compatible Stable Diffusion 1.x API (/sdapi/v1) and voidprompt's study routes "
-            "(/voidprompt/v1)."
+            "A1111-compatible Stable Diffusion API (/sdapi/v1) and voidprompt's own routes "
+            "(/voidprompt/v1): generation with explanations, studies, tokens."
         ),
     )
     app.state.voidprompt = state
@@ -129,8 +132,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def _queue_full(_request: Request, error: QueueFullError) -> JSONResponse:
         return _error_response(503, error)
 
-    for routes in (sdapi_generation, sdapi_models, sdapi_networks, sdapi_system, voidprompt_tokens,
-                   voidprompt_studies):
+    for routes in (sdapi_generation, sdapi_models, sdapi_networks, sdapi_system, voidprompt_generation,
+                   voidprompt_tokens, voidprompt_studies, voidprompt_explain):
         app.include_router(routes.router(state))
 
     if config.ui and UI_DIR.is_dir():

@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep NaN output (a black picture) instead of failing, as A1111's flag; the VAE's fp32 "
         "fallback is off with it",
     )
+    p.add_argument(
+        "--explain-cache",
+        type=int,
+        default=32,
+        help="explanations of generations kept in memory, the most recent (default 32; 0: none)",
+    )
     p.add_argument("--nowebui", action="store_true", help="API only, no web UI")
     p.add_argument("--max-pixels", type=int, help="max width*height per image")
     p.add_argument("--max-steps", type=int)
@@ -134,6 +140,8 @@ def build_config(args: argparse.Namespace) -> object:
         "max_connections": args.max_connections,
         "header_timeout": args.header_timeout,
     }
+    if args.explain_cache < 0:
+        raise VoidpromptError(f"--explain-cache {args.explain_cache}: give 0 (keep none) or more")
     positive = {"--max-connections": args.max_connections, "--header-timeout": args.header_timeout}
     for flag, value in positive.items():
         if value is not None and not value > 0:
@@ -164,6 +172,7 @@ def build_config(args: argparse.Namespace) -> object:
         study_run_args=_study_run_args(args),
         threads=args.threads,
         disable_nan_check=args.disable_nan_check,
+        explain_cache=args.explain_cache,
         ui=not args.nowebui,
     )
 

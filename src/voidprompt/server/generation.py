@@ -29,6 +29,7 @@ from PIL import Image, PngImagePlugin
 
 from voidprompt import __version__
 from voidprompt.errors import InvalidRequestError, VoidpromptError
+from voidprompt.explain.record import ExplainOptions
 from voidprompt.imagemeta import open_image_safely
 from voidprompt.infotext import KEY_ORDER, TRAILING_KEYS, request_fields_from_infotext
 from voidprompt.models.load import load_model
@@ -218,6 +219,7 @@ class BuiltRequest:
     model: str | None = None  # a one-request sd_model_checkpoint override
     vae: str | None = None
     persist: dict[str, Any] = field(default_factory=dict)  # override settings kept afterwards
+    explain: ExplainOptions | None = None  # the capture, asked for on voidprompt's own routes only
 
 
 _SAME_SAMPLER = ("", "Use same sampler")
@@ -548,7 +550,7 @@ class ModelHost:
                 return state.interrupted or state.skipped
 
             hooks = GenerationHooks(on_progress, should_stop, before_iteration)
-            result = engine.generate(request, hooks)
+            result = engine.generate(request, hooks, explain=built.explain)
             assert result.request is not None
             return Generated(
                 result=result,

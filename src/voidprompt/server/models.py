@@ -11,7 +11,7 @@ or extended A1111 versions keep working. Defaults are A1111's API defaults (step
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -103,6 +103,50 @@ class GenerationResponse(BaseModel):
     images: list[str] | None = Field(None, description="base64 PNGs carrying the infotext")
     parameters: dict[str, Any]
     info: str = Field(description="a JSON string with A1111's Processed.js() keys")
+
+
+# voidprompt's own generation routes: A1111's bodies plus what A1111 has no field for.
+
+MAX_VAE_CALLS = 8  # each is a full VAE decode per image
+
+
+class ExplainRequest(_Lenient):
+    per_token: bool = Field(False, description="keep a map per prompt token too, not only per tag")
+    preview_every: int = Field(
+        4, ge=0, le=1000, description="a trajectory preview every k-th denoiser call and the last (0: none)"
+    )
+    vae_calls: list[Annotated[int, Field(ge=0, le=100_000)]] = Field(
+        default_factory=list,
+        max_length=MAX_VAE_CALLS,
+        description="denoiser calls (0-based) whose guided prediction the full VAE decodes too",
+    )
+
+
+class _Explained(BaseModel):
+    explain: ExplainRequest | None = Field(
+        None, description="capture attention maps, the guidance decomposition and the trajectory"
+    )
+
+
+class VoidpromptTxt2ImgRequest(Txt2ImgRequest, _Explained):
+    pass
+
+
+class VoidpromptImg2ImgRequest(Img2ImgRequest, _Explained):
+    pass
+
+
+class ExplanationRef(BaseModel):
+    id: str
+    url: str = Field(description="the explanation's description; its pictures are under it")
+    image: int = Field(description="the image's index in images")
+    seed: int
+
+
+class VoidpromptGenerationResponse(GenerationResponse):
+    explanations: list[ExplanationRef] = Field(
+        default_factory=list, description="one per image when explain was set, in image order"
+    )
 
 
 class PngInfoRequest(_Lenient):
@@ -303,6 +347,9 @@ class StudyImageDetail(StudyImage):
     infotext: str
     settings: dict[str, Any]
     measures: Mapping[str, float | None]
+    explanation_url: str | None = Field(
+        None, description="the image's explanation (NAME.explain.npz beside it), when it has one"
+    )
 
 
 class ReportFigure(BaseModel):

@@ -1,5 +1,5 @@
 """The server's settings and state: what ``voidprompt serve`` was started with, the model host, the
-generation queue, the network folders and the studies. Every route reads it."""
+generation queue, the network folders, the studies and the recent explanations. Every route reads it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 from voidprompt.models.placement import default_randn_source, resolve_device, resolve_precision
 from voidprompt.models.tokenizer import load_clip_tokenizer
 from voidprompt.server.checkpoints import ModelRegistry
+from voidprompt.server.explanations import DEFAULT_CACHE_SIZE, ExplanationCache
 from voidprompt.server.generation import ModelHost, Options
 from voidprompt.server.limits import Limits
 from voidprompt.server.networks import NetworkFolders
@@ -43,6 +44,8 @@ class ServerConfig:
     study_run_args: tuple[str, ...] = ()
     threads: int | None = None
     disable_nan_check: bool = False  # A1111's --disable-nan-check: keep NaN output (black pictures)
+    # Explanations of generations on voidprompt's own routes kept in memory: the most recent ones.
+    explain_cache: int = DEFAULT_CACHE_SIZE
     ui: bool = True
 
 
@@ -70,6 +73,7 @@ class App:
         if config.default_model:
             self.host.select(config.default_model)
         self.studies = StudyRegistry(config.studies_dir, run_args=config.study_run_args)
+        self.explanations = ExplanationCache(config.explain_cache)
         self._tokenizer: Any = None
 
     def tokenizer(self) -> Any:

@@ -43,6 +43,7 @@ from typing import IO, Any
 
 from voidprompt import __version__
 from voidprompt.errors import StudyError
+from voidprompt.explain.store import explanation_path
 from voidprompt.files import atomic_write_text
 from voidprompt.lab.catalog import Catalog, catalog_path_beside, disk_full_stops
 from voidprompt.lab.labels import DEFAULT_CLASSES, HUMAN, effective_label, label_scheme
@@ -204,6 +205,12 @@ class StudyRegistry:
         if not path.is_relative_to(folder.resolve()) or not path.is_file():
             raise NotFoundError(f"image {image_id}: its file is missing from {folder}")
         return path
+
+    def explanation_file(self, entry: StudyEntry, image_id: int) -> tuple[Path, Path]:
+        """The image's file and where its explanation lives (``NAME.explain.npz`` beside it, which
+        may not exist): only images of the catalog, only inside its image folder."""
+        image = self.image_file(entry, image_id)
+        return image, explanation_path(image)
 
     # ------------------------------------------------------------------------------------ reports
 

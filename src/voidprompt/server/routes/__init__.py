@@ -5,8 +5,10 @@ over the server's state, and :func:`voidprompt.server.api.create_app` includes t
 - ``sdapi_models``: A1111's options, cmd-flags, samplers, schedulers, upscalers, checkpoints, VAEs;
 - ``sdapi_networks``: A1111's embeddings, LoRAs, hypernetworks;
 - ``sdapi_system``: A1111's styles, restorers, scripts, extensions (empty here) and memory;
+- ``voidprompt_generation``: voidprompt's own txt2img and img2img, A1111's with ``explain``;
 - ``voidprompt_tokens`` and ``voidprompt_studies``: voidprompt's own routes for its web page and
-  studies.
+  studies;
+- ``voidprompt_explain``: explanations of generations and of study images, and their pictures.
 """
 
 SDAPI = "/sdapi/v1"

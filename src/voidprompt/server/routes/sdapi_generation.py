@@ -13,6 +13,8 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
+from voidprompt.explain.record import ExplainOptions
+from voidprompt.explain.store import explanation_path, save_explanation
 from voidprompt.imagemeta import read_infotext, save_numbered
 from voidprompt.infotext import parse_generation_parameters
 from voidprompt.lab.catalog import disk_full_stops
@@ -29,9 +31,41 @@ from voidprompt.server.generation import (
 from voidprompt.server.routes import SDAPI
 from voidprompt.server.state import App
 
-__all__ = ["router"]
+__all__ = ["router", "run_generation"]
 
 log = logging.getLogger(__name__)
+
+
+async def run_generation(
+    state: App, kind: str, body: m.Txt2ImgRequest, img2img: bool, explain: ExplainOptions | None = None
+) -> tuple[m.GenerationResponse, Generated]:
+    """One txt2img / img2img call as A1111 answers it, and what was generated; voidprompt's own
+    generation routes run through here too (``explain``: the capture, which they alone ask for)."""
+    built: BuiltRequest = await run_in_threadpool(
+        build_request, body, state.options, state.config.limits, img2img=img2img
+    )
+    built.explain = explain
+    generated: Generated = await state.queue.run(kind, lambda: state.host.generate(kind, built))
+    info = processed_info(generated)
+    images: list[str] | None = None
+    if body.send_images:
+        images = await run_in_threadpool(
+            lambda: [
+                encode_png(image, text)
+                for image, text in zip(generated.result.images, generated.result.infotexts, strict=True)
+            ]
+        )
+    if body.save_images:
+        await run_in_threadpool(_save_images, state, kind, generated)
+    parameters = body.model_dump()
+    if isinstance(body, m.Img2ImgRequest) and not body.include_init_images:
+        # A1111 leaves the (large) input images out of the echo unless asked.
+        parameters["init_images"] = None
+        parameters["mask"] = None
+    response = m.GenerationResponse(
+        images=images if images is not None else [], parameters=parameters, info=json.dumps(info)
+    )
+    return response, generated
 
 
 def router(state: App) -> APIRouter:
@@ -39,38 +73,13 @@ def router(state: App) -> APIRouter:
     prefix = SDAPI
     tags: list[str | Enum] = ["sdapi"]
 
-    async def run_generation(kind: str, body: m.Txt2ImgRequest, img2img: bool) -> m.GenerationResponse:
-        built: BuiltRequest = await run_in_threadpool(
-            build_request, body, state.options, state.config.limits, img2img=img2img
-        )
-        generated: Generated = await state.queue.run(kind, lambda: state.host.generate(kind, built))
-        info = processed_info(generated)
-        images: list[str] | None = None
-        if body.send_images:
-            images = await run_in_threadpool(
-                lambda: [
-                    encode_png(image, text)
-                    for image, text in zip(generated.result.images, generated.result.infotexts, strict=True)
-                ]
-            )
-        if body.save_images:
-            await run_in_threadpool(_save_images, state, kind, generated)
-        parameters = body.model_dump()
-        if isinstance(body, m.Img2ImgRequest) and not body.include_init_images:
-            # A1111 leaves the (large) input images out of the echo unless asked.
-            parameters["init_images"] = None
-            parameters["mask"] = None
-        return m.GenerationResponse(
-            images=images if images is not None else [], parameters=parameters, info=json.dumps(info)
-        )
-
     @router.post(f"{prefix}/txt2img", tags=tags, response_model=m.GenerationResponse)
     async def txt2img(body: m.Txt2ImgRequest) -> m.GenerationResponse:
-        return await run_generation("txt2img", body, img2img=False)
+        return (await run_generation(state, "txt2img", body, img2img=False))[0]
 
     @router.post(f"{prefix}/img2img", tags=tags, response_model=m.GenerationResponse)
     async def img2img(body: m.Img2ImgRequest) -> m.GenerationResponse:
-        return await run_generation("img2img", body, img2img=True)
+        return (await run_generation(state, "img2img", body, img2img=True))[0]
 
     @router.post(f"{prefix}/png-info", tags=tags, response_model=m.PngInfoResponse)
     def png_info(body: m.PngInfoRequest) -> m.PngInfoResponse:
@@ -141,10 +150,12 @@ def _save_images(state: App, kind: str, generated: Generated) -> None:
         log.info("save_images ignored: start the server with --outdir to save images")
         return
     folder = state.config.outdir / f"{kind}-images"
+    result = generated.result
     # A full disk is a 507 naming the folder, not a 500.
     with disk_full_stops(folder, retry="generate again"):
         folder.mkdir(parents=True, exist_ok=True)
-        for image, text, seed in zip(
-            generated.result.images, generated.result.infotexts, generated.result.seeds, strict=True
-        ):
-            save_numbered(image, folder, str(seed), text)
+        for i, image in enumerate(result.images):
+            path = save_numbered(image, folder, str(result.seeds[i]), result.infotexts[i])
+            if result.explanations:
+                # Beside the picture, as the lab keeps a study image's.
+                save_explanation(explanation_path(path), result.explanations[i])

@@ -15,13 +15,13 @@ from voidprompt.server.routes import VOIDPROMPT
 from voidprompt.server.state import App
 from voidprompt.server.studies import human_labeled, image_record
 
-__all__ = ["router"]
+__all__ = ["SQLITE_MAX_INT", "image_id_param", "router"]
 
 # Image ids are SQLite row ids: larger numbers cannot even be asked of the catalog.
 SQLITE_MAX_INT = 2**63 - 1
 
 
-def _image_id() -> Any:
+def image_id_param() -> Any:
     return Path(ge=1, le=SQLITE_MAX_INT, description="the image's id in the study's catalog")
 
 
@@ -97,7 +97,7 @@ def router(state: App) -> APIRouter:
     @router.get(
         f"{prefix}/studies/{{study_id}}/images/{{image_id}}", tags=tags, response_model=m.StudyImageDetail
     )
-    def study_image(study_id: str, image_id: int = _image_id()) -> m.StudyImageDetail:
+    def study_image(study_id: str, image_id: int = image_id_param()) -> m.StudyImageDetail:
         entry = state.studies.get(study_id)
         with state.studies.open_readonly(entry) as catalog:
             rows = [r for r in catalog.images() if r["id"] == image_id]
@@ -107,14 +107,25 @@ def router(state: App) -> APIRouter:
             measures = catalog.measures(image_id)
         row = rows[0]
         record = image_record(row, labels, f"{prefix}/studies/{study_id}/images/{image_id}/file")
+        explanation_url = None
+        try:
+            _image, explanation = state.studies.explanation_file(entry, image_id)
+            if explanation.is_file():
+                explanation_url = f"{prefix}/studies/{study_id}/images/{image_id}/explanation"
+        except NotFoundError:
+            pass  # the image's own file is missing: its row is still shown
         return m.StudyImageDetail(
-            **record, infotext=row["infotext"], settings=row["settings"], measures=dict(measures)
+            **record,
+            infotext=row["infotext"],
+            settings=row["settings"],
+            measures=dict(measures),
+            explanation_url=explanation_url,
         )
 
     @router.get(
         f"{prefix}/studies/{{study_id}}/images/{{image_id}}/file", tags=tags, response_class=FileResponse
     )
-    def study_image_file(study_id: str, image_id: int = _image_id()) -> FileResponse:
+    def study_image_file(study_id: str, image_id: int = image_id_param()) -> FileResponse:
         entry = state.studies.get(study_id)
         return FileResponse(state.studies.image_file(entry, image_id))
 
@@ -135,7 +146,7 @@ def router(state: App) -> APIRouter:
         }
 
     @router.put(f"{prefix}/studies/{{study_id}}/labels/{{image_id}}", tags=tags, response_model=m.LabelValue)
-    def put_label(study_id: str, body: m.LabelPut, image_id: int = _image_id()) -> m.LabelValue:
+    def put_label(study_id: str, body: m.LabelPut, image_id: int = image_id_param()) -> m.LabelValue:
         entry = state.studies.get(study_id)
         if not body.source or len(body.source) > 64:
             raise InvalidRequestError("source: 1 to 64 characters, e.g. human")
