@@ -144,7 +144,7 @@ def test_the_reference_names_every_section_and_key() -> None:
     nested = [*schema.SIZE_TABLE_KEYS, *schema.PROMPT_MATRIX_KEYS, *schema.PROMPTS_FILE_KEYS]
     for name in [*special, *schema.AXIS_ALIASES, *nested]:
         assert f"`{name}`" in sections["axes"], f"the axis word {name!r} is not documented"
-    for name in [*schema.GRID_KEYS, *schema.PLOT_KEYS]:
+    for name in [*schema.GRID_KEYS, *schema.PLOT_KEYS, *schema.EXPLAIN_VIEW_KEYS]:
         assert f"`{name}`" in sections["report"], f"[report] {name} is not documented"
     for name in schema._NOT_SETTINGS:
         assert f"`{name}`" in sections["settings"], f"why {name} is not a setting is not documented"
