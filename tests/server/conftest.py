@@ -16,8 +16,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import pytest
+
+from voidprompt.explain.record import CallInfo, Explanation, Preview, TagInfo
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -221,3 +225,42 @@ def xl_server(tmp_path_factory, tiny_checkpoint, tiny_sdxl, server_tools):  # ty
     for running in start_server(config):
         running.root = root
         yield running
+
+
+class SyntheticExplanation:
+    """A hand-made explanation whose numbers are known: two tags (``positive:red ball``, weight 1;
+    ``negative:lowres``, weight 1.3) with one bright cell each, windows all / early, and two calls of
+    which the second ran no negative prompt (no uncond pass: no negative preview, no difference)."""
+
+    side: ClassVar[int] = 16
+    peak_positive: ClassVar[tuple[int, int]] = (3, 12)
+    peak_negative: ClassVar[tuple[int, int]] = (10, 2)
+
+    def build(self, height: int | None = None, width: int | None = None) -> Explanation:
+        h, w = height or self.side, width or self.side
+        maps = np.full((2, 2, h, w), 0.01, dtype=np.float32)
+        maps[0, :, self.peak_positive[0] % h, self.peak_positive[1] % w] = 1.0
+        maps[1, :, self.peak_negative[0] % h, self.peak_negative[1] % w] = 0.5
+        red = np.zeros((h, w, 3), dtype=np.uint8)
+        red[..., 0] = 200
+        blue = np.zeros_like(red)
+        blue[..., 2] = 180
+        ramp = np.linspace(0, 1, h * w, dtype=np.float32).reshape(h, w)
+        return Explanation(
+            latent_size=(h, w),
+            windows=("all", "early"),
+            window_calls={"all": (0, 1), "early": (0,)},
+            tags=(
+                TagInfo("positive", 0, "red ball", 1.0, ("red", "ball")),
+                TagInfo("negative", 0, "lowres", 1.3, ("lowres",)),
+            ),
+            tag_maps=maps,
+            content_share={"positive": {"all": 0.2, "early": 0.2}, "negative": {"all": 0.1, "early": 0.1}},
+            calls=(CallInfo("first", 0, 14.6, True, 0.5), CallInfo("first", 1, 1.2, False, None)),
+            previews=(Preview(0, red, blue, red, ramp), Preview(1, red, None, blue, None)),
+        )
+
+
+@pytest.fixture(scope="session")
+def synthetic() -> SyntheticExplanation:
+    return SyntheticExplanation()

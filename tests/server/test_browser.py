@@ -182,3 +182,115 @@ def test_model_selector_lists_sdxl_and_switches(browser, xl_server, artifacts) -
         import httpx
 
         httpx.post(xl_server.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}, timeout=60)
+
+
+@pytest.mark.slow  # a browser driving the web UI, generating on the shipped model
+def test_explain_tag_picker_and_step_slider(browser, study_server, artifacts, synthetic) -> None:  # type: ignore[no-untyped-def]
+    """Generate with Explain on: the tag picker lists the prompt's and the negative prompt's tags with
+    their weights and overlays the chosen tag's heatmap on the picture; the step slider shows the
+    three previews and the difference map of the chosen step. A study image's explanation file
+    shows in the study's image detail."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from voidprompt.explain.store import save_explanation
+
+    b = browser
+    b.get(study_server.url + "/")
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#sampler option")) > 5)
+    for field, value in (("#width", "64"), ("#height", "64"), ("#steps", "6"), ("#seed", "99")):
+        box = b.find_element(By.CSS_SELECTOR, field)
+        box.clear()
+        box.send_keys(value)
+    b.find_element(By.CSS_SELECTOR, "#prompt").send_keys("red circle")
+    b.find_element(By.CSS_SELECTOR, "#negative_prompt").send_keys("lowres, (blurry:1.3)")
+    b.find_element(By.CSS_SELECTOR, "#explain").click()
+    b.find_element(By.CSS_SELECTOR, "#generate").click()
+
+    options = wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#gen-explain .explain-tag option"), 120)
+    keys = [o.get_attribute("value") for o in options]
+    assert keys == ["positive:red circle", "negative:lowres", "negative:blurry"]
+    assert options[2].text == "blurry \u00b7 weight 1.3"
+    groups = [g.get_attribute("label") for g in b.find_elements(By.CSS_SELECTOR, "#gen-explain optgroup")]
+    assert groups == ["Prompt", "Negative prompt"]
+    overlay = wait_for(lambda: loaded_images(b, "#gen-explain .explain-overlay"))[0]
+    assert (overlay["width"], overlay["height"]) == (64, 64)
+    assert "tag=positive%3Ared%20circle" in str(overlay["src"]) and "window=all" in str(overlay["src"])
+    Select(b.find_element(By.CSS_SELECTOR, "#gen-explain .explain-tag")).select_by_value("negative:blurry")
+    Select(b.find_element(By.CSS_SELECTOR, "#gen-explain .explain-window")).select_by_value("late")
+    overlay = wait_for(
+        lambda: [
+            i
+            for i in loaded_images(b, "#gen-explain .explain-overlay")
+            if "negative%3Ablurry" in str(i["src"])
+        ]
+    )[0]
+    assert "window=late" in str(overlay["src"]) and (overlay["width"], overlay["height"]) == (64, 64)
+    assert (
+        "blurry (weight 1.3, late): attention share"
+        in b.find_element(By.CSS_SELECTOR, "#gen-explain .explain-measures").text
+    )
+
+    # The slider: one preview per denoiser call (6 steps of Euler a), the last shown first.
+    url = (
+        study_server.url
+        + str(b.execute_script("return document.querySelector('#gen-explain .explain-overlay').src"))
+        .split(study_server.url, 1)[1]
+        .split("/heatmap.png")[0]
+    )
+    described = httpx.get(url, timeout=60).json()
+    slider = b.find_element(By.CSS_SELECTOR, "#gen-explain .explain-step")
+    assert slider.get_attribute("max") == "5" and slider.get_attribute("value") == "5"
+    b.execute_script("const s = arguments[0]; s.value = '1'; s.dispatchEvent(new Event('input'));", slider)
+    shown = wait_for(
+        lambda: (
+            len(loaded_images(b, "#gen-explain .explain-previews img")) == 4
+            and loaded_images(b, "#gen-explain .explain-previews img")
+        )
+    )
+    assert [str(i["alt"]) for i in shown] == [
+        "Prompt, preview 2",
+        "Negative prompt, preview 2",
+        "Combined, preview 2",
+        "Difference |cond \u2212 uncond|, preview 2",
+    ]
+    height, width = described["latent_size"]
+    assert all((i["width"], i["height"]) == (width, height) for i in shown)
+    assert all("/previews/1/" in str(i["src"]) for i in shown)
+    assert "call 2 of 6" in b.find_element(By.CSS_SELECTOR, "#gen-explain .explain-step-label").text
+    b.save_screenshot(str(artifacts / "04-explain.png"))
+
+    # A study image's explanation file, in the study's image detail.
+    registry = study_server.app.state.voidprompt.studies
+    entry = registry.get("smoke")
+    first = httpx.get(study_server.url + "/voidprompt/v1/studies/smoke/images", timeout=60).json()["images"][
+        0
+    ]
+    picture, explanation = registry.explanation_file(entry, first["id"])
+    before = explanation.read_bytes() if explanation.exists() else None
+    save_explanation(explanation, synthetic.build())
+    try:
+        b.find_element(By.CSS_SELECTOR, "#tab-studies").click()
+        wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#study-select option"))
+        Select(b.find_element(By.CSS_SELECTOR, "#study-select")).select_by_value("smoke")
+        wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#study-grid img")) == 12)
+        b.execute_script(
+            "[...document.querySelectorAll('#study-grid img')]"
+            ".find(i => i.title.startsWith(arguments[0])).click()",
+            f"#{first['id']} ",
+        )
+        options = wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#study-detail .explain-tag option"), 60)
+        assert [o.text for o in options] == ["red ball \u00b7 weight 1.0", "lowres \u00b7 weight 1.3"]
+        overlay = wait_for(lambda: loaded_images(b, "#study-detail .explain-overlay"))[0]
+        assert (overlay["width"], overlay["height"]) == (first["width"], first["height"])
+        skipped = wait_for(
+            lambda: b.find_elements(By.CSS_SELECTOR, "#study-detail .explain-previews .skipped")
+        )
+        assert len(skipped) == 2  # the last preview's call ran no negative prompt: no picture, no difference
+        b.save_screenshot(str(artifacts / "05-study-explain.png"))
+    finally:
+        explanation.unlink(missing_ok=True)
+        if before is not None:
+            explanation.write_bytes(before)
+    assert picture.is_file()

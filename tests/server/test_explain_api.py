@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from voidprompt.explain.record import CallInfo, Explanation, Preview, TagInfo
 from voidprompt.explain.store import explanation_path, load_explanation, save_explanation
 from voidprompt.server.checkpoints import NotFoundError
 from voidprompt.server.explanations import ExplanationCache
@@ -150,7 +149,7 @@ def test_bad_ids_tags_windows_and_previews_are_4xx_naming_the_choices(
     r = http.get(f"{url}/heatmap.png", params={"tag": "negative:lowres", "window": "hires"})
     assert r.status_code == 404 and "all, early, middle, late" in r.json()["detail"]
     r = http.get(f"{url}/heatmap.png")
-    assert r.status_code == 404 and "tag=" in r.json()["detail"]
+    assert r.status_code == 400 and "tag=" in r.json()["detail"]
     r = http.get(f"{url}/heatmap.png", params={"token": 0})
     assert r.status_code == 404 and "per_token" in r.json()["detail"]
     r = http.get(f"{url}/previews/3/prompt.png")
@@ -236,59 +235,26 @@ def test_saved_images_get_their_explanation_file_beside_them(
     assert [t["key"] for t in described["tags"]] == [t.key for t in saved.tags]
 
 
-def test_the_cache_keeps_the_most_recent(tmp_path: Path) -> None:
+def test_the_cache_keeps_the_most_recent(synthetic) -> None:  # type: ignore[no-untyped-def]
     picture = Image.new("RGB", (8, 8))
     cache = ExplanationCache(2)
-    first, second = (cache.add(_synthetic(4, 4), picture) for _ in range(2))
+    first, second = (cache.add(synthetic.build(4, 4), picture) for _ in range(2))
     cache.get(first)  # read: now the most recent
-    third = cache.add(_synthetic(4, 4), picture)
+    third = cache.add(synthetic.build(4, 4), picture)
     assert len(cache) == 2
     cache.get(first), cache.get(third)
     with pytest.raises(NotFoundError, match="the 2 most recent"):
         cache.get(second)
     nothing = ExplanationCache(0)
     with pytest.raises(NotFoundError):
-        nothing.get(nothing.add(_synthetic(4, 4), picture))
+        nothing.get(nothing.add(synthetic.build(4, 4), picture))
 
 
 # ------------------------------------------------------------------------------------ study images
 
-MAP = 16
-PEAK_POSITIVE = (3, 12)
-PEAK_NEGATIVE = (10, 2)
-
-
-def _synthetic(height: int = MAP, width: int = MAP) -> Explanation:
-    """Two tags with one bright cell each; call 1 skipped the negative prompt (no uncond pass)."""
-    maps = np.full((2, 2, height, width), 0.01, dtype=np.float32)
-    maps[0, :, PEAK_POSITIVE[0] % height, PEAK_POSITIVE[1] % width] = 1.0
-    maps[1, :, PEAK_NEGATIVE[0] % height, PEAK_NEGATIVE[1] % width] = 0.5
-    red = np.zeros((height, width, 3), dtype=np.uint8)
-    red[..., 0] = 200
-    blue = np.zeros_like(red)
-    blue[..., 2] = 180
-    return Explanation(
-        latent_size=(height, width),
-        windows=("all", "early"),
-        window_calls={"all": (0, 1), "early": (0,)},
-        tags=(
-            TagInfo("positive", 0, "red ball", 1.0, ("red", "ball")),
-            TagInfo("negative", 0, "lowres", 1.3, ("lowres",)),
-        ),
-        tag_maps=maps,
-        content_share={"positive": {"all": 0.2, "early": 0.2}, "negative": {"all": 0.1, "early": 0.1}},
-        calls=(CallInfo("first", 0, 14.6, True, 0.5), CallInfo("first", 1, 1.2, False, None)),
-        previews=(
-            Preview(
-                0, red, blue, red, np.linspace(0, 1, height * width, dtype=np.float32).reshape(height, width)
-            ),
-            Preview(1, red, None, blue, None),
-        ),
-    )
-
 
 @pytest.fixture()
-def study_files(study_server) -> Iterator[tuple[str, list[int], list[Path]]]:  # type: ignore[no-untyped-def]
+def study_files(study_server, synthetic) -> Iterator[tuple[str, list[int], list[Path]]]:  # type: ignore[no-untyped-def]
     """The smoke study's first three images: an explanation file beside the first, a broken one
     beside the second, none beside the third (each put back as it was afterwards)."""
     registry = study_server.app.state.voidprompt.studies
@@ -297,7 +263,7 @@ def study_files(study_server) -> Iterator[tuple[str, list[int], list[Path]]]:  #
         ids = [im["id"] for im in client.get("/voidprompt/v1/studies/smoke/images").json()["images"][:3]]
     paths = [registry.explanation_file(entry, i) for i in ids]
     before = {p: p.read_bytes() for _image, p in paths if p.exists()}
-    save_explanation(paths[0][1], _synthetic())
+    save_explanation(paths[0][1], synthetic.build())
     paths[1][1].write_bytes(b"PK\x03\x04 not really a zip")
     paths[2][1].unlink(missing_ok=True)
     try:
@@ -309,8 +275,10 @@ def study_files(study_server) -> Iterator[tuple[str, list[int], list[Path]]]:  #
             p.write_bytes(data)
 
 
-def test_a_study_images_explanation_is_served(study_files) -> None:  # type: ignore[no-untyped-def]
+def test_a_study_images_explanation_is_served(study_files, synthetic) -> None:  # type: ignore[no-untyped-def]
     url, ids, images = study_files
+    # Its maps are within the stored size (32 cells): kept cell for cell.
+    side = synthetic.side
     with httpx.Client(base_url=url, timeout=60) as http:
         detail = http.get(f"/voidprompt/v1/studies/smoke/images/{ids[0]}").json()
         base = f"/voidprompt/v1/studies/smoke/images/{ids[0]}/explanation"
@@ -323,7 +291,9 @@ def test_a_study_images_explanation_is_served(study_files) -> None:  # type: ign
         # Alone in its branch, a tag has all of the branch's attention; its peak is its bright cell.
         positive = d["tags"][0]["measures"]["all"]
         assert positive["mass_share"] == 1.0
-        assert (positive["peak_y"], positive["peak_x"]) == ((3 + 0.5) / MAP, (12 + 0.5) / MAP)
+        assert (positive["peak_y"], positive["peak_x"]) == tuple(
+            (c + 0.5) / side for c in synthetic.peak_positive
+        )
         # Only call 0 ran the negative prompt: both windows' guidance difference is its 0.5.
         assert d["guidance_differences"] == {"all": 0.5, "early": 0.5}
         assert d["calls"][1]["guidance_difference"] is None and d["calls"][1]["uncond"] is False
@@ -333,12 +303,12 @@ def test_a_study_images_explanation_is_served(study_files) -> None:  # type: ign
         over = http.get(d["heatmap_url"], params={"tag": "positive:red ball"})
         assert over.status_code == 200 and decode(over.content).size == size
         alone = http.get(d["heatmap_url"], params={"tag": "negative:lowres", "overlay": "false"})
-        assert decode(alone.content).size == (MAP, MAP)
-        assert brightest_cell(alone.content) == PEAK_NEGATIVE
+        assert decode(alone.content).size == (side, side)
+        assert brightest_cell(alone.content) == synthetic.peak_negative
         prompt = np.asarray(decode(http.get(d["previews"][0]["subjects"]["prompt"]).content))
-        assert prompt.shape == (MAP, MAP, 3) and (prompt == [200, 0, 0]).all()
+        assert prompt.shape == (side, side, 3) and (prompt == [200, 0, 0]).all()
         difference = http.get(d["previews"][0]["subjects"]["difference"]).content
-        assert brightest_cell(difference) == (MAP - 1, MAP - 1)
+        assert brightest_cell(difference) == (side - 1, side - 1)
         r = http.get(f"{base}/previews/1/negative.png")
         assert r.status_code == 404 and "skipped" in r.json()["detail"]
 

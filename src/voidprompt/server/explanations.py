@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from PIL import Image
 
+from voidprompt.errors import InvalidRequestError
 from voidprompt.explain.measures import guidance_differences, tag_measures
 from voidprompt.explain.record import WINDOW_ALL, ExplainOptions, Explanation
 from voidprompt.explain.render import colorize, overlay
@@ -286,7 +287,9 @@ def heatmap_png(
     the picture at its size, or alone at the map's own size. Scaled to the map's own maximum."""
     explanation = source.explanation
     if (tag is None) == (token is None):
-        raise NotFoundError("give tag=KEY (one of the description's tags[].key) or token=INDEX, not both")
+        raise InvalidRequestError(
+            "give tag=KEY (one of the description's tags[].key) or token=INDEX, not both"
+        )
     w = _window(explanation, window)
     if tag is not None:
         try:

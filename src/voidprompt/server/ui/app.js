@@ -142,9 +142,13 @@ $("#gen-form").addEventListener("submit", async (e) => {
   $("#generate").disabled = true;
   startPolling();
   try {
-    const data = await api("POST", `/sdapi/v1/${mode()}`, formBody());
+    // Explain runs through voidprompt's own route (A1111's has no such field); the pictures are the same.
+    const body = formBody();
+    const explain = $("#explain").checked;
+    if (explain) body.explain = { per_token: false, preview_every: 1 };
+    const data = await api("POST", `${explain ? "/voidprompt/v1" : "/sdapi/v1"}/${mode()}`, body);
     lastInfo = JSON.parse(data.info);
-    showGallery(data.images, lastInfo);
+    showGallery(data.images, lastInfo, data.explanations || []);
   } catch (err) {
     $("#gen-error").textContent = err.message;
   } finally {
@@ -157,19 +161,97 @@ $("#skip").addEventListener("click", () => api("POST", "/sdapi/v1/skip"));
 $("#seed-random").addEventListener("click", () => { $("#seed").value = -1; });
 $("#seed-reuse").addEventListener("click", () => { if (lastInfo) $("#seed").value = lastInfo.seed; });
 
-function showGallery(images, info) {
+function showGallery(images, info, explanations = []) {
   const gallery = $("#gallery");
   gallery.replaceChildren();
+  $("#gen-explain").hidden = true;
   images.forEach((b64, i) => {
     const src = "data:image/png;base64," + b64;
     const seed = info.all_seeds[i];
+    const explanation = explanations.find((x) => x.image === i);
+    const title = `Image ${i + 1}, seed ${seed}`;
     gallery.append(el("figure", { class: "result" },
       el("img", { src, alt: `seed ${seed}` }),
       el("div", { class: "row" },
         el("button", { type: "button", class: "send-img2img", onclick: () => sendToImg2img(src) }, "Send to img2img"),
-        el("button", { type: "button", class: "reuse-seed", onclick: () => { $("#seed").value = seed; } }, `Reuse seed ${seed}`)),
+        el("button", { type: "button", class: "reuse-seed", onclick: () => { $("#seed").value = seed; } }, `Reuse seed ${seed}`),
+        ...(explanation ? [el("button", { type: "button", class: "show-explain",
+          onclick: () => showExplanation($("#gen-explain"), explanation.url, title) }, "Explain")] : [])),
       el("pre", { class: "infotext" }, info.infotexts[i])));
   });
+  if (explanations.length) showExplanation($("#gen-explain"), explanations[0].url, `Image 1, seed ${info.all_seeds[0]}`);
+}
+
+// --------------------------------------------------------------------------------- explanations
+// One view for a generation's explanation and a study image's: a tag picker whose heatmap the
+// server draws over the picture, and a step slider over the trajectory's previews (A1111's
+// live-preview subjects and the map of |cond - uncond|).
+const fmt = (v) => (v === null || v === undefined ? "-" : Number(v).toPrecision(3));
+const SUBJECTS = [["prompt", "Prompt"], ["negative", "Negative prompt"], ["combined", "Combined"], ["difference", "Difference |cond \u2212 uncond|"]];
+let explainTicket = 0;
+async function showExplanation(box, url, title) {
+  const ticket = ++explainTicket;
+  box.hidden = false;
+  box.classList.add("explain");
+  box.replaceChildren(el("p", { class: "muted" }, "loading the explanation..."));
+  let d;
+  try {
+    d = await api("GET", url);
+  } catch (err) {
+    if (ticket === explainTicket) box.replaceChildren(el("p", { class: "error explain-error" }, err.message));
+    return;
+  }
+  if (ticket !== explainTicket) return;
+  const tagSelect = el("select", { class: "explain-tag" });
+  for (const [branch, name] of [["positive", "Prompt"], ["negative", "Negative prompt"]]) {
+    const tags = d.tags.filter((t) => t.branch === branch);
+    if (!tags.length) continue;
+    tagSelect.append(el("optgroup", { label: name }, ...tags.map((t) =>
+      el("option", { value: t.key }, `${t.part ? `AND #${t.part}: ` : ""}${t.label} \u00b7 weight ${t.weight}`))));
+  }
+  const windowSelect = el("select", { class: "explain-window" }, ...d.windows.map((w) => el("option", { value: w }, w)));
+  const overlay = el("img", { class: "overlay explain-overlay", alt: "attention over the picture" });
+  const measures = el("p", { class: "caption explain-measures" });
+  function drawTag() {
+    const key = tagSelect.value, win = windowSelect.value;
+    const tag = d.tags.find((t) => t.key === key);
+    const m = tag && tag.measures[win];
+    if (!m) {
+      overlay.removeAttribute("src");
+      measures.textContent = tag ? `no map: the ${tag.branch} prompt's pass did not run in ${win}` : "no tags";
+      return;
+    }
+    overlay.src = `${d.heatmap_url}?tag=${encodeURIComponent(key)}&window=${encodeURIComponent(win)}`;
+    measures.textContent = `${tag.label} (weight ${tag.weight}, ${win}): attention share ${fmt(m.mass_share)}, ` +
+      `peak at x ${fmt(m.peak_x)} y ${fmt(m.peak_y)}, spread ${fmt(m.spread)}; ` +
+      `guidance difference ${fmt(d.guidance_differences[win])}`;
+  }
+  tagSelect.addEventListener("change", drawTag);
+  windowSelect.addEventListener("change", drawTag);
+
+  const last = Math.max(0, d.previews.length - 1);
+  const slider = el("input", { type: "range", class: "explain-step", min: "0", max: String(last), value: String(last) });
+  const stepLabel = el("span", { class: "muted explain-step-label" });
+  const steps = el("div", { class: "steps explain-previews" });
+  function drawStep() {
+    const p = d.previews[Number(slider.value)];
+    if (!p) { stepLabel.textContent = "no previews"; steps.replaceChildren(); return; }
+    stepLabel.textContent = `preview ${Number(slider.value) + 1} of ${d.previews.length}: ` +
+      `call ${p.call + 1} of ${d.calls.length} (${p.pass_name} pass), sigma ${fmt(p.sigma)}`;
+    steps.replaceChildren(...SUBJECTS.map(([subject, name]) => el("figure", { "data-subject": subject },
+      p.subjects[subject] ? el("img", { src: p.subjects[subject], alt: `${name}, preview ${Number(slider.value) + 1}` })
+        : el("div", { class: "skipped" }, "the negative prompt's pass was skipped here"),
+      el("figcaption", {}, name))));
+  }
+  slider.addEventListener("input", drawStep);
+
+  box.replaceChildren(el("h3", {}, `Explanation: ${title}`),
+    el("div", { class: "row" }, el("label", {}, "Tag ", tagSelect), el("label", {}, "Steps ", windowSelect)),
+    overlay, measures,
+    el("div", { class: "row" }, el("label", {}, "Step ", slider), stepLabel),
+    steps);
+  drawTag();
+  drawStep();
 }
 
 function sendToImg2img(src) {
@@ -320,9 +402,11 @@ async function showDetail(imageId) {
   box.hidden = false;
   const measures = Object.entries(d.measures).map(([k, v]) => `${k}: ${v === null ? "-" : Number(v).toPrecision(4)}`).join("\n");
   const labels = Object.entries(d.labels).map(([s, l]) => `${s}: ${l.label_class} ${l.tags.join(", ")}`).join("\n");
+  const explanation = el("div", { class: "study-explain" });
   box.replaceChildren(el("img", { src: d.url, class: "thumb" }), el("h3", {}, `image ${d.id}`),
     el("pre", {}, d.infotext), el("h4", {}, "Measures"), el("pre", {}, measures || "(none)"),
-    el("h4", {}, "Labels"), el("pre", {}, labels || "(none)"));
+    el("h4", {}, "Labels"), el("pre", {}, labels || "(none)"), explanation);
+  if (d.explanation_url) showExplanation(explanation, d.explanation_url, `image ${d.id}`);
 }
 
 // ------------------------------------------------------------------------------------ labeling
