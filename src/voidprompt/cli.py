@@ -379,7 +379,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else image.parent
     out.mkdir(parents=True, exist_ok=True)
-    for written in _save_explanation(out / image.name, regenerated, explanation, new_infotext, notes):
+    for written in _save_explanation(out / image.name, regenerated, explanation, infotext, notes):
         print(written)
     return 0
 
