@@ -33,3 +33,29 @@ seed = "{seeds}"
 [labels]
 {labels}
 """
+
+
+# Capture at 16x16, the first seed of the seed axis.
+EXPLAIN_FIRST_SEED = '[explain]\nwhere = { size = "16x16" }\nseeds = 1\nmap_side = 4\n'
+
+
+def explanations(folder: Path) -> dict[str, tuple[Any, ...]]:
+    """job id -> what its explanation file holds (tags, windows, calls, the maps' bytes) and its
+    tag_measures rows, for the catalog under ``folder``/runs/t. The files' own bytes carry the
+    zip's write times, so their contents are compared."""
+    from voidprompt.explain.store import load_explanation
+    from voidprompt.lab.catalog import Catalog
+
+    root = folder / "runs" / "t"
+    with Catalog.open(root / "catalog.sqlite", readonly=True) as catalog:
+        tags = catalog.all_tag_measures()
+        out = {}
+        for image in catalog.images():
+            if image["explanation"] is None:
+                continue
+            loaded = load_explanation(root / image["explanation"])
+            mine = [t for t in tags if t["image_id"] == image["id"]]
+            rows = [{k: v for k, v in t.items() if k != "image_id"} for t in mine]
+            maps = loaded.tag_maps.tobytes()
+            out[image["job_id"]] = (loaded.tags, loaded.windows, loaded.calls, maps, rows)
+        return out

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from lab_helpers import quiet, study_text
+from lab_helpers import EXPLAIN_FIRST_SEED, explanations, quiet, study_text
 
 from voidprompt.errors import StudyError
 from voidprompt.lab.catalog import Catalog
@@ -149,6 +149,20 @@ def test_worker_processes_write_a_one_thread_runs_catalog_bit_for_bit(
     a, b = _catalog(tmp_path / "local"), _catalog(tmp_path / "processes")
     assert sorted(a) == sorted(b) == sorted(j.job_id for j in local.expand())
     assert a == b  # the PNG files' hashes, infotexts and measures
+
+
+@pytest.mark.slow  # two worker processes, each importing torch
+def test_explanations_travel_back_from_worker_processes(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    text = study_text(tiny_checkpoint, seeds="3 random") + EXPLAIN_FIRST_SEED
+    local = parse_study(text, tmp_path / "local" / "t.toml")
+    processes = parse_study(text, tmp_path / "processes" / "t.toml")
+    run_study(local, quiet(local, batch_size=2, threads=1))
+    report = run_study(processes, quiet(processes, batch_size=2, workers=2))
+    assert (report.generated, len(report.failed)) == (12, 0)
+    expected = explanations(tmp_path / "local")
+    assert set(expected) == local.captures(local.expand()) and len(expected) == 2
+    assert explanations(tmp_path / "processes") == expected
+    assert _catalog(tmp_path / "processes") == _catalog(tmp_path / "local")
 
 
 @pytest.mark.slow  # two worker processes, one of them killed

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_helpers import quiet, study_text
+from lab_helpers import EXPLAIN_FIRST_SEED, explanations, quiet, study_text
 
 from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.run import run_study
@@ -167,6 +167,21 @@ def test_the_ray_executor_writes_the_local_executors_catalog(
     expected = _catalog(tmp_path / "local")
     assert sorted(expected) == sorted(j.job_id for j in local.expand())
     assert _catalog(tmp_path / "ray") == expected
+
+
+def test_explanations_come_back_from_ray_workers_as_from_a_local_run(
+    ray: StandInRay, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    text = study_text(tiny_checkpoint, sizes="16x16, 32x16", seeds="2 random") + EXPLAIN_FIRST_SEED
+    local = parse_study(text, tmp_path / "local" / "t.toml")
+    distributed = parse_study(text, tmp_path / "ray" / "t.toml")
+    run_study(local, quiet(local, batch_size=2, threads=1))
+    report = run_study(distributed, quiet(distributed, executor="ray", batch_size=2, threads=1))
+    assert (report.generated, len(report.failed)) == (8, 0)
+    expected = explanations(tmp_path / "local")
+    assert set(expected) == local.captures(local.expand()) and len(expected) == 2
+    assert explanations(tmp_path / "ray") == expected
+    assert _catalog(tmp_path / "ray").keys() == _catalog(tmp_path / "local").keys()
 
 
 def test_a_batch_a_worker_rejects_fails_and_the_others_go_on(
