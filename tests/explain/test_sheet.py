@@ -102,7 +102,9 @@ def test_the_shares_and_guidance_differences_are_the_measured_ones() -> None:
         re.findall(r"<tr><td>(\w+)</td><td class=\"num\">\d+</td><td class=\"num\">([^<]+)</td>", page)
     )
     assert rows == {"all": "0.4", "early": "0.2", "middle": "0.5", "late": "0.7"}
-    assert "12.5%" in page and "50.0%" in page  # the prompt tokens' share per branch
+    # The prompt tokens' share per branch, the positive prompt's column first.
+    assert page.index("positive prompt tokens") < page.index("negative prompt tokens")
+    assert re.search(r'<tr><td>late</td>.*<td class="num">12\.5%</td><td class="num">50\.0%</td></tr>', page)
 
 
 def test_a_heatmap_is_bright_where_its_map_is_high() -> None:

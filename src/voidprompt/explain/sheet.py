@@ -43,6 +43,7 @@ DECOMPOSITION_STEPS = 4
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
 h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+h3 { font-size: 1em; }
 pre { white-space: pre-wrap; background: #f0f0f0; padding: .6em; font-size: .85em; }
 .row { display: flex; flex-wrap: wrap; gap: .8em; align-items: flex-start; }
 figure { margin: 0; } figcaption { font-size: .8em; max-width: 24em; }
@@ -238,7 +239,8 @@ def _preview_figure(preview: Preview, call: CallInfo) -> str:
 
 def _numbers_section(explanation: Explanation) -> list[str]:
     differences = guidance_differences(explanation)
-    branches = sorted(explanation.content_share)
+    order = {POSITIVE: 0, NEGATIVE: 1}
+    branches = sorted(explanation.content_share, key=lambda b: (order.get(b, 2), b))
     header = "".join(f"<th>{_e(b)} prompt tokens' share</th>" for b in branches)
     out = [
         "<h2>Per window</h2>",
