@@ -69,12 +69,15 @@ def _previews_every(text: str) -> int:
     return value
 
 
-def _add_explain_args(p: argparse.ArgumentParser, *, tokens_flag: str, previews_flag: str) -> None:
+def _add_explain_args(
+    p: argparse.ArgumentParser, *, tokens_flag: str, previews_flag: str, turns_on: bool
+) -> None:
+    also = "; turns the capture on" if turns_on else ""
     p.add_argument(
         tokens_flag,
         dest="explain_tokens",
         action="store_true",
-        help="keep an attention map per prompt token too",
+        help=f"keep an attention map per prompt token too{also}",
     )
     p.add_argument(
         previews_flag,
@@ -82,7 +85,7 @@ def _add_explain_args(p: argparse.ArgumentParser, *, tokens_flag: str, previews_
         type=_previews_every,
         default=None,
         metavar="K",
-        help="store the trajectory previews of every K-th step (default 4; 0: none)",
+        help=f"store the trajectory previews of every K-th step (default 4; 0: none{also})",
     )
 
 
@@ -120,7 +123,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         help="capture what the model attends to and how the picture forms: NAME.explain.npz and the "
         "sheet NAME.explain.html beside each picture (the pictures are the same)",
     )
-    _add_explain_args(p, tokens_flag="--explain-tokens", previews_flag="--explain-previews")
+    _add_explain_args(p, tokens_flag="--explain-tokens", previews_flag="--explain-previews", turns_on=True)
 
 
 def _placement(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -460,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the miniature model is always searched)",
     )
     p.add_argument("--out", help="folder for NAME.explain.npz and NAME.explain.html (default: the picture's)")
-    _add_explain_args(p, tokens_flag="--tokens", previews_flag="--previews")
+    _add_explain_args(p, tokens_flag="--tokens", previews_flag="--previews", turns_on=False)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("info", help="describe a checkpoint: family, dtypes, parameters, hashes")
