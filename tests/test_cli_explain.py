@@ -4,6 +4,7 @@ picture regenerated from its own infotext with no pixel difference, and one line
 
 from __future__ import annotations
 
+import hashlib
 import html
 import shutil
 from pathlib import Path
@@ -180,6 +181,14 @@ def test_explain_errors_are_one_line(
     line = _one_error_line(capsys, ["explain", str(hashed), "--ckpt-dir", str(empty)])
     assert "0123abcdef" in line and str(empty) in line and "--model" in line
 
+    # A file of the infotext's model name but another hash (retrained, re-saved) is named in the line.
+    models = tmp_path / "models"
+    models.mkdir()
+    namesake = Path(shutil.copy(tiny_checkpoint, models / "gone.safetensors"))
+    line = _one_error_line(capsys, ["explain", str(hashed), "--ckpt-dir", str(models)])
+    its_hash = hashlib.sha256(namesake.read_bytes()).hexdigest()[:10]
+    assert f"0123abcdef in {models}, " in line and f"({namesake} has the hash {its_hash})" in line
+
     img2img = _png_with(tmp_path / "i2i.png", f"a cat\n{params}, Denoising strength: 0.5")
     line = _one_error_line(capsys, ["explain", str(img2img), "--model", str(tiny_checkpoint)])
     assert "img2img picture cannot be regenerated" in line
@@ -193,7 +202,7 @@ def test_explain_errors_are_one_line(
     assert "missing.png" in line
     # Nothing was written for any of them.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["bare.png", "nohash.png", "hashed.png", "i2i.png", "broken.png", "empty"]
+        ["bare.png", "nohash.png", "hashed.png", "i2i.png", "broken.png", "empty", "models"]
     )
 
 

@@ -297,22 +297,25 @@ def _model_for(params: dict[str, Any], image: Path, folders: Sequence[Path]) -> 
     registry = ModelRegistry(folders, extra)
     registry.refresh()
     named = str(params.get("Model") or "").strip()
+    namesake = None
     if named:
         # The file the infotext names is hashed first: hashing a whole folder of big checkpoints is slow.
         try:
-            entry = registry.find(named)
+            namesake = registry.find(named)
         except NotFoundError:
             pass
         else:
-            if wanted in (entry.shorthash, entry.sha256, entry.old_hash):
-                return entry.path
+            if wanted in (namesake.shorthash, namesake.sha256, namesake.old_hash):
+                return namesake.path
     try:
         return registry.find(wanted).path
     except NotFoundError:
         searched = ", ".join(str(f) for f in [*folders, *extra]) or "(none)"
+        # A retrained or re-saved file keeps its name and changes its hash: say so.
+        other = f" ({namesake.path} has the hash {namesake.shorthash})" if namesake is not None else ""
         raise NotFoundError(
-            f"{image}: no checkpoint with the model hash {wanted} in {searched}; give it with --model PATH "
-            f"or its folder with --ckpt-dir"
+            f"{image}: no checkpoint with the model hash {wanted} in {searched}{other}; give it with "
+            f"--model PATH or its folder with --ckpt-dir"
         ) from None
 
 
