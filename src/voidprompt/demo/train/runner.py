@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from voidprompt.demo.preview_fit import FIT_PICTURES, add_preview_map
 from voidprompt.demo.train.config import TrainConfig, TrainError
 from voidprompt.demo.train.data import cached_posterior, world_images
 from voidprompt.demo.train.decoder import DecoderProcess, finetune_decoder
@@ -59,5 +60,9 @@ def train(config: TrainConfig, *, resume: bool = False, log_fn: Callable[[str], 
         if not finished:
             log_fn(f"time cap of {config.minutes} min reached; continue with --resume")
             return model_path
+    started = time.perf_counter()
+    # As many pictures as the run learned from, up to the standard count (a tiny test run: a few).
+    add_preview_map(model_path, n=min(FIT_PICTURES, config.n_images))
+    log_fn(f"fitted the cheap preview map into the model file in {time.perf_counter() - started:.0f} s")
     log_fn(f"done: {model_path} ({model_path.stat().st_size / 1e6:.1f} MB)")
     return model_path
