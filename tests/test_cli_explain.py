@@ -132,14 +132,16 @@ def test_explain_regenerates_the_picture_found_by_its_hash(
     assert html.escape(read_infotext(picture)[0] or "") in page
 
 
-def test_explain_reports_a_picture_that_differs(
+def test_explain_reports_a_picture_that_differs_and_another_model(
     explained: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     infotext, _ = read_infotext(explained)
     pixels = np.asarray(Image.open(explained).convert("RGB")).copy()
     pixels[5, 7, 1] = (int(pixels[5, 7, 1]) + 9) % 256 if pixels[5, 7, 1] < 200 else pixels[5, 7, 1] - 9
+    its_hash = hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()[:10]
+    assert f"Model hash: {its_hash}," in (infotext or "")
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext or "")
+    info.add_text("parameters", (infotext or "").replace(its_hash, "0123456789"))
     changed = tmp_path / "changed.png"
     Image.fromarray(pixels).save(changed, pnginfo=info)
     out = tmp_path / "sheets"
@@ -147,8 +149,12 @@ def test_explain_reports_a_picture_that_differs(
     assert main(["explain", str(changed), "--model", str(tiny_checkpoint), "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert f"{changed}: largest pixel difference from changed.png: 9" in captured.out.splitlines()
-    (warning,) = captured.err.strip().splitlines()
-    assert warning.startswith("voidprompt: warning: ") and "not the file's" in warning
+    differs, other_model = captured.err.strip().splitlines()
+    assert differs.startswith("voidprompt: warning: ") and "not the file's" in differs
+    assert (
+        other_model
+        == f"voidprompt: warning: {changed}: the model's hash is {its_hash}, the infotext's 0123456789"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["changed.explain.html", "changed.explain.npz"]
     assert load_explanation(out / "changed.explain.npz").token_maps is None  # no --tokens
 

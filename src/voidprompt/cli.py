@@ -376,9 +376,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
         print(f"voidprompt: warning: {warning}", file=sys.stderr)
         notes.append(warning)
-    written_hash = params.get("Model hash")
-    new_hash = parse_generation_parameters(new_infotext).get("Model hash")
-    if written_hash and new_hash and str(written_hash).lower() != str(new_hash).lower():
+    written_hash = str(params.get("Model hash") or "").lower()
+    new_hash = str(parse_generation_parameters(new_infotext).get("Model hash") or "").lower()
+    # An old infotext's 8-digit hash is another hash of the file (A1111's old one): not comparable.
+    if written_hash and len(written_hash) == len(new_hash) and written_hash != new_hash:
         warning = f"{image}: the model's hash is {new_hash}, the infotext's {written_hash}"
         print(f"voidprompt: warning: {warning}", file=sys.stderr)
         notes.append(warning)
