@@ -16,7 +16,9 @@ from PIL import Image, PngImagePlugin
 
 from voidprompt.cli import main
 from voidprompt.explain.store import load_explanation
-from voidprompt.imagemeta import read_infotext
+from voidprompt.imagemeta import read_infotext, save_image
+from voidprompt.pipeline.engine import Engine
+from voidprompt.request import GenerationRequest
 
 PROMPT = "a red <ball>, (blue cube:1.2)"
 NEGATIVE = "lowres & blurry"
@@ -217,3 +219,26 @@ def test_a_negative_preview_interval_is_a_usage_error(capsys: pytest.CaptureFixt
         main(["txt2img", "--explain-previews", "-1"])
     assert exit_info.value.code == 2
     assert "give a whole number of steps" in capsys.readouterr().err
+
+
+def test_explain_regenerates_a_hires_fix_picture(
+    tiny_engine: Engine, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request = GenerationRequest(
+        prompt="a cube, (red:1.3)", seed=4, steps=3, width=32, height=32, enable_hr=True, hr_scale=1.5,
+        hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.5,
+    )  # fmt: skip
+    made = tiny_engine.generate(request)
+    picture = save_image(made.images[0], tmp_path / "hires.png", made.infotexts[0])
+    assert "Hires upscale: 1.5" in made.infotexts[0]
+    capsys.readouterr()
+    assert main(["explain", str(picture), "--model", str(tiny_checkpoint), "--previews", "0"]) == 0
+    captured = capsys.readouterr()
+    assert f"{picture}: largest pixel difference from hires.png: 0" in captured.out.splitlines()
+    explanation = load_explanation(tmp_path / "hires.explain.npz")
+    assert explanation.windows == ("all", "early", "middle", "late", "hires")
+    assert [c.pass_name for c in explanation.calls] == ["first"] * 3 + ["hires"] * 2
+    page = (tmp_path / "hires.explain.html").read_text(encoding="utf-8")
+    # Each tag's small maps: its three first-pass windows and the hires pass.
+    assert page.count('<img class="tag-window" ') == 4 * len(explanation.tags)
+    assert "<tr><td>hires</td>" in page

@@ -389,8 +389,11 @@ def _branch_key(branch: str, part: int) -> str:
 
 
 def _to_size(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(maps.shape[-2:]) == tuple(size) or maps.shape[0] == 0:
+    if tuple(maps.shape[-2:]) == tuple(size):
         return maps
+    if maps.shape[0] == 0:
+        # No tags (an empty prompt): nothing to resize, but the shape must still be the target's.
+        return maps.new_zeros((0, *size))
     return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
