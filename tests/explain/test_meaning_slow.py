@@ -1,16 +1,16 @@
 """The captured maps mean something: on the shipped miniature model, the one model here whose
 pictures an independent reader (the world's detector) can check, a ``<colour> <shape>`` prompt's
 attention lands on the shape it drew, and the guidance difference is larger on that shape than
-around it.
+around it; with two shapes prompted, each tag's attention lands on its own shape, not the other.
 
-One set of pictures serves every check: the model card's eight chromatic ``<colour> <shape>``
+One set of pictures serves the first checks: the model card's eight chromatic ``<colour> <shape>``
 prompts x 32 seeds at its standard request (128 px, Euler a, 20 steps, Clip skip 2, CFG 7, no
 negative prompt), captured in batches of 16. A picture counts when the detector finds the prompted
 colour and kind in it (the shape's pixels are its mask; several such shapes are one mask). Each
 claim is a paired difference per picture with a 95% Student-t interval
 (:func:`voidprompt.lab.report.data.mean_ci`); the control of a picture is the next counted picture of
-the same prompt (another seed). ``pytest -m slow tests/explain/test_meaning_slow.py -s`` prints the
-numbers docs/explain.md quotes.
+the same prompt (another seed). The two-shape check has pictures of its own.
+``pytest -m slow tests/explain/test_meaning_slow.py -s`` prints the numbers docs/explain.md quotes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from voidprompt.demo.generate import demo_request, load_engine, native_size
 from voidprompt.demo.measure import ADHERENCE_PROMPTS
 from voidprompt.explain.record import ExplainOptions
 from voidprompt.lab.report.data import mean_ci
+from voidprompt.pipeline.engine import Engine
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +35,15 @@ SEEDS = tuple(range(610000, 610032))
 BATCH = 16
 MIN_PICTURES = 200
 WINDOWS = ("all", "early", "middle", "late")
+# Two prompted shapes of different colours and kinds, with the count tag the captions use.
+TWO_SHAPE_PROMPTS = (
+    ("red circle", "blue triangle"),
+    ("green star", "yellow circle"),
+    ("purple triangle", "orange star"),
+    ("blue circle", "red star"),
+)
+TWO_SHAPE_SEEDS = tuple(range(620000, 620016))
+MIN_TWO_SHAPE_PICTURES = 30
 
 
 @dataclass(frozen=True)
@@ -47,9 +57,13 @@ class Sample:
 
 
 @pytest.fixture(scope="module")
-def samples() -> list[Sample]:
-    torch.set_num_threads(1)  # the module fixture runs before the per-test thread pin
-    engine = load_engine()
+def engine() -> Engine:
+    torch.set_num_threads(1)  # module fixtures run before the per-test thread pin
+    return load_engine()
+
+
+@pytest.fixture(scope="module")
+def samples(engine: Engine) -> list[Sample]:
     side = native_size(engine.components)
     config = DetectorConfig(native_size=side)
     out = []
@@ -138,3 +152,45 @@ def test_guidance_difference_is_larger_inside_the_object(samples: list[Sample]) 
     )
     assert low_own > 0
     assert low_paired > 0
+
+
+def test_each_tag_lands_on_its_own_shape(engine: Engine) -> None:
+    """With ``2shapes, <colour> <shape>, <colour> <shape>``, a tag's top 10% pixels overlap its own
+    shape more than the other prompted shape: the maps tell the tags apart, they do not just mark
+    where objects are. Per picture, the mean over its two tags of IoU(own shape) - IoU(other shape)."""
+    side = native_size(engine.components)
+    config = DetectorConfig(native_size=side)
+    differences = []
+    own_ious, other_ious = [], []
+    for tags in TWO_SHAPE_PROMPTS:
+        prompt = ", ".join(("2shapes", *tags))
+        request = demo_request(
+            prompt, "", size=side, seed=TWO_SHAPE_SEEDS[0], batch_size=len(TWO_SHAPE_SEEDS)
+        )
+        result = engine.generate(request, seeds=TWO_SHAPE_SEEDS, explain=ExplainOptions(preview_every=0))
+        for image, explanation in zip(result.images, result.explanations, strict=True):
+            masks = [prompted_mask(image, config, *tag.split()) for tag in tags]
+            if masks[0] is None or masks[1] is None:
+                continue
+            all_calls = explanation.window_index("all")
+            tops = [
+                top_cells(
+                    to_picture(
+                        explanation.tag_maps[explanation.tag_index(f"positive:{tag}"), all_calls],
+                        (side, side),
+                    )
+                )
+                for tag in tags
+            ]
+            own = [iou(tops[k], masks[k]) for k in (0, 1)]
+            other = [iou(tops[k], masks[1 - k]) for k in (0, 1)]
+            own_ious.append(float(np.mean(own)))
+            other_ious.append(float(np.mean(other)))
+            differences.append(own_ious[-1] - other_ious[-1])
+    total = len(TWO_SHAPE_PROMPTS) * len(TWO_SHAPE_SEEDS)
+    print(f"\n{len(differences)} of {total} two-shape pictures show both prompted shapes")
+    _report("two shapes, IoU of a tag's top 10% with its own shape", own_ious)
+    _report("two shapes, IoU of a tag's top 10% with the other prompted shape", other_ious)
+    _, low, _, n = _report("two shapes, own minus other, per picture", differences)
+    assert n >= MIN_TWO_SHAPE_PICTURES
+    assert low > 0
