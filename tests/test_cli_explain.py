@@ -15,6 +15,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from voidprompt.cli import main
+from voidprompt.explain.record import ExplainOptions
 from voidprompt.explain.store import load_explanation
 from voidprompt.imagemeta import read_infotext, save_image
 from voidprompt.pipeline.engine import Engine
@@ -225,14 +226,14 @@ def test_explain_regenerates_a_hires_fix_picture(
     tiny_engine: Engine, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     request = GenerationRequest(
-        prompt="a cube, (red:1.3)", seed=4, steps=3, width=32, height=32, enable_hr=True, hr_scale=1.5,
+        prompt="a cube, (red:1.3)", seed=4, steps=3, width=32, height=32, enable_hr=True, hr_scale=2,
         hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.5,
     )  # fmt: skip
     made = tiny_engine.generate(request)
     picture = save_image(made.images[0], tmp_path / "hires.png", made.infotexts[0])
-    assert "Hires upscale: 1.5" in made.infotexts[0]
+    assert "Hires upscale: 2" in made.infotexts[0]
     capsys.readouterr()
-    assert main(["explain", str(picture), "--model", str(tiny_checkpoint), "--previews", "0"]) == 0
+    assert main(["explain", str(picture), "--model", str(tiny_checkpoint), "--previews", "1"]) == 0
     captured = capsys.readouterr()
     assert f"{picture}: largest pixel difference from hires.png: 0" in captured.out.splitlines()
     explanation = load_explanation(tmp_path / "hires.explain.npz")
@@ -241,4 +242,12 @@ def test_explain_regenerates_a_hires_fix_picture(
     page = (tmp_path / "hires.explain.html").read_text(encoding="utf-8")
     # Each tag's small maps: its three first-pass windows and the hires pass.
     assert page.count('<img class="tag-window" ') == 4 * len(explanation.tags)
-    assert "<tr><td>hires</td>" in page
+    assert "<tr><td>hires</td>" in page and "hires call 2" in page
+    # The first pass's previews are stored at the hires latent size, each cell repeated (nearest).
+    captured_first = tiny_engine.generate(request, explain=ExplainOptions(preview_every=1)).explanations[0]
+    assert [p.call for p in explanation.previews] == [0, 1, 2, 3, 4]
+    assert {p.combined.shape for p in explanation.previews} == {(32, 32, 3)}
+    small = captured_first.previews[0].combined
+    assert small.shape == (16, 16, 3)
+    assert np.array_equal(explanation.previews[0].combined, small.repeat(2, axis=0).repeat(2, axis=1))
+    assert np.array_equal(explanation.previews[4].combined, captured_first.previews[4].combined)

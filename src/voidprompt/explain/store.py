@@ -3,7 +3,8 @@
 An ``.npz`` (deflate) read with ``allow_pickle=False``, so loading one never runs code from it. Maps
 are stored as 8-bit fractions of their own maximum (the maximum beside them, in float32), at most
 ``map_side`` cells on the long side (area-averaged down from the latent size); previews as 8-bit
-RGB at latent resolution. The description (tags, tokens, windows, calls, shares) is JSON in the
+RGB at latent resolution (a hires fix run's first-pass previews with their cells repeated to the
+hires size). The description (tags, tokens, windows, calls, shares) is JSON in the
 ``meta`` entry. Written through a temporary file and a rename: a reader sees the old file or the new
 one, never half of one.
 
@@ -63,14 +64,18 @@ def save_explanation(
     previews = explanation.previews
     previews_meta = []
     if previews:
-        arrays["preview_prompt"] = np.stack([p.prompt for p in previews])
-        arrays["preview_combined"] = np.stack([p.combined for p in previews])
-        blank = np.zeros_like(previews[0].combined)
+        # A hires fix run previews its first pass at the smaller latent size: one stack needs one size.
+        size = max((p.combined.shape[:2] for p in previews), key=lambda hw: hw[0] * hw[1])
+        arrays["preview_prompt"] = np.stack([_nearest(p.prompt, size) for p in previews])
+        arrays["preview_combined"] = np.stack([_nearest(p.combined, size) for p in previews])
+        blank = np.zeros((*size, 3), dtype=np.uint8)
         arrays["preview_negative"] = np.stack(
-            [p.negative if p.negative is not None else blank for p in previews]
+            [_nearest(p.negative, size) if p.negative is not None else blank for p in previews]
         )
-        flat = np.zeros(previews[0].combined.shape[:2], dtype=np.float32)
-        differences = np.stack([p.difference if p.difference is not None else flat for p in previews])
+        flat = np.zeros(size, dtype=np.float32)
+        differences = np.stack(
+            [_nearest(p.difference, size) if p.difference is not None else flat for p in previews]
+        )
         arrays["preview_difference"], arrays["preview_difference_scale"] = _quantize(differences)
         previews_meta = [
             {"call": p.call, "negative": p.negative is not None, "difference": p.difference is not None}
@@ -155,6 +160,15 @@ def _explanation(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Explana
         token_maps=token_maps,
         vae_previews={int(c): arrays[f"vae_{c}"] for c in meta["vae_calls"]},
     )
+
+
+def _nearest(pixels: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """(h, w, ...) cells repeated to ``size`` (nearest cell), so that every stored value is a captured one."""
+    if pixels.shape[:2] == tuple(size):
+        return pixels
+    rows = ((np.arange(size[0]) + 0.5) * pixels.shape[0] / size[0]).astype(int)
+    cols = ((np.arange(size[1]) + 0.5) * pixels.shape[1] / size[1]).astype(int)
+    return pixels[rows][:, cols]
 
 
 def _map_size(latent_size: tuple[int, int], map_side: int) -> tuple[int, int]:
