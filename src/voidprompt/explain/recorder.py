@@ -14,7 +14,7 @@ and ``all``; maps of a smaller pass are upsampled to the final latent size.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -73,6 +73,7 @@ class _PassInfo:
     to_x0: ToX0
     latent_size: tuple[int, int] = (0, 0)
     calls: int = 0
+    projections: dict[tuple[PromptKey, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 def layer_grid(queries: int, height: int, width: int) -> tuple[int, int]:
@@ -199,19 +200,12 @@ class ExplainRecorder:
             if full is None:
                 continue
             for offset, row in enumerate(self._rows[start:stop]):
-                prompt = current.prompts[(row.negative, row.part, row.entry)]
+                key = (row.negative, row.part, row.entry)
                 maps = full[offset]
-                index = prompt.row_index(maps.shape[0]).to(maps.device)
-                content = index >= 0
-                token_maps = torch.zeros(
-                    (len(prompt.texts), height, width), dtype=maps.dtype, device=maps.device
-                )
-                token_maps.index_add_(0, index[content], maps[content])
-                tag_maps = (
-                    torch.stack([token_maps[list(tag.tokens)].sum(dim=0) for tag in prompt.tags])
-                    if prompt.tags
-                    else maps.new_zeros((0, height, width))
-                )
+                to_tokens, to_tags = self._projection(current, key, maps)
+                flat = maps.reshape(maps.shape[0], -1)
+                token_maps = (to_tokens @ flat).reshape(to_tokens.shape[0], height, width)
+                tag_maps = (to_tags @ flat).reshape(to_tags.shape[0], height, width)
                 share = token_maps.sum() / maps.sum()
                 out.setdefault(row.image, []).append(
                     _RowMaps(
@@ -224,6 +218,24 @@ class ExplainRecorder:
                     )
                 )
         return out
+
+    def _projection(self, current: _PassInfo, key: PromptKey, maps: Tensor) -> tuple[Tensor, Tensor]:
+        """The (tokens, context rows) and (tags, context rows) 0/1 matrices of a prompt: summing a
+        row's maps into its tokens and tags is then two matrix products, built once per pass."""
+        length = maps.shape[0]
+        cached = current.projections.get((key, length))
+        if cached is None:
+            prompt = current.prompts[key]
+            index = prompt.row_index(length)
+            content = torch.nonzero(index >= 0).flatten()
+            to_tokens = torch.zeros((len(prompt.texts), length), dtype=maps.dtype)
+            to_tokens[index[content], content] = 1.0
+            membership = torch.zeros((len(prompt.tags), len(prompt.texts)), dtype=maps.dtype)
+            for t, tag in enumerate(prompt.tags):
+                membership[t, list(tag.tokens)] = 1.0
+            cached = (to_tokens.to(maps.device), (membership @ to_tokens).to(maps.device))
+            current.projections[(key, length)] = cached
+        return cached
 
     # -- the result -------------------------------------------------------------------------------
 
