@@ -319,11 +319,15 @@ def test_the_report_draws_the_heatmap_grid_and_the_attention_plots(ran: Study, t
                   if t["tag"] == "negative:lowres" and t["window"] == "all"
                   and by_image[t["image_id"]]["axis_values"]["W"] == w]  # fmt: skip
         row = next(
-            r for r in numbers if r["measure"] == "mass_share negative:lowres" and float(r["x_value"]) == w
-        )
+            r for r in numbers
+            if (r["measure"], r["split_value"], float(r["x_value"])) == ("mass_share", "negative:lowres", w)
+        )  # fmt: skip
         assert (int(row["n"]), float(row["mean"])) == (2, pytest.approx(sum(shares) / 2))
         assert float(row["low"]) <= float(row["mean"]) <= float(row["high"])
-    assert any(r["measure"] == "guidance_difference_all" for r in numbers)
+    assert {(r["measure"], r["split"]) for r in numbers} == {
+        ("mass_share", "tag"), ("spread", "tag"), ("guidance_difference", "window"),
+    }  # fmt: skip
+    assert {r["split_value"] for r in numbers if r["split"] == "window"} == {"all", "early", "middle", "late"}
 
 
 def test_report_explain_views_choose_tags_window_and_branch(ran: Study, tmp_path: Path) -> None:
@@ -338,8 +342,8 @@ def test_report_explain_views_choose_tags_window_and_branch(ran: Study, tmp_path
     }
     top = max(means, key=lambda k: means[k])
     with (tmp_path / "r" / "explain-by-axis.csv").open() as handle:
-        plotted = {r["measure"] for r in csv.DictReader(handle)}
-    assert {m for m in plotted if not m.startswith("guidance")} == {f"mass_share {top}", f"spread {top}"}
+        plotted = {(r["measure"], r["split_value"]) for r in csv.DictReader(handle)}
+    assert {p for p in plotted if p[0] != "guidance_difference"} == {("mass_share", top), ("spread", top)}
     assert any(p.name == "explain-01-w-heatmaps.png" for p in result.figures)
     bad = parse_study(_text(checkpoint, report="explain = [{ x = 'W', window = 'hires' }]\n"), ran.path)
     with pytest.raises(

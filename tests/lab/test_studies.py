@@ -78,6 +78,14 @@ def test_pure_negative_design() -> None:
     assert options.plots is not None and [p.x for p in options.plots] == ["area", "aspect", "W", "cfg_scale"]
     # No thread pin: torch's own default (every core) runs the study.
     assert (study.run.batch_size, study.run.threads) == (32, None)
+    # Capture: the W trend's 7 points at 128x128, CFG 7, with the seed axis's first 32 seeds.
+    first = list(next(a for a in study.axes if a.name == "seed").values[:32])
+    captured = [j for j in jobs if j.job_id in study.captures(jobs)]
+    assert len(captured) == 7 * 32
+    assert Counter((j.request.width, j.request.height, j.axis_values["W"], j.request.cfg_scale)
+                   for j in captured) == {(128, 128, w, 7.0): 32 for w in W_VALUES}  # fmt: skip
+    assert {j.request.seed for j in captured} == set(first)
+    assert options.explain is not None and [(v.x, v.branch) for v in options.explain] == [("W", "negative")]
 
 
 # --------------------------------------------------------------- the demo study's report, on tiny
@@ -94,6 +102,7 @@ def demo_on_tiny(
     (folder / "tiny.md").write_text("# Tiny card\nA random <model> for tests.\n")
     text = (STUDIES / "pure-negative.toml").read_text()
     text = text.replace("steps = 20", "steps = 2").replace('seed = "64 random"', 'seed = "2 random"')
+    text = text.replace("seeds = 32", "seeds = 2")
     text += f'\n[model]\ncheckpoint = "{Path(checkpoint).name}"\n'
     study = parse_study(text, folder / "pure-negative.toml")
     report = run_study(study, study.run.override(progress=False, threads=1))
@@ -139,9 +148,12 @@ def test_demo_report_figures(demo_on_tiny: tuple[Study, ReportResult]) -> None:
     figures = result.html.parent / "figures"
     pngs = sorted(p.name for p in figures.glob("*.png"))
     svgs = sorted(p.name for p in figures.glob("*.svg"))
-    # 3 grids (size, W, CFG x seed); 4 measure plots and 3 outcome figures, each as PNG and SVG.
+    # 3 grids (size, W, CFG x seed) and the negative tags' heatmaps against W; 4 measure plots,
+    # the explain view's tag and guidance plots and 3 outcome figures, each as PNG and SVG.
     assert len([p for p in pngs if p.startswith("grid-")]) == 3
-    stems = {p[:-4] for p in pngs if not p.startswith("grid-")}
+    assert "explain-01-w-heatmaps.png" in pngs
+    stems = {p[:-4] for p in pngs if not p.startswith("grid-") and not p.endswith("-heatmaps.png")}
+    assert {s for s in stems if s.startswith("explain-")} == {"explain-01-w-tags", "explain-01-w-guidance"}
     assert stems == {s[:-4] for s in svgs}
     assert {s for s in stems if s.startswith("plot-")} == {
         "plot-01-area", "plot-02-aspect", "plot-03-w", "plot-04-cfg-scale"
@@ -220,8 +232,41 @@ def test_demo_report_measure_tables_match_the_catalog(demo_on_tiny: tuple[Study,
             direction = "up" if fit.slope - half > 0 else "down" if fit.slope + half < 0 else "flat"
             assert trend.group(1) == direction
     assert seen == {"area", "aspect", "W", "cfg_scale"}
-    # The headline table collects the same slopes.
-    assert page.count("<tr data-x=") == len(result.trends) == 4 + 3 + 5 + 6
+    # The headline table collects the same slopes, and the explain view's: 6 negative tags' mass share
+    # and spread, the guidance difference in 3 step windows (2 steps of Euler a are 2 denoiser calls:
+    # all, early and middle; the late third is empty).
+    assert page.count("<tr data-x=") == len(result.trends) == 4 + 3 + 5 + 6 + 6 * 2 + 3
+
+
+def test_demo_report_trends_of_the_negative_tags_attention_against_w(
+    demo_on_tiny: tuple[Study, ReportResult],
+) -> None:
+    study, result = demo_on_tiny
+    path = study.path.parent / "runs" / "pure-negative" / "catalog.sqlite"
+    with Catalog.open(path, readonly=True) as catalog:
+        w_of = {i["id"]: i["axis_values"]["W"] for i in catalog.images() if i["explanation"]}
+        tags = [t for t in catalog.all_tag_measures() if t["window"] == "all" and t["image_id"] in w_of]
+    assert len(w_of) == 2 * len(W_VALUES)  # 2 seeds x the W points
+    assert {t["tag"] for t in tags} == {f"negative:{tag}" for tag in NOVELAI}
+    # Each tag's emphasis weight is the job's W.
+    assert all(t["weight"] == pytest.approx(w_of[t["image_id"]]) for t in tags)
+    shares: dict[str, list[float]] = {}
+    for t in tags:
+        shares.setdefault(t["tag"], []).append(t["mass_share"])
+    top = sorted(shares, key=lambda k: -float(np.mean(shares[k])))[:6]
+    explained = [t for t in result.trends if str(t["plot"]).startswith("explain")]
+    trends = {(t["measure"], t["split_value"]): t for t in explained}
+    assert {k for k in trends if k[0] != "guidance_difference"} == {
+        (measure, tag) for measure in ("mass_share", "spread") for tag in top
+    }
+    for tag in top:
+        mine = [t for t in tags if t["tag"] == tag]
+        fit = stats.linregress([w_of[t["image_id"]] for t in mine], [t["mass_share"] for t in mine])
+        half = stats.t.ppf(0.975, len(mine) - 2) * fit.stderr
+        trend = trends[("mass_share", tag)]
+        assert (trend["x"], trend["split"], trend["n"]) == ("W", "tag", len(mine))
+        assert _close(trend["slope"], fit.slope)
+        assert _close(trend["low"], fit.slope - half) and _close(trend["high"], fit.slope + half)
 
 
 def test_demo_outcome_tables_have_wilson_intervals(demo_on_tiny: tuple[Study, ReportResult]) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 from voidprompt import __version__
 from voidprompt.errors import StudyError, VoidpromptError
 from voidprompt.files import atomic_write
-from voidprompt.lab.catalog import GUIDANCE_MEASURE, Catalog, default_catalog_path
+from voidprompt.lab.catalog import Catalog, default_catalog_path
 from voidprompt.lab.labels import label_scheme
 from voidprompt.lab.plugins import Plugins, installed_plugins
 from voidprompt.lab.report import explain as ex
@@ -393,18 +393,15 @@ def _explain_section(
             f"<figcaption>tag × {html.escape(view.x)}: mean attention map over the seeds</figcaption>"
             "</figure>"
         )
-        table = ex.per_image_table(data, images, tag_rows, tags)
-        guidance = [
-            name for w in windows if any((name := f"{GUIDANCE_MEASURE}_{w}") in r for r in images)
-        ]
-        for stem, measures, source in (
-            ("tags", table.measures, table),
-            ("guidance", guidance, ReportData([dict(r) for r in images], data.axes, guidance, data.base)),
+        for stem, source, split in (
+            ("tags", ex.tag_table(data, images, tag_rows, tags), "tag"),
+            ("guidance", ex.guidance_table(data, images, windows), "window"),
         ):
-            if not measures:
+            if not source.rows:
                 continue
-            figure, rows = measure_plot(source, measures, view.x, None, {})
-            view_trends = measure_trends(source, measures, view.x, None, {})
+            measures = source.measures
+            figure, rows = measure_plot(source, measures, view.x, split, {})
+            view_trends = measure_trends(source, measures, view.x, split, {})
             for row in (*rows, *view_trends):
                 row["plot"] = f"explain {number}"
             for row in view_trends:
@@ -413,7 +410,7 @@ def _explain_section(
             trends += view_trends
             png, svg = save_figure(figure, figures_dir / f"{slug}-{stem}")
             figures += [png, svg]
-            spec = PlotSpec(view.x, None, view.where, tuple(measures))
+            spec = PlotSpec(view.x, split, view.where, tuple(measures))
             parts.append(
                 f"<section class='plot explain' data-x='{html.escape(view.x)}' data-kind='{stem}'>"
                 f"<figure><img alt='{stem} measures vs {html.escape(view.x)}' src='{_b64_png(png)}'>"

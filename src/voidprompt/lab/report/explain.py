@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from voidprompt.explain.record import Explanation
 from voidprompt.explain.render import overlay
 from voidprompt.explain.store import load_explanation
+from voidprompt.lab.catalog import GUIDANCE_MEASURE
 from voidprompt.lab.report.data import ReportData, select
 from voidprompt.lab.report.figures import CELL, LABEL_H, _font
 from voidprompt.lab.schema import ExplainView
@@ -57,29 +58,37 @@ def top_tags(rows: Sequence[Mapping[str, Any]], count: int) -> list[str]:
     return sorted(means, key=lambda tag: -means[tag])[:count]
 
 
-def measure_name(measure: str, tag: str) -> str:
-    """The column of a tag's measure in :func:`per_image_table`: ``mass_share negative:lowres``."""
-    return f"{measure} {tag}"
-
-
-def per_image_table(
+def tag_table(
     data: ReportData,
     images: Sequence[Mapping[str, Any]],
     rows: Sequence[Mapping[str, Any]],
     tags: Sequence[str],
 ) -> ReportData:
-    """``images`` with one column per (measure, tag), so the measure plots and trends read them as
-    they read any measure."""
-    by_image: dict[int, dict[str, float | None]] = {}
+    """One row per image and tag (``tags`` only): the image's columns, ``tag`` and the tag's
+    :data:`TAG_MEASURES`, so the measure plots and trends read them split by ``tag``."""
+    by_image = {image["image_id"]: image for image in images}
     wanted = set(tags)
-    for t in rows:
-        if t["tag"] in wanted:
-            values = by_image.setdefault(t["image_id"], {})
-            for measure in TAG_MEASURES:
-                values[measure_name(measure, t["tag"])] = t[measure]
-    columns = [measure_name(m, tag) for m in TAG_MEASURES for tag in tags]
-    table = [{**image, **by_image.get(image["image_id"], {})} for image in images]
-    return ReportData(table, data.axes, columns, data.base)
+    table = [
+        {**by_image[t["image_id"]], "tag": t["tag"], **{m: t[m] for m in TAG_MEASURES}}
+        for t in rows
+        if t["tag"] in wanted and t["image_id"] in by_image
+    ]
+    table.sort(key=lambda r: tags.index(r["tag"]))  # the legend lists the tags by attention share
+    return ReportData(table, data.axes, list(TAG_MEASURES), data.base)
+
+
+def guidance_table(
+    data: ReportData, images: Sequence[Mapping[str, Any]], windows: Sequence[str]
+) -> ReportData:
+    """One row per image and step window: the image's columns, ``window`` and its guidance difference
+    (the image's ``guidance_difference_<window>`` measure)."""
+    table = [
+        {**image, "window": w, GUIDANCE_MEASURE: image[f"{GUIDANCE_MEASURE}_{w}"]}
+        for w in windows
+        for image in images
+        if f"{GUIDANCE_MEASURE}_{w}" in image
+    ]
+    return ReportData(table, data.axes, [GUIDANCE_MEASURE] if table else [], data.base)
 
 
 def heatmap_grid(
