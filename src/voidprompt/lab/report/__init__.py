@@ -24,8 +24,8 @@ goes (up or down when the interval excludes 0).
 Images captured with ``[explain]`` add the "Explanations" section, one view per ``[report] explain``
 entry (default: each axis with several values among them): a grid of tag heatmaps (rows: the tags
 with the largest mean attention share, columns: the axis values), the tags' attention measures
-(mass share, spread) and the guidance difference per step window against the axis, plotted, tabled
-and trended like the measures above.
+(mass share, spread; a line per tag) and the guidance difference (a line per step window) against
+the axis, plotted, tabled and trended like the measures above.
 """
 
 from __future__ import annotations
