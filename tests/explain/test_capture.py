@@ -263,6 +263,22 @@ def test_tag_maps_windows_and_shares_match_the_reference(tiny_engine: Engine) ->
     assert [t.text for t in commas] == [",", ","]
 
 
+def test_each_image_of_a_batch_gets_its_own_rows(tiny_engine: Engine) -> None:
+    request = BASE.replace(steps=3, batch_size=2)
+    with Reference(tiny_engine.components.unet) as ref:
+        result = tiny_engine.generate(request, explain=ExplainOptions())
+    # UNet rows: both images' prompts, then both images' negative prompts.
+    assert [len(ref.row_maps(c, 16)) for c in range(3)] == [4, 4, 4]
+    for image, ex in enumerate(result.explanations):
+        for key, row, rows in (("positive:blue cube", image, [4, 5]), ("negative:blurry", 2 + image, [4])):
+            np.testing.assert_allclose(
+                ex.tag_maps[ex.tag_index(key), 0],
+                expected_map(ref, [(c, row) for c in range(3)], rows, 16),
+                rtol=1e-4,
+                atol=1e-7,
+            )
+
+
 def test_ngms_skipped_calls_add_nothing_to_the_negative_maps(tiny_engine: Engine) -> None:
     # s_min_uncond above every sigma: every odd call skips the uncond pass (A1111's NGMS).
     request = BASE.replace(steps=4, s_min_uncond=100.0)
