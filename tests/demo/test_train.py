@@ -107,6 +107,10 @@ def test_tiny_run_exports_a_loadable_fp16_sd1_file(tiny_run: tuple[TrainConfig, 
     assert c.report.consumed == len(keys)
     assert not c.report.unused and not c.report.missing and not c.report.ignored
     assert c.scaling_factor == pytest.approx(arch["scaling_factor"])
+    # The run ends by fitting its own cheap preview map into the file, from as many pictures as it had.
+    from voidprompt.demo.preview_fit import fit_preview_map
+
+    assert c.latent_rgb is not None and c.latent_rgb == fit_preview_map(c, n=tiny_run[0].n_images)
 
 
 def test_resume_refuses_a_fresh_start_over_a_run_and_continues_it(tiny_run: tuple[TrainConfig, Path]) -> None:
