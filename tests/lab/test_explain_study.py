@@ -13,6 +13,7 @@ from PIL import Image
 from voidprompt.errors import StudyError
 from voidprompt.explain.measures import guidance_differences, tag_measures
 from voidprompt.explain.record import ExplainOptions
+from voidprompt.explain.render import overlay
 from voidprompt.explain.store import explanation_path, load_explanation
 from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.report import build_report
@@ -303,10 +304,35 @@ def test_the_report_draws_the_heatmap_grid_and_the_attention_plots(ran: Study, t
         assert name in names
     with Image.open(tmp_path / "r" / "figures" / "explain-01-w-heatmaps.png") as grid:
         # 2 W values x 2 tags, 128 px cells right of the longest label (7 px a character).
-        left = len("negative:lowres") * 7 + 10
-        assert grid.size == (left + 2 * 128, 18 * 3 + 4 + 2 * 128)
-        cell = np.asarray(grid.convert("RGB"))[18 * 3 + 4 + 10 : 18 * 3 + 4 + 100, left + 10 : left + 100]
-        assert not (cell == 200).all()  # a heatmap, not the grey of an empty cell
+        left, top = len("negative:lowres") * 7 + 10, 18 * 3 + 4
+        assert grid.size == (left + 2 * 128, top + 2 * 128)
+        drawn = np.asarray(grid.convert("RGB"))
+    # Cell (W = 1.5, the top tag): the mean of the tag's maps over that W's two captured pictures,
+    # over the first of them, on the row's colour scale (the larger of the two cells' maxima).
+    with Catalog.open(_catalog(ran), readonly=True) as catalog:
+        captured = [r for r in catalog.images() if r["explanation"]]
+        every = [t for t in catalog.all_tag_measures() if t["window"] == "all"]
+        folder = catalog.path.parent
+    shares = {
+        tag: np.mean([t["mass_share"] for t in every if t["tag"] == tag]) for tag in {t["tag"] for t in every}
+    }
+    top_tag = max(shares, key=lambda k: shares[k])
+    means = {}
+    for w in (1.0, 1.5):
+        at = [r for r in captured if r["axis_values"]["W"] == w]
+        maps = [load_explanation(folder / r["explanation"]) for r in at]
+        means[w] = (
+            at[0],
+            np.mean([e.tag_maps[e.tag_index(top_tag), e.window_index("all")] for e in maps], axis=0),
+        )
+    vmax = max(float(m.max()) for _, m in means.values())
+    first, heat = means[1.5]
+    with Image.open(folder / first["path"]) as picture:
+        expected = overlay(picture.convert("RGB"), heat, vmax=vmax).resize(
+            (124, 124), Image.Resampling.BILINEAR
+        )
+    cell = drawn[top + 2 : top + 126, left + 128 + 2 : left + 128 + 126]  # the first row: the top tag
+    assert np.array_equal(cell, np.asarray(expected))
     page = result.html.read_text()
     assert "<h2>Explanations</h2>" in page and "data-kind='tags'" in page and "data-kind='guidance'" in page
     with Catalog.open(_catalog(ran), readonly=True) as catalog:

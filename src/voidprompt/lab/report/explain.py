@@ -100,7 +100,7 @@ def heatmap_grid(
     title: str,
 ) -> Image.Image:
     """Rows = ``tags``, columns = values of ``view.x``: each cell the tag's mean map over the images
-    at that value, over the first of their pictures; an empty cell (no such map) is grey."""
+    at that value, over the first of their pictures that has it; an empty cell (no such map) is grey."""
     xs = data.values(view.x, images)
     loaded: dict[int, Explanation] = {}
 
@@ -112,13 +112,15 @@ def heatmap_grid(
     cells: dict[tuple[int, int], tuple[Path, np.ndarray]] = {}
     for i, value in enumerate(xs):
         at = select(images, {view.x: value})
-        first = explanation(at[0])
         for j, tag in enumerate(tags):
-            maps = [m for row in at if (m := _tag_map(explanation(row), tag, view.window)) is not None]
-            shape = maps[0].shape if maps else None
-            same = [m for m in maps if m.shape == shape]  # a picture of another size does not average in
-            if same and _tag_map(first, tag, view.window) is not None:
-                cells[(i, j)] = (folder / at[0]["path"], np.nanmean(np.stack(same), axis=0))
+            maps = [(row, _tag_map(explanation(row), tag, view.window)) for row in at]
+            found = [(row, m) for row, m in maps if m is not None]
+            if not found:
+                continue
+            representative, first = found[0]
+            # A picture of another size (another map shape) does not average in.
+            same = [m for _, m in found if m.shape == first.shape]
+            cells[(i, j)] = (folder / representative["path"], np.mean(np.stack(same), axis=0))
     left = max(80, min(TAG_LABEL_CHARS, max((len(t) for t in tags), default=4)) * 7 + 10)
     top = LABEL_H * 3 + 4
     canvas = Image.new("RGB", (left + CELL * len(xs), top + CELL * len(tags)), "white")
