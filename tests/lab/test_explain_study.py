@@ -389,3 +389,34 @@ def test_a_report_without_captures_has_no_explanations_section(tiny_checkpoint: 
     result = build_report(plain, out_dir=tmp_path / "r")
     assert "Explanations" not in result.html.read_text()
     assert not any(p.name.startswith("explain") for p in result.figures)
+
+
+def test_the_command_line_runs_shows_and_says_what_lacks_capture(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from voidprompt.lab.cli import main
+
+    study = tmp_path / "t.toml"
+    study.write_text(study_text(tiny_checkpoint, sizes="16x16", seeds="1"))
+    assert main(["run", str(study), "--no-progress"]) == 0
+    capsys.readouterr()
+    study.write_text(study_text(tiny_checkpoint, sizes="16x16", seeds="1, 2") + "[explain]\n")
+    assert main(["run", str(study), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    # The first run's 2 jobs (seed 1) are done without capture; the 2 new ones (seed 2) capture.
+    assert "2 images in" in out and "2 were already done" in out
+    assert "2 job(s) selected by [explain] were generated before without capture" in out
+    with Catalog.open(tmp_path / "runs" / "t" / "catalog.sqlite", readonly=True) as catalog:
+        captured = [r for r in catalog.images() if r["explanation"]]
+    assert [r["seed"] for r in captured] == [2, 2]
+    assert main(["show", str(study), captured[0]["job_id"]]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["explanation"] == captured[0]["explanation"]
+    assert {(t["tag"], t["window"]) for t in shown["tag_measures"]} == {
+        (tag, window)
+        for tag in ("negative:lowres", "negative:text")
+        for window in ("all", "early", "middle", "late")
+    }
+    assert "guidance_difference_all" in shown["measures"]

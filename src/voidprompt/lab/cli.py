@@ -192,6 +192,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             "measures": catalog.measures(image["id"]),
             "labels": catalog.labels(image["id"]),
             "run": catalog.runs().get(image.get("run_id") or 0),  # device, precision, GPU, versions
+            # With an explanation (its file is the row's "explanation"): per tag and step window.
+            "tag_measures": [t for t in catalog.all_tag_measures() if t["image_id"] == image["id"]],
         }
         print(json.dumps(details, indent=2, default=str))
         return 0
