@@ -259,6 +259,7 @@ def test_explain_tag_picker_and_step_slider(browser, study_server, artifacts, sy
     assert all((i["width"], i["height"]) == (width, height) for i in shown)
     assert all("/previews/1/" in str(i["src"]) for i in shown)
     assert "call 2 of 6" in b.find_element(By.CSS_SELECTOR, "#gen-explain .explain-step-label").text
+    b.execute_script("document.querySelector('#gen-explain').scrollIntoView()")
     b.save_screenshot(str(artifacts / "04-explain.png"))
 
     # A study image's explanation file, in the study's image detail.
@@ -281,13 +282,14 @@ def test_explain_tag_picker_and_step_slider(browser, study_server, artifacts, sy
             f"#{first['id']} ",
         )
         options = wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#study-detail .explain-tag option"), 60)
-        assert [o.text for o in options] == ["red ball \u00b7 weight 1.0", "lowres \u00b7 weight 1.3"]
+        assert [o.text for o in options] == ["red ball \u00b7 weight 1", "lowres \u00b7 weight 1.3"]
         overlay = wait_for(lambda: loaded_images(b, "#study-detail .explain-overlay"))[0]
         assert (overlay["width"], overlay["height"]) == (first["width"], first["height"])
         skipped = wait_for(
             lambda: b.find_elements(By.CSS_SELECTOR, "#study-detail .explain-previews .skipped")
         )
         assert len(skipped) == 2  # the last preview's call ran no negative prompt: no picture, no difference
+        b.execute_script("document.querySelector('#study-detail .study-explain').scrollIntoView()")
         b.save_screenshot(str(artifacts / "05-study-explain.png"))
     finally:
         explanation.unlink(missing_ok=True)

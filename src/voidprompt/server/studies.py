@@ -406,6 +406,9 @@ try:
 except KeyboardInterrupt:
     print("voidprompt: interrupted", file=sys.stderr)
     code = 130
+# The run has answered: the server's repeated SIGINT (every INTERRUPT_REPEAT_S) must not kill the
+# interpreter's shutdown, which takes over a second with torch loaded on a busy machine.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 sys.exit(code)
 """
 

@@ -246,7 +246,7 @@ async function showExplanation(box, url, title) {
   slider.addEventListener("input", drawStep);
 
   box.replaceChildren(el("h3", {}, `Explanation: ${title}`),
-    el("div", { class: "row" }, el("label", {}, "Tag ", tagSelect), el("label", {}, "Steps ", windowSelect)),
+    el("div", { class: "row" }, el("label", {}, "Tag ", tagSelect), el("label", { title: "the denoising calls the map averages over" }, "Window ", windowSelect)),
     overlay, measures,
     el("div", { class: "row" }, el("label", {}, "Step ", slider), stepLabel),
     steps);
