@@ -182,6 +182,45 @@ def test_per_token_maps_and_vae_previews(http: httpx.Client) -> None:
     assert decode(http.get(d["vae_previews"]["1"]).content).size == (64, 64)
 
 
+def test_img2img_and_hires_fix_explained_with_the_same_pictures(http: httpx.Client) -> None:
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    buffer = io.BytesIO()
+    init.save(buffer, format="PNG")
+    body = {
+        **BODY,
+        "batch_size": 1,
+        "init_images": [base64.b64encode(buffer.getvalue()).decode()],
+        "denoising_strength": 0.6,
+    }
+    ours = http.post("/voidprompt/v1/img2img", json={**body, "explain": {}}).json()
+    theirs = http.post("/sdapi/v1/img2img", json=body).json()
+    assert ours["images"] == theirs["images"]
+    d = http.get(ours["explanations"][0]["url"]).json()
+    # A1111's img2img: t_enc = int(0.6 * 3) = 1, sigmas[steps - t_enc - 1:], so t_enc + 1 calls.
+    assert len(d["calls"]) == int(0.6 * 3) + 1
+    assert [t["key"] for t in d["tags"]][:2] == ["positive:a red ball", "positive:blue cube"]
+
+    hires = {
+        **BODY,
+        "batch_size": 1,
+        "steps": 2,
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_second_pass_steps": 1,
+        "denoising_strength": 0.5,
+    }
+    ours = http.post("/voidprompt/v1/txt2img", json={**hires, "explain": {}}).json()
+    theirs = http.post("/sdapi/v1/txt2img", json=hires).json()
+    assert ours["images"] == theirs["images"]
+    d = http.get(ours["explanations"][0]["url"]).json()
+    assert d["windows"] == ["all", "early", "middle", "late", "hires"]
+    # 96 px pictures: the maps at the hires pass's latent size.
+    assert d["latent_size"] == [48, 48]
+    assert [c["pass_name"] for c in d["calls"]] == ["first", "first", "hires"]
+    png = http.get(d["heatmap_url"], params={"tag": "negative:lowres", "window": "hires"})
+    assert png.status_code == 200 and decode(png.content).size == (96, 96)
+
+
 def test_explain_off_gives_no_explanations(http: httpx.Client) -> None:
     r = http.post("/voidprompt/v1/txt2img", json={**BODY, "batch_size": 1, "steps": 1})
     assert r.status_code == 200 and r.json()["explanations"] == []
