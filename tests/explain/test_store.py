@@ -208,3 +208,34 @@ def test_a_512px_explanation_is_within_the_stated_size(tmp_path: Path) -> None:
     size = path.stat().st_size
     assert size <= 420_000, size
     assert load_explanation(path).tag_maps.shape == (n_tags, 4, 32, 32)
+
+
+@pytest.mark.slow
+def test_the_miniature_models_512px_file_is_within_the_stated_size(tmp_path: Path) -> None:
+    # The real thing behind store.py's figure: a captured 512x512 picture, 38 tags, 20 Euler a calls.
+    from voidprompt.demo.miniature import miniature_model_path
+    from voidprompt.explain.record import ExplainOptions
+    from voidprompt.models.load import load_model
+    from voidprompt.pipeline.engine import Engine
+    from voidprompt.request import GenerationRequest
+
+    positive = (
+        "red circle, blue background, masterpiece, best quality, simple, centered, flat colour, clean "
+        "lines, sharp, bright, vivid, high contrast, geometric, minimal, smooth, solid, round, large, "
+        "single object, plain"
+    )
+    negative = (
+        "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
+        "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, "
+        "username, blurry, artist name"
+    )
+    request = GenerationRequest(
+        prompt=positive, negative_prompt=negative, seed=3, steps=20, width=512, height=512,
+        cfg_scale=7.0, sampler_name="Euler a",
+    )  # fmt: skip
+    (ex,) = (
+        Engine(load_model(miniature_model_path())).generate(request, explain=ExplainOptions()).explanations
+    )
+    assert ex.latent_size == (64, 64) and len(ex.tags) == 38 and len(ex.calls) == 20
+    size = save_explanation(tmp_path / "a.explain.npz", ex).stat().st_size
+    assert size <= 420_000, size
