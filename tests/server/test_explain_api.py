@@ -374,3 +374,14 @@ def test_study_explanation_errors_are_one_line_4xx(study_files) -> None:  # type
         for bad in ("..%2F..%2Fetc", "%2E%2E", "smoke%2F..%2F.."):
             r = http.get(f"/voidprompt/v1/studies/{bad}/images/{ids[0]}/explanation")
             assert r.status_code == 404, bad
+
+
+def test_serve_sets_the_number_kept_and_refuses_a_negative_one() -> None:
+    from voidprompt.errors import VoidpromptError
+    from voidprompt.server.cli import _parser, build_config
+
+    assert build_config(_parser().parse_args(["--no-miniature"])).explain_cache == 32  # type: ignore[attr-defined]
+    config = build_config(_parser().parse_args(["--no-miniature", "--explain-cache", "3"]))
+    assert config.explain_cache == 3  # type: ignore[attr-defined]
+    with pytest.raises(VoidpromptError, match="--explain-cache -1: give 0"):
+        build_config(_parser().parse_args(["--no-miniature", "--explain-cache", "-1"]))

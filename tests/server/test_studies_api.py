@@ -237,3 +237,20 @@ def test_report_without_matplotlib_is_a_501_naming_the_lab_extra(  # type: ignor
     with pytest.raises(ReportUnavailableError, match=missing) as caught:
         registry.report(registry.get("smoke"))
     assert _status_for(caught.value) == 501
+
+
+def test_a_catalog_whose_run_has_not_made_its_tables_yet_has_no_images(  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny_checkpoint: Path, study_writer
+) -> None:
+    import sqlite3
+
+    from voidprompt.lab.catalog import catalog_path_beside
+
+    study_file = study_writer(tmp_path, tiny_checkpoint, seeds=1, steps=1)
+    catalog = catalog_path_beside(study_file)
+    catalog.parent.mkdir(parents=True)
+    # What a run that has just started leaves for a moment: the file, without its tables.
+    sqlite3.connect(catalog).close()
+    registry = StudyRegistry(tmp_path)
+    summary = registry.summary(registry.get("smoke"))
+    assert (summary["images"], summary["jobs"], summary["labeled"], summary["name"]) == (0, 0, 0, "smoke")

@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
         "--explain-cache",
         type=int,
         default=32,
-        help="explanations of generations kept in memory, the most recent (default 32; 0: none)",
+        help="explanations of generations kept in memory, the most recent (default 32, about 4.5 MB "
+        "each at 512x512; 0: none)",
     )
     p.add_argument("--nowebui", action="store_true", help="API only, no web UI")
     p.add_argument("--max-pixels", type=int, help="max width*height per image")

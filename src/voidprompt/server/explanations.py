@@ -6,7 +6,10 @@ An explanation reaches the routes from one of two places, both as an :class:`Exp
 
 - a generation on voidprompt's own routes with ``explain`` set: kept in an :class:`ExplanationCache`
   under a random id, the ``capacity`` most recent ones (the oldest is dropped first; its id then
-  answers 404 saying so);
+  answers 404 saying so). Each holds its maps at the latent size (float32) and its picture: about
+  4.5 MB for a 512x512 picture with 40 tags and a preview at each of 20 steps (the web UI's
+  choice; 2.6 MB maps, 1 MB previews, 0.8 MB picture), about 18 MB at 1024x1024, so the default
+  32 hold about 145 MB and 570 MB;
 - a study image's ``NAME.explain.npz`` beside its PNG, read with
   :func:`~voidprompt.explain.store.load_explanation` (whose maps come back at the stored size) and
   kept in a small cache of its own, keyed by the file's size and modification time.

@@ -165,6 +165,10 @@ class StudyRegistry:
         catalog: Catalog | None = None
         if entry.catalog_path().exists():
             catalog = Catalog.open(entry.catalog_path(), readonly=True)
+            if not _has_images_table(catalog):
+                # A run that has just started creates the file before its tables: nothing in it yet.
+                catalog.close()
+                catalog = None
         try:
             classes, axes = self.scheme(entry, catalog)
             if catalog is not None:
@@ -423,6 +427,11 @@ def _pump(stream: IO[str] | None, sink: deque[str]) -> None:
 def _catalog_toml(catalog: Catalog) -> str | None:
     row = catalog._db.execute("SELECT toml FROM study ORDER BY id DESC LIMIT 1").fetchone()
     return str(row[0]) if row else None
+
+
+def _has_images_table(catalog: Catalog) -> bool:
+    row = catalog._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'images'")
+    return row.fetchone() is not None
 
 
 def _read_stamp(path: Path) -> dict[str, Any] | None:
