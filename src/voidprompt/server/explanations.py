@@ -97,7 +97,6 @@ class ExplanationSource:
 
     explanation: Explanation
     picture: Callable[[], Image.Image]
-    seed: int | None = None
 
 
 class ExplanationCache:
@@ -110,11 +109,11 @@ class ExplanationCache:
     def capacity(self) -> int:
         return self._entries.capacity
 
-    def add(self, explanation: Explanation, picture: Image.Image, seed: int | None = None) -> str:
+    def add(self, explanation: Explanation, picture: Image.Image) -> str:
         """Keep ``explanation`` of ``picture``; returns its new id (random, not guessable)."""
         key = secrets.token_hex(12)
         kept = picture.copy()
-        self._entries.put(key, ExplanationSource(explanation, lambda: kept, seed))
+        self._entries.put(key, ExplanationSource(explanation, lambda: kept))
         return key
 
     def get(self, key: str) -> ExplanationSource:

@@ -38,7 +38,7 @@ def router(state: App) -> APIRouter:
         # The capture's explanations are the pictures' own, one each in image order.
         for i, explanation in enumerate(result.explanations):
             seed = result.seeds[i]
-            key = state.explanations.add(explanation, result.images[i], seed)
+            key = state.explanations.add(explanation, result.images[i])
             refs.append(m.ExplanationRef(id=key, url=f"{prefix}/explanations/{key}", image=i, seed=seed))
         return m.VoidpromptGenerationResponse(**response.model_dump(), explanations=refs)
 
