@@ -279,12 +279,13 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     return _generate_and_save(args, request, device, precision)
 
 
-def _model_for(params: dict[str, Any], image: Path, folders: Sequence[Path]) -> Path:
+def _model_for(params: dict[str, Any], image: Path, folders: Sequence[Path] | None) -> Path:
     """The checkpoint whose hash the infotext names, from ``folders`` and the miniature model."""
     from voidprompt.demo.miniature import miniature_model_path
     from voidprompt.errors import ModelLoadError
-    from voidprompt.server.checkpoints import ModelRegistry, NotFoundError
+    from voidprompt.server.checkpoints import DEFAULT_CKPT_DIR, ModelRegistry, NotFoundError
 
+    folders = folders or [DEFAULT_CKPT_DIR]
     wanted = str(params.get("Model hash") or "").strip().lower()
     if not wanted:
         raise InfotextError(
@@ -353,7 +354,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     request = GenerationRequest(**fields)
     request.validate()
     if not args.model:
-        args.model = str(_model_for(params, image, args.ckpt_dir or [Path("models/Stable-diffusion")]))
+        args.model = str(_model_for(params, image, args.ckpt_dir))
     explain = _explain_options(args, on=True)
     result = _run(_engine(args, device, precision), request, explain)
     regenerated, new_infotext, explanation = result.images[0], result.infotexts[0], result.explanations[0]

@@ -56,8 +56,8 @@ def test_the_explain_section_becomes_typed_options(tmp_path: Path) -> None:
     assert study.explain == ExplainSpec({"size": "16x16"}, 2, False, 2, 4)
     assert parse_study(text, tmp_path / "s.toml").explain is None  # no section: nothing captures
     empty = parse_study(text + "[explain]\n", tmp_path / "s.toml").explain
-    assert empty == ExplainSpec({}, None, False, 4, 32)
-    assert empty.options() == ExplainOptions(per_token=False, preview_every=4)
+    assert empty == ExplainSpec({}, None, False, 5, 24)
+    assert empty.options() == ExplainOptions(per_token=False, preview_every=5)
     full = parse_study(
         text
         + "[explain]\nwhere = { W = [1, 2] }\nseeds = 3\nper_token = true\npreview_every = 0\nmap_side = 8\n"

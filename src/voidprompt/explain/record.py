@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from voidprompt.errors import InvalidRequestError
+
 POSITIVE = "positive"
 NEGATIVE = "negative"
 WINDOW_ALL = "all"
@@ -22,14 +24,18 @@ class ExplainOptions:
     guided prediction the full VAE decodes as well."""
 
     per_token: bool = False
-    preview_every: int = 4
+    preview_every: int = 5
     vae_calls: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.preview_every < 0:
-            raise ValueError(f"preview_every must be 0 (no previews) or more, got {self.preview_every}")
+            raise InvalidRequestError(
+                f"preview_every must be 0 (no previews) or more, got {self.preview_every}"
+            )
         if any(call < 0 for call in self.vae_calls):
-            raise ValueError(f"vae_calls are 0-based call indices, got {list(self.vae_calls)}")
+            raise InvalidRequestError(
+                f"vae_calls are 0-based denoiser call indices (0 or more), got {list(self.vae_calls)}"
+            )
 
 
 @dataclass(frozen=True)

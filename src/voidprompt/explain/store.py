@@ -8,12 +8,12 @@ hires size). The description (tags, tokens, windows, calls, shares) is JSON in t
 ``meta`` entry. Written through a temporary file and a rename: a reader sees the old file or the new
 one, never half of one.
 
-The size, with the defaults (per-tag maps at most 32 cells a side, a preview every 4th call and the
-last): a 512x512 SD1 picture (64x64 latent) with 40 tags and a 20-call sampler never exceeds about
-420 kB, the size of incompressible content (160 kB of maps, 245 kB for six previews). Measured on the
-miniature model at 512x512 (38 tags, Euler a, 20 steps): 320 kB, of which maps 135 kB and previews
-180 kB; at its own 128x128, 53 kB. Each 512x512 preview costs about 30-40 kB and each tag about
-3.5 kB: ``preview_every`` and ``map_side`` trade detail for room.
+The size, with the defaults (per-tag maps at most 24 cells a side, a preview every 5th call and the
+last), measured on the miniature model at 512x512 (64x64 latent, Euler a, 20 steps, 38 tags, five
+previews): 256 kB - about 2 kB per tag (four windows) and 36 kB per preview step (three RGB pictures
+and the difference map), so about 220 kB for 20 tags; at its own 128x128, under 40 kB. Previews are
+stored losslessly, so they do not shrink further: ``preview_every`` and ``map_side`` trade detail for
+room.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from voidprompt.files import atomic_write
 
 FORMAT_VERSION = 1
 SUFFIX = ".explain.npz"
-DEFAULT_MAP_SIDE = 32
+DEFAULT_MAP_SIDE = 24
 # A file far above the budget is not an explanation this code wrote.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
@@ -98,11 +98,18 @@ def save_explanation(
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
 
-    def write(temp: Path) -> None:
-        with temp.open("wb") as f:
-            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+    return atomic_write(path, lambda temp: _write_npz(temp, arrays))
 
-    return atomic_write(path, write)
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez_compressed``'s layout with a fixed member date, so the same explanation always gives
+    the same bytes."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def load_explanation(path: str | os.PathLike[str]) -> Explanation:

@@ -655,8 +655,8 @@ EXPLAIN_KEYS = (
     Key("where", _explain_where, {}),
     Key("seeds", _whole(1, "seeds = 32")),
     Key("per_token", _flag("per_token = true"), False),
-    Key("preview_every", _whole(0, "preview_every = 4"), ExplainSpec.preview_every),
-    Key("map_side", _whole(1, "map_side = 32"), ExplainSpec.map_side),
+    Key("preview_every", _whole(0, "preview_every = 5"), ExplainSpec.preview_every),
+    Key("map_side", _whole(1, "map_side = 24"), ExplainSpec.map_side),
 )
 REPORT_KEYS = (
     Key("base", _base, 512),

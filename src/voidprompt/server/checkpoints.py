@@ -25,6 +25,9 @@ from voidprompt.models.detect import ModelFamily, detect_family
 from voidprompt.models.hashes import old_model_hash, sha256_file
 from voidprompt.models.load import open_checkpoint
 
+# A1111's checkpoint folder, relative to where the command runs (its --ckpt-dir default).
+DEFAULT_CKPT_DIR = Path("models/Stable-diffusion")
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")

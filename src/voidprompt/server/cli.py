@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace) -> object:
     from voidprompt.models.placement import resolve_device, resolve_precision
+    from voidprompt.server.checkpoints import DEFAULT_CKPT_DIR
     from voidprompt.server.state import ServerConfig
 
     # Refused here, before anything is read or bound: a device or precision this machine lacks.
@@ -155,7 +156,7 @@ def build_config(args: argparse.Namespace) -> object:
     return ServerConfig(
         host=host,
         port=args.port,
-        ckpt_dirs=args.ckpt_dir or [Path("models/Stable-diffusion")],
+        ckpt_dirs=args.ckpt_dir or [DEFAULT_CKPT_DIR],
         extra_checkpoints=extra,
         vae_dirs=args.vae_dir or [Path("models/VAE")],
         lora_dir=args.lora_dir,

@@ -9,7 +9,7 @@ from typing import Any
 
 from voidprompt.models.placement import default_randn_source, resolve_device, resolve_precision
 from voidprompt.models.tokenizer import load_clip_tokenizer
-from voidprompt.server.checkpoints import ModelRegistry
+from voidprompt.server.checkpoints import DEFAULT_CKPT_DIR, ModelRegistry
 from voidprompt.server.explanations import DEFAULT_CACHE_SIZE, ExplanationCache
 from voidprompt.server.generation import ModelHost, Options
 from voidprompt.server.limits import Limits
@@ -24,7 +24,7 @@ __all__ = ["App", "ServerConfig"]
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 7860
-    ckpt_dirs: list[Path] = field(default_factory=lambda: [Path("models/Stable-diffusion")])
+    ckpt_dirs: list[Path] = field(default_factory=lambda: [DEFAULT_CKPT_DIR])
     extra_checkpoints: list[Path] = field(default_factory=list)
     vae_dirs: list[Path] = field(default_factory=lambda: [Path("models/VAE")])
     # A1111's default folders (--lora-dir, --embeddings-dir, --hypernetwork-dir); None: no folder.

@@ -21,7 +21,7 @@ from voidprompt.explain.render import overlay
 from voidprompt.explain.store import load_explanation
 from voidprompt.lab.catalog import GUIDANCE_MEASURE
 from voidprompt.lab.report.data import ReportData, select
-from voidprompt.lab.report.figures import CELL, LABEL_H, _font
+from voidprompt.lab.report.figures import CELL, LABEL_H, label_font
 from voidprompt.lab.schema import ExplainView
 
 # The per-tag measures a view plots against its axis.
@@ -125,7 +125,7 @@ def heatmap_grid(
     top = LABEL_H * 3 + 4
     canvas = Image.new("RGB", (left + CELL * len(xs), top + CELL * len(tags)), "white")
     draw = ImageDraw.Draw(canvas)
-    font = _font()
+    font = label_font()
     draw.text((4, 2), title, fill="black", font=font)
     draw.text((left, LABEL_H), f"{view.x} ->", fill="black", font=font)
     for i, value in enumerate(xs):

@@ -20,7 +20,7 @@ CELL = 128  # longest side of a grid cell in pixels; small images are scaled up 
 LABEL_H = 18
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
@@ -46,7 +46,7 @@ def image_grid(
     width, height = left + CELL * len(xs), top + CELL * len(ys)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    font = _font()
+    font = label_font()
     draw.text((4, 2), title, fill="black", font=font)
     # ASCII only: the default bitmap font has no arrow glyph.
     draw.text((left, LABEL_H), f"{x} ->", fill="black", font=font)
