@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -241,3 +242,13 @@ def test_the_miniature_models_512px_file_is_within_the_stated_size(tmp_path: Pat
     size = save_explanation(tmp_path / "a.explain.npz", ex).stat().st_size
     # store.py states 256 kB for this picture (2 kB per tag, 36 kB per preview step).
     assert size <= 270_000, size
+
+
+def test_the_same_explanation_gives_the_same_bytes(tmp_path: Path) -> None:
+    ex = made()
+    first = save_explanation(tmp_path / "a.explain.npz", ex).read_bytes()
+    os.utime(tmp_path / "a.explain.npz", (0, 0))  # a later write must not carry the clock either
+    second = save_explanation(tmp_path / "b.explain.npz", ex).read_bytes()
+    assert first == second
+    with zipfile.ZipFile(tmp_path / "b.explain.npz") as archive:
+        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
