@@ -34,11 +34,8 @@ from voidprompt.explain.record import (
     TagInfo,
     TokenInfo,
 )
-from voidprompt.explain.tags import PromptTokens
+from voidprompt.explain.tags import PromptKey, PromptTokens
 from voidprompt.sampling.denoiser import UNetRow
-
-PromptKey = tuple[bool, int, int]
-"""(negative, AND sub-prompt, schedule entry) -> the prompt text's tokens."""
 
 ToX0 = Callable[[Tensor, Tensor, Tensor], Tensor]
 ToRGB = Callable[[Tensor], Tensor]

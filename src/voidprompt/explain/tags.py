@@ -9,6 +9,7 @@ no tag. Chunk rows map back to tokens through the chunker's ``sources``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,3 +71,29 @@ def prompt_tokens(line: TokenizedLine, comma_id: int) -> PromptTokens:
         tags=tuple(tags),
         rows=rows,
     )
+
+
+PromptKey = tuple[bool, int, int]
+"""(negative, AND sub-prompt, schedule entry): which prompt text a UNet row reads."""
+
+PassPrompts = dict[PromptKey, PromptTokens]
+"""Each prompt text's tokens, for one sampler pass."""
+
+
+def pass_prompts(
+    tokenize: Callable[[str], TokenizedLine],
+    comma_id: int,
+    positive: Sequence[tuple[Sequence[tuple[int, str]], float]],
+    negative: Sequence[tuple[int, str]],
+) -> PassPrompts:
+    """The tokens of every schedule entry of a pass's prompts: ``positive`` its AND sub-prompts'
+    schedules with their weights, ``negative`` the negative prompt's schedule (as
+    :func:`voidprompt.prompts.prepare.prepare_prompts` gives them), tokenized by the encoder's own
+    chunker."""
+    prompts: PassPrompts = {}
+    for part, (schedule, _) in enumerate(positive):
+        for entry, (_, text) in enumerate(schedule):
+            prompts[(False, part, entry)] = prompt_tokens(tokenize(text), comma_id)
+    for entry, (_, text) in enumerate(negative):
+        prompts[(True, 0, entry)] = prompt_tokens(tokenize(text), comma_id)
+    return prompts

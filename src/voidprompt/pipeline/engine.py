@@ -40,8 +40,8 @@ from voidprompt.conditioning import CondSchedule, MultiCond
 from voidprompt.errors import InvalidRequestError, VoidpromptError
 from voidprompt.explain.attention import AttentionProbe
 from voidprompt.explain.record import ExplainOptions
-from voidprompt.explain.recorder import ExplainRecorder, PromptKey
-from voidprompt.explain.tags import PromptTokens, prompt_tokens
+from voidprompt.explain.recorder import ExplainRecorder
+from voidprompt.explain.tags import PassPrompts, pass_prompts
 from voidprompt.infotext import ImageFacts, ModelFacts, RunFacts, create_infotext, generation_params
 from voidprompt.models.components import Components
 from voidprompt.models.latent_rgb import latent_rgb_for
@@ -78,6 +78,7 @@ from voidprompt.pipeline.sdxl_vector import (
     with_numbers,
     with_numbers_multi,
 )
+from voidprompt.prompts.chunks import TokenizedLine
 from voidprompt.prompts.embeddings import EmbeddingDatabase
 from voidprompt.prompts.encode import PromptEncoder
 from voidprompt.prompts.encode_sdxl import SDXLPromptEncoder
@@ -363,20 +364,16 @@ class Engine:
             probe.attach(self._refiner(name).components.unet)
         return probe
 
-    def _pass_prompts(
-        self, request: GenerationRequest, conditioning: _Conditioning
-    ) -> dict[PromptKey, PromptTokens]:
+    def _pass_prompts(self, request: GenerationRequest, conditioning: _Conditioning) -> PassPrompts:
         """Each (negative, sub-prompt, schedule entry)'s tokens and tags, as this model chunks them."""
-        comma = self.components.tokenizer.comma_id
-        options = {"emphasis": request.emphasis, "comma_padding_backtrack": request.comma_padding_backtrack}
-        prepared = conditioning.prepared
-        prompts: dict[PromptKey, PromptTokens] = {}
-        for part, (schedule, _) in enumerate(prepared.positive):
-            for entry, (_, text) in enumerate(schedule):
-                prompts[(False, part, entry)] = prompt_tokens(self.encoder.tokenize(text, **options), comma)
-        for entry, (_, text) in enumerate(prepared.negative):
-            prompts[(True, 0, entry)] = prompt_tokens(self.encoder.tokenize(text, **options), comma)
-        return prompts
+
+        def tokenize(text: str) -> TokenizedLine:
+            return self.encoder.tokenize(
+                text, emphasis=request.emphasis, comma_padding_backtrack=request.comma_padding_backtrack
+            )
+
+        prepared, comma = conditioning.prepared, self.components.tokenizer.comma_id
+        return pass_prompts(tokenize, comma, prepared.positive, prepared.negative)
 
     def _sample(self, plan: _Plan, iteration: _Iteration) -> Tensor:
         if plan.inputs is not None:
