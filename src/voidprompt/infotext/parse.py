@@ -20,6 +20,7 @@ from typing import Any
 from voidprompt.errors import InfotextError, InvalidRequestError, PromptError
 from voidprompt.infotext.versions import backcompat_flags
 from voidprompt.prompts.parse import is_break, parse_prompt_attention
+from voidprompt.prompts.styles import StyleDatabase
 from voidprompt.request import MAX_PROMPT_CHARS, check_prompt_chars
 
 __all__ = [
@@ -93,12 +94,15 @@ def parse_generation_parameters(
     *,
     use_old_hires_fix_width_height: bool = False,
     skip_fields: Iterable[str] = (),
+    style_db: StyleDatabase | None = None,
 ) -> dict[str, Any]:
     """Parse an infotext into A1111's dict (``Prompt``, ``Negative prompt``, every key, defaults).
 
-    ``WxH`` values become ``Key-1`` (W) / ``Key-2`` (H). Styles are not extracted (voidprompt keeps no
-    style database at this layer). ``use_old_hires_fix_width_height`` is A1111's compatibility setting
-    of that name. Version-based compatibility flags are added as A1111 does (see
+    ``WxH`` values become ``Key-1`` (W) / ``Key-2`` (H). With ``style_db``, styles are taken back out
+    of the prompts into ``Styles array`` as A1111 1.8+ does under its default ``infotext_styles``
+    setting ("Apply if any": the key is set only when a style was found).
+    ``use_old_hires_fix_width_height`` is A1111's compatibility setting of that name. Version-based
+    compatibility flags are added as A1111 does (see
     :func:`voidprompt.infotext.versions.backcompat_flags`).
     """
     if len(text) > MAX_INFOTEXT_CHARS:
@@ -144,6 +148,10 @@ def parse_generation_parameters(
         else:
             res[key] = value
 
+    if style_db is not None:
+        found, prompt, negative_prompt = style_db.extract_styles_from_prompt(prompt, negative_prompt)
+        if found:
+            res["Styles array"] = found
     res["Prompt"] = prompt
     res["Negative prompt"] = negative_prompt
     _fill_defaults(res, use_old_hires_fix_width_height=use_old_hires_fix_width_height)

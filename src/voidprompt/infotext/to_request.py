@@ -156,6 +156,8 @@ def request_fields_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
     if hr_scheduler and hr_scheduler != "Use same scheduler":
         fields["hr_scheduler"] = str(hr_scheduler)
 
+    if params.get("Styles array"):
+        fields["styles"] = tuple(str(name) for name in params["Styles array"])
     if "Mask blur" in params:
         fields["mask_blur_x"] = fields["mask_blur_y"] = _to_int("Mask blur", params["Mask blur"])
     if "Mask mode" in params:

@@ -8,6 +8,7 @@ the result of the previous one.
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ __all__ = [
     "PromptStyle",
     "StyleDatabase",
     "apply_styles",
+    "extract_styles",
     "merge_prompts",
 ]
 
@@ -49,13 +51,77 @@ def apply_styles(prompt: str, style_prompts: Iterable[str]) -> str:
     return prompt
 
 
-class StyleDatabase:
-    """Styles by name, normally read from an A1111 ``styles.csv``."""
+# A1111 collapses runs of spaces before matching a style's text against a prompt.
+_SPACES = re.compile("  +")
 
-    def __init__(self, styles: Iterable[PromptStyle] = ()) -> None:
+
+def _extract_style_text(style_text: str, prompt: str) -> str | None:
+    """The prompt with one style's text taken back out, or None when the style does not match."""
+    prompt = _SPACES.sub(" ", prompt.strip())
+    style_text = _SPACES.sub(" ", style_text.strip())
+    if PLACEHOLDER in style_text:
+        # A1111 splits at the first placeholder only (a maxsplit of 2 that fails on a third one).
+        parts = style_text.split(PLACEHOLDER)
+        if len(parts) != 2:
+            return None
+        left, right = parts
+        if prompt.startswith(left) and prompt.endswith(right):
+            return prompt[len(left) : len(prompt) - len(right)]
+        return None
+    if not prompt.endswith(style_text):
+        return None
+    rest = prompt[: len(prompt) - len(style_text)]
+    return rest[:-2] if rest.endswith(", ") else rest
+
+
+def extract_styles(
+    styles: Iterable[PromptStyle], prompt: str, negative_prompt: str
+) -> tuple[list[str], str, str]:
+    """A1111 1.8+'s reading of styles back out of an infotext's prompts ("Styles array").
+
+    Repeatedly takes the first style (in database order) whose prompt and negative prompt both match
+    the current texts, removes it, and continues with the rest; a style with neither text never
+    matches. Returns the names in the order they were applied (the reverse of extraction) and the
+    prompts with the styles removed.
+    """
+    candidates = [s for s in styles if s.prompt or s.negative_prompt]
+    found: list[str] = []
+    while True:
+        for style in candidates:
+            positive = _extract_style_text(style.prompt, prompt)
+            negative = _extract_style_text(style.negative_prompt, negative_prompt)
+            if positive is not None and negative is not None:
+                prompt, negative_prompt = positive, negative
+                candidates.remove(style)
+                found.append(style.name)
+                break
+        else:
+            return found[::-1], prompt, negative_prompt
+
+
+class StyleDatabase:
+    """Styles by name, normally read from an A1111 ``styles.csv``.
+
+    ``ignore_unknown`` is A1111's own rule (its HTTP API and UI): an unknown name counts as an empty
+    style, which still strips the prompt (``merge_prompts`` with an empty style); aiyabot sends
+    ``["None"]`` on every request. Without it an unknown name is an error, because a study that names
+    a missing style has a typo.
+    """
+
+    def __init__(self, styles: Iterable[PromptStyle] = (), *, ignore_unknown: bool = False) -> None:
         self._styles: dict[str, PromptStyle] = {}
+        self.ignore_unknown = ignore_unknown
         for style in styles:
             self._styles[style.name] = style
+
+    @classmethod
+    def from_csv_files(cls, paths: Iterable[str | Path], *, ignore_unknown: bool = False) -> StyleDatabase:
+        """Several ``styles.csv`` files in order (A1111's repeated ``--styles-file``); a later file's
+        style replaces an earlier one of the same name."""
+        styles: list[PromptStyle] = []
+        for path in paths:
+            styles.extend(cls.from_csv(path).styles)
+        return cls(styles, ignore_unknown=ignore_unknown)
 
     @classmethod
     def from_csv(cls, path: str | Path) -> StyleDatabase:
@@ -87,6 +153,10 @@ class StyleDatabase:
     def names(self) -> list[str]:
         return list(self._styles)
 
+    @property
+    def styles(self) -> list[PromptStyle]:
+        return list(self._styles.values())
+
     def __contains__(self, name: object) -> bool:
         return name in self._styles
 
@@ -101,11 +171,19 @@ class StyleDatabase:
             # A1111 silently ignores an unknown style; a study that names one has a typo, so say so.
             raise PromptError(f"unknown style {name!r}; known styles: {known}") from None
 
+    def _lookup(self, name: str) -> PromptStyle:
+        if self.ignore_unknown and name not in self._styles:
+            return PromptStyle(name)
+        return self.get(name)
+
     def apply_styles_to_prompt(self, prompt: str, styles: Iterable[str]) -> str:
-        return apply_styles(prompt, [self.get(name).prompt for name in styles])
+        return apply_styles(prompt, [self._lookup(name).prompt for name in styles])
 
     def apply_negative_styles_to_prompt(self, prompt: str, styles: Iterable[str]) -> str:
-        return apply_styles(prompt, [self.get(name).negative_prompt for name in styles])
+        return apply_styles(prompt, [self._lookup(name).negative_prompt for name in styles])
+
+    def extract_styles_from_prompt(self, prompt: str, negative_prompt: str) -> tuple[list[str], str, str]:
+        return extract_styles(self._styles.values(), prompt, negative_prompt)
 
 
 def _cell(row: Mapping[str | None, object], key: str) -> str:

@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         "--vae-dir", type=Path, action="append", help="VAE folder (repeatable; default models/VAE)"
     )
     p.add_argument(
+        "--styles-file",
+        type=Path,
+        action="append",
+        help="A1111 styles csv (name,prompt,negative_prompt; repeatable; default ./styles.csv when present)",
+    )
+    p.add_argument(
         "--lora-dir", type=Path, default=Path("models/Lora"), help="LoRA folder (default models/Lora)"
     )
     p.add_argument(
@@ -110,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace) -> object:
     from voidprompt.models.placement import resolve_device, resolve_precision
     from voidprompt.server.checkpoints import DEFAULT_CKPT_DIR
-    from voidprompt.server.state import ServerConfig
+    from voidprompt.server.state import DEFAULT_STYLES_FILE, ServerConfig
 
     # Refused here, before anything is read or bound: a device or precision this machine lacks.
     resolve_precision(args.precision or "auto", resolve_device(args.device or "cpu"))
@@ -162,6 +168,7 @@ def build_config(args: argparse.Namespace) -> object:
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
         hypernetwork_dir=args.hypernetwork_dir,
+        styles_files=args.styles_file or [DEFAULT_STYLES_FILE],
         default_model=default_model,
         studies_dir=args.studies_dir,
         outdir=args.outdir,

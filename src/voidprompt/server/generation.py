@@ -37,6 +37,7 @@ from voidprompt.models.placement import PrecisionPolicy, resolve_device, resolve
 from voidprompt.pipeline.engine import Engine, GenerationHooks, Progress
 from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
 from voidprompt.pipeline.result import Result
+from voidprompt.prompts.styles import StyleDatabase
 from voidprompt.request import EMPHASIS_MODES, HIRES_REFINER_PASSES, RNG_SOURCES, GenerationRequest
 from voidprompt.sampling.registry import resolve, sampler_labels
 from voidprompt.server.checkpoints import CheckpointEntry, ModelRegistry, NotFoundError, VaeEntry
@@ -432,6 +433,7 @@ class ModelHost:
         engine_factory: Callable[[Any], Engine] | None = None,
         networks: NetworkFolders | None = None,
         disable_nan_check: bool = False,
+        style_db: StyleDatabase | None = None,
     ) -> None:
         """``device`` is resolved here (:class:`~voidprompt.errors.DeviceError` when it does not
         exist); ``precision`` defaults to ``auto`` on it."""
@@ -442,6 +444,7 @@ class ModelHost:
         self.precision = precision or resolve_precision("auto", self.device)
         self.networks = networks or NetworkFolders()
         self.disable_nan_check = disable_nan_check
+        self.style_db = style_db
         self.engine_factory = engine_factory or self.make_engine
         self.selected: CheckpointEntry | None = registry.checkpoints[0] if registry.checkpoints else None
         self.selected_vae: str = "Automatic"
@@ -455,6 +458,7 @@ class ModelHost:
             lora_dir=self.networks.lora_dir,
             hypernet_dir=self.networks.hypernetwork_dir,
             disable_nan_check=self.disable_nan_check,
+            style_db=self.style_db,
             refiner_loader=self.load_refiner,
         )
         self._give_embeddings(engine)

@@ -9,6 +9,7 @@ from typing import Any
 
 from voidprompt.models.placement import default_randn_source, resolve_device, resolve_precision
 from voidprompt.models.tokenizer import load_clip_tokenizer
+from voidprompt.prompts.styles import StyleDatabase
 from voidprompt.server.checkpoints import DEFAULT_CKPT_DIR, ModelRegistry
 from voidprompt.server.explanations import DEFAULT_CACHE_SIZE, ExplanationCache
 from voidprompt.server.generation import ModelHost, Options
@@ -17,7 +18,16 @@ from voidprompt.server.networks import NetworkFolders
 from voidprompt.server.queue import GenerationQueue
 from voidprompt.server.studies import StudyRegistry
 
-__all__ = ["App", "ServerConfig"]
+__all__ = ["DEFAULT_STYLES_FILE", "App", "ServerConfig", "load_styles"]
+
+
+DEFAULT_STYLES_FILE = Path("styles.csv")
+
+
+def load_styles(paths: list[Path]) -> StyleDatabase:
+    """The server's style database: A1111's rules, so an unknown style name is ignored."""
+    present = [p for p in paths if p != DEFAULT_STYLES_FILE or p.is_file()]
+    return StyleDatabase.from_csv_files(present, ignore_unknown=True)
 
 
 @dataclass
@@ -31,6 +41,8 @@ class ServerConfig:
     lora_dir: Path | None = Path("models/Lora")
     embeddings_dir: Path | None = Path("embeddings")
     hypernetwork_dir: Path | None = Path("models/hypernetworks")
+    # A1111's --styles-file (repeatable); its default styles.csv is read only when present.
+    styles_files: list[Path] = field(default_factory=lambda: [DEFAULT_STYLES_FILE])
     default_model: str | None = None
     studies_dir: Path | None = None
     outdir: Path | None = None
@@ -61,6 +73,7 @@ class App:
         self.registry.refresh()
         self.networks = NetworkFolders(config.lora_dir, config.embeddings_dir, config.hypernetwork_dir)
         self.networks.refresh()
+        self.styles = load_styles(config.styles_files)
         self.host = ModelHost(
             self.registry,
             self.options,
@@ -68,6 +81,7 @@ class App:
             device=device,
             precision=resolve_precision(config.precision, device),
             networks=self.networks,
+            style_db=self.styles,
             disable_nan_check=config.disable_nan_check,
         )
         if config.default_model:

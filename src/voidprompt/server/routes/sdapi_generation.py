@@ -93,9 +93,8 @@ def router(state: App) -> APIRouter:
         text = geninfo or ""
         # Only JSON-safe items go back (A1111 returns image.info; binary chunks would not serialise).
         safe = {k: v for k, v in items.items() if isinstance(v, str | int | float | bool)}
-        return m.PngInfoResponse(
-            info=text, items=safe, parameters=parse_generation_parameters(text) if text else {}
-        )
+        parameters = parse_generation_parameters(text, style_db=state.styles) if text else {}
+        return m.PngInfoResponse(info=text, items=safe, parameters=parameters)
 
     @router.get(f"{prefix}/progress", tags=tags, response_model=m.ProgressResponse)
     def progress(skip_current_image: bool = False) -> m.ProgressResponse:

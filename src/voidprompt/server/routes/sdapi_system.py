@@ -24,7 +24,10 @@ def router(state: App) -> APIRouter:
 
     @router.get(f"{prefix}/prompt-styles", tags=tags, response_model=list[m.PromptStyleItem])
     def prompt_styles() -> list[m.PromptStyleItem]:
-        return []
+        return [
+            m.PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt)
+            for s in state.styles.styles
+        ]
 
     @router.get(f"{prefix}/face-restorers", tags=tags)
     def face_restorers() -> list[dict[str, Any]]:
