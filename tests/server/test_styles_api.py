@@ -85,7 +85,12 @@ def test_placeholder_style_equals_expanded_prompt(styles_server: Any) -> None:
     expanded = "a blue frame around a red square, sharp, best quality"
     direct = generate(styles_server.url, prompt=expanded, negative_prompt="text, lowres")
     assert np.array_equal(pixels(styled), pixels(direct))
-    infotext = json.loads(styled["info"])["infotexts"][0]
+    info = json.loads(styled["info"])
+    # A1111's info reports the styled prompts (Processed.js: all_prompts[0]) and the names sent.
+    assert (info["prompt"], info["negative_prompt"]) == (expanded, "text, lowres")
+    assert (info["all_prompts"], info["all_negative_prompts"]) == ([expanded], ["text, lowres"])
+    assert info["styles"] == ["framed", "nope", "tail"]
+    infotext = info["infotexts"][0]
     assert infotext.startswith(f"{expanded}\nNegative prompt: text, lowres\n")
     # The infotext's own text matches the one written for the expanded prompt sent directly.
     assert infotext == json.loads(direct["info"])["infotexts"][0]

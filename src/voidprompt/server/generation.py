@@ -580,9 +580,10 @@ def processed_info(generated: Generated) -> dict[str, Any]:
     first_params = result.params[0] if result.params else {}
     vae = generated.vae
     return {
-        "prompt": r.prompt,
+        # A1111 reports the first image's prompts: with styles applied, not the request's text.
+        "prompt": result.prompts[0] if result.prompts else r.prompt,
         "all_prompts": result.prompts,
-        "negative_prompt": r.negative_prompt,
+        "negative_prompt": result.negative_prompts[0] if result.negative_prompts else r.negative_prompt,
         "all_negative_prompts": result.negative_prompts,
         "seed": result.seeds[0] if result.seeds else r.seed,
         "all_seeds": result.seeds,
