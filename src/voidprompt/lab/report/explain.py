@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from voidprompt.explain.record import Explanation
 from voidprompt.explain.render import overlay
 from voidprompt.explain.store import load_explanation
 from voidprompt.lab.catalog import GUIDANCE_MEASURE
 from voidprompt.lab.report.data import ReportData, select
-from voidprompt.lab.report.figures import CELL, LABEL_H, label_font
+from voidprompt.lab.report.figures import CELL, empty_cell, grid_canvas, paste_in_cell
 from voidprompt.lab.schema import ExplainView
 
 # The per-tag measures a view plots against its axis.
@@ -122,31 +122,21 @@ def heatmap_grid(
             same = [m for _, m in found if m.shape == first.shape]
             cells[(i, j)] = (folder / representative["path"], np.mean(np.stack(same), axis=0))
     left = max(80, min(TAG_LABEL_CHARS, max((len(t) for t in tags), default=4)) * 7 + 10)
-    top = LABEL_H * 3 + 4
-    canvas = Image.new("RGB", (left + CELL * len(xs), top + CELL * len(tags)), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = label_font()
-    draw.text((4, 2), title, fill="black", font=font)
-    draw.text((left, LABEL_H), f"{view.x} ->", fill="black", font=font)
-    for i, value in enumerate(xs):
-        draw.text((left + i * CELL + 4, LABEL_H * 2), str(value), fill="black", font=font)
-    for j, tag in enumerate(tags):
-        label = tag if len(tag) <= TAG_LABEL_CHARS else tag[: TAG_LABEL_CHARS - 3] + "..."
-        draw.text((4, top + j * CELL + 4), label, fill="black", font=font)
+    labels = [t if len(t) <= TAG_LABEL_CHARS else t[: TAG_LABEL_CHARS - 3] + "..." for t in tags]
+    canvas, draw, top = grid_canvas(title, view.x, xs, labels, left)
+    for j in range(len(tags)):
         row_cells = [cells[(i, j)][1] for i in range(len(xs)) if (i, j) in cells]
         vmax = max((float(np.nanmax(m)) for m in row_cells if np.isfinite(m).any()), default=0.0)
         for i in range(len(xs)):
             box = (left + i * CELL, top + j * CELL)
             if (i, j) not in cells:
-                draw.rectangle((*box, box[0] + CELL - 2, box[1] + CELL - 2), fill=(200, 200, 200))
+                empty_cell(draw, box)
                 continue
             picture_path, heat = cells[(i, j)]
             with Image.open(picture_path) as picture:
                 shown = overlay(picture.convert("RGB"), heat, vmax=vmax if vmax > 0 else None)
-            scale = (CELL - 4) / max(shown.size)
-            size = (max(1, round(shown.width * scale)), max(1, round(shown.height * scale)))
-            shown = shown.resize(size, Image.Resampling.BILINEAR)
-            canvas.paste(shown, (box[0] + (CELL - size[0]) // 2, box[1] + (CELL - size[1]) // 2))
+            smooth = Image.Resampling.BILINEAR
+            paste_in_cell(canvas, box, shown, up=smooth, down=smooth)
     return canvas
 
 

@@ -24,6 +24,45 @@ def label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
+def grid_canvas(
+    title: str, x: str, xs: Sequence[Any], row_labels: Sequence[str], left: int
+) -> tuple[Image.Image, ImageDraw.ImageDraw, int]:
+    """A white grid page: the title, ``x`` and its values over the columns, a label per row (a
+    ``left``-pixel margin). Returns the canvas, its drawing and the top of the first row: cell (i, j)
+    is at (left + i * CELL, top + j * CELL)."""
+    top = LABEL_H * 3 + 4
+    canvas = Image.new("RGB", (left + CELL * len(xs), top + CELL * len(row_labels)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = label_font()
+    draw.text((4, 2), title, fill="black", font=font)
+    # ASCII only: the default bitmap font has no arrow glyph.
+    draw.text((left, LABEL_H), f"{x} ->", fill="black", font=font)
+    for i, xv in enumerate(xs):
+        draw.text((left + i * CELL + 4, LABEL_H * 2), str(xv), fill="black", font=font)
+    for j, label in enumerate(row_labels):
+        draw.text((4, top + j * CELL + 4), label, fill="black", font=font)
+    return canvas, draw, top
+
+
+def empty_cell(draw: ImageDraw.ImageDraw, box: tuple[int, int]) -> None:
+    draw.rectangle((*box, box[0] + CELL - 2, box[1] + CELL - 2), fill=(200, 200, 200))
+
+
+def paste_in_cell(
+    canvas: Image.Image,
+    box: tuple[int, int],
+    picture: Image.Image,
+    *,
+    up: Image.Resampling = Image.Resampling.NEAREST,
+    down: Image.Resampling = Image.Resampling.LANCZOS,
+) -> None:
+    """``picture`` scaled to fit the cell at ``box`` (``up`` / ``down`` resampling), centred."""
+    scale = (CELL - 4) / max(picture.size)
+    size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    picture = picture.resize(size, up if scale >= 1 else down)
+    canvas.paste(picture, (box[0] + (CELL - size[0]) // 2, box[1] + (CELL - size[1]) // 2))
+
+
 def image_grid(
     data: ReportData,
     folder: Path,
@@ -42,30 +81,16 @@ def image_grid(
     rows = select(data.rows if rows is None else rows, fixed)
     xs, ys = data.values(x, rows), data.values(y, rows)
     left = max(60, max((len(str(v)) for v in ys), default=4) * 7 + 10)
-    top = LABEL_H * 3 + 4
-    width, height = left + CELL * len(xs), top + CELL * len(ys)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = label_font()
-    draw.text((4, 2), title, fill="black", font=font)
-    # ASCII only: the default bitmap font has no arrow glyph.
-    draw.text((left, LABEL_H), f"{x} ->", fill="black", font=font)
-    for i, xv in enumerate(xs):
-        draw.text((left + i * CELL + 4, LABEL_H * 2), str(xv), fill="black", font=font)
-    for j, yv in enumerate(ys):
-        draw.text((4, top + j * CELL + 4), f"{y}=\n{yv}", fill="black", font=font)
+    canvas, draw, top = grid_canvas(title, x, xs, [f"{y}=\n{yv}" for yv in ys], left)
     for (i, xv), (j, yv) in itertools.product(enumerate(xs), enumerate(ys)):
         cell = select(rows, {x: xv, y: yv})
         box = (left + i * CELL, top + j * CELL)
         if not cell:
-            draw.rectangle((*box, box[0] + CELL - 2, box[1] + CELL - 2), fill=(200, 200, 200))
+            empty_cell(draw, box)
             continue
         with Image.open(folder / cell[0]["path"]) as image:
             thumb = image.convert("RGB")
-        scale = (CELL - 4) / max(thumb.size)
-        size = (max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale)))
-        thumb = thumb.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS)
-        canvas.paste(thumb, (box[0] + (CELL - size[0]) // 2, box[1] + (CELL - size[1]) // 2))
+        paste_in_cell(canvas, box, thumb)
     return canvas
 
 
