@@ -12,10 +12,11 @@ answer gave) and for a study image's (its ``NAME.explain.npz``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 
 from voidprompt.explain.record import WINDOW_ALL
@@ -42,6 +43,27 @@ def _png(data: bytes, headers: dict[str, str]) -> Response:
     return Response(content=data, media_type="image/png", headers=headers)
 
 
+@dataclass
+class HeatmapQuery:
+    """The heatmap routes' query: which map, in which window, drawn how."""
+
+    tag: str | None = Query(None, description="a tag's key, e.g. negative:lowres")
+    token: int | None = Query(None, description="a token's index (per-token maps only)")
+    window: str = Query(WINDOW_ALL, description="all, early, middle, late (hires with hires fix)")
+    overlay: bool = Query(True, description="over the picture (false: the map alone)")
+    alpha: float = Query(0.6, ge=0.0, le=1.0, description="the heatmap's weight over the picture")
+
+    def png(self, source: ExplanationSource) -> bytes:
+        return heatmap_png(
+            source,
+            tag=self.tag,
+            token=self.token,
+            window=self.window,
+            over_picture=self.overlay,
+            alpha=self.alpha,
+        )
+
+
 def router(state: App) -> APIRouter:
     router = APIRouter()
     prefix = VOIDPROMPT
@@ -65,17 +87,8 @@ def router(state: App) -> APIRouter:
         return describe(kept(explanation_id).explanation, f"{prefix}/explanations/{explanation_id}")
 
     @router.get(f"{memory}/heatmap.png", tags=tags, response_class=Response)
-    def heatmap(
-        explanation_id: str,
-        tag: str | None = Query(None, description="a tag's key, e.g. negative:lowres"),
-        token: int | None = Query(None, description="a token's index (per-token maps only)"),
-        window: str = Query(WINDOW_ALL, description="all, early, middle, late (hires with hires fix)"),
-        overlay: bool = Query(True, description="over the picture (false: the map alone)"),
-        alpha: float = Query(0.6, ge=0.0, le=1.0, description="the heatmap's weight over the picture"),
-    ) -> Response:
-        source = kept(explanation_id)
-        png = heatmap_png(source, tag=tag, token=token, window=window, over_picture=overlay, alpha=alpha)
-        return _png(png, _KEPT)
+    def heatmap(explanation_id: str, query: Annotated[HeatmapQuery, Depends()]) -> Response:
+        return _png(query.png(kept(explanation_id)), _KEPT)
 
     @router.get(f"{memory}/previews/{{index}}/{{subject}}.png", tags=tags, response_class=Response)
     def preview(explanation_id: str, index: int, subject: str) -> Response:
@@ -96,17 +109,9 @@ def router(state: App) -> APIRouter:
 
     @router.get(f"{studied}/heatmap.png", tags=tags, response_class=Response)
     def study_heatmap(
-        study_id: str,
-        image_id: int = image_id_param(),
-        tag: str | None = Query(None, description="a tag's key, e.g. negative:lowres"),
-        token: int | None = Query(None, description="a token's index (per-token maps only)"),
-        window: str = Query(WINDOW_ALL, description="all, early, middle, late (hires with hires fix)"),
-        overlay: bool = Query(True, description="over the picture (false: the map alone)"),
-        alpha: float = Query(0.6, ge=0.0, le=1.0, description="the heatmap's weight over the picture"),
+        study_id: str, query: Annotated[HeatmapQuery, Depends()], image_id: int = image_id_param()
     ) -> Response:
-        source = study(study_id, image_id)
-        png = heatmap_png(source, tag=tag, token=token, window=window, over_picture=overlay, alpha=alpha)
-        return _png(png, _FILE)
+        return _png(query.png(study(study_id, image_id)), _FILE)
 
     @router.get(f"{studied}/previews/{{index}}/{{subject}}.png", tags=tags, response_class=Response)
     def study_preview(study_id: str, index: int, subject: str, image_id: int = image_id_param()) -> Response:
