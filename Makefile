@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	# Test-only oracle: k-diffusion's sampler functions. --no-deps because its
 	# package pulls torchvision (no CPU wheel) and a CUDA torch.
 	$(PY) -m pip install -q --no-deps k-diffusion==0.1.1.post1 torchdiffeq==0.2.5
+	# Test-only oracle: spandrel's upscaler architectures (it imports torchvision, so the tests stub it).
+	$(PY) -m pip install -q --no-deps spandrel==0.4.2 einops==0.8.2
 	touch $(STAMP)
 
 # Browser tests drive Debian's Chromium (no browser download works here). Installed when we are root
