@@ -65,6 +65,8 @@ class GenerationRequest:
     height: int = 512
     batch_size: int = 1
     n_iter: int = 1
+    # Seamless tiles: circular padding in the UNet's and VAE's convolutions (A1111's "Tiling").
+    tiling: bool = False
 
     # Sampler parameters (A1111 "sampler-params" settings; None = the sampler's own default).
     eta: float | None = None
@@ -78,6 +80,8 @@ class GenerationRequest:
     rho: float | None = None
     always_discard_next_to_last_sigma: bool = False
     sgm_noise_multiplier: bool = False
+    beta_dist_alpha: float = 0.6  # the Beta schedule's shape ("Beta schedule alpha" / "beta")
+    beta_dist_beta: float = 0.6
 
     # Settings A1111 keeps globally but writes into infotexts; per request here.
     clip_skip: int = 1  # CLIP_stop_at_last_layers
@@ -113,6 +117,9 @@ class GenerationRequest:
     inpainting_mask_invert: bool = False
     initial_noise_multiplier: float = 1.0
     inpainting_mask_weight: float = 1.0
+    # A1111's img2img_fix_steps: run exactly `steps` steps (the schedule stretched to
+    # steps / denoising_strength) instead of denoising_strength * steps of a `steps`-long schedule.
+    img2img_fix_steps: bool = False
 
     # Hires fix (txt2img second pass).
     enable_hr: bool = False
@@ -221,6 +228,11 @@ class GenerationRequest:
             if not isinstance(value, int) or not 0 <= value <= MAX_SIDE:
                 raise InvalidRequestError(
                     f"{name}={value!r}: must be a whole number of pixels, 0..{MAX_SIDE}"
+                )
+        for name in ("beta_dist_alpha", "beta_dist_beta"):
+            if getattr(self, name) <= 0.0:
+                raise InvalidRequestError(
+                    f"{name}={getattr(self, name)}: the Beta schedule needs a shape above 0 (A1111's default is 0.6)"
                 )
         for name in ("sdxl_refiner_low_aesthetic_score", "sdxl_refiner_high_aesthetic_score"):
             if not 0.0 <= getattr(self, name) <= 10.0:

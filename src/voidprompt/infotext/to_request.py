@@ -92,6 +92,7 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
     "Sigma tmax": ("s_tmax", _to_float),
     "Sigma noise": ("s_noise", _to_float),
     "NGMS": ("s_min_uncond", _to_float),
+    "Tiling": ("tiling", _to_bool),
     "Discard penultimate sigma": ("always_discard_next_to_last_sigma", _to_bool),
     "SGM noise multiplier": ("sgm_noise_multiplier", _to_bool),
     "Hires steps": ("hr_second_pass_steps", _to_int),

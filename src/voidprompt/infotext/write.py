@@ -225,6 +225,7 @@ def generation_params(
         "ENSD": r.eta_noise_seed_delta if run.uses_ensd and r.eta_noise_seed_delta != 0 else None,
         "Init image hash": image.init_image_hash,
         "RNG": r.randn_source if r.randn_source != "GPU" else None,
+        "Tiling": True if r.tiling else None,
     }
 
     # Extra parameters, in the order A1111's pipeline inserts them during a run.

@@ -47,6 +47,7 @@ from voidprompt.models.components import Components
 from voidprompt.models.latent_rgb import latent_rgb_for
 from voidprompt.models.nans import check_for_nans
 from voidprompt.models.networks.manager import AppliedNetworks, NetworkManager
+from voidprompt.models.tiling import circular_padding
 from voidprompt.models.vae_decode import decode_with_nan_fallback
 from voidprompt.pipeline import hires as hires_fix
 from voidprompt.pipeline.images import pil_to_tensor, resize_image
@@ -259,6 +260,23 @@ class Engine:
         timings = {"encode": time.perf_counter() - started, "sample": 0.0, "decode": 0.0}
 
         result = Result([], [], [], [], [], [], [], request=request)
+        with self._tiling(request):
+            self._iterations(plan, result, all_seeds, all_subseeds, timings, explain)
+        timings["total"] = time.perf_counter() - started
+        result.timings = timings
+        return result
+
+    def _iterations(
+        self,
+        plan: _Plan,
+        result: Result,
+        all_seeds: Sequence[int],
+        all_subseeds: Sequence[int],
+        timings: dict[str, float],
+        explain: ExplainOptions | None,
+    ) -> None:
+        """The ``n_iter`` loop: sample, decode and add each iteration's images to ``result``."""
+        request, hooks = plan.request, plan.hooks
         for n in range(request.n_iter):
             if not hooks.proceed(n):
                 result.interrupted = True
@@ -288,9 +306,19 @@ class Engine:
             self._add_images(result, plan, iteration, to_pil_images(pixels))
             if iteration.recorder is not None:
                 result.explanations.extend(iteration.recorder.finish())
-        timings["total"] = time.perf_counter() - started
-        result.timings = timings
-        return result
+
+    def _tiling(self, request: GenerationRequest) -> contextlib.AbstractContextManager[None]:
+        """A1111's tiling switch over every network that samples, encodes or decodes this request's
+        pictures: this model's UNet and VAE, and a refiner's, which A1111 loses at the switch (loading
+        a model resets its padding) but a request for seamless tiles wants kept."""
+        if not request.tiling:
+            return contextlib.nullcontext()
+        modules: list[torch.nn.Module] = [self.components.unet, self.components.vae]
+        name = refiner_name(request)
+        if name is not None:
+            refiner = self._refiner(name).components
+            modules += [refiner.unet, refiner.vae]
+        return circular_padding(*modules)
 
     # ------------------------------------------------------------------ steps
 
@@ -740,7 +768,9 @@ class Engine:
         """(the sigma-schedule model, the inner model the CFG denoiser calls, the abar table) of this
         engine's UNet for one pass; readies the UNet module the pass calls."""
         components = self.components
-        self._pass_unet = self._unet_for_pass()
+        # A graph traced with zero padding must not serve a tiling pass, nor the reverse: tiling runs
+        # the UNet uncompiled rather than counting on dynamo to guard on each layer's padding mode.
+        self._pass_unet = components.unet if request.tiling else self._unet_for_pass()
         table = components.alphas_cumprod
         downcast = request.use_downcasted_alpha_bar
         if request.sd_noise_schedule == "Zero Terminal SNR":
