@@ -115,7 +115,10 @@ def test_nearest_modes_repeat_cells_at_integer_scale() -> None:
 
 
 def test_unknown_upscaler_lists_the_valid_ones(engine: Engine) -> None:
-    with pytest.raises(InvalidRequestError, match=r"hr_upscaler='ESRGAN_4x'.*Latent \(bicubic\).*Lanczos"):
+    with pytest.raises(InvalidRequestError, match=r"hr_upscaler='SwinIR 4x'.*Latent \(bicubic\).*Lanczos"):
+        engine.generate(BASE.replace(hr_upscaler="SwinIR 4x"))
+    # A1111's own ESRGAN name without its file: which file to place where.
+    with pytest.raises(InvalidRequestError, match=r"hr_upscaler='ESRGAN_4x'.*ESRGAN_4x\.pth; place it in"):
         engine.generate(BASE.replace(hr_upscaler="ESRGAN_4x"))
 
 

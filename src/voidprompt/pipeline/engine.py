@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,20 @@ from voidprompt.explain.attention import AttentionProbe
 from voidprompt.explain.record import ExplainOptions
 from voidprompt.explain.recorder import ExplainRecorder
 from voidprompt.explain.tags import PassPrompts, pass_prompts
-from voidprompt.infotext import ImageFacts, ModelFacts, RunFacts, create_infotext, generation_params
+from voidprompt.infotext import (
+    ImageFacts,
+    ModelFacts,
+    PassFacts,
+    RunFacts,
+    create_infotext,
+    generation_params,
+)
 from voidprompt.models.components import Components
 from voidprompt.models.latent_rgb import latent_rgb_for
 from voidprompt.models.nans import check_for_nans
 from voidprompt.models.networks.manager import AppliedNetworks, NetworkManager
 from voidprompt.models.tiling import circular_padding
+from voidprompt.models.upscalers.registry import Upscalers
 from voidprompt.models.vae_decode import decode_with_nan_fallback
 from voidprompt.pipeline import hires as hires_fix
 from voidprompt.pipeline.images import pil_to_tensor, resize_image
@@ -152,6 +160,7 @@ class Engine:
         compile: bool = False,
         disable_nan_check: bool = False,
         refiner_loader: Callable[[str], Components] | None = None,
+        upscalers: Upscalers | None = None,
     ) -> None:
         """``lora_dir`` / ``hypernet_dir`` are where ``<lora:name:...>`` / ``<hypernet:name:...>``
         tags are looked up. ``lora_functional`` applies LoRAs as forward hooks instead of merging
@@ -161,7 +170,9 @@ class Engine:
         pays for compiling it). ``disable_nan_check`` is A1111's ``--disable-nan-check``: NaN outputs
         are kept (black pictures), and the VAE's float32 fallback is off with the check.
         ``refiner_loader(name)`` loads the checkpoint a request names as ``refiner_checkpoint``
-        (:mod:`voidprompt.pipeline.refiner`); without it such a request is refused."""
+        (:mod:`voidprompt.pipeline.refiner`); without it such a request is refused. ``upscalers``
+        is where hires fix finds model upscalers (``hr_upscaler``); without it only the built-in
+        and latent upscalers are known."""
         self.components = components
         self.style_db = style_db
         self.encoder: Any
@@ -185,6 +196,7 @@ class Engine:
         self.compile = compile
         self.disable_nan_check = disable_nan_check
         self.refiner_loader = refiner_loader
+        self.upscalers = upscalers
         self._refiners: dict[str, Engine] = {}
         self._database_for: Callable[[int, str | None], EmbeddingDatabase] | None = None
         # The engine sampling now: this one, or a refiner it handed the pass to (for the rest of the
@@ -423,9 +435,7 @@ class Engine:
         prepared = plan.first.conditioning.prepared
         for index, image in enumerate(images):
             seed, subseed = iteration.seeds[index], iteration.subseeds[index]
-            params = self._params(
-                plan.request, plan.first.spec, plan.first.conditioning, seed, subseed, plan.hires
-            )
+            params = self._params(plan, seed, subseed)
             result.images.append(image)
             result.params.append(params)
             result.infotexts.append(
@@ -630,7 +640,9 @@ class Engine:
         rng = self._image_rng(request, init_latent.shape[1:], iteration)
         noise = img2img_noise(rng, request.initial_noise_multiplier)
         assert request.denoising_strength is not None
-        img2img = Img2ImgStart.for_strength(request.steps, request.denoising_strength, fixed_steps=False)
+        img2img = Img2ImgStart.for_strength(
+            request.steps, request.denoising_strength, fixed_steps=request.img2img_fix_steps
+        )
         start = SamplerStart(noise, rng, seeds, init_latent, img2img)
         samples = self._run(plan, iteration, plan.first, start, image_cond=image_cond, blend=blend)
         if blend is not None:
@@ -638,7 +650,7 @@ class Engine:
         return samples
 
     def _hires_setup(self, request: GenerationRequest, spec: SamplerSpec) -> _Hires:
-        hires_fix.check_hr_upscaler(request.hr_upscaler)
+        hires_fix.check_hr_upscaler(request.hr_upscaler, self.upscalers)
         assert request.denoising_strength is not None
         if request.denoising_strength <= 0:
             raise InvalidRequestError(
@@ -675,7 +687,14 @@ class Engine:
         else:
             lowres = to_pil_images(decode_latents(components, latents, nan_check=not self.disable_nan_check))
             upscaled = [
-                resize_image(0, im, target.upscale_width, target.upscale_height, upscaler=request.hr_upscaler)
+                resize_image(
+                    0,
+                    im,
+                    target.upscale_width,
+                    target.upscale_height,
+                    upscaler=request.hr_upscaler,
+                    upscalers=self.upscalers,
+                )
                 for im in lowres
             ]
             pixels = pil_to_tensor(upscaled).to(self.device)
@@ -741,8 +760,8 @@ class Engine:
             switch = self._refiner_switch(plan, run, schedule_model, batch)
         recorder = iteration.recorder
         if recorder is not None:
-            name = "hires" if plan.hires is not None and run is plan.hires.run else "first"
-            recorder.begin_pass(name, self._pass_prompts(request, run.conditioning), inner.pred_x0)
+            prompts = self._pass_prompts(request, run.conditioning)
+            recorder.begin_pass(self._pass_name(plan, run), prompts, inner.pred_x0)
         cfg = CFGDenoiser(
             _Interruptible(inner, hooks.should_stop),
             conds,
@@ -762,7 +781,20 @@ class Engine:
                 hooks.progress(Progress(iteration.index, request.n_iter, step, run.steps, latent, denoised))
 
         model = SamplingModel(cfg, schedule_model, table)
-        return run_sampler(SamplerPass(spec, run.scheduler, run.steps), model, start, request, on_step)
+        samples = run_sampler(SamplerPass(spec, run.scheduler, run.steps), model, start, request, on_step)
+        # What A1111 records as it happens, kept over the iterations as its processing object keeps it.
+        record = plan.records.setdefault(self._pass_name(plan, run), _PassRecord())
+        record.ngms |= cfg.ngms_triggered
+        record.padded_conds |= cfg.padded_cond_uncond
+        record.padded_conds_v0 |= cfg.padded_cond_uncond_v0
+        if record.model_sigma_range is None:
+            sigmas = schedule_model.sigmas
+            record.model_sigma_range = (float(sigmas[0]), float(sigmas[-1]))
+        return samples
+
+    @staticmethod
+    def _pass_name(plan: _Plan, run: _Pass) -> str:
+        return "hires" if plan.hires is not None and run is plan.hires.run else "first"
 
     def _denoisers(self, request: GenerationRequest, spec: SamplerSpec) -> tuple[Any, Any, Tensor]:
         """(the sigma-schedule model, the inner model the CFG denoiser calls, the abar table) of this
@@ -834,23 +866,17 @@ class Engine:
             return None
         return _RefinerSwitch(self, self._refiner(name), plan, run, schedule_model, batch)
 
-    def _params(
-        self,
-        request: GenerationRequest,
-        spec: SamplerSpec,
-        conditioning: _Conditioning,
-        seed: int,
-        subseed: int,
-        hires: _Hires | None = None,
-    ) -> dict[str, Any]:
+    def _params(self, plan: _Plan, seed: int, subseed: int) -> dict[str, Any]:
+        request, spec, scheduler = plan.request, plan.first.spec, plan.first.scheduler
+        conditioning, hires, records = plan.first.conditioning, plan.hires, plan.records
         components = self.components
         names = infotext_names(request.sampler_name, request.scheduler)
-        hires_schedule = None
-        if hires is not None:
-            hires_schedule = infotext_names(hires.run.spec.label, hires.run.scheduler.label)["Schedule type"]
-        extra: dict[str, Any] = dict(conditioning.networks.infotext)
+        prepared = conditioning.prepared
+        networks = dict(conditioning.networks.infotext)
+        ti_hashes = None
         if conditioning.ti_hashes:
-            extra["TI hashes"] = ", ".join(f"{name}: {h}" for name, h in conditioning.ti_hashes.items())
+            ti_hashes = ", ".join(f"{name}: {h}" for name, h in conditioning.ti_hashes.items())
+        extra: dict[str, Any] = {}
         if request.refiner_switch_by_sample_steps:
             # A1111 quirk: recorded at every denoiser call, before it looks for a refiner at all.
             extra["Refiner switch by sampling steps"] = True
@@ -863,11 +889,29 @@ class Engine:
             vae_hash=vae.short_hash if vae is not None else None,
             inpainting=components.is_inpainting,
         )
+        first = records.get("first", _PassRecord())
+        passes = [first.facts(spec, scheduler, from_image=request.is_img2img)]
+        old_timelines = prepared.old_timelines_differ
+        hires_prompts = None
+        if hires is not None:
+            hr = hires.run
+            passes.append(records.get("hires", _PassRecord()).facts(hr.spec, hr.scheduler, from_image=True))
+            hr_prepared = hr.conditioning.prepared
+            old_timelines = old_timelines or hr_prepared.old_timelines_differ
+            hires_prompts = (hr_prepared.prompt_for_infotext, hr_prepared.negative_for_infotext)
         run = RunFacts(
             schedule_type=names["Schedule type"],
-            hires_schedule_type=hires_schedule,
             uses_ensd=uses_ensd(spec, request),
             extra=extra,
+            passes=tuple(passes),
+            model_sigma_range=first.model_sigma_range,
+            # A1111 copies its encoder's record into the parameters before the hires pass encodes.
+            encoded_texts=prepared.encoded_texts(),
+            old_timelines_differ=old_timelines,
+            prompts=(prepared.prompt_for_infotext, prepared.negative_for_infotext),
+            hires_prompts=hires_prompts,
+            networks=networks,
+            ti_hashes=ti_hashes,
         )
         return generation_params(request, ImageFacts(seed, subseed), model, run)
 
@@ -960,6 +1004,29 @@ class _Plan:
     inputs: Img2ImgInputs | None = None
     hires: _Hires | None = None
     explain: ExplainOptions | None = None
+    # Per pass ("first", "hires"): what its sampler recorded so far.
+    records: dict[str, _PassRecord] = field(default_factory=dict)
+
+
+@dataclass
+class _PassRecord:
+    """What one pass's sampler did over the iterations so far: NGMS skipped an uncond pass, "Pad
+    conds" (v0) padded a pass's last call; and the model's sigma range it sampled over."""
+
+    ngms: bool = False
+    padded_conds: bool = False
+    padded_conds_v0: bool = False
+    model_sigma_range: tuple[float, float] | None = None
+
+    def facts(self, sampler: SamplerSpec, scheduler: SchedulerSpec, *, from_image: bool) -> PassFacts:
+        return PassFacts(
+            sampler,
+            scheduler,
+            from_image=from_image,
+            ngms=self.ngms,
+            padded_conds=self.padded_conds,
+            padded_conds_v0=self.padded_conds_v0,
+        )
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from voidprompt.errors import InvalidRequestError
-from voidprompt.pipeline.images import PIXEL_UPSCALERS
+from voidprompt.models.upscalers.registry import Upscalers
 from voidprompt.request import GenerationRequest
 
 # A1111's shared.latent_upscale_modes: name -> (torch interpolate mode, antialias).
@@ -25,16 +25,25 @@ LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
 DEFAULT_HIRES_DENOISING = 0.7  # A1111's UI default for the hires pass
 
 
-def hires_upscalers() -> list[str]:
-    """Every ``hr_upscaler`` name voidprompt accepts."""
-    return [*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS]
+def hires_upscalers(upscalers: Upscalers | None = None) -> list[str]:
+    """Every ``hr_upscaler`` name voidprompt accepts: the latent modes, the built-in pixel upscalers
+    and the model upscalers found in ``upscalers``' folders."""
+    return [*LATENT_UPSCALE_MODES, *(upscalers or Upscalers()).names()]
 
 
-def check_hr_upscaler(name: str) -> None:
-    if name not in LATENT_UPSCALE_MODES and name not in PIXEL_UPSCALERS:
-        raise InvalidRequestError(
-            f"hr_upscaler={name!r} is not available; choose one of {', '.join(hires_upscalers())}"
-        )
+def check_hr_upscaler(name: str, upscalers: Upscalers | None = None) -> None:
+    """Raise InvalidRequestError when ``name`` is no latent mode and no upscaler of ``upscalers``."""
+    if name in LATENT_UPSCALE_MODES:
+        return
+    registry = upscalers or Upscalers()
+    if name in registry.names():
+        return
+    hint = registry.missing_hint(name)
+    if hint is not None:
+        raise InvalidRequestError(f"hr_upscaler={name!r}: {hint}")
+    raise InvalidRequestError(
+        f"hr_upscaler={name!r} is not available; choose one of {', '.join(hires_upscalers(registry))}"
+    )
 
 
 @dataclass(frozen=True)

@@ -11,55 +11,57 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from voidprompt.errors import InvalidRequestError
+from voidprompt.models.upscalers.registry import PIXEL_UPSCALERS, Upscalers
+from voidprompt.models.upscalers.tiled import model_upscale
+
+__all__ = ["PIXEL_UPSCALERS", "check_upscaler", "flatten", "pil_to_tensor", "resize_image", "tensor_to_pil"]
 
 LANCZOS = Image.Resampling.LANCZOS
 NEAREST = Image.Resampling.NEAREST
 
-# Pixel-space upscalers available without extra model files (A1111's built-in "None", "Lanczos" and
-# "Nearest"). Model upscalers (ESRGAN, SwinIR, ...) are not part of voidprompt.
-PIXEL_UPSCALERS: dict[str, Image.Resampling | None] = {"None": None, "Lanczos": LANCZOS, "Nearest": NEAREST}
+
+def check_upscaler(name: str | None, upscalers: Upscalers | None = None) -> None:
+    """Raise InvalidRequestError when ``name`` is neither a built-in upscaler nor a model upscaler in
+    ``upscalers``' folders (the message names the file to place for A1111's own model names)."""
+    if name is not None:
+        (upscalers or Upscalers()).find(name)
 
 
-def check_upscaler(name: str | None) -> None:
-    """Raise InvalidRequestError when ``name`` is not a pixel upscaler voidprompt has."""
-    if name is not None and name not in PIXEL_UPSCALERS:
-        raise InvalidRequestError(
-            f"upscaler {name!r} is not available; choose one of {', '.join(PIXEL_UPSCALERS)}"
-        )
-
-
-def _resize(im: Image.Image, width: int, height: int, upscaler: str | None) -> Image.Image:
+def _resize(
+    im: Image.Image, width: int, height: int, upscaler: str | None, upscalers: Upscalers | None
+) -> Image.Image:
     # A1111: no upscaler (or "None", or a mask) means one Lanczos resize. An upscaler first scales by
-    # the larger of the two ratios (only when enlarging), then Lanczos fixes the exact size.
+    # the larger of the two ratios (only when enlarging; A1111's Upscaler.upscale: up to three passes,
+    # then Lanczos to the size floored to a multiple of 8), then Lanczos fixes the exact size.
     if upscaler is None or upscaler == "None" or im.mode == "L":
         return im.resize((width, height), resample=LANCZOS)
-    check_upscaler(upscaler)
+    registry = upscalers or Upscalers()
+    entry = registry.find(upscaler)
     scale = max(width / im.width, height / im.height)
     if scale > 1.0:
-        resample = PIXEL_UPSCALERS[upscaler]
-        assert resample is not None
-        # A1111's Upscaler.upscale: one scaling step, then Lanczos to the size floored to a multiple of 8.
-        dest_w, dest_h = int((im.width * scale) // 8 * 8), int((im.height * scale) // 8 * 8)
-        im = im.resize((int(im.width * scale), int(im.height * scale)), resample=resample)
-        if im.size != (dest_w, dest_h):
-            im = im.resize((dest_w, dest_h), resample=LANCZOS)
+        im = model_upscale(registry.one_pass(entry, scale), im, scale)
     if im.size != (width, height):
         im = im.resize((width, height), resample=LANCZOS)
     return im
 
 
 def resize_image(
-    resize_mode: int, im: Image.Image, width: int, height: int, upscaler: str | None = None
+    resize_mode: int,
+    im: Image.Image,
+    width: int,
+    height: int,
+    upscaler: str | None = None,
+    upscalers: Upscalers | None = None,
 ) -> Image.Image:
     """A1111's ``images.resize_image``.
 
     0 just resize; 1 crop and resize (scale to cover, centre crop); 2 resize and fill (scale to fit,
     centre, and fill the empty bands by stretching the outermost rows/columns). Mode 3 (latent
-    upscale) never comes here: the caller resizes the latent instead.
+    upscale) never comes here: the caller resizes the latent instead. ``upscalers`` is where model
+    upscaler names are looked up (without it, only the built-ins are known).
     """
     if resize_mode == 0:
-        return _resize(im, width, height, upscaler)
+        return _resize(im, width, height, upscaler, upscalers)
     ratio = width / height
     src_ratio = im.width / im.height
     if resize_mode == 1:
@@ -68,7 +70,7 @@ def resize_image(
     else:
         src_w = width if ratio < src_ratio else im.width * height // im.height
         src_h = height if ratio >= src_ratio else im.height * width // im.width
-    resized = _resize(im, src_w, src_h, upscaler)
+    resized = _resize(im, src_w, src_h, upscaler, upscalers)
     # A1111 quirk: the canvas is always RGB, even for masks (callers convert back to L).
     res = Image.new("RGB", (width, height))
     res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
