@@ -63,6 +63,19 @@ def _parser() -> argparse.ArgumentParser:
         help="hypernetwork folder (default models/hypernetworks)",
     )
     p.add_argument(
+        "--deepdanbooru-dir",
+        type=Path,
+        default=Path("models/torch_deepdanbooru"),
+        help="folder of A1111's DeepDanbooru model-resnet_custom_v3.pt (default models/torch_deepdanbooru)",
+    )
+    p.add_argument(
+        "--wd14-dir",
+        type=Path,
+        default=Path("models/wd14"),
+        help="folder of WD14 taggers, one subfolder each with model.onnx and selected_tags.csv "
+        "(default models/wd14)",
+    )
+    p.add_argument(
         "--model", help="checkpoint to use first (title, file name or hash); default the miniature model"
     )
     p.add_argument("--no-miniature", action="store_true", help="do not offer the shipped miniature model")
@@ -168,6 +181,8 @@ def build_config(args: argparse.Namespace) -> object:
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
         hypernetwork_dir=args.hypernetwork_dir,
+        deepdanbooru_dir=args.deepdanbooru_dir,
+        wd14_dir=args.wd14_dir,
         styles_files=args.styles_file or [DEFAULT_STYLES_FILE],
         default_model=default_model,
         studies_dir=args.studies_dir,

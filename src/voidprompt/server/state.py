@@ -41,6 +41,9 @@ class ServerConfig:
     lora_dir: Path | None = Path("models/Lora")
     embeddings_dir: Path | None = Path("embeddings")
     hypernetwork_dir: Path | None = Path("models/hypernetworks")
+    # Taggers for /sdapi/v1/interrogate: A1111's DeepDanbooru folder and the WD14 tagger folders.
+    deepdanbooru_dir: Path = Path("models/torch_deepdanbooru")
+    wd14_dir: Path = Path("models/wd14")
     # A1111's --styles-file (repeatable); its default styles.csv is read only when present.
     styles_files: list[Path] = field(default_factory=lambda: [DEFAULT_STYLES_FILE])
     default_model: str | None = None
