@@ -422,7 +422,7 @@ def test_infotext_alone_regenerates_the_request() -> None:
         sampler_name="DPM++ 2M", scheduler="Karras", steps=28, cfg_scale=6.5, width=640, height=448,
         seed=1234, subseed=77, subseed_strength=0.3, seed_resize_from_w=512, seed_resize_from_h=512,
         clip_skip=2, eta_noise_seed_delta=31337, randn_source="NV", emphasis="No norm",
-        s_churn=0.5, s_tmin=0.1, sigma_min=0.03, sigma_max=14.6, rho=7.0, pad_cond_uncond=True,
+        s_churn=0.5, s_tmin=0.1, sigma_min=0.03, sigma_max=14.6, rho=5.0, pad_cond_uncond=True,
         use_downcasted_alpha_bar=True, s_min_uncond=0.2,
     )
     params = generation_params(request, ImageFacts(1234, 77), ModelFacts(hash="abcdef0123", name="m"),

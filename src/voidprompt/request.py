@@ -232,7 +232,8 @@ class GenerationRequest:
         for name in ("beta_dist_alpha", "beta_dist_beta"):
             if getattr(self, name) <= 0.0:
                 raise InvalidRequestError(
-                    f"{name}={getattr(self, name)}: the Beta schedule needs a shape above 0 (A1111's default is 0.6)"
+                    f"{name}={getattr(self, name)}: the Beta schedule needs a shape above 0 "
+                    "(A1111's default is 0.6)"
                 )
         for name in ("sdxl_refiner_low_aesthetic_score", "sdxl_refiner_high_aesthetic_score"):
             if not 0.0 <= getattr(self, name) <= 10.0:

@@ -12,21 +12,24 @@ Behaviour was read from A1111 (AGPL) and re-implemented here; no code or regex i
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from voidprompt.errors import InfotextError
 from voidprompt.infotext.versions import DEFAULT_VERSION, check_written_version
 from voidprompt.request import GenerationRequest
+from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, resolve, schedule_infotext
 
 __all__ = [
     "KEY_ORDER",
     "TRAILING_KEYS",
     "ImageFacts",
     "ModelFacts",
+    "PassFacts",
     "RunFacts",
     "create_infotext",
+    "emphasis_written",
     "format_params_line",
     "generation_params",
     "quote",
@@ -64,7 +67,7 @@ KEY_ORDER: tuple[str, ...] = (
 )
 TRAILING_KEYS: tuple[str, ...] = ("Version", "User")
 
-# Samplers whose eta is A1111's "Eta DDIM" setting rather than the ancestral "Eta".
+# Samplers whose eta is A1111's "Eta DDIM" setting rather than the ancestral "Eta" (reading).
 ETA_DDIM_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
 # "Masked content" values, indexed by the request's inpainting_fill.
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
@@ -164,6 +167,24 @@ class ModelFacts:
 
 
 @dataclass(frozen=True)
+class PassFacts:
+    """One sampler pass as it ran, and what it recorded only because it happened.
+
+    ``sampler`` / ``scheduler`` are the pass's resolved specs; ``from_image`` is True when it starts
+    part-way down a schedule (img2img, the hires pass: A1111's ``sample_img2img``, which never
+    applies the SGM noise multiplier). ``ngms`` is True when NGMS skipped the uncond pass on some
+    call; ``padded_conds`` / ``padded_conds_v0`` when "Pad conds" (v0) padded the pass's last call
+    (A1111's ``add_infotext`` reads its denoiser's flags once, after sampling)."""
+
+    sampler: SamplerSpec
+    scheduler: SchedulerSpec
+    from_image: bool = False
+    ngms: bool = False
+    padded_conds: bool = False
+    padded_conds_v0: bool = False
+
+
+@dataclass(frozen=True)
 class RunFacts:
     """What the run resolved for the request beyond the request itself.
 
@@ -171,14 +192,36 @@ class RunFacts:
     e.g. "Karras" for DPM++ 2M on Automatic); without it ``request.scheduler`` is written, which
     A1111 resolves to the same schedule. ``uses_ensd`` is the sampler's say (A1111
     ``is_sampler_using_eta_noise_seed_delta``: the sampler draws eta noise and the effective eta is
-    not 0); ENSD is written only then and only when non-zero. ``extra`` follows
-    ``request.extra_generation_params`` (e.g. "Lora hashes", "TI hashes").
+    not 0); ENSD is written only then and only when non-zero.
+
+    The rest say what happened, for the keys A1111 writes only then; None means the writer was not
+    told, and it falls back to the request's settings (each setting read as if it took effect):
+
+    * ``passes``: the first pass, then the hires pass if any (:class:`PassFacts`);
+    * ``model_sigma_range``: the model's (sigma_min, sigma_max); schedule overrides equal to it are
+      not written;
+    * ``encoded_texts``: every text the text encoder read (prompt-editing steps resolved,
+      extra-network tags removed, styles applied, AND split), the basis of "Emphasis";
+    * ``old_timelines_differ``: whether "Old prompt editing timelines" changed any schedule;
+    * ``prompts`` / ``hires_prompts``: the first and the hires pass's (prompt, negative prompt) as
+      the infotext shows them (styled); the hires ones are written when they differ.
+
+    ``networks`` are the extra networks' keys ("Lora hashes", ...), recorded when the networks are
+    activated; ``ti_hashes`` is the "TI hashes" value; ``extra`` follows
+    ``request.extra_generation_params`` (refiner facts and the like).
     """
 
     schedule_type: str | None = None
-    hires_schedule_type: str | None = None
     uses_ensd: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+    passes: tuple[PassFacts, ...] | None = None
+    model_sigma_range: tuple[float, float] | None = None
+    encoded_texts: tuple[str, ...] | None = None
+    old_timelines_differ: bool | None = None
+    prompts: tuple[str, str] | None = None
+    hires_prompts: tuple[str, str] | None = None
+    networks: Mapping[str, Any] = field(default_factory=dict)
+    ti_hashes: str | None = None
 
 
 _UNNAMED_MODEL = ModelFacts()
@@ -228,17 +271,23 @@ def generation_params(
         "Tiling": True if r.tiling else None,
     }
 
-    # Extra parameters, in the order A1111's pipeline inserts them during a run.
-    if r.enable_hr and not r.is_img2img:
+    # Extra parameters, in the order A1111's pipeline inserts them during a run: the processing's
+    # init (hires fix, inpainting), then per batch the extra networks, the conditioning, the
+    # alphas_cumprod overrides and the sampler passes.
+    hr_pass = r.enable_hr and not r.is_img2img
+    if hr_pass:
         if r.hr_sampler_name and r.hr_sampler_name != r.sampler_name:
             params["Hires sampler"] = r.hr_sampler_name
-        if r.hr_prompt and r.hr_prompt != r.prompt:
-            params["Hires prompt"] = r.hr_prompt
-        if r.hr_negative_prompt and r.hr_negative_prompt != r.negative_prompt:
-            params["Hires negative prompt"] = r.hr_negative_prompt
-        hr_sched = run.hires_schedule_type or r.hr_scheduler
-        if hr_sched and hr_sched != params["Schedule type"]:
-            params["Hires schedule type"] = hr_sched
+        if run.hires_prompts is not None and run.prompts is not None:
+            # A1111 compares the styled hires prompts with the image's styled prompts.
+            (hr_prompt, hr_negative), (prompt, negative) = run.hires_prompts, run.prompts
+            params["Hires prompt"] = hr_prompt if hr_prompt != prompt else None
+            params["Hires negative prompt"] = hr_negative if hr_negative != negative else None
+        else:
+            if r.hr_prompt and r.hr_prompt != r.prompt:
+                params["Hires prompt"] = r.hr_prompt
+            if r.hr_negative_prompt and r.hr_negative_prompt != r.negative_prompt:
+                params["Hires negative prompt"] = r.hr_negative_prompt
         if r.hr_resize_x == 0 and r.hr_resize_y == 0:
             params["Hires upscale"] = _compact_number(r.hr_scale)
         else:
@@ -258,27 +307,100 @@ def generation_params(
             params["Masked area padding"] = r.inpaint_full_res_padding
     if r.is_img2img and r.initial_noise_multiplier != 1.0:
         params["Noise multiplier"] = r.initial_noise_multiplier
-    if r.use_old_scheduling:
+    params.update(run.networks)
+    old_timelines = run.old_timelines_differ if run.old_timelines_differ is not None else True
+    if r.use_old_scheduling and old_timelines:
         params["Old prompt editing timelines"] = True
-    if r.emphasis != "Original" and any(c in text for text in (r.prompt, r.negative_prompt) for c in "(["):
+    params["TI hashes"] = run.ti_hashes
+    texts = run.encoded_texts if run.encoded_texts is not None else (r.prompt, r.negative_prompt)
+    if emphasis_written(r.emphasis, texts):
         params["Emphasis"] = r.emphasis
     if r.use_downcasted_alpha_bar:
         params["Downcast alphas_cumprod"] = True
     if r.sd_noise_schedule != "Default":
         params["Noise Schedule"] = r.sd_noise_schedule
-    if r.sigma_min is not None:
-        params["Schedule min sigma"] = r.sigma_min
-    if r.sigma_max is not None:
-        params["Schedule max sigma"] = r.sigma_max
-    if r.rho is not None:
-        params["Schedule rho"] = r.rho
-    if r.eta is not None:
-        # A1111 writes eta only when it differs from the sampler family's default.
-        if r.sampler_name in ETA_DDIM_SAMPLERS:
-            if r.eta != 0.0:
-                params["Eta DDIM"] = r.eta
-        elif r.eta != 1.0:
-            params["Eta"] = r.eta
+    passes = run.passes if run.passes is not None else _passes_from_request(r)
+    first_schedule: str | None = None
+    for index, facts in enumerate(passes):
+        hires = index > 0
+        _add_pass_params(params, r, facts, run.model_sigma_range, hires=hires, first_schedule=first_schedule)
+        if not hires:
+            first_schedule = _schedule_keys(r, facts, run.model_sigma_range).get("Schedule type")
+    for source in (r.extra_generation_params, run.extra):
+        for key, value in source.items():
+            params[key] = value  # an existing key keeps its place, as in A1111
+    params["Version"] = version
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def emphasis_written(emphasis: str, texts: Sequence[str]) -> bool:
+    """A1111 1.10 writes "Emphasis" when the mode is not "Original" and some text the encoder read
+    holds a ``(`` or ``[`` (its CLIP wrapper decides on the texts after prompt editing, tag removal
+    and styles, whether or not the brackets weigh anything)."""
+    return emphasis != "Original" and any("(" in text or "[" in text for text in texts)
+
+
+def _passes_from_request(r: GenerationRequest) -> tuple[PassFacts, ...]:
+    # Without the engine's report every setting is read as having taken effect.
+    def facts(sampler_name: str, scheduler: str | None, from_image: bool) -> PassFacts:
+        sampler, schedule = resolve(sampler_name, scheduler)
+        return PassFacts(
+            sampler,
+            schedule,
+            from_image=from_image,
+            ngms=r.s_min_uncond > 0,
+            padded_conds=r.pad_cond_uncond,
+            padded_conds_v0=r.pad_cond_uncond_v0,
+        )
+
+    passes = [facts(r.sampler_name, r.scheduler, r.is_img2img)]
+    if r.enable_hr and not r.is_img2img:
+        passes.append(facts(r.hr_sampler_name or r.sampler_name, r.hr_scheduler or r.scheduler, True))
+    return tuple(passes)
+
+
+def _schedule_keys(
+    r: GenerationRequest, facts: PassFacts, model_range: tuple[float, float] | None
+) -> dict[str, Any]:
+    return schedule_infotext(
+        facts.sampler,
+        facts.scheduler,
+        model_range,
+        sigma_min=r.sigma_min,
+        sigma_max=r.sigma_max,
+        rho=r.rho,
+        beta_alpha=r.beta_dist_alpha,
+        beta_beta=r.beta_dist_beta,
+    )
+
+
+def _add_pass_params(
+    params: dict[str, Any],
+    r: GenerationRequest,
+    facts: PassFacts,
+    model_range: tuple[float, float] | None,
+    *,
+    hires: bool,
+    first_schedule: str | None,
+) -> None:
+    """One sampler pass's keys in A1111 1.10's order: its ``get_sigmas`` (penultimate sigma, the
+    schedule and its overrides), the SGM noise multiplier (txt2img's first pass), its
+    ``initialize`` (eta, churn), what its denoiser did (NGMS) and its ``add_infotext`` (Pad conds).
+    A key the first pass wrote keeps its place when the hires pass writes it again."""
+    sampler = facts.sampler
+    if r.always_discard_next_to_last_sigma and not sampler.discard_next_to_last_sigma:
+        params["Discard penultimate sigma"] = True
+    schedule = _schedule_keys(r, facts, model_range)
+    label = schedule.pop("Schedule type", None)
+    # A1111 compares with the first pass's recorded schedule, which exists only when a schedule
+    # function ran there.
+    if hires and label is not None and label != first_schedule:
+        params["Hires schedule type"] = label
+    params.update(schedule)
+    if r.sgm_noise_multiplier and not sampler.is_timestep_sampler and not facts.from_image:
+        params["SGM noise multiplier"] = True
+    if r.eta is not None and sampler.eta_kind is not None and r.eta != sampler.default_eta:
+        params["Eta DDIM" if sampler.eta_kind == "ddim" else "Eta"] = r.eta
     if r.s_churn != 0.0:
         params["Sigma churn"] = r.s_churn
     if r.s_tmin != 0.0:
@@ -287,18 +409,9 @@ def generation_params(
         params["Sigma tmax"] = r.s_tmax
     if r.s_noise != 1.0:
         params["Sigma noise"] = r.s_noise
-    if r.always_discard_next_to_last_sigma:
-        params["Discard penultimate sigma"] = True
-    if r.sgm_noise_multiplier:
-        params["SGM noise multiplier"] = True
-    if r.s_min_uncond != 0.0:
+    if facts.ngms:
         params["NGMS"] = r.s_min_uncond
-    if r.pad_cond_uncond:
+    if facts.padded_conds:
         params["Pad conds"] = True
-    if r.pad_cond_uncond_v0:
+    if facts.padded_conds_v0:
         params["Pad conds v0"] = True
-    for source in (r.extra_generation_params, run.extra):
-        for key, value in source.items():
-            params[key] = value  # an existing key keeps its place, as in A1111
-    params["Version"] = version
-    return {key: value for key, value in params.items() if value is not None}

@@ -141,6 +141,8 @@ def run_sampler(
         rho=request.rho,
         use_old_karras_scheduler_sigmas=request.use_old_karras_scheduler_sigmas,
         always_discard_next_to_last_sigma=request.always_discard_next_to_last_sigma,
+        beta_alpha=request.beta_dist_alpha,
+        beta_beta=request.beta_dist_beta,
     ).to(noise.device)
 
     if img2img is not None and init_latent is not None:
@@ -162,12 +164,30 @@ def run_sampler(
 
     common: dict[str, Any] = {"callback": callback, "noise_sampler": noise_sampler}
     if spec.uses_sigma_range:
-        positive = sigmas[sigmas > 0]
-        range_args: dict[str, Any] = {"sigma_min": float(positive.min()), "sigma_max": float(sigmas.max())}
-        if "n" in inspect.signature(spec.function).parameters:
-            range_args["n"] = len(sigmas) - 1
+        from_image = img2img if init_latent is not None else None
+        range_args = _sigma_range_args(run, model, sigmas, from_image)
         return spec.function(model.denoiser, x, **range_args, **common, **knobs)
     return spec.function(model.denoiser, x, sigmas, **common, **knobs)
+
+
+def _sigma_range_args(
+    run: SamplerPass, model: SamplingModel, sigmas: Tensor, img2img: Img2ImgStart | None
+) -> dict[str, Any]:
+    """DPM fast / adaptive's range, as A1111 1.10 passes it. txt2img: the model's whole sigma range
+    and the requested step count, whatever the schedule (A1111 computes the schedule and then uses
+    only its length). From an image: the truncated schedule's first sigma and its last before the
+    final 0, over its length."""
+    params = inspect.signature(run.spec.function).parameters
+    if img2img is None:
+        table = model.schedule_model.sigmas
+        args: dict[str, Any] = {"sigma_min": float(table[0]), "sigma_max": float(table[-1])}
+        n = run.steps
+    else:
+        args = {"sigma_min": float(sigmas[-2]), "sigma_max": float(sigmas[0])}
+        n = len(sigmas) - 1
+    if "n" in params:
+        args["n"] = n
+    return args
 
 
 def _run_timestep_sampler(

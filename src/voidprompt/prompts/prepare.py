@@ -32,6 +32,9 @@ class PreparedPrompts:
     ``positive`` has one (schedule, weight) per AND part, in order; parts with the same text share an
     equal schedule (A1111 encodes such a text once: see ``positive_texts`` / ``positive_parts``).
     ``schedule_steps`` is the step count the schedules were computed over.
+    ``old_timelines_differ``: with ``use_old_scheduling``, whether the old timelines gave any
+    schedule (of the negative prompt or the positive one, tags removed) that the current rule would
+    not - A1111 writes "Old prompt editing timelines" only then.
     """
 
     prompt_for_infotext: str
@@ -42,6 +45,15 @@ class PreparedPrompts:
     positive_texts: tuple[str, ...]
     positive_parts: tuple[tuple[int, float], ...]
     schedule_steps: int
+    old_timelines_differ: bool = False
+
+    def encoded_texts(self) -> tuple[str, ...]:
+        """Every text the encoder reads: each schedule entry of the negative prompt and of every
+        AND part, in that order."""
+        texts = [text for _, text in self.negative]
+        for schedule, _ in self.positive:
+            texts.extend(text for _, text in schedule)
+        return tuple(texts)
 
 
 def prepare_prompts(
@@ -84,6 +96,11 @@ def prepare_prompts(
     def schedule(text: str) -> PromptSchedule:
         return prompt_schedules(text, total, hires_total, use_old_scheduling)
 
+    old_timelines_differ = use_old_scheduling and any(
+        prompt_schedules(text, total, hires_total, True) != prompt_schedules(text, total, hires_total, False)
+        for text in (negative_prompt, positive_text)
+    )
+
     multicond = multicond_prompt(positive_text)
     by_text = [schedule(text) for text in multicond.texts]
     positive = tuple((list(by_text[index]), weight) for index, weight in multicond.parts)
@@ -97,4 +114,5 @@ def prepare_prompts(
         positive_texts=multicond.texts,
         positive_parts=multicond.parts,
         schedule_steps=hires_total if hires_total is not None else total,
+        old_timelines_differ=old_timelines_differ,
     )

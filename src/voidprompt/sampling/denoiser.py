@@ -410,6 +410,8 @@ class CFGDenoiser:
         self.padded_cond_uncond_v0 = False
         self.used_ngms = False
         self.used_skip_early_cond = False
+        # Whether NGMS skipped the uncond pass on any call so far (A1111 records "NGMS" then).
+        self.ngms_triggered = False
 
     # -- conditioning for one call --------------------------------------------------------------
 
@@ -503,7 +505,7 @@ class CFGDenoiser:
             and sigma[0] < guidance.s_min_uncond
         ):
             # NGMS (A1111's s_min_uncond): on odd calls below the threshold, skip the uncond pass.
-            skip_uncond = self.used_ngms = True
+            skip_uncond = self.used_ngms = self.ngms_triggered = True
         if skip_uncond:
             x_in, sigma_in = x_in[:-batch_size], sigma_in[:-batch_size]
             if image_cond_in is not None:

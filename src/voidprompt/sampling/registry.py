@@ -293,6 +293,61 @@ def infotext_names(sampler_name: str, scheduler_name: str | None = None) -> dict
     return {"Sampler": sampler.label, "Schedule type": label}
 
 
+def schedule_overrides(
+    sampler: SamplerSpec,
+    scheduler: SchedulerSpec,
+    model_range: tuple[float, float] | None,
+    sigma_min: float | None,
+    sigma_max: float | None,
+    rho: float | None,
+) -> dict[str, float]:
+    """The schedule overrides that take effect in A1111's ``get_sigmas``, by argument name: sigma_min
+    / sigma_max when set (not 0 or None) and not the model's own (``model_range``; None = unknown,
+    so any set value counts), rho only for a schedule with a default rho (Karras, Polyexponential)
+    when set and not that default. Empty when no schedule function runs (the model's own sigmas)."""
+    eff = effective_scheduler(sampler, scheduler)
+    if eff is None:
+        return {}
+    found: dict[str, float] = {}
+    m_min, m_max = model_range if model_range is not None else (None, None)
+    if sigma_min and sigma_min != m_min:
+        found["sigma_min"] = sigma_min
+    if sigma_max and sigma_max != m_max:
+        found["sigma_max"] = sigma_max
+    if rho and eff.default_rho is not None and rho != eff.default_rho:
+        found["rho"] = rho
+    return found
+
+
+def schedule_infotext(
+    sampler: SamplerSpec,
+    scheduler: SchedulerSpec,
+    model_range: tuple[float, float] | None,
+    *,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float | None = None,
+    beta_alpha: float = 0.6,
+    beta_beta: float = 0.6,
+) -> dict[str, Any]:
+    """The keys A1111 1.10's ``get_sigmas`` records for one pass, in its order: "Schedule type"
+    (the schedule that ran), the overrides that took effect (:func:`schedule_overrides`), and the
+    Beta schedule's alpha and beta whenever Beta runs, default or not. Empty when no schedule
+    function runs: the model's own sigmas (Automatic for a sampler without a default schedule) and
+    the timestep samplers, which never call it."""
+    eff = effective_scheduler(sampler, scheduler)
+    if eff is None or sampler.is_timestep_sampler:
+        return {}
+    keys: dict[str, Any] = {"Schedule type": eff.label}
+    names = {"sigma_min": "Schedule min sigma", "sigma_max": "Schedule max sigma", "rho": "Schedule rho"}
+    for name, value in schedule_overrides(sampler, scheduler, model_range, sigma_min, sigma_max, rho).items():
+        keys[names[name]] = value
+    if eff.name == "beta":
+        keys["Beta schedule alpha"] = beta_alpha
+        keys["Beta schedule beta"] = beta_beta
+    return keys
+
+
 def compute_sigmas(
     sampler: SamplerSpec,
     scheduler: SchedulerSpec,
@@ -316,13 +371,12 @@ def compute_sigmas(
     n = steps + 1 if discard else steps
     m_min, m_max = float(model.sigmas[0]), float(model.sigmas[-1])
     s_min, s_max = schedules.OLD_KARRAS_SIGMA_RANGE if use_old_karras_scheduler_sigmas else (m_min, m_max)
-    if sigma_min and sigma_min != m_min:
-        s_min = sigma_min
-    if sigma_max and sigma_max != m_max:
-        s_max = sigma_max
+    overrides = schedule_overrides(sampler, scheduler, (m_min, m_max), sigma_min, sigma_max, rho)
+    s_min = overrides.get("sigma_min", s_min)
+    s_max = overrides.get("sigma_max", s_max)
+    r = overrides.get("rho")
     eff = effective_scheduler(sampler, scheduler)
     name = eff.name if eff is not None else "uniform"
-    r = rho if (rho and eff is not None and eff.default_rho is not None and rho != eff.default_rho) else None
     if name == "uniform":
         sigmas = schedules.uniform(n, model)
     elif name == "karras":
