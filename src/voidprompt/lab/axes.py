@@ -13,7 +13,7 @@ import io
 import math
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +47,16 @@ _NAI_BUCKETS = re.compile(r"\s*nai\s+buckets\s*(?:@\s*(\d+)\s*[xX×]\s*(\d+)\s*)
 _SDXL_BUCKETS = re.compile(r"\s*sdxl\s+buckets\s*", re.IGNORECASE)
 
 
-def split_csv(text: str) -> list[str]:
+def split_csv(text: str, *, skip_initial_space: bool = False) -> list[str]:
     """A1111's value list: csv module rules (quotes protect commas), every item stripped.
 
     A1111 quirk: csv's defaults only honour a quote at the very start of a field, so write
-    ``a,"b, c"`` - in ``a, "b, c"`` the quote follows a space and the comma splits.
+    ``a,"b, c"`` - in ``a, "b, c"`` the quote follows a space and the comma splits. A1111 1.10's
+    X/Y/Z plot reads with csv's ``skipinitialspace`` (``skip_initial_space``), where both split
+    into ``a`` and ``b, c``.
     """
-    return [item.strip() for row in csv.reader(io.StringIO(text)) for item in row]
+    rows = csv.reader(io.StringIO(text), skipinitialspace=skip_initial_space)
+    return [item.strip() for row in rows for item in row]
 
 
 def _number(text: str) -> str:
@@ -328,6 +331,23 @@ def apply_prompt_sr(prompt: str, negative_prompt: str, search: str, replacement:
             f"{negative_prompt!r}; the first value must be text that occurs in one of them"
         )
     return prompt.replace(search, replacement), negative_prompt.replace(search, replacement)
+
+
+def apply_prompt_order(prompt: str, tokens: Sequence[str]) -> str:
+    """A1111's "Prompt order" axis: the listed tokens, where they first occur in ``prompt``, are
+    rewritten in the order of ``tokens`` (one permutation of them); the text between them stays."""
+    for token in tokens:
+        if token not in prompt:
+            # A1111 goes on with find()'s -1 and cuts the prompt at the wrong place.
+            raise StudyError(f"Prompt order did not find {token!r} in the prompt {prompt!r}")
+    positions = sorted(((prompt.find(token), token) for token in tokens), key=lambda pair: pair[0])
+    parts = []
+    rest = prompt
+    for _, token in positions:
+        at = rest.find(token)
+        parts.append(rest[:at])
+        rest = rest[at + len(token) :]
+    return "".join(part + tokens[i] for i, part in enumerate(parts)) + rest
 
 
 def prompt_matrix(text: str, *, put_at_start: bool = False, delimiter: str = ", ") -> list[str]:

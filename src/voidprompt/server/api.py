@@ -53,6 +53,7 @@ from voidprompt.server.routes import (
 )
 from voidprompt.server.state import App, ServerConfig
 from voidprompt.server.studies import CatalogBusyError, ReportUnavailableError
+from voidprompt.server.xyz import ScriptArgsError
 
 __all__ = ["create_app"]
 
@@ -72,7 +73,7 @@ def _status_for(error: Exception) -> int:
         return 507
     if isinstance(error, CatalogBusyError | QueueFullError):
         return 409 if isinstance(error, CatalogBusyError) else 503
-    if isinstance(error, ModelLoadError | ScriptNotFoundError | ExplanationFileError):
+    if isinstance(error, ModelLoadError | ScriptNotFoundError | ScriptArgsError | ExplanationFileError):
         return 422
     if isinstance(error, NansError):
         return 500

@@ -517,8 +517,13 @@ class ModelHost:
         log.info("loaded %s", entry.title)
         return self.engine
 
-    def generate(self, job: str, built: BuiltRequest) -> Generated:
-        """Run ``built`` (on the worker thread); A1111's skip and interrupt act per iteration."""
+    def generate(self, job: str, built: BuiltRequest, *, first_iteration: int | None = None) -> Generated:
+        """Run ``built`` (on the worker thread); A1111's skip and interrupt act per iteration.
+
+        With ``first_iteration`` the run is one part of a job its caller has begun and will end (the
+        X/Y/Z plot's cells share one job, so the progress counts all of them and an interrupt also
+        stops the cells after it): its iterations are numbered from there.
+        """
         entry = self.registry.find(built.model) if built.model else self.require_selected()
         vae_name = built.vae if built.vae is not None else self.selected_vae
         vae = self.registry.find_vae(vae_name)
@@ -532,7 +537,9 @@ class ModelHost:
 
         request = built.request
         state = self.state
-        state.begin(job, request.n_iter)
+        own_job = first_iteration is None
+        if own_job:
+            state.begin(job, request.n_iter)
         try:
 
             def on_progress(event: Progress) -> None:
@@ -545,7 +552,7 @@ class ModelHost:
 
             def before_iteration(n: int) -> bool:
                 with state.lock:
-                    state.job_no = n
+                    state.job_no = n + (first_iteration or 0)
                     state.sampling_step = 0
                     state.skipped = False  # skip drops one iteration only, as A1111's
                     return not state.interrupted
@@ -566,7 +573,8 @@ class ModelHost:
                 interrupted=result.interrupted,
             )
         finally:
-            state.end()
+            if own_job:
+                state.end()
 
 
 # Keys A1111 writes from fixed attributes; the rest of an image's params are extra_generation_params.

@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from voidprompt.explain.record import ExplainOptions
+from voidprompt.errors import InvalidRequestError
 from voidprompt.explain.store import explanation_path, save_explanation
 from voidprompt.imagemeta import read_infotext, save_numbered
 from voidprompt.infotext import parse_generation_parameters
@@ -28,6 +29,7 @@ from voidprompt.server.generation import (
     encode_png,
     processed_info,
 )
+from voidprompt.server import xyz
 from voidprompt.server.routes import SDAPI
 from voidprompt.server.state import App
 
@@ -41,6 +43,8 @@ async def run_generation(
 ) -> tuple[m.GenerationResponse, Generated]:
     """One txt2img / img2img call as A1111 answers it, and what was generated; voidprompt's own
     generation routes run through here too (``explain``: the capture, which they alone ask for)."""
+    if xyz.is_xyz_plot(body.script_name):
+        return await _run_plot(state, kind, body, img2img, explain)
     built: BuiltRequest = await run_in_threadpool(
         build_request, body, state.options, state.config.limits, img2img=img2img
     )
@@ -57,15 +61,43 @@ async def run_generation(
         )
     if body.save_images:
         await run_in_threadpool(_save_images, state, kind, generated)
+    response = m.GenerationResponse(
+        images=images if images is not None else [], parameters=_echo(body), info=json.dumps(info)
+    )
+    return response, generated
+
+
+def _echo(body: m.Txt2ImgRequest) -> dict[str, Any]:
     parameters = body.model_dump()
     if isinstance(body, m.Img2ImgRequest) and not body.include_init_images:
         # A1111 leaves the (large) input images out of the echo unless asked.
         parameters["init_images"] = None
         parameters["mask"] = None
-    response = m.GenerationResponse(
-        images=images if images is not None else [], parameters=parameters, info=json.dumps(info)
+    return parameters
+
+
+async def _run_plot(
+    state: App, kind: str, body: m.Txt2ImgRequest, img2img: bool, explain: ExplainOptions | None
+) -> tuple[m.GenerationResponse, Generated]:
+    """A1111's X/Y/Z plot script (``script_name``): its cells as one job, answered with its grid."""
+    if explain is not None:
+        raise InvalidRequestError("explain: not available with the X/Y/Z plot; generate its cells one by one")
+    limits = state.config.limits
+    plan = await run_in_threadpool(
+        xyz.plan_plot, body, state.options, limits, state.registry, img2img=img2img
     )
-    return response, generated
+    result = await state.queue.run(kind, lambda: xyz.run_plot(state.host, kind, plan))
+    answer = xyz.plot_answer(result)
+    images: list[str] = []
+    if body.send_images:
+        images = await run_in_threadpool(
+            lambda: [encode_png(im, text) for im, text in zip(answer.images, answer.infotexts, strict=True)]
+        )
+    if body.save_images:
+        for generated in xyz.cells_generated(result):
+            await run_in_threadpool(_save_images, state, kind, generated)
+    response = m.GenerationResponse(images=images, parameters=_echo(body), info=json.dumps(answer.info))
+    return response, result.first
 
 
 def router(state: App) -> APIRouter:

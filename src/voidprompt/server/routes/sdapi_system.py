@@ -1,5 +1,5 @@
 """A1111's remaining routes that clients probe: prompt styles, face restorers, RealESRGAN models,
-scripts and extensions (none here, so empty lists), and memory use."""
+scripts (the X/Y/Z plot), extensions (none here, so an empty list), and memory use."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from voidprompt.server import models as m
 from voidprompt.server.routes import SDAPI
 from voidprompt.server.state import App
+from voidprompt.server.xyz import SCRIPT_NAME
 
 __all__ = ["router"]
 
@@ -39,7 +40,7 @@ def router(state: App) -> APIRouter:
 
     @router.get(f"{prefix}/scripts", tags=tags, response_model=m.ScriptsList)
     def scripts() -> m.ScriptsList:
-        return m.ScriptsList()
+        return m.ScriptsList(txt2img=[SCRIPT_NAME], img2img=[SCRIPT_NAME])
 
     @router.get(f"{prefix}/script-info", tags=tags)
     def script_info() -> list[dict[str, Any]]:
