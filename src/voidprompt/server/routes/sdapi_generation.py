@@ -13,14 +13,15 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from voidprompt.explain.record import ExplainOptions
 from voidprompt.errors import InvalidRequestError
+from voidprompt.explain.record import ExplainOptions
 from voidprompt.explain.store import explanation_path, save_explanation
 from voidprompt.imagemeta import read_infotext, save_numbered
 from voidprompt.infotext import parse_generation_parameters
 from voidprompt.lab.catalog import disk_full_stops
 from voidprompt.models.latent_rgb import CHEAP_SD1, LatentRGB, latent_rgb_for
 from voidprompt.server import models as m
+from voidprompt.server import xyz
 from voidprompt.server.generation import (
     BuiltRequest,
     Generated,
@@ -29,7 +30,6 @@ from voidprompt.server.generation import (
     encode_png,
     processed_info,
 )
-from voidprompt.server import xyz
 from voidprompt.server.routes import SDAPI
 from voidprompt.server.state import App
 
