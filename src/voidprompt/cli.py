@@ -421,6 +421,31 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tag(args: argparse.Namespace) -> int:
+    import json
+
+    from voidprompt.models.placement import resolve_device
+    from voidprompt.pipeline.interrogate import open_tagger
+
+    tagger = open_tagger(
+        args.tagger,
+        device=resolve_device(args.device or "cpu"),
+        threshold=args.threshold,
+        character_threshold=args.character_threshold,
+    )
+    for image_path in args.images:
+        result = tagger.tag(open_image_safely(image_path))
+        if args.json:
+            record = {"image": image_path, "tagger": tagger.name, "caption": tagger.caption(result)}
+            record.update(rating=dict(result.rating), character=dict(result.character))
+            record["general"] = dict(result.general)
+            print(json.dumps(record))
+        else:
+            caption = tagger.caption(result)
+            print(f"{image_path}: {caption}" if len(args.images) > 1 else caption)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="voidprompt", description=__doc__.splitlines()[0] if __doc__ else None
@@ -482,6 +507,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings-dir")
     p.add_argument("--embedding-width", type=int, default=768)
     p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser(
+        "tag", help="tag pictures with A1111's DeepDanbooru or a WD14 tagger (the interrogate API's caption)"
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument(
+        "--tagger",
+        type=Path,
+        default=Path("models/torch_deepdanbooru/model-resnet_custom_v3.pt"),
+        help="A1111's DeepDanbooru file, or a WD14 tagger folder (model.onnx + selected_tags.csv); "
+        "default models/torch_deepdanbooru/model-resnet_custom_v3.pt",
+    )
+    p.add_argument(
+        "--threshold", type=float, help="general tags' threshold (DeepDanbooru 0.5, WD14 0.35 unless set)"
+    )
+    p.add_argument("--character-threshold", type=float, help="WD14 character tags' threshold (default 0.85)")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--json", action="store_true", help="one JSON line per picture, with probabilities")
+    p.set_defaults(func=cmd_tag)
 
     for name, help_text in (
         ("demo", "the miniature model: the demo study (no arguments), `demo gallery`, `demo train`"),
