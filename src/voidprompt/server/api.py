@@ -41,6 +41,7 @@ from voidprompt.server.generation import ScriptNotFoundError
 from voidprompt.server.limits import BodySizeLimitMiddleware, LimitError
 from voidprompt.server.queue import QueueFullError
 from voidprompt.server.routes import (
+    sdapi_extras,
     sdapi_generation,
     sdapi_interrogate,
     sdapi_models,
@@ -134,8 +135,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def _queue_full(_request: Request, error: QueueFullError) -> JSONResponse:
         return _error_response(503, error)
 
-    for routes in (sdapi_generation, sdapi_interrogate, sdapi_models, sdapi_networks, sdapi_system,
-                   voidprompt_generation, voidprompt_tokens, voidprompt_studies, voidprompt_explain):
+    for routes in (sdapi_generation, sdapi_extras, sdapi_interrogate, sdapi_models, sdapi_networks,
+                   sdapi_system, voidprompt_generation, voidprompt_tokens, voidprompt_studies,
+                   voidprompt_explain):
         app.include_router(routes.router(state))
 
     if config.ui and UI_DIR.is_dir():

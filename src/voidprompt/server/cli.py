@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         "(default models/wd14)",
     )
     p.add_argument(
+        "--upscaler-dir",
+        type=Path,
+        default=Path("models"),
+        help="A1111's models folder for upscalers: ESRGAN files in its ESRGAN/, Real-ESRGAN files in its "
+        "RealESRGAN/ (default models)",
+    )
+    p.add_argument(
         "--model", help="checkpoint to use first (title, file name or hash); default the miniature model"
     )
     p.add_argument("--no-miniature", action="store_true", help="do not offer the shipped miniature model")
@@ -183,6 +190,7 @@ def build_config(args: argparse.Namespace) -> object:
         hypernetwork_dir=args.hypernetwork_dir,
         deepdanbooru_dir=args.deepdanbooru_dir,
         wd14_dir=args.wd14_dir,
+        upscaler_dir=args.upscaler_dir,
         styles_files=args.styles_file or [DEFAULT_STYLES_FILE],
         default_model=default_model,
         studies_dir=args.studies_dir,

@@ -34,6 +34,7 @@ from voidprompt.imagemeta import open_image_safely
 from voidprompt.infotext import KEY_ORDER, TRAILING_KEYS, request_fields_from_infotext
 from voidprompt.models.load import load_model
 from voidprompt.models.placement import PrecisionPolicy, resolve_device, resolve_precision
+from voidprompt.models.upscalers.registry import Upscalers
 from voidprompt.pipeline.engine import Engine, GenerationHooks, Progress
 from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
 from voidprompt.pipeline.result import Result
@@ -233,8 +234,10 @@ def build_request(
     limits: Limits,
     *,
     img2img: bool = False,
+    upscalers: Upscalers | None = None,
 ) -> BuiltRequest:
-    """The GenerationRequest for an API body; raises InvalidRequestError / LimitError (400)."""
+    """The GenerationRequest for an API body; raises InvalidRequestError / LimitError (400).
+    ``upscalers``: where ``hr_upscaler`` may name a model upscaler (else only built-in names)."""
     explicit = set(body.model_fields_set)
     for name in ("restore_faces", "tiling"):
         if getattr(body, name):
@@ -295,7 +298,7 @@ def build_request(
                 merged[key] if key == "hr_scheduler" else None,
             )
     if merged.get("enable_hr"):
-        check_hr_upscaler(merged.get("hr_upscaler", "Latent"))
+        check_hr_upscaler(merged.get("hr_upscaler", "Latent"), upscalers)
 
     for key, value in merged.items():
         if isinstance(value, float) and not math.isfinite(value):
@@ -434,6 +437,7 @@ class ModelHost:
         networks: NetworkFolders | None = None,
         disable_nan_check: bool = False,
         style_db: StyleDatabase | None = None,
+        upscalers: Upscalers | None = None,
     ) -> None:
         """``device`` is resolved here (:class:`~voidprompt.errors.DeviceError` when it does not
         exist); ``precision`` defaults to ``auto`` on it."""
@@ -445,6 +449,7 @@ class ModelHost:
         self.networks = networks or NetworkFolders()
         self.disable_nan_check = disable_nan_check
         self.style_db = style_db
+        self.upscalers = upscalers
         self.engine_factory = engine_factory or self.make_engine
         self.selected: CheckpointEntry | None = registry.checkpoints[0] if registry.checkpoints else None
         self.selected_vae: str = "Automatic"
@@ -460,6 +465,7 @@ class ModelHost:
             disable_nan_check=self.disable_nan_check,
             style_db=self.style_db,
             refiner_loader=self.load_refiner,
+            upscalers=self.upscalers,
         )
         self._give_embeddings(engine)
         return engine

@@ -9,6 +9,7 @@ from typing import Any
 
 from voidprompt.models.placement import default_randn_source, resolve_device, resolve_precision
 from voidprompt.models.tokenizer import load_clip_tokenizer
+from voidprompt.models.upscalers.registry import Upscalers
 from voidprompt.prompts.styles import StyleDatabase
 from voidprompt.server.checkpoints import DEFAULT_CKPT_DIR, ModelRegistry
 from voidprompt.server.explanations import DEFAULT_CACHE_SIZE, ExplanationCache
@@ -44,6 +45,8 @@ class ServerConfig:
     # Taggers for /sdapi/v1/interrogate: A1111's DeepDanbooru folder and the WD14 tagger folders.
     deepdanbooru_dir: Path = Path("models/torch_deepdanbooru")
     wd14_dir: Path = Path("models/wd14")
+    # Model upscalers: A1111's models folder, whose ESRGAN/ and RealESRGAN/ hold the files.
+    upscaler_dir: Path = Path("models")
     # A1111's --styles-file (repeatable); its default styles.csv is read only when present.
     styles_files: list[Path] = field(default_factory=lambda: [DEFAULT_STYLES_FILE])
     default_model: str | None = None
@@ -77,6 +80,7 @@ class App:
         self.networks = NetworkFolders(config.lora_dir, config.embeddings_dir, config.hypernetwork_dir)
         self.networks.refresh()
         self.styles = load_styles(config.styles_files)
+        self.upscalers = Upscalers.in_models_dir(config.upscaler_dir, device=device)
         self.host = ModelHost(
             self.registry,
             self.options,
@@ -86,6 +90,7 @@ class App:
             networks=self.networks,
             style_db=self.styles,
             disable_nan_check=config.disable_nan_check,
+            upscalers=self.upscalers,
         )
         if config.default_model:
             self.host.select(config.default_model)

@@ -2,6 +2,7 @@
 over the server's state, and :func:`voidprompt.server.api.create_app` includes them in this order:
 
 - ``sdapi_generation``: A1111's txt2img, img2img, png-info, progress, interrupt, skip;
+- ``sdapi_extras``: A1111's extras (model and pixel upscalers over one picture or a batch);
 - ``sdapi_interrogate``: A1111's interrogate (DeepDanbooru and WD14 taggers);
 - ``sdapi_models``: A1111's options, cmd-flags, samplers, schedulers, upscalers, checkpoints, VAEs;
 - ``sdapi_networks``: A1111's embeddings, LoRAs, hypernetworks;

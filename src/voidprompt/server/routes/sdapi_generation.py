@@ -46,7 +46,7 @@ async def run_generation(
     if xyz.is_xyz_plot(body.script_name):
         return await _run_plot(state, kind, body, img2img, explain)
     built: BuiltRequest = await run_in_threadpool(
-        build_request, body, state.options, state.config.limits, img2img=img2img
+        build_request, body, state.options, state.config.limits, img2img=img2img, upscalers=state.upscalers
     )
     built.explain = explain
     generated: Generated = await state.queue.run(kind, lambda: state.host.generate(kind, built))

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from voidprompt.pipeline.hires import LATENT_UPSCALE_MODES, hires_upscalers
+from voidprompt.pipeline.hires import LATENT_UPSCALE_MODES
 from voidprompt.sampling.registry import SAMPLERS, SCHEDULERS
 from voidprompt.server import models as m
 from voidprompt.server.generation import Options
@@ -60,6 +60,8 @@ def router(state: App) -> APIRouter:
             "lora_dir": str(c.lora_dir) if c.lora_dir else None,
             "embeddings_dir": str(c.embeddings_dir) if c.embeddings_dir else None,
             "hypernetwork_dir": str(c.hypernetwork_dir) if c.hypernetwork_dir else None,
+            "esrgan_models_path": str(c.upscaler_dir / "ESRGAN"),
+            "realesrgan_models_path": str(c.upscaler_dir / "RealESRGAN"),
             "api": True,
             "nowebui": not c.ui,
             "api_auth": "***" if c.credentials else None,
@@ -96,10 +98,10 @@ def router(state: App) -> APIRouter:
 
     @router.get(f"{prefix}/upscalers", tags=tags, response_model=list[m.UpscalerItem])
     def upscalers() -> list[m.UpscalerItem]:
+        # A1111's fields: its UpscalerData reports scale 4 unless a Real-ESRGAN model says 2.
         return [
-            m.UpscalerItem(name=name, scale=None)
-            for name in hires_upscalers()
-            if name not in LATENT_UPSCALE_MODES
+            m.UpscalerItem(name=e.name, model_name=e.model_name, model_path=e.model_path, scale=e.scale)
+            for e in state.upscalers.entries()
         ]
 
     @router.get(f"{prefix}/latent-upscale-modes", tags=tags, response_model=list[m.LatentUpscalerModeItem])
