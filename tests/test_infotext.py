@@ -307,8 +307,46 @@ ROUND_TRIP_CASES = [
     ("p", "", {"Steps": 1, "Seed": 3, "Multi": "first\nsecond, third", "Backslash": "c:\\path\\x"}),
     ("p", "", {"Steps": 1, "Seed": 3, "Quote": 'he said "hi"', "Unicode": "日本語, テスト"}),
     ("(weighted:1.2), [x:y:0.5]", "bad, (ugly)", {"Steps": 30, "Sampler": "Heun", "Seed": 4, "Model": "m"}),
-    ("p", "", {"Steps": 1, "Seed": 3, "Sampler": "Euler", "Empty": "", "Spaces": "a b  c"}),
+    ("p", "", {"Steps": 1, "Seed": 3, "Sampler": "Euler", "Spaces": "a b  c"}),
 ]
+
+
+def test_empty_value_reads_as_absent_a1111_quirk() -> None:
+    # A1111's reader indexes the value's first character; on "" that fails and the pair is
+    # skipped, so the key is absent and its default (where it has one) fills in.
+    text = "p\nSteps: 20, Refiner: , Seed: 3, RNG: , Schedule type: , Empty:   , Size: 512x512"
+    res = parse_generation_parameters(text)
+    assert "Refiner" not in res and "Empty" not in res
+    assert res["RNG"] == "GPU" and res["Schedule type"] == "Automatic"
+    assert (res["Steps"], res["Seed"], res["Size-1"]) == ("20", "3", "512")
+    # Written empty, a value is skipped on reading too.
+    written = create_infotext("p", "", {"Steps": 1, "Seed": 3, "Sampler": "Euler", "Empty": ""})
+    assert written == "p\nSteps: 1, Sampler: Euler, Seed: 3, Empty:"  # the whole text is stripped
+    assert "Empty" not in parse_generation_parameters(written)
+
+
+@pytest.mark.parametrize(
+    ("text", "prompt", "negative"),
+    [
+        # A1111 joins a line with "\n" only once the text so far is non-empty: the leading newline
+        # of a negative prompt ("Negative prompt: " then "bad hands") is lost ...
+        ("a cat\nNegative prompt: \nbad hands\nSteps: 20, Seed: 1, Size: 512x512", "a cat", "bad hands"),
+        # ... so are several, and leading empty prompt lines ...
+        ("\n\na cat\nNegative prompt: \n\nbad\nSteps: 20, Seed: 1, Size: 512x512", "a cat", "bad"),
+        # ... while an empty line after some text stays.
+        ("a\n\ncat\nNegative prompt: x\n\ny\nSteps: 20, Seed: 1, Size: 512x512", "a\n\ncat", "x\n\ny"),
+    ],
+)
+def test_leading_newlines_read_as_a1111_reads_them(text: str, prompt: str, negative: str) -> None:
+    res = parse_generation_parameters(text)
+    assert (res["Prompt"], res["Negative prompt"]) == (prompt, negative)
+
+
+def test_negative_prompt_with_leading_newline_round_trip() -> None:
+    # create_infotext writes "Negative prompt: " + "\nbad"; reading drops the newline as A1111 does.
+    text = create_infotext("a cat", "\nbad", {"Steps": 20, "Seed": 1, "Size": "512x512"})
+    assert text.startswith("a cat\nNegative prompt: \nbad\nSteps: 20")
+    assert parse_generation_parameters(text)["Negative prompt"] == "bad"
 
 
 @pytest.mark.parametrize(("prompt", "negative", "params"), ROUND_TRIP_CASES)

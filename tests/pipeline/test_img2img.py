@@ -228,3 +228,23 @@ def test_resize_mode_2_fills_bands_with_stretched_edges() -> None:
     assert (out[0:8] == out[0]).all() and (out[24:32] == out[24]).all()
     assert np.abs(out[0] - [200, 100, 50]).max() <= 30
     assert np.abs(out[24] - [5, 250, 5]).max() <= 30
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(6, 0.5), (5, 0.3), (4, 1.0)])
+def test_img2img_fix_steps_runs_exactly_the_requested_steps(
+    engine: Engine, sampler_calls: list[SamplerCall], steps: int, strength: float
+) -> None:
+    # A1111's img2img_fix_steps (setup_img2img_steps): the schedule has
+    # int(steps / min(strength, 0.999)) entries and t_enc = steps - 1, so the slice
+    # sigmas[schedule - t_enc - 1:] holds steps sigmas and the final 0: exactly `steps` steps.
+    schedule = int(steps / min(strength, 0.999))
+    engine.generate(request(sampler_name="Euler", steps=schedule, init_images=()))
+    full = sampler_calls.pop().schedule
+    fixed = request(sampler_name="Euler", steps=steps, denoising_strength=strength, img2img_fix_steps=True)
+    engine.generate(fixed)
+    got = sampler_calls.pop().schedule
+    assert len(got) == steps + 1
+    torch.testing.assert_close(got, full[schedule - (steps - 1) - 1 :], rtol=0, atol=0)
+    # Without the option the same request runs int(strength * steps) + 1 steps of a `steps` schedule.
+    engine.generate(request(sampler_name="Euler", steps=steps, denoising_strength=strength))
+    assert len(sampler_calls.pop().schedule) == int(min(strength, 0.999) * steps) + 2

@@ -117,17 +117,20 @@ def parse_generation_parameters(
         lines.append(last)
         last = ""
 
-    prompt_lines: list[str] = []
-    negative_lines: list[str] = []
+    prompt = negative_prompt = ""
     in_negative = False
     for raw in lines:
         line = raw.strip()
         if line.startswith("Negative prompt:"):
             in_negative = True
             line = line[len("Negative prompt:") :].strip()
-        (negative_lines if in_negative else prompt_lines).append(line)
-    prompt = "\n".join(prompt_lines)
-    negative_prompt = "\n".join(negative_lines)
+        # A1111 quirk: a line joins with "\n" only once the text so far is non-empty, so empty
+        # lines before any text vanish (a negative prompt written with a leading newline reads
+        # back without it).
+        if in_negative:
+            negative_prompt = f"{negative_prompt}\n{line}" if negative_prompt else line
+        else:
+            prompt = f"{prompt}\n{line}" if prompt else line
     try:
         # Before the emphasis parser reads them: the same limit as a prompt sent any other way.
         check_prompt_chars(prompt, negative_prompt)
@@ -135,8 +138,12 @@ def parse_generation_parameters(
         raise InfotextError(f"the infotext's {error}") from None
 
     for key, value in _pairs(last):
-        # A1111 quirk: an empty unquoted value still counts; a value that merely starts and ends
-        # with '"' is decoded even if it was written bare.
+        if not value:
+            # A1111 quirk: its reader fails on an empty value ("Refiner: ,") and skips the pair,
+            # so the key reads as absent (and takes its default).
+            continue
+        # A1111 quirk: a value that merely starts and ends with '"' is decoded even if it was
+        # written bare.
         if value[:1] == '"' and value[-1:] == '"':
             value = unquote(value)
         # A1111 quirk: the size pattern is anchored with Python's "$", so "512x512\n" would match;

@@ -95,6 +95,8 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
     "Tiling": ("tiling", _to_bool),
     "Discard penultimate sigma": ("always_discard_next_to_last_sigma", _to_bool),
     "SGM noise multiplier": ("sgm_noise_multiplier", _to_bool),
+    "Beta schedule alpha": ("beta_dist_alpha", _to_float),
+    "Beta schedule beta": ("beta_dist_beta", _to_float),
     "Hires steps": ("hr_second_pass_steps", _to_int),
     "Hires upscaler": ("hr_upscaler", lambda k, v: str(v)),
     "Hires prompt": ("hr_prompt", lambda k, v: str(v)),
