@@ -86,6 +86,8 @@ OPTION_SPECS: dict[str, OptionSpec] = {
     "rho": OptionSpec(0.0, float, "rho", zero_is_none=True),
     "always_discard_next_to_last_sigma": OptionSpec(False, bool, "always_discard_next_to_last_sigma"),
     "sgm_noise_multiplier": OptionSpec(False, bool, "sgm_noise_multiplier"),
+    "beta_dist_alpha": OptionSpec(0.6, float, "beta_dist_alpha"),
+    "beta_dist_beta": OptionSpec(0.6, float, "beta_dist_beta"),
     "pad_cond_uncond": OptionSpec(False, bool, "pad_cond_uncond"),
     "pad_cond_uncond_v0": OptionSpec(False, bool, "pad_cond_uncond_v0"),
     "use_old_scheduling": OptionSpec(False, bool, "use_old_scheduling"),
@@ -94,6 +96,7 @@ OPTION_SPECS: dict[str, OptionSpec] = {
     "batch_cond_uncond": OptionSpec(True, bool, "batch_cond_uncond"),
     "initial_noise_multiplier": OptionSpec(1.0, float, "initial_noise_multiplier"),
     "inpainting_mask_weight": OptionSpec(1.0, float, "inpainting_mask_weight"),
+    "img2img_fix_steps": OptionSpec(False, bool, "img2img_fix_steps"),
     # SDXL's settings, A1111's names and defaults; SD1 models ignore them.
     "sdxl_crop_top": OptionSpec(0, int, "sdxl_crop_top"),
     "sdxl_crop_left": OptionSpec(0, int, "sdxl_crop_left"),
