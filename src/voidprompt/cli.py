@@ -36,6 +36,16 @@ DELEGATED: dict[str, str] = {
 KEEP_NAME = {"merge", "lora"}
 
 
+def _add_upscaler_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--upscaler-dir",
+        type=Path,
+        default=Path("models"),
+        help="A1111's models folder for model upscalers (a hires fix's Hires upscaler, upscale): ESRGAN "
+        "files in its ESRGAN/, Real-ESRGAN files in its RealESRGAN/ (default models)",
+    )
+
+
 def _add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
     """The model, its networks and where it runs: what builds the Engine."""
     p.add_argument("--model", help=model_help)
@@ -43,6 +53,7 @@ def _add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings")
     p.add_argument("--lora-dir", help="folder searched for <lora:name:...> tags")
     p.add_argument("--hypernet-dir", help="folder searched for <hypernet:name:...> tags")
+    _add_upscaler_dir_arg(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument(
         "--precision",
@@ -163,6 +174,7 @@ def _request_fields(args: argparse.Namespace, device: Any) -> dict[str, Any]:
 def _engine(args: argparse.Namespace, device: Any, precision: Any) -> Any:
     from voidprompt.demo.miniature import miniature_model_path
     from voidprompt.models.load import load_model
+    from voidprompt.models.upscalers.registry import Upscalers
     from voidprompt.pipeline.engine import Engine
     from voidprompt.prompts.embeddings import EmbeddingDatabase
     from voidprompt.prompts.styles import StyleDatabase
@@ -178,6 +190,7 @@ def _engine(args: argparse.Namespace, device: Any, precision: Any) -> Any:
         hypernet_dir=args.hypernet_dir,
         compile=args.compile,
         disable_nan_check=args.disable_nan_check,
+        upscalers=Upscalers.in_models_dir(args.upscaler_dir, device=device),
     )
     if args.embeddings_dir:
 
@@ -446,6 +459,48 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from voidprompt.imagemeta import read_infotext, save_png, unique_path
+    from voidprompt.models.placement import resolve_device
+    from voidprompt.models.upscalers.extras import ExtrasUpscale, extras_infotext, extras_upscale
+    from voidprompt.models.upscalers.registry import Upscalers
+
+    device = resolve_device(args.device)
+    upscalers = Upscalers.in_models_dir(
+        args.upscaler_dir, device=device, tile=args.tile, tile_overlap=args.tile_overlap
+    )
+    if args.list:
+        for entry in upscalers.entries():
+            print(entry.name if entry.path is None else f"{entry.name}\t{entry.path}")
+        return 0
+    if not args.images:
+        raise VoidpromptError("upscale: name at least one IMAGE (or --list to see the upscalers)")
+    to_size = args.width is not None or args.height is not None
+    if to_size and (args.width is None or args.height is None):
+        raise VoidpromptError("upscale: --width and --height go together (scale to a size); or use --scale")
+    settings = ExtrasUpscale(
+        mode=1 if to_size else 0,
+        upscale_by=args.scale,
+        to_width=args.width or 0,
+        to_height=args.height or 0,
+        crop=not args.no_crop,
+        upscaler_1=args.upscaler,
+        upscaler_2=args.upscaler_2,
+        upscaler_2_visibility=args.visibility,
+    )
+    settings.check(upscalers)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for image_path in args.images:
+        source = open_image_safely(image_path)
+        parameters, _ = read_infotext(source)
+        result, info = extras_upscale(source, settings, upscalers)
+        target = unique_path(out_dir, Path(image_path).stem)
+        save_png(result, target, parameters, extra_text={"postprocessing": extras_infotext(info)})
+        print(target)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="voidprompt", description=__doc__.splitlines()[0] if __doc__ else None
@@ -526,6 +581,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true", help="one JSON line per picture, with probabilities")
     p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser(
+        "upscale", help="upscale pictures as A1111's Extras tab does (ESRGAN files, Lanczos, ...)"
+    )
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--upscaler", default="R-ESRGAN 4x+", help="upscaler name (default R-ESRGAN 4x+; --list)")
+    p.add_argument("--scale", type=float, default=2.0, help="scale by this factor (default 2, A1111's API)")
+    p.add_argument("--width", type=int, help="scale to this width (with --height) instead of --scale")
+    p.add_argument("--height", type=int, help="scale to this height (with --width)")
+    p.add_argument("--no-crop", action="store_true", help="with --width/--height: do not crop to the size")
+    p.add_argument("--upscaler-2", default="None", help="a second upscaler blended over the first")
+    p.add_argument("--visibility", type=float, default=0.0, help="the second upscaler's weight, 0 to 1")
+    p.add_argument(
+        "--tile", type=int, default=192, help="tile side for model upscalers, 0 = none (A1111's 192)"
+    )
+    p.add_argument("--tile-overlap", type=int, default=8, help="tile overlap in pixels (A1111's 8)")
+    _add_upscaler_dir_arg(p)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument(
+        "--out", default="outputs/extras-images", help="output folder (default outputs/extras-images)"
+    )
+    p.add_argument("--list", action="store_true", help="list the upscaler names and exit")
+    p.set_defaults(func=cmd_upscale)
 
     for name, help_text in (
         ("demo", "the miniature model: the demo study (no arguments), `demo gallery`, `demo train`"),
