@@ -72,7 +72,7 @@ def label_scheme(study: StudyFile, plugins: Plugins | None = None) -> LabelSchem
     if name is None or name == NO_LABELER:
         return LabelScheme(options.classes or DEFAULT_CLASSES, None)
     try:
-        labeler_classes = tuple(plugins.labeler(name).classes)
+        labeler_classes = tuple(plugins.labeler(name, options).classes)
     except StudyError as error:
         raise StudyError(f"{study.path}: {error}") from None
     classes = options.classes or labeler_classes

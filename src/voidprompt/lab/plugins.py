@@ -17,6 +17,7 @@ whose ``[model]`` names no checkpoint (voidprompt's own is the shipped miniature
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -26,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 from voidprompt.errors import StudyError
-from voidprompt.lab.schema import ModelRef
+from voidprompt.lab.schema import LabelOptions, ModelRef
 
 LABELERS_GROUP = "voidprompt.labelers"
 MODELS_GROUP = "voidprompt.models"
@@ -84,11 +85,12 @@ class ModelFiles:
 class Plugins:
     """The labelers (name -> factory) and named models a study may use."""
 
-    labelers: Mapping[str, Callable[[], Any]] = field(default_factory=dict)
+    labelers: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     models: Mapping[str, NamedModel] = field(default_factory=dict)
 
-    def labeler(self, name: str) -> Labeler:
-        """A fresh labeler registered as ``name``."""
+    def labeler(self, name: str, options: LabelOptions | None = None) -> Labeler:
+        """A fresh labeler registered as ``name``; one whose factory takes a keyword ``options`` gets
+        the study's ``[labels]`` (the tagger labelers read their tagger and rules there)."""
         factory = self.labelers.get(name)
         if factory is None:
             raise StudyError(
@@ -96,7 +98,16 @@ class Plugins:
                 f'(or "none" for no pre-labels). Packages register labelers under the {LABELERS_GROUP!r} '
                 "entry point group; after updating voidprompt from source, reinstall it (pip install -e .)"
             )
-        labeler = factory()
+        if _takes_options(factory):
+            labeler = factory(options=options or LabelOptions())
+        else:
+            unread = options.tag_options() if options is not None else {}
+            if unread:
+                raise StudyError(
+                    f"[labels] {next(iter(unread))}: the labeler {name!r} does not read it; it is for the "
+                    'tagger labelers (labeler = "wd14" or "deepdanbooru") - remove it or change the labeler'
+                )
+            labeler = factory()
         if not isinstance(labeler, Labeler):
             raise StudyError(f"the labeler {name!r} does not give a Labeler (name, classes, label(image))")
         return labeler
@@ -157,8 +168,29 @@ def installed_plugins() -> Plugins:
     return Plugins(labelers, models)
 
 
-def _deferred(ep: EntryPoint) -> Callable[[], Any]:
-    return lambda: _load(ep)()
+class _Deferred:
+    """An entry point's factory, imported when first called or inspected."""
+
+    def __init__(self, ep: EntryPoint) -> None:
+        self.ep = ep
+
+    def target(self) -> Any:
+        return _load(self.ep)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.target()(**kwargs)
+
+
+def _deferred(ep: EntryPoint) -> Callable[..., Any]:
+    return _Deferred(ep)
+
+
+def _takes_options(factory: Callable[..., Any]) -> bool:
+    target = factory.target() if isinstance(factory, _Deferred) else factory
+    try:
+        return "options" in inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
 
 
 def _load(ep: EntryPoint) -> Any:

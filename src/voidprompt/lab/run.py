@@ -356,7 +356,7 @@ def run_study(
     started = time.perf_counter()
     jobs = study.expand()
     scheme = label_scheme(study, plugins)
-    labeler = None if scheme.labeler is None else plugins.labeler(scheme.labeler)
+    labeler = None if scheme.labeler is None else plugins.labeler(scheme.labeler, study.labels)
     placement = Placement.from_options(options)
     on_gpu, workers = False, 1
     if options.executor == "local":

@@ -207,11 +207,40 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
+class TagRule:
+    """``[labels.rules]``: a picture is ``label_class`` when it has every tag of any one group."""
+
+    label_class: str
+    groups: tuple[tuple[str, ...], ...]
+
+    def matches(self, tags: set[str]) -> bool:
+        return any(all(t in tags for t in group) for group in self.groups)
+
+
+@dataclass(frozen=True)
 class LabelOptions:
     """A study's ``[labels]``: its outcome classes and the labeler that pre-labels its images."""
 
     classes: tuple[str, ...] | None = None  # None: the labeler's classes, else DEFAULT_CLASSES
     labeler: str | None = None  # a registered labeler; None: the model's own; NO_LABELER: none
+    # For labelers that read tags (the taggers): the tagger's file or folder (relative paths are
+    # relative to the study file), its thresholds, and the rules that turn tags into a class.
+    tagger: Path | None = None
+    threshold: float | None = None
+    character_threshold: float | None = None
+    rules: tuple[TagRule, ...] = ()
+    fallback: str | None = None  # the class when no rule matches; None: no class
+
+    def tag_options(self) -> dict[str, Any]:
+        """The keys that only a labeler reading tags uses, those the study set."""
+        values = {
+            "tagger": self.tagger,
+            "threshold": self.threshold,
+            "character_threshold": self.character_threshold,
+            "rules": self.rules or None,
+            "fallback": self.fallback,
+        }
+        return {k: v for k, v in values.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -487,6 +516,56 @@ def _labeler_name(value: Any) -> str:
     return value
 
 
+_RULES_FIX = (
+    'write one line per class under [labels.rules], e.g. Pattern = ["no_humans", "pattern"] (every '
+    'tag of the list) or "Legit human" = [["1girl"], ["1boy"]] (every tag of any one list); '
+    "the first class whose rule matches wins"
+)
+
+
+def _tag_list(value: Any) -> tuple[str, ...] | None:
+    if isinstance(value, list) and value and all(isinstance(t, str) and t.strip() for t in value):
+        return tuple(t.strip() for t in value)
+    return None
+
+
+def _label_rules(value: Any) -> tuple[TagRule, ...]:
+    if not isinstance(value, dict) or not value:
+        raise _Invalid(_RULES_FIX)
+    rules = []
+    for label_class, spec in value.items():
+        groups: tuple[tuple[str, ...], ...] | None = None
+        single = _tag_list(spec)
+        if single is not None:
+            groups = (single,)
+        elif isinstance(spec, list) and spec:
+            several = [_tag_list(g) for g in spec]
+            if all(g is not None for g in several):
+                groups = tuple(g for g in several if g is not None)
+        if groups is None:
+            raise _Invalid(f"{spec!r} is not a list of tags; {_RULES_FIX}", f" {label_class!r}")
+        rules.append(TagRule(label_class, groups))
+    return tuple(rules)
+
+
+def _unit_interval(example: str) -> Read:
+    def read(value: Any) -> float:
+        if not _is_finite_number(value) or not 0 <= value <= 1:
+            raise _Invalid(f"{value!r}: write a probability from 0 to 1, e.g. {example}")
+        return float(value)
+
+    return read
+
+
+def _optional_name(example: str) -> Read:
+    def read(value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise _Invalid(f"write a name, e.g. {example}")
+        return value
+
+    return read
+
+
 def _where(value: Any, fix: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _Invalid(fix)
@@ -650,7 +729,15 @@ RUN_KEYS = (
     Key("channels_last", _flag("channels_last = true")),
     Key("deterministic", _flag("deterministic = true"), False),
 )
-LABELS_KEYS = (Key("classes", _classes), Key("labeler", _labeler_name))
+LABELS_KEYS = (
+    Key("classes", _classes),
+    Key("labeler", _labeler_name),
+    Key("tagger", _optional_name('tagger = "models/wd14/wd-vit-tagger-v3"')),
+    Key("threshold", _unit_interval("threshold = 0.35")),
+    Key("character_threshold", _unit_interval("character_threshold = 0.85")),
+    Key("rules", _label_rules, ()),
+    Key("fallback", _optional_name('fallback = "Object or Scenery"')),
+)
 EXPLAIN_KEYS = (
     Key("where", _explain_where, {}),
     Key("seeds", _whole(1, "seeds = 32")),
@@ -1089,12 +1176,36 @@ def read_study_file(text: str, path: Path) -> StudyFile:
         points=points,
         cfg_by_area=cfg_by_area,
         run=RunOptions(**reader.keyed(data, "run")),
-        labels=LabelOptions(**reader.keyed(data, "labels")),
+        labels=_label_options(reader, reader.keyed(data, "labels")),
         report=ReportOptions(
             report["base"], report["grid"], report["outcomes_by"], report["plots"], report["explain"]
         ),
         explain=explain,
     )
+
+
+def _label_options(reader: _Reader, values: dict[str, Any]) -> LabelOptions:
+    """``[labels]``: the tagger path made relative to the study file, and rule classes checked."""
+    if values["tagger"] is not None:
+        tagger = Path(values["tagger"])
+        values["tagger"] = tagger if tagger.is_absolute() else reader.path.parent / tagger
+    options = LabelOptions(**values)
+    tag_keys = options.tag_options()
+    if tag_keys and options.labeler in (None, NO_LABELER):
+        raise reader.fail(
+            f"[labels] {next(iter(tag_keys))}",
+            'is read by a tagger labeler; name one, e.g. labeler = "wd14" or labeler = "deepdanbooru"',
+        )
+    named = [("rules", r.label_class) for r in options.rules]
+    named += [("fallback", options.fallback)] if options.fallback is not None else []
+    classes = options.classes
+    for key, name in named:
+        if classes is not None and name not in classes:
+            raise reader.fail(
+                f"[labels] {key}",
+                f"{name!r} is not one of [labels] classes {list(classes)}{_close(name, classes)}",
+            )
+    return options
 
 
 def seed_axes(grid_axes: Sequence[Axis], points: Sequence[Sequence[Axis]]) -> list[Axis]:
