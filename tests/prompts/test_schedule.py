@@ -117,3 +117,54 @@ def test_second_order_steps() -> None:
 def test_bad_steps() -> None:
     with pytest.raises(InvalidRequestError):
         prompt_schedules("a", 0)
+
+
+# Prompt editing next to a stray ":", ")" or "]": A1111's lark grammar is ambiguous there and its
+# answer depends on the process's string hash seed. voidprompt always takes the scheduled reading:
+# the construct is scheduled and the stray character stays as text.
+STRAY_CASES = [
+    ("x [a:2]:", [(2, "x :"), (10, "x a:")]),
+    ("x [a:2])", [(2, "x )"), (10, "x a)")]),
+    ("x [a:2]]", [(2, "x ]"), (10, "x a]")]),
+    ("[a:b:3]:c", [(3, "a:c"), (10, "b:c")]),
+    ("a [b:c:5]] d", [(5, "a b] d"), (10, "a c] d")]),
+    ("(x [a:b:2]:1.2)", [(2, "(x a:1.2)"), (10, "(x b:1.2)")]),
+]
+
+
+@pytest.mark.parametrize(("prompt", "expected"), STRAY_CASES)
+def test_stray_character_next_to_prompt_editing_takes_the_scheduled_reading(
+    prompt: str, expected: list[tuple[int, str]]
+) -> None:
+    assert prompt_schedules(prompt, 10) == expected
+
+
+def test_stray_character_reading_never_varies_with_the_hash_seed() -> None:
+    # One process per PYTHONHASHSEED (set/dict order of strings is all that could vary). The module
+    # is loaded on its own, without the package's torch-importing __init__, to keep this quick.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import voidprompt.prompts.schedule as schedule_module
+
+    script = (
+        "import importlib.util, json, sys\n"
+        "spec = importlib.util.spec_from_file_location('schedule_alone', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['schedule_alone'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "print(json.dumps([module.prompt_schedules(p, 10) for p in json.loads(sys.argv[2])]))\n"
+    )
+    prompts = [prompt for prompt, _ in STRAY_CASES]
+    expected = [[list(entry) for entry in schedule] for _, schedule in STRAY_CASES]
+    path = str(Path(schedule_module.__file__))
+    for seed in ("0", "1", "2", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", script, path, json.dumps(prompts)],
+            env=env, capture_output=True, text=True, check=True, timeout=60,
+        )
+        assert json.loads(out.stdout) == expected, f"PYTHONHASHSEED={seed}"

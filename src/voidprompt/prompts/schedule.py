@@ -10,9 +10,12 @@ with a hand-written recursive-descent parser that accepts the same language as A
 * plain text is any character but ``\\ [ ] ( ) : |``, or a backslash followed by any character but a
   newline (kept verbatim: the emphasis parser resolves escapes).
 
-Where a bracket could start a construct or be a stray character, the construct wins (this is how
-A1111's parser resolves the ambiguity). If the prompt is not in the language at all - a ``|`` outside
-any alternation, a trailing lone backslash - the whole prompt is used verbatim for every step.
+Where a bracket could start a construct or be a stray character, the construct wins: the scheduled
+reading, the same in every process. A1111 has no fixed answer there: its lark grammar is ambiguous
+next to a stray ``:``, ``)`` or ``]`` (``x [a:2]:``), and lark 1.1.2 resolves the ambiguity by an
+order that follows the process's string hash seed, so one prompt schedules in one launch and stays
+literal in the next. If the prompt is not in the language at all - a ``|`` outside any alternation,
+a trailing lone backslash - the whole prompt is used verbatim for every step.
 """
 
 from __future__ import annotations
