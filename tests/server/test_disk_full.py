@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import errno
 import hashlib
 import os
@@ -60,8 +61,6 @@ def test_saving_generated_images_on_a_full_disk_is_a_disk_full_error_naming_the_
     from voidprompt.server.api import _status_for
     from voidprompt.server.routes import sdapi_generation
 
-    folder = tmp_path / "txt2img-images"
-
     def full(image: Any, where: Path, *_args: Any, **_kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where / ".partial-1-00000-7.png.tmp"))
 
@@ -70,5 +69,7 @@ def test_saving_generated_images_on_a_full_disk_is_a_disk_full_error_naming_the_
     result = SimpleNamespace(images=[Image.new("RGB", (8, 8))], infotexts=["a"], seeds=[7])
     with pytest.raises(DiskFullError) as caught:
         sdapi_generation._save_images(state, "txt2img", SimpleNamespace(result=result))  # type: ignore[arg-type]
+    # The dated folder of A1111's layout (the date of the save, read after it).
+    folder = tmp_path / "txt2img-images" / datetime.date.today().isoformat()
     assert str(caught.value) == f"disk full at {folder}; free space and generate again"
     assert _status_for(caught.value) == 507

@@ -256,8 +256,7 @@ def test_saved_images_get_their_explanation_file_beside_them(
         assert plain.status_code == 200
     finally:
         config.outdir = None
-    folder = tmp_path / "txt2img-images"
-    pictures = sorted(folder.glob("*.png"))
+    pictures = sorted((tmp_path / "txt2img-images").glob("*/*.png"))
     assert [p.name.split("-", 1)[1] for p in pictures] == ["4242.png", "7.png"]
     saved = load_explanation(explanation_path(pictures[0]))
     assert [t.key for t in saved.tags] == [

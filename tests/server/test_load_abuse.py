@@ -151,7 +151,7 @@ def hostile_requests() -> list[tuple[str, str, dict[str, object]]]:
         ("height", {"a": 1}),
         ("seed", "x1"),
         ("cfg_scale", "hot"),
-        ("batch_size", 1.5),
+        ("batch_size", "1.5"),  # a number is truncated, as A1111 does; text is not a number
         ("n_iter", None),
         ("prompt", {"x": 1}),
         ("styles", "abc"),
@@ -254,7 +254,7 @@ def hostile_requests() -> list[tuple[str, str, dict[str, object]]]:
     cases.append(("POST", t2i, {"content": chunks(), "headers": {"content-type": "application/json"}}))
     # Features voidprompt does not have, and scripts.
     cases.append(("POST", t2i, {"json": {**ok, "restore_faces": True}}))
-    cases.append(("POST", t2i, {"json": {**ok, "tiling": True}}))
+    cases.append(("POST", t2i, {"json": {**ok, "alwayson_scripts": {"ADetailer": {"args": [True]}}}}))
     cases.append(("POST", t2i, {"json": {**ok, "script_name": "x/y/z plot"}}))
     cases.append(("POST", t2i, {"json": {**ok, "prompt": "x" * 30_000}}))
     cases.append(("POST", t2i, {"json": {**ok, "infotext": "a " * 2_000_000}}))  # refused before parsing

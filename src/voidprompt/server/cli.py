@@ -89,7 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--studies-dir", type=Path, help="folder of study files and catalogs for /voidprompt/v1/studies"
     )
-    p.add_argument("--outdir", type=Path, help="where save_images=true writes images (default: not saved)")
+    p.add_argument(
+        "--outdir",
+        type=Path,
+        help="where save_images=true writes images, in OUTDIR/txt2img-images/DATE/ and img2img-images "
+        "(default outputs, as A1111)",
+    )
     p.add_argument(
         "--device",
         help="cpu, cuda, cuda:N or mps (default cpu); study runs started from the web UI use it too "
@@ -136,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace) -> object:
     from voidprompt.models.placement import resolve_device, resolve_precision
     from voidprompt.server.checkpoints import DEFAULT_CKPT_DIR
-    from voidprompt.server.state import DEFAULT_STYLES_FILE, ServerConfig
+    from voidprompt.server.state import DEFAULT_OUTDIR, DEFAULT_STYLES_FILE, ServerConfig
 
     # Refused here, before anything is read or bound: a device or precision this machine lacks.
     resolve_precision(args.precision or "auto", resolve_device(args.device or "cpu"))
@@ -194,7 +199,7 @@ def build_config(args: argparse.Namespace) -> object:
         styles_files=args.styles_file or [DEFAULT_STYLES_FILE],
         default_model=default_model,
         studies_dir=args.studies_dir,
-        outdir=args.outdir,
+        outdir=args.outdir or DEFAULT_OUTDIR,
         credentials=credentials,
         cors_allow_origins=origins,
         cors_allow_origin_regex=args.cors_allow_origins_regex,

@@ -56,6 +56,30 @@ class ScriptNotFoundError(VoidpromptError):
     """A request names a script (or an extension's always-on script) voidprompt does not have."""
 
 
+# The scripts voidprompt runs, by A1111's title in lower case (A1111 looks a script up by
+# ``title().lower() == name.lower()``): selectable ones (``script_name``) and always-on ones
+# (``alwayson_scripts`` keys). Every other name is answered as A1111 without that script answers.
+SELECTABLE_SCRIPTS: frozenset[str] = frozenset()
+ALWAYSON_SCRIPTS: frozenset[str] = frozenset()
+
+
+def known_script(name: str, *, alwayson: bool = False) -> bool:
+    """Whether ``name`` (any case) is a script voidprompt runs, as A1111's lookup compares it."""
+    return name.lower() in (ALWAYSON_SCRIPTS if alwayson else SELECTABLE_SCRIPTS)
+
+
+def check_scripts(body: Txt2ImgRequest) -> None:
+    """A1111's answer to a script it does not have (ControlNet, ControlNet-LLLite, ADetailer without
+    their extensions): 422 ``Script '<name>' not found``, selectable or always-on alike (its
+    always-on lookup goes through the same ``script_name_to_index``), the name as the client wrote it.
+    An empty ``script_name`` is no script."""
+    if body.script_name and not known_script(body.script_name):
+        raise ScriptNotFoundError(f"Script '{body.script_name}' not found")
+    for name in body.alwayson_scripts:
+        if not known_script(name, alwayson=True):
+            raise ScriptNotFoundError(f"Script '{name}' not found")
+
+
 @dataclass(frozen=True)
 class OptionSpec:
     default: Any
@@ -242,14 +266,12 @@ def build_request(
     """The GenerationRequest for an API body; raises InvalidRequestError / LimitError (400).
     ``upscalers``: where ``hr_upscaler`` may name a model upscaler (else only built-in names)."""
     explicit = set(body.model_fields_set)
-    for name in ("restore_faces", "tiling"):
-        if getattr(body, name):
-            raise InvalidRequestError(f"{name}=true: voidprompt has no {name.replace('_', ' ')}; send false")
-    # A1111 answers a script it does not have (ControlNet, ControlNet-LLLite, ADetailer, X/Y/Z plot
-    # without their extensions) with 422 "Script '<name>' not found", selectable or always-on alike;
-    # voidprompt has none (GET /sdapi/v1/scripts), so it answers every named one so.
-    for name in ([body.script_name] if body.script_name else []) + list(body.alwayson_scripts):
-        raise ScriptNotFoundError(f"Script '{name}' not found")
+    if body.restore_faces:
+        raise InvalidRequestError(
+            "restore_faces=true: no face restorer is installed (A1111's are GFPGAN and CodeFormer; "
+            "voidprompt has neither); send restore_faces=false"
+        )
+    check_scripts(body)
     if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         raise InvalidRequestError(
             "hr_checkpoint_name: the hires pass uses the same checkpoint; leave it empty"
@@ -287,7 +309,9 @@ def build_request(
             if built.vae is not None:
                 built.persist["sd_vae"] = built.vae
 
-    # Unknown sampler / scheduler: A1111 1.10 answers 400 (404 before); the message lists the names.
+    # Unknown sampler / scheduler: refused (400, the message lists the names). A1111 1.10 instead
+    # falls back to its default sampler and schedule (get_sampler_and_scheduler) and generates; a
+    # research tool must not silently change the sampler (docs/server.md).
     spec, _scheduler = resolve(merged.get("sampler_name"), merged.get("scheduler"))
     if merged.get("eta") is None and spec.eta_kind is not None:
         eta_key = "eta_ancestral" if spec.eta_kind == "ancestral" else "eta_ddim"
@@ -362,6 +386,8 @@ def _api_fields(body: Txt2ImgRequest, img2img: bool) -> dict[str, Any]:
         "seed_resize_from_h": body.seed_resize_from_h if body.seed_resize_from_h > 0 else -1,
         "seed_resize_from_w": body.seed_resize_from_w if body.seed_resize_from_w > 0 else -1,
         "sampler_name": body.sampler_name or body.sampler_index,
+        # None is A1111's "the tiling setting", which is off by default.
+        "tiling": bool(body.tiling),
         "scheduler": body.scheduler or "Automatic",
         "batch_size": body.batch_size,
         "n_iter": body.n_iter,

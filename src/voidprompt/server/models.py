@@ -10,10 +10,14 @@ or extended A1111 versions keep working. Defaults are A1111's API defaults (step
 
 from __future__ import annotations
 
+import functools
+import math
+import types
+import typing
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Lenient(BaseModel):
@@ -78,6 +82,27 @@ class Txt2ImgRequest(_Lenient):
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     infotext: str | None = Field(None, description="an infotext whose parameters pre-fill unset fields")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _truncate_fractions(cls, value: Any, info: ValidationInfo) -> Any:
+        # A1111's pydantic v1 models turn a number into a whole-number field with int(), which
+        # truncates (aiyabot sends hr_second_pass_steps 12.5); pydantic v2 would refuse it.
+        if isinstance(value, float) and math.isfinite(value) and info.field_name in _int_fields(cls):
+            return int(value)
+        return value
+
+
+@functools.cache
+def _int_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of ``model`` whose type is ``int`` or ``int | None``."""
+
+    def whole(hint: Any) -> bool:
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            return {a for a in typing.get_args(hint) if a is not type(None)} == {int}
+        return hint is int
+
+    return frozenset(name for name, f in model.model_fields.items() if whole(f.annotation))
 
 
 class Img2ImgRequest(Txt2ImgRequest):

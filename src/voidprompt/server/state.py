@@ -19,10 +19,13 @@ from voidprompt.server.networks import NetworkFolders
 from voidprompt.server.queue import GenerationQueue
 from voidprompt.server.studies import StudyRegistry
 
-__all__ = ["DEFAULT_STYLES_FILE", "App", "ServerConfig", "load_styles"]
+__all__ = ["DEFAULT_OUTDIR", "DEFAULT_STYLES_FILE", "App", "ServerConfig", "load_styles"]
 
 
 DEFAULT_STYLES_FILE = Path("styles.csv")
+# A1111's output folder: save_images=true writes to <outdir>/txt2img-images/<date>/ (and img2img-images),
+# its default outdir_txt2img_samples with its default "[date]" subfolder.
+DEFAULT_OUTDIR = Path("outputs")
 
 
 def load_styles(paths: list[Path]) -> StyleDatabase:
@@ -51,7 +54,7 @@ class ServerConfig:
     styles_files: list[Path] = field(default_factory=lambda: [DEFAULT_STYLES_FILE])
     default_model: str | None = None
     studies_dir: Path | None = None
-    outdir: Path | None = None
+    outdir: Path | None = DEFAULT_OUTDIR  # None: save_images is ignored
     credentials: dict[str, str] = field(default_factory=dict)
     cors_allow_origins: list[str] = field(default_factory=list)
     cors_allow_origin_regex: str | None = None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 from enum import Enum
@@ -178,9 +179,10 @@ def _preview(latent: torch.Tensor, mapping: LatentRGB) -> str | None:
 
 def _save_images(state: App, kind: str, generated: Generated) -> None:
     if state.config.outdir is None:
-        log.info("save_images ignored: start the server with --outdir to save images")
+        log.info("save_images ignored: this server was configured with no output folder")
         return
-    folder = state.config.outdir / f"{kind}-images"
+    # A1111's layout: outdir_<kind>_samples, then its "[date]" folder (the local date when saved).
+    folder = state.config.outdir / f"{kind}-images" / datetime.date.today().isoformat()
     result = generated.result
     # A full disk is a 507 naming the folder, not a 500.
     with disk_full_stops(folder, retry="generate again"):
