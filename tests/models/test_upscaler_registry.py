@@ -67,3 +67,12 @@ def test_resize_with_a_model_upscaler(models_dir: Path) -> None:
     twice = upscale_with_model(two, upscale_with_model(two, img))
     expected = twice.resize((56, 32), Image.Resampling.LANCZOS).resize((60, 36), Image.Resampling.LANCZOS)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+def test_the_last_model_read_is_reused_until_its_file_changes(models_dir: Path) -> None:
+    ups = Upscalers.in_models_dir(models_dir)
+    entry = ups.find("4x-Tiny")
+    first = ups.model(entry)
+    assert ups.model(entry) is first
+    write_tiny_rrdb(models_dir / "ESRGAN" / "4x-Tiny.pth", "old", nf=4)
+    assert ups.model(entry).shape.nf == 4

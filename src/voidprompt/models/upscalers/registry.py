@@ -16,6 +16,7 @@ from PIL import Image
 
 from voidprompt.errors import InvalidRequestError
 from voidprompt.models.upscalers.files import load_rrdbnet
+from voidprompt.models.upscalers.rrdb import RRDBNet
 from voidprompt.models.upscalers.tiled import (
     DEFAULT_TILE,
     DEFAULT_TILE_OVERLAP,
@@ -115,12 +116,34 @@ class Upscalers:
         self.tile = tile
         self.tile_overlap = tile_overlap
         self.device = torch.device(device)
+        # The last model read, by (path, size, mtime): a hires batch or an extras batch upscales
+        # every picture with the same file.
+        self._loaded: tuple[tuple[Path, int, int], RRDBNet] | None = None
 
     @classmethod
-    def in_models_dir(cls, models_dir: str | Path, **kwargs: object) -> Upscalers:
+    def in_models_dir(
+        cls,
+        models_dir: str | Path,
+        *,
+        tile: int = DEFAULT_TILE,
+        tile_overlap: int = DEFAULT_TILE_OVERLAP,
+        device: torch.device | str = "cpu",
+    ) -> Upscalers:
         """A1111's layout: ``<models_dir>/ESRGAN`` and ``<models_dir>/RealESRGAN``."""
         root = Path(models_dir)
-        return cls([root / "ESRGAN"], [root / "RealESRGAN"], **kwargs)  # type: ignore[arg-type]
+        return cls(
+            [root / "ESRGAN"], [root / "RealESRGAN"], tile=tile, tile_overlap=tile_overlap, device=device
+        )
+
+    def model(self, entry: UpscalerEntry) -> RRDBNet:
+        """The network of a model upscaler, read from its file unless it was the last one read."""
+        assert entry.path is not None
+        stat = entry.path.stat()
+        key = (entry.path, stat.st_size, stat.st_mtime_ns)
+        if self._loaded is None or self._loaded[0] != key:
+            self._loaded = None  # free the previous network before reading the next
+            self._loaded = (key, load_rrdbnet(entry.path, self.device))
+        return self._loaded[1]
 
     def _model_entries(self) -> list[UpscalerEntry]:
         entries = [
@@ -188,9 +211,8 @@ class Upscalers:
                 return lambda im: im
             # A1111's Lanczos / Nearest scale by the whole factor in one step (truncated sizes).
             return lambda im: im.resize((int(im.width * scale), int(im.height * scale)), resample=resample)
-        assert entry.path is not None
-        # A1111 1.10 reads the file again at every pass; one read per upscale is enough.
-        net = load_rrdbnet(entry.path, self.device)
+        # A1111 1.10 reads the file again at every pass; the weights are the same each time.
+        net = self.model(entry)
         return lambda im: upscale_with_model(
             net, im, tile=self.tile, overlap=self.tile_overlap, device=self.device
         )
