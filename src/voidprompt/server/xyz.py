@@ -23,7 +23,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -554,9 +554,8 @@ def plan_plot(
     for iz, zv in enumerate(z.values):
         for iy, yv in enumerate(y.values):
             for ix, xv in enumerate(x.values):
-                cell = _Cell(
-                    {}, {}, base.request.prompt, base.request.negative_prompt, list(base.request.styles)
-                )
+                request = base.request
+                cell = _Cell({}, {}, request.prompt, request.negative_prompt, list(request.styles))
                 for axis, value in ((x, xv), (y, yv), (z, zv)):
                     assert axis.option.apply is not None
                     axis.option.apply(cell, value, axis.values)
@@ -570,18 +569,9 @@ def plan_plot(
                     cell_seed += iy * xdim
                 if args.vary_seeds[2]:
                     cell_seed += iz * xdim * ydim
-                cells.append(
-                    PlotCell(
-                        len(cells),
-                        ix,
-                        iy,
-                        iz,
-                        _build_cell(
-                            plain, cell, cell_seed, subseed, base, options, limits, registry, img2img
-                        ),
-                    )
-                )
-    _check_grid_size(cells, limits)
+                built = _build_cell(plain, cell, cell_seed, subseed, base, options, limits, registry, img2img)
+                cells.append(PlotCell(len(cells), ix, iy, iz, built))
+    _check_grid_size(cells)
     costs = (x.option.cost, y.option.cost, z.option.cost)
     return PlotPlan(args, x, y, z, cells, processing_order((nx, ny, nz), costs))
 
@@ -617,7 +607,7 @@ def _build_cell(
     return built
 
 
-def _check_grid_size(cells: Sequence[PlotCell], limits: Limits) -> None:
+def _check_grid_size(cells: Sequence[PlotCell]) -> None:
     pixels = sum(c.built.request.width * c.built.request.height for c in cells)
     if round(pixels / 1_000_000) >= MAX_GRID_MEGAPIXELS:
         raise LimitError(
@@ -641,7 +631,6 @@ class PlotResult:
     grid_infotexts: list[str | None]  # the main grid's, then one per sub-grid
     first: Generated  # the first cell that ran: the template of the answer's info, as A1111's
     interrupted: bool = False
-    failures: list[str] = field(default_factory=list)
 
 
 def run_plot(host: ModelHost, job: str, plan: PlotPlan) -> PlotResult:
@@ -650,7 +639,7 @@ def run_plot(host: ModelHost, job: str, plan: PlotPlan) -> PlotResult:
     n_iter = plan.cells[0].built.request.n_iter
     generated: list[Generated | None] = [None] * len(plan.cells)
     errors: list[VoidpromptError] = []
-    failures: list[str] = []
+    stopped = False
     state.begin(job, len(plan.cells) * n_iter)
     try:
         for count, index in enumerate(plan.order):
@@ -658,14 +647,14 @@ def run_plot(host: ModelHost, job: str, plan: PlotPlan) -> PlotResult:
                 interrupted = state.interrupted
                 state.job = f"{index + 1} out of {len(plan.cells)}"
             if interrupted and count > 0:
-                continue  # A1111: the cells after an interrupt are left blank
+                stopped = True  # A1111: the cells after an interrupt are left blank
+                continue
             try:
                 generated[index] = host.generate(job, plan.cells[index].built, first_iteration=count * n_iter)
             except VoidpromptError as error:
                 # A1111 reports a failed cell and leaves it blank; the plot goes on.
                 log.warning("X/Y/Z plot cell %d failed: %s", index + 1, error)
                 errors.append(error)
-                failures.append(f"cell {index + 1}: {error}")
     finally:
         state.end()
     done = [g for g in (generated[i] for i in plan.order) if g is not None and g.result.images]
@@ -678,9 +667,8 @@ def run_plot(host: ModelHost, job: str, plan: PlotPlan) -> PlotResult:
     sub_grids, grid = draw_xyz_grid(plan, cell_images)
     grid_infotexts = [_grid_infotext(plan, generated, 0, with_z=True)]
     grid_infotexts += [_grid_infotext(plan, generated, iz, with_z=False) for iz in range(plan.shape[2])]
-    interrupted = any(g is not None and g.interrupted for g in generated) or any(g is None for g in generated)
-    return PlotResult(plan, generated, cell_images, sub_grids, grid, grid_infotexts, first,
-                      interrupted=interrupted and not errors, failures=failures)  # fmt: skip
+    interrupted = stopped or any(g is not None and g.interrupted for g in generated)
+    return PlotResult(plan, generated, cell_images, sub_grids, grid, grid_infotexts, first, interrupted)
 
 
 def _cell_images(
@@ -692,8 +680,8 @@ def _cell_images(
             images.append(g.result.images[0])
         else:
             # A1111 fills a cell without a picture with a black one the size of the first picture.
-            size = first.result.images[0].size if first.result.images else (
-                cell.built.request.width, cell.built.request.height)  # fmt: skip
+            request = cell.built.request
+            size = first.result.images[0].size if first.result.images else (request.width, request.height)
             images.append(Image.new("RGB", size))
     return images
 
