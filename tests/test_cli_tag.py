@@ -46,3 +46,16 @@ def test_a_missing_tagger_says_where_to_place_it(tmp_path: Path, capsys: pytest.
     Image.new("RGB", (4, 4)).save(picture)
     assert main(["tag", str(picture), "--tagger", str(tmp_path / "none.pt")]) == 1
     assert "model-resnet_custom_v3.pt" in capsys.readouterr().err
+
+
+def test_the_onnx_file_stands_for_its_folder_and_a_wrong_path_names_both_kinds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_identity_wd14(tmp_path / "wd-tiny", 1, [0, 0, 4])
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (1, 1), (255, 230, 0)).save(picture)
+    assert main(["tag", str(picture), "--tagger", str(folder / "model.onnx")]) == 0
+    assert capsys.readouterr().out == "tag 2, tag 1\n"
+    assert main(["tag", str(picture), "--tagger", str(tmp_path / "wd-missing")]) == 1
+    err = capsys.readouterr().err
+    assert "no tagger there" in err and "model.onnx and selected_tags.csv" in err

@@ -42,6 +42,7 @@ __all__ = [
 DEEPDANBOORU = "deepdanbooru"
 WD14 = "wd14"
 RESIZE_AND_FILL = 2
+DEEPDANBOORU_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 class Tagger(Protocol):
@@ -115,9 +116,17 @@ def open_tagger(
     threshold: float | None = None,
     character_threshold: float | None = None,
 ) -> Tagger:
-    """The tagger at ``path``: a folder holding ``model.onnx`` is a WD14 tagger, a file A1111's
-    DeepDanbooru. ``threshold`` replaces the general threshold (DeepDanbooru's 0.5, WD14's 0.35)."""
+    """The tagger at ``path``: a folder holding ``model.onnx`` (or that file) is a WD14 tagger, a
+    ``.pt`` file A1111's DeepDanbooru. ``threshold`` replaces the general threshold (DeepDanbooru's
+    0.5, WD14's 0.35)."""
     p = Path(path)
+    if p.is_file() and p.name == MODEL_FILE:
+        p = p.parent  # the model file of a WD14 folder stands for its folder
+    if not p.exists() and p.suffix.lower() not in DEEPDANBOORU_SUFFIXES:
+        raise TaggerError(
+            f"{p}: no tagger there; give A1111's DeepDanbooru file (model-resnet_custom_v3.pt) or a "
+            f"WD14 tagger folder holding {MODEL_FILE} and selected_tags.csv"
+        )
     if p.is_dir():
         providers = ["CUDAExecutionProvider"] if torch.device(device).type == "cuda" else []
         tagger = WD14Tagger(p, providers=[*providers, "CPUExecutionProvider"])
