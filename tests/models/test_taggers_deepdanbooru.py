@@ -220,3 +220,19 @@ def test_the_tagger_runs_the_network_on_those_pixels() -> None:
     assert result.general == pytest.approx({"a": float(want[0]), "b": float(want[1])}, rel=1e-5)
     assert result.rating == pytest.approx({"rating:safe": float(want[2])}, rel=1e-5)
     assert tagger.caption(result) == "a, b"
+
+
+@pytest.mark.slow
+def test_the_full_size_network_runs_a1111s_512_input() -> None:
+    # A1111's widths (160,956,544 parameters with 9176 tags) on its 512x512 input: the last stage
+    # sees 4x4, and the graph matches the functional reading at full size too.
+    net = tiny_deepdanbooru([f"t{i}" for i in range(A1111_TAGS)], stem=64, seed=3)
+    assert sum(p.numel() for p in net.parameters()) == sum(
+        int(np.prod(v)) for v in _reference_shapes(64, A1111_TAGS).values()
+    )
+    pixels = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = net(pixels)
+        want = _reference_forward(net.state_dict(), pixels)
+    assert got.shape == (1, A1111_TAGS)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
