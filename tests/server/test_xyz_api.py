@@ -50,6 +50,22 @@ def params(text: str) -> dict[str, Any]:
 def test_scripts_lists_the_plot_for_both_tabs(server) -> None:  # type: ignore[no-untyped-def]
     with httpx.Client(base_url=server.url, timeout=30) as http:
         assert http.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot"]}
+        info = http.get("/sdapi/v1/script-info").json()
+    assert [(i["name"], i["is_img2img"], i["is_alwayson"]) for i in info] == [
+        ("x/y/z plot", False, False),
+        ("x/y/z plot", True, False),
+    ]
+    txt2img, img2img = (entry["args"] for entry in info)
+    # The 18 arguments as A1111 1.10's UI declares them, in script_args order.
+    assert [a["label"] for a in txt2img] == [
+        "X type", "X values", "X values", "Y type", "Y values", "Y values", "Z type", "Z values", "Z values",
+        "Draw legend", "Include Sub Images", "Include Sub Grids", "Keep -1 for seeds", "Vary seeds for X",
+        "Vary seeds for Y", "Vary seeds for Z", "Grid margins (px)", "Use text inputs instead of dropdowns",
+    ]  # fmt: skip
+    assert [txt2img[0]["value"], txt2img[3]["value"], txt2img[9]["value"]] == ["Seed", "Nothing", True]
+    assert (len(txt2img[0]["choices"]), len(img2img[0]["choices"])) == (42, 41)
+    assert (txt2img[0]["choices"][24], img2img[0]["choices"][24]) == ("Clip skip", "Denoising")
+    assert (txt2img[16]["minimum"], txt2img[16]["maximum"], txt2img[16]["step"]) == (0, 500, 2)
 
 
 def test_webuiapi_plot_of_steps_by_cfg(server) -> None:  # type: ignore[no-untyped-def]

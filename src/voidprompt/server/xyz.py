@@ -59,6 +59,7 @@ __all__ = [
     "plan_plot",
     "plot_answer",
     "run_plot",
+    "script_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,31 @@ def axis_options(img2img: bool) -> list[AxisOption]:
     """The axis list of one tab, in A1111's order: its types are indices into this list."""
     tab = I2I if img2img else T2I
     return [option for option in AXIS_OPTIONS if option.tab in (None, tab)]
+
+
+def script_info(img2img: bool) -> dict[str, Any]:
+    """The plot's entry in A1111's ``/sdapi/v1/script-info``: its name, tab and the 18 arguments as its
+    UI declares them (label, default, range, choices), in script_args order."""
+    labels = [o.label for o in axis_options(img2img)]
+
+    def arg(label: str, value: Any, **more: Any) -> dict[str, Any]:
+        return {"label": label, "value": value, "minimum": None, "maximum": None, "step": None,
+                "choices": None, **more}  # fmt: skip
+
+    args = []
+    for axis, default in (("X", labels[1]), ("Y", labels[0]), ("Z", labels[0])):
+        args += [arg(f"{axis} type", default, choices=labels), arg(f"{axis} values", ""),
+                 arg(f"{axis} values", None, choices=[])]  # fmt: skip
+    args += [
+        arg("Draw legend", True),
+        arg("Include Sub Images", False),
+        arg("Include Sub Grids", False),
+        arg("Keep -1 for seeds", False),
+        *(arg(f"Vary seeds for {axis}", False) for axis in "XYZ"),
+        arg("Grid margins (px)", 0, minimum=0, maximum=MAX_MARGIN, step=2),
+        arg("Use text inputs instead of dropdowns", False),
+    ]
+    return {"name": SCRIPT_NAME, "is_alwayson": False, "is_img2img": img2img, "args": args}
 
 
 # ------------------------------------------------------------------------------------ arguments

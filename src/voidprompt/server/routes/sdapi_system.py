@@ -14,6 +14,7 @@ from voidprompt.server import models as m
 from voidprompt.server.routes import SDAPI
 from voidprompt.server.state import App
 from voidprompt.server.xyz import SCRIPT_NAME
+from voidprompt.server.xyz import script_info as xyz_script_info
 
 __all__ = ["router"]
 
@@ -44,7 +45,7 @@ def router(state: App) -> APIRouter:
 
     @router.get(f"{prefix}/script-info", tags=tags)
     def script_info() -> list[dict[str, Any]]:
-        return []
+        return [xyz_script_info(img2img=False), xyz_script_info(img2img=True)]
 
     @router.get(f"{prefix}/extensions", tags=tags)
     def extensions() -> list[dict[str, Any]]:
