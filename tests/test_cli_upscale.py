@@ -17,7 +17,7 @@ from voidprompt.testing.tiny_upscalers import write_tiny_rrdb
 
 @pytest.fixture
 def models(tmp_path: Path) -> Path:
-    write_tiny_rrdb(tmp_path / "models" / "ESRGAN" / "4x-Tiny.pth", "old", seed=2)
+    write_tiny_rrdb(tmp_path / "models" / "ESRGAN" / "4x-Tiny.pth", "old", seed=2, nf=4, gc=4)
     return tmp_path / "models"
 
 

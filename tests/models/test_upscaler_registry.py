@@ -19,8 +19,8 @@ from voidprompt.testing.tiny_upscalers import write_tiny_rrdb
 
 @pytest.fixture
 def models_dir(tmp_path: Path) -> Path:
-    write_tiny_rrdb(tmp_path / "ESRGAN" / "4x-Tiny.pth", "old")
-    write_tiny_rrdb(tmp_path / "ESRGAN" / "nested" / "abc.safetensors", "old", ups=1)
+    write_tiny_rrdb(tmp_path / "ESRGAN" / "4x-Tiny.pth", "old", nf=4, gc=4)
+    write_tiny_rrdb(tmp_path / "ESRGAN" / "nested" / "abc.safetensors", "old", ups=1, nf=4, gc=4)
     write_tiny_rrdb(tmp_path / "RealESRGAN" / "RealESRGAN_x4plus.pth", "basicsr", wrapper="params_ema")
     (tmp_path / "ESRGAN" / "notes.txt").write_text("not a model")
     return tmp_path
@@ -74,5 +74,5 @@ def test_the_last_model_read_is_reused_until_its_file_changes(models_dir: Path) 
     entry = ups.find("4x-Tiny")
     first = ups.model(entry)
     assert ups.model(entry) is first
-    write_tiny_rrdb(models_dir / "ESRGAN" / "4x-Tiny.pth", "old", nf=4)
-    assert ups.model(entry).shape.nf == 4
+    write_tiny_rrdb(models_dir / "ESRGAN" / "4x-Tiny.pth", "old", nf=2, gc=4)
+    assert ups.model(entry).shape.nf == 2

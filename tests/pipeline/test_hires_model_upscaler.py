@@ -24,7 +24,7 @@ from voidprompt.testing.tiny_upscalers import write_tiny_rrdb
 def test_hires_with_a_model_upscaler(
     tiny_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model_file = write_tiny_rrdb(tmp_path / "ESRGAN" / "4x-Tiny.pth", "old", seed=7)
+    model_file = write_tiny_rrdb(tmp_path / "ESRGAN" / "4x-Tiny.pth", "old", seed=7, nf=4, gc=4)
     monkeypatch.setattr(tiny_engine, "upscalers", Upscalers.in_models_dir(tmp_path))
     lowres: list[Image.Image] = []
     encoded: list[torch.Tensor] = []

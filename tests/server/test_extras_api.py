@@ -38,7 +38,7 @@ def _image(data: str) -> Image.Image:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("extras") / "models"
-    write_tiny_rrdb(root / "ESRGAN" / "4x-Tiny.pth", "old", seed=11)
+    write_tiny_rrdb(root / "ESRGAN" / "4x-Tiny.pth", "old", seed=11, nf=4, gc=4)
     return root
 
 
