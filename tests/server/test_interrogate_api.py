@@ -122,3 +122,23 @@ def test_serve_flags_name_the_tagger_folders(tmp_path: Path) -> None:
     config = build_config(_parser().parse_args(argv))
     assert config.deepdanbooru_dir == tmp_path / "d"  # type: ignore[attr-defined]
     assert config.wd14_dir == tmp_path / "w"  # type: ignore[attr-defined]
+
+
+def test_webuiapi_interrogate(server_tools: Any, tmp_path: Path) -> None:
+    webuiapi = pytest.importorskip("webuiapi")
+    make_config, start_server = server_tools
+    ddb_dir = tmp_path / "torch_deepdanbooru"
+    ddb_dir.mkdir()
+    net = tiny_deepdanbooru(TAGS, stem=4, seed=7)
+    write_deepdanbooru(ddb_dir / "model-resnet_custom_v3.pt", net)
+    write_identity_wd14(tmp_path / "wd14" / "wd-tiny", 1, [0, 0, 4])
+    config = make_config(tmp_path, None, deepdanbooru_dir=ddb_dir, wd14_dir=tmp_path / "wd14")
+    picture = Image.new("RGB", (1, 1), (255, 230, 0))
+    for running in start_server(config):
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=running.port)
+        # webuiapi sends raw base64 (no data: prefix) and reads "caption" into the result's info.
+        assert api.interrogate(picture, model="wd-tiny").info == "tag 2, tag 1"
+        expected = ddb.caption(DeepDanbooruTagger(net).tag(picture))
+        assert api.interrogate(picture, model="deepdanbooru").info == expected
+        with pytest.raises(RuntimeError, match="404"):
+            api.interrogate(picture, model="nope")
