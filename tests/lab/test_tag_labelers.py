@@ -133,6 +133,19 @@ def test_the_entry_points_name_the_labelers() -> None:
     assert labelers["deepdanbooru"] == "voidprompt.lab.tag_labelers:DeepDanbooruLabeler"
 
 
+def test_an_entry_point_labeler_gets_the_studys_labels() -> None:
+    from importlib.metadata import EntryPoint
+
+    from voidprompt.lab.plugins import _deferred
+
+    entry = EntryPoint("wd14", "voidprompt.lab.tag_labelers:WD14Labeler", "voidprompt.labelers")
+    plugins = Plugins(labelers={"wd14": _deferred(entry)})
+    options = LabelOptions(labeler="wd14", tagger=Path("t"), rules=(TagRule("Pattern", (("a",),)),))
+    labeler = plugins.labeler("wd14", options)
+    assert isinstance(labeler, WD14Labeler) and labeler.options is options
+    assert tuple(labeler.classes) == ("Pattern",)
+
+
 def test_a_study_prelabeled_by_a_wd14_tagger(tiny_checkpoint: Path, tmp_path: Path) -> None:
     # A 1x1 tagger whose three "tags" are ratings: its probabilities are the picture's mean-ish
     # B, G and R over 255, so the top rating is its strongest channel.
