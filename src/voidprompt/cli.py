@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tqdm import tqdm
 
 from voidprompt import __version__
-from voidprompt.errors import InfotextError, NansError, VoidpromptError
+from voidprompt.errors import InfotextError, InvalidRequestError, NansError, VoidpromptError
 from voidprompt.imagemeta import open_image_safely, save_numbered
 from voidprompt.request import GenerationRequest
 
@@ -105,7 +105,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--style", action="append", default=[], help="style name from --styles-file (repeatable)")
-    p.add_argument("--styles-file", help="A1111 styles.csv")
+    p.add_argument(
+        "--styles-file",
+        action="append",
+        default=[],
+        help="A1111 styles.csv (name,prompt,negative_prompt) defining --style names; repeatable, a later "
+        "file's style replacing an earlier one of the same name",
+    )
     p.add_argument("--seed", type=int, default=-1)
     p.add_argument("--subseed", type=int, default=-1)
     p.add_argument("--subseed-strength", type=float, default=0.0)
@@ -127,6 +133,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         help="noise source (default: GPU on a CUDA device, as A1111; CPU elsewhere)",
     )
     p.add_argument("--emphasis", default="Original", choices=["Original", "No norm", "Ignore", "None"])
+    p.add_argument(
+        "--tiling",
+        action="store_true",
+        help="seamless tiles: circular padding in the UNet's and VAE's convolutions (A1111's Tiling)",
+    )
     p.add_argument("--out", default="outputs/txt2img", help="output folder (files are never overwritten)")
     p.add_argument(
         "--explain",
@@ -148,6 +159,11 @@ def _placement(args: argparse.Namespace) -> tuple[Any, Any]:
 def _request_fields(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     from voidprompt.models.placement import default_randn_source
 
+    if args.style and not args.styles_file:
+        # Before a model loads: a style name means nothing without the file that defines it.
+        raise InvalidRequestError(
+            f"--style {args.style[0]!r}: no styles file; add --styles-file FILE (an A1111 styles.csv)"
+        )
     return {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -168,6 +184,7 @@ def _request_fields(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         "eta_noise_seed_delta": args.ensd,
         "randn_source": args.rng or default_randn_source(device),
         "emphasis": args.emphasis,
+        "tiling": args.tiling,
     }
 
 
@@ -181,8 +198,8 @@ def _engine(args: argparse.Namespace, device: Any, precision: Any) -> Any:
 
     model = Path(args.model) if args.model else miniature_model_path()
     components = load_model(model, vae_path=args.vae, device=device, precision=precision)
-    styles_file = getattr(args, "styles_file", None)
-    style_db = StyleDatabase.from_csv(styles_file) if styles_file else None
+    styles_files = getattr(args, "styles_file", None)
+    style_db = StyleDatabase.from_csv_files(styles_files) if styles_files else None
     engine = Engine(
         components,
         style_db=style_db,
