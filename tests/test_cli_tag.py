@@ -59,3 +59,11 @@ def test_the_onnx_file_stands_for_its_folder_and_a_wrong_path_names_both_kinds(
     assert main(["tag", str(picture), "--tagger", str(tmp_path / "wd-missing")]) == 1
     err = capsys.readouterr().err
     assert "no tagger there" in err and "model.onnx and selected_tags.csv" in err
+
+
+def test_a_threshold_outside_0_1_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = write_identity_wd14(tmp_path / "wd-tiny", 1, [0, 0, 4])
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (1, 1)).save(picture)
+    assert main(["tag", str(picture), "--tagger", str(folder), "--threshold", "35"]) == 1
+    assert "threshold 35.0: give a probability from 0 to 1" in capsys.readouterr().err

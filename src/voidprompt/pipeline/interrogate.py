@@ -119,6 +119,9 @@ def open_tagger(
     """The tagger at ``path``: a folder holding ``model.onnx`` (or that file) is a WD14 tagger, a
     ``.pt`` file A1111's DeepDanbooru. ``threshold`` replaces the general threshold (DeepDanbooru's
     0.5, WD14's 0.35)."""
+    for what, value in (("threshold", threshold), ("character threshold", character_threshold)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise TaggerError(f"{what} {value}: give a probability from 0 to 1")
     p = Path(path)
     if p.is_file() and p.name == MODEL_FILE:
         p = p.parent  # the model file of a WD14 folder stands for its folder
