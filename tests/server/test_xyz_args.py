@@ -88,7 +88,7 @@ def test_other_argument_counts_are_refused_naming_the_layout(count: int, expecte
 
 @pytest.mark.parametrize(
     ("img2img", "index", "label"),
-    [(False, 32, "Face restore"), (True, 6, "Image CFG Scale"), (False, 21, "Beta schedule alpha"),
+    [(False, 32, "Face restore"), (True, 6, "Image CFG Scale"), (False, 33, "Token merging ratio"),
      (False, 40, "FP8 mode"), (True, 30, "UniPC Order")],
 )  # fmt: skip
 def test_an_axis_voidprompt_cannot_run_is_refused_by_name(img2img: bool, index: int, label: str) -> None:

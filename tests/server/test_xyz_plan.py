@@ -98,6 +98,10 @@ def test_setting_axes_override_for_their_cell_only(registry: ModelRegistry) -> N
     requests = [c.built.request for c in clip.cells]
     assert [r.clip_skip for r in requests] == [1, 2]
     assert all(r.sgm_noise_multiplier and r.eta_noise_seed_delta == 31337 for r in requests)
+    beta = plan(registry, x_type=21, x_values="0.5, 0.7", y_type=22, y_values="0.9")
+    assert [(c.built.request.beta_dist_alpha, c.built.request.beta_dist_beta) for c in beta.cells] == [
+        (0.5, 0.9), (0.7, 0.9),
+    ]  # fmt: skip
     # The client's own override is kept afterwards, as it asked; the axes' settings are not.
     assert all(c.built.persist == {"eta_noise_seed_delta": 31337} for c in clip.cells)
 
