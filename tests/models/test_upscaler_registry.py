@@ -76,3 +76,9 @@ def test_the_last_model_read_is_reused_until_its_file_changes(models_dir: Path) 
     assert ups.model(entry) is first
     write_tiny_rrdb(models_dir / "ESRGAN" / "4x-Tiny.pth", "old", nf=2, gc=4)
     assert ups.model(entry).shape.nf == 2
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(-1, 0), (16, 16), (16, -1)])
+def test_tile_settings_are_checked(tile: int, overlap: int) -> None:
+    with pytest.raises(InvalidRequestError, match="overlap from 0 to below the tile"):
+        Upscalers(tile=tile, tile_overlap=overlap)

@@ -113,6 +113,11 @@ class Upscalers:
     ) -> None:
         self.esrgan_dirs = [Path(d) for d in esrgan_dirs]
         self.realesrgan_dirs = [Path(d) for d in realesrgan_dirs]
+        if tile < 0 or tile_overlap < 0 or (tile > 0 and tile_overlap >= tile):
+            raise InvalidRequestError(
+                f"upscaler tiles of {tile} px overlapping by {tile_overlap}: use a tile of 0 (no tiling) or "
+                "more, and an overlap from 0 to below the tile (A1111's defaults: 192 and 8)"
+            )
         self.tile = tile
         self.tile_overlap = tile_overlap
         self.device = torch.device(device)
