@@ -81,6 +81,10 @@ def test_axes_apply_in_order_to_prompts_styles_and_size(registry: ModelRegistry)
     assert [(c.built.request.prompt, c.built.request.negative_prompt) for c in sr.cells] == [
         ("a red ball", "red"), ("a blue ball", "blue"), ("a red cube", "red"), ("a blue cube", "blue"),
     ]  # fmt: skip
+    order = plan(registry, {"prompt": "red, ball, shiny"}, x_type=8, x_values="ball, shiny")
+    assert [c.built.request.prompt for c in order.cells] == ["red, ball, shiny", "red, shiny, ball"]
+    with pytest.raises(ScriptArgsError, match="Prompt order did not find 'cube'"):
+        plan(registry, x_type=8, x_values="ball, cube")
     styles = plan(registry, {"styles": ["base"]}, x_type=30, x_values_dropdown=["one, two"])
     assert styles.cells[0].built.request.styles == ("base", "one", " two")
     sizes = plan(registry, x_type=41, x_values="64x32, 32 x 64")

@@ -75,6 +75,10 @@ ARG_NAMES = (
     "draw_legend", "include_lone_images", "include_sub_grids", "no_fixed_seeds",
     "vary_seeds_x", "vary_seeds_y", "vary_seeds_z", "margin_size", "csv_mode",
 )  # fmt: skip
+_FLAG_ARGS = (
+    "draw_legend", "include_lone_images", "include_sub_grids", "no_fixed_seeds",
+    "vary_seeds_x", "vary_seeds_y", "vary_seeds_z", "csv_mode",
+)  # fmt: skip
 # The first X/Y/Z plot took 11 (no dropdowns, no vary_seeds, no csv_mode) and a later one 15 (no
 # vary_seeds): read with 1.10's positions, their values would land on other arguments.
 _OLD_LAYOUTS = {
@@ -145,7 +149,10 @@ def _prompt_sr(cell: _Cell, value: Any, values: Sequence[Any]) -> None:
 
 
 def _prompt_order(cell: _Cell, value: Any, _values: Sequence[Any]) -> None:
-    cell.prompt = lab_axes.apply_prompt_order(cell.prompt, value)
+    try:
+        cell.prompt = lab_axes.apply_prompt_order(cell.prompt, value)
+    except StudyError as error:
+        raise ScriptArgsError(f"X/Y/Z plot: {error}") from None
 
 
 def _styles(cell: _Cell, value: Any, _values: Sequence[Any]) -> None:
@@ -407,7 +414,7 @@ def parse_script_args(args: Sequence[Any], img2img: bool) -> PlotArgs:
         raise ScriptArgsError(
             f"X/Y/Z plot: margin_size={margin!r} must be a whole number of pixels, 0-{MAX_MARGIN}"
         )
-    flags = {name: _flag(name, named[name]) for name in ARG_NAMES[9:16] + ARG_NAMES[17:]}
+    flags = {name: _flag(name, named[name]) for name in _FLAG_ARGS}
     return PlotArgs(
         types=(types[0], types[1], types[2]),
         values=(_text("x_values", named["x_values"]), _text("y_values", named["y_values"]),
