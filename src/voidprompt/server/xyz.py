@@ -745,7 +745,11 @@ class _Line:
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     # A1111 draws its labels with a TrueType font at (width + height) // 25 points; Pillow's own
     # scalable default stands in for its Roboto / DejaVu.
-    return ImageFont.load_default(size=max(1, size))
+    try:
+        return ImageFont.load_default(size=max(1, size))
+    except ImportError:
+        # A Pillow built without FreeType has only its fixed-size bitmap font.
+        return ImageFont.load_default()
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: float) -> list[str]:
