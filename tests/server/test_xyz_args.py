@@ -70,7 +70,8 @@ def test_each_tab_lists_a1111_axes_in_its_order() -> None:
 
 
 def test_script_name_compares_case_insensitively() -> None:
-    assert is_xyz_plot("X/Y/Z plot") and is_xyz_plot("x/y/z PLOT") and is_xyz_plot(" x/y/z plot ")
+    assert is_xyz_plot("X/Y/Z plot") and is_xyz_plot("x/y/z PLOT")
+    assert not is_xyz_plot(" x/y/z plot")  # A1111 compares the whole name
     assert not is_xyz_plot("x/y plot") and not is_xyz_plot(None) and not is_xyz_plot("")
 
 

@@ -100,7 +100,7 @@ class ScriptArgsError(VoidpromptError):
 
 def is_xyz_plot(script_name: str | None) -> bool:
     """True when a request names A1111's X/Y/Z plot (names compare case-insensitively, as A1111's)."""
-    return script_name is not None and script_name.strip().lower() == SCRIPT_NAME
+    return script_name is not None and script_name.lower() == SCRIPT_NAME
 
 
 # ----------------------------------------------------------------------------------------- axes
