@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voidprompt.errors import InvalidRequestError, StudyError
+from voidprompt.errors import InvalidRequestError, PromptError, StudyError
 from voidprompt.explain.record import WINDOW_ALL, ExplainOptions
 from voidprompt.explain.store import DEFAULT_MAP_SIDE
 from voidprompt.lab import axes as ax
 from voidprompt.lab.sizes import named_base
 from voidprompt.models.placement import PRECISIONS
+from voidprompt.prompts.styles import StyleDatabase
 from voidprompt.request import GenerationRequest
 
 # Images per sampler run. 16 rather than 8: on the miniature model at 64x64 (1 thread) a batch of
@@ -323,6 +324,8 @@ class StudyFile:
     labels: LabelOptions = LabelOptions()
     report: ReportOptions = ReportOptions()
     explain: ExplainSpec | None = None  # None: no [explain] section, nothing captures
+    # A1111's styles.csv files named by [prompt] styles_file; a job's styles are applied from them.
+    style_db: StyleDatabase | None = field(default=None, compare=False)
 
 
 # ------------------------------------------------------------------------------------- key readers
@@ -693,6 +696,13 @@ def _device_name(value: Any) -> str:
     return value.strip()
 
 
+def _styles_files(value: Any) -> tuple[str, ...]:
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise _Invalid('write a file name or a list of them, e.g. styles_file = "styles.csv"')
+    return tuple(names)
+
+
 def _optional_file(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise _Invalid('write a file name, e.g. checkpoint = "model.safetensors"')
@@ -712,6 +722,7 @@ PROMPT_KEYS = (
     Key("negative", _text("write the prompt as a string")),
     Key("positive_step", _prompt_step),
     Key("negative_step", _prompt_step),
+    Key("styles_file", _styles_files, ()),
 )
 CFG_BY_AREA_KEYS = (
     Key("points", _area_points, required="missing or empty; write points = [[area, cfg], ...]"),
@@ -1093,6 +1104,12 @@ def read_study_file(text: str, path: Path) -> StudyFile:
         raise reader.fail("[settings]", str(error)) from None
 
     prompt = reader.keyed(data, "prompt")
+    style_db = None
+    if prompt["styles_file"]:
+        try:
+            style_db = StyleDatabase.from_csv_files([path.parent / name for name in prompt["styles_file"]])
+        except PromptError as error:
+            raise reader.fail("[prompt] styles_file", str(error)) from None
     templates = {}
     for side in ("positive", "negative"):
         plain, step = prompt[side], prompt[f"{side}_step"]
@@ -1181,6 +1198,7 @@ def read_study_file(text: str, path: Path) -> StudyFile:
             report["base"], report["grid"], report["outcomes_by"], report["plots"], report["explain"]
         ),
         explain=explain,
+        style_db=style_db,
     )
 
 

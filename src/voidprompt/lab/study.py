@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voidprompt.errors import InvalidRequestError, StudyError
+from voidprompt.errors import InvalidRequestError, PromptError, StudyError
 from voidprompt.lab import axes as ax
 from voidprompt.lab.schema import (
     PLACEHOLDER,
@@ -154,6 +154,9 @@ class Study(StudyFile):
                 prompt, negative = ax.apply_prompt_sr(prompt, negative, axis.values[0], value)
             except StudyError as error:
                 raise StudyError(f"{self.path}: [axes] {axis.name}: {error}") from None
+        styles = fields.pop("styles", ())
+        if styles:
+            prompt, negative = self._styled(prompt, negative, styles, record)
         if self.cfg_by_area is not None and "cfg_scale" not in fields:
             fields["cfg_scale"] = self.cfg_by_area.cfg(fields.get("width", 512), fields.get("height", 512))
         for seed_field in ("seed", "subseed"):
@@ -181,6 +184,25 @@ class Study(StudyFile):
             raise StudyError(f"{self.path}: the job {record} is not a valid request: {error}") from None
         model = ModelRef(checkpoint, vae)
         return Job(job_id=job_id(request, record, model), axis_values=record, request=request, model=model)
+
+    def _styled(
+        self, prompt: str, negative: str, styles: Sequence[str], record: Mapping[str, Any]
+    ) -> tuple[str, str]:
+        """The prompts with ``styles`` applied by A1111's rules, after prompt S/R as in its X/Y/Z
+        plot. The job then carries the styled text and no style names: its picture and infotext are
+        those of the styled prompt sent with ``styles``, and the runner needs no styles file."""
+        if self.style_db is None:
+            raise StudyError(
+                f"{self.path}: the job {dict(record)} names the styles {list(styles)} but the study has "
+                'no styles file; add styles_file = "styles.csv" to [prompt]'
+            )
+        try:
+            return (
+                self.style_db.apply_styles_to_prompt(prompt, styles),
+                self.style_db.apply_negative_styles_to_prompt(negative, styles),
+            )
+        except PromptError as error:
+            raise StudyError(f"{self.path}: [prompt] styles_file: {error}") from None
 
 
 def load_study(path: str | Path) -> Study:
