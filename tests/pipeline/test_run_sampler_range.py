@@ -81,3 +81,27 @@ def test_img2img_passes_the_truncated_schedule() -> None:
     assert seen["sigma_max"] == pytest.approx(float(sched[0]))
     assert seen["sigma_min"] == pytest.approx(float(sched[-2]))
     assert seen["n"] == 6
+
+
+def test_beta_shape_reaches_the_schedule() -> None:
+    # The request's beta_dist_alpha / beta_dist_beta are the Beta schedule's shape (A1111's
+    # beta_dist_alpha / beta_dist_beta options); its default 0.6 / 0.6 is another schedule.
+    seen: dict[str, torch.Tensor] = {}
+
+    def spy(model: Any, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Any = None,
+            noise_sampler: Any = None) -> torch.Tensor:
+        seen["sigmas"] = sigmas
+        return x
+
+    spec = dataclasses.replace(get_sampler("Euler"), function=spy)
+    abar = _sd1_alphas_cumprod()
+    schedule_model = DiscreteEpsDenoiser(lambda x, t, c: torch.zeros_like(x), abar)
+    model = SamplingModel(lambda x, s: x, schedule_model, abar)
+    rng = ImageRNG((4, 8, 8), [1])
+    request = GenerationRequest(beta_dist_alpha=0.3, beta_dist_beta=0.9)
+    beta = get_scheduler("Beta")
+    run_sampler(SamplerPass(spec, beta, 8), model, SamplerStart(rng.next(), rng, [1]), request)
+    expected = compute_sigmas(spec, beta, 8, schedule_model, beta_alpha=0.3, beta_beta=0.9)
+    torch.testing.assert_close(seen["sigmas"], expected, rtol=0, atol=0)
+    default = compute_sigmas(spec, beta, 8, schedule_model)
+    assert not torch.allclose(expected, default)
