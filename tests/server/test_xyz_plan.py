@@ -126,3 +126,29 @@ def test_the_plot_is_bounded_by_the_server_limits(registry: ModelRegistry) -> No
         plan(registry, x_type=1, x_values="1-101")
     with pytest.raises(LimitError, match="steps=151"):
         plan(registry, x_type=4, x_values="2, 151")
+
+
+def test_hires_upscaler_axis_accepts_the_servers_model_upscalers(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    from voidprompt.models.upscalers.registry import Upscalers
+    from voidprompt.server.xyz import axis_options
+    from voidprompt.testing.tiny_upscalers import write_tiny_rrdb
+
+    write_tiny_rrdb(tmp_path / "ESRGAN" / "4x-Tiny.pth", "old", nf=4, gc=4)
+    x_type = [o.label for o in axis_options(False)].index("Hires upscaler")
+    values: dict[str, Any] = dict(
+        x_type=x_type, x_values="", x_values_dropdown=["Latent", "4x-Tiny"], y_type=0, y_values="",
+        y_values_dropdown=[], z_type=0, z_values="", z_values_dropdown=[], draw_legend=True,
+        include_lone_images=False, include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False,
+        vary_seeds_y=False, vary_seeds_z=False, margin_size=0, csv_mode=False,
+    )  # fmt: skip
+    request = Txt2ImgRequest(
+        prompt="a red ball", seed=100, steps=2, width=64, height=64, enable_hr=True,
+        script_name="x/y/z plot", script_args=[values[name] for name in ARG_NAMES],
+    )  # fmt: skip
+    planned = plan_plot(request, Options(), Limits(), registry, upscalers=Upscalers.in_models_dir(tmp_path))
+    assert [c.built.request.hr_upscaler for c in planned.cells] == ["Latent", "4x-Tiny"]
+    # Without the server's folders the same name is not an upscaler this server has.
+    with pytest.raises(Exception, match="4x-Tiny"):
+        plan_plot(request, Options(), Limits(), registry)

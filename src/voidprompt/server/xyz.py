@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from voidprompt.errors import StudyError, VoidpromptError
 from voidprompt.infotext import create_infotext
 from voidprompt.lab import axes as lab_axes
+from voidprompt.models.upscalers.registry import Upscalers
 from voidprompt.sampling.rng import fixed_seed
 from voidprompt.server.checkpoints import ModelRegistry
 from voidprompt.server.generation import (
@@ -563,6 +564,7 @@ def plan_plot(
     registry: ModelRegistry,
     *,
     img2img: bool = False,
+    upscalers: Upscalers | None = None,
 ) -> PlotPlan:
     """Every cell of the plot ``body`` asks for, each built and checked as a plain request would be."""
     args = parse_script_args(body.script_args, img2img)
@@ -572,7 +574,7 @@ def plan_plot(
     )
     nx, ny, nz = len(x.values), len(y.values), len(z.values)
     plain = body.model_copy(update={"script_name": None, "script_args": []})
-    base = build_request(plain, options, limits, img2img=img2img)
+    base = build_request(plain, options, limits, img2img=img2img, upscalers=upscalers)
     per_cell = base.request.batch_size * base.request.n_iter
     if nx * ny * nz * per_cell > limits.max_images:
         raise LimitError(
@@ -602,7 +604,9 @@ def plan_plot(
                     cell_seed += iy * xdim
                 if args.vary_seeds[2]:
                     cell_seed += iz * xdim * ydim
-                built = _build_cell(plain, cell, cell_seed, subseed, base, options, limits, registry, img2img)
+                built = _build_cell(
+                    plain, cell, cell_seed, subseed, base, options, limits, registry, img2img, upscalers
+                )
                 cells.append(PlotCell(len(cells), ix, iy, iz, built))
     _check_grid_size(cells)
     costs = (x.option.cost, y.option.cost, z.option.cost)
@@ -619,6 +623,7 @@ def _build_cell(
     limits: Limits,
     registry: ModelRegistry,
     img2img: bool,
+    upscalers: Upscalers | None,
 ) -> BuiltRequest:
     update: dict[str, Any] = {"subseed": subseed, **cell.fields, "seed": seed}
     if cell.prompt != base.request.prompt or cell.negative_prompt != base.request.negative_prompt:
@@ -627,7 +632,9 @@ def _build_cell(
         update["styles"] = cell.styles
     if cell.overrides:
         update["override_settings"] = {**(plain.override_settings or {}), **cell.overrides}
-    built = build_request(plain.model_copy(update=update), options, limits, img2img=img2img)
+    built = build_request(
+        plain.model_copy(update=update), options, limits, img2img=img2img, upscalers=upscalers
+    )
     for key in cell.overrides:
         # An axis's setting is the cell's alone, even when the client keeps its own overrides.
         built.persist.pop(key, None)

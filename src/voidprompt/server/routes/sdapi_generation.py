@@ -85,7 +85,13 @@ async def _run_plot(
         raise InvalidRequestError("explain: not available with the X/Y/Z plot; generate its cells one by one")
     limits = state.config.limits
     plan = await run_in_threadpool(
-        xyz.plan_plot, body, state.options, limits, state.registry, img2img=img2img
+        xyz.plan_plot,
+        body,
+        state.options,
+        limits,
+        state.registry,
+        img2img=img2img,
+        upscalers=state.upscalers,
     )
     result = await state.queue.run(kind, lambda: xyz.run_plot(state.host, kind, plan))
     answer = xyz.plot_answer(result)
