@@ -80,8 +80,9 @@ def test_hires_schedule_type_only_when_a1111_records_it(
     assert params.get("Hires schedule type") == expected
 
 
-def test_hires_schedule_type_sits_with_the_hires_pass_keys() -> None:
-    # get_sigmas of the hires pass runs after the first pass recorded its Eta and NGMS.
+def test_hires_schedule_type_keeps_the_place_init_reserved() -> None:
+    # txt2img's init reserves "Hires schedule type" (value None) after the hires prompts, before
+    # calculate_target_resolution's "Hires upscale"; the hires pass's get_sigmas fills it in later.
     request = _request(
         sampler_name="Euler a", enable_hr=True, denoising_strength=0.5, hr_scheduler="Karras",
         eta=0.5, s_min_uncond=0.3,
@@ -90,8 +91,8 @@ def test_hires_schedule_type_sits_with_the_hires_pass_keys() -> None:
     line = _line(request, run)
     assert line == (
         "Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 10, Size: 512x512,"
-        " Denoising strength: 0.5, RNG: CPU, Hires upscale: 2, Hires upscaler: Latent, Eta: 0.5, NGMS: 0.3,"
-        " Hires schedule type: Karras"
+        " Denoising strength: 0.5, RNG: CPU, Hires schedule type: Karras, Hires upscale: 2,"
+        " Hires upscaler: Latent, Eta: 0.5, NGMS: 0.3"
     )
 
 
@@ -285,3 +286,18 @@ def test_sampler_own_discard_and_img2img_sgm_are_not_written() -> None:
     # Eta: only for samplers that take it (Euler does not).
     euler = generation_params(_request(eta=0.5), ImageFacts(10, 0), run=RunFacts(passes=(_pass("Euler"),)))
     assert "Eta" not in euler and "Eta DDIM" not in euler
+
+
+def test_old_timelines_from_the_hires_conditioning_alone() -> None:
+    # calculate_hr_conds runs in sample_hr_pass, after the first pass's sampler keys: the key lands
+    # there when only the hires schedules change.
+    request = _request(
+        enable_hr=True, denoising_strength=0.5, use_old_scheduling=True, eta=0.5, sampler_name="Euler a",
+    )
+    run = RunFacts(
+        passes=(_pass("Euler a"), _pass("Euler a", from_image=True, old_timelines_differ=True)),
+        old_timelines_differ=False,
+    )
+    assert _line(request, run).endswith(
+        "Hires upscale: 2, Hires upscaler: Latent, Eta: 0.5, Old prompt editing timelines: True"
+    )

@@ -174,7 +174,10 @@ class PassFacts:
     part-way down a schedule (img2img, the hires pass: A1111's ``sample_img2img``, which never
     applies the SGM noise multiplier). ``ngms`` is True when NGMS skipped the uncond pass on some
     call; ``padded_conds`` / ``padded_conds_v0`` when "Pad conds" (v0) padded the pass's last call
-    (A1111's ``add_infotext`` reads its denoiser's flags once, after sampling)."""
+    (A1111's ``add_infotext`` reads its denoiser's flags once, after sampling).
+    ``old_timelines_differ`` is read for the hires pass only: A1111 computes its conditioning just
+    before it samples, so "Old prompt editing timelines" lands there when only the hires schedules
+    change (the first pass's is :attr:`RunFacts.old_timelines_differ`)."""
 
     sampler: SamplerSpec
     scheduler: SchedulerSpec
@@ -182,6 +185,7 @@ class PassFacts:
     ngms: bool = False
     padded_conds: bool = False
     padded_conds_v0: bool = False
+    old_timelines_differ: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,7 +206,8 @@ class RunFacts:
       not written;
     * ``encoded_texts``: every text the text encoder read (prompt-editing steps resolved,
       extra-network tags removed, styles applied, AND split), the basis of "Emphasis";
-    * ``old_timelines_differ``: whether "Old prompt editing timelines" changed any schedule;
+    * ``old_timelines_differ``: whether "Old prompt editing timelines" changed any schedule of the
+      first pass's conditioning;
     * ``prompts`` / ``hires_prompts``: the first and the hires pass's (prompt, negative prompt) as
       the infotext shows them (styled); the hires ones are written when they differ.
 
@@ -288,6 +293,8 @@ def generation_params(
                 params["Hires prompt"] = r.hr_prompt
             if r.hr_negative_prompt and r.hr_negative_prompt != r.negative_prompt:
                 params["Hires negative prompt"] = r.hr_negative_prompt
+        # A1111 reserves the key's place here; the hires pass's get_sigmas fills it in.
+        params["Hires schedule type"] = None
         if r.hr_resize_x == 0 and r.hr_resize_y == 0:
             params["Hires upscale"] = _compact_number(r.hr_scale)
         else:
@@ -383,11 +390,14 @@ def _add_pass_params(
     hires: bool,
     first_schedule: str | None,
 ) -> None:
-    """One sampler pass's keys in A1111 1.10's order: its ``get_sigmas`` (penultimate sigma, the
-    schedule and its overrides), the SGM noise multiplier (txt2img's first pass), its
+    """One sampler pass's keys in A1111 1.10's order: for the hires pass its conditioning's record
+    (Old prompt editing timelines), then its ``get_sigmas`` (penultimate sigma, the schedule and its
+    overrides), the SGM noise multiplier (txt2img's first pass), its
     ``initialize`` (eta, churn), what its denoiser did (NGMS) and its ``add_infotext`` (Pad conds).
     A key the first pass wrote keeps its place when the hires pass writes it again."""
     sampler = facts.sampler
+    if hires and r.use_old_scheduling and facts.old_timelines_differ:
+        params["Old prompt editing timelines"] = True
     if r.always_discard_next_to_last_sigma and not sampler.discard_next_to_last_sigma:
         params["Discard penultimate sigma"] = True
     schedule = _schedule_keys(r, facts, model_range)

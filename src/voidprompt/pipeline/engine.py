@@ -891,13 +891,13 @@ class Engine:
         )
         first = records.get("first", _PassRecord())
         passes = [first.facts(spec, scheduler, from_image=request.is_img2img)]
-        old_timelines = prepared.old_timelines_differ
         hires_prompts = None
         if hires is not None:
             hr = hires.run
-            passes.append(records.get("hires", _PassRecord()).facts(hr.spec, hr.scheduler, from_image=True))
             hr_prepared = hr.conditioning.prepared
-            old_timelines = old_timelines or hr_prepared.old_timelines_differ
+            record = records.get("hires", _PassRecord())
+            differ = hr_prepared.old_timelines_differ
+            passes.append(record.facts(hr.spec, hr.scheduler, from_image=True, old_timelines_differ=differ))
             hires_prompts = (hr_prepared.prompt_for_infotext, hr_prepared.negative_for_infotext)
         run = RunFacts(
             schedule_type=names["Schedule type"],
@@ -907,7 +907,7 @@ class Engine:
             model_sigma_range=first.model_sigma_range,
             # A1111 copies its encoder's record into the parameters before the hires pass encodes.
             encoded_texts=prepared.encoded_texts(),
-            old_timelines_differ=old_timelines,
+            old_timelines_differ=prepared.old_timelines_differ,
             prompts=(prepared.prompt_for_infotext, prepared.negative_for_infotext),
             hires_prompts=hires_prompts,
             networks=networks,
@@ -1018,7 +1018,14 @@ class _PassRecord:
     padded_conds_v0: bool = False
     model_sigma_range: tuple[float, float] | None = None
 
-    def facts(self, sampler: SamplerSpec, scheduler: SchedulerSpec, *, from_image: bool) -> PassFacts:
+    def facts(
+        self,
+        sampler: SamplerSpec,
+        scheduler: SchedulerSpec,
+        *,
+        from_image: bool,
+        old_timelines_differ: bool = False,
+    ) -> PassFacts:
         return PassFacts(
             sampler,
             scheduler,
@@ -1026,6 +1033,7 @@ class _PassRecord:
             ngms=self.ngms,
             padded_conds=self.padded_conds,
             padded_conds_v0=self.padded_conds_v0,
+            old_timelines_differ=old_timelines_differ,
         )
 
 
