@@ -29,6 +29,15 @@ function showView(name) {
   if (name === "studies" || name === "label") loadStudies();
 }
 
+// Optional lists (styles, networks, upscalers, VAEs): a route that fails leaves its control empty
+// and says why, instead of stopping the page.
+async function optional(path, fallback) {
+  try { return await api("GET", path); } catch (err) {
+    $("#gen-error").textContent = `${path}: ${err.message}`;
+    return fallback;
+  }
+}
+
 // ------------------------------------------------------------------------------------ generate
 let lastInfo = null;
 let initImageB64 = null;
@@ -43,6 +52,23 @@ async function initGenerate() {
   $("#scheduler").replaceChildren(...schedulers.map((s) => el("option", { value: s.label }, s.label)));
   $("#clip_skip").value = options.CLIP_stop_at_last_layers;
   await loadModels(options.sd_model_checkpoint);
+  const [styles, upscalers, latentModes, vaes] = await Promise.all([
+    optional("/sdapi/v1/prompt-styles", []), optional("/sdapi/v1/upscalers", []),
+    optional("/sdapi/v1/latent-upscale-modes", []), optional("/sdapi/v1/sd-vae", []),
+  ]);
+  $("#styles").replaceChildren(...styles.map((s) => el("option", { value: s.name, title: [s.prompt, s.negative_prompt].filter(Boolean).join(" | ") }, s.name)));
+  // A1111's hires list: the latent modes first, then the pixel and model upscalers.
+  const hires = [...latentModes.map((m) => m.name), ...upscalers.map((u) => u.name)];
+  $("#hr_upscaler").replaceChildren(...hires.map((n) => el("option", { value: n }, n)));
+  $("#hr_upscaler").value = hires.includes("Latent") ? "Latent" : hires[0] || "";
+  for (const id of ["#upscaler_1", "#upscaler_2"]) {
+    $(id).replaceChildren(...upscalers.map((u) => el("option", { value: u.name }, u.name)));
+    $(id).value = "None";
+  }
+  $("#vae-select").replaceChildren(...["Automatic", "None", ...vaes.map((v) => v.model_name)].map((n) => el("option", { value: n }, n)));
+  $("#vae-select").value = options.sd_vae || "Automatic";
+  await loadNetworks();
+  updateHiresInfo();
 }
 
 // Checkpoints of every family side by side; the family comes from the file's tensor shapes.
@@ -76,6 +102,7 @@ $("#model-select").addEventListener("change", async (e) => {
   try {
     await api("POST", "/sdapi/v1/options", { sd_model_checkpoint: select.value });
     showModel((await api("GET", "/sdapi/v1/options")).sd_model_checkpoint);
+    await loadNetworks();  // embeddings load per model: the list follows the checkpoint
   } catch (err) {
     $("#gen-error").textContent = err.message;
     showModel(previous);
@@ -84,9 +111,83 @@ $("#model-select").addEventListener("change", async (e) => {
   }
 });
 
-document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", () => {
-  $("#img2img-fields").hidden = mode() !== "img2img";
-}));
+// The VAE applies from the next picture on (A1111's sd_vae option).
+$("#vae-select").addEventListener("change", async (e) => {
+  const select = e.target;
+  select.disabled = true;
+  $("#gen-error").textContent = "";
+  try {
+    await api("POST", "/sdapi/v1/options", { sd_vae: select.value });
+    select.value = (await api("GET", "/sdapi/v1/options")).sd_vae;
+  } catch (err) {
+    $("#gen-error").textContent = err.message;
+  } finally {
+    select.disabled = false;
+  }
+});
+
+function setMode(name) {
+  document.querySelector(`input[name=mode][value=${name}]`).checked = true;
+  $("#img2img-fields").hidden = name !== "img2img";
+  // Hires. fix is txt2img's: A1111's img2img tab has no such section.
+  $("#hires-fields").hidden = name !== "txt2img";
+}
+document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", () => setMode(mode())));
+
+// ------------------------------------------------------------------------------------ hires fix
+$("#enable_hr").addEventListener("change", () => { $("#hires-body").hidden = !$("#enable_hr").checked; updateHiresInfo(); });
+["#hr_scale", "#hr_resize_x", "#hr_resize_y", "#width", "#height"].forEach((id) => $(id).addEventListener("input", updateHiresInfo));
+// The size the second pass ends at, shown as A1111 shows it ("from 512x512 to 1024x1024"); the
+// server's pipeline/hires.py (A1111's calculate_target_resolution) decides the real one.
+function hiresSize() {
+  const w = num("#width"), h = num("#height"), rx = num("#hr_resize_x"), ry = num("#hr_resize_y");
+  if (rx === 0 && ry === 0) return [Math.floor(w * num("#hr_scale")), Math.floor(h * num("#hr_scale"))];
+  if (ry === 0) return [rx, Math.floor(rx * h / w)];
+  if (rx === 0) return [Math.floor(ry * w / h), ry];
+  return [rx, ry];
+}
+function updateHiresInfo() {
+  const [w, h] = hiresSize();
+  $("#hr-info").textContent = $("#enable_hr").checked ? `from ${num("#width")}x${num("#height")} to ${w}x${h}` : "";
+}
+
+$("#seed-extra").addEventListener("change", () => { $("#seed-extra-fields").hidden = !$("#seed-extra").checked; });
+
+// -------------------------------------------------------------------------------- extra networks
+// Cards insert A1111's tags where the cursor was in the prompt (or the negative prompt, when that was
+// the last one edited): <lora:name:1>, <hypernet:name:1>, an embedding by its name.
+let promptTarget = "#prompt";
+["#prompt", "#negative_prompt"].forEach((id) => $(id).addEventListener("focus", () => { promptTarget = id; }));
+function insertAtCursor(textarea, text) {
+  const start = textarea.selectionStart ?? textarea.value.length, end = textarea.selectionEnd ?? start;
+  const before = textarea.value.slice(0, start), after = textarea.value.slice(end);
+  const left = before && !/[\s,(]$/.test(before) ? " " : "";
+  const right = after && !/^[\s,)]/.test(after) ? " " : "";
+  textarea.value = before + left + text + right + after;
+  const cursor = (before + left + text).length;
+  textarea.setSelectionRange(cursor, cursor);
+  textarea.dispatchEvent(new Event("input"));
+}
+$("#networks-toggle").addEventListener("click", () => {
+  const panel = $("#networks");
+  panel.hidden = !panel.hidden;
+  $("#networks-toggle").setAttribute("aria-expanded", String(!panel.hidden));
+});
+async function loadNetworks() {
+  const [embeddings, hypernetworks, loras] = await Promise.all([
+    optional("/sdapi/v1/embeddings", { loaded: {}, skipped: {} }), optional("/sdapi/v1/hypernetworks", []),
+    optional("/sdapi/v1/loras", []),
+  ]);
+  const card = (kind, name, tag, title) => el("button", {
+    type: "button", class: `card ${kind}`, "data-tag": tag, title,
+    onclick: () => { const box = $(promptTarget); insertAtCursor(box, tag); box.focus(); },
+  }, name);
+  const empty = (what) => el("span", { class: "muted" }, `no ${what} in this server's folder`);
+  const names = Object.keys(embeddings.loaded || {});
+  $("#networks-embeddings").replaceChildren(...(names.length ? names.map((n) => card("embedding", n, n, `${embeddings.loaded[n].vectors} vectors`)) : [empty("embeddings for this model")]));
+  $("#networks-hypernetworks").replaceChildren(...(hypernetworks.length ? hypernetworks.map((h) => card("hypernetwork", h.name, `<hypernet:${h.name}:1>`, h.path)) : [empty("hypernetworks")]));
+  $("#networks-loras").replaceChildren(...(loras.length ? loras.map((l) => card("lora", l.alias !== l.name ? `${l.name} (${l.alias})` : l.name, `<lora:${l.name}:1>`, l.path)) : [empty("LoRAs")]));
+}
 const mode = () => document.querySelector("input[name=mode]:checked").value;
 const num = (id) => Number($(id).value);
 
@@ -99,10 +200,66 @@ function fileToB64(file) {
   });
 }
 $("#init_image").addEventListener("change", async (e) => {
-  initImageB64 = e.target.files[0] ? await fileToB64(e.target.files[0]) : null;
-  $("#init-preview").hidden = !initImageB64; if (initImageB64) $("#init-preview").src = initImageB64;
+  setInitImage(e.target.files[0] ? await fileToB64(e.target.files[0]) : null);
 });
 $("#mask_image").addEventListener("change", async (e) => { maskB64 = e.target.files[0] ? await fileToB64(e.target.files[0]) : null; });
+
+// ----------------------------------------------------------------------------------- mask canvas
+// The canvas has the init image's own pixel size and sits over it; strokes are opaque white (shown
+// half transparent), erasing clears them. The mask sent is black with white where drawn, A1111's
+// "white = repaint".
+const maskCanvas = $("#mask-canvas");
+let maskDrawn = false;
+function setInitImage(src) {
+  initImageB64 = src;
+  $("#mask-editor").hidden = !src;
+  if (!src) return;
+  const image = $("#init-preview");
+  image.onload = () => {
+    maskCanvas.width = image.naturalWidth;
+    maskCanvas.height = image.naturalHeight;
+    maskDrawn = false;
+  };
+  image.src = src;
+}
+$("#brush-size").addEventListener("input", () => { $("#brush-size-value").textContent = $("#brush-size").value; });
+$("#mask-clear").addEventListener("click", () => {
+  maskCanvas.getContext("2d").clearRect(0, 0, maskCanvas.width, maskCanvas.height);
+  maskDrawn = false;
+});
+function canvasPoint(e) {
+  const r = maskCanvas.getBoundingClientRect();
+  return [(e.clientX - r.left) * maskCanvas.width / r.width, (e.clientY - r.top) * maskCanvas.height / r.height];
+}
+let stroke = null;
+function paint(to) {
+  const ctx = maskCanvas.getContext("2d");
+  const r = maskCanvas.getBoundingClientRect();
+  const erase = document.querySelector("input[name=mask-tool]:checked").value === "erase";
+  ctx.globalCompositeOperation = erase ? "destination-out" : "source-over";
+  ctx.strokeStyle = ctx.fillStyle = "#fff";
+  // The brush size is in screen pixels, as in A1111's editor; the canvas may be shown scaled.
+  ctx.lineWidth = num("#brush-size") * maskCanvas.width / r.width;
+  ctx.lineCap = ctx.lineJoin = "round";
+  ctx.beginPath();
+  ctx.moveTo(...stroke);
+  ctx.lineTo(...to);
+  ctx.stroke();
+  stroke = to;
+  if (!erase) maskDrawn = true;
+}
+maskCanvas.addEventListener("pointerdown", (e) => { e.preventDefault(); stroke = canvasPoint(e); paint(stroke); });
+maskCanvas.addEventListener("pointermove", (e) => { if (stroke && e.buttons) paint(canvasPoint(e)); });
+["pointerup", "pointerleave"].forEach((t) => maskCanvas.addEventListener(t, () => { stroke = null; }));
+function drawnMask() {
+  const out = document.createElement("canvas");
+  out.width = maskCanvas.width; out.height = maskCanvas.height;
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(maskCanvas, 0, 0);
+  return out.toDataURL("image/png");
+}
 
 function formBody() {
   const body = {
@@ -112,14 +269,25 @@ function formBody() {
     batch_size: num("#batch_size"), n_iter: num("#n_iter"), seed: num("#seed"),
     subseed: num("#subseed"), subseed_strength: num("#subseed_strength"),
     override_settings: { CLIP_stop_at_last_layers: num("#clip_skip") },
+    styles: [...$("#styles").selectedOptions].map((o) => o.value), tiling: $("#tiling").checked,
   };
+  if (num("#seed_resize_from_w") > 0 && num("#seed_resize_from_h") > 0) {
+    Object.assign(body, { seed_resize_from_w: num("#seed_resize_from_w"), seed_resize_from_h: num("#seed_resize_from_h") });
+  }
+  if (mode() === "txt2img" && $("#enable_hr").checked) {
+    Object.assign(body, {
+      enable_hr: true, hr_upscaler: $("#hr_upscaler").value, hr_second_pass_steps: num("#hr_second_pass_steps"),
+      denoising_strength: num("#hr_denoising_strength"), hr_scale: num("#hr_scale"),
+      hr_resize_x: num("#hr_resize_x"), hr_resize_y: num("#hr_resize_y"),
+    });
+  }
   if (mode() === "img2img") {
     Object.assign(body, {
       init_images: initImageB64 ? [initImageB64] : [], denoising_strength: num("#denoising_strength"),
       resize_mode: num("#resize_mode"), mask_blur: num("#mask_blur"), inpainting_fill: num("#inpainting_fill"),
       inpaint_full_res: $("#inpaint_full_res").value === "true", inpainting_mask_invert: num("#inpainting_mask_invert"),
     });
-    if (maskB64) body.mask = maskB64;
+    if (maskB64) body.mask = maskB64; else if (maskDrawn) body.mask = drawnMask();
   }
   return body;
 }
@@ -130,11 +298,17 @@ function startPolling() {
     try {
       const p = await api("GET", "/sdapi/v1/progress");
       $("#progress").value = p.progress;
+      if (p.state.job_count > 0) $("#progress-text").textContent = progressText(p);
       if (p.current_image) { $("#live-preview").src = "data:image/png;base64," + p.current_image; $("#live-preview").hidden = false; }
     } catch (e) { /* the next poll will tell */ }
-  }, 500);
+  }, 300);
 }
-function stopPolling() { clearInterval(polling); $("#progress").value = 0; $("#live-preview").hidden = true; }
+function stopPolling() { clearInterval(polling); $("#progress").value = 0; $("#progress-text").textContent = ""; $("#live-preview").hidden = true; }
+// "42% ETA 3s", as A1111's progress bar reads.
+function progressText(p) {
+  const eta = p.eta_relative > 0 ? ` ETA ${p.eta_relative >= 60 ? `${Math.floor(p.eta_relative / 60)}m ` : ""}${Math.round(p.eta_relative % 60)}s` : "";
+  return `${Math.round(p.progress * 100)}%${eta}`;
+}
 
 $("#gen-form").addEventListener("submit", async (e) => {
   e.preventDefault();
@@ -161,9 +335,12 @@ $("#skip").addEventListener("click", () => api("POST", "/sdapi/v1/skip"));
 $("#seed-random").addEventListener("click", () => { $("#seed").value = -1; });
 $("#seed-reuse").addEventListener("click", () => { if (lastInfo) $("#seed").value = lastInfo.seed; });
 
+let galleryFiles = [];
 function showGallery(images, info, explanations = []) {
   const gallery = $("#gallery");
   gallery.replaceChildren();
+  galleryFiles = images.map((b64, i) => ({ name: `${String(i).padStart(5, "0")}-${info.all_seeds[i]}.png`, b64 }));
+  $("#gallery-actions").hidden = !images.length;
   $("#gen-explain").hidden = true;
   images.forEach((b64, i) => {
     const src = "data:image/png;base64," + b64;
@@ -255,11 +432,57 @@ async function showExplanation(box, url, title) {
 }
 
 function sendToImg2img(src) {
-  initImageB64 = src;
-  document.querySelector("input[name=mode][value=img2img]").checked = true;
-  $("#img2img-fields").hidden = false;
-  $("#init-preview").src = src; $("#init-preview").hidden = false;
+  setMode("img2img");
+  setInitImage(src);
 }
+
+// ------------------------------------------------------------------------------------ save / zip
+function b64ToBytes(b64) {
+  const text = atob(b64), bytes = new Uint8Array(text.length);
+  for (let i = 0; i < text.length; i += 1) bytes[i] = text.charCodeAt(i);
+  return bytes;
+}
+function download(name, blob) {
+  const a = el("a", { href: URL.createObjectURL(blob), download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+}
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k += 1) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+function crc32(bytes) {
+  let c = 0xffffffff;
+  for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+// A store-only zip (PNGs do not compress further): local headers, the central directory, its end.
+function zipStore(files) {
+  const encoder = new TextEncoder(), parts = [], central = [];
+  let offset = 0;
+  for (const f of files) {
+    const name = encoder.encode(f.name), crc = crc32(f.bytes);
+    const local = new DataView(new ArrayBuffer(30));
+    [[0, 0x04034b50, 4], [4, 20, 2], [8, 0, 2], [14, crc, 4], [18, f.bytes.length, 4], [22, f.bytes.length, 4], [26, name.length, 2]]
+      .forEach(([at, v, n]) => (n === 4 ? local.setUint32(at, v, true) : local.setUint16(at, v, true)));
+    const entry = new DataView(new ArrayBuffer(46));
+    [[0, 0x02014b50, 4], [4, 20, 2], [6, 20, 2], [16, crc, 4], [20, f.bytes.length, 4], [24, f.bytes.length, 4], [28, name.length, 2], [42, offset, 4]]
+      .forEach(([at, v, n]) => (n === 4 ? entry.setUint32(at, v, true) : entry.setUint16(at, v, true)));
+    parts.push(local, name, f.bytes);
+    central.push(entry, name);
+    offset += 30 + name.length + f.bytes.length;
+  }
+  const size = central.reduce((n, p) => n + p.byteLength, 0);
+  const end = new DataView(new ArrayBuffer(22));
+  [[0, 0x06054b50, 4], [8, files.length, 2], [10, files.length, 2], [12, size, 4], [16, offset, 4]]
+    .forEach(([at, v, n]) => (n === 4 ? end.setUint32(at, v, true) : end.setUint16(at, v, true)));
+  return new Blob([...parts, ...central, end], { type: "application/zip" });
+}
+$("#save-all").addEventListener("click", () => galleryFiles.forEach((f) => download(f.name, new Blob([b64ToBytes(f.b64)], { type: "image/png" }))));
+$("#zip-all").addEventListener("click", () => download("images.zip", zipStore(galleryFiles.map((f) => ({ name: f.name, bytes: b64ToBytes(f.b64) })))));
 
 // Token counters, as A1111 shows them: tokens / the next multiple of 75.
 function tokenCounter(textarea, counter) {
@@ -290,20 +513,108 @@ drop.addEventListener("drop", async (e) => {
 async function fillFromImage(dataUrl) {
   try {
     const info = await api("POST", "/sdapi/v1/png-info", { image: dataUrl });
-    const p = info.parameters;
     if (!info.info) { $("#gen-error").textContent = "no generation parameters in that image"; return; }
-    const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
-    set("#prompt", p.Prompt); set("#negative_prompt", p["Negative prompt"]);
-    set("#steps", p.Steps); set("#cfg_scale", p["CFG scale"]); set("#seed", p.Seed);
-    set("#width", p["Size-1"]); set("#height", p["Size-2"]); set("#clip_skip", p["Clip skip"]);
-    if (p.Sampler) set("#sampler", p.Sampler);
-    if (p["Schedule type"]) set("#scheduler", p["Schedule type"]);
-    if (p["Variation seed"]) set("#subseed", p["Variation seed"]);
-    if (p["Variation seed strength"]) set("#subseed_strength", p["Variation seed strength"]);
-    if (p["Denoising strength"]) set("#denoising_strength", p["Denoising strength"]);
-    $("#prompt").dispatchEvent(new Event("input")); $("#negative_prompt").dispatchEvent(new Event("input"));
+    fillForm(info.parameters);
   } catch (err) { $("#gen-error").textContent = err.message; }
 }
+// The form from png-info's parsed parameters (A1111's names, styles already taken out of the prompts).
+function fillForm(p) {
+  const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
+  set("#prompt", p.Prompt); set("#negative_prompt", p["Negative prompt"]);
+  set("#steps", p.Steps); set("#cfg_scale", p["CFG scale"]); set("#seed", p.Seed);
+  set("#width", p["Size-1"]); set("#height", p["Size-2"]); set("#clip_skip", p["Clip skip"]);
+  if (p.Sampler) set("#sampler", p.Sampler);
+  if (p["Schedule type"]) set("#scheduler", p["Schedule type"]);
+  if (p["Variation seed"]) set("#subseed", p["Variation seed"]);
+  if (p["Variation seed strength"]) set("#subseed_strength", p["Variation seed strength"]);
+  set("#seed_resize_from_w", p["Seed resize from-1"] > 0 ? p["Seed resize from-1"] : 0);
+  set("#seed_resize_from_h", p["Seed resize from-2"] > 0 ? p["Seed resize from-2"] : 0);
+  $("#seed-extra").checked = !!(p["Variation seed"] || p["Seed resize from-1"] > 0);
+  $("#seed-extra-fields").hidden = !$("#seed-extra").checked;
+  $("#tiling").checked = String(p.Tiling) === "True";
+  const styles = p["Styles array"] || [];
+  [...$("#styles").options].forEach((o) => { o.selected = styles.includes(o.value); });
+  const hires = p["Hires upscale"] !== undefined || Number(p["Hires resize-1"]) > 0 || Number(p["Hires resize-2"]) > 0;
+  $("#enable_hr").checked = hires;
+  $("#hires-body").hidden = !hires;
+  if (hires) {
+    set("#hr_scale", p["Hires upscale"]); set("#hr_second_pass_steps", p["Hires steps"]);
+    set("#hr_resize_x", p["Hires resize-1"]); set("#hr_resize_y", p["Hires resize-2"]);
+    if (p["Hires upscaler"]) set("#hr_upscaler", p["Hires upscaler"]);
+    set("#hr_denoising_strength", p["Denoising strength"]);
+  } else if (p["Denoising strength"]) set("#denoising_strength", p["Denoising strength"]);
+  updateHiresInfo();
+  $("#prompt").dispatchEvent(new Event("input")); $("#negative_prompt").dispatchEvent(new Event("input"));
+}
+
+// -------------------------------------------------------------------------------------- PNG Info
+let pngInfo = null;
+async function readPngInfo(file) {
+  $("#pnginfo-error").textContent = "";
+  const dataUrl = await fileToB64(file);
+  $("#pnginfo-preview").src = dataUrl; $("#pnginfo-preview").hidden = false;
+  try {
+    const info = await api("POST", "/sdapi/v1/png-info", { image: dataUrl });
+    pngInfo = info.info ? { dataUrl, parameters: info.parameters } : null;
+    const other = Object.entries(info.items || {}).filter(([k]) => k !== "parameters").map(([k, v]) => `${k}: ${v}`);
+    $("#pnginfo-text").textContent = [info.info || "(no generation parameters in this picture)", ...other].join("\n\n");
+  } catch (err) {
+    pngInfo = null;
+    $("#pnginfo-text").textContent = "";
+    $("#pnginfo-error").textContent = err.message;
+  }
+  $("#pnginfo-to-txt2img").disabled = $("#pnginfo-to-img2img").disabled = !pngInfo;
+}
+$("#pnginfo-file").addEventListener("change", (e) => { if (e.target.files[0]) readPngInfo(e.target.files[0]); });
+const pngDrop = $("#pnginfo-drop");
+["dragenter", "dragover"].forEach((t) => pngDrop.addEventListener(t, (e) => { e.preventDefault(); pngDrop.classList.add("hover"); }));
+["dragleave", "drop"].forEach((t) => pngDrop.addEventListener(t, (e) => { e.preventDefault(); pngDrop.classList.remove("hover"); }));
+pngDrop.addEventListener("drop", (e) => { if (e.dataTransfer.files[0]) readPngInfo(e.dataTransfer.files[0]); });
+$("#pnginfo-to-txt2img").addEventListener("click", () => {
+  fillForm(pngInfo.parameters);
+  setMode("txt2img");
+  showView("generate");
+});
+$("#pnginfo-to-img2img").addEventListener("click", () => {
+  fillForm(pngInfo.parameters);
+  setMode("img2img");
+  setInitImage(pngInfo.dataUrl);
+  showView("generate");
+});
+
+// ---------------------------------------------------------------------------------------- extras
+let extrasImage = null;
+$("#extras-image").addEventListener("change", async (e) => {
+  extrasImage = e.target.files[0] ? await fileToB64(e.target.files[0]) : null;
+  $("#extras-preview").hidden = !extrasImage; if (extrasImage) $("#extras-preview").src = extrasImage;
+});
+document.querySelectorAll("input[name=extras-resize-mode]").forEach((r) => r.addEventListener("change", () => {
+  const to = document.querySelector("input[name=extras-resize-mode]:checked").value === "1";
+  $("#extras-scale-by").hidden = to; $("#extras-scale-to").hidden = !to;
+}));
+$("#extras-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  $("#extras-error").textContent = "";
+  if (!extrasImage) { $("#extras-error").textContent = "choose a source picture first"; return; }
+  $("#extras-run").disabled = true;
+  try {
+    const r = await api("POST", "/sdapi/v1/extra-single-image", {
+      image: extrasImage, resize_mode: Number(document.querySelector("input[name=extras-resize-mode]:checked").value),
+      upscaling_resize: num("#upscaling_resize"), upscaling_resize_w: num("#upscaling_resize_w"),
+      upscaling_resize_h: num("#upscaling_resize_h"), upscaling_crop: $("#upscaling_crop").checked,
+      upscaler_1: $("#upscaler_1").value, upscaler_2: $("#upscaler_2").value,
+      extras_upscaler_2_visibility: num("#extras_upscaler_2_visibility"),
+    });
+    const src = "data:image/png;base64," + r.image;
+    $("#extras-result").replaceChildren(el("figure", { class: "result" }, el("img", { src, alt: "upscaled", class: "extras-output" }),
+      el("div", { class: "row" }, el("button", { type: "button", onclick: () => download("upscaled.png", new Blob([b64ToBytes(r.image)], { type: "image/png" })) }, "Save")),
+      el("pre", { class: "extras-info" }, r.html_info.replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim())));
+  } catch (err) {
+    $("#extras-error").textContent = err.message;
+  } finally {
+    $("#extras-run").disabled = false;
+  }
+});
 
 // ------------------------------------------------------------------------------------- studies
 let studies = [];
@@ -375,17 +686,36 @@ function buildFilters(axes) {
     return el("label", {}, `${a} `, select);
   }));
 }
+// One picture per cell: the images of a cell that differ on the other axes (seeds, unfiltered
+// axes) are stepped through with the cell's button, so the grid keeps its shape.
 function drawGrid() {
   const x = $("#axis-x").value, y = $("#axis-y").value;
   const xs = x ? studyData.axes[x] : [null], ys = y ? studyData.axes[y] : [null];
   const table = el("table", { class: "grid" });
-  table.append(el("tr", {}, el("th", {}, y && x ? `${y} \\ ${x}` : ""), ...xs.map((v) => el("th", {}, v === null ? "" : String(v)))));
+  table.append(el("tr", {}, el("th", { class: "corner" }, y && x ? `${y} \u2193 \u00b7 ${x} \u2192` : (x || y || "")),
+    ...xs.map((v) => el("th", { class: "col", scope: "col" }, v === null ? "" : `${x} = ${v}`))));
+  const picture = (im) => el("img", {
+    src: im.url, loading: "lazy", alt: `seed ${im.seed}`, onclick: () => showDetail(im.id),
+    title: `#${im.id} seed ${im.seed}${im.label ? ` \u00b7 ${im.label} (${im.label_source === "human" ? "by a person" : `by ${im.label_source}`})` : ""}`,
+  });
   for (const yv of ys) {
-    const row = el("tr", {}, el("th", {}, yv === null ? "" : String(yv)));
+    const row = el("tr", {}, el("th", { class: "rowhead", scope: "row" }, yv === null ? "" : `${y} = ${yv}`));
     for (const xv of xs) {
+      const here = studyData.images.filter((im) => (x === "" || String(im.axis_values[x]) === String(xv)) && (y === "" || String(im.axis_values[y]) === String(yv)));
       const cell = el("td");
-      studyData.images.filter((im) => (x === "" || String(im.axis_values[x]) === String(xv)) && (y === "" || String(im.axis_values[y]) === String(yv)))
-        .forEach((im) => cell.append(el("img", { src: im.url, title: `#${im.id} ${im.label || ""}`, loading: "lazy", onclick: () => showDetail(im.id) })));
+      if (here.length) {
+        let index = 0;
+        cell.append(picture(here[0]));
+        if (here.length > 1) {
+          const step = el("button", { type: "button", class: "cell-step", title: "next picture of this cell (other seeds or axis values)" }, `1/${here.length} >`);
+          step.addEventListener("click", () => {
+            index = (index + 1) % here.length;
+            cell.querySelector("img").replaceWith(picture(here[index]));
+            step.textContent = `${index + 1}/${here.length} >`;
+          });
+          cell.append(step);
+        }
+      }
       row.append(cell);
     }
     table.append(row);
@@ -440,8 +770,16 @@ function updateSelection() {
   const selected = document.querySelector("#label-grid .cell.selected");
   if (selected) selected.scrollIntoView({ block: "nearest" });
 }
+// A person's labels are what the count tracks; a labeler's pre-labels (not yet confirmed by a
+// person) are counted apart, per labeler.
 function updateProgress() {
-  $("#label-progress").textContent = `${labelState.labeled.toLocaleString("en-US")} / ${labelState.total.toLocaleString("en-US")} labeled`;
+  const byLabeler = {};
+  for (const im of labelState.items) {
+    if (!(im.labels.human && im.labels.human.label_class) && im.label && im.label_source !== "human") byLabeler[im.label_source] = (byLabeler[im.label_source] || 0) + 1;
+  }
+  const pre = Object.entries(byLabeler).map(([source, n]) => `${n.toLocaleString("en-US")} pre-labeled by ${source}`);
+  $("#label-progress").textContent = `${labelState.labeled.toLocaleString("en-US")} / ${labelState.total.toLocaleString("en-US")} labeled` +
+    (pre.length ? ` by a person \u00b7 ${pre.join(", ")}` : "");
 }
 function columns() {
   const cells = document.querySelectorAll("#label-grid .cell");
