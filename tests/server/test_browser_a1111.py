@@ -44,7 +44,9 @@ def ui_server(tmp_path_factory, tiny_checkpoint, server_tools):  # type: ignore[
     root = tmp_path_factory.mktemp("ui-server")
     (root / "studies").mkdir()
     (root / "styles.csv").write_text(STYLES_CSV, encoding="utf-8")
-    config = make_config(root, tiny_checkpoint, styles_files=[root / "styles.csv"], upscaler_dir=root / "models")
+    config = make_config(
+        root, tiny_checkpoint, styles_files=[root / "styles.csv"], upscaler_dir=root / "models"
+    )
     other = write_tiny_checkpoint(root / "models" / "Stable-diffusion" / "tiny-b.safetensors", seed=1)
     (root / "models" / "VAE").mkdir(parents=True)
     save_file(tiny_vae_state_dict(seed=5), str(root / "models" / "VAE" / "other.vae.safetensors"))
@@ -52,7 +54,10 @@ def ui_server(tmp_path_factory, tiny_checkpoint, server_tools):  # type: ignore[
     extract_lora(tiny_checkpoint, other, root / "models" / "Lora" / "tinylora.safetensors", rank=2)
     (root / "embeddings").mkdir()
     gen = torch.Generator().manual_seed(0)
-    save_file({"emb_params": torch.randn(2, TINY_WIDTH, generator=gen)}, str(root / "embeddings" / "vpemb.safetensors"))
+    save_file(
+        {"emb_params": torch.randn(2, TINY_WIDTH, generator=gen)},
+        str(root / "embeddings" / "vpemb.safetensors"),
+    )
     for running in start_server(config):
         running.root = root
         yield running
@@ -66,7 +71,9 @@ def downloads(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory, downloads) -> Iterator[Any]:  # type: ignore[no-untyped-def]
     with headless_chromium(tmp_path_factory.mktemp("profile")) as driver:
-        driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        driver.execute_cdp_cmd(
+            "Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+        )
         yield driver
 
 
@@ -142,8 +149,8 @@ def test_hires_style_lora_zip_and_png_info_round_trip(browser, ui_server, downlo
     assert [c.get_attribute("textContent") for c in csss(b, "#networks-loras .card")] == ["tinylora"]
     # A1111's order: the prompt above the negative prompt, latent modes first in the hires list.
     assert b.execute_script(
-        "return document.querySelector('#prompt').compareDocumentPosition(document.querySelector('#negative_prompt'))"
-        " & Node.DOCUMENT_POSITION_FOLLOWING"
+        "const q = (s) => document.querySelector(s); return q('#prompt')"
+        ".compareDocumentPosition(q('#negative_prompt')) & Node.DOCUMENT_POSITION_FOLLOWING"
     )
     upscalers = [o.get_attribute("value") for o in csss(b, "#hr_upscaler option")]
     assert upscalers[:2] == ["Latent", "Latent (antialiased)"] and "Lanczos" in upscalers
@@ -167,15 +174,16 @@ def test_hires_style_lora_zip_and_png_info_round_trip(browser, ui_server, downlo
     lines = infotext.split("\n")
     assert lines[0] == "a cat <lora:tinylora:1>, outdoors, watercolor"
     assert lines[1] == "Negative prompt: lowres vpemb, blurry"
-    for key in ("Seed: 1234", "Size: 64x64", "Denoising strength: 0.7", "Hires upscale: 2",
-                "Hires steps: 1", "Hires upscaler: Latent (nearest)", "Lora hashes: \"tinylora:"):  # fmt: skip
+    for key in ("Seed: 1234", "Size: 64x64", "Denoising strength: 0.7", "Hires upscale: 2", "Hires steps: 1",
+                "Hires upscaler: Latent (nearest)", 'Lora hashes: "tinylora:'):  # fmt: skip
         assert key in lines[2], key
     assert picture.size == (128, 128)
     b.save_screenshot(str(artifacts / "a1111-01-hires-style-lora.png"))
 
     # The same request sent by hand gives the same picture: the form sends what it shows.
     body = {
-        "prompt": "a cat <lora:tinylora:1>, outdoors", "negative_prompt": "lowres vpemb", "styles": ["watercolor"],
+        "prompt": "a cat <lora:tinylora:1>, outdoors", "negative_prompt": "lowres vpemb",
+        "styles": ["watercolor"],
         "seed": 1234, "steps": 1, "width": 64, "height": 64, "sampler_name": "Euler a", "cfg_scale": 7,
         "enable_hr": True, "hr_upscaler": "Latent (nearest)", "hr_scale": 2, "hr_second_pass_steps": 1,
         "denoising_strength": 0.7,
@@ -209,10 +217,16 @@ def test_hires_style_lora_zip_and_png_info_round_trip(browser, ui_server, downlo
     value = lambda sel: css(b, sel).get_attribute("value")  # noqa: E731
     assert value("#prompt") == "a cat <lora:tinylora:1>, outdoors"
     assert value("#negative_prompt") == "lowres vpemb"
-    assert [o.get_attribute("value") for o in Select(css(b, "#styles")).all_selected_options] == ["watercolor"]
+    assert [o.get_attribute("value") for o in Select(css(b, "#styles")).all_selected_options] == [
+        "watercolor"
+    ]
     assert (value("#seed"), value("#width"), value("#height"), value("#steps")) == ("1234", "64", "64", "1")
     assert css(b, "#enable_hr").is_selected()
-    assert (value("#hr_upscaler"), value("#hr_scale"), value("#hr_second_pass_steps")) == ("Latent (nearest)", "2", "1")
+    assert (value("#hr_upscaler"), value("#hr_scale"), value("#hr_second_pass_steps")) == (
+        "Latent (nearest)",
+        "2",
+        "1",
+    )
     assert value("#hr_denoising_strength") == "0.7"
     again_text, again = generate(b)
     assert again_text == infotext and np.array_equal(np.asarray(again), np.asarray(picture))
