@@ -20,7 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tqdm import tqdm
 
 from voidprompt import __version__
-from voidprompt.errors import InfotextError, InvalidRequestError, NansError, VoidpromptError
+from voidprompt.errors import (
+    InfotextError,
+    InvalidRequestError,
+    NansError,
+    VoidpromptError,
+    require_extra,
+)
 from voidprompt.imagemeta import open_image_safely, save_numbered
 from voidprompt.request import GenerationRequest
 
@@ -34,6 +40,10 @@ DELEGATED: dict[str, str] = {
 }
 # Delegated commands that want their own name as argv[0].
 KEEP_NAME = {"merge", "lora"}
+# Optional packages a delegated command cannot start without: (module, the extra that installs it).
+NEEDS_EXTRA: dict[str, tuple[tuple[str, str], ...]] = {
+    "serve": (("fastapi", "server"), ("uvicorn", "server")),
+}
 
 
 def _add_upscaler_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -635,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _delegate(name: str, argv: Sequence[str]) -> int:
     module_name, func_name = DELEGATED[name].split(":")
+    for needed, extra in NEEDS_EXTRA.get(name, ()):
+        require_extra(needed, extra, f"voidprompt {name}")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -1,5 +1,8 @@
 """One exception hierarchy. Every message says what was wrong, with what value, and what to do."""
 
+import importlib
+from types import ModuleType
+
 
 class VoidpromptError(Exception):
     """Base of every error voidprompt raises on purpose."""
@@ -39,3 +42,30 @@ class DeviceError(VoidpromptError):
 
 class NansError(VoidpromptError):
     """A model produced a tensor of NaNs (A1111's ``NansException``); the generation is abandoned."""
+
+
+class MissingExtraError(VoidpromptError, ModuleNotFoundError):
+    """An optional package a command needs is not installed; the message names the extra to install.
+
+    Also a ModuleNotFoundError (its ``name`` is the missing module), so code that already falls back
+    on a missing import keeps working.
+    """
+
+
+def require_extra(module: str, extra: str, needed_by: str, *, instead: str = "") -> ModuleType:
+    """Import ``module`` (a package of the optional dependency group ``extra``) or raise
+    :class:`MissingExtraError` naming ``pip install 'voidprompt[extra]'``.
+
+    ``needed_by`` says what wanted it (``"voidprompt serve"``); ``instead`` is an alternative that
+    needs no install (``"or use --executor local"``). The one place that words this message.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        missing = error.name or module
+        alternative = f"; {instead}" if instead else ""
+        raise MissingExtraError(
+            f"{needed_by} needs {missing.partition('.')[0]}, which is not installed: "
+            f"pip install 'voidprompt[{extra}]'{alternative}",
+            name=missing,
+        ) from None

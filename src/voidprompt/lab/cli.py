@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from voidprompt.errors import VoidpromptError
+from voidprompt.errors import VoidpromptError, require_extra
 from voidprompt.lab.catalog import Catalog, default_catalog_path
 from voidprompt.lab.labels import export_labels, import_labels, label_scheme
 from voidprompt.lab.plugins import installed_plugins
@@ -155,6 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(report.format())
         return 1 if report.failed else 0
     if args.command == "report":
+        require_extra("matplotlib", "lab", "voidprompt study report")
         result = build_report(study, catalog_path=catalog_path, out_dir=args.out, plugins=plugins)
         print(
             f"report: {result.html}\nfigures: {len(result.figures)} files in {result.html.parent / 'figures'}"

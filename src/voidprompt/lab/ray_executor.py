@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from voidprompt.errors import StudyError
+from voidprompt.errors import StudyError, require_extra
 from voidprompt.lab.execution import (
     BATCH_ERRORS,
     MAX_ATTEMPTS,
@@ -104,12 +104,7 @@ class RayExecutor:
         gpus_per_worker: float | None = None,
         placement: Placement | None = None,
     ) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise StudyError(
-                "--executor ray needs the ray package (pip install ray); or use --executor local"
-            ) from None
+        ray = require_extra("ray", "ray", "--executor ray", instead="or use --executor local")
         self.ray = ray
         self.files = files
         self.threads = threads or 1

@@ -13,6 +13,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from voidprompt.errors import require_extra
 from voidprompt.lab.report.data import ReportData, mean_ci, select
 from voidprompt.lab.stats import ProportionRow
 
@@ -95,6 +96,7 @@ def image_grid(
 
 
 def _new_figure(width: float, height: float) -> Any:
+    require_extra("matplotlib", "lab", "a study report's figures")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from voidprompt.errors import MissingExtraError, require_extra
 from voidprompt.models.taggers.result import TaggerError, TagResult
 
 __all__ = [
@@ -96,13 +97,9 @@ def prepare_picture(image: Image.Image, side: int) -> np.ndarray:
 
 def _onnxruntime() -> Any:
     try:
-        import onnxruntime
-    except ImportError:
-        raise TaggerError(
-            "WD14 taggers run on onnxruntime, which is not installed; install it with "
-            "pip install 'voidprompt[taggers]' (or pip install onnxruntime)"
-        ) from None
-    return onnxruntime
+        return require_extra("onnxruntime", "taggers", "a WD14 tagger")
+    except MissingExtraError as error:
+        raise TaggerError(str(error)) from None
 
 
 class WD14Tagger:
