@@ -50,6 +50,14 @@ def test_tiling_is_a_request_field_with_a1111s_precedence() -> None:
     assert _request(infotext=infotext).tiling is True
     # A field the client set wins over the infotext.
     assert _request(infotext=infotext, tiling=False).tiling is False
+    # A1111's "tiling" setting is what None means; override_settings sets it for one request.
+    tiled_server = Options({"tiling": True})
+    assert build_request(Txt2ImgRequest(prompt="x"), tiled_server, Limits()).request.tiling is True
+    assert (
+        build_request(Txt2ImgRequest(prompt="x", tiling=None), tiled_server, Limits()).request.tiling is True
+    )
+    assert build_request(Txt2ImgRequest(tiling=False), tiled_server, Limits()).request.tiling is False
+    assert _request(prompt="x", override_settings={"tiling": True}).tiling is True
 
 
 def test_fractional_whole_numbers_truncate_as_a1111s_pydantic_v1_does() -> None:

@@ -96,6 +96,8 @@ OPTION_SPECS: dict[str, OptionSpec] = {
     # The server sets the device's default (models.placement.default_randn_source): GPU on CUDA, as
     # A1111; CPU elsewhere, where the two are the same numbers and "RNG: CPU" regenerates anywhere.
     "randn_source": OptionSpec("CPU", str, "randn_source", RNG_SOURCES),
+    # A1111's "Tiling" setting: what a request's tiling of None means.
+    "tiling": OptionSpec(False, bool, "tiling"),
     "emphasis": OptionSpec("Original", str, "emphasis", EMPHASIS_MODES),
     "comma_padding_backtrack": OptionSpec(20, int, "comma_padding_backtrack"),
     "eta_ancestral": OptionSpec(1.0, float),
@@ -386,8 +388,6 @@ def _api_fields(body: Txt2ImgRequest, img2img: bool) -> dict[str, Any]:
         "seed_resize_from_h": body.seed_resize_from_h if body.seed_resize_from_h > 0 else -1,
         "seed_resize_from_w": body.seed_resize_from_w if body.seed_resize_from_w > 0 else -1,
         "sampler_name": body.sampler_name or body.sampler_index,
-        # None is A1111's "the tiling setting", which is off by default.
-        "tiling": bool(body.tiling),
         "scheduler": body.scheduler or "Automatic",
         "batch_size": body.batch_size,
         "n_iter": body.n_iter,
@@ -416,6 +416,8 @@ def _api_fields(body: Txt2ImgRequest, img2img: bool) -> dict[str, Any]:
         value = getattr(body, name)
         if value is not None:
             out[name] = value
+    if body.tiling is not None:
+        out["tiling"] = body.tiling  # None: the server's tiling setting
     if body.s_tmax is not None:
         out["s_tmax"] = body.s_tmax or None  # 0 = infinity, as A1111's setting
     if img2img:
