@@ -103,3 +103,14 @@ def test_img2img_with_tiling_runs_and_differs(f8_engine: Engine) -> None:
     tiled = f8_engine.generate(request.replace(tiling=True))
     assert not np.array_equal(plain, np.asarray(tiled.images[0]))
     assert "Tiling: True" in tiled.infotexts[0]
+
+
+def test_hires_fix_runs_tiled_end_to_end(f8_engine: Engine) -> None:
+    request = BASE.replace(enable_hr=True, hr_scale=2.0, denoising_strength=0.5, hr_second_pass_steps=2)
+    plain = f8_engine.generate(request).images[0]
+    tiled = f8_engine.generate(request.replace(tiling=True))
+    assert tiled.images[0].size == plain.size == (128, 128)
+    assert not np.array_equal(np.asarray(plain), np.asarray(tiled.images[0]))
+    assert "Tiling: True" in tiled.infotexts[0] and "Hires upscale: 2" in tiled.infotexts[0]
+    modules = [*f8_engine.components.unet.modules(), *f8_engine.components.vae.modules()]
+    assert {m.padding_mode for m in modules if isinstance(m, torch.nn.Conv2d)} == {"zeros"}
