@@ -318,7 +318,8 @@ def generation_params(
     old_timelines = run.old_timelines_differ if run.old_timelines_differ is not None else True
     if r.use_old_scheduling and old_timelines:
         params["Old prompt editing timelines"] = True
-    params["TI hashes"] = run.ti_hashes
+    if run.ti_hashes is not None:
+        params["TI hashes"] = run.ti_hashes
     texts = run.encoded_texts if run.encoded_texts is not None else (r.prompt, r.negative_prompt)
     if emphasis_written(r.emphasis, texts):
         params["Emphasis"] = r.emphasis
