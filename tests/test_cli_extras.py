@@ -92,3 +92,29 @@ def test_wd14_tagger_without_onnxruntime_names_the_taggers_extra(monkeypatch: py
     assert str(caught.value) == (
         "a WD14 tagger needs onnxruntime, which is not installed: pip install 'voidprompt[taggers]'"
     )
+
+
+def test_demo_without_the_lab_extra_stops_before_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from voidprompt.demo.cli import main
+
+    _without(monkeypatch, "matplotlib")
+    assert main(["--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err
+    assert "voidprompt demo's report needs matplotlib" in err and "pip install 'voidprompt[lab]'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_demo_study_ships_inside_the_package() -> None:
+    import tomllib
+
+    import voidprompt
+    from voidprompt.demo.study import default_demo_study
+
+    study = default_demo_study()
+    assert study.parent == Path(voidprompt.__file__).resolve().parent / "demo"
+    assert tomllib.loads(study.read_text())["study"]["name"] == "pure-negative"
+    # The wheel carries it: package data names the file's pattern.
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "demo/*.toml" in pyproject["tool"]["setuptools"]["package-data"]["voidprompt"]

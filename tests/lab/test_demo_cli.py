@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from lab_helpers import study_text
 
+import voidprompt.demo
 from voidprompt.demo.cli import main
 from voidprompt.demo.study import default_demo_study
 from voidprompt.lab.catalog import Catalog
@@ -59,4 +60,4 @@ def test_demo_errors_and_subcommands(tmp_path: Path, capsys: pytest.CaptureFixtu
             main([sub, "--help"])
         assert exit_info.value.code == 0
         assert f"voidprompt demo {sub}" in capsys.readouterr().out
-    assert default_demo_study() == Path(__file__).resolve().parents[2] / "studies" / "pure-negative.toml"
+    assert default_demo_study() == Path(voidprompt.demo.__file__).resolve().parent / "pure-negative.toml"

@@ -1,17 +1,17 @@
 """Job ids outlive new request fields: a catalog written before a field existed resumes as it was.
 
-The id below is the first job of studies/pure-negative.toml as a catalog made by an earlier version
-(before the SDXL, refiner and noise-schedule settings joined the request) recorded it.
+The id below is the first job of the demo study (voidprompt/demo/pure-negative.toml) as a catalog
+made by an earlier version (before the SDXL, refiner and noise-schedule settings joined the request)
+recorded it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from voidprompt.demo.study import DEMO_STUDY
 from voidprompt.lab.study import JOB_ID_FIELDS_V1, job_id, load_study, request_to_dict
 from voidprompt.request import GenerationRequest
 
-STUDY = Path(__file__).resolve().parents[2] / "studies" / "pure-negative.toml"
+STUDY = DEMO_STUDY
 FIRST_JOB_BEFORE_THE_NEW_FIELDS = "927766104d0459ef24ec"
 
 

@@ -21,6 +21,7 @@ from scipy import stats
 
 from voidprompt import __version__
 from voidprompt.demo.labeler import WORLD_CLASSES
+from voidprompt.demo.study import DEMO_STUDY
 from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.labels import label_scheme
 from voidprompt.lab.report import ReportResult, build_report
@@ -41,7 +42,7 @@ CFG_VALUES = (2.0, 4.0, 7.0, 10.0, 14.0, 20.0)
 
 
 def test_pure_negative_design() -> None:
-    study = load_study(STUDIES / "pure-negative.toml")
+    study = load_study(DEMO_STUDY)
     jobs = study.expand()
     seeds = {j.request.seed for j in jobs}
     assert len(seeds) == 64
@@ -100,7 +101,7 @@ def demo_on_tiny(
     folder = tmp_path_factory.mktemp("demo")
     checkpoint = shutil.copy(tiny_f8_checkpoint, folder / "tiny.safetensors")
     (folder / "tiny.md").write_text("# Tiny card\nA random <model> for tests.\n")
-    text = (STUDIES / "pure-negative.toml").read_text()
+    text = (DEMO_STUDY).read_text()
     text = text.replace("steps = 20", "steps = 2").replace('seed = "64 random"', 'seed = "2 random"')
     text = text.replace("seeds = 32", "seeds = 2")
     text += f'\n[model]\ncheckpoint = "{Path(checkpoint).name}"\n'

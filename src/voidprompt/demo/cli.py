@@ -1,7 +1,7 @@
 """``voidprompt demo ...``: the demo study (no subcommand), the gallery and the training command.
 
 ``voidprompt demo [--out DIR] [--study FILE] [--threads N] [--workers N] [--batch-size N]`` runs the
-demo study (``studies/pure-negative.toml``: the study brief's pure-negative-prompt study on the
+demo study (``voidprompt/demo/pure-negative.toml``: the study brief's pure-negative-prompt study on the
 miniature model, pre-labelled by its detector), resumably, then writes its report and prints where
 it is (see :mod:`voidprompt.demo.study`). ``voidprompt demo gallery [--out DIR] [--model PATH]``
 generates a small gallery on the miniature model. ``voidprompt demo train [--out DIR] [--resume]
@@ -207,7 +207,10 @@ def _study(argv: list[str]) -> int:
         "--out", type=Path, default=DEFAULT_OUT, help="catalog, images and report (default %(default)s)"
     )
     p.add_argument(
-        "--study", type=Path, default=None, help="study file (default: studies/pure-negative.toml)"
+        "--study",
+        type=Path,
+        default=None,
+        help="study file (default: the shipped demo study, voidprompt/demo/pure-negative.toml)",
     )
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: the study's [run] threads)"

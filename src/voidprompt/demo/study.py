@@ -1,7 +1,8 @@
 """The demo study end to end: run (resumable, detector pre-labels), then the report.
 
 ``voidprompt demo`` (the README's main command, ``make demo``) calls :func:`run_demo` on
-``studies/pure-negative.toml``: the study brief's pure-negative-prompt study on the miniature model.
+``pure-negative.toml`` beside this module: the study brief's pure-negative-prompt study on the
+miniature model.
 A rerun skips every image already in the catalog and rebuilds the report.
 """
 
@@ -11,29 +12,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import voidprompt
-from voidprompt.errors import StudyError
+from voidprompt.errors import StudyError, require_extra
 from voidprompt.lab.report import ReportResult, build_report
 from voidprompt.lab.run import RunReport, run_study
 from voidprompt.lab.study import load_study
 
-DEMO_STUDY = "pure-negative.toml"
+# Shipped inside the package (package data), so `voidprompt demo` works from an installed wheel.
+DEMO_STUDY = Path(__file__).resolve().parent / "pure-negative.toml"
 DEFAULT_OUT = Path("outputs") / "pure-negative"
 
 
 def default_demo_study() -> Path:
-    """``studies/pure-negative.toml`` of this checkout (beside ``src/``), else of the working directory."""
-    candidates = [
-        Path(voidprompt.__file__).resolve().parents[2] / "studies" / DEMO_STUDY,
-        Path.cwd() / "studies" / DEMO_STUDY,
-    ]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise StudyError(
-        f"the demo study {DEMO_STUDY} is not at {candidates[0]} or {candidates[1]}; run from the "
-        "repository root or pass --study path/to/study.toml"
-    )
+    """The demo study shipped with the package (``voidprompt/demo/pure-negative.toml``)."""
+    if not DEMO_STUDY.is_file():
+        raise StudyError(
+            f"the demo study is missing from the installed package ({DEMO_STUDY}); reinstall voidprompt "
+            "or pass --study path/to/study.toml"
+        )
+    return DEMO_STUDY
 
 
 @dataclass
@@ -69,6 +65,8 @@ def run_demo(
     ``out_dir``/report. ``batch_size``, ``threads``, ``workers``, ``device`` and ``precision``
     default to the study's ``[run]`` table."""
     started = time.perf_counter()
+    # The report comes after a run of minutes: refuse before the run, not after it.
+    require_extra("matplotlib", "lab", "voidprompt demo's report")
     study = load_study(study_path if study_path is not None else default_demo_study())
     out = Path(out_dir)
     catalog = out / "catalog.sqlite"
