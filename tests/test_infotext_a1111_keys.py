@@ -17,6 +17,7 @@ from voidprompt.infotext import (
     PassFacts,
     RunFacts,
     create_infotext,
+    eta_key,
     generation_params,
     request_fields_from_infotext,
 )
@@ -301,3 +302,33 @@ def test_old_timelines_from_the_hires_conditioning_alone() -> None:
     assert _line(request, run).endswith(
         "Hires upscale: 2, Hires upscaler: Latent, Eta: 0.5, Old prompt editing timelines: True"
     )
+
+
+@pytest.mark.parametrize(
+    ("sampler", "key"),
+    [
+        # initialize writes the eta only when the sampler function takes one; its setting's name
+        # follows the family (eta_ddim for the timestep samplers, eta_ancestral otherwise).
+        ("DDIM", "Eta DDIM"),
+        ("DDIM CFG++", "Eta DDIM"),
+        ("PLMS", None),
+        ("UniPC", None),
+        ("Euler a", "Eta"),
+        ("DPM++ 2M SDE", "Eta"),
+        ("Euler", None),
+        ("DPM++ 2M", None),
+        # Read from another program's infotext, an unknown sampler's eta is the generic one.
+        ("Some Extension Sampler", "Eta"),
+    ],
+)
+def test_eta_key_by_sampler(sampler: str, key: str | None) -> None:
+    assert eta_key(sampler) == key
+
+
+@pytest.mark.parametrize(
+    ("sampler", "written"), [("DDIM", {"Eta DDIM": 0.25}), ("PLMS", {}), ("Euler a", {"Eta": 0.25})]
+)
+def test_eta_written_under_its_key(sampler: str, written: dict[str, float]) -> None:
+    request = _request(sampler_name=sampler, eta=0.25)
+    params = generation_params(request, ImageFacts(10, 0), run=RunFacts(passes=(_pass(sampler),)))
+    assert {k: params[k] for k in ("Eta", "Eta DDIM") if k in params} == written

@@ -14,7 +14,7 @@ from typing import Any
 
 from voidprompt.errors import InfotextError
 from voidprompt.infotext.parse import parse_generation_parameters
-from voidprompt.infotext.write import ETA_DDIM_SAMPLERS, MASKED_CONTENT
+from voidprompt.infotext.write import MASKED_CONTENT, eta_key
 from voidprompt.sampling.registry import split_sampler_name
 
 __all__ = ["request_fields_from_infotext", "request_fields_from_params"]
@@ -136,11 +136,9 @@ def request_fields_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
             value = _to_float(key, params[key])
             fields[name] = None if value == 0 else value
 
-    sampler_name = fields.get("sampler_name", "")
-    if sampler_name in ETA_DDIM_SAMPLERS and "Eta DDIM" in params:
-        fields["eta"] = _to_float("Eta DDIM", params["Eta DDIM"])
-    elif sampler_name not in ETA_DDIM_SAMPLERS and "Eta" in params:
-        fields["eta"] = _to_float("Eta", params["Eta"])
+    eta_name = eta_key(fields.get("sampler_name", ""))
+    if eta_name is not None and eta_name in params:
+        fields["eta"] = _to_float(eta_name, params[eta_name])
 
     # Hires fix: present when the infotext carries an upscale factor, a resize or an upscaler.
     hr_resize = (

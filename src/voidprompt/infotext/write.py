@@ -16,10 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from voidprompt.errors import InfotextError
+from voidprompt.errors import InfotextError, InvalidRequestError
 from voidprompt.infotext.versions import DEFAULT_VERSION, check_written_version
 from voidprompt.request import GenerationRequest
-from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, resolve, schedule_infotext
+from voidprompt.sampling.registry import SamplerSpec, SchedulerSpec, get_sampler, resolve, schedule_infotext
 
 __all__ = [
     "KEY_ORDER",
@@ -30,6 +30,7 @@ __all__ = [
     "RunFacts",
     "create_infotext",
     "emphasis_written",
+    "eta_key",
     "format_params_line",
     "generation_params",
     "quote",
@@ -67,8 +68,6 @@ KEY_ORDER: tuple[str, ...] = (
 )
 TRAILING_KEYS: tuple[str, ...] = ("Version", "User")
 
-# Samplers whose eta is A1111's "Eta DDIM" setting rather than the ancestral "Eta" (reading).
-ETA_DDIM_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
 # "Masked content" values, indexed by the request's inpainting_fill.
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 
@@ -348,6 +347,17 @@ def emphasis_written(emphasis: str, texts: Sequence[str]) -> bool:
     return emphasis != "Original" and any("(" in text or "[" in text for text in texts)
 
 
+def eta_key(sampler_name: str) -> str | None:
+    """The infotext key of a sampler's eta: "Eta DDIM" for the DDIM family (A1111's eta_ddim
+    setting), "Eta" for the ancestral samplers (eta_ancestral) and for a sampler voidprompt does not
+    know, None for a sampler without eta."""
+    try:
+        kind = get_sampler(sampler_name).eta_kind
+    except InvalidRequestError:
+        return "Eta"
+    return {"ddim": "Eta DDIM", "ancestral": "Eta"}.get(kind or "")
+
+
 def _passes_from_request(r: GenerationRequest) -> tuple[PassFacts, ...]:
     # Without the engine's report every setting is read as having taken effect.
     def facts(sampler_name: str, scheduler: str | None, from_image: bool) -> PassFacts:
@@ -410,8 +420,9 @@ def _add_pass_params(
     params.update(schedule)
     if r.sgm_noise_multiplier and not sampler.is_timestep_sampler and not facts.from_image:
         params["SGM noise multiplier"] = True
-    if r.eta is not None and sampler.eta_kind is not None and r.eta != sampler.default_eta:
-        params["Eta DDIM" if sampler.eta_kind == "ddim" else "Eta"] = r.eta
+    key = eta_key(sampler.label)
+    if r.eta is not None and key is not None and r.eta != sampler.default_eta:
+        params[key] = r.eta
     if r.s_churn != 0.0:
         params["Sigma churn"] = r.s_churn
     if r.s_tmin != 0.0:
