@@ -230,3 +230,162 @@ def test_hires_style_lora_zip_and_png_info_round_trip(browser, ui_server, downlo
     assert value("#hr_denoising_strength") == "0.7"
     again_text, again = generate(b)
     assert again_text == infotext and np.array_equal(np.asarray(again), np.asarray(picture))
+
+
+def record_progress(b) -> None:  # type: ignore[no-untyped-def]
+    """Keep every text the progress label shows (polls are faster than a human reads them)."""
+    b.execute_script(
+        "const label = document.querySelector('#progress-text'); window.progressSeen = [];"
+        "new MutationObserver(() => window.progressSeen.push(label.textContent))"
+        ".observe(label, {childList: true, characterData: true, subtree: true});"
+    )
+
+
+@pytest.mark.slow  # a browser driving the web UI through a checkpoint and VAE switch
+def test_switch_checkpoint_and_vae_with_progress(browser, ui_server, artifacts) -> None:  # type: ignore[no-untyped-def]
+    """The checkpoint dropdown loads the other file (one resident at a time) and the VAE dropdown
+    sets sd_vae; the next picture names both and equals the API's; progress reads "N% ETA Ns"."""
+    import re
+
+    from selenium.webdriver.support.ui import Select
+
+    b = browser
+    open_page(b, ui_server)
+    titles = [o.get_attribute("value") for o in csss(b, "#model-select option")]
+    other = next(t for t in titles if t.startswith("tiny-b.safetensors"))
+    vaes = [o.get_attribute("value") for o in csss(b, "#vae-select option")]
+    assert vaes == ["Automatic", "None", "other.vae.safetensors"]
+    try:
+        Select(css(b, "#model-select")).select_by_value(other)
+        wait_for(lambda: css(b, "#model-name").text == other, 120)
+        Select(css(b, "#vae-select")).select_by_value("other.vae.safetensors")
+        options = wait_for(
+            lambda: (
+                (o := httpx.get(ui_server.url + "/sdapi/v1/options", timeout=30).json())["sd_vae"]
+                == "other.vae.safetensors"
+                and o
+            )
+        )
+        assert options["sd_model_checkpoint"] == other
+        assert css(b, "#gen-error").text == ""
+        fill(b, width=64, height=64, steps=20, seed=99, n_iter=2)
+        record_progress(b)
+        infotext, picture = generate(b)
+        assert "Model: tiny-b," in infotext and "VAE: other.vae.safetensors," in infotext
+        b.save_screenshot(str(artifacts / "a1111-03-checkpoint-vae.png"))
+        seen = b.execute_script("return window.progressSeen")
+        shown = [s for s in seen if s]
+        assert shown and all(re.fullmatch(r"\d{1,3}%( ETA (\d+m )?\d+s)?", s) for s in shown), seen
+        assert any(0 < int(s.split("%")[0]) < 100 for s in shown), seen
+        body = {"prompt": "", "seed": 99, "steps": 20, "width": 64, "height": 64, "sampler_name": "Euler a"}
+        assert np.array_equal(
+            np.asarray(picture), np.asarray(api_image(ui_server, "/sdapi/v1/txt2img", body))
+        )
+    finally:
+        httpx.post(
+            ui_server.url + "/sdapi/v1/options",
+            json={"sd_model_checkpoint": "tiny", "sd_vae": "Automatic"},
+            timeout=120,
+        )
+        fill(b, n_iter=1)
+
+
+def pattern(side: int) -> Image.Image:
+    """A picture with a different colour in every pixel: any change shows."""
+    yy, xx = np.mgrid[0:side, 0:side]
+    rgb = np.stack([xx * 255 // side, yy * 255 // side, (xx + yy) * 127 // side], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+@pytest.mark.slow  # a browser driving the web UI: drawing a mask and inpainting
+def test_draw_mask_and_inpaint(browser, ui_server, artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Draw on the init picture, erase part of the stroke, inpaint: the mask sent is white exactly
+    where the brush left paint, and the result keeps the original's pixels outside it (A1111's
+    overlay, mask blur 0) and equals the API's answer for the same mask."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    b = browser
+    open_page(b, ui_server)
+    init = pattern(64)
+    init.save(tmp_path / "init.png")
+    b.find_element("css selector", "input[name=mode][value=img2img]").click()
+    assert css(b, "#hires-fields").get_attribute("hidden")  # hires fix is txt2img's
+    css(b, "#init_image").send_keys(str(tmp_path / "init.png"))
+    wait_for(lambda: b.execute_script("return document.querySelector('#mask-canvas').width") == 64)
+    canvas = css(b, "#mask-canvas")
+    shown = canvas.size["width"]
+    assert shown == 256  # shown 4x: brush sizes are screen pixels
+    b.execute_script(
+        "const s = document.querySelector('#brush-size'); s.value = '16';s.dispatchEvent(new Event('input'));"
+    )
+    # A horizontal stroke across the top-left quarter (screen offsets from the canvas centre).
+    (
+        ActionChains(b)
+        .move_to_element_with_offset(canvas, -100, -80)
+        .click_and_hold()
+        .move_by_offset(40, 0)
+        .move_by_offset(40, 0)
+        .release()
+        .perform()
+    )
+    b.find_element("css selector", "input[name=mask-tool][value=erase]").click()
+    ActionChains(b).move_to_element_with_offset(canvas, -100, -80).click().perform()
+    mask_url = b.execute_script("return drawnMask()")
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(mask_url.split(",", 1)[1]))).convert("L"))
+    assert mask.shape == (64, 64)
+    # Screen (28 + x, 48 + y) of a 256 px canvas is picture (7 + x/4, 12 + y/4); the brush is 4 px.
+    assert mask[12, 17] == 255 and mask[12, 26] == 255  # on the stroke
+    assert mask[12, 7] == 0  # erased again
+    assert mask[40, 40] == 0 and mask[2, 17] == 0  # never drawn
+    fill(b, width=64, height=64, steps=1, seed=5, denoising_strength=1, mask_blur=0)
+    infotext, picture = generate(b)
+    assert "Denoising strength: 1.0," in infotext  # (A1111 writes Mask blur only when it blurs)
+    out = np.asarray(picture.convert("RGB")).astype(int)
+    original = np.asarray(init).astype(int)
+    outside = mask == 0
+    assert np.array_equal(out[outside], original[outside])
+    assert (np.abs(out[mask == 255] - original[mask == 255]).sum(axis=-1) > 0).mean() > 0.5
+    b.save_screenshot(str(artifacts / "a1111-04-inpaint.png"))
+    init_url = "data:image/png;base64," + base64.b64encode((tmp_path / "init.png").read_bytes()).decode()
+    body = {
+        "init_images": [init_url],
+        "mask": mask_url, "prompt": "", "seed": 5, "steps": 1, "width": 64, "height": 64,
+        "sampler_name": "Euler a", "denoising_strength": 1, "mask_blur": 0, "inpainting_fill": 1,
+        "inpaint_full_res": False,  # the API's default is A1111's "Only masked"; the form's "Whole picture"
+    }  # fmt: skip
+    assert np.array_equal(out, np.asarray(api_image(ui_server, "/sdapi/v1/img2img", body).convert("RGB")))
+    b.find_element("css selector", "input[name=mode][value=txt2img]").click()
+
+
+@pytest.mark.slow  # a browser driving the web UI's Extras tab
+def test_extras_scale_by_and_scale_to(browser, ui_server, artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Extras: Lanczos by 2 gives PIL's Lanczos picture at twice the size; "Scale to" with crop gives
+    the exact size asked for."""
+    from selenium.webdriver.support.ui import Select
+
+    b = browser
+    open_page(b, ui_server)
+    source = pattern(32)
+    source.save(tmp_path / "source.png")
+    css(b, "#tab-extras").click()
+    css(b, "#extras-image").send_keys(str(tmp_path / "source.png"))
+    wait_for(lambda: css(b, "#extras-preview").get_attribute("src"))
+    fill(b, upscaling_resize=2)
+    Select(css(b, "#upscaler_1")).select_by_value("Lanczos")
+
+    def run() -> Image.Image:
+        b.execute_script("document.querySelector('#extras-result').replaceChildren()")
+        css(b, "#extras-run").click()
+        img = wait_for(lambda: csss(b, "#extras-result .extras-output") or css(b, "#extras-error").text, 60)
+        assert not isinstance(img, str), img
+        return Image.open(io.BytesIO(base64.b64decode(img[0].get_attribute("src").split(",", 1)[1])))
+
+    doubled = run()
+    assert doubled.size == (64, 64)
+    expected = source.resize((64, 64), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(doubled.convert("RGB")), np.asarray(expected))
+    b.save_screenshot(str(artifacts / "a1111-05-extras.png"))
+    b.find_element("css selector", "input[name=extras-resize-mode][value='1']").click()
+    fill(b, upscaling_resize_w=96, upscaling_resize_h=64)
+    assert run().size == (96, 64)
+    css(b, "#tab-generate").click()

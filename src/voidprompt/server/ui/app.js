@@ -242,9 +242,15 @@ function paint(to) {
   ctx.lineWidth = num("#brush-size") * maskCanvas.width / r.width;
   ctx.lineCap = ctx.lineJoin = "round";
   ctx.beginPath();
-  ctx.moveTo(...stroke);
-  ctx.lineTo(...to);
-  ctx.stroke();
+  if (to === stroke) {
+    // A click paints a dot: canvases draw nothing for a zero-length line.
+    ctx.arc(to[0], to[1], ctx.lineWidth / 2, 0, 2 * Math.PI);
+    ctx.fill();
+  } else {
+    ctx.moveTo(...stroke);
+    ctx.lineTo(...to);
+    ctx.stroke();
+  }
   stroke = to;
   if (!erase) maskDrawn = true;
 }
