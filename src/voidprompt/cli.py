@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,17 @@ from voidprompt.errors import (
     VoidpromptError,
     require_extra,
 )
+from voidprompt.helpformat import use_help_format
 from voidprompt.imagemeta import open_image_safely, save_numbered
 from voidprompt.request import GenerationRequest
+
+DESCRIPTION = (
+    "A Stable Diffusion workbench (SD1 and SDXL) faithful to AUTOMATIC1111: the same prompt language, "
+    "seeds, samplers and infotext, so a picture made here is the one A1111 makes from the same settings. "
+    "On top of it, a lab runs studies (TOML files) into a catalog and reports them. Without --model, "
+    "commands use the miniature model shipped in the package (128x128, quick on a CPU). "
+    "`voidprompt COMMAND --help` describes each command."
+)
 
 # Subcommands implemented by their subsystem: name -> "module:function" taking argv, returning an exit code.
 DELEGATED: dict[str, str] = {
@@ -112,8 +122,8 @@ def _add_explain_args(
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p, "checkpoint (.safetensors/.ckpt); default: the miniature model")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--prompt", default="", help="what to draw, in A1111's prompt language")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--style", action="append", default=[], help="style name from --styles-file (repeatable)")
     p.add_argument(
         "--styles-file",
@@ -122,19 +132,25 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         help="A1111 styles.csv (name,prompt,negative_prompt) defining --style names; repeatable, a later "
         "file's style replacing an earlier one of the same name",
     )
-    p.add_argument("--seed", type=int, default=-1)
-    p.add_argument("--subseed", type=int, default=-1)
-    p.add_argument("--subseed-strength", type=float, default=0.0)
-    p.add_argument("--sampler", default="Euler a", help="sampler name, e.g. 'Euler a', 'DPM++ 2M Karras'")
-    p.add_argument("--scheduler", default="Automatic")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg-scale", type=float, default=7.0)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--n-iter", type=int, default=1)
-    p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--seed", type=int, default=-1, help="-1 draws a random seed")
+    p.add_argument("--subseed", type=int, default=-1, help="variation seed; -1 draws a random one")
+    p.add_argument(
+        "--subseed-strength", type=float, default=0.0, help="how far toward the variation seed, 0 to 1"
+    )
+    p.add_argument(
+        "--sampler", default="Euler a", help="sampler name, e.g. 'Euler a', 'DPM++ 2M' (A1111's names)"
+    )
+    p.add_argument("--scheduler", default="Automatic", help="schedule type, e.g. Karras, Exponential")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--width", type=int, default=None, help="picture width (default: the model's native size)")
+    p.add_argument(
+        "--height", type=int, default=None, help="picture height (default: the model's native size)"
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="pictures per sampler run")
+    p.add_argument("--n-iter", type=int, default=1, help="sampler runs, one after another")
+    p.add_argument("--clip-skip", type=int, default=1, help="stop the text encoder this many layers early")
+    p.add_argument("--eta", type=float, default=None, help="ancestral noise (default: the sampler's)")
     p.add_argument("--ensd", type=int, default=0, help="eta noise seed delta (NovelAI used 31337)")
     p.add_argument(
         "--rng",
@@ -142,7 +158,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         choices=["CPU", "GPU", "NV"],
         help="noise source (default: GPU on a CUDA device, as A1111; CPU elsewhere)",
     )
-    p.add_argument("--emphasis", default="Original", choices=["Original", "No norm", "Ignore", "None"])
+    p.add_argument(
+        "--emphasis",
+        default="Original",
+        choices=["Original", "No norm", "Ignore", "None"],
+        help="how (word:1.2) weights apply (A1111's Emphasis setting)",
+    )
     p.add_argument(
         "--tiling",
         action="store_true",
@@ -156,6 +177,62 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         "sheet NAME.explain.html beside each picture (the pictures are the same)",
     )
     _add_explain_args(p, tokens_flag="--explain-tokens", previews_flag="--explain-previews", turns_on=True)
+
+
+# The hires fix's options: the request field each sets, and what its flag's help says.
+HIRES_FIELDS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y")
+
+
+def _add_hires_args(p: argparse.ArgumentParser) -> None:
+    """txt2img's hires fix, named as the API's request fields (A1111's Hires. fix section)."""
+    g = p.add_argument_group("hires fix", "a second pass at a larger size (A1111's Hires. fix)")
+    g.add_argument("--enable-hr", action="store_true", help="turn the hires fix on")
+    g.add_argument("--hr-scale", type=float, default=None, help="upscale by this factor (default 2)")
+    g.add_argument(
+        "--hr-upscaler",
+        default=None,
+        help="Latent (default), another latent mode, Lanczos, Nearest or a model upscaler's name "
+        "(from --upscaler-dir)",
+    )
+    g.add_argument(
+        "--hr-second-pass-steps", type=int, default=None, help="the second pass's steps (default 0: --steps)"
+    )
+    g.add_argument(
+        "--denoising-strength",
+        type=float,
+        default=None,
+        help="how much the second pass changes, 0 to 1 (default 0.7, A1111's)",
+    )
+    g.add_argument(
+        "--hr-resize-x", type=int, default=None, help="upscale to this width, not by --hr-scale (default 0)"
+    )
+    g.add_argument(
+        "--hr-resize-y", type=int, default=None, help="upscale to this height, not by --hr-scale (default 0)"
+    )
+
+
+def _hires_fields(args: argparse.Namespace) -> dict[str, Any]:
+    given = {name: getattr(args, name) for name in HIRES_FIELDS if getattr(args, name) is not None}
+    if args.denoising_strength is not None:
+        given["denoising_strength"] = args.denoising_strength
+    if given and not args.enable_hr:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise InvalidRequestError(f"{flag} sets the hires fix, which is off; add --enable-hr")
+    return {"enable_hr": True, **given} if args.enable_hr else {}
+
+
+def _checked_out_folder(out: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """``out`` as a folder pictures can be saved into, refused before anything is loaded or made."""
+    folder = Path(out)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"cannot be made: {existing} is a file"
+        raise InvalidRequestError(f"{flag} {folder}: {where}; give a folder (the pictures are saved into it)")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidRequestError(f"{flag} {folder}: {existing} is not writable; give another folder")
+    return folder
 
 
 def _placement(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -185,7 +262,7 @@ def _request_fields(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         "scheduler": args.scheduler,
         "steps": args.steps,
         "cfg_scale": args.cfg_scale,
-        "width": args.width,
+        "width": args.width,  # None: the model's native size, filled in by _preflight
         "height": args.height,
         "batch_size": args.batch_size,
         "n_iter": args.n_iter,
@@ -207,7 +284,10 @@ def _engine(args: argparse.Namespace, device: Any, precision: Any) -> Any:
     from voidprompt.prompts.styles import StyleDatabase
 
     model = Path(args.model) if args.model else miniature_model_path()
+    _say(f"loading {model} on {device} ...")
+    started = time.perf_counter()
     components = load_model(model, vae_path=args.vae, device=device, precision=precision)
+    _say(f"model loaded in {time.perf_counter() - started:.1f} s")
     styles_files = getattr(args, "styles_file", None)
     style_db = StyleDatabase.from_csv_files(styles_files) if styles_files else None
     engine = Engine(
@@ -240,18 +320,68 @@ def _explain_options(args: argparse.Namespace, *, on: bool) -> Any:
     return ExplainOptions(per_token=args.explain_tokens, preview_every=every)
 
 
+def _say(line: str) -> None:
+    print(f"voidprompt: {line}", file=sys.stderr, flush=True)
+
+
+def _sampler_steps(request: GenerationRequest) -> int:
+    """The sampler steps one iteration runs: img2img runs only its denoised part of the schedule
+    (13 of 20 at strength 0.6), the hires fix adds its second pass."""
+    from voidprompt.pipeline.img2img import DEFAULT_DENOISING
+    from voidprompt.pipeline.run_sampler import Img2ImgStart
+
+    if request.init_images:
+        strength = DEFAULT_DENOISING if request.denoising_strength is None else request.denoising_strength
+        start = Img2ImgStart.for_strength(request.steps, strength, fixed_steps=request.img2img_fix_steps)
+        return start.t_enc + 1
+    if request.enable_hr:
+        return request.steps + (request.hr_second_pass_steps or request.steps)
+    return request.steps
+
+
+class StepProgress:
+    """Sampler steps on stderr: a bar on a terminal; on a pipe or a log, where a bar's redraws would
+    be noise, a plain line each tenth of the run."""
+
+    def __init__(self, total: int, stream: Any = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.total = max(total, 1)
+        self.done = 0
+        self.reported = 0  # tenths already printed
+        isatty = getattr(self.stream, "isatty", None)
+        self.bar = tqdm(total=self.total, unit="step", file=self.stream) if isatty and isatty() else None
+
+    def step(self, _progress: Any = None) -> None:
+        self.done = min(self.done + 1, self.total)
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        tenths = self.done * 10 // self.total
+        if tenths > self.reported:
+            self.reported = tenths
+            print(f"voidprompt: step {self.done}/{self.total} ({self.done * 100 // self.total}%)",
+                  file=self.stream, flush=True)  # fmt: skip
+
+    def finish(self) -> None:
+        """The run ended well: a sampler that reports fewer steps (DPM adaptive) still ends at 100%."""
+        while self.done < self.total:
+            self.step()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _run(engine: Any, request: GenerationRequest, explain: Any) -> Any:
     from voidprompt.pipeline.engine import GenerationHooks
 
-    bar = tqdm(total=request.steps * request.n_iter, unit="step", disable=None)
-
-    def on_progress(p: Any) -> None:
-        bar.update(1)
-
+    progress = StepProgress(_sampler_steps(request) * request.n_iter)
     try:
-        return engine.generate(request, GenerationHooks(progress=on_progress), explain=explain)
+        result = engine.generate(request, GenerationHooks(progress=progress.step), explain=explain)
+        progress.finish()
+        return result
     finally:
-        bar.close()
+        progress.close()
 
 
 def _save_explanation(
@@ -266,6 +396,32 @@ def _save_explanation(
         sheet_path(image_path), picture, explanation, title=image_path.name, infotext=infotext, notes=notes
     )
     return [data, sheet]
+
+
+def _preflight(args: argparse.Namespace, fields: dict[str, Any]) -> GenerationRequest:
+    """The request, checked as far as it can be without weights: sizes, names, the output folder.
+    With no --width/--height the size is the model's native one, read from the file's header."""
+    from voidprompt.demo.miniature import miniature_model_path
+    from voidprompt.models.info import checkpoint_native_size
+    from voidprompt.pipeline.hires import hires_target
+    from voidprompt.prompts.styles import StyleDatabase
+    from voidprompt.sampling.registry import resolve
+
+    _checked_out_folder(args.out)
+    if args.width is None or args.height is None:
+        native = checkpoint_native_size(Path(args.model) if args.model else miniature_model_path())
+        fields.update(width=args.width or native, height=args.height or native)
+    request = GenerationRequest(**fields)
+    request.validate()
+    if request.styles and args.styles_file:
+        styles = StyleDatabase.from_csv_files(args.styles_file)
+        for name in request.styles:
+            styles.get(name)  # an unknown name is a typo: refused here, not after the model loads
+    resolve(request.sampler_name, request.scheduler)
+    if request.enable_hr:
+        resolve(request.hr_sampler_name or request.sampler_name, request.hr_scheduler or request.scheduler)
+        hires_target(request)
+    return request
 
 
 def _generate_and_save(
@@ -289,8 +445,9 @@ def _generate_and_save(
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
     device, precision = _placement(args)
-    request = GenerationRequest(**_request_fields(args, device))
-    request.validate()  # fail on bad sizes before loading a model
+    fields = _request_fields(args, device)
+    fields.update(_hires_fields(args))
+    request = _preflight(args, fields)  # fails on bad sizes, names or --out before loading a model
     return _generate_and_save(args, request, device, precision)
 
 
@@ -314,8 +471,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
             inpaint_full_res_padding=args.inpaint_padding,
             inpainting_mask_invert=args.invert_mask,
         )
-    request = GenerationRequest(**fields)
-    request.validate()
+    request = _preflight(args, fields)
     return _generate_and_save(args, request, device, precision)
 
 
@@ -393,6 +549,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     device, precision = _placement(args)
     request = GenerationRequest(**fields)
     request.validate()
+    if args.out:
+        _checked_out_folder(args.out)
     if not args.model:
         args.model = str(_model_for(params, image, args.ckpt_dir))
     explain = _explain_options(args, on=True)
@@ -433,9 +591,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from voidprompt.demo.miniature import miniature_model_path
     from voidprompt.models.info import describe_checkpoint
 
-    print(describe_checkpoint(args.file).format())
+    print(describe_checkpoint(args.file or miniature_model_path()).format())
     return 0
 
 
@@ -516,7 +675,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         upscaler_2_visibility=args.visibility,
     )
     settings.check(upscalers)
-    out_dir = Path(args.out)
+    out_dir = _checked_out_folder(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for image_path in args.images:
         source = open_image_safely(image_path)
@@ -529,26 +688,37 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="voidprompt", description=__doc__.splitlines()[0] if __doc__ else None
+    parser = argparse.ArgumentParser(prog="voidprompt", description=DESCRIPTION)
+    parser.add_argument(
+        "--version", action="version", version=f"voidprompt {__version__}", help="print the version"
     )
-    parser.add_argument("--version", action="version", version=f"voidprompt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("txt2img", help="generate images from a prompt")
     _add_generation_args(p)
+    _add_hires_args(p)
     p.set_defaults(func=cmd_txt2img)
 
     p = sub.add_parser("img2img", help="generate from an init image (with --mask: inpaint)")
     _add_generation_args(p)
     p.set_defaults(out="outputs/img2img")
-    p.add_argument("--init-image", required=True)
-    p.add_argument("--denoising-strength", type=float, default=0.75)
-    p.add_argument("--resize-mode", type=int, default=0, choices=[0, 1, 2, 3])
-    p.add_argument("--noise-multiplier", type=float, default=1.0)
+    p.add_argument("--init-image", required=True, help="the picture to start from")
+    p.add_argument(
+        "--denoising-strength", type=float, default=0.75, help="how much to change it, 0 (nothing) to 1"
+    )
+    p.add_argument(
+        "--resize-mode",
+        type=int,
+        default=0,
+        choices=[0, 1, 2, 3],
+        help="to another size: 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale",
+    )
+    p.add_argument(
+        "--noise-multiplier", type=float, default=1.0, help="scale of the noise added to the init image"
+    )
     p.add_argument("--mask", help="inpainting mask: white = repaint")
-    p.add_argument("--mask-blur", type=int, default=4)
+    p.add_argument("--mask-blur", type=int, default=4, help="mask blur radius in pixels")
     p.add_argument(
         "--inpainting-fill",
         type=int,
@@ -557,8 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="0 fill, 1 original, 2 latent noise, 3 latent nothing",
     )
     p.add_argument("--inpaint-full-res", action="store_true", help="inpaint only the masked area")
-    p.add_argument("--inpaint-padding", type=int, default=32)
-    p.add_argument("--invert-mask", action="store_true")
+    p.add_argument(
+        "--inpaint-padding", type=int, default=32, help="with --inpaint-full-res: pixels around the area"
+    )
+    p.add_argument("--invert-mask", action="store_true", help="repaint the black part of the mask instead")
     p.set_defaults(func=cmd_img2img)
 
     p = sub.add_parser(
@@ -578,22 +750,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain_args(p, tokens_flag="--tokens", previews_flag="--previews", turns_on=False)
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("info", help="describe a checkpoint: family, dtypes, parameters, hashes")
-    p.add_argument("file")
+    p = sub.add_parser("info", help="describe a checkpoint: family, native size, dtypes, parameters, hashes")
+    p.add_argument("file", nargs="?", help="the checkpoint (default: the miniature model, txt2img's default)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("tokens", help="show how a prompt is chunked and weighted")
-    p.add_argument("prompt")
-    p.add_argument("--emphasis", default="Original", choices=["Original", "No norm", "Ignore", "None"])
-    p.add_argument("--comma-backtrack", type=int, default=20)
-    p.add_argument("--embeddings-dir")
-    p.add_argument("--embedding-width", type=int, default=768)
+    p.add_argument("prompt", help="the prompt, in A1111's prompt language")
+    p.add_argument(
+        "--emphasis",
+        default="Original",
+        choices=["Original", "No norm", "Ignore", "None"],
+        help="how (word:1.2) weights apply (A1111's Emphasis setting)",
+    )
+    p.add_argument(
+        "--comma-backtrack",
+        type=int,
+        default=20,
+        help="a chunk ending within this many tokens of a comma breaks at the comma (A1111's setting)",
+    )
+    p.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings")
+    p.add_argument(
+        "--embedding-width", type=int, default=768, help="text encoder width the embeddings are for"
+    )
     p.set_defaults(func=cmd_tokens)
 
     p = sub.add_parser(
         "tag", help="tag pictures with A1111's DeepDanbooru or a WD14 tagger (the interrogate API's caption)"
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="pictures to tag")
     p.add_argument(
         "--tagger",
         type=Path,
@@ -612,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "upscale", help="upscale pictures as A1111's Extras tab does (ESRGAN files, Lanczos, ...)"
     )
-    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="pictures to upscale")
     p.add_argument("--upscaler", default="R-ESRGAN 4x+", help="upscaler name (default R-ESRGAN 4x+; --list)")
     p.add_argument("--scale", type=float, default=2.0, help="scale by this factor (default 2, A1111's API)")
     p.add_argument("--width", type=int, help="scale to this width (with --height) instead of --scale")
@@ -640,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "A1111-compatible HTTP API and web UI"),
     ):
         sub.add_parser(name, help=help_text, add_help=False)
-    return parser
+    return use_help_format(parser)
 
 
 def _delegate(name: str, argv: Sequence[str]) -> int:

@@ -1,6 +1,8 @@
 """One exception hierarchy. Every message says what was wrong, with what value, and what to do."""
 
+import difflib
 import importlib
+from collections.abc import Iterable
 from types import ModuleType
 
 
@@ -69,3 +71,19 @@ def require_extra(module: str, extra: str, needed_by: str, *, instead: str = "")
             f"pip install 'voidprompt[{extra}]'{alternative}",
             name=missing,
         ) from None
+
+
+def did_you_mean(name: str, choices: Iterable[str], *, ignore_case: bool = False) -> str:
+    """``"; did you mean 'A' or 'B'?"`` for the near misses of ``name`` among ``choices``, else ``""``:
+    the tail every "not one of ..." message ends with. ``ignore_case`` compares as the lookups of
+    case-insensitive names (samplers, schedules) do, and suggests the choices' own spelling."""
+    options = list(choices)
+    if ignore_case:
+        spelled: dict[str, str] = {}
+        for option in options:
+            spelled.setdefault(option.lower(), option)
+        near = difflib.get_close_matches(name.strip().lower(), list(spelled), n=3, cutoff=0.6)
+        matches = [spelled[m] for m in near]
+    else:
+        matches = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""

@@ -249,8 +249,11 @@ def test_the_cli_prints_the_message_saves_nothing_and_exits_2(
     code = main([command, "--model", str(nan_checkpoint), *CLI_ARGS, *extra, "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 2
+    # After the model's loading line and the steps' progress lines, the error in one line.
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"voidprompt: error: {UNET_MESSAGE}")
+    assert lines[0].startswith("voidprompt: loading ") and lines[1].startswith("voidprompt: model loaded")
+    assert lines[-1].startswith(f"voidprompt: error: {UNET_MESSAGE}")
+    assert all(line.startswith("voidprompt: step ") for line in lines[2:-1])
     assert captured.out == ""
     assert not out.exists() or not any(out.iterdir())
 

@@ -13,7 +13,6 @@ of the same name in :class:`RunOptions` / :class:`LabelOptions` (for instance a 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import hashlib
 import itertools
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voidprompt.errors import InvalidRequestError, PromptError, StudyError
+from voidprompt.errors import InvalidRequestError, PromptError, StudyError, did_you_mean
 from voidprompt.explain.record import WINDOW_ALL, ExplainOptions
 from voidprompt.explain.store import DEFAULT_MAP_SIDE
 from voidprompt.lab import axes as ax
@@ -459,8 +458,7 @@ def expand_pony_quality(template: str, count: int) -> str:
 
 
 def _close(name: str, choices: Sequence[str]) -> str:
-    matches = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
+    return did_you_mean(name, choices)
 
 
 def _check_keys(table: Mapping[str, Any], allowed: Sequence[str], at: str = "") -> None:

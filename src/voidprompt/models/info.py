@@ -17,6 +17,7 @@ publisher's), and add ``"<vae weights hash>": "<name>"`` with a comment giving t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,15 +25,29 @@ from pathlib import Path
 
 import torch
 
+from voidprompt.errors import ModelLoadError
 from voidprompt.models.arch import CLIP_PREFIX_OLD, UNET_PREFIX, VAE_PREFIX
 from voidprompt.models.arch_sdxl import OPEN_CLIP_PREFIX, OPEN_CLIP_PREFIX_REFINER
 from voidprompt.models.convert import POSITION_IDS_KEY
 from voidprompt.models.convert_sdxl import SDXL_POSITION_IDS_KEY
 from voidprompt.models.detect import V_PRED_KEY, ZTSNR_KEY, ModelFamily, detect_family, detect_prediction
 from voidprompt.models.hashes import old_model_hash, sha256_file
-from voidprompt.models.load import CheckpointReader, _check_position_ids, _is_ignored, open_checkpoint
+from voidprompt.models.load import (
+    CheckpointReader,
+    _check_position_ids,
+    _is_ignored,
+    arch_constants,
+    open_checkpoint,
+)
 
-__all__ = ["KNOWN_VAES", "KNOWN_VAE_FILES", "CheckpointSummary", "describe_checkpoint", "vae_weights_hash"]
+__all__ = [
+    "KNOWN_VAES",
+    "KNOWN_VAE_FILES",
+    "CheckpointSummary",
+    "checkpoint_native_size",
+    "describe_checkpoint",
+    "vae_weights_hash",
+]
 
 KNOWN_VAES: dict[str, str] = {}
 
@@ -80,6 +95,7 @@ class CheckpointSummary:
     metadata_keys: list[str] = field(default_factory=list)
     prediction: str = "eps"  # from the v_pred / ztsnr marker keys (voidprompt.models.detect)
     zero_terminal_snr: bool = False
+    native_size: int | None = None  # the side it was trained at; None for a VAE or network file
 
     @property
     def short_hash(self) -> str:
@@ -92,6 +108,10 @@ class CheckpointSummary:
             f"file:          {self.path}",
             f"size:          {self.file_size / 2**20:.1f} MiB ({self.container})",
             f"family:        {fam}",
+        ]
+        if self.native_size is not None:
+            lines.append(f"native size:   {self.native_size}x{self.native_size} (txt2img's default size)")
+        lines += [
             f"model hash:    {self.short_hash} (old hash {self.old_hash})",
             f"sha256:        {self.sha256}",
             "dtypes:        " + ", ".join(f"{k} x{v}" for k, v in sorted(self.dtypes.items())),
@@ -160,6 +180,10 @@ def describe_checkpoint(path: str | Path) -> CheckpointSummary:
         metadata_keys = sorted(reader.metadata)
         fmt = reader.format
         prediction, zero_terminal_snr = detect_prediction(shapes)
+        native = None
+        # A damaged voidprompt.arch entry: loading names it; describing goes on without the size.
+        with contextlib.suppress(ModelLoadError):
+            native = int(arch_constants(reader, family).vae_sample_size) if family is not None else None
     sha256 = sha256_file(p)
     vae_name = KNOWN_VAES.get(vae_hash) if vae_hash else None
     if vae_name is None and is_bare_vae:
@@ -180,4 +204,12 @@ def describe_checkpoint(path: str | Path) -> CheckpointSummary:
         metadata_keys=metadata_keys,
         prediction=prediction,
         zero_terminal_snr=zero_terminal_snr,
+        native_size=native,
     )
+
+
+def checkpoint_native_size(path: str | Path) -> int:
+    """The picture side ``path``'s model was trained at, from its header alone (no tensor is read):
+    SD1 512, SDXL 1024, or the file's ``voidprompt.arch`` ``vae_sample_size`` (the miniature's 128)."""
+    with open_checkpoint(path) as reader:
+        return int(arch_constants(reader, detect_family(reader.shapes)).vae_sample_size)

@@ -186,6 +186,13 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 0 < header_len <= size - 8
 
 
+def arch_constants(reader: CheckpointReader, family: ModelFamily) -> ArchConstants:
+    """The constants shapes cannot tell (the native picture size among them): the family's defaults,
+    overridden key by key by the file's ``voidprompt.arch`` metadata."""
+    defaults = SDXL_DEFAULTS if family.is_sdxl else None
+    return ArchConstants.from_metadata(reader.metadata, source=str(reader.path), defaults=defaults)
+
+
 def open_checkpoint(path: str | Path) -> CheckpointReader:
     """Open a ``.safetensors`` / ``.ckpt`` / ``.pt`` file for tensor-by-tensor reading."""
     p = Path(path)
@@ -390,9 +397,7 @@ def load_model(
         shapes = reader.shapes
         family = detect_family(shapes)
         require_supported(family, source=str(p))
-        constants = ArchConstants.from_metadata(
-            reader.metadata, source=str(p), defaults=SDXL_DEFAULTS if family.is_sdxl else None
-        )
+        constants = arch_constants(reader, family)
         if ARCH_METADATA_KEY in reader.metadata:
             report.notes.append(f"architecture constants from '{ARCH_METADATA_KEY}' metadata")
         arch: SD1Arch | SDXLArch

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from voidprompt.errors import InvalidRequestError
+from voidprompt.errors import InvalidRequestError, did_you_mean
 from voidprompt.sampling import samplers as S
 from voidprompt.sampling import schedules
 from voidprompt.sampling import timestep_samplers as T
@@ -218,6 +218,7 @@ def get_sampler(name: str) -> SamplerSpec:
     if spec is None:
         raise InvalidRequestError(
             f"sampler_name={name!r} is not known; choose one of {', '.join(sampler_labels())}"
+            + did_you_mean(name, sampler_labels(), ignore_case=True)
         )
     return spec
 
@@ -230,6 +231,7 @@ def get_scheduler(name: str | None) -> SchedulerSpec:
     if spec is None:
         raise InvalidRequestError(
             f"scheduler={name!r} is not known; choose one of {', '.join(scheduler_labels())}"
+            + did_you_mean(name, scheduler_labels(), ignore_case=True)
         )
     return spec
 
