@@ -138,3 +138,27 @@ def test_report_opens_in_headless_chromium_and_shows_its_figures(ran: Study, tmp
     figures = [f for f in result.figures if f.suffix == ".png"]
     assert len(sizes) >= len(figures)
     assert all(complete and width > 0 and height > 0 for complete, width, height in sizes)
+
+
+def test_pictures_first_and_who_labelled(ran: Study, tmp_path: Path) -> None:
+    """The image grids come before the trend, measure and outcome tables; the labelled count says how
+    many labels came from a person and how many from each labeler."""
+    import shutil
+
+    result = build_report(ran, catalog_path=_catalog(ran), out_dir=tmp_path / "r")
+    page = result.html.read_text()
+    heads = re.findall(r"<h2>([^<(]+)", page)
+    assert [h for h in heads if h != "Trends"] == ["Image grids", "Measures ", "Outcomes", "Reproduce"], heads
+    labelled = re.compile(r"<p class='labelled'>([^(]+) \(a person's label wins over a labeler's\)")
+    assert labelled.findall(page) == ["12 of 12 images labelled: 12 by the labeler detector"]
+
+    folder = tmp_path / "runs" / "t"
+    shutil.copytree(_catalog(ran).parent, folder)
+    (folder / "catalog.sqlite.lock").unlink(missing_ok=True)
+    with Catalog.open(folder / "catalog.sqlite") as catalog:
+        first, second = [i["id"] for i in catalog.images()][:2]
+        classes = label_scheme(ran).classes
+        catalog.set_label(first, classes[0])
+        catalog.set_label(second, classes[-1])
+    page = build_report(ran, catalog_path=folder / "catalog.sqlite", out_dir=tmp_path / "r2").html.read_text()
+    assert labelled.findall(page) == ["12 of 12 images labelled: 2 by a person, 10 by the labeler detector"]

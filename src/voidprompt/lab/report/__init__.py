@@ -37,6 +37,7 @@ import itertools
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from voidprompt import __version__
 from voidprompt.errors import StudyError, VoidpromptError
 from voidprompt.files import atomic_write
 from voidprompt.lab.catalog import Catalog, default_catalog_path
-from voidprompt.lab.labels import label_scheme
+from voidprompt.lab.labels import HUMAN, label_scheme
 from voidprompt.lab.plugins import Plugins, installed_plugins
 from voidprompt.lab.report import explain as ex
 from voidprompt.lab.report.data import ReportData, collect, outcome_counts, select
@@ -276,8 +277,8 @@ def build_report(
     tables: dict[str, list[ProportionRow]] = {}
     labelled = sum(1 for r in data.rows if r["label"] in scheme.classes)
     outcome_html = [
-        f"<h2>Outcomes</h2><p>{labelled} of {len(data.rows)} images labelled "
-        f"(a person's label wins over a plugin's); classes: "
+        f"<h2>Outcomes</h2><p class='labelled'>{labelled} of {len(data.rows)} images labelled"
+        f"{_label_sources(data.rows, scheme.classes)} (a person's label wins over a labeler's); classes: "
         f"{html.escape(', '.join(scheme.classes))}.</p>"
     ]
     by_axes = options.outcomes_by
@@ -332,7 +333,8 @@ def build_report(
     text = _PAGE.format(
         title=html.escape(study.name),
         description=html.escape(study.description),
-        body=_trend_table(trends) + "".join(sections) + about,
+        # The pictures first: the grids are what a reader looks at before the numbers.
+        body=sections[0] + _trend_table(trends) + "".join(sections[1:]) + about,
         downloads=" · ".join(f"<a href='{p.name}'>{p.name}</a>" for p in exports),
     )
     report_html = out / "report.html"
@@ -461,6 +463,16 @@ def measure_trends(
                  "n": fit.n, "slope": fit.slope, "low": low, "high": high, "direction": direction}
             )  # fmt: skip
     return found
+
+
+def _label_sources(rows: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> str:
+    """Who the counted labels came from: ": 3 by a person, 9 by the labeler detector"."""
+    sources = Counter(r["label_source"] for r in rows if r["label"] in classes)
+    if not sources:
+        return ""
+    parts = [f"{sources.pop(HUMAN)} by a person"] if HUMAN in sources else []
+    parts += [f"{n} by the labeler {html.escape(str(source))}" for source, n in sorted(sources.items())]
+    return ": " + ", ".join(parts)
 
 
 def _is_number(value: Any) -> bool:
