@@ -417,7 +417,9 @@ def test_generation_params_conditional_keys() -> None:
     assert params["Schedule type"] == "Karras"
     assert "RNG" not in params and "Version" not in params and "Model" not in params
     assert params["Emphasis"] == "No norm"
-    assert params["Eta"] == 0.5 and params["Sigma noise"] == 0.9
+    # A1111's sampler_extra_params has no entry for sample_euler_ancestral: s_noise is never passed
+    # to Euler a, so it is not written either.
+    assert params["Eta"] == 0.5 and "Sigma noise" not in params
     assert params["Old prompt editing timelines"] is True
     assert list(params)[-1] == "Lora hashes"
 
@@ -457,7 +459,7 @@ def test_modern_a1111_version_is_allowed() -> None:
 def test_infotext_alone_regenerates_the_request() -> None:
     request = _request(
         prompt="a (red:1.2) cat,\nsecond line", negative_prompt="blurry, bad: hands",
-        sampler_name="DPM++ 2M", scheduler="Karras", steps=28, cfg_scale=6.5, width=640, height=448,
+        sampler_name="Euler", scheduler="Karras", steps=28, cfg_scale=6.5, width=640, height=448,
         seed=1234, subseed=77, subseed_strength=0.3, seed_resize_from_w=512, seed_resize_from_h=512,
         clip_skip=2, eta_noise_seed_delta=31337, randn_source="NV", emphasis="No norm",
         s_churn=0.5, s_tmin=0.1, sigma_min=0.03, sigma_max=14.6, rho=5.0, pad_cond_uncond=True,

@@ -423,13 +423,15 @@ def _add_pass_params(
     key = eta_key(sampler.label)
     if r.eta is not None and key is not None and r.eta != sampler.default_eta:
         params[key] = r.eta
-    if r.s_churn != 0.0:
+    # A1111 writes a churn setting only where it hands it to the sampler and it differs from the
+    # sampler's default (an s_tmax of None stands for A1111's infinity).
+    if r.s_churn != 0.0 and sampler.takes("s_churn"):
         params["Sigma churn"] = r.s_churn
-    if r.s_tmin != 0.0:
+    if r.s_tmin != 0.0 and sampler.takes("s_tmin"):
         params["Sigma tmin"] = r.s_tmin
-    if r.s_tmax is not None:
+    if r.s_tmax is not None and sampler.takes("s_tmax"):
         params["Sigma tmax"] = r.s_tmax
-    if r.s_noise != 1.0:
+    if r.s_noise != 1.0 and sampler.takes("s_noise"):
         params["Sigma noise"] = r.s_noise
     if facts.ngms:
         params["NGMS"] = r.s_min_uncond

@@ -52,8 +52,8 @@ class Img2ImgStart:
 
 
 def sampler_knobs(spec: SamplerSpec, request: GenerationRequest) -> dict[str, Any]:
-    """The keyword arguments A1111's ``Sampler.initialize`` passes: eta and the churn settings,
-    each only when the sampler function takes it."""
+    """The keyword arguments A1111's ``Sampler.initialize`` passes: eta when the sampler function
+    takes it, and the churn settings A1111 lists for the function (:meth:`SamplerSpec.takes`)."""
     params = inspect.signature(spec.function).parameters
     knobs: dict[str, Any] = {}
     if "eta" in params:
@@ -66,7 +66,7 @@ def sampler_knobs(spec: SamplerSpec, request: GenerationRequest) -> dict[str, An
         "s_tmax": math.inf if request.s_tmax is None else request.s_tmax,
         "s_noise": request.s_noise,
     }
-    knobs.update({name: value for name, value in churn.items() if name in params})
+    knobs.update({name: value for name, value in churn.items() if spec.takes(name)})
     return knobs
 
 

@@ -10,6 +10,7 @@ silent fall-back to the first sampler.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,15 @@ class SamplerSpec:
     uses_sigma_range: bool = False  # DPM fast / adaptive take sigma_min, sigma_max (and n), not sigmas
     eta_kind: str | None = None  # "ancestral" (default eta 1.0), "ddim" (default 0.0) or None
     options: Mapping[str, Any] = field(default_factory=dict)
+    # A1111's ``sampler_extra_params`` entry for the sampler's function: the churn settings
+    # (s_churn, s_tmin, s_tmax, s_noise) it hands on. A1111 quirk: Euler a, DPM adaptive and Restart
+    # take s_noise in k-diffusion's signature but A1111 never passes it, so they run with 1.0.
+    extra_params: tuple[str, ...] = ()
+
+    def takes(self, param: str) -> bool:
+        """Whether A1111's ``initialize`` passes the churn setting ``param`` to this sampler (listed
+        for its function and present in the function's signature)."""
+        return param in self.extra_params and param in inspect.signature(self.function).parameters
 
     def total_steps(self, steps: int) -> int:
         """A1111's SamplerData.total_steps: the expected denoiser calls used for prompt schedules."""
@@ -56,6 +66,10 @@ class SchedulerSpec:
     needs_model: bool = False
 
 
+_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+_NOISE = ("s_noise",)
+
+
 def _spec(label: str, fn: Callable[..., Tensor], aliases: tuple[str, ...], **kw: Any) -> SamplerSpec:
     return SamplerSpec(label, fn, aliases, **kw)
 
@@ -70,6 +84,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         second_order=True,
         brownian_noise=True,
         eta_kind="ancestral",
+        extra_params=_NOISE,
     ),
     _spec(
         "DPM++ 2M SDE",
@@ -78,6 +93,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         default_scheduler="exponential",
         brownian_noise=True,
         eta_kind="ancestral",
+        extra_params=_NOISE,
     ),
     _spec(
         "DPM++ 2M SDE Heun",
@@ -87,6 +103,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         brownian_noise=True,
         eta_kind="ancestral",
         options={"solver_type": "heun"},
+        extra_params=_NOISE,
     ),
     _spec(
         "DPM++ 2S a",
@@ -96,6 +113,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         uses_ensd=True,
         second_order=True,
         eta_kind="ancestral",
+        extra_params=_NOISE,
     ),
     _spec(
         "DPM++ 3M SDE",
@@ -105,6 +123,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         discard_next_to_last_sigma=True,
         brownian_noise=True,
         eta_kind="ancestral",
+        extra_params=_NOISE,
     ),
     _spec(
         "Euler a",
@@ -113,9 +132,9 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         uses_ensd=True,
         eta_kind="ancestral",
     ),
-    _spec("Euler", S.sample_euler, ("k_euler",)),
+    _spec("Euler", S.sample_euler, ("k_euler",), extra_params=_CHURN),
     _spec("LMS", S.sample_lms, ("k_lms",)),
-    _spec("Heun", S.sample_heun, ("k_heun",), second_order=True),
+    _spec("Heun", S.sample_heun, ("k_heun",), second_order=True, extra_params=_CHURN),
     _spec(
         "DPM2",
         S.sample_dpm_2,
@@ -123,6 +142,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         default_scheduler="karras",
         discard_next_to_last_sigma=True,
         second_order=True,
+        extra_params=_CHURN,
     ),
     _spec(
         "DPM2 a",
@@ -133,6 +153,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         uses_ensd=True,
         second_order=True,
         eta_kind="ancestral",
+        extra_params=_NOISE,
     ),
     _spec(
         "DPM fast",
@@ -141,6 +162,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         uses_ensd=True,
         uses_sigma_range=True,
         eta_kind="ancestral",
+        extra_params=_NOISE,
     ),
     _spec(
         "DPM adaptive",
