@@ -24,6 +24,7 @@ from voidprompt.server.xyz import (
     is_xyz_plot,
     parse_script_args,
     processing_order,
+    script_args,
 )
 
 # A1111 1.10's axis_options as each tab lists them (AxisOptionTxt2Img / AxisOptionImg2Img filtered).
@@ -51,14 +52,7 @@ IMG2IMG = [
 
 def args(**changes: Any) -> list[Any]:
     """The 18 script_args with A1111's UI defaults (X: Seed, empty values, legend on)."""
-    values: dict[str, Any] = dict(
-        x_type=1, x_values="", x_values_dropdown=[], y_type=0, y_values="", y_values_dropdown=[],
-        z_type=0, z_values="", z_values_dropdown=[], draw_legend=True, include_lone_images=False,
-        include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False, vary_seeds_y=False,
-        vary_seeds_z=False, margin_size=0, csv_mode=False,
-    )  # fmt: skip
-    values.update(changes)
-    return [values[name] for name in ARG_NAMES]
+    return script_args(**{"x_type": 1, **changes})
 
 
 def test_each_tab_lists_a1111_axes_in_its_order() -> None:

@@ -17,7 +17,7 @@ from voidprompt.server.checkpoints import ModelRegistry, NotFoundError
 from voidprompt.server.generation import Options
 from voidprompt.server.limits import LimitError, Limits
 from voidprompt.server.models import Txt2ImgRequest
-from voidprompt.server.xyz import ARG_NAMES, PlotPlan, ScriptArgsError, plan_plot
+from voidprompt.server.xyz import PlotPlan, ScriptArgsError, plan_plot, script_args
 
 pytest.importorskip("fastapi")
 
@@ -32,17 +32,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) ->
 
 
 def plan(registry: ModelRegistry, body: dict[str, Any] | None = None, **changes: Any) -> PlotPlan:
-    values: dict[str, Any] = dict(
-        x_type=0, x_values="", x_values_dropdown=[], y_type=0, y_values="", y_values_dropdown=[],
-        z_type=0, z_values="", z_values_dropdown=[], draw_legend=True, include_lone_images=False,
-        include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False, vary_seeds_y=False,
-        vary_seeds_z=False, margin_size=0, csv_mode=False,
-    )  # fmt: skip
-    values.update(changes)
     request = Txt2ImgRequest(
         **{"prompt": "a red ball", "seed": 100, "steps": 2, "width": 64, "height": 64, **(body or {})},
         script_name="x/y/z plot",
-        script_args=[values[name] for name in ARG_NAMES],
+        script_args=script_args(**changes),
     )
     return plan_plot(request, Options(), Limits(), registry)
 
@@ -137,15 +130,10 @@ def test_hires_upscaler_axis_accepts_the_servers_model_upscalers(
 
     write_tiny_rrdb(tmp_path / "ESRGAN" / "4x-Tiny.pth", "old", nf=4, gc=4)
     x_type = [o.label for o in axis_options(False)].index("Hires upscaler")
-    values: dict[str, Any] = dict(
-        x_type=x_type, x_values="", x_values_dropdown=["Latent", "4x-Tiny"], y_type=0, y_values="",
-        y_values_dropdown=[], z_type=0, z_values="", z_values_dropdown=[], draw_legend=True,
-        include_lone_images=False, include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False,
-        vary_seeds_y=False, vary_seeds_z=False, margin_size=0, csv_mode=False,
-    )  # fmt: skip
     request = Txt2ImgRequest(
         prompt="a red ball", seed=100, steps=2, width=64, height=64, enable_hr=True,
-        script_name="x/y/z plot", script_args=[values[name] for name in ARG_NAMES],
+        script_name="x/y/z plot",
+        script_args=script_args(x_type=x_type, x_values_dropdown=["Latent", "4x-Tiny"]),
     )  # fmt: skip
     planned = plan_plot(request, Options(), Limits(), registry, upscalers=Upscalers.in_models_dir(tmp_path))
     assert [c.built.request.hr_upscaler for c in planned.cells] == ["Latent", "4x-Tiny"]

@@ -16,7 +16,7 @@ from voidprompt.server.generation import BuiltRequest, Generated, Options
 from voidprompt.server.limits import Limits
 from voidprompt.server.models import Txt2ImgRequest
 from voidprompt.server.queue import State
-from voidprompt.server.xyz import ARG_NAMES, PlotPlan, plan_plot, plot_answer, run_plot
+from voidprompt.server.xyz import PlotPlan, plan_plot, plot_answer, run_plot, script_args
 
 pytest.importorskip("fastapi")
 
@@ -61,15 +61,11 @@ def checkpoint(tmp_path: Path) -> CheckpointEntry:
 
 def three_steps(tmp_path: Path, **changes: Any) -> PlotPlan:
     values: dict[str, Any] = dict(
-        x_type=4, x_values="1, 2, 3", x_values_dropdown=[], y_type=0, y_values="", y_values_dropdown=[],
-        z_type=0, z_values="", z_values_dropdown=[], draw_legend=False, include_lone_images=True,
-        include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False, vary_seeds_y=False,
-        vary_seeds_z=False, margin_size=0, csv_mode=False,
-    )  # fmt: skip
-    values.update(changes)
+        x_type=4, x_values="1, 2, 3", draw_legend=False, include_lone_images=True, **changes
+    )
     body = Txt2ImgRequest(
         prompt="cell", seed=9, width=16, height=16, script_name="x/y/z plot",
-        script_args=[values[name] for name in ARG_NAMES],
+        script_args=script_args(**values),
     )  # fmt: skip
     registry = ModelRegistry([tmp_path], [], [tmp_path])
     return plan_plot(body, Options(), Limits(), registry)

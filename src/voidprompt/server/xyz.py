@@ -46,6 +46,7 @@ from voidprompt.server.limits import LimitError, Limits
 from voidprompt.server.models import Txt2ImgRequest
 
 __all__ = [
+    "ARG_DEFAULTS",
     "ARG_NAMES",
     "AXIS_OPTIONS",
     "SCRIPT_NAME",
@@ -60,6 +61,7 @@ __all__ = [
     "plan_plot",
     "plot_answer",
     "run_plot",
+    "script_args",
     "script_info",
 ]
 
@@ -76,6 +78,24 @@ ARG_NAMES = (
     "draw_legend", "include_lone_images", "include_sub_grids", "no_fixed_seeds",
     "vary_seeds_x", "vary_seeds_y", "vary_seeds_z", "margin_size", "csv_mode",
 )  # fmt: skip
+# A plot with no axes: "Nothing" on each, empty values, the legend drawn, no extra images.
+ARG_DEFAULTS: dict[str, Any] = dict(
+    x_type=0, x_values="", x_values_dropdown=[], y_type=0, y_values="", y_values_dropdown=[],
+    z_type=0, z_values="", z_values_dropdown=[], draw_legend=True, include_lone_images=False,
+    include_sub_grids=False, no_fixed_seeds=False, vary_seeds_x=False, vary_seeds_y=False,
+    vary_seeds_z=False, margin_size=0, csv_mode=False,
+)  # fmt: skip
+
+
+def script_args(**values: Any) -> list[Any]:
+    """The 18 positional ``script_args`` in A1111 1.10's order, each from ``values`` by its name in
+    :data:`ARG_NAMES` or else from :data:`ARG_DEFAULTS` - what a client sends for the plot."""
+    unknown = set(values) - set(ARG_NAMES)
+    if unknown:
+        raise TypeError(f"not an X/Y/Z plot argument: {', '.join(sorted(unknown))}")
+    return [values.get(name, ARG_DEFAULTS[name]) for name in ARG_NAMES]
+
+
 _FLAG_ARGS = (
     "draw_legend", "include_lone_images", "include_sub_grids", "no_fixed_seeds",
     "vary_seeds_x", "vary_seeds_y", "vary_seeds_z", "csv_mode",
