@@ -18,7 +18,9 @@ def test_cli_check_run_ls_show_report_labels(tiny_checkpoint: Path, tmp_path: Pa
     assert main(["run", str(study), "--no-progress", "--max-jobs", "1"]) == 0
     assert "1 images in 1 batches" in capsys.readouterr().out
     assert main(["check", str(study)]) == 0
-    assert "estimated time: 0h" in capsys.readouterr().out
+    # After a partial run the estimate covers the pending job only.
+    out = capsys.readouterr().out
+    assert "estimated time: 0h" in out and out.rstrip().endswith("s for the 1 pending job (1 done)")
     assert main(["run", str(study), "--no-progress"]) == 0
     assert "1 were already done" in capsys.readouterr().out
     assert main(["ls", str(study)]) == 0
@@ -63,3 +65,94 @@ def test_run_flags_win_over_the_study_files_run_table(
     assert file == ("cuda", "fp16", True, True)
     assert flags == ("cpu", "bf16", False, False)
     assert (seen[1].executor, seen[1].gpus_per_worker) == ("ray", 0.5)
+
+
+def _check(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """``study check`` on ``text``, which must fail: its one-line error. Loading weights fails the test."""
+    study = tmp_path / "c.toml"
+    study.write_text(text)
+    assert main(["check", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {study}"), err
+    return err.strip()
+
+
+@pytest.fixture
+def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import voidprompt.models.load
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("study check loaded weights")
+
+    monkeypatch.setattr(voidprompt.models.load, "load_model", refuse)
+
+
+def test_check_catches_a_sampler_typo_inside_an_axis(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_weights: None
+) -> None:
+    text = study_text(tiny_checkpoint, sizes="16x16", seeds="1")
+    text = text.replace('sampler_name = "Euler a"\n', "").replace(
+        'W = "1.0, 1.5"', 'W = "1.0, 1.5"\nsampler_name = "Euler a, DPM++ 2M Karas"'
+    )
+    err = _check(tmp_path, text, capsys)
+    assert "sampler_name='DPM++ 2M Karas' is not known" in err and "did you mean 'DPM++ 2M" in err
+
+
+def test_check_catches_an_unknown_labeler(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_weights: None
+) -> None:
+    text = study_text(tiny_checkpoint, sizes="16x16", seeds="1", labels='labeler = "detectr"')
+    assert "[labels] labeler = 'detectr' is not registered" in _check(tmp_path, text, capsys)
+
+
+def test_check_catches_a_missing_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_weights: None
+) -> None:
+    text = study_text(tmp_path / "gone.safetensors", sizes="16x16", seeds="1")
+    err = _check(tmp_path, text, capsys)
+    assert f"[model] checkpoint = '{tmp_path / 'gone.safetensors'}': no file at" in err
+
+
+@pytest.mark.parametrize(
+    ("report", "where", "column", "hint"),
+    [
+        ('grid = [{ x = "W", y = "sed" }]', "grid #1 y", "sed", "did you mean 'seed' or 'seeds'?"),
+        ('plots = [{ x = "cfg" }]', "plots #1 x", "cfg", ""),
+        ('outcomes_by = ["sise"]', "outcomes_by", "sise", "did you mean 'size'?"),
+        ('grid = [{ x = "W", y = "seed", where = { sizes = "16x16" } }]', "grid #1 where", "sizes", "'size'"),
+    ],
+)
+def test_check_catches_a_report_axis_that_does_not_exist(
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_weights: None,
+    report: str,
+    where: str,
+    column: str,
+    hint: str,
+) -> None:
+    text = study_text(tiny_checkpoint, sizes="16x16", seeds="1") + f"[report]\n{report}\n"
+    err = _check(tmp_path, text, capsys)
+    assert (
+        f"[report] {where} = {column!r}: not an axis or measure of this study; choose one of size, W, seed"
+        in err
+    )
+    assert hint in err
+    if not hint:
+        assert "did you mean" not in err
+
+
+def test_check_accepts_report_columns_that_are_axes_or_measures(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = (
+        '[report]\ngrid = [{ x = "W", y = "seed", where = { size = "16x16" } }]\n'
+        'plots = [{ x = "area", split = "W", measures = ["luminance"] }]\noutcomes_by = ["size"]\n'
+    )
+    study = tmp_path / "ok.toml"
+    study.write_text(study_text(tiny_checkpoint, sizes="16x16, 32x16", seeds="2 random") + report)
+    assert main(["check", str(study)]) == 0
+    out = capsys.readouterr().out
+    # The expanded values of each axis.
+    assert "  size: 16x16, 32x16\n  W: 1.0, 1.5\n  seed: " in out

@@ -66,6 +66,9 @@ def test_generate_batch_matches_engine(tiny_checkpoint: Path) -> None:
 
 def test_end_to_end_smoke_study(tiny_checkpoint: Path, tmp_path: Path) -> None:
     text = (REPO / "studies" / "smoke.toml").read_text() + f'\n[model]\ncheckpoint = "{tiny_checkpoint}"\n'
+    # The study's sizes are the miniature model's; the tiny random checkpoint runs them small.
+    text = text.replace('size = "128x128, 128x64"', 'size = "32x32, 64x32"')
+    assert 'size = "32x32, 64x32"' in text
     (tmp_path / "smoke.toml").write_text(text)
     study = load_study(tmp_path / "smoke.toml")
     report = run_study(study, quiet(study, batch_size=4))

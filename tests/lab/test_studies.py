@@ -304,3 +304,14 @@ def test_detector_measures_are_the_detectors_count(demo_on_tiny: tuple[Study, Re
             detection = detect(image, config)
         assert row["detector_objects"] == detection.count
         assert row["detector_defects"] == len(detection.defect_flags)
+
+
+def test_the_smoke_study_runs_at_the_miniature_models_size_with_the_worlds_classes() -> None:
+    from voidprompt.demo.miniature import miniature_model_path
+    from voidprompt.models.info import checkpoint_native_size
+
+    study = load_study(STUDIES / "smoke.toml")
+    native = checkpoint_native_size(miniature_model_path())
+    sizes = {(j.request.width, j.request.height) for j in study.expand()}
+    assert (native, native) in sizes and all(native in size for size in sizes)
+    assert label_scheme(study, {}).classes == WORLD_CLASSES

@@ -38,7 +38,7 @@ import itertools
 import json
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,11 +308,14 @@ class StudySummary:
     megapixels: float
     estimated_seconds: float | None
     axes: dict[str, int]
+    axis_values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    done: int = 0  # jobs the catalog already has a picture of; the estimate is for the others
 
     def format(self) -> str:
         lines = [f"study {self.name}: {self.jobs} jobs"]
         if self.axes:
             lines.append("axes: " + ", ".join(f"{name} ({n})" for name, n in self.axes.items()))
+            lines += [f"  {name}: {_listed(values)}" for name, values in self.axis_values.items()]
         lines.append(f"shapes: {len(self.shapes)}")
         lines += [f"  {w}x{h}: {n} jobs" for (w, h), n in sorted(self.shapes.items())]
         lines.append(f"prompts: {self.prompts} distinct pairs, {self.prompt_texts} distinct texts to encode")
@@ -320,17 +323,38 @@ class StudySummary:
         if self.estimated_seconds is not None:
             minutes, seconds = divmod(round(self.estimated_seconds), 60)
             hours, minutes = divmod(minutes, 60)
-            lines.append(f"estimated time: {hours}h {minutes:02d}m {seconds:02d}s")
+            left = self.jobs - self.done
+            jobs = f"{left} pending job{'s' * (left != 1)}"
+            pending = f" for the {jobs} ({self.done} done)" if self.done else ""
+            lines.append(f"estimated time: {hours}h {minutes:02d}m {seconds:02d}s{pending}")
         return "\n".join(lines)
 
 
+def _listed(values: Sequence[Any], most: int = 12) -> str:
+    """An axis's values as check prints them: the first ``most`` and how many there are in all."""
+    shown = ", ".join(_shown(v) for v in values[:most])
+    return shown if len(values) <= most else f"{shown}, ... ({len(values)} in all)"
+
+
+def _shown(value: Any) -> str:
+    """A size as the pixels it expands to (with the spec it came from when that differs)."""
+    if isinstance(value, ax.SizeValue):
+        size = f"{value.width}x{value.height}"
+        return size if value.spec == size else f"{size} ({value.spec})"
+    return format_value(value)
+
+
 def summarize(
-    study: Study, seconds_per_pixel: float | None = None, reference_steps: int | None = None
+    study: Study,
+    seconds_per_pixel: float | None = None,
+    reference_steps: int | None = None,
+    done: Collection[str] = (),
 ) -> StudySummary:
     """Count jobs, shapes and prompts; estimate the run time from seconds per image pixel.
 
     With ``reference_steps`` the figure is taken as measured at that many steps and scaled
-    linearly by each job's steps (sampling time is proportional to steps).
+    linearly by each job's steps (sampling time is proportional to steps). Jobs whose id is in
+    ``done`` (already in the catalog) count everywhere but in the estimate.
     """
     jobs = study.expand()
     shapes = Counter((j.request.width, j.request.height) for j in jobs)
@@ -346,10 +370,15 @@ def summarize(
             * seconds_per_pixel
             * (j.request.steps / reference_steps if reference_steps else 1.0)
             for j in jobs
+            if j.job_id not in done
         )
     axes = {a.name: len(a.values) for a in study.axes}
+    values = {a.name: tuple(a.values) for a in study.axes}
     for i, point in enumerate(study.points):
         axes.update({f"point {i + 1} {a.name}": len(a.values) for a in point})
+        values.update({f"point {i + 1} {a.name}": tuple(a.values) for a in point})
+    finished = sum(1 for j in jobs if j.job_id in done)
     return StudySummary(
-        study.name, len(jobs), dict(shapes), len(pairs), len(texts), pixels / 1e6, estimate, axes
-    )
+        study.name, len(jobs), dict(shapes), len(pairs), len(texts), pixels / 1e6, estimate, axes,
+        values, finished,
+    )  # fmt: skip
