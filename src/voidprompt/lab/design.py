@@ -1,0 +1,134 @@
+"""Designing a study outside a file: a form (txt2img fields plus axes) written as study TOML, the
+checks ``voidprompt study check`` makes, and the field an error belongs to.
+
+The form is a front end's: the web UI and HTTP clients send one, this module writes it as the TOML
+a person would, and the lab's own reader (:func:`voidprompt.lab.study.parse_study`) judges it, so
+a study designed in the browser meets exactly the rules and messages of a study file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from voidprompt.errors import StudyError
+from voidprompt.lab.cli import _measured_speed, check_report_columns
+from voidprompt.lab.labels import label_scheme
+from voidprompt.lab.plugins import Plugins, installed_plugins
+from voidprompt.lab.run import model_files
+from voidprompt.lab.study import Study, StudySummary, summarize
+
+__all__ = ["DesignForm", "check_study", "error_field", "form_to_toml"]
+
+# The request fields a form may carry that mean nothing in a study (each job is one image); an
+# infotext or a txt2img form carries them with their default of 1.
+_ONE_IMAGE = ("batch_size", "n_iter")
+
+
+@dataclass(frozen=True)
+class DesignForm:
+    """A study as a form: ``fields`` are txt2img request fields (``prompt`` and
+    ``negative_prompt`` go to ``[prompt]``, the rest to ``[settings]``); ``axes`` map an axis name
+    to its values, written as in a study file (a string in A1111's X/Y/Z syntax or the lab's, or a
+    list); ``model`` is the ``[model]`` table."""
+
+    name: str
+    fields: Mapping[str, Any]
+    axes: Mapping[str, Any]
+    model: Mapping[str, Any]
+    master_seed: int | None = None
+    description: str | None = None
+
+
+def _toml_value(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise StudyError(f"{where}: {value!r} is not a finite number; write e.g. 7.5")
+        return repr(value)
+    if isinstance(value, str):
+        # A JSON string is a TOML basic string: the same escapes, control characters as \uXXXX.
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v, where)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
+    raise StudyError(f"{where}: {value!r} cannot be written in a study file; use a string, number or list")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def form_to_toml(form: DesignForm) -> str:
+    """The study file a form stands for. A field some axis is named after is left out of
+    ``[settings]`` (the axis sweeps it); ``None`` values are left out (TOML has no null)."""
+    lines = ["[study]", f"name = {_toml_value(form.name, '[study] name')}"]
+    if form.description:
+        lines.append(f"description = {_toml_value(form.description, '[study] description')}")
+    if form.master_seed is not None:
+        lines.append(f"master_seed = {_toml_value(form.master_seed, '[study] master_seed')}")
+    model = {k: v for k, v in form.model.items() if v not in (None, "")}
+    if model:
+        lines += ["", "[model]"]
+        lines += [f"{_toml_key(k)} = {_toml_value(v, f'[model] {k}')}" for k, v in model.items()]
+    settings: dict[str, Any] = {}
+    prompt: dict[str, Any] = {}
+    for name, value in form.fields.items():
+        if value is None or name in form.axes:
+            continue
+        if name in _ONE_IMAGE and value == 1:
+            continue
+        if name == "prompt":
+            prompt["positive"] = value
+        elif name == "negative_prompt":
+            prompt["negative"] = value
+        else:
+            settings[name] = value
+    if settings:
+        lines += ["", "[settings]"]
+        lines += [f"{_toml_key(k)} = {_toml_value(v, f'[settings] {k}')}" for k, v in settings.items()]
+    if prompt:
+        lines += ["", "[prompt]"]
+        lines += [f"{k} = {_toml_value(v, f'[prompt] {k}')}" for k, v in prompt.items()]
+    if form.axes:
+        lines += ["", "[axes]"]
+        lines += [f"{_toml_key(str(k))} = {_toml_value(v, f'[axes] {k}')}" for k, v in form.axes.items()]
+    return "\n".join(lines) + "\n"
+
+
+def check_study(
+    study: Study, catalog_path: Path | None = None, plugins: Plugins | None = None
+) -> StudySummary:
+    """What ``voidprompt study check`` checks beyond reading the file - its labeler, its model files,
+    its report's columns - then its summary, with the time estimated from ``catalog_path``'s images."""
+    plugins = installed_plugins() if plugins is None else plugins
+    label_scheme(study, plugins)
+    model_files(study, [job.model for job in study.expand()], plugins)
+    check_report_columns(study)
+    seconds, steps, done = _measured_speed(catalog_path) if catalog_path else (None, None, set[str]())
+    return summarize(study, seconds, steps, done)
+
+
+# "{path}: {where}: {message}": where is a section and key, e.g. "[axes] W", "[[points]] #2 seed".
+_WHERE = re.compile(r"(\[\[?[A-Za-z_]+\]\]?(?:[ .][^:]*?)?): ")
+
+
+def error_field(error: StudyError, path: Path | str) -> str | None:
+    """The section and key a study error names (``"[axes] W"``, ``"[settings] steps"``), or None
+    when it names none (the whole file)."""
+    message = str(error)
+    prefix = f"{path}: "
+    if message.startswith(prefix):
+        message = message[len(prefix) :]
+    match = _WHERE.match(message)
+    return match[1].strip() if match else None
