@@ -3,7 +3,9 @@ restoration and save_images, answered as A1111 1.10 answers them (or refused whe
 
 from __future__ import annotations
 
+import base64
 import datetime
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,10 +98,43 @@ def test_scripts_are_looked_up_without_case(monkeypatch: pytest.MonkeyPatch) -> 
     assert _request(**{**WEBUIAPI, "script_name": ""}).tiling is True
     # A script voidprompt runs is found in any case, as A1111's title().lower() lookup finds it.
     monkeypatch.setattr(generation, "SELECTABLE_SCRIPTS", frozenset({"x/y/z plot"}))
-    monkeypatch.setattr(generation, "ALWAYSON_SCRIPTS", frozenset({"seed"}))
     assert generation.known_script("X/Y/Z PLOT") and not generation.known_script("x/y/z plot", alwayson=True)
     assert generation.known_script("Seed", alwayson=True) and not generation.known_script("Seed")
     _request(**{**WEBUIAPI, "script_name": "X/Y/Z plot", "alwayson_scripts": {"SEED": {}}})
+
+
+def test_a1111s_own_always_on_scripts_are_found_and_their_args_ignored() -> None:
+    # A1111 1.10 has Seed, Sampler and Refiner (built-in UI scripts: setup_for_ui_only, so over the
+    # API their args never reach the processing object), Comments, Hypertile and Extra options.
+    plain = _request(**WEBUIAPI)
+    scripts = {
+        "Seed": {"args": [99, False, -1, 0, 0, 0]},
+        "Sampler": {"args": [50, "DDIM", "Karras"]},
+        "Refiner": {"args": [True, "some-refiner.safetensors", 0.5]},
+        "comments": {},
+        "Hypertile": {"args": []},
+        "Extra options": {"args": []},
+    }
+    with_scripts = _request(**{**WEBUIAPI, "alwayson_scripts": scripts})
+    assert with_scripts == plain
+    assert (with_scripts.seed, with_scripts.steps, with_scripts.refiner_checkpoint) == (
+        plain.seed, plain.steps, plain.refiner_checkpoint,
+    )  # fmt: skip
+    # Soft Inpainting is img2img's only; switched on it would change the picture, so it is refused.
+    with pytest.raises(ScriptNotFoundError, match="Script 'Soft Inpainting' not found"):
+        _request(**{**WEBUIAPI, "alwayson_scripts": {"Soft Inpainting": {"args": [False]}}})
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "gray").save(png, format="PNG")
+    picture = base64.b64encode(png.getvalue()).decode()
+    img2img = {**WEBUIAPI, "init_images": [picture]}
+    body = {**img2img, "alwayson_scripts": {"soft inpainting": {"args": [False, 1, 0.5]}}}
+    assert build_request(Img2ImgRequest(**body), Options(), Limits(), img2img=True).request.prompt
+    with pytest.raises(InvalidRequestError, match="no soft inpainting"):
+        body = {**img2img, "alwayson_scripts": {"Soft Inpainting": {"args": [True, 1, 0.5]}}}
+        build_request(Img2ImgRequest(**body), Options(), Limits(), img2img=True)
+    # A selectable script is not an always-on one (A1111's own 422 detail).
+    with pytest.raises(ScriptNotFoundError, match="Cannot have a selectable script"):
+        _request(**{**WEBUIAPI, "alwayson_scripts": {"X/Y/Z plot": {"args": []}}})
 
 
 def test_save_images_goes_to_a1111s_dated_outputs_folder(tmp_path: Path) -> None:

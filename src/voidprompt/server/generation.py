@@ -53,31 +53,59 @@ log = logging.getLogger(__name__)
 
 
 class ScriptNotFoundError(VoidpromptError):
-    """A request names a script (or an extension's always-on script) voidprompt does not have."""
+    """A request names a script (or an extension's always-on script) voidprompt does not have, or names
+    one where A1111 does not take it (a selectable script among the always-on ones): A1111's 422."""
 
 
 # The scripts voidprompt runs, by A1111's title in lower case (A1111 looks a script up by
 # ``title().lower() == name.lower()``): selectable ones (``script_name``) and always-on ones
 # (``alwayson_scripts`` keys). Every other name is answered as A1111 without that script answers.
 SELECTABLE_SCRIPTS: frozenset[str] = frozenset()
-ALWAYSON_SCRIPTS: frozenset[str] = frozenset()
+# The always-on scripts every A1111 1.10 install has, by lower-case title, found by name over the API
+# and run there without effect. A1111 quirk: their args are ignored - Seed, Sampler and Refiner are
+# "built-in UI" scripts whose setup runs for the web UI only; Comments and Hypertile have no args and
+# read settings; Extra options maps its args onto the settings named in ``extra_options_txt2img`` /
+# ``extra_options_img2img``, which list none by default.
+ALWAYSON_SCRIPTS: frozenset[str] = frozenset(
+    {"seed", "sampler", "refiner", "comments", "hypertile", "extra options"}
+)
+# img2img's tab also has the built-in Soft Inpainting extension, which does act on its args.
+SOFT_INPAINTING = "soft inpainting"
+# Selectable scripts voidprompt runs (through its own route), refused as always-on ones.
+_SELECTABLE_ELSEWHERE = frozenset({"x/y/z plot"})
 
 
-def known_script(name: str, *, alwayson: bool = False) -> bool:
-    """Whether ``name`` (any case) is a script voidprompt runs, as A1111's lookup compares it."""
-    return name.lower() in (ALWAYSON_SCRIPTS if alwayson else SELECTABLE_SCRIPTS)
+def known_script(name: str, *, alwayson: bool = False, img2img: bool = False) -> bool:
+    """Whether ``name`` (any case) is a script voidprompt knows on the tab, as A1111's lookup
+    compares it (its title in lower case)."""
+    key = name.lower()
+    if not alwayson:
+        return key in SELECTABLE_SCRIPTS
+    return key in ALWAYSON_SCRIPTS or (img2img and key == SOFT_INPAINTING)
 
 
-def check_scripts(body: Txt2ImgRequest) -> None:
-    """A1111's answer to a script it does not have (ControlNet, ControlNet-LLLite, ADetailer without
-    their extensions): 422 ``Script '<name>' not found``, selectable or always-on alike (its
-    always-on lookup goes through the same ``script_name_to_index``), the name as the client wrote it.
-    An empty ``script_name`` is no script."""
+def check_scripts(body: Txt2ImgRequest, *, img2img: bool = False) -> None:
+    """A1111's answers about named scripts.
+
+    A script it does not have (ControlNet, ControlNet-LLLite, ADetailer without their extensions):
+    422 ``Script '<name>' not found``, selectable or always-on alike (its always-on lookup goes
+    through the same ``script_name_to_index``), the name as the client wrote it. A selectable script
+    among the always-on ones: A1111's 422 for that. Soft Inpainting switched on: voidprompt does not
+    have it, so the request is refused rather than run without it. An empty ``script_name`` is no
+    script."""
     if body.script_name and not known_script(body.script_name):
         raise ScriptNotFoundError(f"Script '{body.script_name}' not found")
-    for name in body.alwayson_scripts:
-        if not known_script(name, alwayson=True):
+    for name, entry in body.alwayson_scripts.items():
+        if name.lower() in _SELECTABLE_ELSEWHERE:
+            raise ScriptNotFoundError("Cannot have a selectable script in the always on scripts params")
+        if not known_script(name, alwayson=True, img2img=img2img):
             raise ScriptNotFoundError(f"Script '{name}' not found")
+        args = entry.get("args") if isinstance(entry, dict) else None
+        if name.lower() == SOFT_INPAINTING and args and bool(args[0]):
+            raise InvalidRequestError(
+                f"alwayson_scripts '{name}': voidprompt has no soft inpainting; "
+                "send its first argument (enabled) false or leave the script out"
+            )
 
 
 @dataclass(frozen=True)
@@ -273,7 +301,7 @@ def build_request(
             "restore_faces=true: no face restorer is installed (A1111's are GFPGAN and CodeFormer; "
             "voidprompt has neither); send restore_faces=false"
         )
-    check_scripts(body)
+    check_scripts(body, img2img=img2img)
     if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         raise InvalidRequestError(
             "hr_checkpoint_name: the hires pass uses the same checkpoint; leave it empty"
