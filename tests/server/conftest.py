@@ -145,10 +145,13 @@ def write_study(
     text, found_seed = re.subn(r'(?m)^seed = "\d+ random"', f'seed = "{seeds} random"', text)
     text, found_name = re.subn(r'(?m)^name = "smoke"', f'name = "{name}"', text)
     text, found_steps = re.subn(r"(?m)^steps = \d+", f"steps = {steps}", text)
-    # Its sizes are the miniature model's native ones; small ones keep the tests quick.
+    # Its sizes are the miniature model's native ones; small ones keep the tests quick. The tests
+    # label with the study brief's four classes, not the miniature world's.
     text, found_size = re.subn(r'(?m)^size = ".*"', 'size = "32x32, 64x32"', text)
-    found = (found_seed, found_name, found_steps, found_size)
-    assert found == (1, 1, 1, 1), "studies/smoke.toml changed its layout"
+    classes = '["Pattern", "Object or Scenery", "Malformed human", "Legit human"]'
+    text, found_classes = re.subn(r"(?m)^classes = \[.*\]", f"classes = {classes}", text)
+    found = (found_seed, found_name, found_steps, found_size, found_classes)
+    assert found == (1, 1, 1, 1, 1), "studies/smoke.toml changed its layout"
     if checkpoint is not None:
         text += f'\n[model]\ncheckpoint = "{checkpoint}"\n'
     path = folder / f"{name}.toml"
