@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -250,3 +252,23 @@ def test_every_option_has_help_and_says_its_default() -> None:
     txt2img = " ".join(_commands()["txt2img"].format_help().split())
     assert "--steps STEPS sampling steps (default: 20)" in txt2img
     assert "--width WIDTH picture width (default: the model's native size)" in txt2img
+
+
+# Permissions.
+
+
+def test_files_the_cli_writes_get_the_mode_the_umask_gives(
+    tiny_checkpoint: Path, native_32: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = os.umask(0o027)
+    try:
+        assert cli.main(["txt2img", "--model", str(native_32), *FAST, "--out", str(tmp_path / "o")]) == 0
+        (picture,) = [Path(line) for line in capsys.readouterr().out.split()]
+        merged = tmp_path / "merged.safetensors"
+        argv = ["merge", "--a", str(tiny_checkpoint), "--b", str(native_32), "--out", str(merged)]
+        assert cli.main(argv) == 0
+    finally:
+        os.umask(old)
+    # 0o666 less the umask, as any file the user makes; not the 0600 of a temporary file.
+    assert stat.S_IMODE(picture.stat().st_mode) == 0o640
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o640

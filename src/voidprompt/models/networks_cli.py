@@ -26,6 +26,7 @@ from types import FrameType
 import torch
 
 from voidprompt.errors import VoidpromptError
+from voidprompt.helpformat import use_help_format
 from voidprompt.models.merge import (
     BLOCK_PRESETS,
     MergeMethod,
@@ -51,6 +52,8 @@ def _merge_parser() -> argparse.ArgumentParser:
         "--method",
         default="weighted_sum",
         choices=["weighted_sum", "add_difference", "no_interpolation", "block_weighted"],
+        help="weighted_sum: (1-M)A + MB; add_difference: A + M(B-C); no_interpolation: A alone (to bake a "
+        "VAE, discard keys or save fp16); block_weighted: M per UNet block (--weights or --preset)",
     )
     p.add_argument("--multiplier", "-M", type=float, default=0.5, help="M (default 0.5)")
     p.add_argument("--weights", help="block_weighted: 25 comma-separated weights IN00..IN11,M00,OUT00..OUT11")
@@ -75,7 +78,7 @@ def _merge_parser() -> argparse.ArgumentParser:
         help="refuse inputs holding NaN or inf weights (by default the merge warns and names them)",
     )
     p.add_argument("--out", required=True, help="output .safetensors file")
-    return p
+    return use_help_format(p)
 
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -153,7 +156,7 @@ def _lora(argv: list[str]) -> int:
     ex.add_argument("--clamp-quantile", type=float, help="clamp factors to this quantile (kohya uses 0.99)")
     ex.add_argument("--fp16", action="store_true", help="save the LoRA in float16")
     ex.add_argument("--out", required=True, help="output .safetensors file")
-    args = p.parse_args(argv)
+    args = use_help_format(p).parse_args(argv)
     with _disk_full_is_an_error(args.out):
         result = extract_lora(
             args.a,
