@@ -69,6 +69,11 @@ def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  #
     b.get(study_server.url + "/")
     wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#sampler option")) > 5)
     assert b.find_element(By.CSS_SELECTOR, "#model-name").text.startswith(MINIATURE_FILENAME + " [")
+    # The form starts at the model's native size, which the miniature's file records.
+    assert b.find_element(By.CSS_SELECTOR, "#model-family").text == "SD1 - trained at 128x128"
+    assert [b.find_element(By.CSS_SELECTOR, f).get_attribute("value") for f in ("#width", "#height")] == [
+        "128"
+    ] * 2
     # Generate on the miniature model.
     for field, value in (("#width", "64"), ("#height", "64"), ("#steps", "6"), ("#seed", "4321")):
         box = b.find_element(By.CSS_SELECTOR, field)
@@ -92,7 +97,25 @@ def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  #
     b.find_element(By.CSS_SELECTOR, "#tab-studies").click()
     wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#study-select option"))
     Select(b.find_element(By.CSS_SELECTOR, "#study-select")).select_by_value("smoke")
-    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#study-grid img")) == 12)
+    # One picture per cell (2 sizes x 2 W), the cell's 3 seeds stepped through with its button.
+    wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#study-grid td img")) == 4)
+    cells = b.find_elements(By.CSS_SELECTOR, "#study-grid td")
+    assert [c.find_element(By.CSS_SELECTOR, ".cell-step").text for c in cells] == ["1/3 >"] * 4
+    heads = [h.text for h in b.find_elements(By.CSS_SELECTOR, "#study-grid th")]
+    x_axis, y_axis = (
+        Select(b.find_element(By.CSS_SELECTOR, sel)).first_selected_option.text
+        for sel in ("#axis-x", "#axis-y")
+    )
+    assert {x_axis, y_axis} == {"size", "W"}
+    assert all(h.startswith(f"{x_axis} = ") for h in heads[1:3]) and all(
+        h.startswith(f"{y_axis} = ") for h in heads[3:]
+    )
+    seeds = []
+    for _ in range(3):
+        title = cells[0].find_element(By.CSS_SELECTOR, "img").get_attribute("title")
+        seeds.append(title.split(" seed ")[1].split(" ")[0])
+        cells[0].find_element(By.CSS_SELECTOR, ".cell-step").click()
+    assert len(set(seeds)) == 3 and cells[0].find_element(By.CSS_SELECTOR, ".cell-step").text == "1/3 >"
     # The report's plots: built by the server on first sight, shown as loaded images.
     plots = wait_for(lambda: loaded_images(b, "#study-plots img"), 180)
     assert all(int(str(p["width"])) > 100 and int(str(p["height"])) > 100 for p in plots)
@@ -129,8 +152,14 @@ def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  #
     b.save_screenshot(str(artifacts / "03-label.png"))
     assert b.find_element(By.CSS_SELECTOR, "#label-error").text == ""
 
-    classes = ["Pattern", "Object or Scenery", "Malformed human", "Legit human"]
-    expected = [classes[int(k) - 1] for k in keys] + ["Object or Scenery"]
+    import httpx
+
+    # The study's own classes, in its order (keys 1-4 pick them).
+    classes = httpx.get(study_server.url + "/voidprompt/v1/studies/smoke/images?limit=1", timeout=60).json()[
+        "classes"
+    ]
+    assert len(classes) == 4
+    expected = [classes[int(k) - 1] for k in keys] + [classes[1]]
     catalog_path = study_server.root / "studies" / "runs" / "smoke" / "catalog.sqlite"
     with Catalog.open(catalog_path, readonly=True) as catalog:
         got = [catalog.labels(image_id).get("human", (None, []))[0] for image_id in ids[:10]]
@@ -275,10 +304,16 @@ def test_explain_tag_picker_and_step_slider(browser, study_server, artifacts, sy
         b.find_element(By.CSS_SELECTOR, "#tab-studies").click()
         wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#study-select option"))
         Select(b.find_element(By.CSS_SELECTOR, "#study-select")).select_by_value("smoke")
-        wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#study-grid img")) == 12)
+        wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#study-grid td img")) == 4)
+        # Step each cell through its pictures until the wanted one shows, then open it.
         b.execute_script(
-            "[...document.querySelectorAll('#study-grid img')]"
-            ".find(i => i.title.startsWith(arguments[0])).click()",
+            "for (const td of document.querySelectorAll('#study-grid td')) {"
+            "  for (let n = 0; n < 3; n += 1) {"
+            "    const img = td.querySelector('img');"
+            "    if (img.title.startsWith(arguments[0])) { img.click(); return; }"
+            "    td.querySelector('.cell-step').click();"
+            "  }"
+            "}",
             f"#{first['id']} ",
         )
         options = wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#study-detail .explain-tag option"), 60)

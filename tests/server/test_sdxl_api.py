@@ -57,6 +57,9 @@ def test_sdxl_listed_and_switched_next_to_sd1(xl_server) -> None:  # type: ignor
         models = {m["model_name"]: m for m in http.get("/sdapi/v1/sd-models").json()}
         families = {name: m["family"] for name, m in models.items()}
         assert families == {"tiny": "sd1", "tiny-refiner": "sdxl-refiner", "tiny-xl": "sdxl"}
+        # The native size from the header: the families' own (the tiny files record no other).
+        sides = {name: m["native_size"] for name, m in models.items()}
+        assert sides == {"tiny": 512, "tiny-refiner": 1024, "tiny-xl": 1024}
         xl = models["tiny-xl"]
         assert xl["title"] == f"tiny-xl.safetensors [{xl['hash']}]"
 

@@ -23,7 +23,7 @@ from voidprompt.models.arch import clip_prefix_of
 from voidprompt.models.arch_sdxl import CLIP_L_PREFIX, OPEN_CLIP_PREFIX, OPEN_CLIP_PREFIX_REFINER
 from voidprompt.models.detect import ModelFamily, detect_family
 from voidprompt.models.hashes import old_model_hash, sha256_file
-from voidprompt.models.load import open_checkpoint
+from voidprompt.models.load import arch_constants, open_checkpoint
 
 # A1111's checkpoint folder, relative to where the command runs (its --ckpt-dir default).
 DEFAULT_CKPT_DIR = Path("models/Stable-diffusion")
@@ -103,6 +103,9 @@ class CheckpointFacts:
     # for SDXL the sum over its text encoders (CLIP-L + bigG; the refiner: bigG alone), which is the
     # width A1111 gives an SDXL clip_l + clip_g embedding.
     text_width: int | None
+    # The picture side the model was trained at (SD1 512, SDXL 1024, the miniature's recorded 128):
+    # the web UI's default size for it.
+    native_size: int | None = None
 
 
 def _width(shapes: dict[str, Any], key: str) -> int | None:
@@ -111,11 +114,17 @@ def _width(shapes: dict[str, Any], key: str) -> int | None:
 
 
 def read_checkpoint_facts(path: Path) -> CheckpointFacts:
-    """The family and text width of the checkpoint at ``path``, from its header (or lazy pickle)."""
+    """The family, text width and native size of the checkpoint at ``path``, from its header (or
+    lazy pickle)."""
     try:
         with open_checkpoint(path) as reader:
             shapes: dict[str, Any] = dict(reader.shapes)
-        family = detect_family(shapes)
+            family = detect_family(shapes)
+            try:
+                native: int | None = int(arch_constants(reader, family).vae_sample_size)
+            except VoidpromptError as error:  # bad voidprompt.arch metadata: the family still stands
+                log.warning("%s: native size unknown: %s", path, error)
+                native = None
     except (VoidpromptError, OSError) as error:
         log.warning("%s: model family unknown: %s", path, error)
         return CheckpointFacts(None, None)
@@ -131,7 +140,7 @@ def read_checkpoint_facts(path: Path) -> CheckpointFacts:
         width = None if None in widths else sum(w for w in widths if w is not None)
     else:
         width = _width(shapes, clip_prefix_of(shapes) + "embeddings.token_embedding.weight")
-    return CheckpointFacts(family, width)
+    return CheckpointFacts(family, width, native)
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -231,6 +231,11 @@ class SDModelItem(BaseModel):
         description="voidprompt: the model family read from the file's tensor shapes (sd1, sd1-inpaint, "
         "sdxl, sdxl-refiner, sdxl-inpaint, sd2, sd2-v); null when the file cannot be read",
     )
+    native_size: int | None = Field(
+        None,
+        description="voidprompt: the picture side the model was trained at (SD1 512, SDXL 1024, or the "
+        "file's voidprompt.arch metadata); null when the file cannot be read",
+    )
 
 
 class SDVaeItem(BaseModel):

@@ -112,7 +112,8 @@ def router(state: App) -> APIRouter:
     def sd_models() -> list[m.SDModelItem]:
         items = []
         for e in state.registry.checkpoints:
-            family = state.registry.facts(e).family
+            facts = state.registry.facts(e)
+            family = facts.family
             items.append(
                 m.SDModelItem(
                     title=e.title,
@@ -122,6 +123,7 @@ def router(state: App) -> APIRouter:
                     filename=str(e.path),
                     config=None,
                     family=family.value if family is not None else None,
+                    native_size=facts.native_size,
                 )
             )
         return items

@@ -78,12 +78,21 @@ const FAMILIES = {
   "sd2": ["SD2 (not supported)", 768], "sd2-v": ["SD2 (not supported)", 768],
 };
 let models = [];
+// Width and height start at the model's native size (the miniature's 128, SD1's 512, SDXL's 1024)
+// and follow a checkpoint switch until the person types a size or a picture's parameters fill it.
+let sizeFollowsModel = true;
+["#width", "#height"].forEach((id) => $(id).addEventListener("input", (e) => { if (e.isTrusted) sizeFollowsModel = false; }));
 function showModel(title) {
   $("#model-name").textContent = title || "no model";
   const model = models.find((m) => m.title === title);
   const family = model && FAMILIES[model.family];
-  $("#model-family").textContent = family ? `${family[0]} - trained at ${family[1]}x${family[1]}` : (model && model.family) || "";
+  const side = model && (model.native_size || (family && family[1]));
+  $("#model-family").textContent = family ? `${family[0]} - trained at ${side}x${side}` : (model && model.family) || "";
   if (model) $("#model-select").value = model.title;
+  if (side && sizeFollowsModel) {
+    $("#width").value = side; $("#height").value = side;
+    updateHiresInfo();
+  }
 }
 async function loadModels(current) {
   models = await api("GET", "/sdapi/v1/sd-models");
@@ -526,6 +535,7 @@ async function fillFromImage(dataUrl) {
 // The form from png-info's parsed parameters (A1111's names, styles already taken out of the prompts).
 function fillForm(p) {
   const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
+  if (p["Size-1"]) sizeFollowsModel = false;
   set("#prompt", p.Prompt); set("#negative_prompt", p["Negative prompt"]);
   set("#steps", p.Steps); set("#cfg_scale", p["CFG scale"]); set("#seed", p.Seed);
   set("#width", p["Size-1"]); set("#height", p["Size-2"]); set("#clip_skip", p["Clip skip"]);
@@ -637,6 +647,7 @@ async function loadStudies() {
 }
 
 let studyData = null;
+const SEED_AXES = ["seed", "seeds"];
 async function loadStudyGrid(resetAxes = false) {
   const id = $("#study-select").value;
   if (!id) return;
@@ -645,9 +656,11 @@ async function loadStudyGrid(resetAxes = false) {
   studyData = await api("GET", `/voidprompt/v1/studies/${encodeURIComponent(id)}/images?limit=5000&${filters.join("&")}`);
   const axes = Object.keys(studyData.axes);
   if (resetAxes) {
+    // As the report's grids: the first two axes that are not seeds, the seeds stepped through in a cell.
+    const picks = [...axes.filter((a) => !SEED_AXES.includes(a)), ...axes.filter((a) => SEED_AXES.includes(a))];
     for (const [sel, idx] of [["#axis-x", 0], ["#axis-y", 1]]) {
       $(sel).replaceChildren(el("option", { value: "" }, "(none)"), ...axes.map((a) => el("option", { value: a }, a)));
-      $(sel).value = axes[idx] || "";
+      $(sel).value = picks[idx] || "";
     }
     buildFilters(axes);
   }
