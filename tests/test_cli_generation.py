@@ -235,20 +235,30 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     return {name: p for name, p in sub.choices.items() if name not in cli.DELEGATED}
 
 
+def _check_help(name: str, command: argparse.ArgumentParser) -> None:
+    text = " ".join(command.format_help().split())
+    for action in command._actions:
+        if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        assert action.help, f"{name} {action.dest}: no help"
+        default = action.default
+        if action.option_strings and default not in (None, False, "", []):
+            said = "default" in (action.help or "") or f"(default: {default})" in text
+            assert said, f"{name} {action.option_strings[0]}: its default {default!r} is not in the help"
+
+
 def test_every_option_has_help_and_says_its_default() -> None:
+    from voidprompt.lab.cli import _parser as study_parser
+    from voidprompt.models.networks_cli import _merge_parser
+
     parser = cli.build_parser()
     assert parser.description and "AUTOMATIC1111" in parser.description
     for name, command in _commands().items():
-        text = command.format_help()
-        for action in command._actions:
-            if isinstance(action, argparse._HelpAction):
-                continue
-            assert action.help, f"{name} {action.dest}: no help"
-            default = action.default
-            if action.option_strings and default not in (None, False, "", []):
-                assert "default" in (action.help or "") or f"(default: {default})" in " ".join(
-                    text.split()
-                ), f"{name} {action.option_strings[0]}: its default {default!r} is not in the help"
+        _check_help(name, command)
+    (study_sub,) = [a for a in study_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in study_sub.choices.items():
+        _check_help(f"study {name}", command)
+    _check_help("merge", _merge_parser())
     txt2img = " ".join(_commands()["txt2img"].format_help().split())
     assert "--steps STEPS sampling steps (default: 20)" in txt2img
     assert "--width WIDTH picture width (default: the model's native size)" in txt2img

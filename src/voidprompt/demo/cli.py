@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from voidprompt.errors import VoidpromptError
+from voidprompt.helpformat import use_help_format
 
 if TYPE_CHECKING:
     from voidprompt.demo.train import TrainConfig
@@ -115,7 +116,7 @@ def train_config(argv: list[str]) -> tuple[TrainConfig, bool]:
     """The TrainConfig and the --resume flag of a `voidprompt demo train` command line."""
     from voidprompt.demo.train import TrainConfig
 
-    args = _train_parser().parse_args(argv)
+    args = use_help_format(_train_parser()).parse_args(argv)
     settings = {name: getattr(args, name) for name in _TRAIN_FLAGS}
     return TrainConfig(out_dir=args.out, minutes=args.minutes, **settings), args.resume
 
@@ -157,7 +158,7 @@ def tune_decoder_config(argv: list[str]) -> tuple[Any, bool]:
                    help="weight of the PatchGAN term (default none: pixel losses only)")
     p.add_argument("--adversarial-from", type=int, default=d.adversarial_from)
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
-    args = p.parse_args(argv)
+    args = use_help_format(p).parse_args(argv)
     config = DecoderTuneConfig(
         model=args.model or miniature_model_path(), out_dir=args.out, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, ema=args.ema, edge_weight=args.edge_weight,
@@ -187,7 +188,7 @@ def _gallery(argv: list[str]) -> int:
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the miniature model)")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
+    args = use_help_format(p).parse_args(argv)
     index = write_gallery(args.out, model=args.model, seed=args.seed, threads=args.threads)
     print(f"wrote the gallery to {index.parent} (open {index})")
     return 0
@@ -228,8 +229,8 @@ def _study(argv: list[str]) -> int:
     p.add_argument(
         "--batch-size", type=int, default=None, help="images per sampler run (default: the study's)"
     )
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = use_help_format(p).parse_args(argv)
     result = run_demo(
         args.study,
         args.out,

@@ -74,7 +74,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="keep pictures whose UNet or VAE output is NaN (A1111's flag; they come out black)",
     )
-    run.add_argument("--executor", choices=("local", "ray"), default="local")
+    run.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine's processes; ray: a Ray cluster (the ray extra)",
+    )
     run.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local one")
     run.add_argument(
         "--gpus-per-worker",
@@ -93,11 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         "Ray: how many workers (default: [run] workers, else 1 locally)",
     )
     run.add_argument("--max-jobs", type=int, help="stop after this many images")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ls = sub.add_parser("ls", help="summary and the images of a run")
     with_catalog(ls)
-    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("--limit", type=int, default=20, help="most images listed")
 
     show = sub.add_parser("show", help="one image: settings, infotext, measures, labels")
     with_catalog(show)
