@@ -169,3 +169,24 @@ def test_hires_accepts_a_model_upscaler_name(client: Any) -> None:
     body = {"prompt": "x", "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+ Anime6B", "steps": 1}
     answer = client.post("/sdapi/v1/txt2img", json=body)
     assert answer.status_code == 400 and "RealESRGAN_x4plus_anime_6B.pth" in answer.text
+
+
+def test_esrgan_tile_settings_reach_the_tiled_run(client: Any, models: Path, picture: Image.Image) -> None:
+    # A1111's ESRGAN_tile / ESRGAN_tile_overlap settings: 8 px tiles overlapping by 2 cut the 20x12
+    # picture into several tiles, which the default 192 px tile does not.
+    net = load_rrdbnet(models / "ESRGAN" / "4x-Tiny.pth")
+    body = {"image": _b64(picture), "upscaler_1": "4x-Tiny", "upscaling_resize": 4}
+    try:
+        tiles = {"ESRGAN_tile": 8, "ESRGAN_tile_overlap": 2}
+        assert client.post("/sdapi/v1/options", json=tiles).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["ESRGAN_tile"] == 8
+        data = client.post("/sdapi/v1/extra-single-image", json=body).json()
+        expected = upscale_with_model(net, picture, tile=8, overlap=2)
+        assert expected.tobytes() != upscale_with_model(net, picture).tobytes()
+        np.testing.assert_array_equal(np.asarray(_image(data["image"]).convert("RGB")), np.asarray(expected))
+        # An overlap as wide as the tile is refused before anything changes.
+        answer = client.post("/sdapi/v1/options", json={"ESRGAN_tile_overlap": 8})
+        assert answer.status_code == 400 and "overlap" in answer.json()["detail"]
+        assert client.get("/sdapi/v1/options").json()["ESRGAN_tile_overlap"] == 2
+    finally:
+        client.post("/sdapi/v1/options", json={"ESRGAN_tile": 192, "ESRGAN_tile_overlap": 8})

@@ -35,6 +35,7 @@ from voidprompt.infotext import KEY_ORDER, TRAILING_KEYS, request_fields_from_in
 from voidprompt.models.load import load_model
 from voidprompt.models.placement import PrecisionPolicy, resolve_device, resolve_precision
 from voidprompt.models.upscalers.registry import Upscalers
+from voidprompt.models.upscalers.tiled import DEFAULT_TILE, DEFAULT_TILE_OVERLAP
 from voidprompt.pipeline.engine import Engine, GenerationHooks, Progress
 from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
 from voidprompt.pipeline.result import Result
@@ -160,6 +161,9 @@ OPTION_SPECS: dict[str, OptionSpec] = {
     # The refiner switch's two settings (the checkpoint and the switch point are request fields).
     "hires_fix_refiner_pass": OptionSpec("second pass", str, "hires_fix_refiner_pass", HIRES_REFINER_PASSES),
     "refiner_switch_by_sample_steps": OptionSpec(False, bool, "refiner_switch_by_sample_steps"),
+    # Model upscalers' tiles (the server's upscalers follow them; see the options route).
+    "ESRGAN_tile": OptionSpec(DEFAULT_TILE, int),
+    "ESRGAN_tile_overlap": OptionSpec(DEFAULT_TILE_OVERLAP, int),
     # Accepted and reported so clients that set them keep working; they change nothing here.
     "samples_format": OptionSpec("png", str, None, ("png",)),
     "return_grid": OptionSpec(False, bool),

@@ -113,17 +113,28 @@ class Upscalers:
     ) -> None:
         self.esrgan_dirs = [Path(d) for d in esrgan_dirs]
         self.realesrgan_dirs = [Path(d) for d in realesrgan_dirs]
+        self.tile = DEFAULT_TILE
+        self.tile_overlap = DEFAULT_TILE_OVERLAP
+        self.set_tiles(tile, tile_overlap)
+        self.device = torch.device(device)
+        # The last model read, by (path, size, mtime): a hires batch or an extras batch upscales
+        # every picture with the same file.
+        self._loaded: tuple[tuple[Path, int, int], RRDBNet] | None = None
+
+    @staticmethod
+    def check_tiles(tile: int, tile_overlap: int) -> None:
+        """Refuse a tile size and overlap A1111's tiled run cannot use (its ``ESRGAN_tile`` and
+        ``ESRGAN_tile_overlap`` settings)."""
         if tile < 0 or tile_overlap < 0 or (tile > 0 and tile_overlap >= tile):
             raise InvalidRequestError(
                 f"upscaler tiles of {tile} px overlapping by {tile_overlap}: use a tile of 0 (no tiling) or "
                 "more, and an overlap from 0 to below the tile (A1111's defaults: 192 and 8)"
             )
-        self.tile = tile
-        self.tile_overlap = tile_overlap
-        self.device = torch.device(device)
-        # The last model read, by (path, size, mtime): a hires batch or an extras batch upscales
-        # every picture with the same file.
-        self._loaded: tuple[tuple[Path, int, int], RRDBNet] | None = None
+
+    def set_tiles(self, tile: int, tile_overlap: int) -> None:
+        """Use ``tile`` px tiles overlapping by ``tile_overlap`` from the next upscale on."""
+        self.check_tiles(tile, tile_overlap)
+        self.tile, self.tile_overlap = tile, tile_overlap
 
     @classmethod
     def in_models_dir(

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from voidprompt.models.upscalers.registry import Upscalers
 from voidprompt.pipeline.hires import LATENT_UPSCALE_MODES
 from voidprompt.sampling.registry import SAMPLERS, SCHEDULERS
 from voidprompt.server import models as m
@@ -36,6 +37,12 @@ def router(state: App) -> APIRouter:
             state.registry.find(model)  # 404 naming the titles before anything changes
         if vae is not None:
             state.registry.find_vae(vae)
+        current = state.options.snapshot()
+        tiles = (
+            normalised.get("ESRGAN_tile", current["ESRGAN_tile"]),
+            normalised.get("ESRGAN_tile_overlap", current["ESRGAN_tile_overlap"]),
+        )
+        Upscalers.check_tiles(*tiles)  # 400 before anything changes
 
         def apply() -> None:
             if model is not None:
@@ -45,6 +52,7 @@ def router(state: App) -> APIRouter:
             if vae is not None:
                 state.host.selected_vae = vae
             state.options.update(normalised)
+            state.upscalers.set_tiles(*tiles)
 
         await state.queue.run("options", apply)
         return None
