@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import time
 import zipfile
 from collections.abc import Iterator
@@ -179,6 +180,10 @@ def test_hires_style_lora_zip_and_png_info_round_trip(browser, ui_server, downlo
         assert key in lines[2], key
     assert picture.size == (128, 128)
     b.save_screenshot(str(artifacts / "a1111-01-hires-style-lora.png"))
+    # Every button, the script's included, says what it does in words (no emoji font needed).
+    labels = b.execute_script("return [...document.querySelectorAll('button')].map(x => x.textContent)")
+    assert "Send to img2img" in labels and "Zip" in labels
+    assert all(re.search(r"[A-Za-z]{2,}", t) and t.isascii() for t in labels), labels
 
     # The same request sent by hand gives the same picture: the form sends what it shows.
     body = {
@@ -245,7 +250,6 @@ def record_progress(b) -> None:  # type: ignore[no-untyped-def]
 def test_switch_checkpoint_and_vae_with_progress(browser, ui_server, artifacts) -> None:  # type: ignore[no-untyped-def]
     """The checkpoint dropdown loads the other file (one resident at a time) and the VAE dropdown
     sets sd_vae; the next picture names both and equals the API's; progress reads "N% ETA Ns"."""
-    import re
 
     from selenium.webdriver.support.ui import Select
 
