@@ -21,7 +21,7 @@ from voidprompt.lab.cli import _measured_speed, check_report_columns
 from voidprompt.lab.labels import label_scheme
 from voidprompt.lab.plugins import Plugins, installed_plugins
 from voidprompt.lab.run import model_files
-from voidprompt.lab.study import Study, StudySummary, summarize
+from voidprompt.lab.study import Study, StudySummary, parse_study, summarize
 
 __all__ = ["DesignForm", "check_study", "error_field", "form_to_toml"]
 
@@ -69,9 +69,27 @@ def _toml_key(key: str) -> str:
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
 
 
-def form_to_toml(form: DesignForm) -> str:
-    """The study file a form stands for. A field some axis is named after is left out of
-    ``[settings]`` (the axis sweeps it); ``None`` values are left out (TOML has no null)."""
+def form_to_toml(form: DesignForm, path: Path | str = "<form>") -> str:
+    """The study file a form stands for. What an axis sweeps is left out of ``[settings]`` (a size
+    axis its width and height; which field an axis sets is the lab reader's answer), and so are
+    ``None`` values (TOML has no null). ``path`` anchors relative file names, as the file's own."""
+    swept = set(form.axes)
+    try:
+        for axis in parse_study(_write(form, {}), path).axes:
+            swept.add(axis.target)
+            if axis.kind == "size":
+                swept |= {"width", "height"}
+    except StudyError:
+        pass  # the axes themselves are wrong: the whole form's check names the mistake
+    settings = {
+        k: v
+        for k, v in form.fields.items()
+        if v is not None and k not in swept and not (k in _ONE_IMAGE and v == 1)
+    }
+    return _write(form, settings)
+
+
+def _write(form: DesignForm, fields: Mapping[str, Any]) -> str:
     lines = ["[study]", f"name = {_toml_value(form.name, '[study] name')}"]
     if form.description:
         lines.append(f"description = {_toml_value(form.description, '[study] description')}")
@@ -81,25 +99,15 @@ def form_to_toml(form: DesignForm) -> str:
     if model:
         lines += ["", "[model]"]
         lines += [f"{_toml_key(k)} = {_toml_value(v, f'[model] {k}')}" for k, v in model.items()]
-    settings: dict[str, Any] = {}
-    prompt: dict[str, Any] = {}
-    for name, value in form.fields.items():
-        if value is None or name in form.axes:
-            continue
-        if name in _ONE_IMAGE and value == 1:
-            continue
-        if name == "prompt":
-            prompt["positive"] = value
-        elif name == "negative_prompt":
-            prompt["negative"] = value
-        else:
-            settings[name] = value
+    settings = {k: v for k, v in fields.items() if k not in ("prompt", "negative_prompt")}
+    prompt = {"prompt": "positive", "negative_prompt": "negative"}
+    prompts = {prompt[k]: v for k, v in form.fields.items() if k in prompt and v is not None}
     if settings:
         lines += ["", "[settings]"]
         lines += [f"{_toml_key(k)} = {_toml_value(v, f'[settings] {k}')}" for k, v in settings.items()]
-    if prompt:
+    if prompts:
         lines += ["", "[prompt]"]
-        lines += [f"{k} = {_toml_value(v, f'[prompt] {k}')}" for k, v in prompt.items()]
+        lines += [f"{k} = {_toml_value(v, f'[prompt] {k}')}" for k, v in prompts.items()]
     if form.axes:
         lines += ["", "[axes]"]
         lines += [f"{_toml_key(str(k))} = {_toml_value(v, f'[axes] {k}')}" for k, v in form.axes.items()]

@@ -109,6 +109,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        state.study_queue.close()  # first: its scheduler must not start the next study
         state.studies.stop_all()
         state.queue.close()
 

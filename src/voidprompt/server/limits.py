@@ -32,6 +32,8 @@ class Limits:
     max_input_pixels: int = 4096 * 4096  # decoded init images / masks / png-info uploads
     max_prompt_chars: int = MAX_PROMPT_CHARS  # a server may lower it; requests never exceed it
     max_queued: int = 64
+    # Jobs of one study queued on the server (each job is also checked against the limits above).
+    max_study_jobs: int = 10_000
     # A1111's slider stops at 30; far beyond 100 the output is saturated noise and inf/NaN poison it.
     max_cfg_scale: float = 100.0
     # Connections (voidprompt.server.serving): open sockets at once; seconds a client has to send a

@@ -18,6 +18,7 @@ from voidprompt.server.limits import Limits
 from voidprompt.server.networks import NetworkFolders
 from voidprompt.server.queue import GenerationQueue
 from voidprompt.server.studies import StudyRegistry
+from voidprompt.server.study_queue import StudyQueue
 
 __all__ = ["DEFAULT_OUTDIR", "DEFAULT_STYLES_FILE", "App", "ServerConfig", "load_styles"]
 
@@ -98,6 +99,7 @@ class App:
         if config.default_model:
             self.host.select(config.default_model)
         self.studies = StudyRegistry(config.studies_dir, run_args=config.study_run_args)
+        self.study_queue = StudyQueue(self.studies, config.limits)
         self.explanations = ExplanationCache(config.explain_cache)
         self._tokenizer: Any = None
 

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +65,8 @@ class ReportUnavailableError(StudyError):
 
 REPORT_STAMP = ".voidprompt-server-report.json"
 INTERRUPT_REPEAT_S = 2.0  # a study run that has not stopped yet gets SIGINT again this often
+# Names of study files saved over HTTP: one plain file name, never a path.
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -324,6 +327,33 @@ class StudyRegistry:
             with catalog:
                 catalog.set_label(image_id, label_class, tags, source=source)
 
+    def new_study_path(self, name: str) -> Path:
+        """Where a study designed over HTTP is saved: ``NAME.toml`` at the top of the studies folder."""
+        if self.folder is None:
+            raise StudyError("this server has no studies folder; start it with --studies-dir DIR")
+        if not STUDY_NAME.fullmatch(name):
+            raise StudyError(
+                f"name={name!r}: 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or "
+                "digit, e.g. cfg-sweep"
+            )
+        return self.folder / f"{name}.toml"
+
+    def save_study(self, name: str, text: str, *, overwrite: bool) -> StudyEntry:
+        """Write a (checked) study file atomically; an existing one only with ``overwrite``, and never
+        while its study runs."""
+        path = self.new_study_path(name)
+        study_id = _make_id(path, self.folder) if self.folder is not None else name
+        if self.is_running(study_id):
+            raise CatalogBusyError(f"study {study_id!r} is running; stop it before replacing its file")
+        try:
+            atomic_write_text(path, text, overwrite=overwrite)
+        except FileExistsError:
+            raise CatalogBusyError(
+                f"{path.name} exists in the studies folder; choose another name or pass overwrite=true"
+            ) from None
+        self.refresh()
+        return self.get(study_id)
+
     # --------------------------------------------------------------------------------------- runs
 
     def is_running(self, study_id: str) -> bool:
@@ -450,6 +480,16 @@ def _read_stamp(path: Path) -> dict[str, Any] | None:
 
 def _write_stamp(path: Path, stamp: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(stamp, indent=1))
+
+
+def image_count(catalog_path: Path) -> int:
+    """How many of its jobs a catalog has a picture of (0 before the run has made its tables)."""
+    if not catalog_path.exists():
+        return 0
+    with Catalog.open(catalog_path, readonly=True) as catalog:
+        if not _has_images_table(catalog):
+            return 0
+        return int(catalog._db.execute("SELECT COUNT(DISTINCT job_id) FROM images").fetchone()[0])
 
 
 def human_labeled(catalog: Catalog) -> int:

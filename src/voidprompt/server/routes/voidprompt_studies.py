@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 from voidprompt.errors import InvalidRequestError
 from voidprompt.server import models as m
 from voidprompt.server.checkpoints import NotFoundError
-from voidprompt.server.routes import VOIDPROMPT
+from voidprompt.server.routes import VOIDPROMPT, voidprompt_lab
 from voidprompt.server.state import App
 from voidprompt.server.studies import human_labeled, image_record
 
@@ -241,4 +241,6 @@ def router(state: App) -> APIRouter:
             study=study_id, running=False, returncode=handle.process.poll(), log_tail="\n".join(handle.log)
         )
 
+    # The queue, designing and comparing: the lab's routes beside the studies' own.
+    router.include_router(voidprompt_lab.router(state))
     return router
