@@ -102,7 +102,30 @@ def test_check_catches_an_unknown_labeler(
     tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_weights: None
 ) -> None:
     text = study_text(tiny_checkpoint, sizes="16x16", seeds="1", labels='labeler = "detectr"')
-    assert "[labels] labeler = 'detectr' is not registered" in _check(tmp_path, text, capsys)
+    err = _check(tmp_path, text, capsys)
+    assert "[labels] labeler = 'detectr' is not registered" in err
+    assert err.endswith("; did you mean 'detector'?")
+
+
+@pytest.mark.parametrize(
+    ("labels", "missing"),
+    [
+        ('labeler = "wd14"\ntagger = "wd"', "wd/model.onnx"),
+        ('labeler = "deepdanbooru"\ntagger = "ddb.pt"', "ddb.pt"),
+    ],
+)
+def test_check_catches_a_missing_tagger_file(
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_weights: None,
+    labels: str,
+    missing: str,
+) -> None:
+    rules = '\nclasses = ["a", "b"]\nfallback = "b"\n[labels.rules]\na = ["x"]'
+    text = study_text(tiny_checkpoint, sizes="16x16", seeds="1", labels=labels + rules)
+    err = _check(tmp_path, text, capsys)
+    assert f"{tmp_path / missing} is missing; place the" in err
 
 
 def test_check_catches_a_missing_checkpoint(

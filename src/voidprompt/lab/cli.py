@@ -139,7 +139,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     plugins = installed_plugins()
     catalog_path = args.catalog or default_catalog_path(study)
     if args.command == "check":
-        label_scheme(study, plugins)
+        scheme = label_scheme(study, plugins)
+        if scheme.labeler is not None:
+            # A labeler may check its files (a tagger's) here; a run would refuse them at its first picture.
+            check_files = getattr(plugins.labeler(scheme.labeler, study.labels), "check", None)
+            try:
+                if callable(check_files):
+                    check_files()
+            except StudyError as error:
+                raise StudyError(f"{study.path}: {error}") from None
         model_files(study, [job.model for job in study.expand()], plugins)
         check_report_columns(study)
         seconds_per_pixel, steps, done = _measured_speed(catalog_path)

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
-from voidprompt.errors import StudyError
+from voidprompt.errors import StudyError, did_you_mean
 from voidprompt.lab.schema import LabelOptions, ModelRef
 
 LABELERS_GROUP = "voidprompt.labelers"
@@ -97,6 +97,7 @@ class Plugins:
                 f"[labels] labeler = {name!r} is not registered; registered: {_names(self.labelers)} "
                 f'(or "none" for no pre-labels). Packages register labelers under the {LABELERS_GROUP!r} '
                 "entry point group; after updating voidprompt from source, reinstall it (pip install -e .)"
+                + did_you_mean(name, self.labelers)
             )
         if _takes_options(factory):
             labeler = factory(options=options or LabelOptions())

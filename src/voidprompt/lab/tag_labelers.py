@@ -36,6 +36,7 @@ from voidprompt.lab.plugins import Label
 from voidprompt.lab.schema import DEFAULT_CLASSES, LabelOptions
 from voidprompt.models.taggers.deepdanbooru import DEFAULT_FILE
 from voidprompt.models.taggers.result import TagResult
+from voidprompt.models.taggers.wd14 import MODEL_FILE, TAGS_FILE
 from voidprompt.pipeline.interrogate import DEEPDANBOORU, WD14, Tagger, open_tagger
 
 __all__ = ["DeepDanbooruLabeler", "TaggerLabeler", "WD14Labeler", "label_from_tags"]
@@ -88,6 +89,19 @@ class TaggerLabeler:
     def _path(self) -> Path:
         raise NotImplementedError
 
+    def _files(self) -> list[Path]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Refuse missing tagger files without opening them (they are big): ``study check`` calls it,
+        so a run does not stop at its first picture."""
+        missing = next((f for f in self._files() if not f.is_file()), None)
+        if missing is not None:
+            raise StudyError(
+                f"[labels] tagger = {str(self.path)!r}: {missing} is missing; place the {self.name} tagger "
+                "there or correct the path (relative to the study file)"
+            )
+
     def tagger(self) -> Tagger:
         if self._tagger is None:
             self._tagger = open_tagger(
@@ -117,6 +131,9 @@ class WD14Labeler(TaggerLabeler):
             raise StudyError(f"[labels] tagger = {str(path)!r}: a WD14 tagger is a folder, not a file")
         return path
 
+    def _files(self) -> list[Path]:
+        return [self.path / MODEL_FILE, self.path / TAGS_FILE]
+
 
 class DeepDanbooruLabeler(TaggerLabeler):
     """A1111's DeepDanbooru file (default: where A1111 keeps it, ``models/torch_deepdanbooru``)."""
@@ -135,3 +152,6 @@ class DeepDanbooruLabeler(TaggerLabeler):
                 'not a folder; for a WD14 tagger folder write labeler = "wd14"'
             )
         return path
+
+    def _files(self) -> list[Path]:
+        return [self.path]
