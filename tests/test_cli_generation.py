@@ -156,6 +156,17 @@ def test_hires_flags_without_enable_hr_are_refused(
 # The hires fix.
 
 
+def test_an_unknown_hires_upscaler_fails_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _no_model(monkeypatch)
+    argv = ["txt2img", "--enable-hr", "--hr-upscaler", "Lanczoss", "--upscaler-dir", str(tmp_path)]
+    assert cli.main([*argv, "--out", str(tmp_path / "o")]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith("voidprompt: error: hr_upscaler='Lanczoss' is not available; choose one of Latent")
+    assert "Lanczos" in line
+
+
 def test_hires_flags_fill_the_request_fields(tmp_path: Path) -> None:
     argv = ["txt2img", "--enable-hr", "--hr-upscaler", "Lanczos", "--hr-second-pass-steps", "3",
             "--denoising-strength", "0.4", "--hr-resize-x", "160", "--hr-resize-y", "192",

@@ -403,7 +403,8 @@ def _preflight(args: argparse.Namespace, fields: dict[str, Any]) -> GenerationRe
     With no --width/--height the size is the model's native one, read from the file's header."""
     from voidprompt.demo.miniature import miniature_model_path
     from voidprompt.models.info import checkpoint_native_size
-    from voidprompt.pipeline.hires import hires_target
+    from voidprompt.models.upscalers.registry import Upscalers
+    from voidprompt.pipeline.hires import check_hr_upscaler, hires_target
     from voidprompt.prompts.styles import StyleDatabase
     from voidprompt.sampling.registry import resolve
 
@@ -421,6 +422,7 @@ def _preflight(args: argparse.Namespace, fields: dict[str, Any]) -> GenerationRe
     if request.enable_hr:
         resolve(request.hr_sampler_name or request.sampler_name, request.hr_scheduler or request.scheduler)
         hires_target(request)
+        check_hr_upscaler(request.hr_upscaler, Upscalers.in_models_dir(args.upscaler_dir))
     return request
 
 
