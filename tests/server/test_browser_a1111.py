@@ -39,7 +39,7 @@ def ui_server(tmp_path_factory, tiny_checkpoint, server_tools):  # type: ignore[
     from safetensors.torch import save_file
 
     from voidprompt.models.networks.extract import extract_lora
-    from voidprompt.testing.fake_checkpoints import tiny_vae_state_dict, write_tiny_checkpoint
+    from voidprompt.testing.fake_checkpoints import write_tiny_checkpoint
 
     make_config, start_server = server_tools
     root = tmp_path_factory.mktemp("ui-server")
@@ -49,8 +49,6 @@ def ui_server(tmp_path_factory, tiny_checkpoint, server_tools):  # type: ignore[
         root, tiny_checkpoint, styles_files=[root / "styles.csv"], upscaler_dir=root / "models"
     )
     other = write_tiny_checkpoint(root / "models" / "Stable-diffusion" / "tiny-b.safetensors", seed=1)
-    (root / "models" / "VAE").mkdir(parents=True)
-    save_file(tiny_vae_state_dict(seed=5), str(root / "models" / "VAE" / "other.vae.safetensors"))
     (root / "models" / "Lora").mkdir(parents=True)
     extract_lora(tiny_checkpoint, other, root / "models" / "Lora" / "tinylora.safetensors", rank=2)
     (root / "embeddings").mkdir()
@@ -166,19 +164,19 @@ def test_hires_style_lora_zip_and_png_info_round_trip(browser, ui_server, downlo
     assert css(b, "#negative_prompt").get_attribute("value") == "lowres vpemb"
     Select(css(b, "#styles")).select_by_value("watercolor")
 
-    fill(b, width=64, height=64, steps=1, seed=1234)
+    fill(b, width=32, height=32, steps=1, seed=1234)  # 32 px: a tenth of 64's time
     css(b, "#enable_hr").click()
     Select(css(b, "#hr_upscaler")).select_by_value("Latent (nearest)")
     fill(b, hr_second_pass_steps=1)
-    assert css(b, "#hr-info").text == "from 64x64 to 128x128"
+    assert css(b, "#hr-info").text == "from 32x32 to 64x64"
     infotext, picture = generate(b)
     lines = infotext.split("\n")
     assert lines[0] == "a cat <lora:tinylora:1>, outdoors, watercolor"
     assert lines[1] == "Negative prompt: lowres vpemb, blurry"
-    for key in ("Seed: 1234", "Size: 64x64", "Denoising strength: 0.7", "Hires upscale: 2", "Hires steps: 1",
+    for key in ("Seed: 1234", "Size: 32x32", "Denoising strength: 0.7", "Hires upscale: 2", "Hires steps: 1",
                 "Hires upscaler: Latent (nearest)", 'Lora hashes: "tinylora:'):  # fmt: skip
         assert key in lines[2], key
-    assert picture.size == (128, 128)
+    assert picture.size == (64, 64)
     b.save_screenshot(str(artifacts / "a1111-01-hires-style-lora.png"))
     # Every button, the script's included, says what it does in words (no emoji font needed).
     labels = b.execute_script("return [...document.querySelectorAll('button')].map(x => x.textContent)")
@@ -189,7 +187,7 @@ def test_hires_style_lora_zip_and_png_info_round_trip(browser, ui_server, downlo
     body = {
         "prompt": "a cat <lora:tinylora:1>, outdoors", "negative_prompt": "lowres vpemb",
         "styles": ["watercolor"],
-        "seed": 1234, "steps": 1, "width": 64, "height": 64, "sampler_name": "Euler a", "cfg_scale": 7,
+        "seed": 1234, "steps": 1, "width": 32, "height": 32, "sampler_name": "Euler a", "cfg_scale": 7,
         "enable_hr": True, "hr_upscaler": "Latent (nearest)", "hr_scale": 2, "hr_second_pass_steps": 1,
         "denoising_strength": 0.7,
     }  # fmt: skip
@@ -225,7 +223,7 @@ def test_hires_style_lora_zip_and_png_info_round_trip(browser, ui_server, downlo
     assert [o.get_attribute("value") for o in Select(css(b, "#styles")).all_selected_options] == [
         "watercolor"
     ]
-    assert (value("#seed"), value("#width"), value("#height"), value("#steps")) == ("1234", "64", "64", "1")
+    assert (value("#seed"), value("#width"), value("#height"), value("#steps")) == ("1234", "32", "32", "1")
     assert css(b, "#enable_hr").is_selected()
     assert (value("#hr_upscaler"), value("#hr_scale"), value("#hr_second_pass_steps")) == (
         "Latent (nearest)",
@@ -251,8 +249,15 @@ def test_switch_checkpoint_and_vae_with_progress(browser, ui_server, artifacts) 
     """The checkpoint dropdown loads the other file (one resident at a time) and the VAE dropdown
     sets sd_vae; the next picture names both and equals the API's; progress reads "N% ETA Ns"."""
 
+    from safetensors.torch import save_file
     from selenium.webdriver.support.ui import Select
 
+    from voidprompt.testing.fake_checkpoints import tiny_vae_state_dict
+
+    # A VAE file written here (the quick test does not need it) and found by A1111's refresh route.
+    (ui_server.root / "models" / "VAE").mkdir(parents=True, exist_ok=True)
+    save_file(tiny_vae_state_dict(seed=5), str(ui_server.root / "models" / "VAE" / "other.vae.safetensors"))
+    assert httpx.post(ui_server.url + "/sdapi/v1/refresh-vae", timeout=30).status_code == 200
     b = browser
     open_page(b, ui_server)
     titles = [o.get_attribute("value") for o in csss(b, "#model-select option")]
