@@ -127,6 +127,19 @@ def test_an_out_path_that_is_a_file_fails_before_loading(
     assert existing.read_bytes() == b"x"
 
 
+@pytest.mark.parametrize(
+    ("flag", "what"),
+    [("--vae", "no such file"), ("--lora-dir", "no such folder"), ("--embeddings-dir", "no such folder")],
+)
+def test_a_missing_vae_or_network_folder_fails_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flag: str, what: str
+) -> None:
+    _no_model(monkeypatch)
+    gone = tmp_path / "gone"
+    assert cli.main(["txt2img", flag, str(gone), "--out", str(tmp_path / "o")]) == 1
+    assert _one_error_line(capsys).startswith(f"voidprompt: error: {flag} {gone}: {what}")
+
+
 def test_sampler_and_schedule_typos_are_refused_with_a_suggestion(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

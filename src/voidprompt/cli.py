@@ -409,6 +409,15 @@ def _preflight(args: argparse.Namespace, fields: dict[str, Any]) -> GenerationRe
     from voidprompt.sampling.registry import resolve
 
     _checked_out_folder(args.out)
+    if args.vae and not Path(args.vae).is_file():
+        raise InvalidRequestError(f"--vae {args.vae}: no such file; give the VAE file's path")
+    for flag, folder in (
+        ("--embeddings-dir", args.embeddings_dir),
+        ("--lora-dir", args.lora_dir),
+        ("--hypernet-dir", args.hypernet_dir),
+    ):
+        if folder and not Path(folder).is_dir():
+            raise InvalidRequestError(f"{flag} {folder}: no such folder; check the path")
     if args.width is None or args.height is None:
         native = checkpoint_native_size(Path(args.model) if args.model else miniature_model_path())
         fields.update(width=args.width or native, height=args.height or native)
