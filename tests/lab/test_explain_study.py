@@ -303,8 +303,11 @@ def test_the_report_draws_the_heatmap_grid_and_the_attention_plots(ran: Study, t
                  "explain-01-w-guidance.png", "explain-01-w-guidance.svg"):  # fmt: skip
         assert name in names
     with Image.open(tmp_path / "r" / "figures" / "explain-01-w-heatmaps.png") as grid:
-        # 2 W values x 2 tags, 128 px cells right of the longest label (7 px a character).
-        left, top = len("negative:lowres") * 7 + 10, 18 * 3 + 4
+        # 2 W values x 2 tags, 128 px cells right of the longest label (its width in the label font,
+        # 12 px to spare) under three 20 px lines of title and column labels.
+        from voidprompt.lab.report.figures import label_font
+
+        left, top = int(label_font().getlength("negative:lowres")) + 12, 20 * 3 + 4
         assert grid.size == (left + 2 * 128, top + 2 * 128)
         drawn = np.asarray(grid.convert("RGB"))
     # Cell (W = 1.5, the top tag): the mean of the tag's maps over that W's two captured pictures,

@@ -162,3 +162,33 @@ def test_pictures_first_and_who_labelled(ran: Study, tmp_path: Path) -> None:
         catalog.set_label(second, classes[-1])
     page = build_report(ran, catalog_path=folder / "catalog.sqlite", out_dir=tmp_path / "r2").html.read_text()
     assert labelled.findall(page) == ["12 of 12 images labelled: 2 by a person, 10 by the labeler detector"]
+
+
+def test_grid_page_cells_have_borders_and_labels_fit(tmp_path: Path) -> None:
+    """Each cell of a grid page is outlined (two neighbours: a 2-pixel line between them), the
+    pictures sit inside the outline, and the row labels' margin is wider than their widest line."""
+    import numpy as np
+    from PIL import Image
+
+    from voidprompt.lab.report.data import ReportData
+    from voidprompt.lab.report.figures import BORDER, CELL, image_grid, label_font
+
+    rows = []
+    for i, (size, w) in enumerate([("128x128", 1.0), ("128x128", 1.5), ("128x64", 1.0), ("128x64", 1.5)]):
+        width, height = map(int, size.split("x"))
+        Image.new("RGB", (width, height), (255, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append({"path": f"{i}.png", "size": size, "W": w, "seed": 1, "width": width, "height": height})
+    page = np.asarray(
+        image_grid(ReportData(rows, ["size", "W", "seed"], [], 64), tmp_path, "W", "size", {}, "t")
+    )
+    left = page.shape[1] - 2 * CELL
+    top = page.shape[0] - 2 * CELL
+    widest = max(label_font().getlength(line) for line in ("size=", "128x128", "128x64"))
+    assert left > widest + 4
+    line = page[top + CELL // 2, left + CELL - 3 : left + CELL + 3].tolist()
+    red, white, border = [255, 0, 0], [255, 255, 255], list(BORDER)
+    assert line == [red, white, border, border, white, red]  # picture, margin, outlines, margin, picture
+    assert page[top, left + 5].tolist() == list(BORDER) and page[
+        top + 2 * CELL - 1, left + 5
+    ].tolist() == list(BORDER)
+    assert page[top + CELL + 10, left + 10].tolist() == [255, 255, 255]  # the landscape picture's margin

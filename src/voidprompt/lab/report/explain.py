@@ -21,7 +21,7 @@ from voidprompt.explain.render import overlay
 from voidprompt.explain.store import load_explanation
 from voidprompt.lab.catalog import GUIDANCE_MEASURE
 from voidprompt.lab.report.data import ReportData, select
-from voidprompt.lab.report.figures import CELL, empty_cell, grid_canvas, paste_in_cell
+from voidprompt.lab.report.figures import CELL, empty_cell, grid_canvas, label_margin, paste_in_cell
 from voidprompt.lab.schema import ExplainView
 
 # The per-tag measures a view plots against its axis.
@@ -121,8 +121,8 @@ def heatmap_grid(
             # A picture of another size (another map shape) does not average in.
             same = [m for _, m in found if m.shape == first.shape]
             cells[(i, j)] = (folder / representative["path"], np.mean(np.stack(same), axis=0))
-    left = max(80, min(TAG_LABEL_CHARS, max((len(t) for t in tags), default=4)) * 7 + 10)
     labels = [t if len(t) <= TAG_LABEL_CHARS else t[: TAG_LABEL_CHARS - 3] + "..." for t in tags]
+    left = max(80, label_margin(labels))
     canvas, draw, top = grid_canvas(title, view.x, xs, labels, left)
     for j in range(len(tags)):
         row_cells = [cells[(i, j)][1] for i in range(len(xs)) if (i, j) in cells]

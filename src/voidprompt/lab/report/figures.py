@@ -18,11 +18,24 @@ from voidprompt.lab.report.data import ReportData, mean_ci, select
 from voidprompt.lab.stats import ProportionRow
 
 CELL = 128  # longest side of a grid cell in pixels; small images are scaled up (nearest)
-LABEL_H = 18
+LABEL_H = 20
+BORDER = (150, 150, 150)  # the line around each cell, so neighbouring pictures do not run together
 
 
 def label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+    """Pillow's bundled font at a readable size (no file is looked up); the tiny bitmap font where
+    Pillow was built without FreeType."""
+    try:
+        return ImageFont.load_default(size=13)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def label_margin(labels: Sequence[str]) -> int:
+    """The left margin that fits the row labels (each line measured in the label font)."""
+    font = label_font()
+    widest = max((font.getlength(line) for label in labels for line in label.split("\n")), default=0)
+    return max(60, int(widest) + 12)
 
 
 def grid_canvas(
@@ -42,11 +55,14 @@ def grid_canvas(
         draw.text((left + i * CELL + 4, LABEL_H * 2), str(xv), fill="black", font=font)
     for j, label in enumerate(row_labels):
         draw.text((4, top + j * CELL + 4), label, fill="black", font=font)
+    for i, j in itertools.product(range(len(xs)), range(len(row_labels))):
+        x0, y0 = left + i * CELL, top + j * CELL
+        draw.rectangle((x0, y0, x0 + CELL - 1, y0 + CELL - 1), outline=BORDER)
     return canvas, draw, top
 
 
 def empty_cell(draw: ImageDraw.ImageDraw, box: tuple[int, int]) -> None:
-    draw.rectangle((*box, box[0] + CELL - 2, box[1] + CELL - 2), fill=(200, 200, 200))
+    draw.rectangle((box[0] + 2, box[1] + 2, box[0] + CELL - 3, box[1] + CELL - 3), fill=(200, 200, 200))
 
 
 def paste_in_cell(
@@ -81,8 +97,9 @@ def image_grid(
     """
     rows = select(data.rows if rows is None else rows, fixed)
     xs, ys = data.values(x, rows), data.values(y, rows)
-    left = max(60, max((len(str(v)) for v in ys), default=4) * 7 + 10)
-    canvas, draw, top = grid_canvas(title, x, xs, [f"{y}=\n{yv}" for yv in ys], left)
+    labels = [f"{y}=\n{yv}" for yv in ys]
+    left = label_margin(labels)
+    canvas, draw, top = grid_canvas(title, x, xs, labels, left)
     for (i, xv), (j, yv) in itertools.product(enumerate(xs), enumerate(ys)):
         cell = select(rows, {x: xv, y: yv})
         box = (left + i * CELL, top + j * CELL)
