@@ -126,7 +126,21 @@ def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  #
     b.execute_script("document.querySelector('#study-report').scrollIntoView()")
     b.save_screenshot(str(artifacts / "02-report.png"))
 
-    # Labeling: ten images with the keyboard (1-4 classes, an arrow, an undo).
+    # Labeling: ten images with the keyboard (1-4 classes, an arrow, an undo). The last two images
+    # carry a labeler's pre-label, counted apart from a person's labels.
+    import httpx
+
+    listed = httpx.get(
+        study_server.url + "/voidprompt/v1/studies/smoke/images?unlabeled=true", timeout=60
+    ).json()
+    prelabeled = [im["id"] for im in listed["images"][-2:]]
+    for image_id in prelabeled:
+        put = httpx.put(
+            f"{study_server.url}/voidprompt/v1/studies/smoke/labels/{image_id}",
+            json={"label_class": listed["classes"][0], "source": "detector"},
+            timeout=60,
+        )
+        assert put.status_code == 200, put.text
     b.find_element(By.CSS_SELECTOR, "#tab-label").click()
     wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#label-study option"))
     Select(b.find_element(By.CSS_SELECTOR, "#label-study")).select_by_value("smoke")
@@ -149,10 +163,16 @@ def test_generate_browse_and_label(browser, study_server, artifacts) -> None:  #
     grid.send_keys("2")
     wait_for(lambda: "10 / 12 labeled" in b.find_element(By.CSS_SELECTOR, "#label-progress").text, 30)
     grid.send_keys(Keys.ARROW_LEFT)
+    progress = b.find_element(By.CSS_SELECTOR, "#label-progress").text
+    assert progress == "10 / 12 labeled by a person \u00b7 2 pre-labeled by detector"
     b.save_screenshot(str(artifacts / "03-label.png"))
+    for image_id in prelabeled:
+        httpx.put(
+            f"{study_server.url}/voidprompt/v1/studies/smoke/labels/{image_id}",
+            json={"label_class": None, "source": "detector"},
+            timeout=60,
+        )
     assert b.find_element(By.CSS_SELECTOR, "#label-error").text == ""
-
-    import httpx
 
     # The study's own classes, in its order (keys 1-4 pick them).
     classes = httpx.get(study_server.url + "/voidprompt/v1/studies/smoke/images?limit=1", timeout=60).json()[

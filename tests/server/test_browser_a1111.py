@@ -398,3 +398,66 @@ def test_extras_scale_by_and_scale_to(browser, ui_server, artifacts, tmp_path: P
     fill(b, upscaling_resize_w=96, upscaling_resize_h=64)
     assert run().size == (96, 64)
     css(b, "#tab-generate").click()
+
+
+@pytest.mark.slow  # a browser driving the web UI: PNG Info to img2img and the rest of the form
+def test_png_info_to_img2img_and_the_other_fields(browser, ui_server, artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A hypernetwork card inserts its tag; Tiling and "resize seed from" reach the request and the
+    infotext; PNG Info's "Send to img2img" switches to img2img with the picture as init image and
+    the parameters in the form."""
+    b = browser
+    (ui_server.root / "models" / "hypernetworks").mkdir(parents=True, exist_ok=True)
+    (ui_server.root / "models" / "hypernetworks" / "vphyper.pt").write_bytes(b"listed by name only")
+    open_page(b, ui_server)
+    wait_for(lambda: csss(b, "#networks-hypernetworks .card"))
+    css(b, "#networks-toggle").click()
+    b.execute_script(
+        "const p = document.querySelector('#prompt'); p.value = 'red'; p.focus(); p.setSelectionRange(3, 3);"
+    )
+    css(b, "#networks-hypernetworks .card").click()
+    assert css(b, "#prompt").get_attribute("value") == "red <hypernet:vphyper:1>"
+    fill(b, prompt="red", width=32, height=32, steps=1, seed=42)
+    css(b, "#tiling").click()
+    css(b, "#seed-extra").click()
+    fill(b, seed_resize_from_w=48, seed_resize_from_h=40)
+    sent = b.execute_script("return formBody()")
+    assert (sent["tiling"], sent["seed_resize_from_w"], sent["seed_resize_from_h"]) == (True, 48, 40)
+    infotext, picture = generate(b)
+    assert "Tiling: True" in infotext and "Seed resize from: 48x40" in infotext
+    path = tmp_path / "made.png"
+    picture.save(path, pnginfo=_text_chunk(infotext))
+
+    # PNG Info, then Send to img2img: the form from the parameters, the picture as init image.
+    fill(b, prompt="", seed=-1, seed_resize_from_w=0, seed_resize_from_h=0)
+    for box in ("#tiling", "#seed-extra"):
+        css(b, box).click()
+    css(b, "#tab-pnginfo").click()
+    css(b, "#pnginfo-file").send_keys(str(path))
+    wait_for(lambda: css(b, "#pnginfo-text").text.startswith("red\n"))
+    css(b, "#pnginfo-to-img2img").click()
+    assert css(b, "input[name=mode][value=img2img]").is_selected()
+    assert not css(b, "#img2img-fields").get_attribute("hidden")
+    wait_for(lambda: b.execute_script("return document.querySelector('#mask-canvas').width") == 32)
+    value = lambda sel: css(b, sel).get_attribute("value")  # noqa: E731
+    assert (value("#prompt"), value("#seed"), value("#seed_resize_from_w"), value("#seed_resize_from_h")) == (
+        "red", "42", "48", "40"
+    )  # fmt: skip
+    assert css(b, "#tiling").is_selected() and css(b, "#seed-extra").is_selected()
+    init = b.execute_script("return initImageB64")
+    assert (
+        init.startswith("data:image/png;base64,")
+        and base64.b64decode(init.split(",", 1)[1]) == path.read_bytes()
+    )
+    b.save_screenshot(str(artifacts / "a1111-06-png-info-to-img2img.png"))
+    b.find_element("css selector", "input[name=mode][value=txt2img]").click()
+    fill(b, seed_resize_from_w=0, seed_resize_from_h=0)
+    for box in ("#tiling", "#seed-extra"):
+        css(b, box).click()
+
+
+def _text_chunk(infotext: str):  # type: ignore[no-untyped-def]
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", infotext)
+    return info
