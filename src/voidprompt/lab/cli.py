@@ -14,12 +14,12 @@ from voidprompt.helpformat import use_help_format
 from voidprompt.lab.catalog import GUIDANCE_MEASURE, Catalog, default_catalog_path
 from voidprompt.lab.labels import export_labels, import_labels, label_scheme
 from voidprompt.lab.measures import MEASURES
-from voidprompt.lab.plugins import installed_plugins
+from voidprompt.lab.plugins import Plugins, installed_plugins
 from voidprompt.lab.report import build_report
 from voidprompt.lab.report.data import DERIVED, SEED_AXES
 from voidprompt.lab.run import model_files, run_study
 from voidprompt.lab.schema import GPU_BATCH_CAP, JOB_COLUMNS, workers_arg
-from voidprompt.lab.study import Study, load_study, summarize
+from voidprompt.lab.study import Study, StudySummary, load_study, summarize
 from voidprompt.models.placement import PRECISIONS
 
 
@@ -139,20 +139,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     plugins = installed_plugins()
     catalog_path = args.catalog or default_catalog_path(study)
     if args.command == "check":
-        scheme = label_scheme(study, plugins)
-        if scheme.labeler is not None:
-            # A labeler may check its files (a tagger's) here; a run would refuse them at its first picture.
-            check_files = getattr(plugins.labeler(scheme.labeler, study.labels), "check", None)
-            try:
-                if callable(check_files):
-                    check_files()
-            except StudyError as error:
-                raise StudyError(f"{study.path}: {error}") from None
-        model_files(study, [job.model for job in study.expand()], plugins)
-        check_report_columns(study)
-        seconds_per_pixel, steps, done = _measured_speed(catalog_path)
-        print(summarize(study, seconds_per_pixel, steps, done).format())
-        if seconds_per_pixel is None:
+        summary = check_study(study, catalog_path, plugins)
+        print(summary.format())
+        if summary.estimated_seconds is None:
             print("estimated time: unknown until some images are generated (run with --max-jobs 8)")
         return 0
     if args.command == "run":
@@ -219,6 +208,28 @@ def _dispatch(args: argparse.Namespace) -> int:
         }
         print(json.dumps(details, indent=2, default=str))
         return 0
+
+
+def check_study(
+    study: Study, catalog_path: Path | None = None, plugins: Plugins | None = None
+) -> StudySummary:
+    """What ``voidprompt study check`` checks beyond reading the file - its labeler and the
+    labeler's files, its model files, its report's columns: what a run would refuse, without
+    loading weights - then its summary, the time estimated from ``catalog_path``'s images."""
+    plugins = installed_plugins() if plugins is None else plugins
+    scheme = label_scheme(study, plugins)
+    if scheme.labeler is not None:
+        # A labeler may check its files (a tagger's) here; a run would refuse them at its first picture.
+        check_files = getattr(plugins.labeler(scheme.labeler, study.labels), "check", None)
+        try:
+            if callable(check_files):
+                check_files()
+        except StudyError as error:
+            raise StudyError(f"{study.path}: {error}") from None
+    model_files(study, [job.model for job in study.expand()], plugins)
+    check_report_columns(study)
+    seconds, steps, done = _measured_speed(catalog_path) if catalog_path else (None, None, set[str]())
+    return summarize(study, seconds, steps, done)
 
 
 def _measured_speed(catalog_path: Path) -> tuple[float | None, int | None, set[str]]:

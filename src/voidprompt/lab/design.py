@@ -17,11 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from voidprompt.errors import StudyError
-from voidprompt.lab.cli import _measured_speed, check_report_columns
-from voidprompt.lab.labels import label_scheme
-from voidprompt.lab.plugins import Plugins, installed_plugins
-from voidprompt.lab.run import model_files
-from voidprompt.lab.study import Study, StudySummary, parse_study, summarize
+from voidprompt.lab.cli import check_study  # its owner: what `voidprompt study check` checks
+from voidprompt.lab.study import parse_study
 
 __all__ = ["DesignForm", "check_study", "error_field", "form_to_toml"]
 
@@ -112,19 +109,6 @@ def _write(form: DesignForm, fields: Mapping[str, Any]) -> str:
         lines += ["", "[axes]"]
         lines += [f"{_toml_key(str(k))} = {_toml_value(v, f'[axes] {k}')}" for k, v in form.axes.items()]
     return "\n".join(lines) + "\n"
-
-
-def check_study(
-    study: Study, catalog_path: Path | None = None, plugins: Plugins | None = None
-) -> StudySummary:
-    """What ``voidprompt study check`` checks beyond reading the file - its labeler, its model files,
-    its report's columns - then its summary, with the time estimated from ``catalog_path``'s images."""
-    plugins = installed_plugins() if plugins is None else plugins
-    label_scheme(study, plugins)
-    model_files(study, [job.model for job in study.expand()], plugins)
-    check_report_columns(study)
-    seconds, steps, done = _measured_speed(catalog_path) if catalog_path else (None, None, set[str]())
-    return summarize(study, seconds, steps, done)
 
 
 # "{path}: {where}: {message}": where is a section and key, e.g. "[axes] W", "[[points]] #2 seed".
