@@ -181,6 +181,12 @@ def test_hires_style_lora_zip_and_png_info_round_trip(browser, ui_server, downlo
     # Every button, the script's included, says what it does in words (no emoji font needed).
     labels = b.execute_script("return [...document.querySelectorAll('button')].map(x => x.textContent)")
     assert "Send to img2img" in labels and "Zip" in labels
+    # The progress label's times, in A1111's words: seconds, then mm:ss past a minute, hh:mm:ss past an hour.
+    assert b.execute_script("return [etaText(3.7), etaText(65), etaText(3725)]") == [
+        "3s",
+        "01:05",
+        "01:02:05",
+    ]
     assert all(re.search(r"[A-Za-z]{2,}", t) and t.isascii() for t in labels), labels
 
     # The same request sent by hand gives the same picture: the form sends what it shows.
@@ -247,7 +253,7 @@ def record_progress(b) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.slow  # a browser driving the web UI through a checkpoint and VAE switch
 def test_switch_checkpoint_and_vae_with_progress(browser, ui_server, artifacts) -> None:  # type: ignore[no-untyped-def]
     """The checkpoint dropdown loads the other file (one resident at a time) and the VAE dropdown
-    sets sd_vae; the next picture names both and equals the API's; progress reads "N% ETA Ns"."""
+    sets sd_vae; the next picture names both and equals the API's; progress reads "N% ETA: Ns"."""
 
     from safetensors.torch import save_file
     from selenium.webdriver.support.ui import Select
@@ -284,8 +290,10 @@ def test_switch_checkpoint_and_vae_with_progress(browser, ui_server, artifacts) 
         b.save_screenshot(str(artifacts / "a1111-03-checkpoint-vae.png"))
         seen = b.execute_script("return window.progressSeen")
         shown = [s for s in seen if s]
-        assert shown and all(re.fullmatch(r"\d{1,3}%( ETA (\d+m )?\d+s)?", s) for s in shown), seen
-        assert any(0 < int(s.split("%")[0]) < 100 for s in shown), seen
+        # A1111's words: "42% ETA: 3s" ("01:05" past a minute).
+        assert shown and all(re.fullmatch(r"(\d{1,3}%)?( ?ETA: (\d+s|\d\d:\d\d))?", s) for s in shown), seen
+        assert any(re.fullmatch(r"\d{1,3}% ETA: \d+s", s) for s in shown), seen
+        assert any(0 < int(s.split("%")[0]) < 100 for s in shown if "%" in s), seen
         body = {"prompt": "", "seed": 99, "steps": 20, "width": 64, "height": 64, "sampler_name": "Euler a"}
         assert np.array_equal(
             np.asarray(picture), np.asarray(api_image(ui_server, "/sdapi/v1/txt2img", body))

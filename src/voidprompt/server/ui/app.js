@@ -319,10 +319,18 @@ function startPolling() {
   }, 300);
 }
 function stopPolling() { clearInterval(polling); $("#progress").value = 0; $("#progress-text").textContent = ""; $("#live-preview").hidden = true; }
-// "42% ETA 3s", as A1111's progress bar reads.
+// A1111's progress bar words: "42% ETA: 3s", a minute and over as "01:05", an hour as "01:00:05".
+function etaText(seconds) {
+  const whole = Math.floor(seconds), two = (n) => String(n).padStart(2, "0");
+  if (seconds > 3600) return `${two(Math.floor(whole / 3600))}:${two(Math.floor(whole / 60) % 60)}:${two(whole % 60)}`;
+  if (seconds > 60) return `${two(Math.floor(whole / 60))}:${two(whole % 60)}`;
+  return `${whole}s`;
+}
 function progressText(p) {
-  const eta = p.eta_relative > 0 ? ` ETA ${p.eta_relative >= 60 ? `${Math.floor(p.eta_relative / 60)}m ` : ""}${Math.round(p.eta_relative % 60)}s` : "";
-  return `${Math.round(p.progress * 100)}%${eta}`;
+  const parts = [];
+  if (p.progress > 0) parts.push(`${(p.progress * 100).toFixed(0)}%`);
+  if (p.eta_relative) parts.push(`ETA: ${etaText(p.eta_relative)}`);
+  return parts.join(" ");
 }
 
 $("#gen-form").addEventListener("submit", async (e) => {
