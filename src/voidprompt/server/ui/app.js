@@ -56,7 +56,8 @@ async function initGenerate() {
     optional("/sdapi/v1/prompt-styles", []), optional("/sdapi/v1/upscalers", []),
     optional("/sdapi/v1/latent-upscale-modes", []), optional("/sdapi/v1/sd-vae", []),
   ]);
-  $("#styles").replaceChildren(...styles.map((s) => el("option", { value: s.name, title: [s.prompt, s.negative_prompt].filter(Boolean).join(" | ") }, s.name)));
+  $("#styles").replaceChildren(...(styles.length ? styles.map((s) => el("option", { value: s.name, title: [s.prompt, s.negative_prompt].filter(Boolean).join(" | ") }, s.name))
+    : [el("option", { disabled: "", value: "" }, "no styles: serve reads styles.csv, or --styles-file FILE")]));
   // A1111's hires list: the latent modes first, then the pixel and model upscalers.
   const hires = [...latentModes.map((m) => m.name), ...upscalers.map((u) => u.name)];
   $("#hr_upscaler").replaceChildren(...hires.map((n) => el("option", { value: n }, n)));
