@@ -189,6 +189,11 @@ def test_hires_style_lora_zip_and_png_info_round_trip(browser, ui_server, downlo
     ]
     assert all(re.search(r"[A-Za-z]{2,}", t) and t.isascii() for t in labels), labels
 
+    css(b, "#gallery .send-extras").click()
+    assert not css(b, "#view-extras").get_attribute("hidden")
+    assert css(b, "#extras-preview").get_attribute("src") == css(b, "#gallery img").get_attribute("src")
+    css(b, "#tab-generate").click()
+
     # The same request sent by hand gives the same picture: the form sends what it shows.
     body = {
         "prompt": "a cat <lora:tinylora:1>, outdoors", "negative_prompt": "lowres vpemb",

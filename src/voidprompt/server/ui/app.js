@@ -375,6 +375,7 @@ function showGallery(images, info, explanations = []) {
       el("img", { src, alt: `seed ${seed}` }),
       el("div", { class: "row" },
         el("button", { type: "button", class: "send-img2img", onclick: () => sendToImg2img(src) }, "Send to img2img"),
+        el("button", { type: "button", class: "send-extras", onclick: () => sendToExtras(src) }, "Send to extras"),
         el("button", { type: "button", class: "reuse-seed", onclick: () => { $("#seed").value = seed; } }, `Reuse seed ${seed}`),
         ...(explanation ? [el("button", { type: "button", class: "show-explain",
           onclick: () => showExplanation($("#gen-explain"), explanation.url, title) }, "Explain")] : [])),
@@ -609,6 +610,11 @@ $("#pnginfo-to-img2img").addEventListener("click", () => {
 
 // ---------------------------------------------------------------------------------------- extras
 let extrasImage = null;
+function sendToExtras(src) {
+  extrasImage = src;
+  $("#extras-preview").src = src; $("#extras-preview").hidden = false;
+  showView("extras");
+}
 $("#extras-image").addEventListener("change", async (e) => {
   extrasImage = e.target.files[0] ? await fileToB64(e.target.files[0]) : null;
   $("#extras-preview").hidden = !extrasImage; if (extrasImage) $("#extras-preview").src = extrasImage;
