@@ -15,8 +15,8 @@ atomically at every change, so a restarted server shows each study where it stop
 was running when the server stopped is queued again at its place and resumes when its turn comes.
 
 Progress (images done of the study's jobs, images per minute since the run's first image, ETA)
-is :meth:`StudyQueue.snapshot`; :meth:`StudyQueue.wait` blocks until it changes, which is what the
-server-sent events route streams.
+is :meth:`StudyQueue.snapshot`; its ``version`` grows at every change, which is when the server-sent
+events route sends it again.
 """
 
 from __future__ import annotations
@@ -161,20 +161,6 @@ class StudyQueue:
                 "items": [i.progress(now) for i in self.items],
             }
 
-    def wait(self, after: int, timeout: float) -> dict[str, Any] | None:
-        """The snapshot once the version is past ``after`` (None after ``timeout`` seconds without
-        a change, or when the queue has closed)."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while self.version <= after and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._changed.wait(left)
-            if self._closed and self.version <= after:
-                return None
-            return self.snapshot()
-
     @property
     def closed(self) -> bool:
         return self._closed
@@ -228,7 +214,8 @@ class StudyQueue:
                     "one, or give the study file another name so it gets its own catalog)"
                 )
         for run_id in list(self.registry.runs):
-            if self.registry.is_running(run_id):
+            # A run this queue is stopping (a pause) is on its way out; resuming waits for it.
+            if run_id not in self._stopping and self.registry.is_running(run_id):
                 running = self.registry.entries.get(run_id)
                 if running is not None and running.catalog_path().resolve() == catalog:
                     raise CatalogBusyError(

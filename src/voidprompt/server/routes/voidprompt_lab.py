@@ -9,8 +9,10 @@ same snapshot once.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from voidprompt.server.state import App
 __all__ = ["router"]
 
 KEEP_ALIVE_S = 15.0
+EVENTS_POLL_S = 0.25  # how soon a change reaches the stream
 
 
 def _toml_of(body: lm.DesignBody, path: Path) -> str:
@@ -77,16 +80,20 @@ def router(state: App) -> APIRouter:
     def queue_events() -> StreamingResponse:
         """Server-sent events: a `queue` event (the snapshot) now and at every change."""
 
-        def events() -> Iterator[str]:
-            snapshot: dict[str, Any] | None = queue.snapshot()
-            version = -1
-            while snapshot is not None or not queue.closed:
-                if snapshot is None:
-                    yield ": keep-alive\n\n"
-                else:
-                    yield f"event: queue\ndata: {json.dumps(snapshot)}\n\n"
+        async def events() -> AsyncIterator[str]:
+            # Polled on the event loop, not waited for in a worker thread: a closed connection or
+            # a server shutdown cancels the stream at its next sleep.
+            version, sent = -1, time.monotonic()
+            while not queue.closed:
+                if queue.version != version:
+                    snapshot = queue.snapshot()
                     version = snapshot["version"]
-                snapshot = queue.wait(version, KEEP_ALIVE_S)
+                    yield f"event: queue\ndata: {json.dumps(snapshot)}\n\n"
+                    sent = time.monotonic()
+                elif time.monotonic() - sent >= KEEP_ALIVE_S:
+                    yield ": keep-alive\n\n"
+                    sent = time.monotonic()
+                await asyncio.sleep(EVENTS_POLL_S)
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
