@@ -107,6 +107,15 @@ def test_one_at_a_time_pause_resume_cancel_reorder_and_events(server) -> None:  
 
         resumed = http.post(f"{Q}/run-a/resume").json()
         assert resumed["state"] == "queued"
+        # Resumed again while a pause is still stopping its run: it waits for that run to end.
+        before = item(http, "run-a")["done"]
+        wait_for(lambda: item(http, "run-a")["done"] > before, "run-a did not resume")
+        pausing = threading.Thread(target=lambda: httpx.post(f"{server.url}{Q}/run-a/pause", timeout=60))
+        pausing.start()
+        wait_for(lambda: item(http, "run-a")["state"] == "paused", "run-a did not pause")
+        again = http.post(f"{Q}/run-a/resume")
+        assert again.status_code == 200 and again.json()["state"] == "queued", again.text
+        pausing.join(60)
         wait_for(lambda: item(http, "run-a")["state"] == "done", "run-a did not finish", timeout=300)
         assert item(http, "run-a")["done"] == 60
         listener.join(30)
