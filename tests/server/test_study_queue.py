@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from voidprompt.lab.catalog import catalog_path_beside
+from voidprompt.lab.design import DesignForm, form_to_toml
 from voidprompt.server.limits import Limits
 from voidprompt.server.studies import StudyRegistry
 from voidprompt.server.study_queue import QUEUE_FILE, StudyQueue
@@ -137,7 +138,11 @@ def write_form_study(server, name: str, **axes: object) -> None:  # type: ignore
 def test_queue_order_limits_and_one_catalog(lab_server) -> None:  # type: ignore[no-untyped-def]
     for name in ("qa", "qb", "qc"):
         write_form_study(lab_server, name, cfg_scale="3, 7")
-    write_form_study(lab_server, "too-many", seed=f"{Limits().max_study_jobs + 1} random")
+    # Written directly: saving it over HTTP would expand its 10,001 jobs once more.
+    many_form = DesignForm(
+        "too-many", form()["fields"], {"seed": f"{Limits().max_study_jobs + 1} random"}, {}
+    )
+    (lab_server.root / "studies" / "too-many.toml").write_text(form_to_toml(many_form), encoding="utf-8")
     write_form_study(lab_server, "too-big", size="64x64, 1024x512")
     studies = lab_server.root / "studies"
     # A study whose catalog folder is another's: both would write one catalog.
