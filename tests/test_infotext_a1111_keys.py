@@ -20,6 +20,7 @@ from voidprompt.infotext import (
     eta_key,
     generation_params,
     request_fields_from_infotext,
+    ti_hashes_text,
 )
 from voidprompt.prompts.prepare import prepare_prompts
 from voidprompt.request import GenerationRequest
@@ -332,3 +333,13 @@ def test_eta_written_under_its_key(sampler: str, written: dict[str, float]) -> N
     request = _request(sampler_name=sampler, eta=0.25)
     params = generation_params(request, ImageFacts(10, 0), run=RunFacts(passes=(_pass(sampler),)))
     assert {k: params[k] for k in ("Eta", "Eta DDIM") if k in params} == written
+
+
+def test_ti_hashes_value_from_the_encoder_calls() -> None:
+    # A1111's CLIP wrapper: each call's "name: hash" items go in front of the value so far, names
+    # lose their colons and commas, embeddings without a hash are left out.
+    calls = [{"neg": "111111111111"}, {}, {"a": "222222222222", "b:c,d": "333333333333", "nohash": ""}]
+    assert ti_hashes_text(calls) == "a: 222222222222, bcd: 333333333333, neg: 111111111111"
+    twice = [{"e": "444444444444"}, {"e": "444444444444"}]
+    assert ti_hashes_text(twice) == "e: 444444444444, e: 444444444444"
+    assert ti_hashes_text([{}, {"x": ""}]) is None

@@ -61,3 +61,12 @@ def test_styles_reach_emphasis_and_the_hires_prompt(tiny_engine: Engine) -> None
     assert params["Hires negative prompt"] == ""
     # Without the style nothing in the texts holds a bracket.
     assert "Emphasis" not in _params(engine, BASE.replace(emphasis="No norm"))
+
+
+def test_hires_only_brackets_count_for_emphasis_from_the_second_iteration(tiny_engine: Engine) -> None:
+    # The hires prompt is encoded after the first iteration's parameters are copied from the
+    # encoder's record; the second iteration's copy has it.
+    request = BASE.replace(emphasis="No norm", enable_hr=True, hr_scale=1.5, denoising_strength=0.5,
+                           hr_prompt="a (dog)", n_iter=2)
+    first, second = (parse_generation_parameters(t) for t in tiny_engine.generate(request).infotexts)
+    assert "Emphasis" not in first and second["Emphasis"] == "No norm"

@@ -70,3 +70,23 @@ def test_and_with_weight_zero_part_equals_the_single_prompt(tiny_engine: Engine)
     both = tiny_engine.generate(BASE.replace(prompt="red circle AND blue square :0"))
     single = tiny_engine.generate(BASE.replace(prompt="red circle"))
     assert np.abs(pixels(both) - pixels(single)).max() <= 1
+
+
+def test_ti_hashes_follow_a1111s_encoder_calls(engine_with_embedding: Engine) -> None:
+    # A1111 encodes the negative prompt first, then each distinct AND part (the last two parts are
+    # both " easynegative": one call); every call puts its names in front, so a name used by both
+    # prompts is written twice.
+    request = BASE.replace(prompt="a cat AND easynegative AND easynegative", negative_prompt="easynegative")
+    one = parse_generation_parameters(engine_with_embedding.generate(request).infotexts[0])["TI hashes"]
+    item = one.split(", ")[0]
+    assert item.startswith("easynegative: ") and one == ", ".join([item] * 2)
+    # With hires fix the hires pass encodes after the first iteration's parameters are copied, and
+    # from the cache afterwards: the second iteration's record holds its two calls as well.
+    hires = BASE.replace(
+        negative_prompt="easynegative", n_iter=2, enable_hr=True, hr_scale=1.5, denoising_strength=0.5
+    )
+    first, second = (
+        parse_generation_parameters(text)["TI hashes"]
+        for text in engine_with_embedding.generate(hires).infotexts
+    )
+    assert first == item and second == f"{item}, {item}"

@@ -208,6 +208,21 @@ def test_cache_exact_and_keyed(model: CLIPTextModel, tok: ClipTokenizer) -> None
     assert enc.cache_hits == hits + 1  # evicted, so a miss
 
 
+def test_embeddings_used_in_the_order_a1111s_encoder_meets_them(
+    model: CLIPTextModel, tok: ClipTokenizer
+) -> None:
+    # A1111's encoder walks chunk by chunk across the call's texts: the second text's first chunk
+    # comes before the first text's second chunk.
+    db = EmbeddingDatabase(tok, width=WIDTH)
+    db.add(Embedding("zzlate", torch.randn(1, WIDTH), sha256="1" * 64))
+    db.add(Embedding("zzearly", torch.randn(1, WIDTH), sha256="2" * 64))
+    enc = PromptEncoder(model, tok, db)
+    late = " ".join(["w"] * 80) + " zzlate"
+    assert [len(enc.tokenize(text).chunks) for text in (late, "zzearly b")] == [2, 1]
+    assert list(enc.embeddings_used([late, "zzearly b"])) == ["zzearly", "zzlate"]
+    assert list(enc.embeddings_used([late])) == ["zzlate"]
+
+
 def test_token_report_and_embeddings_used(model: CLIPTextModel, tok: ClipTokenizer) -> None:
     db = EmbeddingDatabase(tok, width=WIDTH)
     db.add(Embedding("zzneg", torch.randn(2, WIDTH), sha256="ab" * 32))

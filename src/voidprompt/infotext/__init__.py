@@ -34,6 +34,7 @@ from voidprompt.infotext.write import (
     format_params_line,
     generation_params,
     quote,
+    ti_hashes_text,
 )
 
 __all__ = [
@@ -59,5 +60,6 @@ __all__ = [
     "quote",
     "request_fields_from_infotext",
     "request_fields_from_params",
+    "ti_hashes_text",
     "unquote",
 ]

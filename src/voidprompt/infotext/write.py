@@ -34,6 +34,7 @@ __all__ = [
     "format_params_line",
     "generation_params",
     "quote",
+    "ti_hashes_text",
 ]
 
 # The fixed head of A1111 1.10's parameter line (processing.create_infotext); everything else
@@ -345,6 +346,21 @@ def emphasis_written(emphasis: str, texts: Sequence[str]) -> bool:
     holds a ``(`` or ``[`` (its CLIP wrapper decides on the texts after prompt editing, tag removal
     and styles, whether or not the brackets weigh anything)."""
     return emphasis != "Original" and any("(" in text or "[" in text for text in texts)
+
+
+def ti_hashes_text(calls: Sequence[Mapping[str, str]]) -> str | None:
+    """The "TI hashes" value A1111 1.10 builds from its text encoder calls, ``calls`` in the order
+    they ran, each ``{embedding name: short hash}`` in the order that call met them.
+
+    Each call that used an embedding with a hash puts its ``name: hash`` items in front of the value
+    so far, so the last call comes first and a name used by two calls is written twice. Colons and
+    commas are taken out of names. None when no call used a hashed embedding."""
+    value = ""
+    for used in calls:
+        items = [f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in used.items() if h]
+        if items:
+            value = ", ".join([*items, value]) if value else ", ".join(items)
+    return value or None
 
 
 def eta_key(sampler_name: str) -> str | None:

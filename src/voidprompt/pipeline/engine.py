@@ -49,6 +49,7 @@ from voidprompt.infotext import (
     RunFacts,
     create_infotext,
     generation_params,
+    ti_hashes_text,
 )
 from voidprompt.models.components import Components
 from voidprompt.models.latent_rgb import latent_rgb_for
@@ -140,7 +141,8 @@ class _Conditioning:
     prepared: PreparedPrompts
     cond: MultiCond
     uncond: CondSchedule
-    ti_hashes: dict[str, str]
+    # Per text encoder call, in A1111's call order: {embedding name: short hash} it used.
+    ti_calls: tuple[dict[str, str], ...]
     networks: AppliedNetworks
 
 
@@ -435,7 +437,7 @@ class Engine:
         prepared = plan.first.conditioning.prepared
         for index, image in enumerate(images):
             seed, subseed = iteration.seeds[index], iteration.subseeds[index]
-            params = self._params(plan, seed, subseed)
+            params = self._params(plan, seed, subseed, iteration.index)
             result.images.append(image)
             result.params.append(params)
             result.infotexts.append(
@@ -522,12 +524,13 @@ class Engine:
             }
             cond = with_numbers_multi(cond, numbers[False])
             uncond = with_numbers(uncond, numbers[True])
-        texts = [text for schedule, _ in prepared.positive for _, text in schedule]
-        texts += [text for _, text in prepared.negative]
-        ti_hashes = self.encoder.embeddings_used(
-            texts, emphasis=request.emphasis, comma_padding_backtrack=request.comma_padding_backtrack
+        ti_calls = tuple(
+            self.encoder.embeddings_used(
+                call, emphasis=request.emphasis, comma_padding_backtrack=request.comma_padding_backtrack
+            )
+            for call in prepared.encoder_calls()
         )
-        return _Conditioning(prepared, cond, uncond, ti_hashes, networks)
+        return _Conditioning(prepared, cond, uncond, ti_calls, networks)
 
     def _empty_prompt_cond(self, request: GenerationRequest, conditioning: _Conditioning) -> Tensor:
         # "Pad conds" pads with the encoded empty prompt (A1111's cond_stage_model_empty_prompt).
@@ -866,16 +869,21 @@ class Engine:
             return None
         return _RefinerSwitch(self, self._refiner(name), plan, run, schedule_model, batch)
 
-    def _params(self, plan: _Plan, seed: int, subseed: int) -> dict[str, Any]:
+    def _params(self, plan: _Plan, seed: int, subseed: int, iteration: int = 0) -> dict[str, Any]:
         request, spec, scheduler = plan.request, plan.first.spec, plan.first.scheduler
         conditioning, hires, records = plan.first.conditioning, plan.hires, plan.records
         components = self.components
         names = infotext_names(request.sampler_name, request.scheduler)
         prepared = conditioning.prepared
         networks = dict(conditioning.networks.infotext)
-        ti_hashes = None
-        if conditioning.ti_hashes:
-            ti_hashes = ", ".join(f"{name}: {h}" for name, h in conditioning.ti_hashes.items())
+        # A1111 copies its text encoder's record (TI hashes, Emphasis) into an iteration's parameters
+        # before it samples; the hires pass encodes after that copy in the first iteration and from
+        # its cache afterwards, so from the second iteration on the record holds the hires calls too.
+        encoder_calls = list(conditioning.ti_calls)
+        encoded_texts = prepared.encoded_texts()
+        if iteration > 0 and hires is not None:
+            encoder_calls += hires.run.conditioning.ti_calls
+            encoded_texts += hires.run.conditioning.prepared.encoded_texts()
         extra: dict[str, Any] = {}
         if request.refiner_switch_by_sample_steps:
             # A1111 quirk: recorded at every denoiser call, before it looks for a refiner at all.
@@ -905,13 +913,12 @@ class Engine:
             extra=extra,
             passes=tuple(passes),
             model_sigma_range=first.model_sigma_range,
-            # A1111 copies its encoder's record into the parameters before the hires pass encodes.
-            encoded_texts=prepared.encoded_texts(),
+            encoded_texts=encoded_texts,
             old_timelines_differ=prepared.old_timelines_differ,
             prompts=(prepared.prompt_for_infotext, prepared.negative_for_infotext),
             hires_prompts=hires_prompts,
             networks=networks,
-            ti_hashes=ti_hashes,
+            ti_hashes=ti_hashes_text(encoder_calls),
         )
         return generation_params(request, ImageFacts(seed, subseed), model, run)
 

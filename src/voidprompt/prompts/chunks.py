@@ -8,6 +8,7 @@ quirks included.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -70,6 +71,19 @@ class TokenizedLine:
     @property
     def embeddings_used(self) -> dict[str, Embedding]:
         return {fix.embedding.name: fix.embedding for c in self.chunks for fix in c.fixes}
+
+
+def embeddings_in_encoder_order(lines: Sequence[TokenizedLine]) -> dict[str, Embedding]:
+    """The embeddings one encoder call over ``lines`` places, in the order A1111's encoder meets
+    them: chunk by chunk across the texts (every text's first chunk, then every second chunk, ...),
+    each name at its first appearance."""
+    used: dict[str, Embedding] = {}
+    for index in range(max((len(line.chunks) for line in lines), default=0)):
+        for line in lines:
+            if index < len(line.chunks):
+                for fix in line.chunks[index].fixes:
+                    used.setdefault(fix.embedding.name, fix.embedding)
+    return used
 
 
 def check_emphasis(emphasis: str) -> None:

@@ -27,6 +27,7 @@ from voidprompt.prompts.chunks import (
     TokenizedLine,
     check_backtrack,
     check_emphasis,
+    embeddings_in_encoder_order,
     empty_chunk,
     token_report,
     tokenize_line,
@@ -197,12 +198,13 @@ class PromptEncoder:
     def embeddings_used(
         self, texts: Sequence[str], *, emphasis: str = "Original", comma_padding_backtrack: int = 20
     ) -> dict[str, str]:
-        """``{name: shorthash}`` of embeddings the texts use, for infotext ``TI hashes``."""
-        used: dict[str, str] = {}
-        for text in texts:
-            line = self.tokenize(text, emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack)
-            used.update({n: e.shorthash for n, e in line.embeddings_used.items()})
-        return used
+        """``{name: shorthash}`` of embeddings one encoder call over ``texts`` uses, in the order
+        A1111's encoder meets them, for infotext ``TI hashes``."""
+        lines = [
+            self.tokenize(text, emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack)
+            for text in texts
+        ]
+        return {name: e.shorthash for name, e in embeddings_in_encoder_order(lines).items()}
 
     # ------------------------------------------------------------------ encoding
     def _check_clip_skip(self, clip_skip: int) -> None:

@@ -31,6 +31,7 @@ from voidprompt.prompts.chunks import (
     TokenizedLine,
     check_backtrack,
     check_emphasis,
+    embeddings_in_encoder_order,
     token_report,
     tokenize_line,
 )
@@ -218,11 +219,10 @@ class SDXLPromptEncoder:
     def embeddings_used(
         self, texts: Sequence[str], *, emphasis: str = "Original", comma_padding_backtrack: int = 20
     ) -> dict[str, str]:
-        """``{name: shorthash}`` of embeddings the texts use, for infotext ``TI hashes``."""
-        used: dict[str, str] = {}
-        for line in self._lines(self._first, texts, emphasis, comma_padding_backtrack):
-            used.update({n: e.shorthash for n, e in line.embeddings_used.items()})
-        return used
+        """``{name: shorthash}`` of embeddings one encoder call over ``texts`` uses, in the order
+        A1111's encoder meets them, for infotext ``TI hashes``."""
+        lines = self._lines(self._first, texts, emphasis, comma_padding_backtrack)
+        return {name: e.shorthash for name, e in embeddings_in_encoder_order(lines).items()}
 
     # ------------------------------------------------------------------ encoding
     def _layer(self, tower: _Tower, clip_skip: int, sdxl_clip_l_skip: bool) -> int:

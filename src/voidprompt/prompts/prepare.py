@@ -47,6 +47,18 @@ class PreparedPrompts:
     schedule_steps: int
     old_timelines_differ: bool = False
 
+    def encoder_calls(self) -> tuple[tuple[str, ...], ...]:
+        """The texts of each call A1111 makes to its text encoder, in call order: the negative
+        prompt's schedule (``uc`` is set up first), then each distinct AND part's schedule."""
+        calls = [tuple(text for _, text in self.negative)]
+        first_part: dict[int, int] = {}
+        for part, (text_index, _) in enumerate(self.positive_parts):
+            first_part.setdefault(text_index, part)
+        for text_index in range(len(self.positive_texts)):
+            schedule, _ = self.positive[first_part[text_index]]
+            calls.append(tuple(text for _, text in schedule))
+        return tuple(calls)
+
     def encoded_texts(self) -> tuple[str, ...]:
         """Every text the encoder reads: each schedule entry of the negative prompt and of every
         AND part, in that order."""
