@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from voidprompt.cli import main
+from voidprompt.models.hashes import sha256_file
 from voidprompt.testing.fake_checkpoints import write_tiny_sdxl_checkpoint
 
 
@@ -29,7 +30,10 @@ def test_txt2img_on_sdxl_with_an_sdxl_embedding(tmp_path: Path) -> None:
     assert main(argv) == 0
     (picture,) = sorted(out.glob("*.png"))
     infotext = Image.open(picture).info["parameters"]
-    assert 'TI hashes: "shinyhat: ' in infotext
+    # A1111 wraps CLIP-L and bigG each in its own recording encoder, so one call records the name
+    # twice (as in A1111's SDXL pictures: "negativeXL_D: fff5d51ab655, negativeXL_D: fff5d51ab655").
+    item = f"shinyhat: {sha256_file(embeddings / 'shinyhat.safetensors')[:12]}"
+    assert f'TI hashes: "{item}, {item}"' in infotext
     # Without the folder the word is plain text: another picture.
     plain = tmp_path / "plain"
     assert main([*argv[:3], *argv[5:-1], str(plain)]) == 0

@@ -141,7 +141,7 @@ class _Conditioning:
     prepared: PreparedPrompts
     cond: MultiCond
     uncond: CondSchedule
-    # Per text encoder call, in A1111's call order: {embedding name: short hash} it used.
+    # Per text encoder wrapper call, in A1111's call order: {embedding name: short hash} it used.
     ti_calls: tuple[dict[str, str], ...]
     networks: AppliedNetworks
 
@@ -525,10 +525,11 @@ class Engine:
             cond = with_numbers_multi(cond, numbers[False])
             uncond = with_numbers(uncond, numbers[True])
         ti_calls = tuple(
-            self.encoder.embeddings_used(
+            record
+            for call in prepared.encoder_calls()
+            for record in self.encoder.ti_records(
                 call, emphasis=request.emphasis, comma_padding_backtrack=request.comma_padding_backtrack
             )
-            for call in prepared.encoder_calls()
         )
         return _Conditioning(prepared, cond, uncond, ti_calls, networks)
 

@@ -206,6 +206,14 @@ class PromptEncoder:
         ]
         return {name: e.shorthash for name, e in embeddings_in_encoder_order(lines).items()}
 
+    def ti_records(
+        self, texts: Sequence[str], *, emphasis: str = "Original", comma_padding_backtrack: int = 20
+    ) -> tuple[dict[str, str], ...]:
+        """What one call over ``texts`` adds to A1111's "TI hashes" record: the one text encoder's
+        embeddings (SDXL's encoder has one record per text encoder)."""
+        used = self.embeddings_used(texts, emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack)
+        return (used,)
+
     # ------------------------------------------------------------------ encoding
     def _check_clip_skip(self, clip_skip: int) -> None:
         if not 1 <= clip_skip <= self.num_layers:

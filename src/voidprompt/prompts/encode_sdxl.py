@@ -169,7 +169,7 @@ class SDXLPromptEncoder:
 
     @property
     def _first(self) -> _Tower:
-        # A1111's token counter and TI hashes come from the first embedder: CLIP-L, or bigG alone.
+        # A1111's token counter comes from the first embedder: CLIP-L, or bigG alone.
         return self._towers[0]
 
     def _database(self, tower: _Tower) -> EmbeddingDatabase | None:
@@ -223,6 +223,18 @@ class SDXLPromptEncoder:
         A1111's encoder meets them, for infotext ``TI hashes``."""
         lines = self._lines(self._first, texts, emphasis, comma_padding_backtrack)
         return {name: e.shorthash for name, e in embeddings_in_encoder_order(lines).items()}
+
+    def ti_records(
+        self, texts: Sequence[str], *, emphasis: str = "Original", comma_padding_backtrack: int = 20
+    ) -> tuple[dict[str, str], ...]:
+        """What one call over ``texts`` adds to A1111's "TI hashes" record, in the order it adds it:
+        each text encoder (CLIP-L, then bigG) is its own wrapper that records the embeddings it
+        placed, so an SDXL call records a name twice."""
+        records = []
+        for tower in self._towers:
+            lines = self._lines(tower, texts, emphasis, comma_padding_backtrack)
+            records.append({name: e.shorthash for name, e in embeddings_in_encoder_order(lines).items()})
+        return tuple(records)
 
     # ------------------------------------------------------------------ encoding
     def _layer(self, tower: _Tower, clip_skip: int, sdxl_clip_l_skip: bool) -> int:
