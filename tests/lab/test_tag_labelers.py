@@ -172,3 +172,27 @@ def test_a_study_prelabeled_by_a_wd14_tagger(tiny_checkpoint: Path, tmp_path: Pa
             assert label_class == ("Blue" if top == 0 else "Greenish")
             for i in range(3):
                 assert measures[f"wd14_rating_tag_{i}"] == pytest.approx(bgr[i], abs=1e-6)
+
+
+def test_the_shipped_anime_study_labels_into_the_briefs_classes() -> None:
+    path = Path(__file__).resolve().parents[2] / "studies" / "pure-negative-anime.toml"
+    study = parse_study(path.read_text(encoding="utf-8"), path)
+    jobs = study.expand()
+    # 21 design points (4 table sizes, 5 areas, 7 W, 5 CFG) x 64 seeds.
+    assert len(jobs) == 21 * 64
+    table = {(j.request.width, j.request.height) for j in jobs if j.axis_values["W"] == 0.9}
+    assert table == {(512, 512), (576, 768), (1024, 576), (576, 1024)}
+    options = study.labels
+    assert options.labeler == "wd14"
+    assert options.classes == ("Pattern", "Object or Scenery", "Malformed human", "Legit human")
+
+    def label(*tags: str) -> str | None:
+        result = TagResult(general={t: 0.9 for t in tags}, rating={"general": 0.8})
+        return label_from_tags(result, options, "wd14").label_class
+
+    # The first matching rule in file order wins; nothing matched is the fallback.
+    assert label("no_humans", "abstract") == "Pattern"
+    assert label("no_humans", "car", "scenery") == "Object or Scenery"
+    assert label("1girl", "solo", "bad_hands") == "Malformed human"
+    assert label("1girl", "solo", "smile") == "Legit human"
+    assert label("flower") == "Object or Scenery"
