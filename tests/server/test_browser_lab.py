@@ -58,10 +58,17 @@ def wait_for(condition, timeout: float = 60.0, what: str = "the browser"):  # ty
 
 
 def text(driver, selector: str) -> str:  # type: ignore[no-untyped-def]
-    from selenium.webdriver.common.by import By
+    """The text of the first element ``selector`` finds, read at one moment (the Lab redraws its
+    lists at every change), or "" when there is none."""
+    found = driver.execute_script(
+        "const n = document.querySelector(arguments[0]); return n ? n.innerText : '';", selector
+    )
+    return str(found)
 
-    found = driver.find_elements(By.CSS_SELECTOR, selector)
-    return str(found[0].text) if found else ""
+
+def click(driver, selector: str) -> None:  # type: ignore[no-untyped-def]
+    """Click a queue button as it is now (the queue's rows are redrawn at every change)."""
+    driver.execute_script("document.querySelector(arguments[0]).click();", selector)
 
 
 def row_values(driver, container: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -160,23 +167,24 @@ def test_queue_pause_resume_watch_open_and_compare(browser, server, artifacts) -
     row = "#lab-queue tr[data-study='browser-run']"
 
     def state() -> str:
-        found = b.find_elements(By.CSS_SELECTOR, row)
-        return str(found[0].get_attribute("data-state")) if found else ""
+        return str(
+            b.execute_script(f"const r = document.querySelector(\"{row}\"); return r ? r.dataset.state : '';")
+        )
 
     def done() -> int:
-        cells = b.find_elements(By.CSS_SELECTOR, f"{row} progress")
-        return int(cells[0].get_attribute("value")) if cells else 0
+        script = f'const p = document.querySelector("{row} progress"); return p ? p.value : 0;'
+        return int(b.execute_script(script))
 
     wait_for(lambda: state() == "running" and done() >= 3, 180, "images made")
     wait_for(lambda: text(b, f"{row} .q-rate") not in ("", "-"), 60, "a rate")
     assert text(b, f"{row} .q-eta") != "-"
     b.save_screenshot(str(artifacts / "lab-03-queue-running.png"))
-    b.find_element(By.CSS_SELECTOR, f"{row} .q-pause").click()
+    click(b, f"{row} .q-pause")
     wait_for(lambda: state() == "paused", 60, "paused")
     stopped_at = done()
     assert 3 <= stopped_at < 60
     b.save_screenshot(str(artifacts / "lab-04-queue-paused.png"))
-    b.find_element(By.CSS_SELECTOR, f"{row} .q-resume").click()
+    click(b, f"{row} .q-resume")
     wait_for(lambda: state() in ("queued", "running", "done"), 30, "resumed")
     try:
         wait_for(lambda: state() == "done", 300, "the study's end")
@@ -189,7 +197,7 @@ def test_queue_pause_resume_watch_open_and_compare(browser, server, artifacts) -
         assert db.execute("SELECT COUNT(*), COUNT(DISTINCT job_id) FROM images").fetchone() == (60, 60)
 
     # Its grid and report in the Studies tab.
-    b.find_element(By.CSS_SELECTOR, f"{row} .q-open").click()
+    click(b, f"{row} .q-open")
     wait_for(
         lambda: not b.find_element(By.CSS_SELECTOR, "#view-studies").get_attribute("hidden"), what="Studies"
     )
