@@ -120,6 +120,8 @@ def test_fields_from_an_infotext(lab_server) -> None:  # type: ignore[no-untyped
         assert (fields["steps"], fields["cfg_scale"], fields["seed"]) == (3, 4.5, 77)
         assert (fields["width"], fields["height"], fields["clip_skip"]) == (64, 32, 2)
         assert (fields["sampler_name"], fields["scheduler"]) == ("DPM++ 2M", "Karras")
+        # What A1111's reader fills in for img2img, at the request's defaults, is left out.
+        assert "inpainting_fill" not in fields and "inpaint_full_res" not in fields
         bad = http.post(
             "/voidprompt/v1/design/from-infotext",
             json={"infotext": "x\nSteps: many, Sampler: Euler, Seed: 1"},

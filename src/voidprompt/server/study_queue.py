@@ -408,4 +408,3 @@ class StudyQueue:
                 self._changed_now()
             elif changed:
                 self._changed_now(save=False)
-

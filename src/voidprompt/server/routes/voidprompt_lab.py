@@ -25,7 +25,8 @@ from voidprompt.infotext.to_request import request_fields_from_infotext
 from voidprompt.lab.catalog import catalog_path_beside
 from voidprompt.lab.design import DesignForm, check_study, error_field, form_to_toml
 from voidprompt.lab.schema import format_value
-from voidprompt.lab.study import parse_study
+from voidprompt.lab.study import parse_study, request_to_dict
+from voidprompt.request import GenerationRequest
 from voidprompt.server import lab_models as lm
 from voidprompt.server.checkpoints import NotFoundError
 from voidprompt.server.routes import VOIDPROMPT
@@ -186,10 +187,13 @@ def router(state: App) -> APIRouter:
 
     @router.post(f"{prefix}/design/from-infotext", tags=tags, response_model=lm.InfotextFields)
     def design_from_infotext(body: lm.InfotextBody) -> lm.InfotextFields:
-        """The txt2img request fields an image's infotext sets: a form to start a study from."""
+        """The txt2img request fields an image's infotext sets, leaving out those at the request's
+        default (A1111's reader fills in img2img's, which mean nothing to a txt2img study)."""
         fields = request_fields_from_infotext(body.infotext)
+        defaults = request_to_dict(GenerationRequest())
+        shown = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
         return lm.InfotextFields(
-            fields={k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+            fields={k: v for k, v in shown.items() if k not in defaults or v != defaults[k]}
         )
 
     # ----------------------------------------------------------------------------------- compare
