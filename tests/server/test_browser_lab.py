@@ -228,3 +228,64 @@ def test_queue_pause_resume_watch_open_and_compare(browser, server, artifacts) -
     assert "cfg_scale" in diff and "axis:cfg_scale" in diff and "seed" not in diff.replace("axis:", "")
     wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, ".cmp-side img")) == 2, what="two pictures")
     b.save_screenshot(str(artifacts / "lab-07-compare.png"))
+
+
+@pytest.mark.slow  # a browser watching a study run across two servers
+def test_a_restarted_server_shows_the_study_where_it_stopped_and_resumes_it(  # type: ignore[no-untyped-def]
+    browser, tiny_checkpoint, server_tools, artifacts, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    make_config, start_server = server_tools
+    (tmp_path / "studies").mkdir()
+    config = make_config(tmp_path, tiny_checkpoint)
+    b = browser
+    row = "#lab-queue tr[data-study='restarted']"
+
+    def state() -> str:
+        return str(
+            b.execute_script(f"const r = document.querySelector(\"{row}\"); return r ? r.dataset.state : '';")
+        )
+
+    def done() -> int:
+        script = f'const p = document.querySelector("{row} progress"); return p ? p.value : 0;'
+        return int(b.execute_script(script))
+
+    first = start_server(config)
+    running = next(first)
+    open_page(b, running.url)
+    b.find_element(By.CSS_SELECTOR, "#tab-lab").click()
+    wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#lab-jobs"), what="the first check")
+    set_value(b.find_element(By.CSS_SELECTOR, "#lab-name"), "restarted")
+    set_value(value_input(b, "#lab-axes", "seed"), "100 random")
+    for name, value in (("steps", "1"), ("width", "64"), ("height", "64")):
+        set_value(value_input(b, "#lab-fields", name), value)
+    wait_for(lambda: text(b, "#lab-jobs") == "300 images", what="300 images")
+    b.find_element(By.CSS_SELECTOR, "#lab-save-queue").click()
+    wait_for(lambda: state() == "running" and done() >= 2, 180, "images made")
+    b.get("about:blank")  # the page lets go of the first server's event stream
+    next(first, None)  # the server stops, and its run with it
+    catalog = tmp_path / "studies" / "runs" / "restarted" / "catalog.sqlite"
+    with sqlite3.connect(f"file:{catalog}?mode=ro", uri=True) as db:
+        made = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+    assert 2 <= made < 300
+
+    config.port = make_config(tmp_path, tiny_checkpoint).port
+    second = start_server(config)
+    running = next(second)
+    try:
+        open_page(b, running.url)
+        b.find_element(By.CSS_SELECTOR, "#tab-lab").click()
+        wait_for(lambda: state() != "", what="the queue after the restart")
+        # Where it stopped (its catalog's images), and back in line.
+        assert done() >= made and state() in ("queued", "running", "done")
+        b.save_screenshot(str(artifacts / "lab-08-after-restart.png"))
+        wait_for(lambda: state() == "done", 300, "the study's end")
+        assert done() == 300
+    finally:
+        b.get("about:blank")
+        next(second, None)
+    with sqlite3.connect(f"file:{catalog}?mode=ro", uri=True) as db:
+        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT job_id) FROM images").fetchone() == (300, 300)
+    pictures = [p for p in (catalog.parent / "catalog-images").rglob("*.png")]
+    assert len(pictures) == 300
