@@ -182,6 +182,11 @@ def test_queue_order_limits_and_one_catalog(lab_server) -> None:  # type: ignore
         order = [(i.study, i.state, i.total) for i in reread.items]
         assert order == [("qc", "paused", 2), ("qb", "paused", 2), ("qa", "paused", 2)]
         reread.close()
+        # Resuming reads the study file again: edited past the limits since, it stays where it is.
+        write_form_study(lab_server, "qb", size="1024x512")
+        edited = http.post("/voidprompt/v1/queue/qb/resume")
+        assert edited.status_code == 400 and "size=1024x512" in edited.json()["detail"]
+        assert [i["state"] for i in http.get("/voidprompt/v1/queue").json()["items"]] == ["paused"] * 3
         cancelled = http.post("/voidprompt/v1/queue/qb/cancel").json()
         assert cancelled["state"] == "cancelled"
         assert http.post("/voidprompt/v1/queue/qb/cancel").status_code == 400

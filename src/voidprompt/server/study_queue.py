@@ -288,9 +288,15 @@ class StudyQueue:
         return item
 
     def resume(self, study_id: str) -> QueueItem:
-        """A paused, cancelled or failed study waits for its turn again, at its place."""
+        """A paused, cancelled or failed study waits for its turn again, at its place. Its file is
+        read again (it may have been edited since): checked and counted as when it was added."""
+        self.item(study_id)
+        study = self.registry.study_of(self.registry.get(study_id))
+        total = self.check_limits(study)
+        check_study(study)
         with self._lock:
             item = self.item(study_id)
+            item.total = total
             if item.state in ("queued", "running"):
                 raise StudyError(f"study {study_id!r} is already {item.state}")
             if item.state == "done" and item.done >= item.total:
