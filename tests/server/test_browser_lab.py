@@ -150,7 +150,6 @@ def test_design_a_two_axis_study_from_an_image(browser, server, artifacts, tmp_p
 @pytest.mark.slow  # a browser driving two study runs
 def test_queue_pause_resume_watch_open_and_compare(browser, server, artifacts) -> None:  # type: ignore[no-untyped-def]
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
 
     b = browser
     open_page(b, server.url)
@@ -203,26 +202,17 @@ def test_queue_pause_resume_watch_open_and_compare(browser, server, artifacts) -
     )
     wait_for(lambda: len(b.find_elements(By.CSS_SELECTOR, "#study-grid img")) >= 2, 60, "the grid")
     wait_for(lambda: b.find_elements(By.CSS_SELECTOR, "#study-plots img"), 180, "the report's plots")
-    b.save_screenshot(str(artifacts / "lab-06-study-grid-report.png"))
+    b.save_screenshot(str(artifacts / "lab-06-study-grid.png"))
+    b.execute_script("document.querySelector('#study-report').scrollIntoView();")
+    b.save_screenshot(str(artifacts / "lab-06-study-report.png"))
 
-    # Two of its pictures side by side.
-    with httpx.Client(base_url=server.url, timeout=60) as http:
-        images = http.get("/voidprompt/v1/studies/browser-run/images", params={"limit": 100}).json()["images"]
-    first = images[0]
-    other = next(
-        i
-        for i in images
-        if i["axis_values"]["seed"] == first["axis_values"]["seed"] and i["id"] != first["id"]
-    )
-    b.find_element(By.CSS_SELECTOR, "#tab-lab").click()
-    wait_for(
-        lambda: b.find_elements(By.CSS_SELECTOR, "#cmp-a-study option[value='browser-run']"), what="studies"
-    )
-    Select(b.find_element(By.CSS_SELECTOR, "#cmp-a-study")).select_by_value("browser-run")
-    Select(b.find_element(By.CSS_SELECTOR, "#cmp-b-study")).select_by_value("browser-run")
-    set_value(b.find_element(By.CSS_SELECTOR, "#cmp-a-image"), str(first["id"]))
-    set_value(b.find_element(By.CSS_SELECTOR, "#cmp-b-image"), str(other["id"]))
-    b.find_element(By.CSS_SELECTOR, "#cmp-run").click()
+    # Two of its pictures, picked in the grid, side by side: a row of the grid differs by cfg_scale.
+    cells = b.find_elements(By.CSS_SELECTOR, "#study-grid tr:nth-child(2) td img")
+    assert len(cells) == 2
+    for cell in cells:
+        cell.click()
+    wait_for(lambda: "Picked:" in text(b, "#compare-picks-text"), what="the picks")
+    b.find_element(By.CSS_SELECTOR, "#compare-picks-run").click()
     wait_for(lambda: text(b, "#cmp-diff"), what="the comparison")
     diff = text(b, "#cmp-diff")
     assert "cfg_scale" in diff and "axis:cfg_scale" in diff and "seed" not in diff.replace("axis:", "")

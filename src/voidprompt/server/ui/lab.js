@@ -270,7 +270,32 @@ $("#cmp-run").addEventListener("click", async () => {
       el("table", { id: "cmp-diff" }, el("tr", {}, el("th", {}, "differs"), el("th", {}, "A"), el("th", {}, "B")),
         ...(diff.length ? diff.map(([k, [a, b]]) => el("tr", {}, el("td", {}, k), el("td", {}, JSON.stringify(a)), el("td", {}, JSON.stringify(b))))
           : [el("tr", {}, el("td", { colspan: "3" }, "the same request"))])));
+    $("#lab-compare-panel").scrollIntoView();
   } catch (err) { $("#cmp-error").textContent = err.message; }
+});
+
+// Two pictures picked in the Studies grid (each click there picks one; the last two are kept) are
+// compared with one button, which fills the Lab's compare form and runs it.
+const picks = [];
+const pickBar = el("div", { id: "compare-picks", class: "panel wide" },
+  el("span", { id: "compare-picks-text", class: "muted" }, "Click two pictures of the grid to compare them."),
+  el("button", { type: "button", id: "compare-picks-run", disabled: "" }, "Compare these two"));
+document.querySelector("#view-studies").append(pickBar);
+document.querySelector("#study-grid").addEventListener("click", (e) => {
+  const m = e.target.tagName === "IMG" && /\/studies\/([^/]+)\/images\/(\d+)\/file/.exec(e.target.getAttribute("src") || "");
+  if (!m) return;
+  picks.push({ study: decodeURIComponent(m[1]), image: m[2] });
+  if (picks.length > 2) picks.shift();
+  $("#compare-picks-text").textContent = "Picked: " + picks.map((p) => `${p.study} #${p.image}`).join(" and ");
+  if (picks.length === 2) $("#compare-picks-run").removeAttribute("disabled");
+});
+$("#compare-picks-run").addEventListener("click", async () => {
+  showView("lab");
+  await labShown();
+  const [a, b] = picks;
+  $("#cmp-a-study").value = a.study; $("#cmp-a-image").value = a.image;
+  $("#cmp-b-study").value = b.study; $("#cmp-b-image").value = b.image;
+  $("#cmp-run").click();
 });
 
 // ---------------------------------------------------------------------------------- the tab
