@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from voidprompt.errors import StudyError
-from voidprompt.lab.cli import check_study  # its owner: what `voidprompt study check` checks
 from voidprompt.lab.study import parse_study
 
-__all__ = ["DesignForm", "check_study", "error_field", "form_to_toml"]
+__all__ = ["DesignForm", "error_field", "form_to_toml"]
 
 # The request fields a form may carry that mean nothing in a study (each job is one image); an
 # infotext or a txt2img form carries them with their default of 1.

@@ -32,7 +32,7 @@ from typing import Any
 
 from voidprompt.errors import StudyError
 from voidprompt.files import atomic_write_text
-from voidprompt.lab.design import check_study
+from voidprompt.lab.check import check_study
 from voidprompt.lab.study import Study
 from voidprompt.pipeline.hires import hires_target
 from voidprompt.server.checkpoints import NotFoundError

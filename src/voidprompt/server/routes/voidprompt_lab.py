@@ -23,7 +23,8 @@ from fastapi.responses import StreamingResponse
 from voidprompt.errors import InvalidRequestError, StudyError
 from voidprompt.infotext.to_request import request_fields_from_infotext
 from voidprompt.lab.catalog import catalog_path_beside
-from voidprompt.lab.design import DesignForm, check_study, error_field, form_to_toml
+from voidprompt.lab.check import check_study
+from voidprompt.lab.design import DesignForm, error_field, form_to_toml
 from voidprompt.lab.schema import format_value
 from voidprompt.lab.study import parse_study, request_to_dict
 from voidprompt.request import GenerationRequest
