@@ -11,7 +11,7 @@ from lab_helpers import quiet, study_text
 from voidprompt.errors import StudyError
 from voidprompt.lab.catalog import Catalog
 from voidprompt.lab.labels import DEFAULT_CLASSES, export_labels, import_labels, label_scheme
-from voidprompt.lab.report import build_report
+from voidprompt.lab.report import ReportResult, build_report
 from voidprompt.lab.run import run_study
 from voidprompt.lab.stats import wilson_interval
 from voidprompt.lab.study import Study, parse_study
@@ -28,8 +28,15 @@ def ran(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Stud
     return study
 
 
-def test_report_files_and_html(ran: Study, tmp_path: Path) -> None:
-    result = build_report(ran, out_dir=tmp_path / "r")
+@pytest.fixture(scope="module")
+def report(ran: Study, tmp_path_factory: pytest.TempPathFactory) -> ReportResult:
+    """The study's report, built once for the tests that only read it."""
+    return build_report(ran, out_dir=tmp_path_factory.mktemp("built") / "r")
+
+
+def test_report_files_and_html(report: ReportResult) -> None:
+    result = report
+    out = result.html.parent
     page = result.html.read_text()
     pngs = [f for f in result.figures if f.suffix == ".png"]
     # Self-contained: every PNG figure is embedded (base64), each SVG is linked and exists.
@@ -37,17 +44,17 @@ def test_report_files_and_html(ran: Study, tmp_path: Path) -> None:
     # One grid page (size x W, first seed), plots vs size, W and area, outcome figures by size and W.
     assert len(embedded) == len(pngs) == 1 + 3 + 2
     for svg in re.findall(r"href='figures/([^']+\.svg)'", page):
-        assert (tmp_path / "r" / "figures" / svg).is_file()
+        assert (out / "figures" / svg).is_file()
     assert "[labels]" in page and "voidprompt" in page  # the study file text and version
-    with (tmp_path / "r" / "images.csv").open() as handle:
+    with (out / "images.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12
     assert {r["area"] for r in rows} == {"1.0", "2.0"}  # 16x16 and 32x16 in units of 16^2
     assert result.parquet is not None and result.parquet.is_file()
 
 
-def test_outcome_tables_match_wilson(ran: Study, tmp_path: Path) -> None:
-    result = build_report(ran, out_dir=tmp_path / "r")
+def test_outcome_tables_match_wilson(ran: Study, report: ReportResult) -> None:
+    result = report
     classes = label_scheme(ran).classes
     with Catalog.open(_catalog(ran), readonly=True) as catalog:
         sizes = {i["id"]: i["axis_values"]["size"] for i in catalog.images()}
@@ -126,8 +133,10 @@ def test_grid_pages_and_list_selections(ran: Study, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not chromium_available(), reason="chromium / chromium-driver / selenium not installed")
-def test_report_opens_in_headless_chromium_and_shows_its_figures(ran: Study, tmp_path: Path) -> None:
-    result = build_report(ran, out_dir=tmp_path / "r")
+def test_report_opens_in_headless_chromium_and_shows_its_figures(
+    report: ReportResult, tmp_path: Path
+) -> None:
+    result = report
     with headless_chromium(tmp_path / "profile") as browser:
         browser.get(result.html.resolve().as_uri())
         # Every figure is decoded and laid out: a broken or missing image has naturalWidth 0.
@@ -140,13 +149,12 @@ def test_report_opens_in_headless_chromium_and_shows_its_figures(ran: Study, tmp
     assert all(complete and width > 0 and height > 0 for complete, width, height in sizes)
 
 
-def test_pictures_first_and_who_labelled(ran: Study, tmp_path: Path) -> None:
+def test_pictures_first_and_who_labelled(ran: Study, report: ReportResult, tmp_path: Path) -> None:
     """The image grids come before the trend, measure and outcome tables; the labelled count says how
     many labels came from a person and how many from each labeler."""
     import shutil
 
-    result = build_report(ran, catalog_path=_catalog(ran), out_dir=tmp_path / "r")
-    page = result.html.read_text()
+    page = report.html.read_text()
     heads = re.findall(r"<h2>([^<(]+)", page)
     assert [h for h in heads if h != "Trends"] == ["Image grids", "Measures ", "Outcomes", "Reproduce"], heads
     labelled = re.compile(r"<p class='labelled'>([^(]+) \(a person's label wins over a labeler's\)")
