@@ -30,7 +30,7 @@ from voidprompt.errors import (
 )
 from voidprompt.helpformat import use_help_format
 from voidprompt.imagemeta import open_image_safely, save_numbered
-from voidprompt.request import GenerationRequest
+from voidprompt.request import EMPHASIS_MODES, GenerationRequest
 
 DESCRIPTION = (
     "A Stable Diffusion workbench (SD1 and SDXL) faithful to AUTOMATIC1111: the same prompt language, "
@@ -161,7 +161,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--emphasis",
         default="Original",
-        choices=["Original", "No norm", "Ignore", "None"],
+        choices=EMPHASIS_MODES,
         help="how (word:1.2) weights apply (A1111's Emphasis setting)",
     )
     p.add_argument(
@@ -770,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--emphasis",
         default="Original",
-        choices=["Original", "No norm", "Ignore", "None"],
+        choices=EMPHASIS_MODES,
         help="how (word:1.2) weights apply (A1111's Emphasis setting)",
     )
     p.add_argument(

@@ -6,14 +6,13 @@ $VOIDPROMPT_TEST_ARTIFACTS (default: a pytest temporary folder named browser-art
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 from voidprompt.lab.catalog import Catalog
-from voidprompt.testing.browser import chromium_available, headless_chromium
+from voidprompt.testing.browser import artifacts_dir, chromium_available, headless_chromium, wait_for
 
 pytestmark = pytest.mark.skipif(
     not chromium_available(), reason="chromium / chromium-driver / selenium not installed"
@@ -28,21 +27,9 @@ def browser(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = os.environ.get("VOIDPROMPT_TEST_ARTIFACTS")
-    path = Path(folder) if folder else tmp_path_factory.mktemp("browser-artifacts")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return artifacts_dir(tmp_path_factory)
 
 
-def wait_for(condition, timeout: float = 60.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting in the browser")
-        time.sleep(0.1)
 
 
 def loaded_images(driver, selector: str) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from voidprompt.testing.browser import chromium_available, headless_chromium
+from voidprompt.testing.browser import artifacts_dir, chromium_available, headless_chromium, wait_for
 
 pytestmark = pytest.mark.skipif(
     not chromium_available(), reason="chromium / chromium-driver / selenium not installed"
@@ -78,21 +76,9 @@ def browser(tmp_path_factory, downloads) -> Iterator[Any]:  # type: ignore[no-un
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = os.environ.get("VOIDPROMPT_TEST_ARTIFACTS")
-    path = Path(folder) if folder else tmp_path_factory.mktemp("browser-artifacts")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return artifacts_dir(tmp_path_factory)
 
 
-def wait_for(condition, timeout: float = 60.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting in the browser")
-        time.sleep(0.05)
 
 
 def css(b, selector: str):  # type: ignore[no-untyped-def]

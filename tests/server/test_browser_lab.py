@@ -8,9 +8,7 @@ slow. Screenshots go to $VOIDPROMPT_TEST_ARTIFACTS (default: a pytest temporary 
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from voidprompt.testing.browser import chromium_available, headless_chromium
+from voidprompt.testing.browser import artifacts_dir, chromium_available, headless_chromium, wait_for
 
 pytestmark = pytest.mark.skipif(
     not chromium_available(), reason="chromium / chromium-driver / selenium not installed"
@@ -40,21 +38,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = os.environ.get("VOIDPROMPT_TEST_ARTIFACTS")
-    path = Path(folder) if folder else tmp_path_factory.mktemp("browser-artifacts")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return artifacts_dir(tmp_path_factory)
 
 
-def wait_for(condition, timeout: float = 60.0, what: str = "the browser"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def text(driver, selector: str) -> str:  # type: ignore[no-untyped-def]

@@ -16,9 +16,9 @@ from voidprompt.errors import InvalidRequestError
 from voidprompt.models.tokenizer import ClipTokenizer
 from voidprompt.prompts.embeddings import Embedding, EmbeddingDatabase
 from voidprompt.prompts.parse import BREAK_WEIGHT, parse_prompt_attention
+from voidprompt.request import EMPHASIS_MODES
 
 CHUNK_LENGTH: Final[int] = 75
-EMPHASIS_MODES: Final[tuple[str, ...]] = ("Original", "No norm", "Ignore", "None")
 # Placeholder id under an embedding's rows; A1111 uses 0 (the "!" token), overwritten before use.
 EMBEDDING_PLACEHOLDER_ID: Final[int] = 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,3 +57,25 @@ def headless_chromium(profile_dir: Path) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+def artifacts_dir(tmp_path_factory: Any) -> Path:
+    """Where browser tests save their screenshots: ``$VOIDPROMPT_TEST_ARTIFACTS`` when set (CI keeps
+    it), else a pytest temporary folder."""
+    folder = os.environ.get("VOIDPROMPT_TEST_ARTIFACTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("browser-artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wait_for(condition: Any, timeout: float = 60.0, what: str = "the browser", poll: float = 0.1) -> Any:
+    """Poll ``condition()`` until it gives a true value and return it; an AssertionError naming
+    ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
