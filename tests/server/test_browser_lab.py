@@ -43,6 +43,18 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 
+def row_state(driver, row: str) -> str:  # type: ignore[no-untyped-def]
+    """The queue row's state ("" while it is not drawn)."""
+    script = f"const r = document.querySelector(\"{row}\"); return r ? r.dataset.state : '';"
+    return str(driver.execute_script(script))
+
+
+def row_done(driver, row: str) -> int:  # type: ignore[no-untyped-def]
+    """The images done, as the queue row's progress bar shows them."""
+    script = f'const p = document.querySelector("{row} progress"); return p ? p.value : 0;'
+    return int(driver.execute_script(script))
+
+
 def text(driver, selector: str) -> str:  # type: ignore[no-untyped-def]
     """The text of the first element ``selector`` finds, read at one moment (the Lab redraws its
     lists at every change), or "" when there is none."""
@@ -152,13 +164,10 @@ def test_queue_pause_resume_watch_open_and_compare(browser, server, artifacts) -
     row = "#lab-queue tr[data-study='browser-run']"
 
     def state() -> str:
-        return str(
-            b.execute_script(f"const r = document.querySelector(\"{row}\"); return r ? r.dataset.state : '';")
-        )
+        return row_state(b, row)
 
     def done() -> int:
-        script = f'const p = document.querySelector("{row} progress"); return p ? p.value : 0;'
-        return int(b.execute_script(script))
+        return row_done(b, row)
 
     wait_for(lambda: state() == "running" and done() >= 3, 180, "images made")
     wait_for(lambda: text(b, f"{row} .q-rate") not in ("", "-"), 60, "a rate")
@@ -219,13 +228,10 @@ def test_a_restarted_server_shows_the_study_where_it_stopped_and_resumes_it(  # 
     row = "#lab-queue tr[data-study='restarted']"
 
     def state() -> str:
-        return str(
-            b.execute_script(f"const r = document.querySelector(\"{row}\"); return r ? r.dataset.state : '';")
-        )
+        return row_state(b, row)
 
     def done() -> int:
-        script = f'const p = document.querySelector("{row} progress"); return p ? p.value : 0;'
-        return int(b.execute_script(script))
+        return row_done(b, row)
 
     first = start_server(config)
     running = next(first)
